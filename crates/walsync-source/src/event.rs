@@ -1,0 +1,173 @@
+//! What the source emits: tables, typed rows and the events of committed transactions.
+
+use std::sync::Arc;
+
+use walsync_types::{Lsn, PgTimestamp};
+
+use crate::codec::{self, ReplicaIdentity, Tuple};
+use crate::datum::{Datum, decode_tuple_value};
+use crate::error::{Result, SourceError};
+
+/// A published table as the stream describes it. A later description of the same `oid`
+/// (after `ALTER TABLE`) replaces the earlier one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    pub oid: u32,
+    pub schema: String,
+    pub name: String,
+    pub replica_identity: ReplicaIdentity,
+    pub columns: Vec<TableColumn>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableColumn {
+    pub name: String,
+    pub type_oid: u32,
+    pub type_modifier: i32,
+    /// Part of the replica identity: present in the old-key tuple of updates and deletes.
+    pub is_key: bool,
+}
+
+impl Table {
+    /// `schema.name`, for messages.
+    pub fn qualified_name(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+
+    pub(crate) fn from_relation(r: codec::Relation) -> Table {
+        Table {
+            oid: r.oid,
+            schema: r.namespace,
+            name: r.name,
+            replica_identity: r.replica_identity,
+            columns: r
+                .columns
+                .into_iter()
+                .map(|c| TableColumn {
+                    name: c.name,
+                    type_oid: c.type_oid,
+                    type_modifier: c.type_modifier,
+                    is_key: c.is_key,
+                })
+                .collect(),
+        }
+    }
+
+    /// Decodes a wire tuple into a row of this table.
+    pub(crate) fn decode_row(&self, tuple: &Tuple, lsn: Lsn) -> Result<Row> {
+        if tuple.len() != self.columns.len() {
+            return Err(SourceError::Protocol(format!(
+                "row of {} has {} columns at lsn {lsn}, its relation message said {}",
+                self.qualified_name(),
+                tuple.len(),
+                self.columns.len()
+            )));
+        }
+        self.columns
+            .iter()
+            .zip(tuple)
+            .map(|(col, v)| {
+                decode_tuple_value(col.type_oid, v).map_err(|e| SourceError::Datum {
+                    table: self.qualified_name(),
+                    column: col.name.clone(),
+                    lsn,
+                    reason: e.to_string(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// A row: one datum per column of its table, in the table's column order.
+pub type Row = Vec<Datum>;
+
+/// The old side of an update or delete.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OldRow {
+    /// Replica identity columns only; the others are `Null`.
+    Key(Row),
+    /// Every column (`REPLICA IDENTITY FULL`).
+    Full(Row),
+}
+
+impl OldRow {
+    pub fn row(&self) -> &Row {
+        match self {
+            OldRow::Key(r) | OldRow::Full(r) => r,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Insert {
+        table: Arc<Table>,
+        new: Row,
+    },
+    /// `old` is sent when the key changed (`Key`) or the identity is FULL (`Full`); otherwise
+    /// the key is in `new`. Unchanged TOASTed columns are [`Datum::UnchangedToast`] in `new`.
+    Update {
+        table: Arc<Table>,
+        old: Option<OldRow>,
+        new: Row,
+    },
+    Delete {
+        table: Arc<Table>,
+        old: OldRow,
+    },
+    Truncate {
+        tables: Vec<Arc<Table>>,
+        cascade: bool,
+        restart_identity: bool,
+    },
+    /// A transactional `pg_logical_emit_message`.
+    Message {
+        prefix: String,
+        content: bytes::Bytes,
+    },
+}
+
+/// One step of the source's output, in WAL order.
+///
+/// The contract with the consumer:
+/// - Changes between `Begin` and `Commit` belong to one committed transaction; apply them all
+///   at `Commit` or none. `Rollback` means "forget the open transaction": it was cut off by a
+///   lost connection and will be sent again whole.
+/// - `SnapshotBegin` starts the initial copy; it also means "forget any earlier unfinished
+///   snapshot". The copy is complete at `SnapshotEnd`.
+/// - Report durability with [`crate::SourceStream::ack`]: the `end_lsn` of a `Commit`, or the
+///   `consistent_point` of `SnapshotEnd`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceEvent {
+    /// walsync created the slot; record that it owns it (see [`crate::Resume::owns_slot`]).
+    SlotCreated {
+        slot: String,
+        consistent_point: Lsn,
+    },
+    SnapshotBegin {
+        consistent_point: Lsn,
+    },
+    SnapshotTable(Arc<Table>),
+    SnapshotRows {
+        table: Arc<Table>,
+        rows: Vec<Row>,
+    },
+    SnapshotEnd {
+        consistent_point: Lsn,
+    },
+    /// A table's (new) description, before changes that use it.
+    Relation(Arc<Table>),
+    Begin {
+        xid: u32,
+        commit_lsn: Lsn,
+        commit_time: PgTimestamp,
+    },
+    Change(Change),
+    Commit {
+        xid: u32,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_time: PgTimestamp,
+    },
+    Rollback,
+}

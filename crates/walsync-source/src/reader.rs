@@ -1,0 +1,542 @@
+//! The WAL reader: one replication session after another, until stopped or a definite error.
+//!
+//! Progress tracking. Three positions matter, all end-of-commit LSNs:
+//! - `durable`: what the consumer said it made durable (see [`crate::SourceStream::ack`]);
+//! - `emitted`: the end of the last transaction handed to the consumer;
+//! - the flush position reported to PostgreSQL, chosen by [`AckState`] (the ack rule).
+//!
+//! A session starts streaming at the reported position. PostgreSQL then re-sends every
+//! transaction that committed after it, some of which this process may already have emitted
+//! (they were waiting to become durable when the connection broke): a transaction whose commit
+//! lies before `emitted` is skipped (invariant: replay is idempotent). A transaction cut off by
+//! a broken connection is withdrawn with `Rollback` and arrives again whole.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use walsync_types::{Lsn, PgTimestamp};
+
+use crate::ack::AckState;
+use crate::codec::{self, Frame, Message, StandbyStatus};
+use crate::config::SourceConfig;
+use crate::error::{Result, SourceError};
+use crate::event::{Change, OldRow, SourceEvent, Table};
+use crate::preflight::{self, SlotState};
+use crate::replication::ReplicationConnection;
+use crate::snapshot::{self, Emit};
+
+/// Events per batch handed to the consumer: large enough that the channel costs nothing per
+/// row, small enough to keep a batch around a megabyte.
+const BATCH_EVENTS: usize = 2048;
+
+pub(crate) type Batch = Result<Vec<SourceEvent>>;
+
+pub(crate) struct Reader {
+    pub(crate) config: SourceConfig,
+    pub(crate) out: mpsc::Sender<Batch>,
+    pub(crate) durable: Arc<AtomicU64>,
+    pub(crate) stop: watch::Receiver<bool>,
+    pub(crate) needs_snapshot: bool,
+    pub(crate) owns_slot: bool,
+    pub(crate) ack: AckState,
+    tables: HashMap<u32, Arc<Table>>,
+    batch: Vec<SourceEvent>,
+    /// The open (non-streamed) transaction, and whether it is being skipped as a replay.
+    open: Option<(u32, bool)>,
+    /// Protocol 2: changes of streamed transactions not yet committed, by top-level xid, each
+    /// with the (sub)transaction that made it.
+    streamed: HashMap<u32, Vec<(u32, SourceEvent)>>,
+    in_stream: Option<u32>,
+    skip_before: Lsn,
+    last_received: Lsn,
+}
+
+/// How a session ended without error.
+enum End {
+    Stopped,
+    ConsumerGone,
+}
+
+impl Emit for Reader {
+    async fn emit(&mut self, event: SourceEvent) -> Result<bool> {
+        self.batch.push(event);
+        self.flush_batch().await
+    }
+}
+
+impl Reader {
+    pub(crate) fn new(
+        config: SourceConfig,
+        out: mpsc::Sender<Batch>,
+        durable: Arc<AtomicU64>,
+        stop: watch::Receiver<bool>,
+        resume: crate::Resume,
+    ) -> Reader {
+        let start = resume.durable.unwrap_or(Lsn::ZERO);
+        Reader {
+            config,
+            out,
+            durable,
+            stop,
+            needs_snapshot: resume.durable.is_none(),
+            owns_slot: resume.owns_slot,
+            ack: AckState::new(start),
+            tables: HashMap::new(),
+            batch: Vec::new(),
+            open: None,
+            streamed: HashMap::new(),
+            in_stream: None,
+            skip_before: start,
+            last_received: start,
+        }
+    }
+
+    /// Runs sessions until stopped. Transient errors reconnect with backoff; a definite error
+    /// goes to the consumer and ends the reader.
+    pub(crate) async fn run(mut self) {
+        let mut delay = self.config.reconnect_min;
+        loop {
+            let started = Instant::now();
+            match self.session().await {
+                Ok(End::Stopped | End::ConsumerGone) => return,
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(slot = %self.config.slot, error = %e, retry_in = ?delay, "replication interrupted, reconnecting");
+                    if self.withdraw_open_transaction().await.is_err() {
+                        return;
+                    }
+                    if started.elapsed() > Duration::from_secs(30) {
+                        delay = self.config.reconnect_min;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.stop.changed() => return,
+                    }
+                    delay = (delay * 2).min(self.config.reconnect_max);
+                }
+                Err(e) => {
+                    tracing::error!(slot = %self.config.slot, error = %e, "replication stopped");
+                    let _ = self.out.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn withdraw_open_transaction(&mut self) -> Result<()> {
+        let had_open = matches!(self.open.take(), Some((_, false)));
+        self.batch.clear();
+        self.streamed.clear();
+        self.in_stream = None;
+        if had_open {
+            self.batch.push(SourceEvent::Rollback);
+            if !self.flush_batch().await? {
+                return Err(SourceError::Closed);
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush_batch(&mut self) -> Result<bool> {
+        if self.batch.is_empty() {
+            return Ok(true);
+        }
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_EVENTS));
+        Ok(self.out.send(Ok(batch)).await.is_ok())
+    }
+
+    async fn push(&mut self, event: SourceEvent) -> Result<bool> {
+        self.batch.push(event);
+        if self.batch.len() >= BATCH_EVENTS {
+            return self.flush_batch().await;
+        }
+        Ok(true)
+    }
+
+    async fn session(&mut self) -> Result<End> {
+        let mut client = self.config.pg.connect().await?;
+        preflight::check_database(&client, &self.config).await?;
+        let slot = self.config.slot.clone();
+        let state = preflight::slot_state(&client, &slot).await?;
+        let mut repl = ReplicationConnection::connect(&self.config.pg).await?;
+        let system = repl.identify_system().await?;
+        tracing::debug!(system_id = %system.system_id, timeline = system.timeline, "connected for replication");
+
+        if self.needs_snapshot {
+            if let SlotState::Present { .. } = state {
+                if !self.owns_slot {
+                    return Err(SourceError::Preflight(format!(
+                        "slot {slot:?} exists but walsync has no data from it and did not create it; \
+                         drop it (SELECT pg_drop_replication_slot('{slot}')) or configure another slot name"
+                    )));
+                }
+                preflight::drop_slot(&client, &slot).await?;
+            }
+            let created = repl.create_slot(&slot).await?;
+            self.owns_slot = true;
+            tracing::info!(slot, consistent_point = %created.consistent_point, "created replication slot");
+            if !self
+                .emit(SourceEvent::SlotCreated {
+                    slot: slot.clone(),
+                    consistent_point: created.consistent_point,
+                })
+                .await?
+            {
+                return Ok(End::ConsumerGone);
+            }
+            let publication = self.config.publication.clone();
+            let batch_rows = self.config.snapshot_batch_rows;
+            if !snapshot::copy(
+                &mut client,
+                &created.snapshot_name,
+                created.consistent_point,
+                &publication,
+                batch_rows,
+                self,
+            )
+            .await?
+            {
+                return Ok(End::ConsumerGone);
+            }
+            self.needs_snapshot = false;
+            self.ack = AckState {
+                durable: Lsn::ZERO,
+                ..AckState::new(created.consistent_point)
+            };
+            self.ack.on_emitted(created.consistent_point);
+            self.skip_before = created.consistent_point;
+        } else {
+            match state {
+                SlotState::Missing => {
+                    return Err(SourceError::SlotLost {
+                        slot,
+                        reason: "it no longer exists".into(),
+                    });
+                }
+                SlotState::Present {
+                    wal_status: Some(s),
+                    ..
+                } if s == "lost" => {
+                    return Err(SourceError::SlotLost {
+                        slot,
+                        reason: "PostgreSQL removed WAL it still needed (wal_status = lost)".into(),
+                    });
+                }
+                SlotState::Present { .. } => {}
+            }
+            self.skip_before = self.ack.emitted;
+        }
+        drop(client);
+
+        self.refresh_durable();
+        let start = self.ack.flush_position();
+        let options = self.config.plugin_options();
+        repl.start_replication(&slot, start, &options).await?;
+        tracing::info!(slot, start = %start, "streaming");
+        self.tables.clear();
+        let end = self.stream(&mut repl).await?;
+        let _ = repl.close().await;
+        Ok(end)
+    }
+
+    fn refresh_durable(&mut self) {
+        self.ack
+            .on_durable(Lsn(self.durable.load(Ordering::Acquire)));
+    }
+
+    async fn stream(&mut self, repl: &mut ReplicationConnection) -> Result<End> {
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_status = Instant::now();
+        let mut last_message = Instant::now();
+        let mut reported_durable = self.ack.durable;
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.stop.changed() => {
+                    self.flush_batch().await?;
+                    self.send_status(repl, false).await?;
+                    repl.stop_streaming().await?;
+                    return Ok(End::Stopped);
+                }
+                _ = ticker.tick() => {
+                    if last_message.elapsed() > self.config.receive_timeout {
+                        return Err(SourceError::Timeout(self.config.receive_timeout));
+                    }
+                    self.refresh_durable();
+                    // Tell PostgreSQL promptly when the consumer made progress, so WAL is
+                    // released; otherwise at the status interval.
+                    if self.ack.durable != reported_durable || last_status.elapsed() >= self.config.status_interval {
+                        self.send_status(repl, false).await?;
+                        reported_durable = self.ack.durable;
+                        last_status = Instant::now();
+                    }
+                }
+                data = repl.next_copy_data() => {
+                    let Some(mut payload) = data? else { return Err(SourceError::Closed) };
+                    last_message = Instant::now();
+                    loop {
+                        if !self.on_frame(repl, payload).await? {
+                            return Ok(End::ConsumerGone);
+                        }
+                        match repl.next_buffered_copy_data()? {
+                            Some(p) => payload = p,
+                            None => break,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send_status(&mut self, repl: &mut ReplicationConnection, reply: bool) -> Result<()> {
+        self.refresh_durable();
+        let flushed = self.ack.flush_position();
+        self.ack.reported = flushed;
+        let status = StandbyStatus {
+            written: self.last_received.max(flushed),
+            flushed,
+            applied: flushed,
+            sent_at: PgTimestamp::now(),
+            reply_requested: reply,
+        };
+        repl.send_copy_data(codec::encode_standby_status(&status))
+            .await
+    }
+
+    /// Handles one frame; `false` when the consumer is gone.
+    async fn on_frame(&mut self, repl: &mut ReplicationConnection, payload: Bytes) -> Result<bool> {
+        match codec::decode_frame(payload)? {
+            Frame::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
+                let in_transaction = self.open.is_some() || self.in_stream.is_some();
+                self.ack.on_keepalive(wal_end, in_transaction);
+                self.last_received = self.last_received.max(wal_end);
+                if reply_requested {
+                    self.send_status(repl, false).await?;
+                }
+                Ok(true)
+            }
+            Frame::XLogData { start, data, .. } => {
+                self.last_received = self.last_received.max(start);
+                let msg = codec::decode_message(start, data, self.in_stream.is_some())?;
+                self.on_message(start, msg).await
+            }
+        }
+    }
+
+    fn table(&self, oid: u32, lsn: Lsn) -> Result<Arc<Table>> {
+        self.tables.get(&oid).cloned().ok_or_else(|| {
+            SourceError::Protocol(format!(
+                "change to relation {oid} before its description at lsn {lsn}"
+            ))
+        })
+    }
+
+    fn change(&self, lsn: Lsn, msg: Message) -> Result<Option<Change>> {
+        Ok(Some(match msg {
+            Message::Insert { relation, new, .. } => {
+                let table = self.table(relation, lsn)?;
+                let new = table.decode_row(&new, lsn)?;
+                Change::Insert { table, new }
+            }
+            Message::Update {
+                relation,
+                key,
+                old,
+                new,
+                ..
+            } => {
+                let table = self.table(relation, lsn)?;
+                let old = match (key, old) {
+                    (Some(k), _) => Some(OldRow::Key(table.decode_row(&k, lsn)?)),
+                    (None, Some(o)) => Some(OldRow::Full(table.decode_row(&o, lsn)?)),
+                    (None, None) => None,
+                };
+                let new = table.decode_row(&new, lsn)?;
+                Change::Update { table, old, new }
+            }
+            Message::Delete {
+                relation, key, old, ..
+            } => {
+                let table = self.table(relation, lsn)?;
+                let old = match (key, old) {
+                    (Some(k), _) => OldRow::Key(table.decode_row(&k, lsn)?),
+                    (None, Some(o)) => OldRow::Full(table.decode_row(&o, lsn)?),
+                    (None, None) => {
+                        return Err(SourceError::Protocol(format!(
+                            "delete without old row at lsn {lsn}"
+                        )));
+                    }
+                };
+                Change::Delete { table, old }
+            }
+            Message::Truncate {
+                options, relations, ..
+            } => Change::Truncate {
+                tables: relations
+                    .iter()
+                    .map(|&r| self.table(r, lsn))
+                    .collect::<Result<_>>()?,
+                cascade: options & 1 != 0,
+                restart_identity: options & 2 != 0,
+            },
+            Message::Message {
+                transactional: true,
+                prefix,
+                content,
+                ..
+            } => Change::Message { prefix, content },
+            _ => return Ok(None),
+        }))
+    }
+
+    async fn on_message(&mut self, lsn: Lsn, msg: Message) -> Result<bool> {
+        match msg {
+            Message::Begin {
+                final_lsn,
+                commit_time,
+                xid,
+            } => {
+                let skip = final_lsn < self.skip_before;
+                self.open = Some((xid, skip));
+                if skip {
+                    tracing::debug!(xid, commit_lsn = %final_lsn, "skipping transaction already emitted");
+                    return Ok(true);
+                }
+                self.push(SourceEvent::Begin {
+                    xid,
+                    commit_lsn: final_lsn,
+                    commit_time,
+                })
+                .await
+            }
+            Message::Commit {
+                commit_lsn,
+                end_lsn,
+                commit_time,
+                ..
+            } => {
+                let Some((xid, skip)) = self.open.take() else {
+                    return Err(SourceError::Protocol(format!(
+                        "commit without begin at lsn {lsn}"
+                    )));
+                };
+                if skip {
+                    return Ok(true);
+                }
+                self.batch.push(SourceEvent::Commit {
+                    xid,
+                    commit_lsn,
+                    end_lsn,
+                    commit_time,
+                });
+                self.ack.on_emitted(end_lsn);
+                self.flush_batch().await
+            }
+            Message::Relation { relation, .. } => {
+                let table = Arc::new(Table::from_relation(relation));
+                self.tables.insert(table.oid, table.clone());
+                self.route(None, SourceEvent::Relation(table)).await
+            }
+            Message::StreamStart { xid, .. } => {
+                self.in_stream = Some(xid);
+                Ok(true)
+            }
+            Message::StreamStop => {
+                self.in_stream = None;
+                Ok(true)
+            }
+            Message::StreamCommit {
+                xid,
+                commit_lsn,
+                end_lsn,
+                commit_time,
+                ..
+            } => {
+                let events = self.streamed.remove(&xid).unwrap_or_default();
+                if commit_lsn < self.skip_before {
+                    return Ok(true);
+                }
+                self.push(SourceEvent::Begin {
+                    xid,
+                    commit_lsn,
+                    commit_time,
+                })
+                .await?;
+                for (_, event) in events {
+                    if !self.push(event).await? {
+                        return Ok(false);
+                    }
+                }
+                self.batch.push(SourceEvent::Commit {
+                    xid,
+                    commit_lsn,
+                    end_lsn,
+                    commit_time,
+                });
+                self.ack.on_emitted(end_lsn);
+                self.flush_batch().await
+            }
+            Message::StreamAbort { xid, subxid } => {
+                if xid == subxid {
+                    self.streamed.remove(&xid);
+                } else if let Some(events) = self.streamed.get_mut(&xid) {
+                    events.retain(|(sub, _)| *sub != subxid);
+                }
+                Ok(true)
+            }
+            Message::Origin { .. } | Message::Type { .. } => Ok(true),
+            Message::Message {
+                transactional: false,
+                ..
+            } => Ok(true),
+            change @ (Message::Insert { .. }
+            | Message::Update { .. }
+            | Message::Delete { .. }
+            | Message::Truncate { .. }
+            | Message::Message { .. }) => {
+                let sub = change_xid(&change);
+                if matches!(self.open, Some((_, true))) {
+                    return Ok(true);
+                }
+                match self.change(lsn, change)? {
+                    Some(c) => self.route(sub, SourceEvent::Change(c)).await,
+                    None => Ok(true),
+                }
+            }
+        }
+    }
+
+    /// Sends an event on, or keeps it with its streamed transaction until that commits.
+    async fn route(&mut self, sub: Option<u32>, event: SourceEvent) -> Result<bool> {
+        match self.in_stream {
+            Some(top) => {
+                self.streamed
+                    .entry(top)
+                    .or_default()
+                    .push((sub.unwrap_or(top), event));
+                Ok(true)
+            }
+            None if matches!(self.open, Some((_, true))) => Ok(true),
+            None => self.push(event).await,
+        }
+    }
+}
+
+fn change_xid(msg: &Message) -> Option<u32> {
+    match msg {
+        Message::Insert { xid, .. }
+        | Message::Update { xid, .. }
+        | Message::Delete { xid, .. }
+        | Message::Truncate { xid, .. }
+        | Message::Message { xid, .. } => *xid,
+        _ => None,
+    }
+}
