@@ -235,18 +235,34 @@ impl PgConfig {
         });
         let client = match tls {
             None => {
-                let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
+                let (client, conn) = pg
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(login_error)?;
                 tokio::spawn(drive(conn));
                 client
             }
             Some(config) => {
                 let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*config).clone());
-                let (client, conn) = pg.connect(connector).await.map_err(tls::explain)?;
+                let (client, conn) = pg
+                    .connect(connector)
+                    .await
+                    .map_err(|e| login_error(tls::explain(e)))?;
                 tokio::spawn(drive(conn));
                 client
             }
         };
         Ok(client)
+    }
+}
+
+/// Authentication failures (SQLSTATE class 28) are told as such, whichever connection met them.
+fn login_error(e: impl Into<SourceError>) -> SourceError {
+    match e.into() {
+        SourceError::Server { code, message } if code.starts_with("28") => {
+            SourceError::Auth(message)
+        }
+        other => other,
     }
 }
 

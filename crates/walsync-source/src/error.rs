@@ -35,8 +35,8 @@ pub enum SourceError {
     /// The database is not set up for walsync; the message says what to change.
     #[error("{0}")]
     Preflight(String),
-    #[error("postgres: {0}")]
-    Sql(#[from] tokio_postgres::Error),
+    #[error("postgres: {}", with_causes(.0))]
+    Sql(tokio_postgres::Error),
     /// The slot cannot serve the position walsync holds: the data must be copied anew.
     #[error("replication slot {slot:?} is lost: {reason}")]
     SlotLost { slot: String, reason: String },
@@ -48,9 +48,7 @@ impl SourceError {
         match self {
             SourceError::Io(_) | SourceError::Timeout(_) | SourceError::Closed => true,
             SourceError::Server { code, .. } => is_transient_sqlstate(code),
-            SourceError::Sql(e) => {
-                e.is_closed() || e.code().is_none_or(|c| is_transient_sqlstate(c.code()))
-            }
+            SourceError::Sql(_) => true,
             SourceError::Tls(_)
             | SourceError::Auth(_)
             | SourceError::Protocol(_)
@@ -72,6 +70,32 @@ fn is_transient_sqlstate(code: &str) -> bool {
             code,
             "57P01" | "57P02" | "57P03" | "55006" | "40001" | "40P01"
         )
+}
+
+impl From<tokio_postgres::Error> for SourceError {
+    /// Errors the server sent keep their SQLSTATE and message; the rest (I/O, closed
+    /// connections) stay as they are.
+    fn from(e: tokio_postgres::Error) -> SourceError {
+        match e.as_db_error() {
+            Some(db) => SourceError::Server {
+                code: db.code().code().to_owned(),
+                message: db.message().to_owned(),
+            },
+            None => SourceError::Sql(e),
+        }
+    }
+}
+
+/// tokio-postgres says "error connecting to server" and keeps the reason in its source chain.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 pub type Result<T, E = SourceError> = std::result::Result<T, E>;

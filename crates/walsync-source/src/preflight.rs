@@ -170,11 +170,13 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<()> {
             .await
         {
             Ok(_) => return Ok(()),
-            Err(e) if e.code().map(|c| c.code()) == Some("55006") => {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            Err(e) if e.code().map(|c| c.code()) == Some("42704") => return Ok(()),
-            Err(e) => return Err(e.into()),
+            Err(e) => match SourceError::from(e) {
+                SourceError::Server { code, .. } if code == "55006" => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                SourceError::Server { code, .. } if code == "42704" => return Ok(()),
+                e => return Err(e),
+            },
         }
     }
     Err(SourceError::Preflight(format!(

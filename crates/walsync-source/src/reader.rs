@@ -140,7 +140,12 @@ impl Reader {
         Ok(())
     }
 
+    /// Hands the batch to the consumer; `false` when the consumer is gone or asked to stop
+    /// (checked here so that a long snapshot ends promptly too).
     async fn flush_batch(&mut self) -> Result<bool> {
+        if *self.stop.borrow() {
+            return Ok(false);
+        }
         if self.batch.is_empty() {
             return Ok(true);
         }
@@ -256,12 +261,7 @@ impl Reader {
         loop {
             tokio::select! {
                 biased;
-                _ = self.stop.changed() => {
-                    self.flush_batch().await?;
-                    self.send_status(repl, false).await?;
-                    repl.stop_streaming().await?;
-                    return Ok(End::Stopped);
-                }
+                _ = self.stop.changed() => return self.finish(repl).await,
                 _ = ticker.tick() => {
                     if last_message.elapsed() > self.config.receive_timeout {
                         return Err(SourceError::Timeout(self.config.receive_timeout));
@@ -280,6 +280,9 @@ impl Reader {
                     last_message = Instant::now();
                     loop {
                         if !self.on_frame(repl, payload).await? {
+                            if *self.stop.borrow() {
+                                return self.finish(repl).await;
+                            }
                             return Ok(End::ConsumerGone);
                         }
                         match repl.next_buffered_copy_data()? {
@@ -290,6 +293,13 @@ impl Reader {
                 }
             }
         }
+    }
+
+    /// The orderly end of a session: report the last durable position, then end the copy.
+    async fn finish(&mut self, repl: &mut ReplicationConnection) -> Result<End> {
+        self.send_status(repl, false).await?;
+        repl.stop_streaming().await?;
+        Ok(End::Stopped)
     }
 
     async fn send_status(&mut self, repl: &mut ReplicationConnection, reply: bool) -> Result<()> {

@@ -189,5 +189,5 @@ pub(super) fn explain(e: tokio_postgres::Error) -> SourceError {
         }
         source = s.source();
     }
-    SourceError::Sql(e)
+    SourceError::from(e)
 }
