@@ -21,6 +21,12 @@ use socket::Stream;
 /// CopyBothResponse: the server enters streaming after `START_REPLICATION`.
 const COPY_BOTH_RESPONSE_TAG: u8 = b'W';
 
+/// Bytes asked of the socket at a time when the read buffer runs low: the walsender writes in
+/// blocks of about this size, so one read usually takes a whole block.
+const READ_CHUNK: usize = 128 * 1024;
+/// Spare room below which the read buffer is grown before the next read.
+const READ_MIN_SPARE: usize = 32 * 1024;
+
 /// One row of a simple-query result, every column as text.
 pub type TextRow = Vec<Option<String>>;
 
@@ -71,7 +77,7 @@ impl ReplicationConnection {
         let stream = socket::open(config).await?;
         let mut conn = ReplicationConnection {
             stream,
-            read: BytesMut::with_capacity(64 * 1024),
+            read: BytesMut::with_capacity(READ_CHUNK),
             write: BytesMut::with_capacity(1024),
             streaming: false,
         };
@@ -215,6 +221,11 @@ impl ReplicationConnection {
                 .map_err(|e| SourceError::Protocol(format!("cannot parse backend message: {e}")))?
             {
                 return Ok(Backend::Message(msg));
+            }
+            // Keep room for a large read: a buffer that split_to has shrunk would otherwise be
+            // refilled a few bytes per system call.
+            if self.read.capacity() - self.read.len() < READ_MIN_SPARE {
+                self.read.reserve(READ_CHUNK);
             }
             let n = self.stream.read_buf(&mut self.read).await?;
             if n == 0 {

@@ -43,6 +43,13 @@ pub struct Cluster {
 enum Kind {
     Local(Local),
     External { url: String },
+    /// A PostgreSQL container, kept for the life of the process (testcontainers' reaper removes
+    /// it afterwards).
+    #[cfg(feature = "testcontainers")]
+    Container {
+        url: String,
+        _container: testcontainers_modules::testcontainers::Container<testcontainers_modules::postgres::Postgres>,
+    },
 }
 
 #[derive(Debug)]
@@ -297,6 +304,8 @@ impl Cluster {
                 format!("postgres://{auth}@127.0.0.1:{}/{db}", l.port)
             }
             Kind::External { url } => replace_db(url, db),
+            #[cfg(feature = "testcontainers")]
+            Kind::Container { url, .. } => replace_db(url, db),
         }
     }
 
@@ -325,6 +334,8 @@ impl Cluster {
                 l.port
             ),
             Kind::External { url } => replace_db(url, db),
+            #[cfg(feature = "testcontainers")]
+            Kind::Container { url, .. } => replace_db(url, db),
         };
         let (client, conn) = tokio_postgres::connect(&config, NoTls).await?;
         tokio::spawn(async move {

@@ -1,0 +1,38 @@
+//! `walsync bench`: measurements against baselines taken in the same run, printed as a
+//! Markdown table (the form `docs/benchmarks.md` keeps).
+
+mod source;
+
+use clap::{Args, Subcommand};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    which: Which,
+}
+
+#[derive(Debug, Subcommand)]
+enum Which {
+    /// WAL decode-and-emit throughput of walsync-source beside pg_recvlogical.
+    Source(source::SourceArgs),
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.which {
+        Which::Source(a) => source::run(a),
+    }
+}
+
+/// Facts about the machine, printed with every table.
+pub fn machine_facts() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_else(|| "unknown cpu".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()))
+        .unwrap_or(0);
+    format!("{cpu}, {cores} cores, {:.0} GiB", mem_kib as f64 / 1024.0 / 1024.0)
+}

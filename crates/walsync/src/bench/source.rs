@@ -1,0 +1,194 @@
+//! Replication throughput: rows decoded into typed values and handed to a consumer, per
+//! second, beside `pg_recvlogical` writing pgoutput to /dev/null from an identical slot.
+//!
+//! Both tools read slots created before the workload, so they decode the same WAL. Runs
+//! alternate between the two tools and the best run of each is reported, which removes most of
+//! the noise of a shared 2-core machine.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use walsync_source::{Change, PgConfig, Resume, Source, SourceConfig, SourceEvent};
+use walsync_testkit::{Cluster, ClusterOptions};
+use walsync_types::Lsn;
+
+#[derive(Debug, Args)]
+pub struct SourceArgs {
+    /// Rows of the single large transaction (workload a).
+    #[arg(long, default_value_t = 1_000_000)]
+    big_rows: i64,
+    /// Transactions of workload b.
+    #[arg(long, default_value_t = 10_000)]
+    txns: i64,
+    /// Rows per transaction of workload b.
+    #[arg(long, default_value_t = 100)]
+    rows_per_txn: i64,
+    /// Runs of each tool per workload; the best is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
+
+/// A table shaped like the seed app's `assessment_responses`, about 250 bytes a row as text.
+const SCHEMA: &str = "CREATE TABLE assessment_responses (
+    id bigint PRIMARY KEY, assessment_id bigint NOT NULL, project_id bigint NOT NULL,
+    question_id text NOT NULL, question_text text, answer text, notes text, priority text,
+    answered_by bigint, answered_at timestamptz, created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(), _version bigint NOT NULL DEFAULT 1);
+    CREATE PUBLICATION bench FOR TABLE assessment_responses;";
+
+fn insert_rows(from: &str, to: &str) -> String {
+    format!(
+        "INSERT INTO assessment_responses (id, assessment_id, project_id, question_id, question_text, answer, notes, \
+         priority, answered_by, answered_at) \
+         SELECT i, i / 40, i / 400, 'q-' || lpad((i % 97)::text, 5, '0'), \
+                'How does the organisation currently manage change across teams and tools? (' || i || ')', \
+                'We run a fortnightly review with the platform team and track outcomes in a shared log.', \
+                'follow up in next session', (ARRAY['low','medium','high'])[1 + i % 3], i % 50, now() \
+         FROM generate_series({from}, {to}) i"
+    )
+}
+
+struct Workload {
+    name: String,
+    rows: u64,
+    sql: String,
+}
+
+pub fn run(args: SourceArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let cluster = Cluster::start(ClusterOptions::default()).context("starting a throwaway postgres")?;
+    let pg_recvlogical = Cluster::program("pg_recvlogical")?;
+    let version = Command::new(&pg_recvlogical).arg("--version").output()?;
+    let db = rt.block_on(cluster.fresh_database())?;
+    let sql = rt.block_on(db.connect())?;
+    rt.block_on(sql.batch_execute(SCHEMA))?;
+
+    let workloads = [
+        Workload {
+            name: format!("a: 1 transaction of {} rows", args.big_rows),
+            rows: args.big_rows as u64,
+            sql: insert_rows("1", &args.big_rows.to_string()),
+        },
+        Workload {
+            name: format!("b: {} transactions of {} rows", args.txns, args.rows_per_txn),
+            rows: (args.txns * args.rows_per_txn) as u64,
+            sql: format!(
+                "DO $$ BEGIN FOR t IN 0..{} LOOP {}; COMMIT; END LOOP; END $$",
+                args.txns - 1,
+                insert_rows(
+                    &format!("{} + t * {} + 1", 10 * args.big_rows, args.rows_per_txn),
+                    &format!("{} + (t + 1) * {}", 10 * args.big_rows, args.rows_per_txn)
+                )
+            ),
+        },
+    ];
+
+    let mut results = Vec::new();
+    for (w, workload) in workloads.iter().enumerate() {
+        // Slots first, so that every run decodes exactly this workload's WAL.
+        let mut slots = Vec::new();
+        for run in 0..args.runs {
+            for tool in ["pgrl", "walsync"] {
+                let name = format!("bench_{w}_{tool}_{run}");
+                rt.block_on(sql.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&name]))?;
+                slots.push(name);
+            }
+        }
+        let start: String = rt.block_on(sql.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]))?.get(0);
+        let start: Lsn = start.parse()?;
+        eprintln!("workload {}: writing {} rows", workload.name, workload.rows);
+        rt.block_on(sql.batch_execute(&workload.sql))?;
+        let end: String = rt
+            .block_on(sql.query_one("SELECT pg_logical_emit_message(false, 'walsync-bench', 'end')::text", &[]))?
+            .get(0);
+        let wal_bytes: i64 = rt
+            .block_on(sql.query_one("SELECT ($1::text::pg_lsn - $2::text::pg_lsn)::int8", &[&end, &start.to_string()]))?
+            .get(0);
+
+        let mut best_pgrl = Duration::MAX;
+        let mut best_walsync = Duration::MAX;
+        for run in 0..args.runs {
+            // Alternate which tool goes first, so neither always meets a warmer cache.
+            let (pgrl, walsync) = if run % 2 == 0 {
+                let p = pg_recvlogical_run(&pg_recvlogical, &db.url, &format!("bench_{w}_pgrl_{run}"), &end)?;
+                (p, rt.block_on(walsync_run(&db.url, &format!("bench_{w}_walsync_{run}"), start, workload.rows))?)
+            } else {
+                let s = rt.block_on(walsync_run(&db.url, &format!("bench_{w}_walsync_{run}"), start, workload.rows))?;
+                (pg_recvlogical_run(&pg_recvlogical, &db.url, &format!("bench_{w}_pgrl_{run}"), &end)?, s)
+            };
+            eprintln!("  run {run}: pg_recvlogical {:.2}s, walsync {:.2}s", pgrl.as_secs_f64(), walsync.as_secs_f64());
+            best_pgrl = best_pgrl.min(pgrl);
+            best_walsync = best_walsync.min(walsync);
+        }
+        for slot in &slots {
+            rt.block_on(sql.execute("SELECT pg_drop_replication_slot($1)", &[slot]))?;
+        }
+        results.push((workload.name.clone(), workload.rows, wal_bytes, best_pgrl, best_walsync));
+    }
+
+    println!("Replication source: decode-and-emit throughput (best of {} runs each)\n", args.runs);
+    println!("machine: {}; {}", super::machine_facts(), String::from_utf8_lossy(&version.stdout).trim());
+    println!("postgres: throwaway cluster from walsync-testkit (fsync off), client and server on the same cores\n");
+    println!("| workload | rows | WAL | pg_recvlogical rows/s | walsync rows/s | ratio |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (name, rows, wal, pgrl, ws) in results {
+        let pgrl_rate = rows as f64 / pgrl.as_secs_f64();
+        let ws_rate = rows as f64 / ws.as_secs_f64();
+        println!(
+            "| {name} | {rows} | {:.0} MiB | {:.0} | {:.0} | {:.2}× |",
+            wal as f64 / 1048576.0,
+            pgrl_rate,
+            ws_rate,
+            ws_rate / pgrl_rate
+        );
+    }
+    Ok(())
+}
+
+/// pg_recvlogical reading `slot` to /dev/null until the end marker.
+fn pg_recvlogical_run(program: &std::path::Path, url: &str, slot: &str, end: &str) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let status = Command::new(program)
+        .args(["-d", url, "--slot", slot, "--start", "--no-loop"])
+        .args(["-o", "proto_version=1", "-o", "publication_names=bench", "-o", "messages=true"])
+        .args(["-E", end, "-f", "/dev/null", "-s", "10"])
+        .status()?;
+    anyhow::ensure!(status.success(), "pg_recvlogical failed: {status}");
+    Ok(t.elapsed())
+}
+
+/// Streams `slot` from `start` until `rows` inserted rows have reached the consumer, decoded.
+async fn walsync_run(url: &str, slot: &str, start: Lsn, rows: u64) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let pg: PgConfig = url.parse()?;
+    let config = SourceConfig::new(pg, slot, "bench");
+    let mut stream = Source::start(config, Resume { durable: Some(start), owns_slot: false }).await?;
+    let mut seen = 0u64;
+    let mut bytes = 0usize;
+    // Done at the commit of the transaction holding the last row, as pg_recvlogical is done at
+    // the message after it.
+    'outer: loop {
+        let batch = stream.next_batch().await.context("source ended early")??;
+        for event in batch {
+            match event {
+                SourceEvent::Change(Change::Insert { new, .. }) => {
+                    seen += 1;
+                    bytes += new.len();
+                }
+                SourceEvent::Commit { end_lsn, .. } => {
+                    stream.ack(end_lsn);
+                    if seen >= rows {
+                        break 'outer;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let elapsed = t.elapsed();
+    std::hint::black_box(bytes);
+    stream.stop().await;
+    Ok(elapsed)
+}
