@@ -42,13 +42,17 @@ pub struct Cluster {
 #[derive(Debug)]
 enum Kind {
     Local(Local),
-    External { url: String },
+    External {
+        url: String,
+    },
     /// A PostgreSQL container, kept for the life of the process (testcontainers' reaper removes
     /// it afterwards).
     #[cfg(feature = "testcontainers")]
     Container {
         url: String,
-        _container: testcontainers_modules::testcontainers::Container<testcontainers_modules::postgres::Postgres>,
+        _container: testcontainers_modules::testcontainers::Container<
+            testcontainers_modules::postgres::Postgres,
+        >,
     },
 }
 
@@ -73,7 +77,11 @@ pub fn shared() -> &'static Cluster {
             Ok(url) if !url.is_empty() => Ok(Cluster {
                 kind: Kind::External { url },
             }),
-            _ => Cluster::start(ClusterOptions::default()),
+            _ => match Cluster::start(ClusterOptions::default()) {
+                #[cfg(feature = "testcontainers")]
+                Err(TestkitError::NoBinaries) => Cluster::container(),
+                other => other,
+            },
         };
         cluster.unwrap_or_else(|e| panic!("cannot start a test postgres: {e}"))
     })
@@ -279,10 +287,48 @@ impl Cluster {
         })
     }
 
+    /// PostgreSQL 15 in Docker, for machines without PostgreSQL binaries.
+    #[cfg(feature = "testcontainers")]
+    fn container() -> Result<Cluster> {
+        use testcontainers_modules::postgres::Postgres;
+        use testcontainers_modules::testcontainers::ImageExt;
+        use testcontainers_modules::testcontainers::runners::SyncRunner;
+        let err = |e: testcontainers_modules::testcontainers::TestcontainersError| {
+            TestkitError::Command {
+                what: "starting a postgres container".into(),
+                detail: e.to_string(),
+            }
+        };
+        let container = Postgres::default()
+            .with_host_auth()
+            .with_tag("15")
+            .with_cmd([
+                "-c",
+                "wal_level=logical",
+                "-c",
+                "max_replication_slots=100",
+                "-c",
+                "max_wal_senders=100",
+                "-c",
+                "fsync=off",
+            ])
+            .start()
+            .map_err(err)?;
+        let host = container.get_host().map_err(err)?;
+        let port = container.get_host_port_ipv4(5432).map_err(err)?;
+        let url = format!("postgres://postgres@{host}:{port}/postgres");
+        Ok(Cluster {
+            kind: Kind::Container {
+                url,
+                _container: container,
+            },
+        })
+    }
+
     fn local(&self) -> Result<&Local> {
         match &self.kind {
             Kind::Local(l) => Ok(l),
-            Kind::External { .. } => Err(TestkitError::Unsupported(
+            _ => Err(TestkitError::Unsupported(
                 "this needs a cluster walsync started itself",
             )),
         }

@@ -1,11 +1,18 @@
 //! The `walsync` command.
 
+// A command-line program: printing to stdout is its job.
+#![allow(clippy::print_stdout)]
+
 mod bench;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "walsync", version, about = "Streams PostgreSQL changes into per-user sync buckets")]
+#[command(
+    name = "walsync",
+    version,
+    about = "Streams PostgreSQL changes into per-user sync buckets"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,7 +27,8 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,walsync=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,walsync=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -57,8 +57,11 @@ struct Workload {
 }
 
 pub fn run(args: SourceArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let cluster = Cluster::start(ClusterOptions::default()).context("starting a throwaway postgres")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let cluster =
+        Cluster::start(ClusterOptions::default()).context("starting a throwaway postgres")?;
     let pg_recvlogical = Cluster::program("pg_recvlogical")?;
     let version = Command::new(&pg_recvlogical).arg("--version").output()?;
     let db = rt.block_on(cluster.fresh_database())?;
@@ -72,7 +75,10 @@ pub fn run(args: SourceArgs) -> anyhow::Result<()> {
             sql: insert_rows("1", &args.big_rows.to_string()),
         },
         Workload {
-            name: format!("b: {} transactions of {} rows", args.txns, args.rows_per_txn),
+            name: format!(
+                "b: {} transactions of {} rows",
+                args.txns, args.rows_per_txn
+            ),
             rows: (args.txns * args.rows_per_txn) as u64,
             sql: format!(
                 "DO $$ BEGIN FOR t IN 0..{} LOOP {}; COMMIT; END LOOP; END $$",
@@ -92,19 +98,30 @@ pub fn run(args: SourceArgs) -> anyhow::Result<()> {
         for run in 0..args.runs {
             for tool in ["pgrl", "walsync"] {
                 let name = format!("bench_{w}_{tool}_{run}");
-                rt.block_on(sql.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&name]))?;
+                rt.block_on(sql.execute(
+                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[&name],
+                ))?;
                 slots.push(name);
             }
         }
-        let start: String = rt.block_on(sql.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]))?.get(0);
+        let start: String = rt
+            .block_on(sql.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]))?
+            .get(0);
         let start: Lsn = start.parse()?;
         eprintln!("workload {}: writing {} rows", workload.name, workload.rows);
         rt.block_on(sql.batch_execute(&workload.sql))?;
         let end: String = rt
-            .block_on(sql.query_one("SELECT pg_logical_emit_message(false, 'walsync-bench', 'end')::text", &[]))?
+            .block_on(sql.query_one(
+                "SELECT pg_logical_emit_message(false, 'walsync-bench', 'end')::text",
+                &[],
+            ))?
             .get(0);
         let wal_bytes: i64 = rt
-            .block_on(sql.query_one("SELECT ($1::text::pg_lsn - $2::text::pg_lsn)::int8", &[&end, &start.to_string()]))?
+            .block_on(sql.query_one(
+                "SELECT ($1::text::pg_lsn - $2::text::pg_lsn)::int8",
+                &[&end, &start.to_string()],
+            ))?
             .get(0);
 
         let mut best_pgrl = Duration::MAX;
@@ -112,25 +129,70 @@ pub fn run(args: SourceArgs) -> anyhow::Result<()> {
         for run in 0..args.runs {
             // Alternate which tool goes first, so neither always meets a warmer cache.
             let (pgrl, walsync) = if run % 2 == 0 {
-                let p = pg_recvlogical_run(&pg_recvlogical, &db.url, &format!("bench_{w}_pgrl_{run}"), &end)?;
-                (p, rt.block_on(walsync_run(&db.url, &format!("bench_{w}_walsync_{run}"), start, workload.rows))?)
+                let p = pg_recvlogical_run(
+                    &pg_recvlogical,
+                    &db.url,
+                    &format!("bench_{w}_pgrl_{run}"),
+                    &end,
+                )?;
+                (
+                    p,
+                    rt.block_on(walsync_run(
+                        &db.url,
+                        &format!("bench_{w}_walsync_{run}"),
+                        start,
+                        workload.rows,
+                    ))?,
+                )
             } else {
-                let s = rt.block_on(walsync_run(&db.url, &format!("bench_{w}_walsync_{run}"), start, workload.rows))?;
-                (pg_recvlogical_run(&pg_recvlogical, &db.url, &format!("bench_{w}_pgrl_{run}"), &end)?, s)
+                let s = rt.block_on(walsync_run(
+                    &db.url,
+                    &format!("bench_{w}_walsync_{run}"),
+                    start,
+                    workload.rows,
+                ))?;
+                (
+                    pg_recvlogical_run(
+                        &pg_recvlogical,
+                        &db.url,
+                        &format!("bench_{w}_pgrl_{run}"),
+                        &end,
+                    )?,
+                    s,
+                )
             };
-            eprintln!("  run {run}: pg_recvlogical {:.2}s, walsync {:.2}s", pgrl.as_secs_f64(), walsync.as_secs_f64());
+            eprintln!(
+                "  run {run}: pg_recvlogical {:.2}s, walsync {:.2}s",
+                pgrl.as_secs_f64(),
+                walsync.as_secs_f64()
+            );
             best_pgrl = best_pgrl.min(pgrl);
             best_walsync = best_walsync.min(walsync);
         }
         for slot in &slots {
             rt.block_on(sql.execute("SELECT pg_drop_replication_slot($1)", &[slot]))?;
         }
-        results.push((workload.name.clone(), workload.rows, wal_bytes, best_pgrl, best_walsync));
+        results.push((
+            workload.name.clone(),
+            workload.rows,
+            wal_bytes,
+            best_pgrl,
+            best_walsync,
+        ));
     }
 
-    println!("Replication source: decode-and-emit throughput (best of {} runs each)\n", args.runs);
-    println!("machine: {}; {}", super::machine_facts(), String::from_utf8_lossy(&version.stdout).trim());
-    println!("postgres: throwaway cluster from walsync-testkit (fsync off), client and server on the same cores\n");
+    println!(
+        "Replication source: decode-and-emit throughput (best of {} runs each)\n",
+        args.runs
+    );
+    println!(
+        "machine: {}; {}",
+        super::machine_facts(),
+        String::from_utf8_lossy(&version.stdout).trim()
+    );
+    println!(
+        "postgres: throwaway cluster from walsync-testkit (fsync off), client and server on the same cores\n"
+    );
     println!("| workload | rows | WAL | pg_recvlogical rows/s | walsync rows/s | ratio |");
     println!("|---|---:|---:|---:|---:|---:|");
     for (name, rows, wal, pgrl, ws) in results {
@@ -148,11 +210,23 @@ pub fn run(args: SourceArgs) -> anyhow::Result<()> {
 }
 
 /// pg_recvlogical reading `slot` to /dev/null until the end marker.
-fn pg_recvlogical_run(program: &std::path::Path, url: &str, slot: &str, end: &str) -> anyhow::Result<Duration> {
+fn pg_recvlogical_run(
+    program: &std::path::Path,
+    url: &str,
+    slot: &str,
+    end: &str,
+) -> anyhow::Result<Duration> {
     let t = Instant::now();
     let status = Command::new(program)
         .args(["-d", url, "--slot", slot, "--start", "--no-loop"])
-        .args(["-o", "proto_version=1", "-o", "publication_names=bench", "-o", "messages=true"])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=bench",
+            "-o",
+            "messages=true",
+        ])
         .args(["-E", end, "-f", "/dev/null", "-s", "10"])
         .status()?;
     anyhow::ensure!(status.success(), "pg_recvlogical failed: {status}");
@@ -164,7 +238,14 @@ async fn walsync_run(url: &str, slot: &str, start: Lsn, rows: u64) -> anyhow::Re
     let t = Instant::now();
     let pg: PgConfig = url.parse()?;
     let config = SourceConfig::new(pg, slot, "bench");
-    let mut stream = Source::start(config, Resume { durable: Some(start), owns_slot: false }).await?;
+    let mut stream = Source::start(
+        config,
+        Resume {
+            durable: Some(start),
+            owns_slot: false,
+        },
+    )
+    .await?;
     let mut seen = 0u64;
     let mut bytes = 0usize;
     // Done at the commit of the transaction holding the last row, as pg_recvlogical is done at

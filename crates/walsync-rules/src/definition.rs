@@ -1,0 +1,272 @@
+//! Loading `bucket_definitions` YAML and checking each definition as a whole.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Deserialize;
+
+use crate::RulesError;
+use crate::compile::{Item, Role, TableMatch, compile};
+use crate::expr::{Filter, Operand};
+
+/// Compiled sync rules.
+#[derive(Debug, Clone)]
+pub struct SyncRules {
+    pub(crate) definitions: Vec<BucketDefinition>,
+    warnings: Vec<String>,
+}
+
+/// One bucket definition: its parameter queries (who gets which buckets) and data queries (what
+/// goes in them).
+#[derive(Debug, Clone)]
+pub struct BucketDefinition {
+    pub name: String,
+    /// 0 (first) to 3 (default), as PowerSync's priorities.
+    pub priority: u8,
+    /// Names of the bucket parameters, in the order of the bucket id's JSON array.
+    pub parameter_names: Vec<String>,
+    pub(crate) static_queries: Vec<StaticQuery>,
+    pub(crate) table_queries: Vec<TableQuery>,
+    pub(crate) data_queries: Vec<DataQuery>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct StaticQuery {
+    pub outputs: Vec<Operand>,
+    pub filter: Filter,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct TableQuery {
+    pub index: u32,
+    pub table: TableMatch,
+    pub outputs: Vec<Operand>,
+    pub filter: Filter,
+    /// The request values the lookup key is made of, in key order.
+    pub unknowns: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct DataQuery {
+    pub table: TableMatch,
+    pub output_type: String,
+    pub items: Vec<Item>,
+    pub filter: Filter,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RulesFile {
+    bucket_definitions: BTreeMap<String, DefinitionYaml>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DefinitionYaml {
+    #[serde(default)]
+    parameters: Option<OneOrMany>,
+    data: Vec<String>,
+    #[serde(default)]
+    priority: Option<u8>,
+    #[serde(default)]
+    accept_potentially_dangerous_queries: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// PowerSync's default priority.
+const DEFAULT_PRIORITY: u8 = 3;
+
+impl SyncRules {
+    /// Parses and checks rules. Every error names the definition, the query and the part.
+    pub fn from_yaml(text: &str) -> Result<SyncRules, RulesError> {
+        let file: RulesFile =
+            serde_yaml_ng::from_str(text).map_err(|e| RulesError::Yaml(e.to_string()))?;
+        let mut definitions = Vec::new();
+        let mut warnings = Vec::new();
+        for (name, def) in file.bucket_definitions {
+            definitions.push(definition(&name, def, &mut warnings)?);
+        }
+        Ok(SyncRules {
+            definitions,
+            warnings,
+        })
+    }
+
+    pub fn definitions(&self) -> &[BucketDefinition] {
+        &self.definitions
+    }
+
+    /// Things that work but deserve a look, such as use of client-supplied parameters.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Every table the rules read, as `(schema, name)`: what the publication must include.
+    pub fn tables(&self) -> BTreeSet<(String, String)> {
+        let mut t = BTreeSet::new();
+        for d in &self.definitions {
+            for q in &d.table_queries {
+                t.insert((q.table.schema.clone(), q.table.name.clone()));
+            }
+            for q in &d.data_queries {
+                t.insert((q.table.schema.clone(), q.table.name.clone()));
+            }
+        }
+        t
+    }
+}
+
+fn definition(
+    name: &str,
+    def: DefinitionYaml,
+    warnings: &mut Vec<String>,
+) -> Result<BucketDefinition, RulesError> {
+    let priority = def.priority.unwrap_or(DEFAULT_PRIORITY);
+    if priority > 3 {
+        return Err(RulesError::Definition {
+            definition: name.into(),
+            message: format!("priority {priority} is not 0 to 3"),
+        });
+    }
+    let parameter_sql = match def.parameters {
+        None => Vec::new(),
+        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::Many(v)) => v,
+    };
+    let mut out = BucketDefinition {
+        name: name.to_owned(),
+        priority,
+        parameter_names: Vec::new(),
+        static_queries: Vec::new(),
+        table_queries: Vec::new(),
+        data_queries: Vec::new(),
+    };
+    for (i, sql) in parameter_sql.iter().enumerate() {
+        let err = |message: String| RulesError::Query {
+            definition: name.into(),
+            query: format!("parameter query {}", i + 1),
+            sql: sql.clone(),
+            message,
+        };
+        let c = compile(sql, Role::Parameter).map_err(err)?;
+        if c.untrusted && !def.accept_potentially_dangerous_queries {
+            warnings.push(format!(
+                "bucket definition {name:?}, parameter query {}: uses request.parameters(), which the client controls; \
+                 a user can ask for any value. Set accept_potentially_dangerous_queries: true once that is intended",
+                i + 1
+            ));
+        }
+        let mut names = Vec::new();
+        let mut outputs = Vec::new();
+        for item in c.items {
+            match item {
+                Item::All => {
+                    return Err(err(
+                        "`*` is not allowed in a parameter query: name the parameters".into(),
+                    ));
+                }
+                Item::Expr { name, operand } => {
+                    names.push(name);
+                    outputs.push(operand);
+                }
+            }
+        }
+        if i == 0 {
+            out.parameter_names = names;
+        } else if names != out.parameter_names {
+            return Err(err(format!(
+                "returns {names:?}, but the first parameter query returns {:?}",
+                out.parameter_names
+            )));
+        }
+        match c.table {
+            None => out.static_queries.push(StaticQuery {
+                outputs,
+                filter: c.filter,
+            }),
+            Some((table, _)) => {
+                let sets = c.filter.bound_sets();
+                let all: BTreeSet<String> = sets.iter().flatten().cloned().collect();
+                if all.is_empty() {
+                    return Err(err(
+                        "a parameter query over a table must match rows to the request, e.g. `WHERE user_id = request.user_id()`"
+                            .into(),
+                    ));
+                }
+                if sets.iter().any(|s| *s != all) {
+                    return Err(err(
+                        "every OR branch must use the same request values".into()
+                    ));
+                }
+                if outputs.iter().any(|o| !o.is_known()) {
+                    return Err(err(
+                        "outputs of a parameter query over a table must come from the row".into(),
+                    ));
+                }
+                out.table_queries.push(TableQuery {
+                    index: i as u32,
+                    table,
+                    outputs,
+                    filter: c.filter,
+                    unknowns: all.into_iter().collect(),
+                });
+            }
+        }
+    }
+    let required: BTreeSet<String> = out
+        .parameter_names
+        .iter()
+        .map(|p| format!("bucket.{p}"))
+        .collect();
+    for (i, sql) in def.data.iter().enumerate() {
+        let err = |message: String| RulesError::Query {
+            definition: name.into(),
+            query: format!("data query {}", i + 1),
+            sql: sql.clone(),
+            message,
+        };
+        let c = compile(sql, Role::Data).map_err(err)?;
+        let Some((table, alias)) = c.table else {
+            return Err(err("a data query must read a table".into()));
+        };
+        let sets = c.filter.bound_sets();
+        for s in &sets {
+            if let Some(unknown) = s.difference(&required).next() {
+                return Err(err(format!(
+                    "`{unknown}` is not a parameter of this bucket (parameters: {:?})",
+                    out.parameter_names
+                )));
+            }
+            if let Some(missing) = required.difference(s).next() {
+                return Err(err(format!(
+                    "does not use bucket parameter `{missing}`{}: every data query must match every bucket parameter to a column",
+                    if sets.len() > 1 {
+                        " in one of its OR branches"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+        }
+        let has_id = c.items.iter().any(|i| {
+            matches!(i, Item::All) || matches!(i, Item::Expr { name, .. } if name == "id")
+        });
+        if !has_id {
+            return Err(err(
+                "a data query must return an `id` column (select it, or alias one AS id)".into(),
+            ));
+        }
+        out.data_queries.push(DataQuery {
+            output_type: alias.unwrap_or_else(|| table.name.clone()),
+            table,
+            items: c.items,
+            filter: c.filter,
+        });
+    }
+    Ok(out)
+}

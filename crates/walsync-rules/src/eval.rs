@@ -1,0 +1,338 @@
+//! Evaluating compiled rules: rows to bucket outputs and lookup entries, requests to buckets.
+
+use serde::{Deserialize, Serialize};
+use walsync_types::Value;
+
+use crate::compile::{Item, TableMatch};
+use crate::definition::{BucketDefinition, SyncRules};
+use crate::expr::{Binding, canonical};
+
+/// A row of a table, as the rules see it: complete (no unchanged-TOAST gaps).
+#[derive(Debug, Clone, Copy)]
+pub struct RowRef<'a> {
+    pub schema: &'a str,
+    pub table: &'a str,
+    pub columns: &'a [String],
+    pub values: &'a [Value],
+}
+
+impl RowRef<'_> {
+    pub fn get(&self, column: &str) -> Option<&Value> {
+        self.columns
+            .iter()
+            .position(|c| c == column)
+            .and_then(|i| self.values.get(i))
+    }
+
+    fn is(&self, t: &TableMatch) -> bool {
+        self.table == t.name && self.schema == t.schema
+    }
+}
+
+/// What a request brings: the authenticated user, the token's claims, and the client's own
+/// (untrusted) parameters.
+#[derive(Debug, Clone, Default)]
+pub struct RequestContext {
+    pub user_id: String,
+    pub claims: serde_json::Value,
+    pub parameters: serde_json::Value,
+}
+
+impl RequestContext {
+    fn resolve(&self, unknown: &str) -> Value {
+        let json = |j: Option<&serde_json::Value>, as_text: bool| match j {
+            None | Some(serde_json::Value::Null) => Value::Null,
+            Some(serde_json::Value::String(s)) if as_text => Value::Text(s.clone()),
+            Some(serde_json::Value::Number(n)) if as_text => n
+                .as_i64()
+                .map_or_else(|| Value::Text(n.to_string()), Value::Int),
+            Some(v) if as_text => Value::Text(v.to_string()),
+            Some(v) => Value::Json(v.clone()),
+        };
+        if unknown == "request.user_id()" {
+            return Value::Text(self.user_id.clone());
+        }
+        let (kind, key) = unknown.split_once(':').unwrap_or((unknown, ""));
+        match kind {
+            "jwt" => json(self.claims.get(key), true),
+            "jwt->" => json(self.claims.get(key), false),
+            "param" => json(self.parameters.get(key), true),
+            "param->" => json(self.parameters.get(key), false),
+            "token" => json(self.claims.get("parameters").and_then(|p| p.get(key)), true),
+            _ => Value::Null,
+        }
+    }
+}
+
+/// Where a parameter row is found: the definition and query, and the request values it matched.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LookupKey {
+    pub definition: String,
+    pub query: u32,
+    pub values: Vec<String>,
+}
+
+impl LookupKey {
+    /// A stable byte form for storage keys (JSON, so that no value can forge a separator).
+    pub fn encode(&self) -> String {
+        serde_json::to_string(&(&self.definition, self.query, &self.values)).unwrap_or_default()
+    }
+}
+
+/// One row of a parameter table says: requests with this key get a bucket with these parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LookupEntry {
+    pub key: LookupKey,
+    pub parameters: Vec<serde_json::Value>,
+}
+
+/// A row's place in a bucket and the data that goes there.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RowOutput {
+    pub bucket: String,
+    pub object_type: String,
+    pub object_id: String,
+    /// The row's JSON text, as the op carries it and as its checksum covers it.
+    pub data: String,
+}
+
+/// A bucket id: `<definition>[<JSON array of parameter values>]`.
+pub fn bucket_id(definition: &str, parameters: &[serde_json::Value]) -> String {
+    format!(
+        "{definition}{}",
+        serde_json::Value::Array(parameters.to_vec())
+    )
+}
+
+/// A value as it leaves the server in a row's JSON: SQLite's types, as PowerSync clients store
+/// them. Booleans become 1/0, JSON and arrays become JSON text.
+fn output_json(v: &Value) -> serde_json::Value {
+    match v {
+        Value::Bool(b) => serde_json::Value::from(i64::from(*b)),
+        Value::Json(j) => serde_json::Value::String(j.to_string()),
+        Value::Array(_) => serde_json::Value::String(v.to_json().to_string()),
+        other => other.to_json(),
+    }
+}
+
+fn parameter_json(v: &Value) -> serde_json::Value {
+    match v {
+        Value::Json(serde_json::Value::String(s)) => serde_json::Value::String(s.clone()),
+        other => output_json(other),
+    }
+}
+
+impl SyncRules {
+    /// Every bucket `row` belongs to, with the data it has there.
+    pub fn evaluate_row(&self, row: &RowRef<'_>) -> Vec<RowOutput> {
+        let mut out = Vec::new();
+        for def in &self.definitions {
+            for q in def.data_queries.iter().filter(|q| row.is(&q.table)) {
+                let bindings = q.filter.bindings(Some(row), &Binding::new());
+                if bindings.is_empty() {
+                    continue;
+                }
+                let mut fields: Vec<(String, serde_json::Value)> = Vec::new();
+                for item in &q.items {
+                    match item {
+                        Item::All => {
+                            for (c, v) in row.columns.iter().zip(row.values) {
+                                fields.push((c.clone(), output_json(v)));
+                            }
+                        }
+                        Item::Expr { name, operand } => {
+                            fields.push((
+                                name.clone(),
+                                output_json(&operand.eval(Some(row), &Binding::new())),
+                            ));
+                        }
+                    }
+                }
+                let Some(id) = fields
+                    .iter()
+                    .rev()
+                    .find(|(k, _)| k == "id")
+                    .and_then(|(_, v)| match v {
+                        serde_json::Value::Null => None,
+                        serde_json::Value::String(s) => Some(s.clone()),
+                        other => Some(other.to_string()),
+                    })
+                else {
+                    continue;
+                };
+                let data = object_text(&fields);
+                for b in bindings {
+                    let params: Vec<serde_json::Value> = def
+                        .parameter_names
+                        .iter()
+                        .map(|p| {
+                            b.get(&format!("bucket.{p}"))
+                                .map(parameter_json)
+                                .unwrap_or_default()
+                        })
+                        .collect();
+                    out.push(RowOutput {
+                        bucket: bucket_id(&def.name, &params),
+                        object_type: q.output_type.clone(),
+                        object_id: id.clone(),
+                        data: data.clone(),
+                    });
+                }
+            }
+        }
+        out.sort();
+        out.dedup_by(|a, b| {
+            a.bucket == b.bucket && a.object_type == b.object_type && a.object_id == b.object_id
+        });
+        out
+    }
+
+    /// The lookup entries a row of a parameter table contributes.
+    pub fn evaluate_lookups(&self, row: &RowRef<'_>) -> Vec<LookupEntry> {
+        let mut out = Vec::new();
+        for def in &self.definitions {
+            for q in def.table_queries.iter().filter(|q| row.is(&q.table)) {
+                for b in q.filter.bindings(Some(row), &Binding::new()) {
+                    let Some(values) = q
+                        .unknowns
+                        .iter()
+                        .map(|u| b.get(u).and_then(canonical))
+                        .collect::<Option<Vec<_>>>()
+                    else {
+                        continue;
+                    };
+                    let parameters: Vec<serde_json::Value> = q
+                        .outputs
+                        .iter()
+                        .map(|o| parameter_json(&o.eval(Some(row), &Binding::new())))
+                        .collect();
+                    if parameters.iter().any(serde_json::Value::is_null) {
+                        continue;
+                    }
+                    out.push(LookupEntry {
+                        key: LookupKey {
+                            definition: def.name.clone(),
+                            query: q.index,
+                            values,
+                        },
+                        parameters,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether any rule reads this table.
+    pub fn reads_table(&self, schema: &str, table: &str) -> bool {
+        self.tables()
+            .contains(&(schema.to_owned(), table.to_owned()))
+    }
+
+    /// A request's buckets that follow from the request alone, and the lookup keys whose stored
+    /// entries name the rest.
+    pub fn resolve_request(&self, request: &RequestContext) -> (Vec<String>, Vec<LookupKey>) {
+        let mut buckets = Vec::new();
+        let mut lookups = Vec::new();
+        for def in &self.definitions {
+            if def.static_queries.is_empty() && def.table_queries.is_empty() {
+                buckets.push(bucket_id(&def.name, &[]));
+            }
+            for q in &def.static_queries {
+                let given = request_binding(
+                    request,
+                    q.outputs
+                        .iter()
+                        .flat_map(unknowns_of)
+                        .chain(filter_unknowns(&q.filter)),
+                );
+                if q.filter.bindings(None, &given).is_empty() {
+                    continue;
+                }
+                let params: Vec<serde_json::Value> = q
+                    .outputs
+                    .iter()
+                    .map(|o| parameter_json(&o.eval(None, &given)))
+                    .collect();
+                if !params.iter().any(serde_json::Value::is_null) {
+                    buckets.push(bucket_id(&def.name, &params));
+                }
+            }
+            for q in &def.table_queries {
+                let values: Option<Vec<String>> = q
+                    .unknowns
+                    .iter()
+                    .map(|u| canonical(&request.resolve(u)))
+                    .collect();
+                if let Some(values) = values {
+                    lookups.push(LookupKey {
+                        definition: def.name.clone(),
+                        query: q.index,
+                        values,
+                    });
+                }
+            }
+        }
+        buckets.sort();
+        buckets.dedup();
+        (buckets, lookups)
+    }
+
+    /// The definition a bucket id belongs to.
+    pub fn definition_of(&self, bucket: &str) -> Option<&BucketDefinition> {
+        let name = bucket.split('[').next()?;
+        self.definitions.iter().find(|d| d.name == name)
+    }
+}
+
+fn request_binding<'a>(
+    request: &RequestContext,
+    unknowns: impl Iterator<Item = &'a str>,
+) -> Binding {
+    unknowns
+        .map(|u| (u.to_owned(), request.resolve(u)))
+        .collect()
+}
+
+fn unknowns_of(o: &crate::expr::Operand) -> Vec<&str> {
+    use crate::expr::Operand;
+    match o {
+        Operand::Unknown(u) => vec![u.as_str()],
+        Operand::Cast(inner, _) | Operand::Json { base: inner, .. } => unknowns_of(inner),
+        Operand::Column(_) | Operand::Literal(_) => Vec::new(),
+    }
+}
+
+fn filter_unknowns(f: &crate::expr::Filter) -> Vec<&str> {
+    use crate::expr::Filter;
+    match f {
+        Filter::True => Vec::new(),
+        Filter::And(fs) | Filter::Or(fs) => fs.iter().flat_map(filter_unknowns).collect(),
+        Filter::Eq(a, b) | Filter::NotEq(a, b) | Filter::InArray(a, b) => {
+            let mut v = unknowns_of(a);
+            v.extend(unknowns_of(b));
+            v
+        }
+        Filter::IsNull { operand, .. } => unknowns_of(operand),
+        Filter::InList { operand, list, .. } => {
+            let mut v = unknowns_of(operand);
+            v.extend(list.iter().flat_map(unknowns_of));
+            v
+        }
+    }
+}
+
+/// A JSON object with keys in the order given (the order of the query's columns).
+fn object_text(fields: &[(String, serde_json::Value)]) -> String {
+    let mut s = String::from("{");
+    for (i, (k, v)) in fields.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&serde_json::Value::String(k.clone()).to_string());
+        s.push(':');
+        s.push_str(&v.to_string());
+    }
+    s.push('}');
+    s
+}
