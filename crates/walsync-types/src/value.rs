@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 ///
 /// Types without an exact JSON counterpart keep PostgreSQL's own text: `numeric` (to keep every
 /// digit), dates, times, intervals, uuids and any type walsync does not know.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Value {
     Null,
     Bool(bool),

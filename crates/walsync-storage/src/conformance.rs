@@ -1,0 +1,417 @@
+//! The conformance suite every [`BucketStore`] backend must pass. A backend's tests call
+//! [`run_all`] with a function that makes a fresh, empty store.
+
+use std::collections::BTreeMap;
+
+use walsync_rules::{LookupEntry, LookupKey, RowOutput};
+use walsync_types::{Lsn, Value, add_checksums};
+
+use crate::{BucketStore, Op, OpKind, StoreWriter, StoredRow};
+
+/// A client's copy of one bucket, built by replaying ops the way PowerSync clients do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientBucket {
+    pub rows: BTreeMap<(String, String), String>,
+    pub checksum: u32,
+    pub last_op_id: u64,
+}
+
+impl ClientBucket {
+    pub fn apply(&mut self, ops: &[Op]) {
+        for op in ops {
+            assert!(
+                op.op_id > self.last_op_id,
+                "op {} after {}",
+                op.op_id,
+                self.last_op_id
+            );
+            self.last_op_id = op.op_id;
+            match op.kind {
+                OpKind::Put => {
+                    self.rows.insert(
+                        (op.object_type.clone(), op.object_id.clone()),
+                        op.data.clone().unwrap_or_default(),
+                    );
+                    self.checksum = add_checksums(self.checksum, op.checksum);
+                }
+                OpKind::Remove => {
+                    self.rows
+                        .remove(&(op.object_type.clone(), op.object_id.clone()));
+                    self.checksum = add_checksums(self.checksum, op.checksum);
+                }
+                OpKind::Move => self.checksum = add_checksums(self.checksum, op.checksum),
+                OpKind::Clear => {
+                    self.rows.clear();
+                    self.checksum = op.checksum;
+                }
+            }
+        }
+    }
+
+    /// Replays all of `bucket` from the start.
+    pub fn read<S: BucketStore>(store: &S, bucket: &str) -> ClientBucket {
+        let mut c = ClientBucket::default();
+        c.catch_up(store, bucket);
+        c
+    }
+
+    /// Applies the ops after this copy's position, in pages.
+    pub fn catch_up<S: BucketStore>(&mut self, store: &S, bucket: &str) {
+        let up_to = store.checkpoint().expect("checkpoint").op_id;
+        loop {
+            let ops = store.ops(bucket, self.last_op_id, up_to, 7).expect("ops");
+            if ops.is_empty() {
+                break;
+            }
+            self.apply(&ops);
+        }
+    }
+}
+
+fn out(bucket: &str, id: &str, data: &str) -> RowOutput {
+    RowOutput {
+        bucket: bucket.into(),
+        object_type: "t".into(),
+        object_id: id.into(),
+        data: data.into(),
+    }
+}
+
+fn row(v: i64) -> StoredRow {
+    StoredRow {
+        columns: vec!["v".into()],
+        values: vec![Value::Int(v)],
+    }
+}
+
+fn member(user: &str, project: i64) -> LookupEntry {
+    LookupEntry {
+        key: key(user),
+        parameters: vec![serde_json::json!(project)],
+    }
+}
+
+fn key(user: &str) -> LookupKey {
+    LookupKey {
+        definition: "p".into(),
+        query: 0,
+        values: vec![user.into()],
+    }
+}
+
+fn state_matches_replay<S: BucketStore>(store: &S, bucket: &str) {
+    let replay = ClientBucket::read(store, bucket);
+    let state = store.bucket_states(&[bucket.to_owned()]).expect("states")[0].unwrap_or_default();
+    assert_eq!(
+        state.checksum, replay.checksum,
+        "bucket {bucket}: state checksum is the sum of its ops"
+    );
+    assert_eq!(state.last_op_id, replay.last_op_id.max(state.last_op_id));
+}
+
+/// Runs every check against stores made by `fresh`.
+pub fn run_all<S: BucketStore>(fresh: impl Fn() -> S) {
+    puts_removes_and_moves(&fresh());
+    unchanged_data_writes_no_op(&fresh());
+    truncate_removes_only_that_table(&fresh());
+    lookups_have_history(&fresh());
+    writes_are_atomic(&fresh());
+    changes_follow_commits(&fresh());
+    compaction_keeps_checksums_and_rows(&fresh());
+    clear_all_starts_over_with_growing_op_ids(&fresh());
+}
+
+pub fn puts_removes_and_moves<S: BucketStore>(store: &S) {
+    assert_eq!(store.checkpoint().expect("checkpoint").op_id, 0);
+    let mut w = store.writer().expect("writer");
+    w.upsert_row(
+        "public.t",
+        "1",
+        row(1),
+        vec![out("a", "1", "{\"v\":1}")],
+        vec![],
+    )
+    .expect("upsert");
+    assert_eq!(
+        w.row("public.t", "1").expect("row"),
+        Some(row(1)),
+        "a writer reads its own writes"
+    );
+    w.set_position(Lsn(100));
+    let cp = w.commit().expect("commit");
+    assert_eq!((cp.op_id, cp.lsn), (1, Some(Lsn(100))));
+    assert_eq!(store.row("public.t", "1").expect("row"), Some(row(1)));
+
+    // The row moves from bucket a to bucket b: REMOVE in a, PUT in b, one commit.
+    let mut w = store.writer().expect("writer");
+    w.upsert_row(
+        "public.t",
+        "1",
+        row(2),
+        vec![out("b", "1", "{\"v\":2}")],
+        vec![],
+    )
+    .expect("upsert");
+    w.commit().expect("commit");
+    let a = ClientBucket::read(store, "a");
+    let b = ClientBucket::read(store, "b");
+    assert!(a.rows.is_empty());
+    assert_eq!(
+        b.rows.get(&("t".into(), "1".into())).map(String::as_str),
+        Some("{\"v\":2}")
+    );
+    let a_ops = store.ops("a", 0, u64::MAX, 100).expect("ops");
+    assert_eq!(
+        a_ops.iter().map(|o| o.kind).collect::<Vec<_>>(),
+        [OpKind::Put, OpKind::Remove]
+    );
+    assert_eq!(a_ops[1].subkey, "t/1");
+
+    let mut w = store.writer().expect("writer");
+    w.delete_row("public.t", "1").expect("delete");
+    w.delete_row("public.t", "missing")
+        .expect("deleting a row never seen is nothing");
+    w.commit().expect("commit");
+    assert!(ClientBucket::read(store, "b").rows.is_empty());
+    assert_eq!(store.row("public.t", "1").expect("row"), None);
+    for bucket in ["a", "b"] {
+        state_matches_replay(store, bucket);
+    }
+    // `after` is exclusive and `up_to` inclusive.
+    let all = store.ops("b", 0, u64::MAX, 100).expect("ops");
+    let tail = store
+        .ops("b", all[0].op_id, all[1].op_id, 100)
+        .expect("ops");
+    assert_eq!(tail, all[1..2].to_vec());
+}
+
+pub fn unchanged_data_writes_no_op<S: BucketStore>(store: &S) {
+    for data in ["{\"v\":1}", "{\"v\":1}", "{\"v\":2}"] {
+        let mut w = store.writer().expect("writer");
+        w.upsert_row("public.t", "1", row(1), vec![out("a", "1", data)], vec![])
+            .expect("upsert");
+        w.commit().expect("commit");
+    }
+    assert_eq!(store.ops("a", 0, u64::MAX, 100).expect("ops").len(), 2);
+    state_matches_replay(store, "a");
+}
+
+pub fn truncate_removes_only_that_table<S: BucketStore>(store: &S) {
+    let mut w = store.writer().expect("writer");
+    for i in 0..20 {
+        w.upsert_row(
+            "public.t",
+            &i.to_string(),
+            row(i),
+            vec![out("a", &i.to_string(), "{}")],
+            vec![],
+        )
+        .expect("upsert");
+    }
+    w.upsert_row("public.t2", "1", row(1), vec![out("a", "x", "{}")], vec![])
+        .expect("upsert");
+    w.upsert_row("public.t_", "1", row(1), vec![out("a", "y", "{}")], vec![])
+        .expect("upsert");
+    w.commit().expect("commit");
+    let mut w = store.writer().expect("writer");
+    w.truncate("public.t").expect("truncate");
+    w.commit().expect("commit");
+    let a = ClientBucket::read(store, "a");
+    assert_eq!(
+        a.rows.keys().map(|(_, id)| id.as_str()).collect::<Vec<_>>(),
+        ["x", "y"]
+    );
+    state_matches_replay(store, "a");
+}
+
+pub fn lookups_have_history<S: BucketStore>(store: &S) {
+    let mut w = store.writer().expect("writer");
+    w.upsert_row("public.m", "1", row(1), vec![], vec![member("u1", 7)])
+        .expect("upsert");
+    w.upsert_row("public.m", "2", row(2), vec![], vec![member("u1", 7)])
+        .expect("upsert");
+    let c1 = w.commit().expect("commit").op_id;
+    let mut w = store.writer().expect("writer");
+    w.delete_row("public.m", "1").expect("delete");
+    let c2 = w.commit().expect("commit").op_id;
+    assert_eq!(
+        store.lookup(&key("u1"), c2).expect("lookup"),
+        vec![vec![serde_json::json!(7)]],
+        "still matched by row 2"
+    );
+    let mut w = store.writer().expect("writer");
+    w.upsert_row("public.m", "2", row(2), vec![], vec![member("u2", 7)])
+        .expect("upsert");
+    let c3 = w.commit().expect("commit").op_id;
+    assert!(
+        store.lookup(&key("u1"), c3).expect("lookup").is_empty(),
+        "membership moved to u2"
+    );
+    assert_eq!(store.lookup(&key("u2"), c3).expect("lookup").len(), 1);
+    assert_eq!(
+        store.lookup(&key("u1"), c1).expect("lookup").len(),
+        1,
+        "history: as of the first checkpoint"
+    );
+    assert!(store.lookup(&key("u2"), c1).expect("lookup").is_empty());
+}
+
+pub fn writes_are_atomic<S: BucketStore>(store: &S) {
+    {
+        let mut w = store.writer().expect("writer");
+        w.upsert_row(
+            "public.t",
+            "1",
+            row(1),
+            vec![out("a", "1", "{}")],
+            vec![member("u", 1)],
+        )
+        .expect("upsert");
+        w.set_position(Lsn(5));
+        // Dropped without commit: a crash before the storage commit.
+    }
+    assert_eq!(store.checkpoint().expect("checkpoint").op_id, 0);
+    assert_eq!(store.checkpoint().expect("checkpoint").lsn, None);
+    assert!(store.ops("a", 0, u64::MAX, 10).expect("ops").is_empty());
+    assert!(
+        store
+            .lookup(&key("u"), u64::MAX)
+            .expect("lookup")
+            .is_empty()
+    );
+}
+
+pub fn changes_follow_commits<S: BucketStore>(store: &S) {
+    let mut w = store.writer().expect("writer");
+    w.upsert_row("public.t", "1", row(1), vec![out("a", "1", "{}")], vec![])
+        .expect("upsert");
+    let c1 = w.commit().expect("commit").op_id;
+    let mut w = store.writer().expect("writer");
+    w.upsert_row(
+        "public.t",
+        "2",
+        row(1),
+        vec![out("b", "2", "{}")],
+        vec![member("u", 3)],
+    )
+    .expect("upsert");
+    let c2 = w.commit().expect("commit").op_id;
+    let since_c1 = store.changes(c1, c2).expect("changes");
+    assert_eq!(since_c1.buckets.into_iter().collect::<Vec<_>>(), ["b"]);
+    assert_eq!(since_c1.lookups.into_iter().collect::<Vec<_>>(), [key("u")]);
+    assert_eq!(store.changes(0, c2).expect("changes").buckets.len(), 2);
+    assert!(store.changes(c2, c2).expect("changes").buckets.is_empty());
+}
+
+pub fn compaction_keeps_checksums_and_rows<S: BucketStore>(store: &S) {
+    // A deterministic jumble of puts, updates, moves and deletes over a few rows and buckets.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let buckets = ["a", "b", "c"];
+    for _ in 0..40 {
+        let mut w = store.writer().expect("writer");
+        for _ in 0..1 + next(4) {
+            let id = next(8).to_string();
+            if next(5) == 0 {
+                w.delete_row("public.t", &id).expect("delete");
+            } else {
+                let b = buckets[next(3) as usize];
+                let data = format!("{{\"v\":{}}}", next(3));
+                w.upsert_row("public.t", &id, row(0), vec![out(b, &id, &data)], vec![])
+                    .expect("upsert");
+            }
+        }
+        w.commit().expect("commit");
+    }
+    let before: Vec<ClientBucket> = buckets
+        .iter()
+        .map(|b| ClientBucket::read(store, b))
+        .collect();
+    // A client that synced half-way before compaction, and catches up after.
+    let mut partial: Vec<ClientBucket> = buckets
+        .iter()
+        .map(|b| {
+            let mut c = ClientBucket::default();
+            let ops = store.ops(b, 0, u64::MAX, 1000).expect("ops");
+            c.apply(&ops[..ops.len() / 2]);
+            c
+        })
+        .collect();
+    let states_before = store
+        .bucket_states(&buckets.map(String::from))
+        .expect("states");
+    let stats = store.compact().expect("compact");
+    assert!(
+        stats.moved + stats.cleared > 0,
+        "the jumble had something to compact"
+    );
+    let states_after = store
+        .bucket_states(&buckets.map(String::from))
+        .expect("states");
+    for (i, b) in buckets.iter().enumerate() {
+        let after = ClientBucket::read(store, b);
+        assert_eq!(
+            after.rows, before[i].rows,
+            "bucket {b}: same rows from the compacted log"
+        );
+        assert_eq!(
+            after.checksum, before[i].checksum,
+            "bucket {b}: same checksum"
+        );
+        assert_eq!(
+            states_after[i].map(|s| s.checksum),
+            states_before[i].map(|s| s.checksum)
+        );
+        partial[i].catch_up(store, b);
+        assert_eq!(
+            partial[i].rows, before[i].rows,
+            "bucket {b}: a client mid-way catches up correctly"
+        );
+        assert_eq!(partial[i].checksum, before[i].checksum);
+    }
+    assert_eq!(
+        store.compact().expect("compact again"),
+        crate::CompactStats::default(),
+        "compaction is idempotent"
+    );
+}
+
+pub fn clear_all_starts_over_with_growing_op_ids<S: BucketStore>(store: &S) {
+    let mut w = store.writer().expect("writer");
+    w.upsert_row(
+        "public.t",
+        "1",
+        row(1),
+        vec![out("a", "1", "{}")],
+        vec![member("u", 1)],
+    )
+    .expect("upsert");
+    w.set_position(Lsn(10));
+    w.set_snapshot_complete();
+    w.set_slot_owned("s");
+    let first = w.commit().expect("commit");
+    assert!(first.snapshot_complete);
+    let mut w = store.writer().expect("writer");
+    w.clear_all().expect("clear");
+    let cleared = w.commit().expect("commit");
+    assert!(!cleared.snapshot_complete && cleared.lsn.is_none());
+    assert_eq!(cleared.slot_owned.as_deref(), Some("s"));
+    assert!(store.ops("a", 0, u64::MAX, 10).expect("ops").is_empty());
+    assert!(
+        store
+            .lookup(&key("u"), u64::MAX)
+            .expect("lookup")
+            .is_empty()
+    );
+    let mut w = store.writer().expect("writer");
+    w.upsert_row("public.t", "1", row(1), vec![out("a", "1", "{}")], vec![])
+        .expect("upsert");
+    let again = w.commit().expect("commit");
+    assert!(store.ops("a", 0, u64::MAX, 10).expect("ops")[0].op_id > first.op_id);
+    assert!(again.op_id > first.op_id);
+}

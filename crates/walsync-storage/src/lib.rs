@@ -1,0 +1,114 @@
+//! The durable bucket store.
+//!
+//! It keeps, per the design brief (section 5):
+//! - the **op log** by `(bucket, op_id)`: PUT, REMOVE, MOVE and CLEAR ops with their checksums;
+//! - the **copy of each source row** by `(table, row id)`: its values (to fill unchanged TOAST
+//!   columns and to answer key-only deletes), the buckets it is in with the checksum of its data
+//!   there (to emit REMOVEs when it leaves one, and to skip a PUT that changes nothing), and its
+//!   parameter lookups;
+//! - the **parameter index** by `(lookup, op_id, row id)`, with history, so membership can be read
+//!   as of any checkpoint;
+//! - **per-bucket state** (checksum, op count, last op id), so a checkpoint never rescans a bucket;
+//! - a **change log** by commit op id: the buckets and lookups each commit touched, so that the
+//!   cost of a new checkpoint follows what changed, not how many buckets a user has;
+//! - the **checkpoint**: last op id, the source position it covers, and whether the initial
+//!   snapshot is complete.
+//!
+//! Storage generates the ops: the caller says what a row now is (or that it is gone) and which
+//! buckets its rules put it in; the store compares with its copy.
+
+mod embedded;
+mod model;
+
+pub mod conformance;
+
+pub use embedded::EmbeddedStore;
+pub use model::{BucketState, Changes, Checkpoint, CompactStats, Op, OpKind, StoredRow, TableName};
+
+use walsync_rules::{LookupEntry, LookupKey, RowOutput};
+use walsync_types::Lsn;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage engine: {0}")]
+    Engine(String),
+    #[error("corrupt record in {what}: {detail}")]
+    Corrupt { what: &'static str, detail: String },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// A bucket store. Reads see the last committed checkpoint; writes go through a
+/// [`StoreWriter`], one at a time, and become visible whole at its commit.
+pub trait BucketStore: Send + Sync {
+    type Writer<'a>: StoreWriter
+    where
+        Self: 'a;
+
+    /// Starts a write transaction.
+    fn writer(&self) -> Result<Self::Writer<'_>>;
+
+    /// The last committed checkpoint.
+    fn checkpoint(&self) -> Result<Checkpoint>;
+
+    /// State of each bucket (`None` for a bucket with no ops).
+    fn bucket_states(&self, buckets: &[String]) -> Result<Vec<Option<BucketState>>>;
+
+    /// Ops of `bucket` with `after < op_id <= up_to`, in order, at most `limit`.
+    fn ops(&self, bucket: &str, after: u64, up_to: u64, limit: usize) -> Result<Vec<Op>>;
+
+    /// The parameter sets the lookup names as of checkpoint `at`.
+    fn lookup(&self, key: &LookupKey, at: u64) -> Result<Vec<Vec<serde_json::Value>>>;
+
+    /// Buckets and lookups changed by commits with `after < op_id <= up_to`.
+    fn changes(&self, after: u64, up_to: u64) -> Result<Changes>;
+
+    /// The stored copy of a row, as of the last commit.
+    fn row(&self, table: &TableName, row_id: &str) -> Result<Option<StoredRow>>;
+
+    /// Rewrites superseded ops as MOVE and each bucket's leading run of REMOVE/MOVE as one CLEAR,
+    /// without changing any bucket's checksum.
+    fn compact(&self) -> Result<CompactStats>;
+
+    /// Bytes the store occupies on disk.
+    fn size_on_disk(&self) -> Result<u64>;
+}
+
+/// One write transaction.
+pub trait StoreWriter {
+    /// The row as this transaction sees it (its own writes included).
+    fn row(&mut self, table: &TableName, row_id: &str) -> Result<Option<StoredRow>>;
+
+    /// The row now holds `values`, is in the buckets of `outputs` and yields `lookups`.
+    fn upsert_row(
+        &mut self,
+        table: &TableName,
+        row_id: &str,
+        values: StoredRow,
+        outputs: Vec<RowOutput>,
+        lookups: Vec<LookupEntry>,
+    ) -> Result<()>;
+
+    /// The row is gone: REMOVE from each of its buckets, drop its lookups.
+    fn delete_row(&mut self, table: &TableName, row_id: &str) -> Result<()>;
+
+    /// Every row of the table is gone.
+    fn truncate(&mut self, table: &TableName) -> Result<()>;
+
+    /// Everything written so far covers the source up to `lsn`.
+    fn set_position(&mut self, lsn: Lsn);
+
+    /// The initial snapshot is complete: the checkpoint may be served from now on.
+    fn set_snapshot_complete(&mut self);
+
+    /// The consumer created the slot `slot` (so it may drop it to start afresh).
+    fn set_slot_owned(&mut self, slot: &str);
+
+    /// Discards everything: used before a new initial snapshot.
+    fn clear_all(&mut self) -> Result<()>;
+
+    /// Makes the transaction durable and returns the new checkpoint.
+    fn commit(self) -> Result<Checkpoint>;
+}

@@ -1,0 +1,87 @@
+//! What the store keeps.
+
+use serde::{Deserialize, Serialize};
+use walsync_rules::LookupKey;
+use walsync_types::{Lsn, Value};
+
+/// `schema.table`.
+pub type TableName = str;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpKind {
+    Put,
+    Remove,
+    /// A superseded op: nothing to apply, its checksum still counts.
+    Move,
+    /// Replaces every op up to it: the client empties the bucket, and the checksum is the sum of
+    /// what it replaced.
+    Clear,
+}
+
+impl OpKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpKind::Put => "PUT",
+            OpKind::Remove => "REMOVE",
+            OpKind::Move => "MOVE",
+            OpKind::Clear => "CLEAR",
+        }
+    }
+}
+
+/// One op of a bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Op {
+    pub op_id: u64,
+    pub kind: OpKind,
+    pub object_type: String,
+    pub object_id: String,
+    /// `<object_type>/<object_id>`: what a REMOVE's checksum covers.
+    pub subkey: String,
+    /// The row's JSON text, for PUT.
+    pub data: Option<String>,
+    pub checksum: u32,
+}
+
+/// A bucket at the last checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct BucketState {
+    /// Wrapping sum of the checksums of all its ops.
+    pub checksum: u32,
+    pub count: u64,
+    pub last_op_id: u64,
+}
+
+/// The store's position.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Checkpoint {
+    /// The last op id written (0: none).
+    pub op_id: u64,
+    /// Everything the source sent up to this position is in the store.
+    pub lsn: Option<Lsn>,
+    /// The initial snapshot is complete, so the checkpoint may be served.
+    pub snapshot_complete: bool,
+    /// The slot this store's data came from, when walsync created it.
+    pub slot_owned: Option<String>,
+}
+
+/// The store's copy of a source row: column names and values (complete, no unchanged-TOAST
+/// gaps).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct StoredRow {
+    pub columns: Vec<String>,
+    pub values: Vec<Value>,
+}
+
+/// What commits in a range of op ids touched.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Changes {
+    pub buckets: std::collections::BTreeSet<String>,
+    pub lookups: std::collections::BTreeSet<LookupKey>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CompactStats {
+    pub moved: u64,
+    pub cleared: u64,
+}
