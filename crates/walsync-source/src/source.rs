@@ -93,6 +93,12 @@ impl SourceStream {
         self.rx.recv().await
     }
 
+    /// The next batch if one is ready now, without waiting: lets a consumer group many small
+    /// transactions into one storage commit while more are already waiting.
+    pub fn try_next_batch(&mut self) -> Option<Result<Vec<SourceEvent>>> {
+        self.rx.try_recv().ok()
+    }
+
     /// Everything up to `durable` (a `Commit`'s `end_lsn`, or `SnapshotEnd`'s point) is safe
     /// in the consumer's storage. The source reports no more than this to PostgreSQL.
     pub fn ack(&self, durable: Lsn) {

@@ -135,6 +135,16 @@ impl BucketStore for EmbeddedStore {
         read_checkpoint(&tx.open_table(META).map_err(engine)?)
     }
 
+    fn buckets(&self) -> Result<Vec<String>> {
+        let tx = self.db.begin_read().map_err(engine)?;
+        let t = tx.open_table(BUCKETS).map_err(engine)?;
+        let mut out = Vec::new();
+        for e in t.iter().map_err(engine)? {
+            out.push(e.map_err(engine)?.0.value().to_owned());
+        }
+        Ok(out)
+    }
+
     fn bucket_states(&self, buckets: &[String]) -> Result<Vec<Option<BucketState>>> {
         let tx = self.db.begin_read().map_err(engine)?;
         let t = tx.open_table(BUCKETS).map_err(engine)?;

@@ -53,6 +53,9 @@ pub trait BucketStore: Send + Sync {
     /// The last committed checkpoint.
     fn checkpoint(&self) -> Result<Checkpoint>;
 
+    /// Every bucket that has ops.
+    fn buckets(&self) -> Result<Vec<String>>;
+
     /// State of each bucket (`None` for a bucket with no ops).
     fn bucket_states(&self, buckets: &[String]) -> Result<Vec<Option<BucketState>>>;
 

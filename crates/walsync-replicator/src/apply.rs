@@ -1,0 +1,239 @@
+//! Applying source events to a storage write transaction.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use walsync_rules::{RowRef, SyncRules};
+use walsync_source::{Change, Datum, Row, SourceEvent, Table};
+use walsync_storage::{StoreWriter, StoredRow};
+use walsync_types::{Lsn, Value};
+
+use crate::{ReplicatorError, Result};
+
+/// What the session should do after an event.
+pub(crate) enum Next {
+    Continue,
+    /// Commit what is written now (outside any source transaction).
+    CommitNow,
+    /// Drop what is not committed and start again from the stored checkpoint.
+    Restart,
+}
+
+/// Turns source events into storage writes, with the sync rules deciding buckets and lookups.
+#[derive(Debug)]
+pub struct Applier {
+    rules: Arc<SyncRules>,
+    columns: HashMap<u32, (Arc<Table>, Arc<Vec<String>>)>,
+    pub(crate) pending_txns: usize,
+    pub(crate) pending_rows: usize,
+    pending_ack: Option<Lsn>,
+    pub(crate) snapshot_rows: u64,
+    /// Inside a source transaction: storage may not commit now.
+    pub(crate) in_transaction: bool,
+}
+
+impl Applier {
+    pub fn new(rules: Arc<SyncRules>) -> Applier {
+        Applier {
+            rules,
+            columns: HashMap::new(),
+            pending_txns: 0,
+            pending_rows: 0,
+            pending_ack: None,
+            snapshot_rows: 0,
+            in_transaction: false,
+        }
+    }
+
+    /// The position to acknowledge once what is written is committed.
+    pub(crate) fn ack_position(&self) -> Option<Lsn> {
+        self.pending_ack
+    }
+
+    pub(crate) fn committed(&mut self) {
+        self.pending_txns = 0;
+        self.pending_rows = 0;
+        self.pending_ack = None;
+    }
+
+    fn names(&mut self, table: &Arc<Table>) -> Arc<Vec<String>> {
+        match self.columns.get(&table.oid) {
+            Some((t, names)) if Arc::ptr_eq(t, table) || **t == **table => names.clone(),
+            _ => {
+                let names: Arc<Vec<String>> =
+                    Arc::new(table.columns.iter().map(|c| c.name.clone()).collect());
+                self.columns
+                    .insert(table.oid, (table.clone(), names.clone()));
+                names
+            }
+        }
+    }
+
+    pub(crate) fn apply<W: StoreWriter>(&mut self, w: &mut W, event: SourceEvent) -> Result<Next> {
+        Ok(match event {
+            SourceEvent::SlotCreated { slot, .. } => {
+                w.set_slot_owned(&slot);
+                Next::CommitNow
+            }
+            SourceEvent::SnapshotBegin { .. } => {
+                w.clear_all()?;
+                self.snapshot_rows = 0;
+                Next::Continue
+            }
+            SourceEvent::SnapshotTable(_) | SourceEvent::Relation(_) => Next::Continue,
+            SourceEvent::SnapshotRows { table, rows } => {
+                let n = rows.len();
+                for row in rows {
+                    self.upsert(w, &table, &row, None)?;
+                }
+                self.snapshot_rows += n as u64;
+                self.pending_rows += n;
+                tracing::info!(table = %table.qualified_name(), rows = self.snapshot_rows, "snapshot progress");
+                Next::CommitNow
+            }
+            SourceEvent::SnapshotEnd { consistent_point } => {
+                w.set_position(consistent_point);
+                w.set_snapshot_complete();
+                self.pending_ack = Some(consistent_point);
+                tracing::info!(rows = self.snapshot_rows, lsn = %consistent_point, "snapshot complete");
+                Next::CommitNow
+            }
+            SourceEvent::Begin { .. } => {
+                self.in_transaction = true;
+                Next::Continue
+            }
+            SourceEvent::Change(change) => {
+                self.change(w, change)?;
+                self.pending_rows += 1;
+                Next::Continue
+            }
+            SourceEvent::Commit { end_lsn, .. } => {
+                w.set_position(end_lsn);
+                self.pending_ack = Some(end_lsn);
+                self.pending_txns += 1;
+                self.in_transaction = false;
+                Next::Continue
+            }
+            SourceEvent::Rollback => {
+                self.in_transaction = false;
+                Next::Restart
+            }
+        })
+    }
+
+    fn change<W: StoreWriter>(&mut self, w: &mut W, change: Change) -> Result<()> {
+        match change {
+            Change::Insert { table, new } => self.upsert(w, &table, &new, None),
+            Change::Update { table, old, new } => {
+                let new_id = row_id(&table, &new)?;
+                let old_id = match &old {
+                    Some(o) => row_id(&table, o.row())?,
+                    None => new_id.clone(),
+                };
+                if !self.rules.reads_table(&table.schema, &table.name) {
+                    return Ok(());
+                }
+                let name = table.qualified_name();
+                let stored = if new.contains(&Datum::UnchangedToast) {
+                    w.row(&name, &old_id)?
+                } else {
+                    None
+                };
+                if old_id != new_id {
+                    w.delete_row(&name, &old_id)?;
+                }
+                self.upsert(w, &table, &new, stored.as_ref())
+            }
+            Change::Delete { table, old } => {
+                if !self.rules.reads_table(&table.schema, &table.name) {
+                    return Ok(());
+                }
+                let id = row_id(&table, old.row())?;
+                w.delete_row(&table.qualified_name(), &id)?;
+                Ok(())
+            }
+            Change::Truncate { tables, .. } => {
+                for t in tables {
+                    if self.rules.reads_table(&t.schema, &t.name) {
+                        w.truncate(&t.qualified_name())?;
+                    }
+                }
+                Ok(())
+            }
+            Change::Message { .. } => Ok(()),
+        }
+    }
+
+    /// Writes a row: its copy, the buckets the rules put it in, its lookups. Unchanged TOAST
+    /// values are taken from `stored`.
+    fn upsert<W: StoreWriter>(
+        &mut self,
+        w: &mut W,
+        table: &Arc<Table>,
+        row: &Row,
+        stored: Option<&StoredRow>,
+    ) -> Result<()> {
+        if !self.rules.reads_table(&table.schema, &table.name) {
+            return Ok(());
+        }
+        let names = self.names(table);
+        let values: Vec<Value> = row
+            .iter()
+            .zip(names.iter())
+            .map(|(d, name)| match d {
+                Datum::Value(v) => v.clone(),
+                Datum::UnchangedToast => stored
+                    .and_then(|s| s.columns.iter().position(|c| c == name).and_then(|i| s.values.get(i).cloned()))
+                    .unwrap_or_else(|| {
+                        tracing::warn!(table = %table.qualified_name(), column = %name, "unchanged toast value without a stored copy");
+                        Value::Null
+                    }),
+            })
+            .collect();
+        let id = key_of(table, &values)?;
+        let r = RowRef {
+            schema: &table.schema,
+            table: &table.name,
+            columns: &names,
+            values: &values,
+        };
+        let outputs = self.rules.evaluate_row(&r);
+        let lookups = self.rules.evaluate_lookups(&r);
+        let copy = StoredRow {
+            columns: names.to_vec(),
+            values,
+        };
+        w.upsert_row(&table.qualified_name(), &id, copy, outputs, lookups)?;
+        Ok(())
+    }
+}
+
+fn row_id(table: &Table, row: &Row) -> Result<String> {
+    let values: Vec<Value> = row
+        .iter()
+        .map(|d| match d {
+            Datum::Value(v) => v.clone(),
+            Datum::UnchangedToast => Value::Null,
+        })
+        .collect();
+    key_of(table, &values)
+}
+
+/// The row's identity: its replica identity columns, as a JSON array of their text forms.
+fn key_of(table: &Table, values: &[Value]) -> Result<String> {
+    let key: Vec<serde_json::Value> = table
+        .columns
+        .iter()
+        .zip(values)
+        .filter(|(c, _)| c.is_key)
+        .map(|(_, v)| {
+            walsync_rules::canonical(v).map_or(serde_json::Value::Null, serde_json::Value::String)
+        })
+        .collect();
+    if key.is_empty() {
+        return Err(ReplicatorError::NoKey {
+            table: table.qualified_name(),
+        });
+    }
+    Ok(serde_json::Value::Array(key).to_string())
+}
