@@ -4,6 +4,7 @@
 #![allow(clippy::print_stdout)]
 
 mod bench;
+mod replicate;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// Measure walsync against its baselines on a throwaway PostgreSQL and print a table.
     Bench(bench::BenchArgs),
+    /// Replicate PostgreSQL into the bucket store (no API yet) until interrupted.
+    Replicate(replicate::ReplicateArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,5 +38,6 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(args) => bench::run(args),
+        Command::Replicate(args) => replicate::run(args),
     }
 }

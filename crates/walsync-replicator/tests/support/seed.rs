@@ -1,0 +1,279 @@
+//! The seed app's schema, rules and a random workload, and the check that a store holds exactly
+//! what the rules select from PostgreSQL. Shared by the replicator's tests and the process-kill
+//! test of the `walsync` binary.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_postgres::{Client, SimpleQueryMessage};
+use walsync_replicator::{Progress, ReplicatorConfig, ReplicatorError};
+use walsync_rules::{RequestContext, RowRef, SyncRules};
+use walsync_source::{PgConfig, SourceConfig};
+use walsync_storage::conformance::ClientBucket;
+use walsync_storage::{BucketStore, EmbeddedStore};
+use walsync_testkit::shared;
+use walsync_types::Value;
+
+pub const RULES_PATH: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../examples/seed/sync_rules.yaml"
+);
+const SCHEMA: &str = include_str!("../../../../examples/seed/schema.sql");
+const RULES: &str = include_str!("../../../../examples/seed/sync_rules.yaml");
+const TABLES: &[&str] = &[
+    "projects",
+    "project_members",
+    "stakeholders",
+    "teams",
+    "assessments",
+    "assessment_responses",
+    "sow_section_approvals",
+];
+const USERS: &[&str] = &["u1", "u2", "u3", "u4"];
+
+pub struct Setup {
+    pub sql: Client,
+    pub url: String,
+    pub slot: String,
+    pub rules: Arc<SyncRules>,
+    pub store: Arc<EmbeddedStore>,
+    pub dir: tempfile::TempDir,
+}
+
+pub async fn setup() -> anyhow::Result<Setup> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let db = shared().fresh_database().await?;
+    let sql = db.connect().await?;
+    sql.batch_execute(SCHEMA).await?;
+    sql.batch_execute("CREATE PUBLICATION walsync FOR ALL TABLES")
+        .await?;
+    // Some data before the slot exists, so the snapshot has work.
+    sql.batch_execute(
+        "INSERT INTO projects (id, name) SELECT i, 'project ' || i FROM generate_series(1, 6) i;
+         INSERT INTO project_members (project_id, user_id, role) VALUES (1, 'u1', 'owner'), (2, 'u1', 'editor'), (2, 'u2', 'owner'), (3, 'u3', 'viewer');
+         INSERT INTO stakeholders (id, user_id, name) VALUES (1, 'u1', 'Ada'), (2, 'u2', 'Grace');
+         INSERT INTO assessments (id, project_id, phase) SELECT i, 1 + i % 6, 'discovery' FROM generate_series(1, 12) i;
+         INSERT INTO assessment_responses (assessment_id, project_id, question_id, answer)
+           SELECT 1 + i % 12, 1 + (1 + i % 12) % 6, 'q' || i, repeat('a', 50) FROM generate_series(1, 200) i;",
+    )
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(EmbeddedStore::open(dir.path())?);
+    Ok(Setup {
+        sql,
+        url: db.url.clone(),
+        slot: db.name.clone(),
+        rules: Arc::new(SyncRules::from_yaml(RULES)?),
+        store,
+        dir,
+    })
+}
+
+pub fn config(s: &Setup) -> ReplicatorConfig {
+    let pg: PgConfig = s.url.parse().expect("url");
+    let mut source = SourceConfig::new(pg, s.slot.clone(), "walsync");
+    source.reconnect_max = Duration::from_millis(500);
+    let mut c = ReplicatorConfig::new(source);
+    c.max_commit_txns = 7;
+    c
+}
+
+/// A deterministic random workload: inserts, updates, deletes, assessments moving between
+/// projects, members added and removed.
+pub async fn workload(sql: &Client, seed: u64, steps: usize) -> anyhow::Result<()> {
+    let mut s = seed | 1;
+    let mut next = |n: u64| {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s % n
+    };
+    for _ in 0..steps {
+        let stmt = match next(9) {
+            0 => format!(
+                "INSERT INTO project_members (project_id, user_id, role) VALUES ({}, '{}', 'editor') ON CONFLICT DO NOTHING",
+                1 + next(6),
+                USERS[next(4) as usize]
+            ),
+            1 => format!(
+                "DELETE FROM project_members WHERE id = (SELECT id FROM project_members ORDER BY id OFFSET {} LIMIT 1)",
+                next(5)
+            ),
+            2 => format!(
+                "UPDATE assessments SET project_id = {} WHERE id = {}",
+                1 + next(6),
+                1 + next(12)
+            ),
+            3 => format!(
+                "UPDATE assessment_responses SET answer = 'v{}' WHERE id % 17 = {}",
+                next(1000),
+                next(17)
+            ),
+            4 => format!(
+                "INSERT INTO assessment_responses (assessment_id, project_id, question_id, answer) VALUES ({}, {}, 'new', 'x')",
+                1 + next(12),
+                1 + next(6)
+            ),
+            5 => format!(
+                "DELETE FROM assessment_responses WHERE id % 23 = {}",
+                next(23)
+            ),
+            6 => format!(
+                "UPDATE projects SET description = 'd{}' WHERE id = {}",
+                next(100),
+                1 + next(6)
+            ),
+            7 => format!(
+                "BEGIN; UPDATE assessments SET tier = 't{0}' WHERE project_id = {1}; INSERT INTO teams (project_id, name) VALUES ({1}, 'team{0}'); COMMIT;",
+                next(10),
+                1 + next(6)
+            ),
+            _ => format!(
+                "UPDATE stakeholders SET title = 't{}' WHERE id = {}",
+                next(10),
+                1 + next(2)
+            ),
+        };
+        sql.batch_execute(&stmt).await?;
+    }
+    Ok(())
+}
+
+/// What the rules select from PostgreSQL, read directly: bucket → (type, id) → data.
+pub async fn expected(
+    s: &Setup,
+) -> anyhow::Result<BTreeMap<String, BTreeMap<(String, String), String>>> {
+    let mut out: BTreeMap<String, BTreeMap<(String, String), String>> = BTreeMap::new();
+    for table in TABLES {
+        let cols = s
+            .sql
+            .query("SELECT attname::text, atttypid FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum", &[&table.to_string()])
+            .await?;
+        let names: Vec<String> = cols.iter().map(|r| r.get(0)).collect();
+        let types: Vec<u32> = cols.iter().map(|r| r.get(1)).collect();
+        for msg in s
+            .sql
+            .simple_query(&format!("SET TIME ZONE 'UTC'; SELECT * FROM {table}"))
+            .await?
+        {
+            if let SimpleQueryMessage::Row(r) = msg {
+                let values: Vec<Value> = (0..names.len())
+                    .map(|i| match r.get(i) {
+                        None => Value::Null,
+                        Some(t) => walsync_source::datum::decode_text(types[i], t.as_bytes())
+                            .expect("decodes"),
+                    })
+                    .collect();
+                let row = RowRef {
+                    schema: "public",
+                    table,
+                    columns: &names,
+                    values: &values,
+                };
+                for o in s.rules.evaluate_row(&row) {
+                    out.entry(o.bucket)
+                        .or_default()
+                        .insert((o.object_type, o.object_id), o.data);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Replays every bucket in the store; checks each bucket's state checksum against its ops.
+pub fn actual(store: &EmbeddedStore) -> BTreeMap<String, BTreeMap<(String, String), String>> {
+    let mut out = BTreeMap::new();
+    let buckets = store.buckets().expect("buckets");
+    let states = store.bucket_states(&buckets).expect("states");
+    for (b, state) in buckets.iter().zip(states) {
+        // The state was read first; replay exactly the ops it covers (the replicator may commit
+        // more meanwhile).
+        let state = state.expect("state of a listed bucket");
+        let mut replay = ClientBucket::default();
+        replay.catch_up_to(store, b, state.last_op_id);
+        assert_eq!(
+            state.checksum, replay.checksum,
+            "bucket {b}: checksum is the sum of its ops"
+        );
+        if !replay.rows.is_empty() {
+            out.insert(b.clone(), replay.rows);
+        }
+    }
+    out
+}
+
+/// Users' buckets from the parameter index equal those from project_members directly.
+async fn check_memberships(s: &Setup) -> anyhow::Result<()> {
+    let at = s.store.checkpoint()?.op_id;
+    for user in USERS {
+        let (mut buckets, lookups) = s.rules.resolve_request(&RequestContext {
+            user_id: user.to_string(),
+            ..Default::default()
+        });
+        for key in lookups {
+            for params in s.store.lookup(&key, at)? {
+                buckets.push(walsync_rules::bucket_id(&key.definition, &params));
+            }
+        }
+        let got: BTreeSet<String> = buckets.into_iter().collect();
+        let rows = s
+            .sql
+            .query(
+                "SELECT DISTINCT project_id FROM project_members WHERE user_id = $1",
+                &[user],
+            )
+            .await?;
+        let mut want: BTreeSet<String> = rows
+            .iter()
+            .map(|r| format!("user_projects[{}]", r.get::<_, i64>(0)))
+            .collect();
+        want.insert(format!("me[\"{user}\"]"));
+        assert_eq!(got, want, "buckets of {user}");
+    }
+    Ok(())
+}
+
+pub async fn wait_until_equal(s: &Setup) -> anyhow::Result<()> {
+    let want = expected(s).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = actual(&s.store);
+        if got == want && s.store.checkpoint()?.snapshot_complete {
+            return check_memberships(s).await;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let missing: Vec<&String> = want
+                .keys()
+                .filter(|k| got.get(*k) != want.get(*k))
+                .collect();
+            anyhow::bail!("store never matched postgres; differing buckets: {missing:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn spawn(
+    s: &Setup,
+    config: ReplicatorConfig,
+) -> (
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<Result<(), ReplicatorError>>,
+) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (progress, _) = watch::channel(Progress::default());
+    let task = tokio::spawn(walsync_replicator::run(
+        config,
+        s.rules.clone(),
+        s.store.clone(),
+        stop_rx,
+        progress,
+    ));
+    (stop_tx, task)
+}
