@@ -1,31 +1,26 @@
-//! The embedded backend: one redb file, ACID, one writer at a time, readers on consistent
-//! snapshots. Chosen over fjall by measurement (see `docs/benchmarks.md`).
+//! The embedded backend: fjall (an LSM tree) in one directory, one writer at a time with its own
+//! reads, readers on consistent snapshots. Chosen over redb by measuring both on the store's
+//! write pattern (see `docs/benchmarks.md`).
+//!
+//! Keys are ordered bytes: `bucket 0x00 op_id(be)`, `table 0x00 row_id`,
+//! `lookup 0x00 op_id(be) table/row`, `op_id(be)`. No part before a 0x00 contains one: bucket
+//! ids and lookup keys are JSON text, table names are identifiers.
 
 mod compact;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use fjall::{
+    KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace,
+    SingleWriterWriteTx,
+};
 use serde::{Deserialize, Serialize};
 use walsync_rules::{LookupEntry, LookupKey, RowOutput};
 use walsync_types::{Lsn, add_checksums, put_checksum, remove_checksum};
 
 use crate::model::{BucketState, Changes, Checkpoint, CompactStats, Op, OpKind, StoredRow};
 use crate::{BucketStore, Result, StorageError, StoreWriter};
-
-/// (bucket, op id) → op.
-const OPS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("ops");
-/// (table, row id) → the row's copy, its bucket placements and lookups.
-const ROWS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("rows");
-/// bucket → state.
-const BUCKETS: TableDefinition<&str, &[u8]> = TableDefinition::new("buckets");
-/// (lookup key, op id, table/row id) → parameters, or null when the row stopped matching.
-const LOOKUPS: TableDefinition<(&str, u64, &str), &[u8]> = TableDefinition::new("lookups");
-/// commit op id → what the commit touched.
-const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
-/// "checkpoint" → Checkpoint.
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct OpValue {
@@ -70,8 +65,38 @@ fn decode<T: for<'de> Deserialize<'de>>(what: &'static str, b: &[u8]) -> Result<
     })
 }
 
-fn op_from(bucket_op: (u64, OpValue)) -> Op {
-    let (op_id, v) = bucket_op;
+fn key2(a: &str, b: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(a.len() + 1 + b.len());
+    k.extend_from_slice(a.as_bytes());
+    k.push(0);
+    k.extend_from_slice(b);
+    k
+}
+
+fn op_key(bucket: &str, op_id: u64) -> Vec<u8> {
+    key2(bucket, &op_id.to_be_bytes())
+}
+
+fn row_key(table: &str, row_id: &str) -> Vec<u8> {
+    key2(table, row_id.as_bytes())
+}
+
+fn lookup_key(lookup: &str, op_id: u64, row: &str) -> Vec<u8> {
+    let mut k = key2(lookup, &op_id.to_be_bytes());
+    k.extend_from_slice(row.as_bytes());
+    k
+}
+
+fn op_id_of(key: &[u8]) -> u64 {
+    let n = key.len();
+    let mut b = [0u8; 8];
+    if n >= 8 {
+        b.copy_from_slice(&key[n - 8..]);
+    }
+    u64::from_be_bytes(b)
+}
+
+fn op_from(op_id: u64, v: OpValue) -> Op {
     Op {
         op_id,
         kind: v.k,
@@ -83,77 +108,98 @@ fn op_from(bucket_op: (u64, OpValue)) -> Op {
     }
 }
 
+/// The keyspaces of the store.
+#[derive(Clone)]
+pub(crate) struct Spaces {
+    ops: SingleWriterTxKeyspace,
+    rows: SingleWriterTxKeyspace,
+    buckets: SingleWriterTxKeyspace,
+    lookups: SingleWriterTxKeyspace,
+    changes: SingleWriterTxKeyspace,
+    meta: SingleWriterTxKeyspace,
+}
+
 /// The embedded store in one directory.
-#[derive(Debug)]
 pub struct EmbeddedStore {
-    db: Database,
-    path: PathBuf,
+    db: SingleWriterTxDatabase,
+    s: Spaces,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore").finish_non_exhaustive()
+    }
 }
 
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<EmbeddedStore> {
         std::fs::create_dir_all(dir)?;
-        let path = dir.join("walsync.redb");
-        let db = Database::create(&path).map_err(engine)?;
-        let tx = db.begin_write().map_err(engine)?;
-        tx.open_table(OPS).map_err(engine)?;
-        tx.open_table(ROWS).map_err(engine)?;
-        tx.open_table(BUCKETS).map_err(engine)?;
-        tx.open_table(LOOKUPS).map_err(engine)?;
-        tx.open_table(CHANGES).map_err(engine)?;
-        tx.open_table(META).map_err(engine)?;
-        tx.commit().map_err(engine)?;
-        Ok(EmbeddedStore { db, path })
+        let db = SingleWriterTxDatabase::builder(dir.join("walsync.fjall"))
+            .open()
+            .map_err(engine)?;
+        let ks = |name: &str| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(engine)
+        };
+        let s = Spaces {
+            ops: ks("ops")?,
+            rows: ks("rows")?,
+            buckets: ks("buckets")?,
+            lookups: ks("lookups")?,
+            changes: ks("changes")?,
+            meta: ks("meta")?,
+        };
+        Ok(EmbeddedStore { db, s })
     }
 }
 
-fn read_checkpoint(t: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Checkpoint> {
-    match t.get("checkpoint").map_err(engine)? {
-        Some(v) => decode("checkpoint", v.value()),
+fn read_checkpoint(r: &impl Readable, meta: &SingleWriterTxKeyspace) -> Result<Checkpoint> {
+    match r.get(meta, b"checkpoint").map_err(engine)? {
+        Some(v) => decode("checkpoint", &v),
         None => Ok(Checkpoint::default()),
     }
 }
 
 impl BucketStore for EmbeddedStore {
-    type Writer<'a> = EmbeddedWriter;
+    type Writer<'a> = EmbeddedWriter<'a>;
 
-    fn writer(&self) -> Result<EmbeddedWriter> {
-        let tx = self.db.begin_write().map_err(engine)?;
-        let checkpoint = read_checkpoint(&tx.open_table(META).map_err(engine)?)?;
+    fn writer(&self) -> Result<EmbeddedWriter<'_>> {
+        let tx = self.db.write_tx().durability(Some(PersistMode::SyncAll));
+        let checkpoint = read_checkpoint(&tx, &self.s.meta)?;
         Ok(EmbeddedWriter {
             next_op_id: checkpoint.op_id + 1,
             checkpoint,
             tx,
+            s: self.s.clone(),
             states: HashMap::new(),
             changes: Changes::default(),
         })
     }
 
     fn checkpoint(&self) -> Result<Checkpoint> {
-        let tx = self.db.begin_read().map_err(engine)?;
-        read_checkpoint(&tx.open_table(META).map_err(engine)?)
+        read_checkpoint(&self.db.read_tx(), &self.s.meta)
     }
 
     fn buckets(&self) -> Result<Vec<String>> {
-        let tx = self.db.begin_read().map_err(engine)?;
-        let t = tx.open_table(BUCKETS).map_err(engine)?;
+        let snap = self.db.read_tx();
         let mut out = Vec::new();
-        for e in t.iter().map_err(engine)? {
-            out.push(e.map_err(engine)?.0.value().to_owned());
+        for g in snap.iter(&self.s.buckets) {
+            out.push(String::from_utf8_lossy(&g.key().map_err(engine)?).into_owned());
         }
         Ok(out)
     }
 
     fn bucket_states(&self, buckets: &[String]) -> Result<Vec<Option<BucketState>>> {
-        let tx = self.db.begin_read().map_err(engine)?;
-        let t = tx.open_table(BUCKETS).map_err(engine)?;
+        let snap = self.db.read_tx();
         buckets
             .iter()
-            .map(|b| match t.get(b.as_str()).map_err(engine)? {
-                Some(v) => decode("bucket state", v.value()).map(Some),
-                None => Ok(None),
-            })
+            .map(
+                |b| match snap.get(&self.s.buckets, b.as_bytes()).map_err(engine)? {
+                    Some(v) => decode("bucket state", &v).map(Some),
+                    None => Ok(None),
+                },
+            )
             .collect()
     }
 
@@ -161,15 +207,14 @@ impl BucketStore for EmbeddedStore {
         if after >= up_to {
             return Ok(Vec::new());
         }
-        let tx = self.db.begin_read().map_err(engine)?;
-        let t = tx.open_table(OPS).map_err(engine)?;
+        let snap = self.db.read_tx();
         let mut out = Vec::new();
-        for entry in t
-            .range((bucket, after + 1)..=(bucket, up_to))
-            .map_err(engine)?
-        {
-            let (k, v) = entry.map_err(engine)?;
-            out.push(op_from((k.value().1, decode("op", v.value())?)));
+        for g in snap.range(
+            &self.s.ops,
+            op_key(bucket, after + 1)..=op_key(bucket, up_to),
+        ) {
+            let (k, v) = g.into_inner().map_err(engine)?;
+            out.push(op_from(op_id_of(&k), decode("op", &v)?));
             if out.len() >= limit {
                 break;
             }
@@ -178,16 +223,19 @@ impl BucketStore for EmbeddedStore {
     }
 
     fn lookup(&self, key: &LookupKey, at: u64) -> Result<Vec<Vec<serde_json::Value>>> {
-        let tx = self.db.begin_read().map_err(engine)?;
-        let t = tx.open_table(LOOKUPS).map_err(engine)?;
+        let snap = self.db.read_tx();
         let k = key.encode();
-        let mut by_row: BTreeMap<String, Option<Vec<serde_json::Value>>> = BTreeMap::new();
-        for entry in t
-            .range((k.as_str(), 0u64, "")..(k.as_str(), at.saturating_add(1), ""))
-            .map_err(engine)?
-        {
-            let (key, v) = entry.map_err(engine)?;
-            by_row.insert(key.value().2.to_owned(), decode("lookup", v.value())?);
+        let prefix_len = k.len() + 1 + 8;
+        let mut by_row: BTreeMap<Vec<u8>, Option<Vec<serde_json::Value>>> = BTreeMap::new();
+        for g in snap.range(
+            &self.s.lookups,
+            lookup_key(&k, 0, "")..lookup_key(&k, at.saturating_add(1), ""),
+        ) {
+            let (key, v) = g.into_inner().map_err(engine)?;
+            by_row.insert(
+                key[prefix_len.min(key.len())..].to_vec(),
+                decode("lookup", &v)?,
+            );
         }
         let mut sets: Vec<Vec<serde_json::Value>> = by_row.into_values().flatten().collect();
         sets.sort_by_key(|s| serde_json::Value::Array(s.clone()).to_string());
@@ -200,11 +248,12 @@ impl BucketStore for EmbeddedStore {
         if after >= up_to {
             return Ok(out);
         }
-        let tx = self.db.begin_read().map_err(engine)?;
-        let t = tx.open_table(CHANGES).map_err(engine)?;
-        for entry in t.range(after + 1..=up_to).map_err(engine)? {
-            let (_, v) = entry.map_err(engine)?;
-            let c: Changes = decode("changes", v.value())?;
+        let snap = self.db.read_tx();
+        for g in snap.range(
+            &self.s.changes,
+            (after + 1).to_be_bytes()..=up_to.to_be_bytes(),
+        ) {
+            let c: Changes = decode("changes", &g.value().map_err(engine)?)?;
             out.buckets.extend(c.buckets);
             out.lookups.extend(c.lookups);
         }
@@ -212,33 +261,37 @@ impl BucketStore for EmbeddedStore {
     }
 
     fn row(&self, table: &str, row_id: &str) -> Result<Option<StoredRow>> {
-        let tx = self.db.begin_read().map_err(engine)?;
-        let t = tx.open_table(ROWS).map_err(engine)?;
-        match t.get((table, row_id)).map_err(engine)? {
-            Some(v) => Ok(Some(decode::<RowRecord>("row", v.value())?.row)),
+        match self
+            .db
+            .read_tx()
+            .get(&self.s.rows, row_key(table, row_id))
+            .map_err(engine)?
+        {
+            Some(v) => Ok(Some(decode::<RowRecord>("row", &v)?.row)),
             None => Ok(None),
         }
     }
 
     fn compact(&self) -> Result<CompactStats> {
-        compact::compact(&self.db)
+        compact::compact(&self.db, &self.s)
     }
 
     fn size_on_disk(&self) -> Result<u64> {
-        Ok(std::fs::metadata(&self.path)?.len())
+        self.db.disk_space().map_err(engine)
     }
 }
 
 /// A write transaction on the embedded store.
-pub struct EmbeddedWriter {
-    tx: WriteTransaction,
+pub struct EmbeddedWriter<'a> {
+    tx: SingleWriterWriteTx<'a>,
+    s: Spaces,
     checkpoint: Checkpoint,
     next_op_id: u64,
     states: HashMap<String, BucketState>,
     changes: Changes,
 }
 
-impl std::fmt::Debug for EmbeddedWriter {
+impl std::fmt::Debug for EmbeddedWriter<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EmbeddedWriter")
             .field("next_op_id", &self.next_op_id)
@@ -246,23 +299,29 @@ impl std::fmt::Debug for EmbeddedWriter {
     }
 }
 
-impl EmbeddedWriter {
+impl EmbeddedWriter<'_> {
     fn record(&mut self, table: &str, row_id: &str) -> Result<Option<RowRecord>> {
-        let t = self.tx.open_table(ROWS).map_err(engine)?;
-        let v = t.get((table, row_id)).map_err(engine)?;
-        v.map(|v| decode("row", v.value())).transpose()
+        self.tx
+            .get(&self.s.rows, row_key(table, row_id))
+            .map_err(engine)?
+            .map(|v| decode("row", &v))
+            .transpose()
     }
 
     fn state(&mut self, bucket: &str) -> Result<BucketState> {
         if let Some(s) = self.states.get(bucket) {
             return Ok(*s);
         }
-        let t = self.tx.open_table(BUCKETS).map_err(engine)?;
-        let s = match t.get(bucket).map_err(engine)? {
-            Some(v) => decode("bucket state", v.value())?,
-            None => BucketState::default(),
-        };
-        Ok(s)
+        Ok(
+            match self
+                .tx
+                .get(&self.s.buckets, bucket.as_bytes())
+                .map_err(engine)?
+            {
+                Some(v) => decode("bucket state", &v)?,
+                None => BucketState::default(),
+            },
+        )
     }
 
     fn emit(
@@ -283,11 +342,7 @@ impl EmbeddedWriter {
             d: data,
             c: checksum,
         })?;
-        self.tx
-            .open_table(OPS)
-            .map_err(engine)?
-            .insert((bucket, op_id), value.as_slice())
-            .map_err(engine)?;
+        self.tx.insert(&self.s.ops, op_key(bucket, op_id), value);
         let mut s = self.state(bucket)?;
         s.checksum = add_checksums(s.checksum, checksum);
         s.count += 1;
@@ -299,12 +354,7 @@ impl EmbeddedWriter {
         Ok(())
     }
 
-    fn set_lookups(
-        &mut self,
-        row_key: &str,
-        old: &[LookupEntry],
-        new: &[LookupEntry],
-    ) -> Result<()> {
+    fn set_lookups(&mut self, row: &str, old: &[LookupEntry], new: &[LookupEntry]) -> Result<()> {
         if old == new {
             return Ok(());
         }
@@ -312,26 +362,39 @@ impl EmbeddedWriter {
         // commit's checkpoint on.
         let op_id = self.next_op_id;
         self.next_op_id += 1;
-        let mut t = self.tx.open_table(LOOKUPS).map_err(engine)?;
         for e in old.iter().filter(|e| !new.contains(e)) {
-            t.insert(
-                (e.key.encode().as_str(), op_id, row_key),
-                b"null".as_slice(),
-            )
-            .map_err(engine)?;
+            self.tx.insert(
+                &self.s.lookups,
+                lookup_key(&e.key.encode(), op_id, row),
+                b"null".to_vec(),
+            );
             self.changes.lookups.insert(e.key.clone());
         }
         for e in new.iter().filter(|e| !old.contains(e)) {
-            let v = encode(&e.parameters)?;
-            t.insert((e.key.encode().as_str(), op_id, row_key), v.as_slice())
-                .map_err(engine)?;
+            self.tx.insert(
+                &self.s.lookups,
+                lookup_key(&e.key.encode(), op_id, row),
+                encode(&e.parameters)?,
+            );
             self.changes.lookups.insert(e.key.clone());
+        }
+        Ok(())
+    }
+
+    fn remove_all(&mut self, space: &SingleWriterTxKeyspace) -> Result<()> {
+        let keys: Vec<_> = self
+            .tx
+            .iter(space)
+            .map(|g| g.key().map_err(engine))
+            .collect::<Result<_>>()?;
+        for k in keys {
+            self.tx.remove(space, k);
         }
         Ok(())
     }
 }
 
-impl StoreWriter for EmbeddedWriter {
+impl StoreWriter for EmbeddedWriter<'_> {
     fn row(&mut self, table: &str, row_id: &str) -> Result<Option<StoredRow>> {
         Ok(self.record(table, row_id)?.map(|r| r.row))
     }
@@ -391,18 +454,13 @@ impl StoreWriter for EmbeddedWriter {
                 )?;
             }
         }
-        let row_key = format!("{table}/{row_id}");
-        self.set_lookups(&row_key, &old_lookups, &lookups)?;
+        self.set_lookups(&format!("{table}/{row_id}"), &old_lookups, &lookups)?;
         let record = encode(&RowRecord {
             row,
             placements,
             lookups,
         })?;
-        self.tx
-            .open_table(ROWS)
-            .map_err(engine)?
-            .insert((table, row_id), record.as_slice())
-            .map_err(engine)?;
+        self.tx.insert(&self.s.rows, row_key(table, row_id), record);
         Ok(())
     }
 
@@ -422,28 +480,21 @@ impl StoreWriter for EmbeddedWriter {
             )?;
         }
         self.set_lookups(&format!("{table}/{row_id}"), &old.lookups, &[])?;
-        self.tx
-            .open_table(ROWS)
-            .map_err(engine)?
-            .remove((table, row_id))
-            .map_err(engine)?;
+        self.tx.remove(&self.s.rows, row_key(table, row_id));
         Ok(())
     }
 
     fn truncate(&mut self, table: &str) -> Result<()> {
-        let ids: Vec<String> = {
-            let t = self.tx.open_table(ROWS).map_err(engine)?;
-            let mut ids = Vec::new();
-            for entry in t.range((table, "")..).map_err(engine)? {
-                let (k, _) = entry.map_err(engine)?;
-                let (tbl, id) = k.value();
-                if tbl != table {
-                    break;
-                }
-                ids.push(id.to_owned());
-            }
-            ids
-        };
+        let prefix = key2(table, b"");
+        let ids: Vec<String> = self
+            .tx
+            .prefix(&self.s.rows, &prefix)
+            .map(|g| {
+                g.key()
+                    .map(|k| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+                    .map_err(engine)
+            })
+            .collect::<Result<_>>()?;
         for id in ids {
             self.delete_row(table, &id)?;
         }
@@ -463,17 +514,15 @@ impl StoreWriter for EmbeddedWriter {
     }
 
     fn clear_all(&mut self) -> Result<()> {
-        self.tx.delete_table(OPS).map_err(engine)?;
-        self.tx.delete_table(ROWS).map_err(engine)?;
-        self.tx.delete_table(BUCKETS).map_err(engine)?;
-        self.tx.delete_table(LOOKUPS).map_err(engine)?;
-        self.tx.delete_table(CHANGES).map_err(engine)?;
-        // Recreate them empty, so that readers after this commit find empty tables.
-        self.tx.open_table(OPS).map_err(engine)?;
-        self.tx.open_table(ROWS).map_err(engine)?;
-        self.tx.open_table(BUCKETS).map_err(engine)?;
-        self.tx.open_table(LOOKUPS).map_err(engine)?;
-        self.tx.open_table(CHANGES).map_err(engine)?;
+        for space in [
+            self.s.ops.clone(),
+            self.s.rows.clone(),
+            self.s.buckets.clone(),
+            self.s.lookups.clone(),
+            self.s.changes.clone(),
+        ] {
+            self.remove_all(&space)?;
+        }
         self.states.clear();
         self.changes = Changes::default();
         // Op ids keep growing across a rebuild, so that no client's `after` can name an op of
@@ -484,28 +533,22 @@ impl StoreWriter for EmbeddedWriter {
     }
 
     fn commit(mut self) -> Result<Checkpoint> {
-        {
-            let mut t = self.tx.open_table(BUCKETS).map_err(engine)?;
-            for (b, s) in &self.states {
-                let v = encode(s)?;
-                t.insert(b.as_str(), v.as_slice()).map_err(engine)?;
-            }
+        for (b, s) in std::mem::take(&mut self.states) {
+            self.tx.insert(&self.s.buckets, b.into_bytes(), encode(&s)?);
         }
         self.checkpoint.op_id = self.next_op_id - 1;
         if !self.changes.buckets.is_empty() || !self.changes.lookups.is_empty() {
-            let v = encode(&self.changes)?;
-            self.tx
-                .open_table(CHANGES)
-                .map_err(engine)?
-                .insert(self.checkpoint.op_id, v.as_slice())
-                .map_err(engine)?;
+            self.tx.insert(
+                &self.s.changes,
+                self.checkpoint.op_id.to_be_bytes().to_vec(),
+                encode(&self.changes)?,
+            );
         }
-        let v = encode(&self.checkpoint)?;
-        self.tx
-            .open_table(META)
-            .map_err(engine)?
-            .insert("checkpoint", v.as_slice())
-            .map_err(engine)?;
+        self.tx.insert(
+            &self.s.meta,
+            b"checkpoint".to_vec(),
+            encode(&self.checkpoint)?,
+        );
         self.tx.commit().map_err(engine)?;
         Ok(self.checkpoint)
     }

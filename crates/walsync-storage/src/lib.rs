@@ -21,6 +21,9 @@ mod embedded;
 mod model;
 
 pub mod conformance;
+mod resolve;
+
+pub use resolve::request_buckets;
 
 pub use embedded::EmbeddedStore;
 pub use model::{BucketState, Changes, Checkpoint, CompactStats, Op, OpKind, StoredRow, TableName};

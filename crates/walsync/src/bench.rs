@@ -1,6 +1,8 @@
 //! `walsync bench`: measurements against baselines taken in the same run, printed as a
 //! Markdown table (the form `docs/benchmarks.md` keeps).
 
+mod engines;
+mod replicator;
 mod source;
 
 use clap::{Args, Subcommand};
@@ -15,11 +17,17 @@ pub struct BenchArgs {
 enum Which {
     /// WAL decode-and-emit throughput of walsync-source beside pg_recvlogical.
     Source(source::SourceArgs),
+    /// redb against fjall on the bucket store's write pattern.
+    Engines(engines::EngineArgs),
+    /// The whole replicator (WAL to durable buckets) beside pg_recvlogical; checkpoint cost.
+    Replicator(replicator::ReplicatorArgs),
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.which {
         Which::Source(a) => source::run(a),
+        Which::Engines(a) => engines::run(a),
+        Which::Replicator(a) => replicator::run(a),
     }
 }
 

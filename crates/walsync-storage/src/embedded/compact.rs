@@ -4,35 +4,29 @@
 
 use std::collections::{HashMap, HashSet};
 
-use redb::{Database, ReadableTable};
+use fjall::{PersistMode, Readable, SingleWriterTxDatabase};
 use walsync_types::add_checksums;
 
-use super::{BUCKETS, OPS, OpValue, decode, encode, engine};
+use super::{OpValue, Spaces, decode, encode, engine, op_id_of, op_key};
 use crate::Result;
 use crate::model::{BucketState, CompactStats, OpKind};
 
-pub(super) fn compact(db: &Database) -> Result<CompactStats> {
-    let tx = db.begin_write().map_err(engine)?;
+pub(super) fn compact(db: &SingleWriterTxDatabase, s: &Spaces) -> Result<CompactStats> {
+    let mut tx = db.write_tx().durability(Some(PersistMode::SyncAll));
     let mut stats = CompactStats::default();
-    let buckets: Vec<String> = {
-        let t = tx.open_table(BUCKETS).map_err(engine)?;
-        let mut v = Vec::new();
-        for e in t.iter().map_err(engine)? {
-            v.push(e.map_err(engine)?.0.value().to_owned());
-        }
-        v
-    };
+    let buckets: Vec<String> = tx
+        .iter(&s.buckets)
+        .map(|g| {
+            g.key()
+                .map(|k| String::from_utf8_lossy(&k).into_owned())
+                .map_err(engine)
+        })
+        .collect::<Result<_>>()?;
     for bucket in buckets {
         let mut ops: Vec<(u64, OpValue)> = Vec::new();
-        {
-            let t = tx.open_table(OPS).map_err(engine)?;
-            for e in t
-                .range((bucket.as_str(), 0u64)..=(bucket.as_str(), u64::MAX))
-                .map_err(engine)?
-            {
-                let (k, v) = e.map_err(engine)?;
-                ops.push((k.value().1, decode("op", v.value())?));
-            }
+        for g in tx.range(&s.ops, op_key(&bucket, 0)..=op_key(&bucket, u64::MAX)) {
+            let (k, v) = g.into_inner().map_err(engine)?;
+            ops.push((op_id_of(&k), decode("op", &v)?));
         }
         let mut last: HashMap<(&str, &str), u64> = HashMap::new();
         for (id, op) in &ops {
@@ -61,14 +55,13 @@ pub(super) fn compact(db: &Database) -> Result<CompactStats> {
             .iter()
             .take_while(|(_, op)| matches!(op.k, OpKind::Remove | OpKind::Move | OpKind::Clear))
             .count();
-        let mut t = tx.open_table(OPS).map_err(engine)?;
         if run > 1 || (run == 1 && ops[0].1.k != OpKind::Clear) {
             let sum = ops[..run]
                 .iter()
-                .fold(0u32, |s, (_, op)| add_checksums(s, op.c));
+                .fold(0u32, |acc, (_, op)| add_checksums(acc, op.c));
             let clear_id = ops[run - 1].0;
             for (id, _) in &ops[..run] {
-                t.remove((bucket.as_str(), *id)).map_err(engine)?;
+                tx.remove(&s.ops, op_key(&bucket, *id));
             }
             let clear = OpValue {
                 k: OpKind::Clear,
@@ -77,8 +70,7 @@ pub(super) fn compact(db: &Database) -> Result<CompactStats> {
                 d: None,
                 c: sum,
             };
-            t.insert((bucket.as_str(), clear_id), encode(&clear)?.as_slice())
-                .map_err(engine)?;
+            tx.insert(&s.ops, op_key(&bucket, clear_id), encode(&clear)?);
             stats.cleared += run as u64;
             ops.drain(..run - 1);
             ops[0] = (clear_id, clear);
@@ -86,19 +78,15 @@ pub(super) fn compact(db: &Database) -> Result<CompactStats> {
         }
         for (id, op) in &ops {
             if changed.contains(id) {
-                t.insert((bucket.as_str(), *id), encode(op)?.as_slice())
-                    .map_err(engine)?;
+                tx.insert(&s.ops, op_key(&bucket, *id), encode(op)?);
             }
         }
-        drop(t);
-        let mut bt = tx.open_table(BUCKETS).map_err(engine)?;
-        let mut state: BucketState = match bt.get(bucket.as_str()).map_err(engine)? {
-            Some(v) => decode("bucket state", v.value())?,
+        let mut state: BucketState = match tx.get(&s.buckets, bucket.as_bytes()).map_err(engine)? {
+            Some(v) => decode("bucket state", &v)?,
             None => BucketState::default(),
         };
         state.count = ops.len() as u64;
-        bt.insert(bucket.as_str(), encode(&state)?.as_slice())
-            .map_err(engine)?;
+        tx.insert(&s.buckets, bucket.into_bytes(), encode(&state)?);
     }
     tx.commit().map_err(engine)?;
     Ok(stats)

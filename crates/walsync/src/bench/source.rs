@@ -31,14 +31,14 @@ pub struct SourceArgs {
 }
 
 /// A table shaped like the seed app's `assessment_responses`, about 250 bytes a row as text.
-const SCHEMA: &str = "CREATE TABLE assessment_responses (
+pub(super) const SCHEMA: &str = "CREATE TABLE assessment_responses (
     id bigint PRIMARY KEY, assessment_id bigint NOT NULL, project_id bigint NOT NULL,
     question_id text NOT NULL, question_text text, answer text, notes text, priority text,
     answered_by bigint, answered_at timestamptz, created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(), _version bigint NOT NULL DEFAULT 1);
     CREATE PUBLICATION bench FOR TABLE assessment_responses;";
 
-fn insert_rows(from: &str, to: &str) -> String {
+pub(super) fn insert_rows(from: &str, to: &str) -> String {
     format!(
         "INSERT INTO assessment_responses (id, assessment_id, project_id, question_id, question_text, answer, notes, \
          priority, answered_by, answered_at) \
@@ -210,7 +210,7 @@ pub fn run(args: SourceArgs) -> anyhow::Result<()> {
 }
 
 /// pg_recvlogical reading `slot` to /dev/null until the end marker.
-fn pg_recvlogical_run(
+pub(super) fn pg_recvlogical_run(
     program: &std::path::Path,
     url: &str,
     slot: &str,

@@ -1,0 +1,24 @@
+//! A request's buckets at a checkpoint: those that follow from the request alone, plus those
+//! the parameter index names for its lookup keys. Parameter queries are never run against the
+//! source database.
+
+use walsync_rules::{RequestContext, SyncRules, bucket_id};
+
+use crate::{BucketStore, Result};
+
+pub fn request_buckets<S: BucketStore>(
+    store: &S,
+    rules: &SyncRules,
+    request: &RequestContext,
+    at: u64,
+) -> Result<Vec<String>> {
+    let (mut buckets, lookups) = rules.resolve_request(request);
+    for key in lookups {
+        for params in store.lookup(&key, at)? {
+            buckets.push(bucket_id(&key.definition, &params));
+        }
+    }
+    buckets.sort();
+    buckets.dedup();
+    Ok(buckets)
+}

@@ -1,0 +1,274 @@
+//! The whole replicator (WAL → rules → durable buckets) beside `pg_recvlogical`, and the cost
+//! of a checkpoint for users with many buckets.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use tokio::sync::watch;
+use walsync_replicator::{Progress, ReplicatorConfig};
+use walsync_rules::{RequestContext, SyncRules};
+use walsync_source::{PgConfig, SourceConfig};
+use walsync_storage::{BucketStore, EmbeddedStore, request_buckets};
+use walsync_testkit::{Cluster, ClusterOptions};
+
+use super::source::{SCHEMA, insert_rows, pg_recvlogical_run};
+
+#[derive(Debug, Args)]
+pub struct ReplicatorArgs {
+    #[arg(long, default_value_t = 1_000_000)]
+    big_rows: i64,
+    #[arg(long, default_value_t = 10_000)]
+    txns: i64,
+    #[arg(long, default_value_t = 100)]
+    rows_per_txn: i64,
+}
+
+const RULES: &str = "
+bucket_definitions:
+  user_projects:
+    parameters: SELECT project_id FROM project_members WHERE user_id = request.user_id()
+    data:
+      - SELECT * FROM assessment_responses WHERE project_id = bucket.project_id
+";
+
+struct Running {
+    stop: watch::Sender<bool>,
+    progress: watch::Receiver<Progress>,
+    task: tokio::task::JoinHandle<walsync_replicator::Result<()>>,
+}
+
+fn start(
+    url: &str,
+    slot: &str,
+    rules: &Arc<SyncRules>,
+    store: &Arc<EmbeddedStore>,
+) -> anyhow::Result<Running> {
+    let pg: PgConfig = url.parse()?;
+    let config = ReplicatorConfig::new(SourceConfig::new(pg, slot, "bench"));
+    let (stop, stop_rx) = watch::channel(false);
+    let (progress_tx, progress) = watch::channel(Progress::default());
+    let task = tokio::spawn(walsync_replicator::run(
+        config,
+        rules.clone(),
+        store.clone(),
+        stop_rx,
+        progress_tx,
+    ));
+    Ok(Running {
+        stop,
+        progress,
+        task,
+    })
+}
+
+async fn finish(r: Running) -> anyhow::Result<()> {
+    r.stop.send(true)?;
+    r.task.await??;
+    Ok(())
+}
+
+async fn wait_rows(r: &mut Running, rows: u64) -> anyhow::Result<()> {
+    while r.progress.borrow().rows < rows {
+        tokio::time::timeout(Duration::from_secs(600), r.progress.changed()).await??;
+    }
+    Ok(())
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+pub fn run(args: ReplicatorArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(args))
+}
+
+async fn run_async(args: ReplicatorArgs) -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterOptions::default())?;
+    let pg_recvlogical = Cluster::program("pg_recvlogical")?;
+    let db = cluster.fresh_database().await?;
+    let sql = db.connect().await?;
+    sql.batch_execute(SCHEMA).await?;
+    sql.batch_execute(
+        "CREATE TABLE project_members (id bigserial PRIMARY KEY, project_id bigint NOT NULL, user_id text NOT NULL);
+         ALTER PUBLICATION bench ADD TABLE project_members;",
+    )
+    .await?;
+    let rules = Arc::new(SyncRules::from_yaml(RULES)?);
+    let workloads = [
+        (
+            format!("a: 1 transaction of {} rows", args.big_rows),
+            args.big_rows as u64,
+            insert_rows("1", &args.big_rows.to_string()),
+        ),
+        (
+            format!(
+                "b: {} transactions of {} rows",
+                args.txns, args.rows_per_txn
+            ),
+            (args.txns * args.rows_per_txn) as u64,
+            format!(
+                "DO $$ BEGIN FOR t IN 0..{} LOOP {}; COMMIT; END LOOP; END $$",
+                args.txns - 1,
+                insert_rows(
+                    &format!("{} + t * {} + 1", 10 * args.big_rows, args.rows_per_txn),
+                    &format!("{} + (t + 1) * {}", 10 * args.big_rows, args.rows_per_txn)
+                )
+            ),
+        ),
+    ];
+    let mut throughput = Vec::new();
+    let mut last_store = None;
+    for (w, (name, rows, workload)) in workloads.iter().enumerate() {
+        // The replicator's slot and store exist (snapshot done) before the workload, like the
+        // baseline's slot.
+        let dir = tempfile::Builder::new()
+            .prefix("walsync-bench-")
+            .tempdir()?;
+        let store = Arc::new(EmbeddedStore::open(dir.path())?);
+        let slot = format!("bench_rep_{w}");
+        let r = start(&db.url, &slot, &rules, &store)?;
+        while !store.checkpoint()?.snapshot_complete {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        finish(r).await?;
+        let pgrl_slot = format!("bench_pgrl_{w}");
+        sql.execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&pgrl_slot],
+        )
+        .await?;
+        let ops_before = store.checkpoint()?.op_id;
+        let size_before = store.size_on_disk()?;
+        eprintln!("workload {name}: writing {rows} rows");
+        sql.batch_execute(workload).await?;
+        let end: String = sql
+            .query_one(
+                "SELECT pg_logical_emit_message(false, 'walsync-bench', 'end')::text",
+                &[],
+            )
+            .await?
+            .get(0);
+
+        let pgrl = tokio::task::block_in_place(|| {
+            pg_recvlogical_run(&pg_recvlogical, &db.url, &pgrl_slot, &end)
+        })?;
+        sql.execute("SELECT pg_drop_replication_slot($1)", &[&pgrl_slot])
+            .await?;
+        let t = Instant::now();
+        let mut r = start(&db.url, &slot, &rules, &store)?;
+        wait_rows(&mut r, *rows).await?;
+        let ours = t.elapsed();
+        finish(r).await?;
+        let ops = store.checkpoint()?.op_id - ops_before;
+        let bytes = store.size_on_disk()? - size_before;
+        eprintln!(
+            "  pg_recvlogical {:.2}s, replicator {:.2}s",
+            pgrl.as_secs_f64(),
+            ours.as_secs_f64()
+        );
+        throughput.push((name.clone(), *rows, pgrl, ours, ops, bytes));
+        last_store = Some((store, slot, dir));
+    }
+
+    // Checkpoints for users in 10,000 and 50,000 projects, on the store of workload b.
+    let (store, slot, _dir) = last_store.ok_or_else(|| anyhow::anyhow!("no store"))?;
+    let mut checkpoints = Vec::new();
+    let mut r = start(&db.url, &slot, &rules, &store)?;
+    let mut expected_rows = r.progress.borrow().rows;
+    for (n, base) in [(10_000i64, 100_000_000i64), (50_000, 200_000_000)] {
+        let user = format!("user{n}");
+        sql.batch_execute(&format!(
+            "INSERT INTO project_members (project_id, user_id) SELECT {base} + i, '{user}' FROM generate_series(1, {n}) i;
+             INSERT INTO assessment_responses (id, assessment_id, project_id, question_id) SELECT {base} + i, 0, {base} + i, 'q' FROM generate_series(1, {n}) i;"
+        ))
+        .await?;
+        expected_rows += 2 * n as u64;
+        wait_rows(&mut r, expected_rows).await?;
+        let request = RequestContext {
+            user_id: user.clone(),
+            ..Default::default()
+        };
+        let mut full = Vec::new();
+        let mut buckets = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            let at = store.checkpoint()?.op_id;
+            buckets = request_buckets(&*store, &rules, &request, at)?;
+            let states = store.bucket_states(&buckets)?;
+            std::hint::black_box(states);
+            full.push(t.elapsed());
+        }
+        anyhow::ensure!(
+            buckets.len() == n as usize,
+            "user {user} has {} buckets, expected {n}",
+            buckets.len()
+        );
+        // One row of one of the user's projects changes: the next checkpoint reads what changed.
+        let mut incremental = Vec::new();
+        for k in 0..5 {
+            let before = store.checkpoint()?.op_id;
+            sql.execute(
+                &format!("UPDATE assessment_responses SET answer = 'x{k}' WHERE id = {base} + 1"),
+                &[],
+            )
+            .await?;
+            expected_rows += 1;
+            wait_rows(&mut r, expected_rows).await?;
+            let t = Instant::now();
+            let now = store.checkpoint()?.op_id;
+            let changes = store.changes(before, now)?;
+            let mine: Vec<String> = changes
+                .buckets
+                .into_iter()
+                .filter(|b| buckets.binary_search(b).is_ok())
+                .collect();
+            let relookup = changes
+                .lookups
+                .iter()
+                .any(|l| l.values.first() == Some(&user));
+            let states = store.bucket_states(&mine)?;
+            std::hint::black_box((states, relookup));
+            incremental.push(t.elapsed());
+        }
+        checkpoints.push((n, median(full), median(incremental)));
+    }
+    finish(r).await?;
+
+    println!("Replicator: WAL to durable buckets (one run each)\n");
+    println!(
+        "machine: {}; store: embedded (redb), fsync on every commit\n",
+        super::machine_facts()
+    );
+    println!(
+        "| workload | rows | pg_recvlogical rows/s | replicator rows/s | ratio | ops/s | bytes on disk per million rows |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (name, rows, pgrl, ours, ops, bytes) in throughput {
+        let p = rows as f64 / pgrl.as_secs_f64();
+        let o = rows as f64 / ours.as_secs_f64();
+        println!(
+            "| {name} | {rows} | {p:.0} | {o:.0} | {:.2}× | {:.0} | {:.0} MiB |",
+            o / p,
+            ops as f64 / ours.as_secs_f64(),
+            bytes as f64 / 1048576.0 * 1e6 / rows as f64
+        );
+    }
+    println!("\nCheckpoint for one user (median of 5)\n");
+    println!(
+        "| buckets of the user | full checkpoint (resolve buckets + read their states) | next checkpoint after one change |"
+    );
+    println!("|---:|---:|---:|");
+    for (n, full, inc) in checkpoints {
+        println!(
+            "| {n} | {:.1} ms | {:.3} ms |",
+            full.as_secs_f64() * 1e3,
+            inc.as_secs_f64() * 1e3
+        );
+    }
+    Ok(())
+}
