@@ -84,7 +84,7 @@ impl Applier {
             SourceEvent::SnapshotRows { table, rows } => {
                 let n = rows.len();
                 for row in rows {
-                    self.upsert(w, &table, &row, None)?;
+                    self.upsert(w, &table, row, None)?;
                 }
                 self.snapshot_rows += n as u64;
                 self.pending_rows += n;
@@ -123,7 +123,7 @@ impl Applier {
 
     fn change<W: StoreWriter>(&mut self, w: &mut W, change: Change) -> Result<()> {
         match change {
-            Change::Insert { table, new } => self.upsert(w, &table, &new, None),
+            Change::Insert { table, new } => self.upsert(w, &table, new, None),
             Change::Update { table, old, new } => {
                 let new_id = row_id(&table, &new)?;
                 let old_id = match &old {
@@ -142,7 +142,7 @@ impl Applier {
                 if old_id != new_id {
                     w.delete_row(&name, &old_id)?;
                 }
-                self.upsert(w, &table, &new, stored.as_ref())
+                self.upsert(w, &table, new, stored.as_ref())
             }
             Change::Delete { table, old } => {
                 if !self.rules.reads_table(&table.schema, &table.name) {
@@ -170,7 +170,7 @@ impl Applier {
         &mut self,
         w: &mut W,
         table: &Arc<Table>,
-        row: &Row,
+        row: Row,
         stored: Option<&StoredRow>,
     ) -> Result<()> {
         if !self.rules.reads_table(&table.schema, &table.name) {
@@ -178,10 +178,10 @@ impl Applier {
         }
         let names = self.names(table);
         let values: Vec<Value> = row
-            .iter()
+            .into_iter()
             .zip(names.iter())
             .map(|(d, name)| match d {
-                Datum::Value(v) => v.clone(),
+                Datum::Value(v) => v,
                 Datum::UnchangedToast => stored
                     .and_then(|s| s.columns.iter().position(|c| c == name).and_then(|i| s.values.get(i).cloned()))
                     .unwrap_or_else(|| {

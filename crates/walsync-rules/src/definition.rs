@@ -13,6 +13,8 @@ use crate::expr::{Filter, Operand};
 pub struct SyncRules {
     pub(crate) definitions: Vec<BucketDefinition>,
     warnings: Vec<String>,
+    /// Every table the rules read, computed once: the replicator asks for each row.
+    tables: BTreeSet<(String, String)>,
 }
 
 /// One bucket definition: its parameter queries (who gets which buckets) and data queries (what
@@ -91,9 +93,19 @@ impl SyncRules {
         for (name, def) in file.bucket_definitions {
             definitions.push(definition(&name, def, &mut warnings)?);
         }
+        let mut tables = BTreeSet::new();
+        for d in &definitions {
+            for q in &d.table_queries {
+                tables.insert((q.table.schema.clone(), q.table.name.clone()));
+            }
+            for q in &d.data_queries {
+                tables.insert((q.table.schema.clone(), q.table.name.clone()));
+            }
+        }
         Ok(SyncRules {
             definitions,
             warnings,
+            tables,
         })
     }
 
@@ -107,17 +119,13 @@ impl SyncRules {
     }
 
     /// Every table the rules read, as `(schema, name)`: what the publication must include.
-    pub fn tables(&self) -> BTreeSet<(String, String)> {
-        let mut t = BTreeSet::new();
-        for d in &self.definitions {
-            for q in &d.table_queries {
-                t.insert((q.table.schema.clone(), q.table.name.clone()));
-            }
-            for q in &d.data_queries {
-                t.insert((q.table.schema.clone(), q.table.name.clone()));
-            }
-        }
-        t
+    pub fn tables(&self) -> &BTreeSet<(String, String)> {
+        &self.tables
+    }
+
+    /// Whether any rule reads this table.
+    pub fn reads_table(&self, schema: &str, table: &str) -> bool {
+        self.tables.iter().any(|(s, t)| s == schema && t == table)
     }
 }
 

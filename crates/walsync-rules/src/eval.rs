@@ -223,12 +223,6 @@ impl SyncRules {
         out
     }
 
-    /// Whether any rule reads this table.
-    pub fn reads_table(&self, schema: &str, table: &str) -> bool {
-        self.tables()
-            .contains(&(schema.to_owned(), table.to_owned()))
-    }
-
     /// A request's buckets that follow from the request alone, and the lookup keys whose stored
     /// entries name the rest.
     pub fn resolve_request(&self, request: &RequestContext) -> (Vec<String>, Vec<LookupKey>) {

@@ -8,6 +8,11 @@ mod replicate;
 
 use clap::{Parser, Subcommand};
 
+/// The replicator allocates per row (decoded values, JSON, keys); mimalloc measured faster than
+/// glibc's allocator there, where malloc was the largest single item of the profile.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "walsync",

@@ -44,7 +44,7 @@ pub fn run(args: ReplicateArgs) -> anyhow::Result<()> {
         source.create_publication = Some(PublicationScope::Tables(
             rules
                 .tables()
-                .into_iter()
+                .iter()
                 .map(|(s, t)| format!("{s}.{t}"))
                 .collect(),
         ));

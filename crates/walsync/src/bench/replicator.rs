@@ -241,7 +241,7 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<()> {
 
     println!("Replicator: WAL to durable buckets (one run each)\n");
     println!(
-        "machine: {}; store: embedded (redb), fsync on every commit\n",
+        "machine: {}; store: embedded (fjall), fsync on every commit\n",
         super::machine_facts()
     );
     println!(
