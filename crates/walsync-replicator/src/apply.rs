@@ -199,14 +199,34 @@ impl Applier {
         };
         let outputs = self.rules.evaluate_row(&r);
         let lookups = self.rules.evaluate_lookups(&r);
+        // The copy serves one purpose: filling columns an update leaves as unchanged TOAST.
+        // Fixed-width types are never TOASTed, so only variable-length values are kept.
+        let kept = values
+            .into_iter()
+            .zip(&table.columns)
+            .map(|(v, c)| {
+                if FIXED_WIDTH_TYPES.contains(&c.type_oid) {
+                    Value::Null
+                } else {
+                    v
+                }
+            })
+            .collect();
         let copy = StoredRow {
             columns: names.to_vec(),
-            values,
+            values: kept,
         };
         w.upsert_row(&table.qualified_name(), &id, copy, outputs, lookups)?;
         Ok(())
     }
 }
+
+/// Types stored inline at a fixed width, which PostgreSQL never TOASTs: bool, "char", int8,
+/// int2, int4, oid, float4, float8, money, date, time, timestamp, timestamptz, interval, timetz,
+/// uuid, pg_lsn.
+const FIXED_WIDTH_TYPES: &[u32] = &[
+    16, 18, 20, 21, 23, 26, 700, 701, 790, 1082, 1083, 1114, 1184, 1186, 1266, 2950, 3220,
+];
 
 fn row_id(table: &Table, row: &Row) -> Result<String> {
     let values: Vec<Value> = row

@@ -60,3 +60,59 @@ async fn crashes_between_storage_commit_and_ack_lose_nothing_and_repeat_nothing(
     task.await??;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn toast_truncate_and_schema_changes_reach_the_buckets() -> anyhow::Result<()> {
+    let s = setup().await?;
+    s.sql
+        .batch_execute("ALTER TABLE assessment_responses ALTER COLUMN notes SET STORAGE EXTERNAL")
+        .await?;
+    let (stop, task) = spawn(&s, config(&s));
+    for stmt in [
+        // A value stored out of line, then an update that leaves it untouched: pgoutput sends it
+        // as unchanged TOAST, and the bucket must still carry it (filled from the row copy).
+        "INSERT INTO assessment_responses (id, assessment_id, project_id, question_id, notes) \
+         SELECT 900001, 1, 2, 'big', string_agg(md5(i::text), '') FROM generate_series(1, 600) i",
+        "UPDATE assessment_responses SET answer = 'changed' WHERE id = 900001",
+        // A column added mid-stream appears in the data of rows written afterwards.
+        "ALTER TABLE teams ADD COLUMN colour text DEFAULT 'blue'",
+        "INSERT INTO teams (project_id, name) VALUES (1, 'after alter')",
+        "UPDATE teams SET colour = 'red' WHERE name = 'after alter'",
+        // TRUNCATE empties the table's rows from every bucket.
+        "TRUNCATE sow_section_approvals",
+    ] {
+        s.sql.batch_execute(stmt).await?;
+    }
+    s.sql
+        .batch_execute(
+            "INSERT INTO sow_section_approvals (project_id, section) VALUES (1, 'scope')",
+        )
+        .await?;
+    s.sql
+        .batch_execute("TRUNCATE sow_section_approvals")
+        .await?;
+    wait_until_equal(&s).await?;
+    let rows = seed::actual(&s.store);
+    let project2 = &rows["user_projects[2]"];
+    let data = &project2[&("assessment_responses".to_owned(), "900001".to_owned())];
+    let row: serde_json::Value = serde_json::from_str(data)?;
+    assert_eq!(row["answer"], "changed");
+    assert_eq!(
+        row["notes"].as_str().map(str::len),
+        Some(600 * 32),
+        "the unchanged TOAST value is kept"
+    );
+    let team = rows["user_projects[1]"]
+        .iter()
+        .find(|((t, _), d)| t == "teams" && d.contains("after alter"))
+        .map(|(_, d)| d.clone())
+        .expect("team row");
+    assert!(team.contains("\"colour\":\"red\""), "{team}");
+    assert!(
+        rows.values()
+            .all(|b| b.keys().all(|(t, _)| t != "sow_section_approvals"))
+    );
+    stop.send(true)?;
+    task.await??;
+    Ok(())
+}

@@ -42,9 +42,38 @@ struct Placement {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RowRecord {
-    row: StoredRow,
+    /// The row's column names, by the hash under which they are stored once in `meta`: names
+    /// repeated in every row were a third of the bytes written.
+    s: u64,
+    v: Vec<walsync_types::Value>,
     placements: Vec<Placement>,
     lookups: Vec<LookupEntry>,
+}
+
+/// FNV-1a over the column names: a stable id for a table's column list.
+fn schema_id(columns: &[String]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for c in columns {
+        for b in c.as_bytes().iter().chain([0u8].iter()) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+fn schema_key(id: u64) -> Vec<u8> {
+    format!("schema:{id:016x}").into_bytes()
+}
+
+fn names_in(r: &impl Readable, meta: &SingleWriterTxKeyspace, id: u64) -> Result<Vec<String>> {
+    match r.get(meta, schema_key(id)).map_err(engine)? {
+        Some(v) => decode("schema", &v),
+        None => Err(StorageError::Corrupt {
+            what: "row",
+            detail: format!("unknown schema {id:016x}"),
+        }),
+    }
 }
 
 fn engine(e: impl std::fmt::Display) -> StorageError {
@@ -174,6 +203,7 @@ impl BucketStore for EmbeddedStore {
             s: self.s.clone(),
             states: HashMap::new(),
             changes: Changes::default(),
+            schemas: HashMap::new(),
         })
     }
 
@@ -267,7 +297,14 @@ impl BucketStore for EmbeddedStore {
             .get(&self.s.rows, row_key(table, row_id))
             .map_err(engine)?
         {
-            Some(v) => Ok(Some(decode::<RowRecord>("row", &v)?.row)),
+            Some(v) => {
+                let rec: RowRecord = decode("row", &v)?;
+                let columns = names_in(&self.db.read_tx(), &self.s.meta, rec.s)?;
+                Ok(Some(StoredRow {
+                    columns,
+                    values: rec.v,
+                }))
+            }
             None => Ok(None),
         }
     }
@@ -289,6 +326,7 @@ pub struct EmbeddedWriter<'a> {
     next_op_id: u64,
     states: HashMap<String, BucketState>,
     changes: Changes,
+    schemas: HashMap<u64, Vec<String>>,
 }
 
 impl std::fmt::Debug for EmbeddedWriter<'_> {
@@ -396,7 +434,17 @@ impl EmbeddedWriter<'_> {
 
 impl StoreWriter for EmbeddedWriter<'_> {
     fn row(&mut self, table: &str, row_id: &str) -> Result<Option<StoredRow>> {
-        Ok(self.record(table, row_id)?.map(|r| r.row))
+        let Some(rec) = self.record(table, row_id)? else {
+            return Ok(None);
+        };
+        let columns = match self.schemas.get(&rec.s) {
+            Some(c) => c.clone(),
+            None => names_in(&self.tx, &self.s.meta, rec.s)?,
+        };
+        Ok(Some(StoredRow {
+            columns,
+            values: rec.v,
+        }))
     }
 
     fn upsert_row(
@@ -455,8 +503,22 @@ impl StoreWriter for EmbeddedWriter<'_> {
             }
         }
         self.set_lookups(&format!("{table}/{row_id}"), &old_lookups, &lookups)?;
+        let s = schema_id(&row.columns);
+        if !self.schemas.contains_key(&s) {
+            if self
+                .tx
+                .get(&self.s.meta, schema_key(s))
+                .map_err(engine)?
+                .is_none()
+            {
+                self.tx
+                    .insert(&self.s.meta, schema_key(s), encode(&row.columns)?);
+            }
+            self.schemas.insert(s, row.columns);
+        }
         let record = encode(&RowRecord {
-            row,
+            s,
+            v: row.values,
             placements,
             lookups,
         })?;
