@@ -3,6 +3,7 @@
 
 mod engines;
 mod replicator;
+mod snapshot;
 mod source;
 
 use clap::{Args, Subcommand};
@@ -21,6 +22,8 @@ enum Which {
     Engines(engines::EngineArgs),
     /// The whole replicator (WAL to durable buckets) beside pg_recvlogical; checkpoint cost.
     Replicator(replicator::ReplicatorArgs),
+    /// The initial snapshot through the replicator: rows/s and peak memory by table size.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -28,6 +31,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Which::Source(a) => source::run(a),
         Which::Engines(a) => engines::run(a),
         Which::Replicator(a) => replicator::run(a),
+        Which::Snapshot(a) => snapshot::run(a),
     }
 }
 
