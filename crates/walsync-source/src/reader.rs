@@ -441,14 +441,8 @@ impl Reader {
                 if skip {
                     return Ok(true);
                 }
-                self.batch.push(SourceEvent::Commit {
-                    xid,
-                    commit_lsn,
-                    end_lsn,
-                    commit_time,
-                });
-                self.ack.on_emitted(end_lsn);
-                self.flush_batch().await
+                self.emit_commit(xid, commit_lsn, end_lsn, commit_time)
+                    .await
             }
             Message::Relation { relation, .. } => {
                 let table = Arc::new(Table::from_relation(relation));
@@ -474,25 +468,18 @@ impl Reader {
                 if commit_lsn < self.skip_before {
                     return Ok(true);
                 }
-                self.push(SourceEvent::Begin {
+                let begin = SourceEvent::Begin {
                     xid,
                     commit_lsn,
                     commit_time,
-                })
-                .await?;
-                for (_, event) in events {
+                };
+                for event in std::iter::once(begin).chain(events.into_iter().map(|(_, e)| e)) {
                     if !self.push(event).await? {
                         return Ok(false);
                     }
                 }
-                self.batch.push(SourceEvent::Commit {
-                    xid,
-                    commit_lsn,
-                    end_lsn,
-                    commit_time,
-                });
-                self.ack.on_emitted(end_lsn);
-                self.flush_batch().await
+                self.emit_commit(xid, commit_lsn, end_lsn, commit_time)
+                    .await
             }
             Message::StreamAbort { xid, subxid } => {
                 if xid == subxid {
@@ -522,6 +509,25 @@ impl Reader {
                 }
             }
         }
+    }
+
+    /// Hands over the end of a committed transaction: from here its `end_lsn` counts as emitted
+    /// for the ack rule and the replay check.
+    async fn emit_commit(
+        &mut self,
+        xid: u32,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_time: PgTimestamp,
+    ) -> Result<bool> {
+        self.batch.push(SourceEvent::Commit {
+            xid,
+            commit_lsn,
+            end_lsn,
+            commit_time,
+        });
+        self.ack.on_emitted(end_lsn);
+        self.flush_batch().await
     }
 
     /// Sends an event on, or keeps it with its streamed transaction until that commits.

@@ -392,6 +392,19 @@ impl EmbeddedWriter<'_> {
         Ok(())
     }
 
+    /// A REMOVE of the row's object from the bucket of `p`.
+    fn remove_from(&mut self, p: &Placement) -> Result<()> {
+        let subkey = format!("{}/{}", p.object_type, p.object_id);
+        self.emit(
+            &p.bucket,
+            OpKind::Remove,
+            &p.object_type,
+            &p.object_id,
+            None,
+            remove_checksum(&subkey),
+        )
+    }
+
     fn set_lookups(&mut self, row: &str, old: &[LookupEntry], new: &[LookupEntry]) -> Result<()> {
         if old == new {
             return Ok(());
@@ -491,15 +504,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
                 n.bucket == p.bucket && n.object_type == p.object_type && n.object_id == p.object_id
             });
             if !kept {
-                let subkey = format!("{}/{}", p.object_type, p.object_id);
-                self.emit(
-                    &p.bucket,
-                    OpKind::Remove,
-                    &p.object_type,
-                    &p.object_id,
-                    None,
-                    remove_checksum(&subkey),
-                )?;
+                self.remove_from(p)?;
             }
         }
         self.set_lookups(&format!("{table}/{row_id}"), &old_lookups, &lookups)?;
@@ -531,15 +536,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
             return Ok(());
         };
         for p in &old.placements {
-            let subkey = format!("{}/{}", p.object_type, p.object_id);
-            self.emit(
-                &p.bucket,
-                OpKind::Remove,
-                &p.object_type,
-                &p.object_id,
-                None,
-                remove_checksum(&subkey),
-            )?;
+            self.remove_from(p)?;
         }
         self.set_lookups(&format!("{table}/{row_id}"), &old.lookups, &[])?;
         self.tx.remove(&self.s.rows, row_key(table, row_id));

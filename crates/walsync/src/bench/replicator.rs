@@ -12,7 +12,7 @@ use walsync_source::{PgConfig, SourceConfig};
 use walsync_storage::{BucketStore, EmbeddedStore, request_buckets};
 use walsync_testkit::{Cluster, ClusterOptions};
 
-use super::source::{SCHEMA, insert_rows, pg_recvlogical_run};
+use super::source::{SCHEMA, pg_recvlogical_run, workloads};
 
 #[derive(Debug, Args)]
 pub struct ReplicatorArgs {
@@ -32,13 +32,13 @@ bucket_definitions:
       - SELECT * FROM assessment_responses WHERE project_id = bucket.project_id
 ";
 
-struct Running {
+pub(super) struct Running {
     stop: watch::Sender<bool>,
-    progress: watch::Receiver<Progress>,
+    pub progress: watch::Receiver<Progress>,
     task: tokio::task::JoinHandle<walsync_replicator::Result<()>>,
 }
 
-fn start(
+pub(super) fn start(
     url: &str,
     slot: &str,
     rules: &Arc<SyncRules>,
@@ -62,7 +62,7 @@ fn start(
     })
 }
 
-async fn finish(r: Running) -> anyhow::Result<()> {
+pub(super) async fn finish(r: Running) -> anyhow::Result<()> {
     r.stop.send(true)?;
     r.task.await??;
     Ok(())
@@ -99,31 +99,18 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<()> {
     )
     .await?;
     let rules = Arc::new(SyncRules::from_yaml(RULES)?);
-    let workloads = [
-        (
-            format!("a: 1 transaction of {} rows", args.big_rows),
-            args.big_rows as u64,
-            insert_rows("1", &args.big_rows.to_string()),
-        ),
-        (
-            format!(
-                "b: {} transactions of {} rows",
-                args.txns, args.rows_per_txn
-            ),
-            (args.txns * args.rows_per_txn) as u64,
-            format!(
-                "DO $$ BEGIN FOR t IN 0..{} LOOP {}; COMMIT; END LOOP; END $$",
-                args.txns - 1,
-                insert_rows(
-                    &format!("{} + t * {} + 1", 10 * args.big_rows, args.rows_per_txn),
-                    &format!("{} + (t + 1) * {}", 10 * args.big_rows, args.rows_per_txn)
-                )
-            ),
-        ),
-    ];
+    let workloads = workloads(args.big_rows, args.txns, args.rows_per_txn);
     let mut throughput = Vec::new();
     let mut last_store = None;
-    for (w, (name, rows, workload)) in workloads.iter().enumerate() {
+    for (
+        w,
+        super::source::Workload {
+            name,
+            rows,
+            sql: workload,
+        },
+    ) in workloads.iter().enumerate()
+    {
         // The replicator's slot and store exist (snapshot done) before the workload, like the
         // baseline's slot.
         let dir = tempfile::Builder::new()

@@ -6,10 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use tokio::sync::watch;
-use walsync_replicator::{Progress, ReplicatorConfig};
 use walsync_rules::SyncRules;
-use walsync_source::{PgConfig, SourceConfig};
 use walsync_storage::{BucketStore, EmbeddedStore};
 use walsync_testkit::{Cluster, ClusterOptions};
 
@@ -61,29 +58,18 @@ pub fn run(args: SnapshotArgs) -> anyhow::Result<()> {
                 .prefix("walsync-bench-")
                 .tempdir()?;
             let store = Arc::new(EmbeddedStore::open(dir.path())?);
-            let pg: PgConfig = db.url.parse()?;
-            let config = ReplicatorConfig::new(SourceConfig::new(pg, "bench_snapshot", "bench"));
-            let (stop, stop_rx) = watch::channel(false);
-            let (progress_tx, progress) = watch::channel(Progress::default());
             let t = Instant::now();
-            let task = tokio::spawn(walsync_replicator::run(
-                config,
-                rules.clone(),
-                store.clone(),
-                stop_rx,
-                progress_tx,
-            ));
+            let r = super::replicator::start(&db.url, "bench_snapshot", &rules, &store)?;
             while !store.checkpoint()?.snapshot_complete {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 eprintln!(
                     "  {} rows copied, peak rss {} MiB",
-                    progress.borrow().snapshot_rows,
+                    r.progress.borrow().snapshot_rows,
                     peak_rss() / 1048576
                 );
             }
             let elapsed = t.elapsed();
-            stop.send(true)?;
-            task.await??;
+            super::replicator::finish(r).await?;
             sql.execute("SELECT pg_drop_replication_slot('bench_snapshot')", &[])
                 .await?;
             anyhow::Ok((elapsed, peak_rss(), store.size_on_disk()?))

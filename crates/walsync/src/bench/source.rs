@@ -50,10 +50,34 @@ pub(super) fn insert_rows(from: &str, to: &str) -> String {
     )
 }
 
-struct Workload {
-    name: String,
-    rows: u64,
-    sql: String,
+pub(super) struct Workload {
+    pub name: String,
+    pub rows: u64,
+    pub sql: String,
+}
+
+/// The two workloads every replication benchmark runs: (a) one transaction of `big_rows` rows,
+/// (b) `txns` transactions of `rows_per_txn` rows, with ids that do not collide.
+pub(super) fn workloads(big_rows: i64, txns: i64, rows_per_txn: i64) -> [Workload; 2] {
+    [
+        Workload {
+            name: format!("a: 1 transaction of {big_rows} rows"),
+            rows: big_rows as u64,
+            sql: insert_rows("1", &big_rows.to_string()),
+        },
+        Workload {
+            name: format!("b: {txns} transactions of {rows_per_txn} rows"),
+            rows: (txns * rows_per_txn) as u64,
+            sql: format!(
+                "DO $$ BEGIN FOR t IN 0..{} LOOP {}; COMMIT; END LOOP; END $$",
+                txns - 1,
+                insert_rows(
+                    &format!("{} + t * {rows_per_txn} + 1", 10 * big_rows),
+                    &format!("{} + (t + 1) * {rows_per_txn}", 10 * big_rows)
+                )
+            ),
+        },
+    ]
 }
 
 pub fn run(args: SourceArgs) -> anyhow::Result<()> {
@@ -68,28 +92,7 @@ pub fn run(args: SourceArgs) -> anyhow::Result<()> {
     let sql = rt.block_on(db.connect())?;
     rt.block_on(sql.batch_execute(SCHEMA))?;
 
-    let workloads = [
-        Workload {
-            name: format!("a: 1 transaction of {} rows", args.big_rows),
-            rows: args.big_rows as u64,
-            sql: insert_rows("1", &args.big_rows.to_string()),
-        },
-        Workload {
-            name: format!(
-                "b: {} transactions of {} rows",
-                args.txns, args.rows_per_txn
-            ),
-            rows: (args.txns * args.rows_per_txn) as u64,
-            sql: format!(
-                "DO $$ BEGIN FOR t IN 0..{} LOOP {}; COMMIT; END LOOP; END $$",
-                args.txns - 1,
-                insert_rows(
-                    &format!("{} + t * {} + 1", 10 * args.big_rows, args.rows_per_txn),
-                    &format!("{} + (t + 1) * {}", 10 * args.big_rows, args.rows_per_txn)
-                )
-            ),
-        },
-    ];
+    let workloads = workloads(args.big_rows, args.txns, args.rows_per_txn);
 
     let mut results = Vec::new();
     for (w, workload) in workloads.iter().enumerate() {
