@@ -34,6 +34,8 @@ pub enum ReplicatorError {
     Storage(#[from] StorageError),
     #[error("row of {table} has no replica identity columns")]
     NoKey { table: String },
+    #[error("the wal source ended unexpectedly")]
+    SourceEnded,
     /// A fault a test injected between the storage commit and the acknowledgement.
     #[error("injected fault after storage commit {0}")]
     Injected(u64),
@@ -173,9 +175,17 @@ fn session<S: BucketStore>(
         };
         let events = match batch {
             None => {
+                // Uncommitted writes are dropped: they were not acknowledged.
                 drop(writer);
                 handle.block_on(stream.stop());
-                return Ok(Restart::Stop);
+                // A stop request, or the stop handle dropped (nobody can ask any more).
+                if *stop.borrow() || stop.has_changed().is_err() {
+                    return Ok(Restart::Stop);
+                }
+                // The source ended without being asked to and without an error: a bug in it,
+                // not something a retry would fix.
+                tracing::error!("the wal source ended unexpectedly");
+                return Err(ReplicatorError::SourceEnded);
             }
             Some(Err(e)) => return Err(e.into()),
             Some(Ok(events)) => events,
