@@ -4,6 +4,7 @@
 #![allow(clippy::print_stdout)]
 
 mod bench;
+mod demo;
 mod replicate;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +28,9 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Measure walsync against its baselines on a throwaway PostgreSQL and print a table.
+    /// The whole pipeline on a throwaway PostgreSQL: seed schema and rules, the replicator,
+    /// simulated interviewers and a client per user verifying its buckets.
+    Demo(demo::DemoArgs),
     Bench(bench::BenchArgs),
     /// Replicate PostgreSQL into the bucket store (no API yet) until interrupted.
     Replicate(replicate::ReplicateArgs),
@@ -42,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Replicate(args) => replicate::run(args),
     }
