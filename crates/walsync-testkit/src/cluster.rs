@@ -527,11 +527,11 @@ pub struct TestDatabase {
 impl TestDatabase {
     /// A superuser connection to this database.
     pub async fn connect(&self) -> Result<Client> {
-        shared_or_url(&self.url).await
+        connect_url(&self.url).await
     }
 }
 
-async fn shared_or_url(url: &str) -> Result<Client> {
+async fn connect_url(url: &str) -> Result<Client> {
     let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
