@@ -125,14 +125,14 @@ impl Applier {
         match change {
             Change::Insert { table, new } => self.upsert(w, &table, new, None),
             Change::Update { table, old, new } => {
+                if !self.rules.reads_table(&table.schema, &table.name) {
+                    return Ok(());
+                }
                 let new_id = row_id(&table, &new)?;
                 let old_id = match &old {
                     Some(o) => row_id(&table, o.row())?,
                     None => new_id.clone(),
                 };
-                if !self.rules.reads_table(&table.schema, &table.name) {
-                    return Ok(());
-                }
                 let name = table.qualified_name();
                 let stored = if new.contains(&Datum::UnchangedToast) {
                     w.row(&name, &old_id)?

@@ -291,15 +291,14 @@ impl BucketStore for EmbeddedStore {
     }
 
     fn row(&self, table: &str, row_id: &str) -> Result<Option<StoredRow>> {
-        match self
-            .db
-            .read_tx()
+        let snap = self.db.read_tx();
+        match snap
             .get(&self.s.rows, row_key(table, row_id))
             .map_err(engine)?
         {
             Some(v) => {
                 let rec: RowRecord = decode("row", &v)?;
-                let columns = names_in(&self.db.read_tx(), &self.s.meta, rec.s)?;
+                let columns = names_in(&snap, &self.s.meta, rec.s)?;
                 Ok(Some(StoredRow {
                     columns,
                     values: rec.v,

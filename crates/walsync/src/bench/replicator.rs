@@ -12,16 +12,12 @@ use walsync_source::{PgConfig, SourceConfig};
 use walsync_storage::{BucketStore, EmbeddedStore, request_buckets};
 use walsync_testkit::{Cluster, ClusterOptions};
 
-use super::source::{SCHEMA, pg_recvlogical_run, workloads};
+use super::source::{SCHEMA, WorkloadArgs, pg_recvlogical_run, workloads};
 
 #[derive(Debug, Args)]
 pub struct ReplicatorArgs {
-    #[arg(long, default_value_t = 1_000_000)]
-    big_rows: i64,
-    #[arg(long, default_value_t = 10_000)]
-    txns: i64,
-    #[arg(long, default_value_t = 100)]
-    rows_per_txn: i64,
+    #[command(flatten)]
+    workload: WorkloadArgs,
 }
 
 const RULES: &str = "
@@ -99,7 +95,7 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<()> {
     )
     .await?;
     let rules = Arc::new(SyncRules::from_yaml(RULES)?);
-    let workloads = workloads(args.big_rows, args.txns, args.rows_per_txn);
+    let workloads = workloads(&args.workload);
     let mut throughput = Vec::new();
     let mut last_store = None;
     for (

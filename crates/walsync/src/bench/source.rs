@@ -14,17 +14,24 @@ use walsync_source::{Change, PgConfig, Resume, Source, SourceConfig, SourceEvent
 use walsync_testkit::{Cluster, ClusterOptions};
 use walsync_types::Lsn;
 
+/// The sizes of the two replication workloads, shared by the benchmarks that run them.
 #[derive(Debug, Args)]
-pub struct SourceArgs {
+pub struct WorkloadArgs {
     /// Rows of the single large transaction (workload a).
     #[arg(long, default_value_t = 1_000_000)]
-    big_rows: i64,
+    pub big_rows: i64,
     /// Transactions of workload b.
     #[arg(long, default_value_t = 10_000)]
-    txns: i64,
+    pub txns: i64,
     /// Rows per transaction of workload b.
     #[arg(long, default_value_t = 100)]
-    rows_per_txn: i64,
+    pub rows_per_txn: i64,
+}
+
+#[derive(Debug, Args)]
+pub struct SourceArgs {
+    #[command(flatten)]
+    workload: WorkloadArgs,
     /// Runs of each tool per workload; the best is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -58,7 +65,8 @@ pub(super) struct Workload {
 
 /// The two workloads every replication benchmark runs: (a) one transaction of `big_rows` rows,
 /// (b) `txns` transactions of `rows_per_txn` rows, with ids that do not collide.
-pub(super) fn workloads(big_rows: i64, txns: i64, rows_per_txn: i64) -> [Workload; 2] {
+pub(super) fn workloads(w: &WorkloadArgs) -> [Workload; 2] {
+    let (big_rows, txns, rows_per_txn) = (w.big_rows, w.txns, w.rows_per_txn);
     [
         Workload {
             name: format!("a: 1 transaction of {big_rows} rows"),
@@ -92,7 +100,7 @@ pub fn run(args: SourceArgs) -> anyhow::Result<()> {
     let sql = rt.block_on(db.connect())?;
     rt.block_on(sql.batch_execute(SCHEMA))?;
 
-    let workloads = workloads(args.big_rows, args.txns, args.rows_per_txn);
+    let workloads = workloads(&args.workload);
 
     let mut results = Vec::new();
     for (w, workload) in workloads.iter().enumerate() {
