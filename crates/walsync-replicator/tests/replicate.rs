@@ -7,7 +7,7 @@ mod seed;
 
 use seed::{config, setup, spawn, wait_until_equal, workload};
 use walsync_replicator::ReplicatorError;
-use walsync_storage::BucketStore;
+use walsync_storage::StoreRead;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buckets_match_postgres_after_random_changes() -> anyhow::Result<()> {

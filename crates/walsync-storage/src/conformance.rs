@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use walsync_rules::{LookupEntry, LookupKey, RowOutput};
 use walsync_types::{Lsn, Value, add_checksums};
 
-use crate::{BucketStore, Op, OpKind, StoreWriter, StoredRow};
+use crate::{BucketStore, Op, OpKind, StoreRead, StoreWriter, StoredRow};
 
 /// A client's copy of one bucket, built by replaying ops the way PowerSync clients do.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -124,6 +124,7 @@ pub fn run_all<S: BucketStore>(fresh: impl Fn() -> S) {
     changes_follow_commits(&fresh());
     compaction_keeps_checksums_and_rows(&fresh());
     clear_all_starts_over_with_growing_op_ids(&fresh());
+    snapshots_see_one_checkpoint(&fresh());
 }
 
 pub fn puts_removes_and_moves<S: BucketStore>(store: &S) {
@@ -419,4 +420,32 @@ pub fn clear_all_starts_over_with_growing_op_ids<S: BucketStore>(store: &S) {
     let again = w.commit().expect("commit");
     assert!(store.ops("a", 0, u64::MAX, 10).expect("ops")[0].op_id > first.op_id);
     assert!(again.op_id > first.op_id);
+}
+
+/// A snapshot's checkpoint, bucket states and ops agree, whatever commits after it opened.
+pub fn snapshots_see_one_checkpoint<S: BucketStore>(store: &S) {
+    let mut w = store.writer().expect("writer");
+    w.upsert_row("public.t", "1", row(1), vec![out("a", "1", "{}")], vec![])
+        .expect("upsert");
+    let first = w.commit().expect("commit");
+    let snap = store.snapshot().expect("snapshot");
+    let mut w = store.writer().expect("writer");
+    w.upsert_row(
+        "public.t",
+        "2",
+        row(1),
+        vec![out("a", "2", "{}")],
+        vec![member("u", 1)],
+    )
+    .expect("upsert");
+    let second = w.commit().expect("commit");
+    assert!(second.op_id > first.op_id);
+    assert_eq!(snap.checkpoint().expect("checkpoint"), first);
+    let state = snap.bucket_states(&["a".to_owned()]).expect("states")[0].expect("state");
+    assert_eq!(state.count, 1, "the snapshot does not see the later op");
+    assert_eq!(state.last_op_id, first.op_id);
+    assert_eq!(snap.ops("a", 0, u64::MAX, 10).expect("ops").len(), 1);
+    assert!(snap.lookup(&key("u"), u64::MAX).expect("lookup").is_empty());
+    assert_eq!(store.checkpoint().expect("checkpoint"), second);
+    assert_eq!(store.ops("a", 0, u64::MAX, 10).expect("ops").len(), 2);
 }

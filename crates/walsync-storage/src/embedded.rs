@@ -20,7 +20,7 @@ use walsync_rules::{LookupEntry, LookupKey, RowOutput};
 use walsync_types::{Lsn, add_checksums, put_checksum, remove_checksum};
 
 use crate::model::{BucketState, Changes, Checkpoint, CompactStats, Op, OpKind, StoredRow};
-use crate::{BucketStore, Result, StorageError, StoreWriter};
+use crate::{BucketStore, Result, StorageError, StoreRead, StoreWriter};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct OpValue {
@@ -192,6 +192,7 @@ fn read_checkpoint(r: &impl Readable, meta: &SingleWriterTxKeyspace) -> Result<C
 
 impl BucketStore for EmbeddedStore {
     type Writer<'a> = EmbeddedWriter<'a>;
+    type Snapshot = EmbeddedSnapshot;
 
     fn writer(&self) -> Result<EmbeddedWriter<'_>> {
         let tx = self.db.write_tx().durability(Some(PersistMode::SyncAll));
@@ -207,12 +208,71 @@ impl BucketStore for EmbeddedStore {
         })
     }
 
+    fn snapshot(&self) -> Result<EmbeddedSnapshot> {
+        Ok(EmbeddedSnapshot {
+            snap: self.db.read_tx(),
+            s: self.s.clone(),
+        })
+    }
+
+    fn compact(&self) -> Result<CompactStats> {
+        compact::compact(&self.db, &self.s)
+    }
+
+    fn size_on_disk(&self) -> Result<u64> {
+        self.db.disk_space().map_err(engine)
+    }
+}
+
+impl StoreRead for EmbeddedStore {
     fn checkpoint(&self) -> Result<Checkpoint> {
-        read_checkpoint(&self.db.read_tx(), &self.s.meta)
+        self.snapshot()?.checkpoint()
     }
 
     fn buckets(&self) -> Result<Vec<String>> {
-        let snap = self.db.read_tx();
+        self.snapshot()?.buckets()
+    }
+
+    fn bucket_states(&self, buckets: &[String]) -> Result<Vec<Option<BucketState>>> {
+        self.snapshot()?.bucket_states(buckets)
+    }
+
+    fn ops(&self, bucket: &str, after: u64, up_to: u64, limit: usize) -> Result<Vec<Op>> {
+        self.snapshot()?.ops(bucket, after, up_to, limit)
+    }
+
+    fn lookup(&self, key: &LookupKey, at: u64) -> Result<Vec<Vec<serde_json::Value>>> {
+        self.snapshot()?.lookup(key, at)
+    }
+
+    fn changes(&self, after: u64, up_to: u64) -> Result<Changes> {
+        self.snapshot()?.changes(after, up_to)
+    }
+
+    fn row(&self, table: &str, row_id: &str) -> Result<Option<StoredRow>> {
+        self.snapshot()?.row(table, row_id)
+    }
+}
+
+/// A read snapshot of the embedded store.
+pub struct EmbeddedSnapshot {
+    snap: fjall::Snapshot,
+    s: Spaces,
+}
+
+impl std::fmt::Debug for EmbeddedSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedSnapshot").finish_non_exhaustive()
+    }
+}
+
+impl StoreRead for EmbeddedSnapshot {
+    fn checkpoint(&self) -> Result<Checkpoint> {
+        read_checkpoint(&self.snap, &self.s.meta)
+    }
+
+    fn buckets(&self) -> Result<Vec<String>> {
+        let snap = &self.snap;
         let mut out = Vec::new();
         for g in snap.iter(&self.s.buckets) {
             out.push(String::from_utf8_lossy(&g.key().map_err(engine)?).into_owned());
@@ -221,7 +281,7 @@ impl BucketStore for EmbeddedStore {
     }
 
     fn bucket_states(&self, buckets: &[String]) -> Result<Vec<Option<BucketState>>> {
-        let snap = self.db.read_tx();
+        let snap = &self.snap;
         buckets
             .iter()
             .map(
@@ -237,7 +297,7 @@ impl BucketStore for EmbeddedStore {
         if after >= up_to {
             return Ok(Vec::new());
         }
-        let snap = self.db.read_tx();
+        let snap = &self.snap;
         let mut out = Vec::new();
         for g in snap.range(
             &self.s.ops,
@@ -253,7 +313,7 @@ impl BucketStore for EmbeddedStore {
     }
 
     fn lookup(&self, key: &LookupKey, at: u64) -> Result<Vec<Vec<serde_json::Value>>> {
-        let snap = self.db.read_tx();
+        let snap = &self.snap;
         let k = key.encode();
         let prefix_len = k.len() + 1 + 8;
         let mut by_row: BTreeMap<Vec<u8>, Option<Vec<serde_json::Value>>> = BTreeMap::new();
@@ -278,7 +338,7 @@ impl BucketStore for EmbeddedStore {
         if after >= up_to {
             return Ok(out);
         }
-        let snap = self.db.read_tx();
+        let snap = &self.snap;
         for g in snap.range(
             &self.s.changes,
             (after + 1).to_be_bytes()..=up_to.to_be_bytes(),
@@ -291,14 +351,14 @@ impl BucketStore for EmbeddedStore {
     }
 
     fn row(&self, table: &str, row_id: &str) -> Result<Option<StoredRow>> {
-        let snap = self.db.read_tx();
+        let snap = &self.snap;
         match snap
             .get(&self.s.rows, row_key(table, row_id))
             .map_err(engine)?
         {
             Some(v) => {
                 let rec: RowRecord = decode("row", &v)?;
-                let columns = names_in(&snap, &self.s.meta, rec.s)?;
+                let columns = names_in(snap, &self.s.meta, rec.s)?;
                 Ok(Some(StoredRow {
                     columns,
                     values: rec.v,
@@ -306,14 +366,6 @@ impl BucketStore for EmbeddedStore {
             }
             None => Ok(None),
         }
-    }
-
-    fn compact(&self) -> Result<CompactStats> {
-        compact::compact(&self.db, &self.s)
-    }
-
-    fn size_on_disk(&self) -> Result<u64> {
-        self.db.disk_space().map_err(engine)
     }
 }
 

@@ -25,7 +25,7 @@ mod resolve;
 
 pub use resolve::request_buckets;
 
-pub use embedded::EmbeddedStore;
+pub use embedded::{EmbeddedSnapshot, EmbeddedStore};
 pub use model::{BucketState, Changes, Checkpoint, CompactStats, Op, OpKind, StoredRow, TableName};
 
 use walsync_rules::{LookupEntry, LookupKey, RowOutput};
@@ -43,16 +43,10 @@ pub enum StorageError {
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 
-/// A bucket store. Reads see the last committed checkpoint; writes go through a
-/// [`StoreWriter`], one at a time, and become visible whole at its commit.
-pub trait BucketStore: Send + Sync {
-    type Writer<'a>: StoreWriter
-    where
-        Self: 'a;
-
-    /// Starts a write transaction.
-    fn writer(&self) -> Result<Self::Writer<'_>>;
-
+/// Reads of a bucket store. On a [`BucketStore`] each call sees the last committed checkpoint
+/// by itself; on a [`StoreRead`] snapshot every call sees the same one, so a checkpoint, its
+/// bucket states and their ops agree.
+pub trait StoreRead {
     /// The last committed checkpoint.
     fn checkpoint(&self) -> Result<Checkpoint>;
 
@@ -73,6 +67,23 @@ pub trait BucketStore: Send + Sync {
 
     /// The stored copy of a row, as of the last commit.
     fn row(&self, table: &TableName, row_id: &str) -> Result<Option<StoredRow>>;
+}
+
+/// A bucket store. Reads see the last committed checkpoint; writes go through a
+/// [`StoreWriter`], one at a time, and become visible whole at its commit.
+pub trait BucketStore: StoreRead + Send + Sync {
+    type Writer<'a>: StoreWriter
+    where
+        Self: 'a;
+
+    /// A consistent read view of the last committed checkpoint.
+    type Snapshot: StoreRead + Send;
+
+    /// Starts a write transaction.
+    fn writer(&self) -> Result<Self::Writer<'_>>;
+
+    /// Opens a read snapshot: every read through it sees the same checkpoint.
+    fn snapshot(&self) -> Result<Self::Snapshot>;
 
     /// Rewrites superseded ops as MOVE and each bucket's leading run of REMOVE/MOVE as one CLEAR,
     /// without changing any bucket's checksum.

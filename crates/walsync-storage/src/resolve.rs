@@ -4,9 +4,9 @@
 
 use walsync_rules::{RequestContext, SyncRules, bucket_id};
 
-use crate::{BucketStore, Result};
+use crate::{Result, StoreRead};
 
-pub fn request_buckets<S: BucketStore>(
+pub fn request_buckets<S: StoreRead + ?Sized>(
     store: &S,
     rules: &SyncRules,
     request: &RequestContext,

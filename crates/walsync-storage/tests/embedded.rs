@@ -1,7 +1,7 @@
 //! The embedded store against the conformance suite, plus what only a file-backed store can show.
 
 use walsync_storage::conformance::{self, ClientBucket};
-use walsync_storage::{BucketStore, EmbeddedStore, StoreWriter, StoredRow};
+use walsync_storage::{BucketStore, EmbeddedStore, StoreRead, StoreWriter, StoredRow};
 use walsync_types::Lsn;
 
 fn fresh() -> EmbeddedStore {
@@ -51,7 +51,7 @@ mod compaction_property {
     use proptest::prelude::*;
     use walsync_rules::RowOutput;
     use walsync_storage::conformance::ClientBucket;
-    use walsync_storage::{BucketStore, StoreWriter, StoredRow};
+    use walsync_storage::{BucketStore, StoreRead, StoreWriter, StoredRow};
 
     #[derive(Debug, Clone)]
     enum Step {

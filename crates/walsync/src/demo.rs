@@ -16,7 +16,7 @@ use walsync_replicator::{Progress, ReplicatorConfig};
 use walsync_rules::{RequestContext, SyncRules};
 use walsync_source::{PgConfig, SourceConfig};
 use walsync_storage::conformance::ClientBucket;
-use walsync_storage::{BucketStore, EmbeddedStore, request_buckets};
+use walsync_storage::{EmbeddedStore, StoreRead, request_buckets};
 use walsync_testkit::{Cluster, ClusterOptions};
 
 #[derive(Debug, Args)]

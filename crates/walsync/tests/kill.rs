@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use walsync_storage::{BucketStore, EmbeddedStore};
+use walsync_storage::{EmbeddedStore, StoreRead};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicator_killed_at_random_points_resumes_without_loss_or_repeat() -> anyhow::Result<()> {

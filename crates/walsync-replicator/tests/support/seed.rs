@@ -13,7 +13,7 @@ use walsync_replicator::{Progress, ReplicatorConfig, ReplicatorError};
 use walsync_rules::{RequestContext, RowRef, SyncRules};
 use walsync_source::{PgConfig, SourceConfig};
 use walsync_storage::conformance::ClientBucket;
-use walsync_storage::{BucketStore, EmbeddedStore};
+use walsync_storage::{EmbeddedStore, StoreRead};
 use walsync_testkit::shared;
 use walsync_types::Value;
 

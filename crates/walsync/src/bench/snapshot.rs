@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use walsync_rules::SyncRules;
-use walsync_storage::{BucketStore, EmbeddedStore};
+use walsync_storage::{BucketStore, EmbeddedStore, StoreRead};
 use walsync_testkit::{Cluster, ClusterOptions};
 
 use super::source::{SCHEMA, insert_rows};
