@@ -1,0 +1,524 @@
+//! The sync protocol's vocabulary, shared by the server and the client.
+//!
+//! One set of types, [`Line`] and [`SyncRequest`], with two encodings:
+//! - **JSON** (the HTTP stream, one line per object, PowerSync-compatible): op ids are strings,
+//!   row data is the row's JSON text, each line an object with exactly one key;
+//! - **protobuf** ([`pb`], the gRPC stream): op ids are `u64`, row data the same JSON text as
+//!   bytes, so checksums are the same on both transports.
+//!
+//! The conversions between them are total in one direction ([`Line`] → [`pb::SyncLine`]) and
+//! checked in the other.
+
+use serde::{Deserialize, Serialize};
+
+/// The generated protobuf messages and gRPC service of `proto/walsync/v1/sync.proto`.
+#[allow(missing_debug_implementations, unused_qualifications, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("walsync.v1");
+}
+
+/// The default priority of a bucket (PowerSync's).
+pub const DEFAULT_PRIORITY: u32 = 3;
+
+/// A client's request to open a sync stream (`POST /sync/stream` body).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SyncRequest {
+    /// The buckets the client holds, with the last op id of each.
+    pub buckets: Vec<BucketRequest>,
+    pub client_id: Option<String>,
+    /// Client parameters (`request.parameters()`; untrusted).
+    pub parameters: serde_json::Map<String, serde_json::Value>,
+    /// Accepted for compatibility; data is always sent as JSON text.
+    pub raw_data: Option<bool>,
+    /// Accepted for compatibility; checksums are always sent.
+    pub include_checksum: Option<bool>,
+    /// Accepted for compatibility; NDJSON is always sent.
+    pub binary_data: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketRequest {
+    pub name: String,
+    #[serde(with = "op_id")]
+    pub after: u64,
+}
+
+/// One line of a sync stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Line {
+    Checkpoint(Checkpoint),
+    CheckpointDiff(CheckpointDiff),
+    Data(DataPage),
+    CheckpointComplete(CheckpointComplete),
+    PartialCheckpointComplete(PartialCheckpointComplete),
+    /// Seconds until the client's token expires.
+    TokenExpiresIn(i64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    #[serde(with = "op_id")]
+    pub last_op_id: u64,
+    #[serde(with = "opt_op_id", default, skip_serializing_if = "Option::is_none")]
+    pub write_checkpoint: Option<u64>,
+    pub buckets: Vec<BucketChecksum>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointDiff {
+    #[serde(with = "op_id")]
+    pub last_op_id: u64,
+    #[serde(with = "opt_op_id", default, skip_serializing_if = "Option::is_none")]
+    pub write_checkpoint: Option<u64>,
+    pub updated_buckets: Vec<BucketChecksum>,
+    pub removed_buckets: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketChecksum {
+    pub bucket: String,
+    /// Wrapping sum of the bucket's op checksums up to the checkpoint.
+    pub checksum: u32,
+    pub count: u64,
+    #[serde(default = "default_priority")]
+    pub priority: u32,
+}
+
+fn default_priority() -> u32 {
+    DEFAULT_PRIORITY
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataPage {
+    pub bucket: String,
+    pub data: Vec<OpLine>,
+    pub has_more: bool,
+    #[serde(with = "op_id")]
+    pub after: u64,
+    #[serde(with = "op_id")]
+    pub next_after: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum OpKind {
+    Put,
+    Remove,
+    Move,
+    Clear,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpLine {
+    #[serde(with = "op_id")]
+    pub op_id: u64,
+    pub op: OpKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subkey: Option<String>,
+    /// The row's JSON text, for PUT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    pub checksum: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointComplete {
+    #[serde(with = "op_id")]
+    pub last_op_id: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartialCheckpointComplete {
+    #[serde(with = "op_id")]
+    pub last_op_id: u64,
+    pub priority: u32,
+}
+
+/// `GET /write-checkpoint2.json` answer: `{"data":{"write_checkpoint":"N"}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteCheckpointResponse {
+    pub data: WriteCheckpointData,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteCheckpointData {
+    #[serde(with = "op_id")]
+    pub write_checkpoint: u64,
+}
+
+/// An error answer of the HTTP API: `{"error":{"code":"...","message":"..."}}`; the code is
+/// stable, the message is for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+/// A protobuf line the JSON side cannot express.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid sync line: {0}")]
+pub struct InvalidLine(&'static str);
+
+impl Line {
+    /// The line as one NDJSON line, newline included.
+    pub fn to_ndjson(&self) -> Vec<u8> {
+        let mut out = serde_json::to_vec(self).unwrap_or_default();
+        out.push(b'\n');
+        out
+    }
+}
+
+/// Op ids travel as decimal strings in JSON (they may exceed 2^53); numbers are accepted too.
+mod op_id {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        S(String),
+        N(u64),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Either::deserialize(d)? {
+            Either::N(n) => Ok(n),
+            Either::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+mod opt_op_id {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.collect_str(v),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        #[derive(Deserialize)]
+        struct W(#[serde(with = "super::op_id")] u64);
+        Ok(Option::<W>::deserialize(d)?.map(|w| w.0))
+    }
+}
+
+fn checksums_to_pb(v: Vec<BucketChecksum>) -> Vec<pb::BucketChecksum> {
+    v.into_iter()
+        .map(|b| pb::BucketChecksum {
+            bucket: b.bucket,
+            checksum: b.checksum,
+            count: b.count,
+            priority: b.priority,
+        })
+        .collect()
+}
+
+fn checksums_from_pb(v: Vec<pb::BucketChecksum>) -> Vec<BucketChecksum> {
+    v.into_iter()
+        .map(|b| BucketChecksum {
+            bucket: b.bucket,
+            checksum: b.checksum,
+            count: b.count,
+            priority: b.priority,
+        })
+        .collect()
+}
+
+impl From<OpKind> for pb::OpKind {
+    fn from(k: OpKind) -> pb::OpKind {
+        match k {
+            OpKind::Put => pb::OpKind::Put,
+            OpKind::Remove => pb::OpKind::Remove,
+            OpKind::Move => pb::OpKind::Move,
+            OpKind::Clear => pb::OpKind::Clear,
+        }
+    }
+}
+
+impl From<Line> for pb::SyncLine {
+    fn from(line: Line) -> pb::SyncLine {
+        use pb::sync_line::Line as L;
+        let l = match line {
+            Line::Checkpoint(c) => L::Checkpoint(pb::Checkpoint {
+                last_op_id: c.last_op_id,
+                write_checkpoint: c.write_checkpoint,
+                buckets: checksums_to_pb(c.buckets),
+            }),
+            Line::CheckpointDiff(c) => L::CheckpointDiff(pb::CheckpointDiff {
+                last_op_id: c.last_op_id,
+                write_checkpoint: c.write_checkpoint,
+                updated_buckets: checksums_to_pb(c.updated_buckets),
+                removed_buckets: c.removed_buckets,
+            }),
+            Line::Data(d) => L::Data(pb::Data {
+                bucket: d.bucket,
+                data: d
+                    .data
+                    .into_iter()
+                    .map(|o| pb::Op {
+                        op_id: o.op_id,
+                        op: pb::OpKind::from(o.op) as i32,
+                        object_type: o.object_type.unwrap_or_default(),
+                        object_id: o.object_id.unwrap_or_default(),
+                        subkey: o.subkey.unwrap_or_default(),
+                        data: o.data.map(String::into_bytes),
+                        checksum: o.checksum,
+                    })
+                    .collect(),
+                has_more: d.has_more,
+                after: d.after,
+                next_after: d.next_after,
+            }),
+            Line::CheckpointComplete(c) => L::CheckpointComplete(pb::CheckpointComplete {
+                last_op_id: c.last_op_id,
+            }),
+            Line::PartialCheckpointComplete(c) => {
+                L::PartialCheckpointComplete(pb::PartialCheckpointComplete {
+                    last_op_id: c.last_op_id,
+                    priority: c.priority,
+                })
+            }
+            Line::TokenExpiresIn(s) => L::TokenExpiresIn(s),
+        };
+        pb::SyncLine { line: Some(l) }
+    }
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+impl TryFrom<pb::SyncLine> for Line {
+    type Error = InvalidLine;
+
+    fn try_from(line: pb::SyncLine) -> Result<Line, InvalidLine> {
+        use pb::sync_line::Line as L;
+        Ok(match line.line.ok_or(InvalidLine("empty line"))? {
+            L::Checkpoint(c) => Line::Checkpoint(Checkpoint {
+                last_op_id: c.last_op_id,
+                write_checkpoint: c.write_checkpoint,
+                buckets: checksums_from_pb(c.buckets),
+            }),
+            L::CheckpointDiff(c) => Line::CheckpointDiff(CheckpointDiff {
+                last_op_id: c.last_op_id,
+                write_checkpoint: c.write_checkpoint,
+                updated_buckets: checksums_from_pb(c.updated_buckets),
+                removed_buckets: c.removed_buckets,
+            }),
+            L::Data(d) => {
+                let mut data = Vec::with_capacity(d.data.len());
+                for o in d.data {
+                    let op = match pb::OpKind::try_from(o.op) {
+                        Ok(pb::OpKind::Put) => OpKind::Put,
+                        Ok(pb::OpKind::Remove) => OpKind::Remove,
+                        Ok(pb::OpKind::Move) => OpKind::Move,
+                        Ok(pb::OpKind::Clear) => OpKind::Clear,
+                        _ => return Err(InvalidLine("unknown op kind")),
+                    };
+                    let data_text = match o.data {
+                        Some(b) => Some(
+                            String::from_utf8(b).map_err(|_| InvalidLine("row data not utf-8"))?,
+                        ),
+                        None => None,
+                    };
+                    data.push(OpLine {
+                        op_id: o.op_id,
+                        op,
+                        object_type: non_empty(o.object_type),
+                        object_id: non_empty(o.object_id),
+                        subkey: non_empty(o.subkey),
+                        data: data_text,
+                        checksum: o.checksum,
+                    });
+                }
+                Line::Data(DataPage {
+                    bucket: d.bucket,
+                    data,
+                    has_more: d.has_more,
+                    after: d.after,
+                    next_after: d.next_after,
+                })
+            }
+            L::CheckpointComplete(c) => Line::CheckpointComplete(CheckpointComplete {
+                last_op_id: c.last_op_id,
+            }),
+            L::PartialCheckpointComplete(c) => {
+                Line::PartialCheckpointComplete(PartialCheckpointComplete {
+                    last_op_id: c.last_op_id,
+                    priority: c.priority,
+                })
+            }
+            L::TokenExpiresIn(s) => Line::TokenExpiresIn(s),
+        })
+    }
+}
+
+impl From<SyncRequest> for pb::SyncRequest {
+    fn from(r: SyncRequest) -> pb::SyncRequest {
+        pb::SyncRequest {
+            buckets: r
+                .buckets
+                .into_iter()
+                .map(|b| pb::BucketRequest {
+                    name: b.name,
+                    after: b.after,
+                })
+                .collect(),
+            client_id: r.client_id.unwrap_or_default(),
+            parameters_json: if r.parameters.is_empty() {
+                String::new()
+            } else {
+                serde_json::Value::Object(r.parameters).to_string()
+            },
+        }
+    }
+}
+
+impl TryFrom<pb::SyncRequest> for SyncRequest {
+    type Error = InvalidLine;
+
+    fn try_from(r: pb::SyncRequest) -> Result<SyncRequest, InvalidLine> {
+        let parameters = if r.parameters_json.is_empty() {
+            serde_json::Map::new()
+        } else {
+            match serde_json::from_str(&r.parameters_json) {
+                Ok(serde_json::Value::Object(m)) => m,
+                _ => return Err(InvalidLine("parameters_json is not a json object")),
+            }
+        };
+        Ok(SyncRequest {
+            buckets: r
+                .buckets
+                .into_iter()
+                .map(|b| BucketRequest {
+                    name: b.name,
+                    after: b.after,
+                })
+                .collect(),
+            client_id: non_empty(r.client_id),
+            parameters,
+            ..SyncRequest::default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_lines() -> Vec<Line> {
+        vec![
+            Line::Checkpoint(Checkpoint {
+                last_op_id: 12,
+                write_checkpoint: Some(u64::MAX),
+                buckets: vec![BucketChecksum {
+                    bucket: "p[1]".into(),
+                    checksum: 2871785649,
+                    count: 3,
+                    priority: 1,
+                }],
+            }),
+            Line::CheckpointDiff(CheckpointDiff {
+                last_op_id: 13,
+                write_checkpoint: None,
+                updated_buckets: vec![],
+                removed_buckets: vec!["p[2]".into()],
+            }),
+            Line::Data(DataPage {
+                bucket: "p[1]".into(),
+                data: vec![
+                    OpLine {
+                        op_id: 5,
+                        op: OpKind::Put,
+                        object_type: Some("t".into()),
+                        object_id: Some("1".into()),
+                        subkey: None,
+                        data: Some(r#"{"id":"1"}"#.into()),
+                        checksum: 7,
+                    },
+                    OpLine {
+                        op_id: 6,
+                        op: OpKind::Clear,
+                        object_type: None,
+                        object_id: None,
+                        subkey: None,
+                        data: None,
+                        checksum: 9,
+                    },
+                ],
+                has_more: true,
+                after: 4,
+                next_after: 6,
+            }),
+            Line::CheckpointComplete(CheckpointComplete { last_op_id: 13 }),
+            Line::PartialCheckpointComplete(PartialCheckpointComplete {
+                last_op_id: 13,
+                priority: 1,
+            }),
+            Line::TokenExpiresIn(30),
+        ]
+    }
+
+    #[test]
+    fn json_lines_have_one_key_and_string_op_ids() {
+        for line in sample_lines() {
+            let text = line.to_ndjson();
+            assert_eq!(text.last(), Some(&b'\n'));
+            let v: serde_json::Value = serde_json::from_slice(&text).expect("json");
+            assert_eq!(v.as_object().map(|o| o.len()), Some(1), "{v}");
+            let back: Line = serde_json::from_slice(&text).expect("parse back");
+            assert_eq!(back, line);
+        }
+        let text = String::from_utf8(sample_lines()[0].to_ndjson()).expect("utf-8");
+        assert!(text.contains(r#""last_op_id":"12""#), "{text}");
+        assert!(text.contains(r#""write_checkpoint":"18446744073709551615""#));
+    }
+
+    #[test]
+    fn protobuf_round_trip_is_lossless() {
+        for line in sample_lines() {
+            let pb_line = pb::SyncLine::from(line.clone());
+            assert_eq!(Line::try_from(pb_line).expect("convert"), line);
+        }
+    }
+
+    #[test]
+    fn powersync_request_bodies_parse() {
+        let body = r#"{"buckets":[{"name":"p[1]","after":"42"}],"include_checksum":true,
+            "raw_data":true,"binary_data":false,"client_id":"c1","parameters":{"x":1},
+            "streams":{"include_defaults":true},"app_metadata":{}}"#;
+        let r: SyncRequest = serde_json::from_str(body).expect("parse");
+        assert_eq!(r.buckets[0].after, 42);
+        assert_eq!(r.client_id.as_deref(), Some("c1"));
+        let back = SyncRequest::try_from(pb::SyncRequest::from(r.clone())).expect("pb");
+        assert_eq!(back.buckets, r.buckets);
+        assert_eq!(back.parameters, r.parameters);
+    }
+
+    #[test]
+    fn bad_protobuf_lines_are_rejected() {
+        assert!(Line::try_from(pb::SyncLine { line: None }).is_err());
+        let bad = pb::SyncRequest {
+            parameters_json: "[1]".into(),
+            ..Default::default()
+        };
+        assert!(SyncRequest::try_from(bad).is_err());
+    }
+}
