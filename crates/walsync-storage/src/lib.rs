@@ -77,7 +77,7 @@ pub trait BucketStore: StoreRead + Send + Sync {
         Self: 'a;
 
     /// A consistent read view of the last committed checkpoint.
-    type Snapshot: StoreRead + Send;
+    type Snapshot: StoreRead + Send + Sync;
 
     /// Starts a write transaction.
     fn writer(&self) -> Result<Self::Writer<'_>>;

@@ -1,0 +1,384 @@
+//! JWT authentication with `jsonwebtoken`.
+//!
+//! Keys come from a shared secret (HS256/384/512), a JWKS file, or a JWKS URL (fetched at start,
+//! refreshed every [`AuthConfig::jwks_refresh`] and when a token names an unknown `kid`, at most
+//! once per [`MIN_REFETCH`]). A token must carry `sub`, `exp` and `iat`, be signed with one of the
+//! allowed algorithms by a key of the same family (`kid` must match when the token names one),
+//! carry a configured audience when audiences are configured, and live no longer than
+//! [`AuthConfig::max_lifetime`]. `alg: none` cannot even be expressed in the header type and is
+//! refused like any other malformed token.
+
+use std::path::PathBuf;
+use std::sync::RwLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use walsync_sync::Identity;
+
+/// The smallest interval between two fetches of a JWKS URL.
+pub const MIN_REFETCH: Duration = Duration::from_secs(30);
+
+const ALLOWED: &[Algorithm] = &[
+    Algorithm::HS256,
+    Algorithm::HS384,
+    Algorithm::HS512,
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing authorization header")]
+    Missing,
+    #[error("authorization header is not `Bearer <jwt>` or `Token <jwt>`")]
+    Scheme,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    #[error("token algorithm {0:?} is not accepted")]
+    Algorithm(Algorithm),
+    #[error("no key matches the token (kid {0:?})")]
+    NoKey(Option<String>),
+    #[error("token lifetime {0}s exceeds the maximum of {1}s")]
+    Lifetime(u64, u64),
+    #[error("token has no string `sub`")]
+    Subject,
+}
+
+/// Where keys come from, and what a token must satisfy.
+#[derive(Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// A shared secret for HS256/384/512 (raw text).
+    pub secret: Option<String>,
+    /// A JWKS file.
+    pub jwks_file: Option<PathBuf>,
+    /// A JWKS URL.
+    pub jwks_url: Option<String>,
+    /// Seconds between refreshes of `jwks_url` (default 300).
+    pub jwks_refresh_seconds: Option<u64>,
+    /// Accepted audiences; a token must name one of them. Empty: `aud` is not checked.
+    pub audience: Vec<String>,
+    /// The longest accepted `exp - iat`, in seconds (default 86,400).
+    pub max_lifetime_seconds: Option<u64>,
+    /// Seconds of clock skew tolerated (default 30).
+    pub leeway_seconds: Option<u64>,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    /// Secrets are never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("jwks_file", &self.jwks_file)
+            .field("jwks_url", &self.jwks_url)
+            .field("audience", &self.audience)
+            .field("max_lifetime_seconds", &self.max_lifetime_seconds)
+            .finish()
+    }
+}
+
+impl AuthConfig {
+    pub fn max_lifetime(&self) -> Duration {
+        Duration::from_secs(self.max_lifetime_seconds.unwrap_or(86_400))
+    }
+
+    pub fn jwks_refresh(&self) -> Duration {
+        Duration::from_secs(self.jwks_refresh_seconds.unwrap_or(300))
+    }
+}
+
+struct Key {
+    kid: Option<String>,
+    /// The algorithm the JWK pins, if any.
+    alg: Option<Algorithm>,
+    key: DecodingKey,
+    /// Fetched from the JWKS URL (replaced at each refresh).
+    from_url: bool,
+}
+
+#[derive(Default)]
+struct Keys {
+    list: Vec<Key>,
+    fetched: Option<Instant>,
+}
+
+/// Validates tokens.
+pub struct Authenticator {
+    config: AuthConfig,
+    keys: RwLock<Keys>,
+    http: Option<reqwest::Client>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyLoadError {
+    #[error("no key configured: set auth.secret, auth.jwks_file or auth.jwks_url")]
+    NoKeys,
+    #[error("jwks file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("jwks url: {0}")]
+    Url(String),
+}
+
+fn algorithm_of(jwk: &Jwk) -> Option<Algorithm> {
+    let name = serde_json::to_value(jwk.common.key_algorithm?).ok()?;
+    serde_json::from_value(name).ok()
+}
+
+fn keys_of(set: &JwkSet, from_url: bool) -> Vec<Key> {
+    set.keys
+        .iter()
+        .filter_map(|jwk| match DecodingKey::from_jwk(jwk) {
+            Ok(key) => Some(Key {
+                kid: jwk.common.key_id.clone(),
+                alg: algorithm_of(jwk),
+                key,
+                from_url,
+            }),
+            Err(e) => {
+                tracing::warn!(kid = ?jwk.common.key_id, error = %e, "skipping an unusable jwk");
+                None
+            }
+        })
+        .collect()
+}
+
+fn parse_jwks(text: &str) -> Result<JwkSet, String> {
+    serde_json::from_str(text).map_err(|e| e.to_string())
+}
+
+impl Authenticator {
+    /// Loads the configured keys (fetching the JWKS URL once).
+    pub async fn new(config: AuthConfig) -> Result<Authenticator, KeyLoadError> {
+        let mut list = Vec::new();
+        if let Some(secret) = &config.secret {
+            list.push(Key {
+                kid: None,
+                alg: None,
+                key: DecodingKey::from_secret(secret.as_bytes()),
+                from_url: false,
+            });
+        }
+        if let Some(path) = &config.jwks_file {
+            let text = std::fs::read_to_string(path).map_err(|e| KeyLoadError::File {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            let set = parse_jwks(&text).map_err(|message| KeyLoadError::File {
+                path: path.clone(),
+                message,
+            })?;
+            list.extend(keys_of(&set, false));
+        }
+        let http = match &config.jwks_url {
+            Some(_) => {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                Some(
+                    reqwest::Client::builder()
+                        .timeout(Duration::from_secs(10))
+                        .build()
+                        .map_err(|e| KeyLoadError::Url(e.to_string()))?,
+                )
+            }
+            None => None,
+        };
+        let auth = Authenticator {
+            config,
+            keys: RwLock::new(Keys {
+                list,
+                fetched: None,
+            }),
+            http,
+        };
+        if auth.config.jwks_url.is_some() {
+            auth.refresh().await?;
+        }
+        if auth.read_keys().list.is_empty() {
+            return Err(KeyLoadError::NoKeys);
+        }
+        Ok(auth)
+    }
+
+    fn read_keys(&self) -> std::sync::RwLockReadGuard<'_, Keys> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Fetches the JWKS URL and replaces the keys it gave before.
+    async fn refresh(&self) -> Result<(), KeyLoadError> {
+        let (Some(url), Some(http)) = (&self.config.jwks_url, &self.http) else {
+            return Ok(());
+        };
+        let text = http
+            .get(url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| KeyLoadError::Url(e.to_string()))?
+            .text()
+            .await
+            .map_err(|e| KeyLoadError::Url(e.to_string()))?;
+        let set = parse_jwks(&text).map_err(KeyLoadError::Url)?;
+        let fetched = keys_of(&set, true);
+        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        keys.list.retain(|k| !k.from_url);
+        keys.list.extend(fetched);
+        keys.fetched = Some(Instant::now());
+        Ok(())
+    }
+
+    fn may_refetch(&self, forced: bool) -> bool {
+        if self.config.jwks_url.is_none() {
+            return false;
+        }
+        match self.read_keys().fetched {
+            None => true,
+            Some(at) => {
+                let age = at.elapsed();
+                age >= self.config.jwks_refresh() || (forced && age >= MIN_REFETCH)
+            }
+        }
+    }
+
+    /// Validates the value of an `Authorization` header.
+    pub async fn authenticate_header(&self, header: Option<&str>) -> Result<Identity, AuthError> {
+        let header = header.ok_or(AuthError::Missing)?.trim();
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("Token "))
+            .or_else(|| header.strip_prefix("bearer "))
+            .ok_or(AuthError::Scheme)?
+            .trim();
+        self.authenticate(token).await
+    }
+
+    /// Validates a token.
+    pub async fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
+        if self.may_refetch(false)
+            && let Err(e) = self.refresh().await
+        {
+            tracing::warn!(error = %e, "could not refresh the jwks");
+        }
+        match self.check(token) {
+            Err(AuthError::NoKey(kid)) if self.may_refetch(true) => {
+                if let Err(e) = self.refresh().await {
+                    tracing::warn!(error = %e, "could not refresh the jwks");
+                }
+                self.check(token).map_err(|e| match e {
+                    AuthError::NoKey(_) => AuthError::NoKey(kid),
+                    e => e,
+                })
+            }
+            r => r,
+        }
+    }
+
+    fn check(&self, token: &str) -> Result<Identity, AuthError> {
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let alg = header.alg;
+        if !ALLOWED.contains(&alg) {
+            return Err(AuthError::Algorithm(alg));
+        }
+        let mut validation = Validation::new(alg);
+        validation.leeway = self.config.leeway_seconds.unwrap_or(30);
+        if self.config.audience.is_empty() {
+            validation.set_required_spec_claims(&["sub", "exp", "iat"]);
+            validation.validate_aud = false;
+        } else {
+            validation.set_required_spec_claims(&["sub", "exp", "iat", "aud"]);
+            validation.set_audience(&self.config.audience);
+        }
+        let keys = self.read_keys();
+        let candidates = keys.list.iter().filter(|k| {
+            k.key.family() == alg.family()
+                && k.alg.is_none_or(|a| a == alg)
+                && match (&header.kid, &k.kid) {
+                    (Some(want), Some(have)) => want == have,
+                    // A token naming a kid matches only that key, or the shared secret.
+                    (Some(_), None) => true,
+                    (None, _) => true,
+                }
+        });
+        let mut last = None;
+        for key in candidates {
+            match jsonwebtoken::decode::<serde_json::Value>(token, &key.key, &validation) {
+                Ok(data) => return self.identity(data.claims),
+                Err(e) => last = Some(e),
+            }
+        }
+        match last {
+            Some(e) => Err(AuthError::Invalid(e.to_string())),
+            None => Err(AuthError::NoKey(header.kid)),
+        }
+    }
+
+    fn identity(&self, claims: serde_json::Value) -> Result<Identity, AuthError> {
+        let sub = claims
+            .get("sub")
+            .and_then(|s| s.as_str())
+            .filter(|s| !s.is_empty())
+            .ok_or(AuthError::Subject)?
+            .to_owned();
+        let num = |k: &str| claims.get(k).and_then(|v| v.as_u64());
+        let (Some(exp), Some(iat)) = (num("exp"), num("iat")) else {
+            return Err(AuthError::Invalid("exp and iat must be numbers".into()));
+        };
+        let max = self.config.max_lifetime().as_secs();
+        let lifetime = exp.saturating_sub(iat);
+        if lifetime > max {
+            return Err(AuthError::Lifetime(lifetime, max));
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        if iat > now + self.config.leeway_seconds.unwrap_or(30) {
+            return Err(AuthError::Invalid("token issued in the future".into()));
+        }
+        Ok(Identity {
+            user_id: sub,
+            expires_at: Some(UNIX_EPOCH + Duration::from_secs(exp)),
+            claims,
+        })
+    }
+}
+
+/// Mints an HS256 token for `user` (dev tokens: `walsync token`, the demo and tests).
+pub fn mint_hs256(
+    secret: &str,
+    user: &str,
+    audience: Option<&str>,
+    lifetime: Duration,
+) -> Result<String, AuthError> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let mut claims = serde_json::json!({
+        "sub": user,
+        "iat": now,
+        "exp": now + lifetime.as_secs(),
+    });
+    if let Some(aud) = audience {
+        claims["aud"] = serde_json::Value::String(aud.to_owned());
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .map_err(|e| AuthError::Invalid(e.to_string()))
+}

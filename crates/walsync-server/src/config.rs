@@ -1,0 +1,229 @@
+//! `walsync.toml`: every key can be overridden from the environment as
+//! `WALSYNC__<SECTION>__<KEY>` (for example `WALSYNC__AUTH__SECRET`,
+//! `WALSYNC__SERVER__LISTEN`). Secrets are never logged: the `Debug` forms redact them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+
+use crate::auth::AuthConfig;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub postgres: PostgresConfig,
+    /// The sync rules YAML file (relative paths are relative to the config file).
+    pub rules: PathBuf,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub sync: SyncSection,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://user:password@host:port/db?sslmode=...`
+    pub url: String,
+    #[serde(default = "default_slot")]
+    pub slot: String,
+    #[serde(default = "default_slot")]
+    pub publication: String,
+    /// Create the publication (for the rules' tables) when it is missing.
+    #[serde(default)]
+    pub create_publication: bool,
+}
+
+fn default_slot() -> String {
+    "walsync".into()
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &redact_url(&self.url))
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("create_publication", &self.create_publication)
+            .finish()
+    }
+}
+
+/// The URL with any password replaced.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:<redacted>{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    pub dir: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> StorageConfig {
+        StorageConfig {
+            dir: PathBuf::from("walsync-data"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// HTTP and gRPC (and grpc-web) on one port.
+    pub listen: SocketAddr,
+    /// Open sync streams at most; more get 429 / RESOURCE_EXHAUSTED with Retry-After.
+    pub max_connections: usize,
+    /// Seconds a refused client is told to wait.
+    pub retry_after_seconds: u64,
+    /// Largest request body accepted.
+    pub max_request_bytes: usize,
+    /// Largest data line sent (a page holds fewer ops when rows are large; one op always fits).
+    pub max_line_bytes: usize,
+    /// Origins allowed for browsers (`*` for any). Empty: no CORS headers.
+    pub cors_origins: Vec<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_connections: 100_000,
+            retry_after_seconds: 5,
+            max_request_bytes: 1 << 20,
+            max_line_bytes: 4 << 20,
+            cors_origins: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyncSection {
+    pub page_ops: usize,
+    pub buffer_lines: usize,
+    pub keepalive_seconds: u64,
+    pub stall_timeout_seconds: u64,
+}
+
+impl Default for SyncSection {
+    fn default() -> SyncSection {
+        let d = walsync_sync::SyncConfig::default();
+        SyncSection {
+            page_ops: d.page_ops,
+            buffer_lines: d.buffer_lines,
+            keepalive_seconds: d.keepalive.as_secs(),
+            stall_timeout_seconds: d.stall_timeout.as_secs(),
+        }
+    }
+}
+
+impl SyncSection {
+    pub fn to_sync_config(&self, max_line_bytes: usize) -> walsync_sync::SyncConfig {
+        walsync_sync::SyncConfig {
+            page_ops: self.page_ops,
+            buffer_lines: self.buffer_lines,
+            keepalive: Duration::from_secs(self.keepalive_seconds.max(1)),
+            stall_timeout: Duration::from_secs(self.stall_timeout_seconds.max(1)),
+            max_line_bytes,
+            ..walsync_sync::SyncConfig::default()
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Reads `path` (if it exists) and the `WALSYNC__…` environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let figment = Figment::new()
+            .merge(Toml::file(path))
+            .merge(Env::prefixed("WALSYNC__").split("__"));
+        let mut config: Config = figment.extract().map_err(|e| ConfigError(e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if config.rules.is_relative() {
+            config.rules = base.join(&config.rules);
+        }
+        if config.storage.dir.is_relative() {
+            config.storage.dir = base.join(&config.storage.dir);
+        }
+        if let Some(f) = &config.auth.jwks_file
+            && f.is_relative()
+        {
+            config.auth.jwks_file = Some(base.join(f));
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5/db"),
+            "postgres://u:<redacted>@h:5/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn file_then_environment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("walsync.toml");
+        std::fs::write(
+            &path,
+            "rules = \"rules.yaml\"\n[postgres]\nurl = \"postgres://u:pw@h/db\"\n[auth]\nsecret = \"s3cret\"\naudience = [\"a\"]\n",
+        )
+        .expect("write");
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("WALSYNC__SERVER__MAX_CONNECTIONS", "7");
+            jail.set_env("WALSYNC__AUTH__SECRET", "from-env");
+            let c = Config::load(&path).expect("load");
+            assert_eq!(c.server.max_connections, 7);
+            assert_eq!(c.auth.secret.as_deref(), Some("from-env"));
+            assert!(c.rules.ends_with("rules.yaml"));
+            let printed = format!("{c:?}");
+            assert!(
+                !printed.contains("from-env") && !printed.contains("pw@"),
+                "{printed}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("walsync.toml");
+        std::fs::write(
+            &path,
+            "rules = \"r\"\n[postgres]\nurl = \"x\"\n[auth]\nsecret = \"s\"\n[server]\nlisten_port = 1\n",
+        )
+        .expect("write");
+        let err = Config::load(&path).expect_err("unknown key");
+        assert!(err.to_string().contains("listen_port"), "{err}");
+    }
+}

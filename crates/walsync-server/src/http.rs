@@ -1,0 +1,187 @@
+//! The HTTP side: PowerSync's sync stream as NDJSON, write checkpoints, health.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::StreamExt;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use tokio_stream::wrappers::ReceiverStream;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use walsync_protocol::{
+    ErrorBody, ErrorDetail, SyncRequest, WriteCheckpointData, WriteCheckpointResponse,
+};
+use walsync_storage::BucketStore;
+use walsync_sync::Identity;
+
+use crate::{ApiError, Server};
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+            },
+        };
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+pub(crate) fn router<S: BucketStore + 'static>(server: Arc<Server<S>>) -> Router {
+    Router::new()
+        .route("/sync/stream", post(sync_stream::<S>))
+        .route("/write-checkpoint2.json", get(write_checkpoint::<S>))
+        .route("/health/live", get(|| async { "ok" }))
+        .route("/health/ready", get(ready::<S>))
+        .with_state(server)
+}
+
+pub(crate) fn cors(origins: &[String]) -> CorsLayer {
+    use http::Method;
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::HeaderName::from_static("x-grpc-web"),
+            header::HeaderName::from_static("x-user-agent"),
+            header::HeaderName::from_static("grpc-timeout"),
+        ])
+        .expose_headers([
+            header::HeaderName::from_static("grpc-status"),
+            header::HeaderName::from_static("grpc-message"),
+            header::RETRY_AFTER,
+        ])
+}
+
+async fn authenticate<S: BucketStore + 'static>(
+    server: &Server<S>,
+    headers: &HeaderMap,
+) -> Result<Identity, ApiError> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or(""));
+    server.auth.authenticate_header(value).await.map_err(|e| {
+        tracing::debug!(error = %e, "refused a token");
+        ApiError::unauthenticated(e)
+    })
+}
+
+fn too_many(server_retry: u64) -> Response {
+    let mut resp = ApiError::new(
+        429,
+        "too_many_connections",
+        "the server holds as many streams as it is configured for; retry later",
+    )
+    .into_response();
+    if let Ok(v) = HeaderValue::from_str(&server_retry.to_string()) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
+}
+
+async fn sync_stream<S: BucketStore + 'static>(
+    State(server): State<Arc<Server<S>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let identity = match authenticate(&server, &headers).await {
+        Ok(i) => i,
+        Err(e) => return e.into_response(),
+    };
+    let Ok(permit) = server.admission.clone().try_acquire_owned() else {
+        return too_many(server.config.retry_after_seconds);
+    };
+    let bytes = match axum::body::to_bytes(body, server.config.max_request_bytes).await {
+        Ok(b) => b,
+        Err(_) => {
+            return ApiError::new(
+                413,
+                "payload_too_large",
+                format!(
+                    "the request body exceeds {} bytes",
+                    server.config.max_request_bytes
+                ),
+            )
+            .into_response();
+        }
+    };
+    let request: SyncRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
+        SyncRequest::default()
+    } else {
+        match serde_json::from_slice(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                return ApiError::new(400, "bad_request", format!("invalid sync request: {e}"))
+                    .into_response();
+            }
+        }
+    };
+    let lines = server.core.open(identity, request);
+    let stream = ReceiverStream::new(lines).map(move |item| {
+        // The admission permit lives as long as the stream.
+        let _held = &permit;
+        match item {
+            Ok(line) => Ok(Bytes::from(line.to_ndjson())),
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn write_checkpoint<S: BucketStore + 'static>(
+    State(server): State<Arc<Server<S>>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let identity = match authenticate(&server, &headers).await {
+        Ok(i) => i,
+        Err(e) => return e.into_response(),
+    };
+    let _client_id = query.get("client_id");
+    match server.checkpoints.create().await {
+        Ok(lsn) => {
+            let n = server
+                .core
+                .register_write_checkpoint(&identity.user_id, lsn);
+            axum::Json(WriteCheckpointResponse {
+                data: WriteCheckpointData {
+                    write_checkpoint: n,
+                },
+            })
+            .into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn ready<S: BucketStore + 'static>(State(server): State<Arc<Server<S>>>) -> Response {
+    match server.core.store().checkpoint() {
+        Ok(cp) if cp.snapshot_complete => (StatusCode::OK, "ready").into_response(),
+        Ok(_) => {
+            ApiError::new(503, "not_ready", "the initial snapshot is still running").into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "readiness check could not read the store");
+            ApiError::new(503, "not_ready", "the store cannot be read").into_response()
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! The sync API: one port for the PowerSync-compatible HTTP stream, gRPC and grpc-web, all
+//! behind one [`walsync_sync::SyncCore`].
+//!
+//! - `POST /sync/stream`: NDJSON lines (`application/x-ndjson`, `X-Accel-Buffering: no`);
+//! - `GET /write-checkpoint2.json?client_id=`: `{"data":{"write_checkpoint":"N"}}`;
+//! - `walsync.v1.Sync/Sync` and `/WriteCheckpoint` over gRPC (HTTP/2) and grpc-web (HTTP/1.1);
+//! - `GET /health/live`, `GET /health/ready`.
+//!
+//! Every request is authenticated first (401 / `UNAUTHENTICATED` and nothing else otherwise),
+//! then admitted against the connection limit (429 with `Retry-After` /
+//! `RESOURCE_EXHAUSTED`). Errors are JSON with a stable `code`.
+
+pub mod auth;
+pub mod config;
+mod grpc;
+mod http;
+mod service;
+mod write_checkpoint;
+
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+use walsync_storage::BucketStore;
+use walsync_sync::SyncCore;
+
+pub use auth::{AuthConfig, AuthError, Authenticator, mint_hs256};
+pub use config::{Config, ServerConfig};
+pub use service::{Service, StartError};
+pub use write_checkpoint::WriteCheckpoints;
+
+/// Everything a request needs.
+pub struct Server<S: BucketStore> {
+    pub core: Arc<SyncCore<S>>,
+    pub auth: Arc<Authenticator>,
+    pub config: ServerConfig,
+    pub checkpoints: Arc<WriteCheckpoints>,
+    admission: Arc<Semaphore>,
+}
+
+impl<S: BucketStore> std::fmt::Debug for Server<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: BucketStore + 'static> Server<S> {
+    pub fn new(
+        core: Arc<SyncCore<S>>,
+        auth: Arc<Authenticator>,
+        config: ServerConfig,
+        checkpoints: Arc<WriteCheckpoints>,
+    ) -> Arc<Server<S>> {
+        Arc::new(Server {
+            admission: Arc::new(Semaphore::new(config.max_connections)),
+            core,
+            auth,
+            config,
+            checkpoints,
+        })
+    }
+
+    /// Open sync streams.
+    pub fn open_streams(&self) -> usize {
+        self.config.max_connections - self.admission.available_permits()
+    }
+
+    /// The router serving both transports.
+    pub fn router(self: &Arc<Self>) -> axum::Router {
+        http::router(self.clone())
+            .merge(grpc::router(self.clone()))
+            .layer(http::cors(&self.config.cors_origins))
+    }
+
+    /// Serves on `listener` until `shutdown` resolves.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let router = self.router();
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+}
+
+/// An API error: HTTP status, stable code, message.
+#[derive(Debug, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ApiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn unauthenticated(e: AuthError) -> ApiError {
+        ApiError::new(401, "unauthenticated", e.to_string())
+    }
+}

@@ -1,0 +1,155 @@
+//! The whole service in one process: replicator → store → sync core → HTTP + gRPC.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use walsync_replicator::{Progress, ReplicatorConfig};
+use walsync_rules::SyncRules;
+use walsync_source::{PgConfig, PublicationScope, SourceConfig};
+use walsync_storage::EmbeddedStore;
+use walsync_sync::SyncCore;
+
+use crate::{Authenticator, Config, Server, WriteCheckpoints};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Rules(#[from] walsync_rules::RulesError),
+    #[error(transparent)]
+    Source(#[from] walsync_source::SourceError),
+    #[error(transparent)]
+    Storage(#[from] walsync_storage::StorageError),
+    #[error(transparent)]
+    Keys(#[from] crate::auth::KeyLoadError),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running service.
+#[derive(Debug)]
+pub struct Service {
+    pub addr: SocketAddr,
+    pub server: Arc<Server<EmbeddedStore>>,
+    pub progress: watch::Receiver<Progress>,
+    stop: watch::Sender<bool>,
+    replicator: JoinHandle<Result<(), walsync_replicator::ReplicatorError>>,
+    http: JoinHandle<std::io::Result<()>>,
+}
+
+impl Service {
+    /// Starts everything `config` describes; returns once the port is bound.
+    pub async fn start(config: Config) -> Result<Service, StartError> {
+        let text = std::fs::read_to_string(&config.rules).map_err(|source| StartError::Read {
+            path: config.rules.display().to_string(),
+            source,
+        })?;
+        let rules = Arc::new(SyncRules::from_yaml(&text)?);
+        for w in rules.warnings() {
+            tracing::warn!(warning = %w, "sync rules");
+        }
+        let pg: PgConfig = config.postgres.url.parse()?;
+        let mut source = SourceConfig::new(
+            pg.clone(),
+            config.postgres.slot.clone(),
+            config.postgres.publication.clone(),
+        );
+        if config.postgres.create_publication {
+            source.create_publication = Some(PublicationScope::Tables(
+                rules
+                    .tables()
+                    .iter()
+                    .map(|(s, t)| format!("{s}.{t}"))
+                    .collect(),
+            ));
+        }
+        let store = Arc::new(EmbeddedStore::open(&config.storage.dir)?);
+        let auth = Arc::new(Authenticator::new(config.auth.clone()).await?);
+        let core = SyncCore::new(
+            store.clone(),
+            rules.clone(),
+            config.sync.to_sync_config(config.server.max_line_bytes),
+        );
+        let (stop, stop_rx) = watch::channel(false);
+        let (progress_tx, progress) = watch::channel(Progress::default());
+        tokio::spawn(core.clone().run(stop_rx.clone()));
+        {
+            let core = core.clone();
+            let mut progress = progress.clone();
+            tokio::spawn(async move {
+                while progress.changed().await.is_ok() {
+                    core.notify_checkpoint();
+                }
+            });
+        }
+        let replicator = tokio::spawn(walsync_replicator::run(
+            ReplicatorConfig::new(source),
+            rules,
+            store,
+            stop_rx.clone(),
+            progress_tx,
+        ));
+        let server = Server::new(
+            core,
+            auth,
+            config.server.clone(),
+            Arc::new(WriteCheckpoints::new(pg)),
+        );
+        let listener = tokio::net::TcpListener::bind(config.server.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: config.server.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Listen {
+            addr: config.server.listen,
+            source,
+        })?;
+        let mut stopped = stop_rx;
+        let http = tokio::spawn(server.clone().serve(listener, async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }));
+        tracing::info!(%addr, "walsync is serving http, grpc and grpc-web");
+        Ok(Service {
+            addr,
+            server,
+            progress,
+            stop,
+            replicator,
+            http,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Waits until the replicator fails or the server stops; returns the replicator's error.
+    pub async fn wait(&mut self) -> Result<(), walsync_replicator::ReplicatorError> {
+        tokio::select! {
+            r = &mut self.replicator => match r {
+                Ok(r) => r,
+                Err(e) => Err(walsync_replicator::ReplicatorError::Storage(
+                    walsync_storage::StorageError::Engine(format!("replicator task: {e}")),
+                )),
+            },
+            _ = &mut self.http => Ok(()),
+        }
+    }
+
+    /// Stops everything and waits for the replicator to finish its commit.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.replicator.await;
+        let _ = self.http.await;
+    }
+}

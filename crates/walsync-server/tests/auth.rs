@@ -1,0 +1,300 @@
+//! Tokens: every accepted algorithm from a secret, a JWKS file and a JWKS URL; and every way a
+//! token can be wrong.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use walsync_server::{AuthConfig, AuthError, Authenticator};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+fn claims(sub: &str, aud: &str, lifetime: u64) -> serde_json::Value {
+    serde_json::json!({"sub": sub, "aud": aud, "iat": now(), "exp": now() + lifetime})
+}
+
+fn sign(
+    alg: Algorithm,
+    kid: Option<&str>,
+    key: &EncodingKey,
+    claims: &serde_json::Value,
+) -> String {
+    let mut h = Header::new(alg);
+    h.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(&h, claims, key).expect("sign")
+}
+
+fn pem(name: &str) -> Vec<u8> {
+    std::fs::read(fixture(name)).expect("fixture")
+}
+
+const JWKS_SECRET: &[u8] = b"jwks-shared-secret-for-tests-0123456789";
+
+/// One token per accepted asymmetric algorithm, signed by the fixture keys.
+fn signed_tokens(c: &serde_json::Value) -> Vec<(Algorithm, String)> {
+    let rsa = EncodingKey::from_rsa_pem(&pem("rsa.pem")).expect("rsa");
+    let ec256 = EncodingKey::from_ec_pem(&pem("ec256.pem")).expect("ec256");
+    let ec384 = EncodingKey::from_ec_pem(&pem("ec384.pem")).expect("ec384");
+    let ed = EncodingKey::from_ed_pem(&pem("ed25519.pem")).expect("ed");
+    let hs = EncodingKey::from_secret(JWKS_SECRET);
+    vec![
+        (
+            Algorithm::RS256,
+            sign(Algorithm::RS256, Some("rsa-1"), &rsa, c),
+        ),
+        (
+            Algorithm::RS384,
+            sign(Algorithm::RS384, Some("rsa-1"), &rsa, c),
+        ),
+        (
+            Algorithm::RS512,
+            sign(Algorithm::RS512, Some("rsa-1"), &rsa, c),
+        ),
+        (
+            Algorithm::ES256,
+            sign(Algorithm::ES256, Some("ec256"), &ec256, c),
+        ),
+        (
+            Algorithm::ES384,
+            sign(Algorithm::ES384, Some("ec384"), &ec384, c),
+        ),
+        (
+            Algorithm::EdDSA,
+            sign(Algorithm::EdDSA, Some("ed-1"), &ed, c),
+        ),
+        (
+            Algorithm::HS256,
+            sign(Algorithm::HS256, Some("hs-1"), &hs, c),
+        ),
+    ]
+}
+
+fn jwks_file_config() -> AuthConfig {
+    AuthConfig {
+        jwks_file: Some(fixture("jwks.json")),
+        audience: vec!["walsync".into()],
+        ..AuthConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn every_algorithm_from_a_jwks_file() {
+    let auth = Authenticator::new(jwks_file_config()).await.expect("keys");
+    for (alg, token) in signed_tokens(&claims("u1", "walsync", 600)) {
+        let id = auth
+            .authenticate(&token)
+            .await
+            .unwrap_or_else(|e| panic!("{alg:?}: {e}"));
+        assert_eq!(id.user_id, "u1");
+        assert!(id.expires_at.is_some());
+    }
+}
+
+#[tokio::test]
+async fn a_kid_must_name_the_key_that_signed() {
+    let auth = Authenticator::new(jwks_file_config()).await.expect("keys");
+    let ec256 = EncodingKey::from_ec_pem(&pem("ec256.pem")).expect("ec256");
+    let c = claims("u1", "walsync", 600);
+    let unknown = sign(Algorithm::ES256, Some("nope"), &ec256, &c);
+    assert!(matches!(
+        auth.authenticate(&unknown).await,
+        Err(AuthError::NoKey(_))
+    ));
+    // A P-256 signature presented under the P-384 key's id.
+    let wrong = sign(Algorithm::ES256, Some("ec384"), &ec256, &c);
+    assert!(auth.authenticate(&wrong).await.is_err());
+}
+
+#[tokio::test]
+async fn hs_secrets_of_every_size() {
+    let auth = Authenticator::new(AuthConfig {
+        secret: Some("top-secret".into()),
+        audience: vec!["walsync".into()],
+        ..AuthConfig::default()
+    })
+    .await
+    .expect("keys");
+    let key = EncodingKey::from_secret(b"top-secret");
+    for alg in [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512] {
+        let token = sign(alg, None, &key, &claims("u2", "walsync", 60));
+        assert_eq!(
+            auth.authenticate(&token).await.expect("valid").user_id,
+            "u2"
+        );
+    }
+    let other = EncodingKey::from_secret(b"guessed");
+    let forged = sign(Algorithm::HS256, None, &other, &claims("u2", "walsync", 60));
+    assert!(auth.authenticate(&forged).await.is_err());
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused() {
+    let auth = Authenticator::new(AuthConfig {
+        secret: Some("top-secret".into()),
+        audience: vec!["walsync".into()],
+        max_lifetime_seconds: Some(3600),
+        ..AuthConfig::default()
+    })
+    .await
+    .expect("keys");
+    let key = EncodingKey::from_secret(b"top-secret");
+    let t = now();
+    let cases = [
+        (
+            "expired",
+            serde_json::json!({"sub":"u","aud":"walsync","iat":t-7200,"exp":t-3600}),
+        ),
+        (
+            "wrong audience",
+            serde_json::json!({"sub":"u","aud":"other","iat":t,"exp":t+60}),
+        ),
+        (
+            "no audience",
+            serde_json::json!({"sub":"u","iat":t,"exp":t+60}),
+        ),
+        (
+            "no sub",
+            serde_json::json!({"aud":"walsync","iat":t,"exp":t+60}),
+        ),
+        (
+            "no iat",
+            serde_json::json!({"sub":"u","aud":"walsync","exp":t+60}),
+        ),
+        (
+            "no exp",
+            serde_json::json!({"sub":"u","aud":"walsync","iat":t}),
+        ),
+        (
+            "too long",
+            serde_json::json!({"sub":"u","aud":"walsync","iat":t,"exp":t+7200}),
+        ),
+        (
+            "from the future",
+            serde_json::json!({"sub":"u","aud":"walsync","iat":t+3000,"exp":t+3500}),
+        ),
+        (
+            "empty sub",
+            serde_json::json!({"sub":"","aud":"walsync","iat":t,"exp":t+60}),
+        ),
+    ];
+    for (what, c) in cases {
+        let token = sign(Algorithm::HS256, None, &key, &c);
+        assert!(
+            auth.authenticate(&token).await.is_err(),
+            "{what} was accepted"
+        );
+    }
+    // alg none: header {"alg":"none"}, no signature.
+    use base64_helper::b64;
+    let none = format!(
+        "{}.{}.",
+        b64(br#"{"alg":"none","typ":"JWT"}"#),
+        b64(
+            serde_json::json!({"sub":"u","aud":"walsync","iat":t,"exp":t+60})
+                .to_string()
+                .as_bytes()
+        )
+    );
+    assert!(auth.authenticate(&none).await.is_err(), "alg none accepted");
+    for garbage in ["", "abc", "a.b.c", "Bearer x"] {
+        assert!(auth.authenticate(garbage).await.is_err());
+    }
+    assert!(matches!(
+        auth.authenticate_header(None).await,
+        Err(AuthError::Missing)
+    ));
+    assert!(matches!(
+        auth.authenticate_header(Some("Basic dTpw")).await,
+        Err(AuthError::Scheme)
+    ));
+}
+
+#[tokio::test]
+async fn keys_from_a_jwks_url_are_fetched_and_refreshed_for_new_kids() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = Arc::new(AtomicUsize::new(0));
+    let jwks = std::fs::read_to_string(fixture("jwks.json")).expect("jwks");
+    let counter = hits.clone();
+    let app = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let body = jwks.clone();
+            async move { body }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let auth = Authenticator::new(AuthConfig {
+        jwks_url: Some(format!("http://{addr}/jwks.json")),
+        audience: vec!["walsync".into()],
+        ..AuthConfig::default()
+    })
+    .await
+    .expect("keys");
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    for (alg, token) in signed_tokens(&claims("u3", "walsync", 600)) {
+        assert_eq!(
+            auth.authenticate(&token)
+                .await
+                .unwrap_or_else(|e| panic!("{alg:?}: {e}"))
+                .user_id,
+            "u3"
+        );
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "keys are cached");
+    // An unknown kid right after a fetch does not hammer the URL.
+    let ed = EncodingKey::from_ed_pem(&pem("ed25519.pem")).expect("ed");
+    let unknown = sign(
+        Algorithm::EdDSA,
+        Some("rotated"),
+        &ed,
+        &claims("u3", "walsync", 600),
+    );
+    assert!(auth.authenticate(&unknown).await.is_err());
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "refetch is rate limited");
+    // An unreachable URL at start is a clear error.
+    let err = Authenticator::new(AuthConfig {
+        jwks_url: Some("http://127.0.0.1:9/jwks.json".into()),
+        ..AuthConfig::default()
+    })
+    .await
+    .expect_err("unreachable");
+    assert!(err.to_string().contains("jwks url"), "{err}");
+    let _ = Duration::ZERO;
+}
+
+mod base64_helper {
+    /// base64url without padding, for hand-made tokens.
+    pub fn b64(input: &[u8]) -> String {
+        const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in input.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..=chunk.len() {
+                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,268 @@
+//! Which connection a checkpoint concerns.
+//!
+//! Connections register the buckets they hold and the parameter lookups their bucket set
+//! depends on. [`Hub::publish`] reads, once per new checkpoint, what the commits since the last
+//! one changed and wakes only the connections that hold one of those buckets or lookups, or whose
+//! user waits for a write checkpoint the store's position has passed.
+//!
+//! **No lost wake-up.** A connection reads its checkpoint `X` first, then registers; the
+//! registration returns the published checkpoint `P` under the same lock the hub publishes under.
+//! If `P > X` the connection wakes itself; otherwise every later publication sees its
+//! registration.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+use walsync_rules::LookupKey;
+use walsync_storage::{BucketStore, StoreRead};
+
+use crate::SyncError;
+
+#[derive(Debug, Default)]
+pub(crate) struct Hub {
+    state: Mutex<State>,
+    poke: Notify,
+    wakeups: AtomicU64,
+    checkpoints: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next_id: u64,
+    conns: HashMap<u64, Conn>,
+    by_bucket: HashMap<String, HashSet<u64>>,
+    by_lookup: HashMap<LookupKey, HashSet<u64>>,
+    by_user: HashMap<String, HashSet<u64>>,
+    /// Requested write checkpoints not yet passed: source position → users.
+    pending: BTreeMap<u64, HashSet<String>>,
+    /// Per user, the largest write checkpoint the store has passed.
+    satisfied: HashMap<String, u64>,
+    published: Published,
+    shutdown: bool,
+}
+
+#[derive(Debug)]
+struct Conn {
+    notify: Arc<Notify>,
+    user: String,
+    buckets: Vec<String>,
+    lookups: Vec<LookupKey>,
+}
+
+/// The last checkpoint the hub published.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Published {
+    pub op_id: u64,
+    pub lsn: u64,
+    /// The store has a complete checkpoint (the initial snapshot is done).
+    pub complete: bool,
+}
+
+/// Counters of the hub, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HubStats {
+    pub connections: usize,
+    pub checkpoints: u64,
+    pub wakeups: u64,
+}
+
+fn remove_from<K: std::hash::Hash + Eq + Clone>(
+    map: &mut HashMap<K, HashSet<u64>>,
+    key: &K,
+    id: u64,
+) {
+    if let Some(set) = map.get_mut(key) {
+        set.remove(&id);
+        if set.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+impl Hub {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere while holding the lock leaves plain maps behind: still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn poke(&self) {
+        self.poke.notify_one();
+    }
+
+    pub async fn poked(&self) {
+        self.poke.notified().await;
+    }
+
+    pub fn register(&self, user: &str) -> (u64, Arc<Notify>) {
+        let mut st = self.lock();
+        st.next_id += 1;
+        let id = st.next_id;
+        let notify = Arc::new(Notify::new());
+        st.conns.insert(
+            id,
+            Conn {
+                notify: notify.clone(),
+                user: user.to_owned(),
+                buckets: Vec::new(),
+                lookups: Vec::new(),
+            },
+        );
+        st.by_user.entry(user.to_owned()).or_default().insert(id);
+        if st.shutdown {
+            notify.notify_one();
+        }
+        (id, notify)
+    }
+
+    /// Replaces what connection `id` listens to; returns the published checkpoint.
+    pub fn subscribe(&self, id: u64, buckets: Vec<String>, lookups: Vec<LookupKey>) -> Published {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let Some(conn) = st.conns.get_mut(&id) else {
+            return st.published;
+        };
+        for b in &conn.buckets {
+            remove_from(&mut st.by_bucket, b, id);
+        }
+        for l in &conn.lookups {
+            remove_from(&mut st.by_lookup, l, id);
+        }
+        for b in &buckets {
+            st.by_bucket.entry(b.clone()).or_default().insert(id);
+        }
+        for l in &lookups {
+            st.by_lookup.entry(l.clone()).or_default().insert(id);
+        }
+        conn.buckets = buckets;
+        conn.lookups = lookups;
+        st.published
+    }
+
+    pub fn unregister(&self, id: u64) {
+        let mut st = self.lock();
+        let st = &mut *st;
+        if let Some(conn) = st.conns.remove(&id) {
+            for b in &conn.buckets {
+                remove_from(&mut st.by_bucket, b, id);
+            }
+            for l in &conn.lookups {
+                remove_from(&mut st.by_lookup, l, id);
+            }
+            remove_from(&mut st.by_user, &conn.user, id);
+        }
+    }
+
+    pub fn published(&self) -> Published {
+        self.lock().published
+    }
+
+    pub fn is_shutdown(&self) -> bool {
+        self.lock().shutdown
+    }
+
+    /// The largest write checkpoint of `user` the store has passed.
+    pub fn satisfied(&self, user: &str) -> Option<u64> {
+        self.lock().satisfied.get(user).copied()
+    }
+
+    pub fn register_write_checkpoint(&self, user: &str, lsn: u64) {
+        let mut st = self.lock();
+        if st.published.complete && st.published.lsn >= lsn {
+            let s = st.satisfied.entry(user.to_owned()).or_default();
+            *s = (*s).max(lsn);
+            let wake: Vec<Arc<Notify>> = st
+                .by_user
+                .get(user)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| st.conns.get(id).map(|c| c.notify.clone()))
+                .collect();
+            drop(st);
+            wake.iter().for_each(|n| n.notify_one());
+            return;
+        }
+        st.pending.entry(lsn).or_default().insert(user.to_owned());
+    }
+
+    pub fn stats(&self) -> HubStats {
+        HubStats {
+            connections: self.lock().conns.len(),
+            checkpoints: self.checkpoints.load(Ordering::Relaxed),
+            wakeups: self.wakeups.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn shutdown(&self) {
+        let wake: Vec<Arc<Notify>> = {
+            let mut st = self.lock();
+            st.shutdown = true;
+            st.conns.values().map(|c| c.notify.clone()).collect()
+        };
+        wake.iter().for_each(|n| n.notify_one());
+    }
+
+    /// Publishes the store's checkpoint if it is new, waking the connections it concerns.
+    pub fn publish<S: BucketStore>(&self, store: &S) -> Result<(), SyncError> {
+        let snap = store.snapshot()?;
+        let cp = snap.checkpoint()?;
+        if !cp.snapshot_complete {
+            return Ok(());
+        }
+        let now = Published {
+            op_id: cp.op_id,
+            lsn: cp.lsn.map_or(0, |l| l.0),
+            complete: true,
+        };
+        let before = self.published();
+        if before == now {
+            return Ok(());
+        }
+        // The change log is read outside the lock, once for every connection.
+        let changes = if before.complete && now.op_id > before.op_id {
+            Some(snap.changes(before.op_id, now.op_id)?)
+        } else {
+            None
+        };
+        let mut wake: HashSet<u64> = HashSet::new();
+        let notifies: Vec<Arc<Notify>> = {
+            let mut st = self.lock();
+            let st = &mut *st;
+            if !before.complete {
+                // The first checkpoint: everyone looks for themselves.
+                wake.extend(st.conns.keys().copied());
+            } else if let Some(changes) = &changes {
+                for b in &changes.buckets {
+                    if let Some(ids) = st.by_bucket.get(b) {
+                        wake.extend(ids);
+                    }
+                }
+                for l in &changes.lookups {
+                    if let Some(ids) = st.by_lookup.get(l) {
+                        wake.extend(ids);
+                    }
+                }
+            }
+            let passed: Vec<u64> = st.pending.range(..=now.lsn).map(|(k, _)| *k).collect();
+            for lsn in passed {
+                for user in st.pending.remove(&lsn).unwrap_or_default() {
+                    let s = st.satisfied.entry(user.clone()).or_default();
+                    *s = (*s).max(lsn);
+                    if let Some(ids) = st.by_user.get(&user) {
+                        wake.extend(ids);
+                    }
+                }
+            }
+            st.published = now;
+            wake.iter()
+                .filter_map(|id| st.conns.get(id).map(|c| c.notify.clone()))
+                .collect()
+        };
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.wakeups
+            .fetch_add(notifies.len() as u64, Ordering::Relaxed);
+        notifies.iter().for_each(|n| n.notify_one());
+        Ok(())
+    }
+}

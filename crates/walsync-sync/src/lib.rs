@@ -1,0 +1,180 @@
+//! The sync core, free of any transport: what a connection is sent, and when.
+//!
+//! For one connection ([`SyncCore::open`]): resolve the token's buckets at the current
+//! checkpoint from the parameter index; send `checkpoint` with each bucket's checksum, count
+//! and priority; send `data` pages of every bucket after the client's `after` (never an op at or
+//! below it); `partial_checkpoint_complete` after each priority level when levels differ;
+//! `checkpoint_complete`. Then wait for a checkpoint that concerns the connection and send
+//! `checkpoint_diff` with only its changed, added and removed buckets, their data, and
+//! `checkpoint_complete` again. `token_expires_in` goes out as keepalive every
+//! [`SyncConfig::keepalive`] and at the token's expiry, which ends the stream.
+//!
+//! **One snapshot per checkpoint.** A checkpoint line, the states it lists and the data sent
+//! for it are read from one store snapshot, so checksums always match the data.
+//!
+//! **Who wakes.** A hub learns of new checkpoints ([`SyncCore::notify_checkpoint`]), reads
+//! which buckets and parameter lookups the commits changed (the store's change log, read once
+//! per checkpoint, not per connection), and wakes only the connections that hold one of those
+//! buckets, depend on one of those lookups, or wait for a write checkpoint replication has now
+//! passed. An idle connection costs nothing per checkpoint.
+//!
+//! **Back-pressure.** Each connection has a bounded buffer of lines. A client that does not
+//! read for [`SyncConfig::stall_timeout`] is disconnected (it resumes later with `after`), so
+//! a slow client never holds up the others or grows memory.
+
+mod hub;
+mod stream;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+use walsync_protocol::{Line, SyncRequest};
+use walsync_rules::SyncRules;
+use walsync_storage::{BucketStore, StorageError};
+
+pub use hub::HubStats;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("the client did not read its stream for {0:?} and was disconnected")]
+    TooSlow(Duration),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// Tunables of the sync core.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// Ops per `data` line, at most.
+    pub page_ops: usize,
+    /// Bytes of row data per `data` line, at most (one op always fits).
+    pub max_line_bytes: usize,
+    /// Lines buffered per connection before the stream waits for the client.
+    pub buffer_lines: usize,
+    /// Interval of `token_expires_in` keepalives.
+    pub keepalive: Duration,
+    /// A connection whose buffer stays full this long is closed.
+    pub stall_timeout: Duration,
+    /// How often the hub looks for a new checkpoint when nobody tells it.
+    pub poll_interval: Duration,
+}
+
+impl Default for SyncConfig {
+    fn default() -> SyncConfig {
+        SyncConfig {
+            page_ops: 1_000,
+            max_line_bytes: 4 << 20,
+            buffer_lines: 8,
+            keepalive: Duration::from_secs(20),
+            stall_timeout: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// An authenticated client: who it is, what its token says, when the token expires.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub user_id: String,
+    /// All claims of the token (for `request.jwt()`).
+    pub claims: serde_json::Value,
+    pub expires_at: Option<SystemTime>,
+}
+
+/// A connection's lines, in order; an error ends the stream.
+pub type Lines = mpsc::Receiver<Result<Line, SyncError>>;
+
+/// The sync core shared by every transport.
+pub struct SyncCore<S: BucketStore> {
+    pub(crate) store: Arc<S>,
+    pub(crate) rules: Arc<SyncRules>,
+    pub(crate) config: SyncConfig,
+    pub(crate) hub: hub::Hub,
+}
+
+impl<S: BucketStore> std::fmt::Debug for SyncCore<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncCore")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: BucketStore + 'static> SyncCore<S> {
+    /// A core over `store`; call [`SyncCore::run`] to follow new checkpoints.
+    pub fn new(store: Arc<S>, rules: Arc<SyncRules>, config: SyncConfig) -> Arc<SyncCore<S>> {
+        Arc::new(SyncCore {
+            store,
+            rules,
+            config,
+            hub: hub::Hub::default(),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    pub fn rules(&self) -> &Arc<SyncRules> {
+        &self.rules
+    }
+
+    pub fn config(&self) -> &SyncConfig {
+        &self.config
+    }
+
+    /// Opens a stream for `identity`. The lines arrive on the returned receiver; dropping it
+    /// ends the connection.
+    pub fn open(self: &Arc<Self>, identity: Identity, request: SyncRequest) -> Lines {
+        let (tx, rx) = mpsc::channel(self.config.buffer_lines.max(1));
+        let core = self.clone();
+        tokio::spawn(async move {
+            let mut conn = stream::Connection::new(core, identity, request, tx);
+            conn.run().await;
+        });
+        rx
+    }
+
+    /// Tells the hub that the store may have a new checkpoint (the replicator calls this after
+    /// each commit). Cheap; wakes the hub task only.
+    pub fn notify_checkpoint(&self) {
+        self.hub.poke();
+    }
+
+    /// Records that `user_id` asked for a write checkpoint at source position `lsn` (a position
+    /// the database reached after the client's writes). Returns the write checkpoint to give the
+    /// client: a later checkpoint line carries `write_checkpoint` ≥ it once the store's
+    /// position has passed it.
+    pub fn register_write_checkpoint(&self, user_id: &str, lsn: u64) -> u64 {
+        self.hub.register_write_checkpoint(user_id, lsn);
+        self.hub.poke();
+        lsn
+    }
+
+    /// Connection counts and hub work, for metrics.
+    pub fn stats(&self) -> HubStats {
+        self.hub.stats()
+    }
+
+    /// Follows the store's checkpoints until `stop` is dropped or set, waking the connections
+    /// each one concerns. Returns on a storage error (logged) or stop.
+    pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            if let Err(e) = self.hub.publish(&*self.store) {
+                tracing::error!(error = %e, "sync hub could not read the store");
+            }
+            tokio::select! {
+                _ = self.hub.poked() => {}
+                _ = tokio::time::sleep(self.config.poll_interval) => {}
+                r = stop.changed() => if r.is_err() { break },
+            }
+        }
+        self.hub.shutdown();
+    }
+}

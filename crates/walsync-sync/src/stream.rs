@@ -1,0 +1,429 @@
+//! One connection's state machine: full checkpoint, then diffs, keepalives and expiry.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use walsync_protocol::{
+    BucketChecksum, Checkpoint, CheckpointComplete, CheckpointDiff, DataPage, Line, OpKind, OpLine,
+    PartialCheckpointComplete, SyncRequest,
+};
+use walsync_rules::{LookupKey, RequestContext, bucket_id};
+use walsync_storage::{BucketStore, Op, StoreRead};
+
+use crate::{Identity, SyncCore, SyncError};
+
+/// Why a connection ends.
+enum Stop {
+    /// The client went away.
+    Closed,
+    /// The token expired (the client was told with `token_expires_in: 0`).
+    Expired,
+    Error(SyncError),
+}
+
+impl From<SyncError> for Stop {
+    fn from(e: SyncError) -> Stop {
+        Stop::Error(e)
+    }
+}
+
+impl From<walsync_storage::StorageError> for Stop {
+    fn from(e: walsync_storage::StorageError) -> Stop {
+        Stop::Error(e.into())
+    }
+}
+
+type Flow<T = ()> = Result<T, Stop>;
+
+/// A bucket the client holds, as of the last checkpoint sent.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    /// The last op id sent (or the client's own `after`).
+    after: u64,
+    priority: u32,
+}
+
+pub(crate) struct Connection<S: BucketStore> {
+    core: Arc<SyncCore<S>>,
+    identity: Identity,
+    context: RequestContext,
+    requested: HashMap<String, u64>,
+    tx: mpsc::Sender<Result<Line, SyncError>>,
+    id: u64,
+    notify: Arc<Notify>,
+    held: BTreeMap<String, Held>,
+    lookups: Vec<LookupKey>,
+    last_cp: u64,
+    sent_write_checkpoint: u64,
+    next_keepalive: Instant,
+    expires: Option<Instant>,
+}
+
+fn op_line(op: Op) -> OpLine {
+    let (kind, with_row) = match op.kind {
+        walsync_storage::OpKind::Put => (OpKind::Put, true),
+        walsync_storage::OpKind::Remove => (OpKind::Remove, true),
+        walsync_storage::OpKind::Move => (OpKind::Move, false),
+        walsync_storage::OpKind::Clear => (OpKind::Clear, false),
+    };
+    OpLine {
+        op_id: op.op_id,
+        op: kind,
+        object_type: with_row.then_some(op.object_type),
+        object_id: with_row.then_some(op.object_id),
+        subkey: with_row.then_some(op.subkey),
+        data: if kind == OpKind::Put { op.data } else { None },
+        checksum: op.checksum,
+    }
+}
+
+impl<S: BucketStore + 'static> Connection<S> {
+    pub fn new(
+        core: Arc<SyncCore<S>>,
+        identity: Identity,
+        request: SyncRequest,
+        tx: mpsc::Sender<Result<Line, SyncError>>,
+    ) -> Connection<S> {
+        let (id, notify) = core.hub.register(&identity.user_id);
+        let context = RequestContext {
+            user_id: identity.user_id.clone(),
+            claims: identity.claims.clone(),
+            parameters: serde_json::Value::Object(request.parameters),
+        };
+        let expires = identity.expires_at.map(|at| {
+            Instant::now()
+                + at.duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO)
+        });
+        Connection {
+            next_keepalive: Instant::now() + core.config.keepalive,
+            core,
+            identity,
+            context,
+            requested: request
+                .buckets
+                .into_iter()
+                .map(|b| (b.name, b.after))
+                .collect(),
+            tx,
+            id,
+            notify,
+            held: BTreeMap::new(),
+            lookups: Vec::new(),
+            last_cp: 0,
+            sent_write_checkpoint: 0,
+            expires,
+        }
+    }
+
+    pub async fn run(&mut self) {
+        let outcome = self.serve().await;
+        self.core.hub.unregister(self.id);
+        match outcome {
+            Ok(()) | Err(Stop::Closed) | Err(Stop::Expired) => {}
+            Err(Stop::Error(e)) => {
+                match &e {
+                    SyncError::TooSlow(_) => tracing::info!(error = %e, "sync stream closed"),
+                    SyncError::ShuttingDown => {}
+                    SyncError::Storage(_) => tracing::error!(error = %e, "sync stream failed"),
+                }
+                let _ = self.tx.try_send(Err(e));
+            }
+        }
+    }
+
+    async fn serve(&mut self) -> Flow {
+        // Wait for a complete checkpoint (the initial snapshot may still be running).
+        loop {
+            let snap = self.core.store.snapshot()?;
+            let cp = snap.checkpoint()?;
+            if cp.snapshot_complete {
+                self.full_checkpoint(&snap, cp.op_id, cp.lsn.map(|l| l.0))
+                    .await?;
+                break;
+            }
+            drop(snap);
+            self.wait().await?;
+        }
+        loop {
+            self.wait().await?;
+            let snap = self.core.store.snapshot()?;
+            let cp = snap.checkpoint()?;
+            if !cp.snapshot_complete {
+                // The store is being rebuilt: the client keeps what it has until it completes.
+                continue;
+            }
+            self.diff(&snap, cp.op_id, cp.lsn.map(|l| l.0)).await?;
+        }
+    }
+
+    /// Sleeps until the hub wakes this connection, sending keepalives meanwhile; ends the
+    /// stream at token expiry or shutdown.
+    async fn wait(&mut self) -> Flow {
+        loop {
+            if self.core.hub.is_shutdown() {
+                return Err(Stop::Error(SyncError::ShuttingDown));
+            }
+            let expiry = self
+                .expires
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
+            tokio::select! {
+                _ = self.notify.notified() => return Ok(()),
+                _ = tokio::time::sleep_until(self.next_keepalive) => {
+                    self.next_keepalive = Instant::now() + self.core.config.keepalive;
+                    let left = self.seconds_left();
+                    self.send(Line::TokenExpiresIn(left)).await?;
+                }
+                _ = tokio::time::sleep_until(expiry) => {
+                    self.send(Line::TokenExpiresIn(0)).await?;
+                    return Err(Stop::Expired);
+                }
+                _ = self.tx.closed() => return Err(Stop::Closed),
+            }
+        }
+    }
+
+    fn seconds_left(&self) -> i64 {
+        match self.expires {
+            Some(at) => at.saturating_duration_since(Instant::now()).as_secs() as i64,
+            None => i64::MAX,
+        }
+    }
+
+    async fn send(&self, line: Line) -> Flow {
+        match self.tx.try_send(Ok(line)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Stop::Closed),
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                let stall = self.core.config.stall_timeout;
+                match tokio::time::timeout(stall, self.tx.send(item)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(_)) => Err(Stop::Closed),
+                    Err(_) => Err(Stop::Error(SyncError::TooSlow(stall))),
+                }
+            }
+        }
+    }
+
+    /// The buckets of this connection at checkpoint `at`, and the lookups they came from.
+    fn resolve(&self, snap: &S::Snapshot, at: u64) -> Flow<(BTreeSet<String>, Vec<LookupKey>)> {
+        let (static_buckets, lookups) = self.core.rules.resolve_request(&self.context);
+        let mut buckets: BTreeSet<String> = static_buckets.into_iter().collect();
+        for key in &lookups {
+            for params in snap.lookup(key, at)? {
+                buckets.insert(bucket_id(&key.definition, &params));
+            }
+        }
+        Ok((buckets, lookups))
+    }
+
+    fn priority_of(&self, bucket: &str) -> u32 {
+        self.core
+            .rules
+            .definition_of(bucket)
+            .map_or(walsync_protocol::DEFAULT_PRIORITY, |d| {
+                u32::from(d.priority)
+            })
+    }
+
+    fn checksums(&self, snap: &S::Snapshot, buckets: &[String]) -> Flow<Vec<BucketChecksum>> {
+        let states = snap.bucket_states(buckets)?;
+        Ok(buckets
+            .iter()
+            .zip(states)
+            .map(|(b, s)| {
+                let s = s.unwrap_or_default();
+                BucketChecksum {
+                    bucket: b.clone(),
+                    checksum: s.checksum,
+                    count: s.count,
+                    priority: self.priority_of(b),
+                }
+            })
+            .collect())
+    }
+
+    /// The write checkpoint to put on a checkpoint line at source position `lsn`: replication
+    /// has passed `lsn`, so every write checkpoint at or below it is done.
+    fn write_checkpoint(&mut self, lsn: Option<u64>) -> Option<u64> {
+        let lsn = lsn.filter(|l| *l > 0)?;
+        self.sent_write_checkpoint = self.sent_write_checkpoint.max(lsn);
+        Some(lsn)
+    }
+
+    fn listen(&self, buckets: Vec<String>, lookups: Vec<LookupKey>, at: u64) {
+        let published = self.core.hub.subscribe(self.id, buckets, lookups);
+        if published.complete && published.op_id > at {
+            self.notify.notify_one();
+        }
+    }
+
+    async fn full_checkpoint(&mut self, snap: &S::Snapshot, at: u64, lsn: Option<u64>) -> Flow {
+        let (buckets, lookups) = self.resolve(snap, at)?;
+        let names: Vec<String> = buckets.into_iter().collect();
+        let checksums = self.checksums(snap, &names)?;
+        self.held = checksums
+            .iter()
+            .map(|c| {
+                let after = self.requested.get(&c.bucket).copied().unwrap_or(0);
+                (
+                    c.bucket.clone(),
+                    Held {
+                        after,
+                        priority: c.priority,
+                    },
+                )
+            })
+            .collect();
+        self.lookups = lookups.clone();
+        // Listen before sending data: changes during a long download are not missed.
+        self.listen(names.clone(), lookups, at);
+        let write_checkpoint = self.write_checkpoint(lsn);
+        self.send(Line::Checkpoint(Checkpoint {
+            last_op_id: at,
+            write_checkpoint,
+            buckets: checksums,
+        }))
+        .await?;
+        self.send_data(snap, names, at).await?;
+        self.last_cp = at;
+        Ok(())
+    }
+
+    async fn diff(&mut self, snap: &S::Snapshot, at: u64, lsn: Option<u64>) -> Flow {
+        let changes = if at > self.last_cp {
+            snap.changes(self.last_cp, at)?
+        } else {
+            Default::default()
+        };
+        let mut updated: BTreeSet<String> = changes
+            .buckets
+            .iter()
+            .filter(|b| self.held.contains_key(*b))
+            .cloned()
+            .collect();
+        let mut removed: Vec<String> = Vec::new();
+        let mut relisten = false;
+        if self.lookups.iter().any(|l| changes.lookups.contains(l)) {
+            let (now, lookups) = self.resolve(snap, at)?;
+            for b in &now {
+                if !self.held.contains_key(b) {
+                    updated.insert(b.clone());
+                    let priority = self.priority_of(b);
+                    self.held.insert(b.clone(), Held { after: 0, priority });
+                }
+            }
+            removed = self
+                .held
+                .keys()
+                .filter(|b| !now.contains(*b))
+                .cloned()
+                .collect();
+            for b in &removed {
+                self.held.remove(b);
+            }
+            self.lookups = lookups;
+            relisten = true;
+        }
+        let satisfied = self.core.hub.satisfied(&self.identity.user_id);
+        let write_due = satisfied.is_some_and(|s| s > self.sent_write_checkpoint);
+        if relisten {
+            self.listen(
+                self.held.keys().cloned().collect(),
+                self.lookups.clone(),
+                at,
+            );
+        }
+        if updated.is_empty() && removed.is_empty() && !write_due {
+            self.last_cp = self.last_cp.max(at);
+            return Ok(());
+        }
+        let names: Vec<String> = updated.into_iter().collect();
+        let checksums = self.checksums(snap, &names)?;
+        let write_checkpoint = self.write_checkpoint(lsn);
+        self.send(Line::CheckpointDiff(CheckpointDiff {
+            last_op_id: at,
+            write_checkpoint,
+            updated_buckets: checksums,
+            removed_buckets: removed,
+        }))
+        .await?;
+        self.send_data(snap, names, at).await?;
+        self.last_cp = self.last_cp.max(at);
+        Ok(())
+    }
+
+    /// Data of `buckets` up to `at`, by priority, then the completion lines.
+    async fn send_data(&mut self, snap: &S::Snapshot, buckets: Vec<String>, at: u64) -> Flow {
+        let mut by_priority: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        for b in buckets {
+            let p = self
+                .held
+                .get(&b)
+                .map_or(walsync_protocol::DEFAULT_PRIORITY, |h| h.priority);
+            by_priority.entry(p).or_default().push(b);
+        }
+        let levels = by_priority.len();
+        for (i, (priority, names)) in by_priority.into_iter().enumerate() {
+            for bucket in names {
+                self.send_bucket(snap, &bucket, at).await?;
+            }
+            if i + 1 < levels {
+                self.send(Line::PartialCheckpointComplete(PartialCheckpointComplete {
+                    last_op_id: at,
+                    priority,
+                }))
+                .await?;
+            }
+        }
+        self.send(Line::CheckpointComplete(CheckpointComplete {
+            last_op_id: at,
+        }))
+        .await
+    }
+
+    async fn send_bucket(&mut self, snap: &S::Snapshot, bucket: &str, at: u64) -> Flow {
+        let page = self.core.config.page_ops.max(1);
+        let mut after = self.held.get(bucket).map_or(0, |h| h.after);
+        loop {
+            let mut ops = snap.ops(bucket, after, at, page + 1)?;
+            let mut has_more = ops.len() > page;
+            ops.truncate(page);
+            // Cut the page where its row data passes the line limit (one op always fits).
+            let mut bytes = 0usize;
+            if let Some(cut) = ops.iter().position(|op| {
+                bytes += op.data.as_ref().map_or(0, String::len) + 64;
+                bytes > self.core.config.max_line_bytes
+            }) {
+                let cut = cut.max(1);
+                if cut < ops.len() {
+                    ops.truncate(cut);
+                    has_more = true;
+                }
+            }
+            let Some(last) = ops.last() else {
+                break;
+            };
+            let next_after = last.op_id;
+            self.send(Line::Data(DataPage {
+                bucket: bucket.to_owned(),
+                data: ops.into_iter().map(op_line).collect(),
+                has_more,
+                after,
+                next_after,
+            }))
+            .await?;
+            after = next_after;
+            if let Some(h) = self.held.get_mut(bucket) {
+                h.after = after;
+            }
+            if !has_more {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
