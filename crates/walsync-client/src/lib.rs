@@ -67,7 +67,9 @@ pub struct Connector {
     pub max_line_bytes: usize,
 }
 
-fn install_crypto() {
+/// Installs ring as the process's rustls provider (reqwest is built without one); harmless when
+/// one is installed already.
+pub fn install_crypto() {
     // reqwest is built without a default rustls provider; walsync uses ring throughout.
     let _ = rustls::crypto::ring::default_provider().install_default();
 }

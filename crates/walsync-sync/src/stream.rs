@@ -324,6 +324,7 @@ impl<S: BucketStore + 'static> Connection<S> {
                 .collect();
             for b in &removed {
                 self.held.remove(b);
+                updated.remove(b);
             }
             self.lookups = lookups;
             relisten = true;

@@ -1,0 +1,309 @@
+//! End to end with real PostgreSQL: the whole service (replicator, store, sync core, HTTP and
+//! gRPC) and the Rust client over each transport. After every change each user's client holds
+//! exactly the rows the rules select for that user from PostgreSQL, checksums verified by the
+//! client at every checkpoint; a resent op would fail the client's own check.
+
+#[path = "../../walsync-replicator/tests/support/seed.rs"]
+mod seed;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use walsync_client::{ClientError, Connector, SyncClient, Transport};
+use walsync_server::config::{PostgresConfig, StorageConfig, SyncSection};
+use walsync_server::{AuthConfig, Config, ServerConfig, Service, mint_hs256};
+
+const SECRET: &str = "e2e-secret";
+const AUDIENCE: &str = "walsync-e2e";
+const WAIT: Duration = Duration::from_secs(30);
+
+type Rows = BTreeMap<(String, String), String>;
+
+fn config(s: &seed::Setup, server: ServerConfig) -> Config {
+    Config {
+        postgres: PostgresConfig {
+            url: s.url.clone(),
+            slot: s.slot.clone(),
+            publication: "walsync".into(),
+            create_publication: false,
+        },
+        rules: seed::RULES_PATH.into(),
+        storage: StorageConfig {
+            dir: s.dir.path().join("service"),
+        },
+        server: ServerConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            ..server
+        },
+        auth: AuthConfig {
+            secret: Some(SECRET.into()),
+            audience: vec![AUDIENCE.into()],
+            ..AuthConfig::default()
+        },
+        sync: SyncSection {
+            page_ops: 50,
+            ..SyncSection::default()
+        },
+    }
+}
+
+fn token(user: &str) -> String {
+    mint_hs256(SECRET, user, Some(AUDIENCE), Duration::from_secs(600)).expect("token")
+}
+
+/// What `user` should hold: the rows of `me["user"]` and of each project they are a member of.
+async fn expected_for(s: &seed::Setup, user: &str) -> anyhow::Result<Rows> {
+    let all = seed::expected(s).await?;
+    let projects = s
+        .sql
+        .query(
+            "SELECT DISTINCT project_id FROM project_members WHERE user_id = $1",
+            &[&user],
+        )
+        .await?;
+    let mut buckets: Vec<String> = projects
+        .iter()
+        .map(|r| format!("user_projects[{}]", r.get::<_, i64>(0)))
+        .collect();
+    buckets.push(format!("me[\"{user}\"]"));
+    let mut out = Rows::new();
+    for b in buckets {
+        if let Some(rows) = all.get(&b) {
+            out.extend(rows.clone());
+        }
+    }
+    Ok(out)
+}
+
+async fn catch_up(s: &seed::Setup, client: &mut SyncClient, user: &str) -> anyhow::Result<()> {
+    let want = expected_for(s, user).await?;
+    let r = client.until(WAIT, |state| state.rows() == want).await;
+    if let Err(e) = r {
+        let got = client.state().rows();
+        let missing = want.keys().filter(|k| got.get(*k) != want.get(*k)).count();
+        let extra = got.keys().filter(|k| !want.contains_key(*k)).count();
+        anyhow::bail!("{user}: {e}; {missing} rows missing or different, {extra} extra");
+    }
+    Ok(())
+}
+
+fn has_bucket(client: &SyncClient, bucket: &str) -> bool {
+    client.state().buckets().contains_key(bucket)
+}
+
+async fn scenario(transport: Transport) -> anyhow::Result<()> {
+    let s = seed::setup().await?;
+    let service = Service::start(config(&s, ServerConfig::default())).await?;
+    let url = service.url();
+    let mut clients: Vec<(String, SyncClient)> = Vec::new();
+    for user in ["u1", "u2", "u3", "u4"] {
+        let c = SyncClient::new(Connector::new(&url, transport, &token(user))?, user);
+        clients.push((user.to_owned(), c));
+    }
+    // Initial sync: a member gets exactly their projects.
+    for (user, c) in &mut clients {
+        catch_up(&s, c, user).await?;
+    }
+    assert!(has_bucket(&clients[0].1, "user_projects[1]"));
+    assert!(!has_bucket(&clients[0].1, "user_projects[3]"));
+    assert!(!has_bucket(&clients[3].1, "user_projects[1]"));
+
+    // Adding a member makes the project appear live.
+    s.sql
+        .batch_execute(
+            "INSERT INTO project_members (project_id, user_id, role) VALUES (3, 'u1', 'editor')",
+        )
+        .await?;
+    catch_up(&s, &mut clients[0].1, "u1").await?;
+    assert!(has_bucket(&clients[0].1, "user_projects[3]"));
+
+    // Removing one makes the project and its rows disappear.
+    s.sql
+        .batch_execute("DELETE FROM project_members WHERE project_id = 1 AND user_id = 'u1'")
+        .await?;
+    catch_up(&s, &mut clients[0].1, "u1").await?;
+    assert!(!has_bucket(&clients[0].1, "user_projects[1]"));
+    assert!(
+        !clients[0]
+            .1
+            .state()
+            .rows()
+            .keys()
+            .any(|(t, id)| t == "projects" && id == "1"),
+        "project 1's row left with the membership"
+    );
+
+    // An assessment moved between projects leaves one user's view and enters another's:
+    // project 2 has u1 and u2; project 4 has nobody; then u4 joins project 4.
+    s.sql
+        .batch_execute(
+            "INSERT INTO project_members (project_id, user_id, role) VALUES (4, 'u4', 'viewer');
+             UPDATE assessments SET project_id = 4 WHERE id = 1;",
+        )
+        .await?;
+    let moved = ("assessments".to_owned(), "1".to_owned());
+    for (user, c) in &mut clients {
+        catch_up(&s, c, user).await?;
+    }
+    assert!(
+        clients[3].1.state().rows().contains_key(&moved),
+        "u4 sees the moved assessment"
+    );
+    s.sql
+        .batch_execute("UPDATE assessments SET project_id = 2 WHERE id = 1")
+        .await?;
+    for (user, c) in &mut clients {
+        catch_up(&s, c, user).await?;
+    }
+    assert!(
+        !clients[3].1.state().rows().contains_key(&moved),
+        "it left u4's view"
+    );
+    assert!(
+        clients[1].1.state().rows().contains_key(&moved),
+        "and entered u2's"
+    );
+
+    // Reconnect with `after`: changes while disconnected arrive once (a resent op would fail
+    // the client's state with a protocol error).
+    for (_, c) in &mut clients {
+        c.disconnect();
+    }
+    seed::workload(&s.sql, 7, 40).await?;
+    for (user, c) in &mut clients {
+        catch_up(&s, c, user).await?;
+        assert_eq!(c.connects, 2, "{user} resumed on a second stream");
+    }
+
+    // Live random changes, including membership changes.
+    seed::workload(&s.sql, 11, 120).await?;
+    for (user, c) in &mut clients {
+        catch_up(&s, c, user).await?;
+    }
+
+    // A write checkpoint shows up in the stream once replication passed it.
+    let wcp = clients[1]
+        .1
+        .connector()
+        .write_checkpoint("device-1")
+        .await?;
+    clients[1]
+        .1
+        .until(WAIT, |st| st.write_checkpoint().is_some_and(|w| w >= wcp))
+        .await?;
+
+    service.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_clients_follow_postgres() -> anyhow::Result<()> {
+    scenario(Transport::Http).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_clients_follow_postgres() -> anyhow::Result<()> {
+    scenario(Transport::Grpc).await
+}
+
+/// Bad input: clear errors, nothing else sent, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors() -> anyhow::Result<()> {
+    let s = seed::setup().await?;
+    let service = Service::start(config(
+        &s,
+        ServerConfig {
+            max_connections: 1,
+            max_request_bytes: 1024,
+            ..ServerConfig::default()
+        },
+    ))
+    .await?;
+    let url = service.url();
+    walsync_client::install_crypto();
+    let http = reqwest::Client::new();
+    let post = |auth: Option<String>, body: String| {
+        let mut r = http.post(format!("{url}/sync/stream")).body(body);
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.send()
+    };
+    let code = |resp: reqwest::Response| async move {
+        let status = resp.status().as_u16();
+        let body: serde_json::Value = resp.json().await.expect("json error body");
+        (
+            status,
+            body["error"]["code"].as_str().unwrap_or("").to_owned(),
+        )
+    };
+    // No token, a bad token, an expired token, a wrong audience.
+    assert_eq!(
+        code(post(None, "{}".into()).await?).await,
+        (401, "unauthenticated".into())
+    );
+    assert_eq!(
+        code(post(Some("Bearer nonsense".into()), "{}".into()).await?).await,
+        (401, "unauthenticated".into())
+    );
+    let expired = {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &serde_json::json!({"sub":"u1","aud":AUDIENCE,"iat":t-600,"exp":t-300}),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )?
+    };
+    assert_eq!(
+        code(post(Some(format!("Token {expired}")), "{}".into()).await?)
+            .await
+            .0,
+        401
+    );
+    let other_aud = mint_hs256(SECRET, "u1", Some("elsewhere"), Duration::from_secs(60))?;
+    assert_eq!(
+        code(post(Some(format!("Bearer {other_aud}")), "{}".into()).await?)
+            .await
+            .0,
+        401
+    );
+    let good = format!("Bearer {}", token("u1"));
+    // A malformed body, an oversized body.
+    assert_eq!(
+        code(post(Some(good.clone()), "{\"buckets\": 7}".into()).await?).await,
+        (400, "bad_request".into())
+    );
+    assert_eq!(
+        code(post(Some(good.clone()), "x".repeat(4096)).await?).await,
+        (413, "payload_too_large".into())
+    );
+    // The connection limit: one stream open, the next is told to come back later.
+    let first = post(Some(good.clone()), "{}".into()).await?;
+    assert_eq!(first.status().as_u16(), 200);
+    assert_eq!(
+        first.headers()["content-type"].to_str()?,
+        "application/x-ndjson"
+    );
+    assert_eq!(first.headers()["x-accel-buffering"].to_str()?, "no");
+    let second = post(Some(good.clone()), "{}".into()).await?;
+    assert_eq!(second.status().as_u16(), 429);
+    assert!(second.headers().contains_key("retry-after"));
+    assert_eq!(code(second).await.1, "too_many_connections");
+    drop(first);
+    // gRPC: a bad token is UNAUTHENTICATED.
+    let mut grpc = SyncClient::new(Connector::new(&url, Transport::Grpc, "nonsense")?, "c");
+    match grpc.next_event().await {
+        Err(ClientError::Unauthenticated(_)) => {}
+        other => panic!("expected unauthenticated, got {other:?}"),
+    }
+    // The write checkpoint needs a token too.
+    let resp = http
+        .get(format!("{url}/write-checkpoint2.json?client_id=x"))
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 401);
+    service.stop().await;
+    Ok(())
+}
