@@ -6,74 +6,14 @@
 #[path = "../../walsync-replicator/tests/support/seed.rs"]
 mod seed;
 
-use std::collections::BTreeMap;
+#[path = "support/service.rs"]
+mod service;
+
 use std::time::Duration;
 
+use service::{AUDIENCE, SECRET, WAIT, config, expected_for, token};
 use walsync_client::{ClientError, Connector, SyncClient, Transport};
-use walsync_server::config::{PostgresConfig, StorageConfig, SyncSection};
-use walsync_server::{AuthConfig, Config, ServerConfig, Service, mint_hs256};
-
-const SECRET: &str = "e2e-secret";
-const AUDIENCE: &str = "walsync-e2e";
-const WAIT: Duration = Duration::from_secs(30);
-
-type Rows = BTreeMap<(String, String), String>;
-
-fn config(s: &seed::Setup, server: ServerConfig) -> Config {
-    Config {
-        postgres: PostgresConfig {
-            url: s.url.clone(),
-            slot: s.slot.clone(),
-            publication: "walsync".into(),
-            create_publication: false,
-        },
-        rules: seed::RULES_PATH.into(),
-        storage: StorageConfig {
-            dir: s.dir.path().join("service"),
-        },
-        server: ServerConfig {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            ..server
-        },
-        auth: AuthConfig {
-            secret: Some(SECRET.into()),
-            audience: vec![AUDIENCE.into()],
-            ..AuthConfig::default()
-        },
-        sync: SyncSection {
-            page_ops: 50,
-            ..SyncSection::default()
-        },
-    }
-}
-
-fn token(user: &str) -> String {
-    mint_hs256(SECRET, user, Some(AUDIENCE), Duration::from_secs(600)).expect("token")
-}
-
-/// What `user` should hold: the rows of `me["user"]` and of each project they are a member of.
-async fn expected_for(s: &seed::Setup, user: &str) -> anyhow::Result<Rows> {
-    let all = seed::expected(s).await?;
-    let projects = s
-        .sql
-        .query(
-            "SELECT DISTINCT project_id FROM project_members WHERE user_id = $1",
-            &[&user],
-        )
-        .await?;
-    let mut buckets: Vec<String> = projects
-        .iter()
-        .map(|r| format!("user_projects[{}]", r.get::<_, i64>(0)))
-        .collect();
-    buckets.push(format!("me[\"{user}\"]"));
-    let mut out = Rows::new();
-    for b in buckets {
-        if let Some(rows) = all.get(&b) {
-            out.extend(rows.clone());
-        }
-    }
-    Ok(out)
-}
+use walsync_server::{ServerConfig, Service, mint_hs256};
 
 async fn catch_up(s: &seed::Setup, client: &mut SyncClient, user: &str) -> anyhow::Result<()> {
     let want = expected_for(s, user).await?;

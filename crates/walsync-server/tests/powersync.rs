@@ -1,0 +1,243 @@
+//! The real PowerSync client (`@powersync/node` 1.1.0 with `better-sqlite3` 12.11.1, from npm)
+//! against walsync over HTTP: its local SQLite tables must hold exactly the user's rows after
+//! the initial sync, after live changes, after a membership removal and after a reconnect.
+//! Skipped, with a message, only where `node` is absent.
+
+#[path = "../../walsync-replicator/tests/support/seed.rs"]
+mod seed;
+
+#[path = "support/service.rs"]
+mod service;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use walsync_server::{ServerConfig, Service};
+
+/// table → id → compared column → value as text (or null).
+type Tables = BTreeMap<String, BTreeMap<String, BTreeMap<String, Option<String>>>>;
+
+/// The columns the client script compares, per table (as in `powersync/client.mjs`).
+const COLUMNS: &[(&str, &[&str])] = &[
+    ("projects", &["name", "description"]),
+    ("project_members", &["project_id", "user_id", "role"]),
+    ("stakeholders", &["user_id", "name", "title"]),
+    ("teams", &["project_id", "name"]),
+    ("assessments", &["project_id", "phase", "tier"]),
+    (
+        "assessment_responses",
+        &["assessment_id", "project_id", "answer"],
+    ),
+    ("sow_section_approvals", &["project_id", "section"]),
+];
+
+fn node_available() -> bool {
+    std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Installs the pinned client into a scratch folder under the target directory (once).
+fn install_client() -> anyhow::Result<PathBuf> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/powersync");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("powersync-node");
+    std::fs::create_dir_all(&dir)?;
+    let manifest = std::fs::read(src.join("package.json"))?;
+    std::fs::copy(src.join("client.mjs"), dir.join("client.mjs"))?;
+    let installed = dir.join("node_modules/better-sqlite3/build/Release/better_sqlite3.node");
+    let same = std::fs::read(dir.join("package.json")).ok().as_deref() == Some(&manifest[..]);
+    if same && installed.exists() && dir.join("node_modules/@powersync/node").exists() {
+        return Ok(dir);
+    }
+    std::fs::write(dir.join("package.json"), &manifest)?;
+    eprintln!("installing @powersync/node 1.1.0 and better-sqlite3 12.11.1 with npm (once)");
+    let status = std::process::Command::new("npm")
+        .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+        .current_dir(&dir)
+        .status()
+        .context("running npm")?;
+    anyhow::ensure!(status.success(), "npm install failed: {status}");
+    anyhow::ensure!(installed.exists(), "better-sqlite3 was not built");
+    Ok(dir)
+}
+
+/// What the user's client should show: the expected rows, in the client's column form.
+async fn expected_tables(s: &seed::Setup, user: &str) -> anyhow::Result<Tables> {
+    let rows = service::expected_for(s, user).await?;
+    let mut out: Tables = COLUMNS
+        .iter()
+        .map(|(t, _)| ((*t).to_owned(), BTreeMap::new()))
+        .collect();
+    for ((table, id), data) in rows {
+        let json: serde_json::Value = serde_json::from_str(&data)?;
+        let cols = COLUMNS
+            .iter()
+            .find(|(t, _)| *t == table)
+            .map(|(_, c)| *c)
+            .unwrap_or(&[]);
+        let values = cols
+            .iter()
+            .map(|c| {
+                let v = match json.get(*c) {
+                    None | Some(serde_json::Value::Null) => None,
+                    Some(serde_json::Value::String(s)) => Some(s.clone()),
+                    Some(other) => Some(other.to_string()),
+                };
+                ((*c).to_owned(), v)
+            })
+            .collect();
+        out.entry(table).or_default().insert(id, values);
+    }
+    Ok(out)
+}
+
+struct NodeClient {
+    child: Child,
+    stdin: ChildStdin,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    last: Option<Tables>,
+}
+
+impl NodeClient {
+    async fn start(dir: &Path, url: &str, token: &str, db: &Path) -> anyhow::Result<NodeClient> {
+        let mut child = Command::new("node")
+            .arg("client.mjs")
+            .arg(url)
+            .arg(token)
+            .arg(db)
+            .current_dir(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting node")?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        Ok(NodeClient {
+            child,
+            stdin,
+            lines: BufReader::new(stdout).lines(),
+            last: None,
+        })
+    }
+
+    async fn send(&mut self, command: &str) -> anyhow::Result<()> {
+        self.stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .await?;
+        self.stdin.flush().await?;
+        Ok(())
+    }
+
+    /// Reads the client's state lines until its tables equal `want`.
+    async fn until(&mut self, want: &Tables, what: &str) -> anyhow::Result<()> {
+        if self.last.as_ref() == Some(want) {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let line = match tokio::time::timeout_at(deadline, self.lines.next_line()).await {
+                Ok(line) => line?.context("the node client exited")?,
+                Err(_) => {
+                    let diff = describe(self.last.as_ref(), want);
+                    anyhow::bail!("{what}: the powersync client never matched postgres: {diff}");
+                }
+            };
+            let v: serde_json::Value =
+                serde_json::from_str(&line).with_context(|| format!("node printed {line}"))?;
+            if let Some(e) = v.get("error") {
+                eprintln!("powersync client reported: {e}");
+                continue;
+            }
+            if let Some(state) = v.get("state") {
+                let tables: Tables = serde_json::from_value(state.clone())?;
+                let done = &tables == want;
+                self.last = Some(tables);
+                if done {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+fn describe(got: Option<&Tables>, want: &Tables) -> String {
+    let Some(got) = got else {
+        return "it never finished a first sync".into();
+    };
+    let mut out = Vec::new();
+    for (table, rows) in want {
+        let have = got.get(table).cloned().unwrap_or_default();
+        let missing = rows.keys().filter(|id| !have.contains_key(*id)).count();
+        let extra = have.keys().filter(|id| !rows.contains_key(*id)).count();
+        let differ = rows
+            .iter()
+            .filter(|(id, r)| have.get(*id).is_some_and(|h| h != *r))
+            .count();
+        if missing + extra + differ > 0 {
+            out.push(format!(
+                "{table}: {missing} missing, {extra} extra, {differ} differ"
+            ));
+        }
+    }
+    out.join("; ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_powersync_node_client_syncs_exactly_the_users_rows() -> anyhow::Result<()> {
+    if !node_available() {
+        eprintln!("skipped: `node` is not installed, so the PowerSync client test cannot run");
+        return Ok(());
+    }
+    let dir = install_client()?;
+    let s = seed::setup().await?;
+    let service = Service::start(service::config(&s, ServerConfig::default())).await?;
+    let db = s.dir.path().join("powersync-u1.db");
+    let mut client = NodeClient::start(&dir, &service.url(), &service::token("u1"), &db).await?;
+
+    let want = expected_tables(&s, "u1").await?;
+    assert!(
+        !want["assessment_responses"].is_empty(),
+        "u1 has rows to sync"
+    );
+    client.until(&want, "initial sync").await?;
+
+    // Live changes, in and out of u1's projects.
+    s.sql
+        .batch_execute(
+            "UPDATE assessment_responses SET answer = 'live edit' WHERE project_id = 2;
+             UPDATE projects SET description = 'changed' WHERE id IN (1, 3);
+             INSERT INTO teams (project_id, name) VALUES (1, 'red'), (5, 'blue');",
+        )
+        .await?;
+    client
+        .until(&expected_tables(&s, "u1").await?, "live changes")
+        .await?;
+
+    // A membership removal takes the project and its rows away.
+    s.sql
+        .batch_execute("DELETE FROM project_members WHERE project_id = 2 AND user_id = 'u1'")
+        .await?;
+    let want = expected_tables(&s, "u1").await?;
+    assert!(!want["projects"].contains_key("2"));
+    client.until(&want, "membership removal").await?;
+
+    // A reconnect resumes (with `after`) and catches up with what changed meanwhile.
+    client.send("reconnect").await?;
+    seed::workload(&s.sql, 5, 60).await?;
+    client
+        .until(&expected_tables(&s, "u1").await?, "after reconnect")
+        .await?;
+
+    client.send("exit").await?;
+    let _ = tokio::time::timeout(Duration::from_secs(10), client.child.wait()).await;
+    service.stop().await;
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! The service under test: configuration, tokens, and what each user should hold.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use walsync_server::config::{PostgresConfig, StorageConfig, SyncSection};
+use walsync_server::{AuthConfig, Config, ServerConfig, mint_hs256};
+
+use crate::seed;
+
+pub const SECRET: &str = "e2e-secret";
+pub const AUDIENCE: &str = "walsync-e2e";
+pub const WAIT: Duration = Duration::from_secs(30);
+
+pub type Rows = BTreeMap<(String, String), String>;
+
+pub fn config(s: &seed::Setup, server: ServerConfig) -> Config {
+    Config {
+        postgres: PostgresConfig {
+            url: s.url.clone(),
+            slot: s.slot.clone(),
+            publication: "walsync".into(),
+            create_publication: false,
+        },
+        rules: seed::RULES_PATH.into(),
+        storage: StorageConfig {
+            dir: s.dir.path().join("service"),
+        },
+        server: ServerConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            ..server
+        },
+        auth: AuthConfig {
+            secret: Some(SECRET.into()),
+            audience: vec![AUDIENCE.into()],
+            ..AuthConfig::default()
+        },
+        sync: SyncSection {
+            page_ops: 50,
+            ..SyncSection::default()
+        },
+    }
+}
+
+pub fn token(user: &str) -> String {
+    mint_hs256(SECRET, user, Some(AUDIENCE), Duration::from_secs(600)).expect("token")
+}
+
+/// What `user` should hold: the rows of `me["user"]` and of each project they are a member of.
+pub async fn expected_for(s: &seed::Setup, user: &str) -> anyhow::Result<Rows> {
+    let all = seed::expected(s).await?;
+    let projects = s
+        .sql
+        .query(
+            "SELECT DISTINCT project_id FROM project_members WHERE user_id = $1",
+            &[&user],
+        )
+        .await?;
+    let mut buckets: Vec<String> = projects
+        .iter()
+        .map(|r| format!("user_projects[{}]", r.get::<_, i64>(0)))
+        .collect();
+    buckets.push(format!("me[\"{user}\"]"));
+    let mut out = Rows::new();
+    for b in buckets {
+        if let Some(rows) = all.get(&b) {
+            out.extend(rows.clone());
+        }
+    }
+    Ok(out)
+}
