@@ -1,22 +1,18 @@
 //! `walsync demo`: the whole pipeline on a throwaway PostgreSQL, in one command.
 //!
 //! It starts PostgreSQL (`wal_level=logical`), loads the seed app's schema, sample data and sync
-//! rules, runs the replicator, and lets simulated interviewers edit responses, move assessments
-//! and change project memberships. A "client" per user follows along: at each checkpoint it
-//! resolves the user's buckets, applies the new ops, verifies every bucket's checksum, and prints
-//! what changed. (The HTTP and gRPC sync API will let real clients do the same.)
+//! rules, starts the whole service (replicator and the HTTP/gRPC sync API), prints a token and
+//! ready-to-use `curl` and `grpcurl` lines, and lets simulated interviewers edit responses, move
+//! assessments and change project memberships. A `walsync-client` per user (over HTTP, and one
+//! over gRPC) follows its stream and prints each checkpoint it applied, checksums verified.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use tokio::sync::watch;
-use walsync_replicator::{Progress, ReplicatorConfig};
-use walsync_rules::{RequestContext, SyncRules};
-use walsync_source::{PgConfig, SourceConfig};
-use walsync_storage::conformance::ClientBucket;
-use walsync_storage::{EmbeddedStore, StoreRead, request_buckets};
+use walsync_client::{Connector, SyncClient, Transport};
+use walsync_server::config::{PostgresConfig, StorageConfig, SyncSection};
+use walsync_server::{AuthConfig, Config, ServerConfig, Service, mint_hs256};
 use walsync_testkit::{Cluster, ClusterOptions};
 
 #[derive(Debug, Args)]
@@ -24,6 +20,9 @@ pub struct DemoArgs {
     /// Stop after this many seconds (default: run until Ctrl-C).
     #[arg(long)]
     seconds: Option<u64>,
+    /// Where the sync API listens (another free port is taken when this one is busy).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
 }
 
 const SCHEMA: &str = include_str!("../../../examples/seed/schema.sql");
@@ -41,19 +40,15 @@ INSERT INTO assessment_responses (assessment_id, project_id, question_id, questi
   SELECT 1 + i % 6, 1 + (1 + i % 6) % 3, 'q' || i, 'Question ' || i, 'first answer' FROM generate_series(1, 60) i;
 ";
 
-/// A user's view, kept the way a client keeps it.
-#[derive(Default)]
-struct Client {
-    buckets: BTreeMap<String, ClientBucket>,
-    checkpoint: u64,
-}
-
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(demo(args))
 }
+
+const SECRET: &str = "walsync-demo-secret";
+const AUDIENCE: &str = "walsync-demo";
 
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     println!("starting a throwaway PostgreSQL (wal_level=logical) ...");
@@ -68,133 +63,162 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         db.url
     );
 
-    let rules = Arc::new(SyncRules::from_yaml(RULES)?);
     let dir = tempfile::Builder::new().prefix("walsync-demo-").tempdir()?;
-    let store = Arc::new(EmbeddedStore::open(dir.path())?);
-    let mut source = SourceConfig::new(db.url.parse::<PgConfig>()?, "walsync_demo", "walsync");
-    source.create_publication = Some(walsync_source::PublicationScope::Tables(
-        rules
-            .tables()
-            .iter()
-            .map(|(s, t)| format!("{s}.{t}"))
-            .collect(),
-    ));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (progress_tx, _progress) = watch::channel(Progress::default());
-    let replicator = tokio::spawn(walsync_replicator::run(
-        ReplicatorConfig::new(source),
-        rules.clone(),
-        store.clone(),
-        stop_rx,
-        progress_tx,
-    ));
+    let rules_path = dir.path().join("sync_rules.yaml");
+    std::fs::write(&rules_path, RULES)?;
+    let listen = match std::net::TcpListener::bind(&args.listen) {
+        Ok(l) => l.local_addr()?,
+        Err(_) => "127.0.0.1:0".parse()?,
+    };
+    let config = Config {
+        postgres: PostgresConfig {
+            url: db.url.clone(),
+            slot: "walsync_demo".into(),
+            publication: "walsync".into(),
+            create_publication: true,
+        },
+        rules: rules_path,
+        storage: StorageConfig {
+            dir: dir.path().join("store"),
+        },
+        server: ServerConfig {
+            listen,
+            cors_origins: vec!["*".into()],
+            ..ServerConfig::default()
+        },
+        auth: AuthConfig {
+            secret: Some(SECRET.into()),
+            audience: vec![AUDIENCE.into()],
+            ..AuthConfig::default()
+        },
+        sync: SyncSection::default(),
+    };
+    let mut service = Service::start(config).await?;
+    let url = service.url();
+    let token = mint_hs256(SECRET, USERS[0], Some(AUDIENCE), Duration::from_secs(3600))?;
     println!(
-        "replicator: store in {}, rules from examples/seed/sync_rules.yaml",
-        dir.path().display()
+        "walsync: {url}  (HTTP, gRPC and grpc-web on one port; rules: examples/seed/sync_rules.yaml)"
+    );
+    println!("\na token for {} (valid 1 hour):\n  {token}\n", USERS[0]);
+    println!(
+        "watch {}'s stream over HTTP (PowerSync protocol):",
+        USERS[0]
     );
     println!(
-        "interviewers {USERS:?} start editing; each line below is what one user's client sees at a checkpoint.\n"
+        "  curl -N -X POST {url}/sync/stream -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' -d '{{}}'"
+    );
+    println!("or over gRPC:");
+    println!(
+        "  grpcurl -plaintext -import-path proto -proto walsync/v1/sync.proto -H 'authorization: Bearer {token}' -d '{{}}' {} walsync.v1.Sync/Sync",
+        service.addr
+    );
+    println!(
+        "\ninterviewers {USERS:?} start editing; each line below is what one user's client (over HTTP or gRPC) applies at a checkpoint.\n"
     );
 
     let writer = tokio::spawn(interviewers(db.url.clone()));
-    let mut clients: BTreeMap<&str, Client> =
-        USERS.iter().map(|u| (*u, Client::default())).collect();
+    let (events_tx, mut events) = tokio::sync::mpsc::channel::<String>(64);
+    let mut clients = Vec::new();
+    for (i, user) in USERS.iter().enumerate() {
+        let transport = if i == 2 {
+            Transport::Grpc
+        } else {
+            Transport::Http
+        };
+        let token = mint_hs256(SECRET, user, Some(AUDIENCE), Duration::from_secs(3600))?;
+        let client = SyncClient::new(Connector::new(&url, transport, &token)?, user);
+        clients.push(tokio::spawn(follow(
+            client,
+            user,
+            transport,
+            events_tx.clone(),
+        )));
+    }
+    drop(events_tx);
     let started = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let deadline = args.seconds.map(|s| started + Duration::from_secs(s));
     loop {
+        let until_deadline = deadline.map_or(Duration::from_secs(3600), |d| {
+            d.saturating_duration_since(Instant::now())
+        });
         tokio::select! {
-            _ = tick.tick() => {}
+            e = events.recv() => match e {
+                Some(line) => println!("{line}"),
+                None => break,
+            },
+            _ = tokio::time::sleep(until_deadline) => break,
             _ = tokio::signal::ctrl_c() => break,
-        }
-        if args
-            .seconds
-            .is_some_and(|s| started.elapsed() >= Duration::from_secs(s))
-        {
-            break;
-        }
-        if replicator.is_finished() {
-            break;
-        }
-        let cp = store.checkpoint()?;
-        if !cp.snapshot_complete {
-            continue;
-        }
-        for (user, client) in clients.iter_mut() {
-            follow(&store, &rules, user, client, cp.op_id)?;
+            r = service.wait() => {
+                if let Err(e) = r {
+                    println!("replicator stopped: {e}");
+                }
+                break;
+            }
         }
     }
     writer.abort();
-    stop_tx.send(true)?;
-    match replicator.await? {
-        Ok(()) => {}
-        Err(e) => println!("replicator stopped: {e}"),
+    for c in clients {
+        c.abort();
     }
+    service.stop().await;
     println!("\nstopped; the throwaway PostgreSQL and the store are removed.");
     Ok(())
 }
 
-/// One checkpoint for one user's client: buckets added and removed, new ops applied, checksums
-/// verified against the server's.
-fn follow(
-    store: &EmbeddedStore,
-    rules: &SyncRules,
-    user: &str,
-    client: &mut Client,
-    at: u64,
-) -> anyhow::Result<()> {
-    if at == client.checkpoint {
-        return Ok(());
-    }
-    let request = RequestContext {
-        user_id: user.to_owned(),
-        ..Default::default()
+/// One user's client: prints each applied checkpoint (checksums verified by the client), with
+/// the buckets it gained and lost.
+async fn follow(
+    mut client: SyncClient,
+    user: &'static str,
+    transport: Transport,
+    out: tokio::sync::mpsc::Sender<String>,
+) {
+    let via = match transport {
+        Transport::Http => "http",
+        Transport::Grpc => "grpc",
     };
-    let buckets: BTreeSet<String> = request_buckets(store, rules, &request, at)?
-        .into_iter()
-        .collect();
-    let removed: Vec<String> = client
-        .buckets
-        .keys()
-        .filter(|b| !buckets.contains(*b))
-        .cloned()
-        .collect();
-    for b in &removed {
-        client.buckets.remove(b);
-    }
-    let mut changed = Vec::new();
-    let states = store.bucket_states(&buckets.iter().cloned().collect::<Vec<_>>())?;
-    for (b, state) in buckets.iter().zip(states) {
-        let added = !client.buckets.contains_key(b);
-        let local = client.buckets.entry(b.clone()).or_default();
-        let before = local.last_op_id;
-        local.catch_up_to(store, b, at);
-        let state = state.unwrap_or_default();
-        anyhow::ensure!(
-            local.checksum == state.checksum,
-            "{user}: checksum of {b} differs from the server's"
-        );
-        if added && client.checkpoint > 0 {
-            changed.push(format!("added {b} ({} rows)", local.rows.len()));
-        } else if local.last_op_id != before {
-            changed.push(format!("{b} ({} rows)", local.rows.len()));
-        }
-    }
-    let rows: usize = client.buckets.values().map(|c| c.rows.len()).sum();
-    if !changed.is_empty() || !removed.is_empty() {
+    let mut before: BTreeSet<String> = BTreeSet::new();
+    let mut first = true;
+    loop {
+        let at = match client.next_checkpoint().await {
+            Ok(at) => at,
+            Err(e) => {
+                let _ = out
+                    .send(format!("{user:<6} [{via}] stream: {e}; reconnecting"))
+                    .await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let state = client.state();
+        let now: BTreeSet<String> = state.buckets().keys().cloned().collect();
+        let rows: usize = state.buckets().values().map(|b| b.rows.len()).sum();
         let mut line = format!(
-            "checkpoint {at:>5}  {user:<6} {} buckets, {rows:>3} rows, checksums ok",
-            buckets.len()
+            "checkpoint {at:>5}  {user:<6} [{via}] {} buckets, {rows:>3} rows, checksums ok",
+            now.len()
         );
-        if !changed.is_empty() {
-            line.push_str(&format!("; {}", changed.join(", ")));
+        let added: Vec<&String> = now.difference(&before).collect();
+        let removed: Vec<&String> = before.difference(&now).collect();
+        if !first && !added.is_empty() {
+            line.push_str(&format!("; added {}", join(&added)));
         }
         if !removed.is_empty() {
-            line.push_str(&format!("; removed {}", removed.join(", ")));
+            line.push_str(&format!("; removed {}", join(&removed)));
         }
-        println!("{line}");
+        first = false;
+        before = now;
+        if out.send(line).await.is_err() {
+            return;
+        }
     }
-    client.checkpoint = at;
-    Ok(())
+}
+
+fn join(names: &[&String]) -> String {
+    names
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Simulated interviewers: mostly answers, sometimes an assessment moving to another project, a

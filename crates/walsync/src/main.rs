@@ -6,6 +6,7 @@
 mod bench;
 mod demo;
 mod replicate;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -27,13 +28,19 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Measure walsync against its baselines on a throwaway PostgreSQL and print a table.
-    /// The whole pipeline on a throwaway PostgreSQL: seed schema and rules, the replicator,
-    /// simulated interviewers and a client per user verifying its buckets.
+    /// The whole service on a throwaway PostgreSQL: seed schema and rules, the sync API, a token
+    /// with curl/grpcurl lines, simulated interviewers and a client per user.
     Demo(demo::DemoArgs),
+    /// Measure walsync against its baselines on a throwaway PostgreSQL and print a table.
     Bench(bench::BenchArgs),
-    /// Replicate PostgreSQL into the bucket store (no API yet) until interrupted.
+    /// Replicate PostgreSQL into the bucket store (without the sync API) until interrupted.
     Replicate(replicate::ReplicateArgs),
+    /// Run the service: replication and the sync API (HTTP, gRPC, grpc-web) on one port.
+    Serve(serve::ServeArgs),
+    /// Mint a development token for a user from the configured shared secret.
+    Token(serve::TokenArgs),
+    /// Watch a user's sync stream in the terminal.
+    Tail(serve::TailArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,5 +56,8 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Replicate(args) => replicate::run(args),
+        Command::Serve(args) => serve::serve(args),
+        Command::Token(args) => serve::token(args),
+        Command::Tail(args) => serve::tail(args),
     }
 }

@@ -73,7 +73,7 @@ pub fn run(args: ReplicateArgs) -> anyhow::Result<()> {
     })
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).ok();
     tokio::select! {

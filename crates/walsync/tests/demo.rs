@@ -28,4 +28,16 @@ fn demo_runs_and_clients_follow_their_buckets() {
         "a member leaving shows as a removed bucket: {stdout}"
     );
     assert!(!stdout.contains("differs"), "{stdout}");
+    assert!(
+        stdout.contains("curl -N -X POST http://"),
+        "a curl line: {stdout}"
+    );
+    assert!(
+        stdout.contains("grpcurl -plaintext"),
+        "a grpcurl line: {stdout}"
+    );
+    assert!(
+        stdout.contains("[grpc]") && stdout.contains("[http]"),
+        "{stdout}"
+    );
 }
