@@ -5,6 +5,7 @@ mod engines;
 mod replicator;
 mod snapshot;
 mod source;
+mod sync;
 
 use clap::{Args, Subcommand};
 
@@ -24,6 +25,8 @@ enum Which {
     Replicator(replicator::ReplicatorArgs),
     /// The initial snapshot through the replicator: rows/s and peak memory by table size.
     Snapshot(snapshot::SnapshotArgs),
+    /// The sync API: commit-to-client latency, concurrent streams and memory, initial download.
+    Sync(sync::SyncArgs),
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -32,6 +35,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Which::Engines(a) => engines::run(a),
         Which::Replicator(a) => replicator::run(a),
         Which::Snapshot(a) => snapshot::run(a),
+        Which::Sync(a) => sync::run(a),
     }
 }
 

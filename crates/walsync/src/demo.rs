@@ -52,7 +52,12 @@ const AUDIENCE: &str = "walsync-demo";
 
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     println!("starting a throwaway PostgreSQL (wal_level=logical) ...");
-    let cluster = Cluster::start(ClusterOptions::default())?;
+    // Commits reach the walsender at once (the test default, `synchronous_commit = off`, would
+    // hold them until the WAL writer's next flush).
+    let cluster = Cluster::start(ClusterOptions {
+        settings: vec![("synchronous_commit".into(), "on".into())],
+        ..ClusterOptions::default()
+    })?;
     let db = cluster.fresh_database().await?;
     let sql = db.connect().await?;
     sql.batch_execute(SCHEMA).await?;

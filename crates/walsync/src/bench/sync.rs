@@ -1,0 +1,409 @@
+//! `walsync bench sync`: the sync API under load, against a `walsync serve` child process.
+//!
+//! 1. Commit-to-client latency: C streaming clients spread over P projects; a writer updates one
+//!    project row at a time; each client in that project notes when the row arrives. p50/p99 of
+//!    (arrival − the writer's COMMIT returning).
+//! 2. Concurrent idle streams: S more streams, each past its first checkpoint; the server's
+//!    resident memory before and after, per stream.
+//! 3. Initial download: one client downloads a bucket of R rows; ops/s over HTTP and gRPC.
+//!
+//! Streams are gRPC, many per HTTP/2 connection (as gRPC clients do), so that the count is not
+//! bounded by this machine's open-file limit on the client side.
+
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use futures_util::StreamExt;
+use tokio::sync::Mutex;
+use walsync_protocol::{Line, OpKind, SyncRequest, pb};
+use walsync_server::mint_hs256;
+use walsync_testkit::{Cluster, ClusterOptions};
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// Client counts for the latency runs.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    clients: Vec<usize>,
+    #[arg(long, default_value_t = 1000)]
+    projects: usize,
+    /// Row updates per latency run.
+    #[arg(long, default_value_t = 300)]
+    updates: usize,
+    /// Idle streams to hold.
+    #[arg(long, default_value_t = 50_000)]
+    streams: usize,
+    /// Streams per HTTP/2 connection.
+    #[arg(long, default_value_t = 100)]
+    per_connection: usize,
+    /// Rows of the bucket downloaded whole.
+    #[arg(long, default_value_t = 1_000_000)]
+    download_rows: usize,
+}
+
+const SECRET: &str = "bench-secret";
+const RULES: &str = "bucket_definitions:
+  user_projects:
+    parameters: SELECT project_id FROM members WHERE user_id = request.user_id()
+    data:
+      - SELECT * FROM projects WHERE id = bucket.project_id
+      - SELECT * FROM items WHERE project_id = bucket.project_id
+";
+
+struct ServerProcess {
+    child: Child,
+    url: String,
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ServerProcess {
+    fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+fn start_server(dir: &Path, pg_url: &str) -> anyhow::Result<ServerProcess> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    std::fs::write(dir.join("rules.yaml"), RULES)?;
+    std::fs::write(
+        dir.join("walsync.toml"),
+        format!(
+            "rules = \"rules.yaml\"\n[postgres]\nurl = \"{pg_url}\"\nslot = \"bench\"\npublication = \"bench\"\ncreate_publication = true\n[storage]\ndir = \"store\"\n[server]\nlisten = \"127.0.0.1:{port}\"\nmax_connections = 1000000\n[auth]\nsecret = \"{SECRET}\"\n"
+        ),
+    )?;
+    let child = std::process::Command::new(std::env::current_exe()?)
+        .args(["serve", "--config"])
+        .arg(dir.join("walsync.toml"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting walsync serve")?;
+    Ok(ServerProcess {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    })
+}
+
+async fn wait_ready(url: &str) -> anyhow::Result<()> {
+    walsync_client::install_crypto();
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < deadline {
+        if let Ok(r) = http.get(format!("{url}/health/ready")).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("the server never became ready")
+}
+
+/// Waits until the slot has confirmed everything written so far (the store committed it).
+async fn wait_replicated(sql: &tokio_postgres::Client) -> anyhow::Result<()> {
+    let target: String = sql
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    loop {
+        let done: bool = sql
+            .query_one(
+                "SELECT coalesce(confirmed_flush_lsn >= $1::text::pg_lsn, false) FROM pg_replication_slots WHERE slot_name = 'bench'",
+                &[&target],
+            )
+            .await?
+            .get(0);
+        if done {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn channels(url: &str, n: usize) -> anyhow::Result<Vec<tonic::transport::Channel>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(
+            tonic::transport::Endpoint::from_shared(url.to_owned())?
+                .connect()
+                .await?,
+        );
+    }
+    Ok(out)
+}
+
+fn token(user: &str) -> anyhow::Result<String> {
+    Ok(mint_hs256(SECRET, user, None, Duration::from_secs(7200))?)
+}
+
+async fn open(
+    channel: tonic::transport::Channel,
+    user: &str,
+) -> anyhow::Result<tonic::Streaming<pb::SyncLine>> {
+    let mut client = pb::sync_client::SyncClient::new(channel).max_decoding_message_size(64 << 20);
+    let mut req = tonic::Request::new(pb::SyncRequest::from(SyncRequest::default()));
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {}", token(user)?).parse()?);
+    Ok(client.sync(req).await?.into_inner())
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+pub fn run(args: SyncArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(bench(args))
+}
+
+async fn bench(args: SyncArgs) -> anyhow::Result<()> {
+    // A durable, synchronously committing server, as in production: with the test clusters'
+    // `synchronous_commit = off`, WAL reaches the walsender only at the WAL writer's next flush
+    // (up to `wal_writer_delay`, 200 ms), which would dominate commit-to-client latency.
+    let cluster = Cluster::start(ClusterOptions {
+        settings: vec![
+            ("fsync".into(), "on".into()),
+            ("synchronous_commit".into(), "on".into()),
+        ],
+        ..ClusterOptions::default()
+    })?;
+    let db = cluster.fresh_database().await?;
+    let sql = db.connect().await?;
+    let max_clients = args.clients.iter().copied().max().unwrap_or(0);
+    sql.batch_execute(&format!(
+        "CREATE TABLE projects (id BIGINT PRIMARY KEY, description TEXT);
+         CREATE TABLE members (user_id TEXT, project_id BIGINT, PRIMARY KEY (user_id, project_id));
+         CREATE TABLE items (id BIGSERIAL PRIMARY KEY, project_id BIGINT, body TEXT);
+         INSERT INTO projects SELECT i, 'start' FROM generate_series(1, {p}) i;
+         INSERT INTO members SELECT 'c' || i, 1 + i % {p} FROM generate_series(0, {c} - 1) i;
+         INSERT INTO members SELECT 's' || i, 1 + i % {p} FROM generate_series(0, {s} - 1) i;
+         INSERT INTO projects VALUES (0, 'download');
+         INSERT INTO members VALUES ('big', 0);",
+        p = args.projects,
+        c = max_clients,
+        s = args.streams,
+    ))
+    .await?;
+    let dir = tempfile::Builder::new()
+        .prefix("walsync-bench-sync-")
+        .tempdir()?;
+    let server = start_server(dir.path(), &db.url)?;
+    wait_ready(&server.url).await?;
+    println!(
+        "walsync bench sync: {} ({})\n",
+        super::machine_facts(),
+        "server: `walsync serve` child process, clients: gRPC streams in this process"
+    );
+
+    println!("| clients | projects | updates | samples | p50 ms | p99 ms | max ms |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for &clients in &args.clients {
+        let (samples, p50, p99, max) = latency(&server, &sql, &args, clients).await?;
+        println!(
+            "| {clients} | {} | {} | {samples} | {p50:.2} | {p99:.2} | {max:.2} |",
+            args.projects, args.updates
+        );
+    }
+
+    println!("\n| idle streams held | connections | server RSS before | after | per stream |");
+    println!("|---:|---:|---:|---:|---:|");
+    let (held, conns, before, after) = idle_streams(&server, &args).await?;
+    println!(
+        "| {held} | {conns} | {:.0} MiB | {:.0} MiB | {:.1} KiB |",
+        before as f64 / 1024.0,
+        after as f64 / 1024.0,
+        (after.saturating_sub(before)) as f64 / held.max(1) as f64
+    );
+
+    sql.batch_execute(&format!(
+        "INSERT INTO items (project_id, body) SELECT 0, repeat('x', 40) || i FROM generate_series(1, {}) i",
+        args.download_rows
+    ))
+    .await?;
+    wait_replicated(&sql).await?;
+    println!("\n| initial download | ops | seconds | ops/s |");
+    println!("|---|---:|---:|---:|");
+    for transport in ["http", "grpc"] {
+        let (ops, secs) = download(&server.url, transport).await?;
+        println!(
+            "| {transport} | {ops} | {secs:.2} | {:.0} |",
+            ops as f64 / secs
+        );
+    }
+    Ok(())
+}
+
+async fn latency(
+    server: &ServerProcess,
+    sql: &tokio_postgres::Client,
+    args: &SyncArgs,
+    clients: usize,
+) -> anyhow::Result<(usize, f64, f64, f64)> {
+    let start = Instant::now();
+    let sent: Arc<Vec<AtomicU64>> =
+        Arc::new((0..args.updates).map(|_| AtomicU64::new(0)).collect());
+    let samples: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::new()));
+    let ready = Arc::new(AtomicUsize::new(0));
+    let chans = channels(&server.url, clients.div_ceil(args.per_connection)).await?;
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let mut stream = open(chans[i % chans.len()].clone(), &format!("c{i}")).await?;
+        let (sent, samples, ready) = (sent.clone(), samples.clone(), ready.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut complete = false;
+            while let Ok(Some(line)) = stream.message().await {
+                let Ok(line) = Line::try_from(line) else {
+                    break;
+                };
+                match line {
+                    Line::CheckpointComplete(_) if !complete => {
+                        complete = true;
+                        ready.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Line::Data(page) if complete => {
+                        let now = start.elapsed().as_micros() as u64;
+                        for op in page.data {
+                            if op.op != OpKind::Put || op.object_type.as_deref() != Some("projects")
+                            {
+                                continue;
+                            }
+                            let seq = op.data.as_deref().and_then(|d| {
+                                let v: serde_json::Value = serde_json::from_str(d).ok()?;
+                                v["description"]
+                                    .as_str()?
+                                    .strip_prefix("seq:")?
+                                    .parse::<usize>()
+                                    .ok()
+                            });
+                            if let Some(seq) = seq
+                                && let Some(t0) = sent.get(seq)
+                            {
+                                let t0 = t0.load(Ordering::Acquire);
+                                if t0 > 0 {
+                                    samples.lock().await.push(now.saturating_sub(t0));
+                                }
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while ready.load(Ordering::Relaxed) < clients && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let per_project = clients / args.projects.max(1);
+    for n in 0..args.updates {
+        let project = 1 + n % args.projects;
+        sql.execute(
+            "UPDATE projects SET description = $1 WHERE id = $2",
+            &[&format!("seq:{n}"), &(project as i64)],
+        )
+        .await?;
+        sent[n].store(start.elapsed().as_micros() as u64, Ordering::Release);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let expected = args.updates * per_project.max(1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while samples.lock().await.len() < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for t in tasks {
+        t.abort();
+    }
+    let mut s = samples.lock().await.clone();
+    s.sort_unstable();
+    Ok((
+        s.len(),
+        percentile(&s, 0.5),
+        percentile(&s, 0.99),
+        percentile(&s, 1.0),
+    ))
+}
+
+async fn idle_streams(
+    server: &ServerProcess,
+    args: &SyncArgs,
+) -> anyhow::Result<(usize, usize, u64, u64)> {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = server.rss_kib();
+    let conns = args.streams.div_ceil(args.per_connection);
+    let chans = channels(&server.url, conns).await?;
+    let ready = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..args.streams {
+        let mut stream = match open(chans[i % chans.len()].clone(), &format!("s{i}")).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("stream {i} refused: {e}");
+                break;
+            }
+        };
+        let ready = ready.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Ok(Some(line)) = stream.message().await {
+                if let Ok(Line::CheckpointComplete(_)) = Line::try_from(line) {
+                    ready.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while ready.load(Ordering::Relaxed) < tasks.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = server.rss_kib();
+    let held = ready.load(Ordering::Relaxed);
+    for t in tasks {
+        t.abort();
+    }
+    Ok((held, conns, before, after))
+}
+
+async fn download(url: &str, transport: &str) -> anyhow::Result<(usize, f64)> {
+    let t = match transport {
+        "http" => walsync_client::Transport::Http,
+        _ => walsync_client::Transport::Grpc,
+    };
+    let connector = walsync_client::Connector::new(url, t, &token("big")?)?;
+    let started = Instant::now();
+    let mut lines = connector.open(SyncRequest::default()).await?;
+    let mut ops = 0usize;
+    while let Some(line) = lines.next().await {
+        match line? {
+            Line::Data(page) => ops += page.data.len(),
+            Line::CheckpointComplete(_) => break,
+            _ => {}
+        }
+    }
+    Ok((ops, started.elapsed().as_secs_f64()))
+}
