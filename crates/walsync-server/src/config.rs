@@ -215,6 +215,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/walsync.toml");
+        let c = Config::load(&path).expect("examples/walsync.toml");
+        assert!(c.rules.ends_with("seed/sync_rules.yaml"));
+        assert_eq!(c.auth.audience, vec!["walsync".to_owned()]);
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("walsync.toml");
