@@ -216,9 +216,8 @@ async fn bench(args: SyncArgs) -> anyhow::Result<()> {
     let server = start_server(dir.path(), &db.url)?;
     wait_ready(&server.url).await?;
     println!(
-        "walsync bench sync: {} ({})\n",
-        super::machine_facts(),
-        "server: `walsync serve` child process, clients: gRPC streams in this process"
+        "walsync bench sync: {} (server: `walsync serve` child process, clients: gRPC streams in this process)\n",
+        super::machine_facts()
     );
 
     println!("| clients | projects | updates | samples | p50 ms | p99 ms | max ms |");
