@@ -297,6 +297,8 @@ async fn latency(
                                 v["description"]
                                     .as_str()?
                                     .strip_prefix("seq:")?
+                                    .split(':')
+                                    .next()?
                                     .parse::<usize>()
                                     .ok()
                             });
