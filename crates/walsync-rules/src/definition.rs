@@ -124,6 +124,14 @@ impl SyncRules {
     }
 
     /// Whether any rule reads this table.
+    /// The tables the rules read, as `schema.table` (for a publication naming them).
+    pub fn qualified_tables(&self) -> Vec<String> {
+        self.tables()
+            .iter()
+            .map(|(s, t)| format!("{s}.{t}"))
+            .collect()
+    }
+
     pub fn reads_table(&self, schema: &str, table: &str) -> bool {
         self.tables.iter().any(|(s, t)| s == schema && t == table)
     }

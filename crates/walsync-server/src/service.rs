@@ -64,13 +64,7 @@ impl Service {
             config.postgres.publication.clone(),
         );
         if config.postgres.create_publication {
-            source.create_publication = Some(PublicationScope::Tables(
-                rules
-                    .tables()
-                    .iter()
-                    .map(|(s, t)| format!("{s}.{t}"))
-                    .collect(),
-            ));
+            source.create_publication = Some(PublicationScope::Tables(rules.qualified_tables()));
         }
         let store = Arc::new(EmbeddedStore::open(&config.storage.dir)?);
         let auth = Arc::new(Authenticator::new(config.auth.clone()).await?);

@@ -41,13 +41,7 @@ pub fn run(args: ReplicateArgs) -> anyhow::Result<()> {
     let pg: PgConfig = args.url.parse()?;
     let mut source = SourceConfig::new(pg, args.slot, args.publication);
     if args.create_publication {
-        source.create_publication = Some(PublicationScope::Tables(
-            rules
-                .tables()
-                .iter()
-                .map(|(s, t)| format!("{s}.{t}"))
-                .collect(),
-        ));
+        source.create_publication = Some(PublicationScope::Tables(rules.qualified_tables()));
     }
     let store = Arc::new(EmbeddedStore::open(&args.data_dir)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
