@@ -173,7 +173,17 @@ pub struct InvalidLine(&'static str);
 impl Line {
     /// The line as one NDJSON line, newline included.
     pub fn to_ndjson(&self) -> Vec<u8> {
-        let mut out = serde_json::to_vec(self).unwrap_or_default();
+        let mut out = Vec::with_capacity(match self {
+            Line::Data(d) => d
+                .data
+                .iter()
+                .map(|o| 96 + o.data.as_ref().map_or(0, |d| d.len() + d.len() / 4))
+                .sum(),
+            _ => 256,
+        });
+        if serde_json::to_writer(&mut out, self).is_err() {
+            out.clear();
+        }
         out.push(b'\n');
         out
     }

@@ -247,3 +247,98 @@ async fn bad_requests_get_clear_errors() -> anyhow::Result<()> {
     service.stop().await;
     Ok(())
 }
+
+/// Browsers: CORS for the configured origins only, and the gRPC service over grpc-web (HTTP/1.1)
+/// on the same port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_get_cors_and_grpc_web() -> anyhow::Result<()> {
+    use prost::Message;
+    use walsync_protocol::pb;
+
+    let s = seed::setup().await?;
+    let service = Service::start(config(
+        &s,
+        ServerConfig {
+            cors_origins: vec!["http://app.example".into()],
+            ..ServerConfig::default()
+        },
+    ))
+    .await?;
+    let url = service.url();
+    walsync_client::install_crypto();
+    let http = reqwest::Client::builder().http1_only().build()?;
+
+    // CORS preflight: the configured origin is allowed, another is not.
+    let preflight = |origin: &'static str| {
+        http.request(reqwest::Method::OPTIONS, format!("{url}/sync/stream"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
+            .send()
+    };
+    let ok = preflight("http://app.example").await?;
+    assert_eq!(
+        ok.headers()
+            .get("access-control-allow-origin")
+            .map(|v| v.to_str().unwrap_or("")),
+        Some("http://app.example")
+    );
+    let allowed_headers = ok
+        .headers()
+        .get("access-control-allow-headers")
+        .map(|v| v.to_str().unwrap_or("").to_ascii_lowercase())
+        .unwrap_or_default();
+    assert!(
+        allowed_headers.contains("authorization"),
+        "{allowed_headers}"
+    );
+    let other = preflight("http://evil.example").await?;
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+
+    // grpc-web: one framed SyncRequest in, framed SyncLines out, the first a checkpoint.
+    let request = pb::SyncRequest::default().encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(request.len() as u32).to_be_bytes());
+    body.extend_from_slice(&request);
+    let mut resp = http
+        .post(format!("{url}/walsync.v1.Sync/Sync"))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .header("origin", "http://app.example")
+        .header("authorization", format!("Bearer {}", token("u1")))
+        .body(body)
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(
+        resp.headers()["content-type"].to_str()?,
+        "application/grpc-web+proto"
+    );
+    assert_eq!(
+        resp.headers()["access-control-allow-origin"].to_str()?,
+        "http://app.example"
+    );
+    let mut buf = Vec::new();
+    let first = loop {
+        if buf.len() >= 5 {
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if buf.len() >= 5 + len {
+                break pb::SyncLine::decode(&buf[5..5 + len])?;
+            }
+        }
+        let chunk = tokio::time::timeout(WAIT, resp.chunk())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("grpc-web stream ended"))?;
+        buf.extend_from_slice(&chunk);
+    };
+    assert!(
+        matches!(first.line, Some(pb::sync_line::Line::Checkpoint(_))),
+        "{first:?}"
+    );
+    drop(resp);
+    service.stop().await;
+    Ok(())
+}

@@ -125,6 +125,79 @@ fn op_id_of(key: &[u8]) -> u64 {
     u64::from_be_bytes(b)
 }
 
+/// Ops are the store's hottest records (every download reads each one), so they are kept in a
+/// small binary form rather than JSON: a tag byte (never `{`, so records written as JSON by
+/// earlier versions still read), the kind, the checksum, then length-prefixed type, id and data.
+const OP_TAG: u8 = 0xB1;
+
+impl OpValue {
+    fn to_bytes(&self) -> Vec<u8> {
+        let d = self.d.as_deref();
+        let mut b = Vec::with_capacity(19 + self.t.len() + self.i.len() + d.map_or(0, str::len));
+        b.push(OP_TAG);
+        b.push(match self.k {
+            OpKind::Put => 0,
+            OpKind::Remove => 1,
+            OpKind::Move => 2,
+            OpKind::Clear => 3,
+        });
+        b.extend_from_slice(&self.c.to_le_bytes());
+        for part in [Some(self.t.as_str()), Some(self.i.as_str()), d] {
+            match part {
+                Some(p) => {
+                    b.push(1);
+                    b.extend_from_slice(&(p.len() as u32).to_le_bytes());
+                    b.extend_from_slice(p.as_bytes());
+                }
+                None => b.push(0),
+            }
+        }
+        b
+    }
+
+    fn from_bytes(b: &[u8]) -> Result<OpValue> {
+        if b.first() == Some(&b'{') {
+            return decode("op", b);
+        }
+        let corrupt = |detail: &str| StorageError::Corrupt {
+            what: "op",
+            detail: detail.to_owned(),
+        };
+        if b.len() < 6 || b[0] != OP_TAG {
+            return Err(corrupt("unknown op record format"));
+        }
+        let k = match b[1] {
+            0 => OpKind::Put,
+            1 => OpKind::Remove,
+            2 => OpKind::Move,
+            3 => OpKind::Clear,
+            _ => return Err(corrupt("unknown op kind")),
+        };
+        let c = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let mut rest = &b[6..];
+        let mut part = || -> Result<Option<String>> {
+            let (&flag, tail) = rest.split_first().ok_or_else(|| corrupt("truncated"))?;
+            if flag == 0 {
+                rest = tail;
+                return Ok(None);
+            }
+            if tail.len() < 4 {
+                return Err(corrupt("truncated"));
+            }
+            let len = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]) as usize;
+            let body = tail.get(4..4 + len).ok_or_else(|| corrupt("truncated"))?;
+            rest = &tail[4 + len..];
+            String::from_utf8(body.to_vec())
+                .map(Some)
+                .map_err(|_| corrupt("not utf-8"))
+        };
+        let t = part()?.unwrap_or_default();
+        let i = part()?.unwrap_or_default();
+        let d = part()?;
+        Ok(OpValue { k, t, i, d, c })
+    }
+}
+
 fn op_from(op_id: u64, v: OpValue) -> Op {
     Op {
         op_id,
@@ -304,7 +377,7 @@ impl StoreRead for EmbeddedSnapshot {
             op_key(bucket, after + 1)..=op_key(bucket, up_to),
         ) {
             let (k, v) = g.into_inner().map_err(engine)?;
-            out.push(op_from(op_id_of(&k), decode("op", &v)?));
+            out.push(op_from(op_id_of(&k), OpValue::from_bytes(&v)?));
             if out.len() >= limit {
                 break;
             }
@@ -424,13 +497,14 @@ impl EmbeddedWriter<'_> {
     ) -> Result<()> {
         let op_id = self.next_op_id;
         self.next_op_id += 1;
-        let value = encode(&OpValue {
+        let value = OpValue {
             k: kind,
             t: object_type.to_owned(),
             i: object_id.to_owned(),
             d: data,
             c: checksum,
-        })?;
+        }
+        .to_bytes();
         self.tx.insert(&self.s.ops, op_key(bucket, op_id), value);
         let mut s = self.state(bucket)?;
         s.checksum = add_checksums(s.checksum, checksum);
@@ -661,5 +735,47 @@ impl StoreWriter for EmbeddedWriter<'_> {
         );
         self.tx.commit().map_err(engine)?;
         Ok(self.checkpoint)
+    }
+}
+
+#[cfg(test)]
+mod op_record_tests {
+    use super::*;
+
+    #[test]
+    fn op_records_round_trip_and_json_records_still_read() {
+        for (k, d) in [
+            (OpKind::Put, Some("{\"a\":\"x\\ny\"}".to_owned())),
+            (OpKind::Remove, None),
+            (OpKind::Move, None),
+            (OpKind::Clear, None),
+        ] {
+            let v = OpValue {
+                k,
+                t: "tä".into(),
+                i: "1/2".into(),
+                d,
+                c: 0xDEAD_BEEF,
+            };
+            let back = OpValue::from_bytes(&v.to_bytes()).expect("binary");
+            assert_eq!(
+                (back.k, back.t, back.i, back.d, back.c),
+                (v.k, v.t.clone(), v.i.clone(), v.d.clone(), v.c)
+            );
+            let json = serde_json::to_vec(&v).expect("json");
+            let old = OpValue::from_bytes(&json).expect("a record written as json");
+            assert_eq!(old.d, v.d);
+        }
+        let good = OpValue {
+            k: OpKind::Put,
+            t: "t".into(),
+            i: "1".into(),
+            d: Some("{}".into()),
+            c: 1,
+        }
+        .to_bytes();
+        for cut in 0..good.len() {
+            assert!(OpValue::from_bytes(&good[..cut]).is_err(), "cut at {cut}");
+        }
     }
 }

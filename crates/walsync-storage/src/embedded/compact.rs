@@ -26,7 +26,7 @@ pub(super) fn compact(db: &SingleWriterTxDatabase, s: &Spaces) -> Result<Compact
         let mut ops: Vec<(u64, OpValue)> = Vec::new();
         for g in tx.range(&s.ops, op_key(&bucket, 0)..=op_key(&bucket, u64::MAX)) {
             let (k, v) = g.into_inner().map_err(engine)?;
-            ops.push((op_id_of(&k), decode("op", &v)?));
+            ops.push((op_id_of(&k), OpValue::from_bytes(&v)?));
         }
         let mut last: HashMap<(&str, &str), u64> = HashMap::new();
         for (id, op) in &ops {
@@ -70,7 +70,7 @@ pub(super) fn compact(db: &SingleWriterTxDatabase, s: &Spaces) -> Result<Compact
                 d: None,
                 c: sum,
             };
-            tx.insert(&s.ops, op_key(&bucket, clear_id), encode(&clear)?);
+            tx.insert(&s.ops, op_key(&bucket, clear_id), clear.to_bytes());
             stats.cleared += run as u64;
             ops.drain(..run - 1);
             ops[0] = (clear_id, clear);
@@ -78,7 +78,7 @@ pub(super) fn compact(db: &SingleWriterTxDatabase, s: &Spaces) -> Result<Compact
         }
         for (id, op) in &ops {
             if changed.contains(id) {
-                tx.insert(&s.ops, op_key(&bucket, *id), encode(op)?);
+                tx.insert(&s.ops, op_key(&bucket, *id), op.to_bytes());
             }
         }
         let mut state: BucketState = match tx.get(&s.buckets, bucket.as_bytes()).map_err(engine)? {

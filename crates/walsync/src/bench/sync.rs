@@ -246,13 +246,24 @@ async fn bench(args: SyncArgs) -> anyhow::Result<()> {
     ))
     .await?;
     wait_replicated(&sql).await?;
-    println!("\n| initial download | ops | seconds | ops/s |");
-    println!("|---|---:|---:|---:|");
+    println!(
+        "\n| initial download | ops | runs | seconds (median) | ops/s (median) | ops/s (range) |"
+    );
+    println!("|---|---:|---:|---:|---:|---|");
     for transport in ["http", "grpc"] {
-        let (ops, secs) = download(&server.url, transport).await?;
+        let mut runs = Vec::new();
+        for _ in 0..3 {
+            runs.push(download(&server.url, transport).await?);
+        }
+        runs.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let (ops, secs) = runs[1];
+        let rate = |r: &(usize, f64)| r.0 as f64 / r.1;
         println!(
-            "| {transport} | {ops} | {secs:.2} | {:.0} |",
-            ops as f64 / secs
+            "| {transport} | {ops} | {} | {secs:.2} | {:.0} | {:.0}–{:.0} |",
+            runs.len(),
+            rate(&runs[1]),
+            rate(&runs[runs.len() - 1]),
+            rate(&runs[0])
         );
     }
     Ok(())

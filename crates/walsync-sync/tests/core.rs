@@ -1,0 +1,246 @@
+//! The sync core on an embedded store, without PostgreSQL or a transport: priorities, the
+//! stall timeout, who wakes, never an op at or below `after`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use walsync_protocol::{BucketRequest, Line, SyncRequest};
+use walsync_rules::{RowOutput, SyncRules};
+use walsync_storage::{BucketStore, EmbeddedStore, StoreWriter, StoredRow};
+use walsync_sync::{Identity, Lines, SyncConfig, SyncCore, SyncError};
+
+const RULES: &str = r#"
+bucket_definitions:
+  urgent:
+    priority: 1
+    parameters: SELECT request.user_id() AS user_id
+    data:
+      - SELECT * FROM alerts WHERE owner = bucket.user_id
+  mine:
+    parameters: SELECT request.user_id() AS user_id
+    data:
+      - SELECT * FROM notes WHERE owner = bucket.user_id
+"#;
+
+fn store() -> (tempfile::TempDir, Arc<EmbeddedStore>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(EmbeddedStore::open(dir.path()).expect("open"));
+    (dir, store)
+}
+
+/// Writes `n` rows of `table` into `bucket`, one commit, snapshot complete.
+fn put(store: &EmbeddedStore, table: &str, bucket: &str, from: usize, n: usize) {
+    let mut w = store.writer().expect("writer");
+    for i in from..from + n {
+        let id = i.to_string();
+        w.upsert_row(
+            &format!("public.{table}"),
+            &id,
+            StoredRow::default(),
+            vec![RowOutput {
+                bucket: bucket.to_owned(),
+                object_type: table.to_owned(),
+                object_id: id.clone(),
+                data: format!(r#"{{"id":{id}}}"#),
+            }],
+            vec![],
+        )
+        .expect("upsert");
+    }
+    w.set_snapshot_complete();
+    w.commit().expect("commit");
+}
+
+fn identity(user: &str) -> Identity {
+    Identity {
+        user_id: user.to_owned(),
+        claims: serde_json::json!({"sub": user}),
+        expires_at: None,
+    }
+}
+
+fn core(store: Arc<EmbeddedStore>, config: SyncConfig) -> Arc<SyncCore<EmbeddedStore>> {
+    let rules = Arc::new(SyncRules::from_yaml(RULES).expect("rules"));
+    let core = SyncCore::new(store, rules, config);
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    // The hub runs until the test ends (the sender is leaked with the task).
+    std::mem::forget(_stop);
+    tokio::spawn(core.clone().run(stop_rx));
+    core
+}
+
+async fn next(lines: &mut Lines) -> Line {
+    tokio::time::timeout(Duration::from_secs(5), lines.recv())
+        .await
+        .expect("a line in time")
+        .expect("stream open")
+        .expect("no error")
+}
+
+/// Reads lines up to and including the next `checkpoint_complete`.
+async fn until_complete(lines: &mut Lines) -> Vec<Line> {
+    let mut out = Vec::new();
+    loop {
+        let line = next(lines).await;
+        let done = matches!(line, Line::CheckpointComplete(_));
+        out.push(line);
+        if done {
+            return out;
+        }
+    }
+}
+
+#[tokio::test]
+async fn higher_priority_buckets_come_first_with_a_partial_completion() {
+    let (_dir, store) = store();
+    put(&store, "notes", r#"mine["u1"]"#, 0, 3);
+    put(&store, "alerts", r#"urgent["u1"]"#, 0, 2);
+    let core = core(store, SyncConfig::default());
+    let mut lines = core.open(identity("u1"), SyncRequest::default());
+    let got = until_complete(&mut lines).await;
+    let kinds: Vec<String> = got
+        .iter()
+        .map(|l| match l {
+            Line::Checkpoint(c) => format!("checkpoint {}", c.buckets.len()),
+            Line::Data(d) => format!("data {}", d.bucket),
+            Line::PartialCheckpointComplete(p) => format!("partial {}", p.priority),
+            Line::CheckpointComplete(_) => "complete".into(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "checkpoint 2",
+            r#"data urgent["u1"]"#,
+            "partial 1",
+            r#"data mine["u1"]"#,
+            "complete"
+        ]
+    );
+    let Line::Checkpoint(c) = &got[0] else {
+        unreachable!()
+    };
+    let urgent = c.buckets.iter().find(|b| b.bucket.starts_with("urgent"));
+    assert_eq!(urgent.map(|b| b.priority), Some(1));
+}
+
+#[tokio::test]
+async fn nothing_at_or_below_after_is_sent_and_pages_split() {
+    let (_dir, store) = store();
+    put(&store, "notes", r#"mine["u1"]"#, 0, 10);
+    let core = core(
+        store,
+        SyncConfig {
+            page_ops: 3,
+            ..SyncConfig::default()
+        },
+    );
+    // The client holds ops up to 4.
+    let request = SyncRequest {
+        buckets: vec![BucketRequest {
+            name: r#"mine["u1"]"#.into(),
+            after: 4,
+        }],
+        ..SyncRequest::default()
+    };
+    let mut lines = core.open(identity("u1"), request);
+    let got = until_complete(&mut lines).await;
+    let pages: Vec<(u64, Vec<u64>, bool, u64)> = got
+        .iter()
+        .filter_map(|l| match l {
+            Line::Data(d) => Some((
+                d.after,
+                d.data.iter().map(|o| o.op_id).collect(),
+                d.has_more,
+                d.next_after,
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        pages,
+        vec![(4, vec![5, 6, 7], true, 7), (7, vec![8, 9, 10], false, 10)]
+    );
+}
+
+#[tokio::test]
+async fn only_concerned_streams_wake() {
+    let (_dir, store) = store();
+    put(&store, "notes", r#"mine["u1"]"#, 0, 1);
+    put(&store, "notes", r#"mine["u2"]"#, 100, 1);
+    let core = core(store.clone(), SyncConfig::default());
+    let mut a = core.open(identity("u1"), SyncRequest::default());
+    let mut b = core.open(identity("u2"), SyncRequest::default());
+    until_complete(&mut a).await;
+    until_complete(&mut b).await;
+    let before = core.stats();
+    put(&store, "notes", r#"mine["u1"]"#, 1, 1);
+    core.notify_checkpoint();
+    let diff = until_complete(&mut a).await;
+    assert!(matches!(&diff[0], Line::CheckpointDiff(d) if d.updated_buckets.len() == 1));
+    let after = core.stats();
+    assert_eq!(after.wakeups - before.wakeups, 1, "only u1's stream woke");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), b.recv())
+            .await
+            .is_err(),
+        "u2 got nothing"
+    );
+    assert_eq!(after.connections, 2);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_disconnected() {
+    let (_dir, store) = store();
+    put(&store, "notes", r#"mine["u1"]"#, 0, 50);
+    let core = core(
+        store,
+        SyncConfig {
+            page_ops: 1,
+            buffer_lines: 2,
+            stall_timeout: Duration::from_millis(200),
+            ..SyncConfig::default()
+        },
+    );
+    let mut lines = core.open(identity("u1"), SyncRequest::default());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(core.stats().connections, 0, "the stalled stream is gone");
+    let mut received = 0;
+    while let Some(item) = lines.recv().await {
+        match item {
+            Ok(_) => received += 1,
+            Err(e) => assert!(matches!(e, SyncError::TooSlow(_)), "{e}"),
+        }
+    }
+    assert!(received < 50, "the stream ended early ({received} lines)");
+}
+
+#[tokio::test]
+async fn an_expired_token_ends_the_stream_after_a_countdown() {
+    let (_dir, store) = store();
+    put(&store, "notes", r#"mine["u1"]"#, 0, 1);
+    let core = core(
+        store,
+        SyncConfig {
+            keepalive: Duration::from_millis(300),
+            ..SyncConfig::default()
+        },
+    );
+    let mut who = identity("u1");
+    who.expires_at = Some(std::time::SystemTime::now() + Duration::from_millis(1500));
+    let mut lines = core.open(who, SyncRequest::default());
+    until_complete(&mut lines).await;
+    let mut countdown = Vec::new();
+    while let Some(item) = tokio::time::timeout(Duration::from_secs(5), lines.recv())
+        .await
+        .expect("ends in time")
+    {
+        if let Ok(Line::TokenExpiresIn(s)) = item {
+            countdown.push(s);
+        }
+    }
+    assert!(countdown.len() >= 3, "keepalives: {countdown:?}");
+    assert_eq!(countdown.last(), Some(&0), "ends with 0: {countdown:?}");
+    assert!(countdown.windows(2).all(|w| w[0] >= w[1]), "{countdown:?}");
+}
