@@ -352,7 +352,9 @@ impl ReplicationConnection {
         loop {
             match self.next_message().await? {
                 Message::CopyData(body) => return Ok(Some(body.into_bytes())),
-                Message::CopyDone => {
+                // A walsender that is shut down (a smart or fast server stop) ends the stream
+                // with CommandComplete, without CopyDone: the same orderly end.
+                Message::CopyDone | Message::CommandComplete(_) => {
                     self.streaming = false;
                     return Ok(None);
                 }

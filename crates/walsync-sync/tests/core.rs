@@ -244,3 +244,30 @@ async fn an_expired_token_ends_the_stream_after_a_countdown() {
     assert_eq!(countdown.last(), Some(&0), "ends with 0: {countdown:?}");
     assert!(countdown.windows(2).all(|w| w[0] >= w[1]), "{countdown:?}");
 }
+
+#[tokio::test]
+async fn data_lines_stay_within_the_byte_limit() {
+    let (_dir, store) = store();
+    put(&store, "notes", r#"mine["u1"]"#, 0, 40);
+    let core = core(
+        store,
+        SyncConfig {
+            page_ops: 1_000,
+            // About three rows (plus per-op overhead) per line.
+            max_line_bytes: 250,
+            ..SyncConfig::default()
+        },
+    );
+    let mut lines = core.open(identity("u1"), SyncRequest::default());
+    let got = until_complete(&mut lines).await;
+    let pages: Vec<usize> = got
+        .iter()
+        .filter_map(|l| match l {
+            Line::Data(d) => Some(d.data.len()),
+            _ => None,
+        })
+        .collect();
+    assert!(pages.len() > 5, "{pages:?}");
+    assert!(pages.iter().all(|n| (1..=4).contains(n)), "{pages:?}");
+    assert_eq!(pages.iter().sum::<usize>(), 40);
+}

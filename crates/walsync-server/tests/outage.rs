@@ -1,0 +1,103 @@
+//! PostgreSQL disappears while clients stream: their streams stay open with what they have, a
+//! write checkpoint gets a clear 503, and when PostgreSQL is back the changes flow again.
+
+use std::time::Duration;
+
+use walsync_client::{ClientError, Connector, SyncClient, Transport};
+use walsync_server::config::{PostgresConfig, StorageConfig, SyncSection};
+use walsync_server::{AuthConfig, Config, ServerConfig, Service, mint_hs256};
+use walsync_testkit::{Cluster, ClusterOptions};
+
+const SCHEMA: &str = include_str!("../../../examples/seed/schema.sql");
+const RULES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../examples/seed/sync_rules.yaml"
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_survive_a_postgres_outage() -> anyhow::Result<()> {
+    if std::env::var("WALSYNC_TEST_PG_URL").is_ok_and(|u| !u.is_empty()) {
+        eprintln!("skipped: WALSYNC_TEST_PG_URL is set, and this test stops its own cluster");
+        return Ok(());
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let cluster = Cluster::start(ClusterOptions::default())?;
+    let db = cluster.fresh_database().await?;
+    let sql = db.connect().await?;
+    sql.batch_execute(SCHEMA).await?;
+    sql.batch_execute(
+        "CREATE PUBLICATION walsync FOR ALL TABLES;
+         INSERT INTO projects (id, name, description) VALUES (1, 'p', 'before');
+         INSERT INTO project_members (project_id, user_id, role) VALUES (1, 'u1', 'owner');",
+    )
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let service = Service::start(Config {
+        postgres: PostgresConfig {
+            url: db.url.clone(),
+            slot: "outage".into(),
+            publication: "walsync".into(),
+            create_publication: false,
+        },
+        rules: RULES.into(),
+        storage: StorageConfig {
+            dir: dir.path().join("store"),
+        },
+        server: ServerConfig {
+            listen: "127.0.0.1:0".parse()?,
+            ..ServerConfig::default()
+        },
+        auth: AuthConfig {
+            secret: Some("s".into()),
+            ..AuthConfig::default()
+        },
+        sync: SyncSection::default(),
+    })
+    .await?;
+    let token = mint_hs256("s", "u1", None, Duration::from_secs(600))?;
+    let wait = Duration::from_secs(60);
+    let mut client = SyncClient::new(
+        Connector::new(&service.url(), Transport::Http, &token)?,
+        "c",
+    );
+    client
+        .until(wait, |s| description_of(s).as_deref() == Some("before"))
+        .await?;
+
+    drop(sql);
+    cluster.stop()?;
+    // The stream stays open on what it has; a write checkpoint is refused clearly.
+    match client.connector().write_checkpoint("c").await {
+        Err(ClientError::Http {
+            status: 503, code, ..
+        }) => assert_eq!(code, "database_unavailable"),
+        other => panic!("expected 503 database_unavailable, got {other:?}"),
+    }
+    let live = reqwest::get(format!("{}/health/live", service.url())).await?;
+    assert!(live.status().is_success());
+
+    cluster.start_again()?;
+    let sql = db.connect().await?;
+    sql.batch_execute("UPDATE projects SET description = 'after' WHERE id = 1")
+        .await?;
+    client
+        .until(wait, |s| description_of(s).as_deref() == Some("after"))
+        .await?;
+    assert_eq!(client.connects, 1, "the same stream carried on");
+    let wcp = client.connector().write_checkpoint("c").await?;
+    client
+        .until(wait, |s| s.write_checkpoint().is_some_and(|w| w >= wcp))
+        .await?;
+    service.stop().await;
+    Ok(())
+}
+
+fn description_of(state: &walsync_client::ClientState) -> Option<String> {
+    let rows = state.rows();
+    let data = rows.get(&("projects".to_owned(), "1".to_owned()))?;
+    let v: serde_json::Value = serde_json::from_str(data).ok()?;
+    v["description"].as_str().map(str::to_owned)
+}
