@@ -2,23 +2,25 @@
 //! the parameter index names for its lookup keys. Parameter queries are never run against the
 //! source database.
 
-use walsync_rules::{RequestContext, SyncRules, bucket_id};
+use walsync_rules::{LookupKey, RequestContext, SyncRules, bucket_id};
 
 use crate::{Result, StoreRead};
 
+/// The request's buckets at checkpoint `at` (sorted, without repeats), and the lookup keys they
+/// were found under (a change to one of those can change the bucket set).
 pub fn request_buckets<S: StoreRead + ?Sized>(
     store: &S,
     rules: &SyncRules,
     request: &RequestContext,
     at: u64,
-) -> Result<Vec<String>> {
+) -> Result<(Vec<String>, Vec<LookupKey>)> {
     let (mut buckets, lookups) = rules.resolve_request(request);
-    for key in lookups {
-        for params in store.lookup(&key, at)? {
+    for key in &lookups {
+        for params in store.lookup(key, at)? {
             buckets.push(bucket_id(&key.definition, &params));
         }
     }
     buckets.sort();
     buckets.dedup();
-    Ok(buckets)
+    Ok((buckets, lookups))
 }

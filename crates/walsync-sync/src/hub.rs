@@ -68,6 +68,23 @@ pub struct HubStats {
     pub wakeups: u64,
 }
 
+impl State {
+    /// The store passed `user`'s write checkpoint `lsn`: record it, wake the user's streams.
+    fn passed(&mut self, user: &str, lsn: u64, wake: &mut HashSet<u64>) {
+        let s = self.satisfied.entry(user.to_owned()).or_default();
+        *s = (*s).max(lsn);
+        if let Some(ids) = self.by_user.get(user) {
+            wake.extend(ids);
+        }
+    }
+
+    fn notifies(&self, ids: &HashSet<u64>) -> Vec<Arc<Notify>> {
+        ids.iter()
+            .filter_map(|id| self.conns.get(id).map(|c| c.notify.clone()))
+            .collect()
+    }
+}
+
 fn remove_from<K: std::hash::Hash + Eq + Clone>(
     map: &mut HashMap<K, HashSet<u64>>,
     key: &K,
@@ -170,17 +187,11 @@ impl Hub {
     pub fn register_write_checkpoint(&self, user: &str, lsn: u64) {
         let mut st = self.lock();
         if st.published.complete && st.published.lsn >= lsn {
-            let s = st.satisfied.entry(user.to_owned()).or_default();
-            *s = (*s).max(lsn);
-            let wake: Vec<Arc<Notify>> = st
-                .by_user
-                .get(user)
-                .into_iter()
-                .flatten()
-                .filter_map(|id| st.conns.get(id).map(|c| c.notify.clone()))
-                .collect();
+            let mut wake = HashSet::new();
+            st.passed(user, lsn, &mut wake);
+            let notifies = st.notifies(&wake);
             drop(st);
-            wake.iter().for_each(|n| n.notify_one());
+            notifies.iter().for_each(|n| n.notify_one());
             return;
         }
         st.pending.entry(lsn).or_default().insert(user.to_owned());
@@ -247,17 +258,11 @@ impl Hub {
             let passed: Vec<u64> = st.pending.range(..=now.lsn).map(|(k, _)| *k).collect();
             for lsn in passed {
                 for user in st.pending.remove(&lsn).unwrap_or_default() {
-                    let s = st.satisfied.entry(user.clone()).or_default();
-                    *s = (*s).max(lsn);
-                    if let Some(ids) = st.by_user.get(&user) {
-                        wake.extend(ids);
-                    }
+                    st.passed(&user, lsn, &mut wake);
                 }
             }
             st.published = now;
-            wake.iter()
-                .filter_map(|id| st.conns.get(id).map(|c| c.notify.clone()))
-                .collect()
+            st.notifies(&wake)
         };
         self.checkpoints.fetch_add(1, Ordering::Relaxed);
         self.wakeups

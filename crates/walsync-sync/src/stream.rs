@@ -10,8 +10,8 @@ use walsync_protocol::{
     BucketChecksum, Checkpoint, CheckpointComplete, CheckpointDiff, DataPage, Line, OpKind, OpLine,
     PartialCheckpointComplete, SyncRequest,
 };
-use walsync_rules::{LookupKey, RequestContext, bucket_id};
-use walsync_storage::{BucketStore, Op, StoreRead};
+use walsync_rules::{LookupKey, RequestContext};
+use walsync_storage::{BucketStore, Op, StoreRead, request_buckets};
 
 use crate::{Identity, SyncCore, SyncError};
 
@@ -210,16 +210,10 @@ impl<S: BucketStore + 'static> Connection<S> {
         }
     }
 
-    /// The buckets of this connection at checkpoint `at`, and the lookups they came from.
-    fn resolve(&self, snap: &S::Snapshot, at: u64) -> Flow<(BTreeSet<String>, Vec<LookupKey>)> {
-        let (static_buckets, lookups) = self.core.rules.resolve_request(&self.context);
-        let mut buckets: BTreeSet<String> = static_buckets.into_iter().collect();
-        for key in &lookups {
-            for params in snap.lookup(key, at)? {
-                buckets.insert(bucket_id(&key.definition, &params));
-            }
-        }
-        Ok((buckets, lookups))
+    /// The buckets of this connection at checkpoint `at` (sorted), and the lookups they came
+    /// from.
+    fn resolve(&self, snap: &S::Snapshot, at: u64) -> Flow<(Vec<String>, Vec<LookupKey>)> {
+        Ok(request_buckets(snap, &self.core.rules, &self.context, at)?)
     }
 
     fn priority_of(&self, bucket: &str) -> u32 {
@@ -264,8 +258,7 @@ impl<S: BucketStore + 'static> Connection<S> {
     }
 
     async fn full_checkpoint(&mut self, snap: &S::Snapshot, at: u64, lsn: Option<u64>) -> Flow {
-        let (buckets, lookups) = self.resolve(snap, at)?;
-        let names: Vec<String> = buckets.into_iter().collect();
+        let (names, lookups) = self.resolve(snap, at)?;
         let checksums = self.checksums(snap, &names)?;
         self.held = checksums
             .iter()
@@ -321,7 +314,7 @@ impl<S: BucketStore + 'static> Connection<S> {
             removed = self
                 .held
                 .keys()
-                .filter(|b| !now.contains(*b))
+                .filter(|b| now.binary_search(b).is_err())
                 .cloned()
                 .collect();
             for b in &removed {

@@ -181,7 +181,7 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<()> {
         for _ in 0..5 {
             let t = Instant::now();
             let at = store.checkpoint()?.op_id;
-            buckets = request_buckets(&*store, &rules, &request, at)?;
+            buckets = request_buckets(&*store, &rules, &request, at)?.0;
             let states = store.bucket_states(&buckets)?;
             std::hint::black_box(states);
             full.push(t.elapsed());
