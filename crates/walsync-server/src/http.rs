@@ -1,11 +1,10 @@
 //! The HTTP side: PowerSync's sync stream as NDJSON, write checkpoints, health.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::StreamExt;
@@ -150,13 +149,13 @@ async fn sync_stream<S: BucketStore + 'static>(
 async fn write_checkpoint<S: BucketStore + 'static>(
     State(server): State<Arc<Server<S>>>,
     headers: HeaderMap,
-    Query(query): Query<HashMap<String, String>>,
 ) -> Response {
     let identity = match authenticate(&server, &headers).await {
         Ok(i) => i,
         Err(e) => return e.into_response(),
     };
-    let _client_id = query.get("client_id");
+    // `client_id` is accepted and not needed: write checkpoints are positions in the WAL, so
+    // one passed for any of the user's clients is passed for all of them.
     match server.checkpoints.create().await {
         Ok(lsn) => {
             let n = server

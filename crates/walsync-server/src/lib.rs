@@ -61,11 +61,6 @@ impl<S: BucketStore + 'static> Server<S> {
         })
     }
 
-    /// Open sync streams.
-    pub fn open_streams(&self) -> usize {
-        self.config.max_connections - self.admission.available_permits()
-    }
-
     /// The router serving both transports.
     pub fn router(self: &Arc<Self>) -> axum::Router {
         http::router(self.clone())

@@ -118,14 +118,6 @@ impl<S: BucketStore + 'static> SyncCore<S> {
         &self.store
     }
 
-    pub fn rules(&self) -> &Arc<SyncRules> {
-        &self.rules
-    }
-
-    pub fn config(&self) -> &SyncConfig {
-        &self.config
-    }
-
     /// Opens a stream for `identity`. The lines arrive on the returned receiver; dropping it
     /// ends the connection.
     pub fn open(self: &Arc<Self>, identity: Identity, request: SyncRequest) -> Lines {
