@@ -23,7 +23,7 @@ pub(crate) enum Next {
 #[derive(Debug)]
 pub struct Applier {
     rules: Arc<SyncRules>,
-    columns: HashMap<u32, (Arc<Table>, Arc<Vec<String>>)>,
+    tables: HashMap<u32, TableInfo>,
     pub(crate) pending_txns: usize,
     pub(crate) pending_rows: usize,
     pending_ack: Option<Lsn>,
@@ -36,7 +36,7 @@ impl Applier {
     pub fn new(rules: Arc<SyncRules>) -> Applier {
         Applier {
             rules,
-            columns: HashMap::new(),
+            tables: HashMap::new(),
             pending_txns: 0,
             pending_rows: 0,
             pending_ack: None,
@@ -56,17 +56,28 @@ impl Applier {
         self.pending_ack = None;
     }
 
-    fn names(&mut self, table: &Arc<Table>) -> Arc<Vec<String>> {
-        match self.columns.get(&table.oid) {
-            Some((t, names)) if Arc::ptr_eq(t, table) || **t == **table => names.clone(),
-            _ => {
-                let names: Arc<Vec<String>> =
-                    Arc::new(table.columns.iter().map(|c| c.name.clone()).collect());
-                self.columns
-                    .insert(table.oid, (table.clone(), names.clone()));
-                names
-            }
+    /// What the applier needs of a table for each of its rows, worked out once per relation.
+    fn info(&mut self, table: &Arc<Table>) -> &TableInfo {
+        let fresh = match self.tables.get(&table.oid) {
+            Some(i) => !(Arc::ptr_eq(&i.table, table) || *i.table == **table),
+            None => true,
+        };
+        if fresh {
+            let info = TableInfo {
+                table: table.clone(),
+                names: table.columns.iter().map(|c| c.name.clone()).collect(),
+                qualified: table.qualified_name(),
+                read: self.rules.reads_table(&table.schema, &table.name),
+            };
+            self.tables.insert(table.oid, info);
         }
+        &self.tables[&table.oid]
+    }
+
+    /// Applies one event; what the replicator does between events (commits, restarts) is the
+    /// caller's. For benchmarks and tests that drive the applier without a source.
+    pub fn apply_event<W: StoreWriter>(&mut self, w: &mut W, event: SourceEvent) -> Result<()> {
+        self.apply(w, event).map(|_| ())
     }
 
     pub(crate) fn apply<W: StoreWriter>(&mut self, w: &mut W, event: SourceEvent) -> Result<Next> {
@@ -125,15 +136,16 @@ impl Applier {
         match change {
             Change::Insert { table, new } => self.upsert(w, &table, new, None),
             Change::Update { table, old, new } => {
-                if !self.rules.reads_table(&table.schema, &table.name) {
+                let info = self.info(&table);
+                if !info.read {
                     return Ok(());
                 }
+                let name = info.qualified.clone();
                 let new_id = row_id(&table, &new)?;
                 let old_id = match &old {
                     Some(o) => row_id(&table, o.row())?,
                     None => new_id.clone(),
                 };
-                let name = table.qualified_name();
                 let stored = if new.contains(&Datum::UnchangedToast) {
                     w.row(&name, &old_id)?
                 } else {
@@ -145,11 +157,13 @@ impl Applier {
                 self.upsert(w, &table, new, stored.as_ref())
             }
             Change::Delete { table, old } => {
-                if !self.rules.reads_table(&table.schema, &table.name) {
+                let info = self.info(&table);
+                if !info.read {
                     return Ok(());
                 }
+                let name = info.qualified.clone();
                 let id = row_id(&table, old.row())?;
-                w.delete_row(&table.qualified_name(), &id)?;
+                w.delete_row(&name, &id)?;
                 Ok(())
             }
             Change::Truncate { tables, .. } => {
@@ -173,10 +187,11 @@ impl Applier {
         row: Row,
         stored: Option<&StoredRow>,
     ) -> Result<()> {
-        if !self.rules.reads_table(&table.schema, &table.name) {
+        let info = self.info(table);
+        if !info.read {
             return Ok(());
         }
-        let names = self.names(table);
+        let (names, qualified) = (info.names.clone(), info.qualified.clone());
         let values: Vec<Value> = row
             .into_iter()
             .zip(names.iter())
@@ -185,7 +200,7 @@ impl Applier {
                 Datum::UnchangedToast => stored
                     .and_then(|s| s.columns.iter().position(|c| c == name).and_then(|i| s.values.get(i).cloned()))
                     .unwrap_or_else(|| {
-                        tracing::warn!(table = %table.qualified_name(), column = %name, "unchanged toast value without a stored copy");
+                        tracing::warn!(table = %qualified, column = %name, "unchanged toast value without a stored copy");
                         Value::Null
                     }),
             })
@@ -213,10 +228,10 @@ impl Applier {
             })
             .collect();
         let copy = StoredRow {
-            columns: names.to_vec(),
+            columns: names,
             values: kept,
         };
-        w.upsert_row(&table.qualified_name(), &id, copy, outputs, lookups)?;
+        w.upsert_row(&qualified, &id, copy, outputs, lookups)?;
         Ok(())
     }
 }
@@ -239,21 +254,90 @@ fn row_id(table: &Table, row: &Row) -> Result<String> {
     key_of(table, &values)
 }
 
-/// The row's identity: its replica identity columns, as a JSON array of their text forms.
+/// The row's identity: its replica identity columns, as a JSON array of their text forms
+/// (`null` for a null), written directly: this runs for every row.
 fn key_of(table: &Table, values: &[Value]) -> Result<String> {
-    let key: Vec<serde_json::Value> = table
-        .columns
-        .iter()
-        .zip(values)
-        .filter(|(c, _)| c.is_key)
-        .map(|(_, v)| {
-            walsync_rules::canonical(v).map_or(serde_json::Value::Null, serde_json::Value::String)
-        })
-        .collect();
-    if key.is_empty() {
+    let mut key = Vec::with_capacity(16);
+    key.push(b'[');
+    for (_, v) in table.columns.iter().zip(values).filter(|(c, _)| c.is_key) {
+        if key.len() > 1 {
+            key.push(b',');
+        }
+        let text = match v {
+            Value::Text(t) => Some(std::borrow::Cow::Borrowed(t.as_str())),
+            other => walsync_rules::canonical(other).map(std::borrow::Cow::Owned),
+        };
+        match text {
+            // Writing a str into a Vec cannot fail.
+            Some(t) => serde_json::to_writer(&mut key, t.as_ref()).unwrap_or_default(),
+            None => key.extend_from_slice(b"null"),
+        }
+    }
+    if key.len() == 1 {
         return Err(ReplicatorError::NoKey {
             table: table.qualified_name(),
         });
     }
-    Ok(serde_json::Value::Array(key).to_string())
+    key.push(b']');
+    Ok(String::from_utf8(key).unwrap_or_default())
+}
+
+/// A table as the applier uses it for each row: its column names (shared by the row copies),
+/// its qualified name and whether the rules read it.
+#[derive(Debug)]
+struct TableInfo {
+    table: Arc<Table>,
+    names: Arc<[String]>,
+    qualified: String,
+    read: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walsync_source::TableColumn;
+    use walsync_source::codec::ReplicaIdentity;
+
+    #[test]
+    fn keys_are_json_arrays_of_the_identity_columns_text() {
+        let col = |name: &str, is_key: bool| TableColumn {
+            name: name.into(),
+            type_oid: 25,
+            type_modifier: -1,
+            is_key,
+        };
+        let table = Table {
+            oid: 1,
+            schema: "public".into(),
+            name: "t".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: vec![col("a", true), col("b", false), col("c", true)],
+        };
+        for values in [
+            vec![Value::Int(7), Value::Null, Value::Text("x\"y/é".into())],
+            vec![Value::Null, Value::Int(1), Value::Float(1.5)],
+            vec![
+                Value::Bool(true),
+                Value::Null,
+                Value::Json(serde_json::json!({"k": [1]})),
+            ],
+        ] {
+            let expected: Vec<serde_json::Value> = [&values[0], &values[2]]
+                .into_iter()
+                .map(|v| {
+                    walsync_rules::canonical(v)
+                        .map_or(serde_json::Value::Null, serde_json::Value::String)
+                })
+                .collect();
+            assert_eq!(
+                key_of(&table, &values).unwrap(),
+                serde_json::Value::Array(expected).to_string()
+            );
+        }
+        let no_key = Table {
+            columns: vec![col("a", false)],
+            ..table
+        };
+        assert!(key_of(&no_key, &[Value::Int(1)]).is_err());
+    }
 }

@@ -1,10 +1,14 @@
 //! The replicator: source → rules → storage, and acknowledgements back.
 //!
 //! **Ack rule, end to end.** Source transactions are applied to one open storage write
-//! transaction; it is committed (durably) when no further source batch is waiting or a size limit
-//! is reached, and only then is the `end_lsn` of its last source transaction acknowledged to the
-//! source, which reports no more than that to PostgreSQL. A crash anywhere loses nothing: what
-//! was not committed was not acknowledged, and is sent again.
+//! transaction; it is committed when no further source batch is waiting or a size limit is
+//! reached. The commit is made visible at once and durable by a separate syncing thread, so that
+//! applying the next transactions overlaps the disk's work; only after that sync is the `end_lsn`
+//! of the last source transaction it covers acknowledged to the source, which reports no more
+//! than that to PostgreSQL. A crash anywhere loses nothing: what was not durable was not
+//! acknowledged, and is sent again. (Replaying the same transactions onto the same stored state
+//! yields the same ops with the same ids, so readers that saw a commit a machine crash then lost
+//! see it again, unchanged.)
 //!
 //! **Replay.** On start the replicator resumes from the store's checkpoint (`lsn`), and the source
 //! skips transactions at or before it (invariant 2). A `Rollback` from the source, or any error
@@ -146,14 +150,126 @@ fn session<S: BucketStore>(
     handle: &tokio::runtime::Handle,
     config: &ReplicatorConfig,
     store: &S,
-    mut stream: SourceStream,
+    stream: SourceStream,
     applier: &mut Applier,
     stop: &mut watch::Receiver<bool>,
     progress: &watch::Sender<Progress>,
     commits: &mut u64,
 ) -> Result<Restart> {
+    let failed = std::sync::Mutex::new(None);
+    let acker = stream.acker();
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::channel::<Committed>();
+        let syncer = std::thread::Builder::new()
+            .name("walsync-sync".into())
+            .spawn_scoped(scope, || sync_loop(store, rx, &acker, progress, &failed))
+            .map_err(StorageError::Io)?;
+        let mut committer = Committer {
+            tx: Some(tx),
+            failed: &failed,
+            commits,
+            config,
+        };
+        let out = apply_loop(handle, store, stream, applier, stop, &mut committer);
+        // Everything committed is made durable and acknowledged before the source stops, so
+        // that its last report to PostgreSQL includes it.
+        drop(committer.tx.take());
+        let _ = syncer.join();
+        let (out, stream) = out;
+        handle.block_on(stream.stop());
+        if let Some(e) = failed.lock().ok().and_then(|mut f| f.take()) {
+            return Err(ReplicatorError::Storage(e));
+        }
+        out
+    })
+}
+
+/// One storage commit, visible and waiting to be made durable and acknowledged.
+struct Committed {
+    ack: Option<walsync_types::Lsn>,
+    txns: usize,
+    rows: usize,
+    snapshot_rows: u64,
+}
+
+/// Syncs the store after commits (one sync for all commits that queued meanwhile), then
+/// acknowledges and reports them.
+fn sync_loop<S: BucketStore>(
+    store: &S,
+    rx: std::sync::mpsc::Receiver<Committed>,
+    acker: &walsync_source::Acker,
+    progress: &watch::Sender<Progress>,
+    failed: &std::sync::Mutex<Option<StorageError>>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        batch.extend(rx.try_iter());
+        if let Err(e) = store.sync() {
+            tracing::error!(error = %e, "storage sync failed; nothing more is acknowledged");
+            if let Ok(mut f) = failed.lock() {
+                *f = Some(e);
+            }
+            return;
+        }
+        if let Some(lsn) = batch.iter().filter_map(|c| c.ack).max() {
+            acker.ack(lsn);
+        }
+        progress.send_modify(|p| {
+            for c in &batch {
+                p.storage_commits += 1;
+                p.transactions += c.txns as u64;
+                p.rows += c.rows as u64;
+                p.snapshot_rows = c.snapshot_rows;
+            }
+        });
+    }
+}
+
+struct Committer<'a> {
+    tx: Option<std::sync::mpsc::Sender<Committed>>,
+    failed: &'a std::sync::Mutex<Option<StorageError>>,
+    commits: &'a mut u64,
+    config: &'a ReplicatorConfig,
+}
+
+impl Committer<'_> {
+    fn commit<W: StoreWriter>(&mut self, writer: W, applier: &mut Applier) -> Result<()> {
+        if let Some(e) = self.failed.lock().ok().and_then(|mut f| f.take()) {
+            return Err(ReplicatorError::Storage(e));
+        }
+        let cp = writer.commit_deferred()?;
+        *self.commits += 1;
+        if self.config.fail_after_commits == Some(*self.commits) {
+            return Err(ReplicatorError::Injected(cp.op_id));
+        }
+        let committed = Committed {
+            ack: applier.ack_position(),
+            txns: applier.pending_txns,
+            rows: applier.pending_rows,
+            snapshot_rows: applier.snapshot_rows,
+        };
+        if let Some(tx) = &self.tx {
+            // The syncing thread only ends when this sender is dropped or a sync failed (seen
+            // above, or at the next commit).
+            let _ = tx.send(committed);
+        }
+        applier.committed();
+        Ok(())
+    }
+}
+
+/// Applies source batches until a stop, a restart or an error; hands the stream back so the
+/// caller can stop it once everything committed is acknowledged.
+fn apply_loop<S: BucketStore>(
+    handle: &tokio::runtime::Handle,
+    store: &S,
+    mut stream: SourceStream,
+    applier: &mut Applier,
+    stop: &mut watch::Receiver<bool>,
+    committer: &mut Committer<'_>,
+) -> (Result<Restart>, SourceStream) {
     let mut writer: Option<S::Writer<'_>> = None;
-    loop {
+    let out = loop {
         // Wait for the next batch (or a stop), unless a commit is pending and nothing is ready.
         let batch = match stream.try_next_batch() {
             Some(b) => Some(b),
@@ -162,7 +278,9 @@ fn session<S: BucketStore>(
                 if !applier.in_transaction
                     && let Some(w) = writer.take()
                 {
-                    commit(w, applier, &stream, config, commits, progress)?;
+                    if let Err(e) = committer.commit(w, applier) {
+                        break Err(e);
+                    }
                     continue;
                 }
                 handle.block_on(async {
@@ -175,75 +293,64 @@ fn session<S: BucketStore>(
         };
         let events = match batch {
             None => {
-                // Uncommitted writes are dropped: they were not acknowledged.
-                drop(writer);
-                handle.block_on(stream.stop());
                 // A stop request, or the stop handle dropped (nobody can ask any more).
+                // Uncommitted writes are dropped: they were not acknowledged.
                 if *stop.borrow() || stop.has_changed().is_err() {
-                    return Ok(Restart::Stop);
+                    break Ok(Restart::Stop);
                 }
                 // The source ended without being asked to and without an error: a bug in it,
                 // not something a retry would fix.
                 tracing::error!("the wal source ended unexpectedly");
-                return Err(ReplicatorError::SourceEnded);
+                break Err(ReplicatorError::SourceEnded);
             }
-            Some(Err(e)) => return Err(e.into()),
+            Some(Err(e)) => break Err(e.into()),
             Some(Ok(events)) => events,
         };
-        for event in events {
-            let w = match writer.as_mut() {
-                Some(w) => w,
-                None => writer.insert(store.writer()?),
-            };
-            match applier.apply(w, event)? {
-                apply::Next::Continue => {}
-                apply::Next::CommitNow => {
-                    if let Some(w) = writer.take() {
-                        commit(w, applier, &stream, config, commits, progress)?;
-                    }
-                }
-                apply::Next::Restart => {
-                    // Forget everything not yet committed; the source sends it again.
-                    drop(writer.take());
-                    handle.block_on(stream.stop());
-                    return Ok(Restart::Again);
-                }
-            }
+        match apply_events(store, &mut writer, events, applier, committer) {
+            Ok(None) => {}
+            Ok(Some(restart)) => break Ok(restart),
+            Err(e) => break Err(e),
         }
-        let full = applier.pending_txns >= config.max_commit_txns
-            || applier.pending_rows >= config.max_commit_rows;
+        let full = applier.pending_txns >= committer.config.max_commit_txns
+            || applier.pending_rows >= committer.config.max_commit_rows;
         if full
             && !applier.in_transaction
             && let Some(w) = writer.take()
+            && let Err(e) = committer.commit(w, applier)
         {
-            commit(w, applier, &stream, config, commits, progress)?;
+            break Err(e);
         }
-    }
+    };
+    drop(writer);
+    (out, stream)
 }
 
-fn commit<W: StoreWriter>(
-    writer: W,
+/// Applies one batch of events; `Some(Restart::Again)` when the source asked to start over (what
+/// is not committed is forgotten; the source sends it again).
+fn apply_events<'s, S: BucketStore>(
+    store: &'s S,
+    writer: &mut Option<S::Writer<'s>>,
+    events: Vec<walsync_source::SourceEvent>,
     applier: &mut Applier,
-    stream: &SourceStream,
-    config: &ReplicatorConfig,
-    commits: &mut u64,
-    progress: &watch::Sender<Progress>,
-) -> Result<()> {
-    let ack = applier.ack_position();
-    let cp = writer.commit()?;
-    *commits += 1;
-    if config.fail_after_commits == Some(*commits) {
-        return Err(ReplicatorError::Injected(cp.op_id));
+    committer: &mut Committer<'_>,
+) -> Result<Option<Restart>> {
+    for event in events {
+        let w = match writer.as_mut() {
+            Some(w) => w,
+            None => writer.insert(store.writer()?),
+        };
+        match applier.apply(w, event)? {
+            apply::Next::Continue => {}
+            apply::Next::CommitNow => {
+                if let Some(w) = writer.take() {
+                    committer.commit(w, applier)?;
+                }
+            }
+            apply::Next::Restart => {
+                drop(writer.take());
+                return Ok(Some(Restart::Again));
+            }
+        }
     }
-    if let Some(lsn) = ack {
-        stream.ack(lsn);
-    }
-    progress.send_modify(|p| {
-        p.storage_commits = *commits;
-        p.transactions += applier.pending_txns as u64;
-        p.rows += applier.pending_rows as u64;
-        p.snapshot_rows = applier.snapshot_rows;
-    });
-    applier.committed();
-    Ok(())
+    Ok(None)
 }

@@ -104,6 +104,60 @@ pub fn bucket_id(definition: &str, parameters: &[serde_json::Value]) -> String {
     )
 }
 
+/// [`bucket_id`] from the bound values (`None`: unbound, written as `null`), without building
+/// JSON values on the way.
+fn bucket_id_with<'v>(definition: &str, values: impl Iterator<Item = Option<&'v Value>>) -> String {
+    let mut s = Vec::with_capacity(definition.len() + 16);
+    s.extend_from_slice(definition.as_bytes());
+    s.push(b'[');
+    for (i, v) in values.enumerate() {
+        if i > 0 {
+            s.push(b',');
+        }
+        match v {
+            Some(Value::Json(serde_json::Value::String(t))) => write_json_str(&mut s, t),
+            Some(v) => write_output_json(&mut s, v),
+            None => s.extend_from_slice(b"null"),
+        }
+    }
+    s.push(b']');
+    String::from_utf8(s).unwrap_or_default()
+}
+
+fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// [`output_json`]'s text, written into `out`.
+fn write_output_json(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(b) => out.push(if *b { b'1' } else { b'0' }),
+        Value::Int(i) => {
+            let _ = serde_json::to_writer(&mut *out, i);
+        }
+        Value::Text(t) => write_json_str(out, t),
+        other => {
+            let _ = serde_json::to_writer(&mut *out, &output_json(other));
+        }
+    }
+}
+
+/// A value as an object id: its output JSON, a string's own text.
+fn output_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => None,
+        Value::Text(t) => Some(t.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        other => match output_json(other) {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(s) => Some(s),
+            j => Some(j.to_string()),
+        },
+    }
+}
+
 /// A value as it leaves the server in a row's JSON: SQLite's types, as PowerSync clients store
 /// them. Booleans become 1/0, JSON and arrays become JSON text.
 fn output_json(v: &Value) -> serde_json::Value {
@@ -132,47 +186,51 @@ impl SyncRules {
                 if bindings.is_empty() {
                     continue;
                 }
-                let mut fields: Vec<(String, serde_json::Value)> = Vec::new();
+                // The row's JSON text is written directly (no intermediate JSON values): this
+                // runs for every replicated row.
+                let mut data = Vec::with_capacity(64 + row.values.len() * 24);
+                data.push(b'{');
+                let mut id: Option<String> = None;
+                let mut field = |data: &mut Vec<u8>, name: &str, v: &Value| {
+                    if data.len() > 1 {
+                        data.push(b',');
+                    }
+                    write_json_str(data, name);
+                    data.push(b':');
+                    write_output_json(data, v);
+                    if name == "id" {
+                        id = output_text(v);
+                    }
+                };
                 for item in &q.items {
                     match item {
                         Item::All => {
                             for (c, v) in row.columns.iter().zip(row.values) {
-                                fields.push((c.clone(), output_json(v)));
+                                field(&mut data, c, v);
                             }
                         }
                         Item::Expr { name, operand } => {
-                            fields.push((
-                                name.clone(),
-                                output_json(&operand.eval(Some(row), &Binding::new())),
-                            ));
+                            field(&mut data, name, &operand.eval(Some(row), &Binding::new()));
                         }
                     }
                 }
-                let Some(id) = fields
-                    .iter()
-                    .rev()
-                    .find(|(k, _)| k == "id")
-                    .and_then(|(_, v)| match v {
-                        serde_json::Value::Null => None,
-                        serde_json::Value::String(s) => Some(s.clone()),
-                        other => Some(other.to_string()),
-                    })
-                else {
+                data.push(b'}');
+                let Some(id) = id else {
                     continue;
                 };
-                let data = object_text(&fields);
+                // Only JSON text was written, so the bytes are UTF-8.
+                let data = String::from_utf8(data).unwrap_or_default();
                 for b in bindings {
-                    let params: Vec<serde_json::Value> = def
-                        .parameter_names
-                        .iter()
-                        .map(|p| {
-                            b.get(&format!("bucket.{p}"))
-                                .map(parameter_json)
-                                .unwrap_or_default()
-                        })
-                        .collect();
+                    let bucket = bucket_id_with(
+                        &def.name,
+                        def.parameter_names.iter().map(|p| {
+                            b.iter()
+                                .find(|(k, _)| k.strip_prefix("bucket.") == Some(p.as_str()))
+                                .map(|(_, v)| v)
+                        }),
+                    );
                     out.push(RowOutput {
-                        bucket: bucket_id(&def.name, &params),
+                        bucket,
                         object_type: q.output_type.clone(),
                         object_id: id.clone(),
                         data: data.clone(),
@@ -314,19 +372,4 @@ fn filter_unknowns(f: &crate::expr::Filter) -> Vec<&str> {
             v
         }
     }
-}
-
-/// A JSON object with keys in the order given (the order of the query's columns).
-fn object_text(fields: &[(String, serde_json::Value)]) -> String {
-    let mut s = String::from("{");
-    for (i, (k, v)) in fields.iter().enumerate() {
-        if i > 0 {
-            s.push(',');
-        }
-        s.push_str(&serde_json::Value::String(k.clone()).to_string());
-        s.push(':');
-        s.push_str(&v.to_string());
-    }
-    s.push('}');
-    s
 }

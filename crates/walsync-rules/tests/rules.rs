@@ -317,7 +317,58 @@ fn value() -> impl Strategy<Value = Value> {
     ]
 }
 
+/// Every kind of value, with text that needs escaping.
+fn any_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::Int),
+        (-1e12f64..1e12).prop_map(Value::Float),
+        "\\PC{0,6}|[\"\\\\\n\t\u{1}é😀]{1,4}".prop_map(Value::Text),
+        prop::collection::vec(any::<u8>(), 0..4).prop_map(Value::Bytes),
+        Just(Value::Json(json!({"a": [1, "x\"y"], "b": null}))),
+        Just(Value::Json(json!("plain"))),
+    ];
+    leaf.prop_recursive(1, 4, 3, |inner| {
+        prop::collection::vec(inner, 0..3).prop_map(Value::Array)
+    })
+}
+
+/// A value as a row's JSON carries it: SQLite's types (booleans 1/0, JSON and arrays as text).
+fn output_form(v: &Value) -> serde_json::Value {
+    match v {
+        Value::Bool(b) => json!(i64::from(*b)),
+        Value::Json(j) => json!(j.to_string()),
+        Value::Array(_) => json!(v.to_json().to_string()),
+        other => other.to_json(),
+    }
+}
+
 proptest! {
+    /// The row's data is the JSON object of its columns in order, and its bucket id the JSON
+    /// array of its parameters, byte for byte as serde_json writes them (checksums cover them).
+    #[test]
+    fn data_text_and_bucket_ids_are_exact_json(project in any_value(), a in any_value(), b in any_value()) {
+        let rules = SyncRules::from_yaml(SEED).unwrap();
+        let c = cols(&["id", "project_id", "a", "b"]);
+        let v = vec![Value::Int(5), project.clone(), a.clone(), b.clone()];
+        let out = rules.evaluate_row(&row("assessments", &c, &v));
+        let param = match &project {
+            Value::Json(serde_json::Value::String(s)) => json!(s),
+            other => output_form(other),
+        };
+        if matches!(project, Value::Null) {
+            prop_assert!(out.is_empty());
+        } else if let Some(o) = out.first() {
+            let expected = format!(
+                "{{\"id\":5,\"project_id\":{},\"a\":{},\"b\":{}}}",
+                output_form(&project), output_form(&a), output_form(&b)
+            );
+            prop_assert_eq!(&o.data, &expected);
+            prop_assert_eq!(&o.bucket, &walsync_rules::bucket_id("user_projects", &[param]));
+        }
+    }
+
     /// A row is in exactly the buckets whose parameter its key column names, with its data.
     #[test]
     fn routing_follows_the_key_column(id in 1..1000i64, project in value(), name in value()) {

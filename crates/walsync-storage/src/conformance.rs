@@ -84,7 +84,7 @@ fn out(bucket: &str, id: &str, data: &str) -> RowOutput {
 
 fn row(v: i64) -> StoredRow {
     StoredRow {
-        columns: vec!["v".into()],
+        columns: vec!["v".to_owned()].into(),
         values: vec![Value::Int(v)],
     }
 }
@@ -125,6 +125,26 @@ pub fn run_all<S: BucketStore>(fresh: impl Fn() -> S) {
     compaction_keeps_checksums_and_rows(&fresh());
     clear_all_starts_over_with_growing_op_ids(&fresh());
     snapshots_see_one_checkpoint(&fresh());
+    deferred_commits_are_visible_at_once(&fresh());
+}
+
+/// A deferred commit is visible as soon as it returns, before the sync, and later writers build
+/// on it.
+pub fn deferred_commits_are_visible_at_once<S: BucketStore>(store: &S) {
+    let mut w = store.writer().expect("writer");
+    w.upsert_row("public.t", "1", row(1), vec![out("a", "1", "{}")], vec![])
+        .expect("upsert");
+    let cp = w.commit_deferred().expect("deferred commit");
+    assert_eq!(store.checkpoint().expect("checkpoint"), cp);
+    assert_eq!(store.row("public.t", "1").expect("row"), Some(row(1)));
+    let mut w = store.writer().expect("writer");
+    w.delete_row("public.t", "1").expect("delete");
+    let cp2 = w.commit_deferred().expect("deferred commit");
+    assert!(cp2.op_id > cp.op_id);
+    store.sync().expect("sync");
+    let a = ClientBucket::read(store, "a");
+    assert!(a.rows.is_empty(), "{a:?}");
+    assert_eq!(store.checkpoint().expect("checkpoint"), cp2);
 }
 
 pub fn puts_removes_and_moves<S: BucketStore>(store: &S) {

@@ -7,6 +7,7 @@
 //! ids and lookup keys are JSON text, table names are identifiers.
 
 mod compact;
+mod record;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -18,6 +19,8 @@ use fjall::{
 use serde::{Deserialize, Serialize};
 use walsync_rules::{LookupEntry, LookupKey, RowOutput};
 use walsync_types::{Lsn, add_checksums, put_checksum, remove_checksum};
+
+use record::{Reader, Writer, corrupt, read_lookups, write_lookups};
 
 use crate::model::{BucketState, Changes, Checkpoint, CompactStats, Op, OpKind, StoredRow};
 use crate::{BucketStore, Result, StorageError, StoreRead, StoreWriter};
@@ -133,68 +136,112 @@ const OP_TAG: u8 = 0xB1;
 impl OpValue {
     fn to_bytes(&self) -> Vec<u8> {
         let d = self.d.as_deref();
-        let mut b = Vec::with_capacity(19 + self.t.len() + self.i.len() + d.map_or(0, str::len));
-        b.push(OP_TAG);
-        b.push(match self.k {
+        let mut w = Writer::with_capacity(19 + self.t.len() + self.i.len() + d.map_or(0, str::len));
+        w.u8(OP_TAG);
+        w.u8(match self.k {
             OpKind::Put => 0,
             OpKind::Remove => 1,
             OpKind::Move => 2,
             OpKind::Clear => 3,
         });
-        b.extend_from_slice(&self.c.to_le_bytes());
+        w.u32(self.c);
         for part in [Some(self.t.as_str()), Some(self.i.as_str()), d] {
             match part {
                 Some(p) => {
-                    b.push(1);
-                    b.extend_from_slice(&(p.len() as u32).to_le_bytes());
-                    b.extend_from_slice(p.as_bytes());
+                    w.u8(1);
+                    w.str(p);
                 }
-                None => b.push(0),
+                None => w.u8(0),
             }
         }
-        b
+        w.0
     }
 
     fn from_bytes(b: &[u8]) -> Result<OpValue> {
         if b.first() == Some(&b'{') {
             return decode("op", b);
         }
-        let corrupt = |detail: &str| StorageError::Corrupt {
-            what: "op",
-            detail: detail.to_owned(),
-        };
-        if b.len() < 6 || b[0] != OP_TAG {
-            return Err(corrupt("unknown op record format"));
+        let mut r = Reader::new("op", b);
+        if r.u8()? != OP_TAG {
+            return Err(corrupt("op", "unknown op record format"));
         }
-        let k = match b[1] {
+        let k = match r.u8()? {
             0 => OpKind::Put,
             1 => OpKind::Remove,
             2 => OpKind::Move,
             3 => OpKind::Clear,
-            _ => return Err(corrupt("unknown op kind")),
+            _ => return Err(corrupt("op", "unknown op kind")),
         };
-        let c = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-        let mut rest = &b[6..];
+        let c = r.u32()?;
         let mut part = || -> Result<Option<String>> {
-            let (&flag, tail) = rest.split_first().ok_or_else(|| corrupt("truncated"))?;
-            if flag == 0 {
-                rest = tail;
-                return Ok(None);
+            match r.u8()? {
+                0 => Ok(None),
+                _ => r.str().map(Some),
             }
-            if tail.len() < 4 {
-                return Err(corrupt("truncated"));
-            }
-            let len = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]) as usize;
-            let body = tail.get(4..4 + len).ok_or_else(|| corrupt("truncated"))?;
-            rest = &tail[4 + len..];
-            String::from_utf8(body.to_vec())
-                .map(Some)
-                .map_err(|_| corrupt("not utf-8"))
         };
         let t = part()?.unwrap_or_default();
         let i = part()?.unwrap_or_default();
         let d = part()?;
+        r.end()?;
         Ok(OpValue { k, t, i, d, c })
+    }
+}
+
+/// Row copies are written for every replicated row: binary, like ops (see [`OP_TAG`]).
+const ROW_TAG: u8 = 0xB2;
+
+impl RowRecord {
+    fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut w = Writer::with_capacity(64 + self.v.len() * 16);
+        w.u8(ROW_TAG);
+        w.u64(self.s);
+        w.u32(self.v.len() as u32);
+        for v in &self.v {
+            w.value(v);
+        }
+        w.u32(self.placements.len() as u32);
+        for p in &self.placements {
+            w.str(&p.bucket);
+            w.str(&p.object_type);
+            w.str(&p.object_id);
+            w.u32(p.checksum);
+        }
+        write_lookups(&mut w, &self.lookups)?;
+        Ok(w.0)
+    }
+
+    fn from_bytes(b: &[u8]) -> Result<RowRecord> {
+        if b.first() == Some(&b'{') {
+            return decode("row", b);
+        }
+        let mut r = Reader::new("row", b);
+        if r.u8()? != ROW_TAG {
+            return Err(corrupt("row", "unknown row record format"));
+        }
+        let s = r.u64()?;
+        let n = r.count()?;
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(r.value()?);
+        }
+        let n = r.count()?;
+        let mut placements = Vec::with_capacity(n);
+        for _ in 0..n {
+            placements.push(Placement {
+                bucket: r.str()?,
+                object_type: r.str()?,
+                object_id: r.str()?,
+                checksum: r.u32()?,
+            });
+        }
+        let lookups = read_lookups(&mut r)?;
+        r.end()?;
+        Ok(RowRecord {
+            s,
+            v,
+            placements,
+            lookups,
+        })
     }
 }
 
@@ -237,7 +284,13 @@ impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<EmbeddedStore> {
         std::fs::create_dir_all(dir)?;
+        // Four background workers whatever the core count. fjall's first worker hands every
+        // compaction request back to the queue so that it stays free for flushes; while the
+        // other workers are all busy compacting it takes the request again at once, spinning a
+        // core. With two workers (the default on two cores) that was half of the store's CPU
+        // time during a long write; with three others to take the request it rarely happens.
         let db = SingleWriterTxDatabase::builder(dir.join("walsync.fjall"))
+            .worker_threads(4)
             .open()
             .map_err(engine)?;
         let ks = |name: &str| {
@@ -268,7 +321,7 @@ impl BucketStore for EmbeddedStore {
     type Snapshot = EmbeddedSnapshot;
 
     fn writer(&self) -> Result<EmbeddedWriter<'_>> {
-        let tx = self.db.write_tx().durability(Some(PersistMode::SyncAll));
+        let tx = self.db.write_tx();
         let checkpoint = read_checkpoint(&tx, &self.s.meta)?;
         Ok(EmbeddedWriter {
             next_op_id: checkpoint.op_id + 1,
@@ -278,6 +331,7 @@ impl BucketStore for EmbeddedStore {
             states: HashMap::new(),
             changes: Changes::default(),
             schemas: HashMap::new(),
+            last_schema: None,
         })
     }
 
@@ -294,6 +348,10 @@ impl BucketStore for EmbeddedStore {
 
     fn size_on_disk(&self) -> Result<u64> {
         self.db.disk_space().map_err(engine)
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.db.persist(PersistMode::SyncAll).map_err(engine)
     }
 }
 
@@ -430,10 +488,10 @@ impl StoreRead for EmbeddedSnapshot {
             .map_err(engine)?
         {
             Some(v) => {
-                let rec: RowRecord = decode("row", &v)?;
+                let rec = RowRecord::from_bytes(&v)?;
                 let columns = names_in(snap, &self.s.meta, rec.s)?;
                 Ok(Some(StoredRow {
-                    columns,
+                    columns: columns.into(),
                     values: rec.v,
                 }))
             }
@@ -450,7 +508,10 @@ pub struct EmbeddedWriter<'a> {
     next_op_id: u64,
     states: HashMap<String, BucketState>,
     changes: Changes,
-    schemas: HashMap<u64, Vec<String>>,
+    schemas: HashMap<u64, std::sync::Arc<[String]>>,
+    /// The last column list seen, by pointer, with its schema id: every row of a table shares
+    /// one list, so its names are hashed once per table, not once per row.
+    last_schema: Option<(std::sync::Arc<[String]>, u64)>,
 }
 
 impl std::fmt::Debug for EmbeddedWriter<'_> {
@@ -466,7 +527,7 @@ impl EmbeddedWriter<'_> {
         self.tx
             .get(&self.s.rows, row_key(table, row_id))
             .map_err(engine)?
-            .map(|v| decode("row", &v))
+            .map(|v| RowRecord::from_bytes(&v))
             .transpose()
     }
 
@@ -577,7 +638,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
         };
         let columns = match self.schemas.get(&rec.s) {
             Some(c) => c.clone(),
-            None => names_in(&self.tx, &self.s.meta, rec.s)?,
+            None => names_in(&self.tx, &self.s.meta, rec.s)?.into(),
         };
         Ok(Some(StoredRow {
             columns,
@@ -633,7 +694,14 @@ impl StoreWriter for EmbeddedWriter<'_> {
             }
         }
         self.set_lookups(&format!("{table}/{row_id}"), &old_lookups, &lookups)?;
-        let s = schema_id(&row.columns);
+        let s = match &self.last_schema {
+            Some((c, id)) if std::sync::Arc::ptr_eq(c, &row.columns) => *id,
+            _ => {
+                let id = schema_id(&row.columns);
+                self.last_schema = Some((row.columns.clone(), id));
+                id
+            }
+        };
         if !self.schemas.contains_key(&s) {
             if self
                 .tx
@@ -642,16 +710,17 @@ impl StoreWriter for EmbeddedWriter<'_> {
                 .is_none()
             {
                 self.tx
-                    .insert(&self.s.meta, schema_key(s), encode(&row.columns)?);
+                    .insert(&self.s.meta, schema_key(s), encode(&&*row.columns)?);
             }
             self.schemas.insert(s, row.columns);
         }
-        let record = encode(&RowRecord {
+        let record = RowRecord {
             s,
             v: row.values,
             placements,
             lookups,
-        })?;
+        }
+        .to_bytes()?;
         self.tx.insert(&self.s.rows, row_key(table, row_id), record);
         Ok(())
     }
@@ -716,7 +785,19 @@ impl StoreWriter for EmbeddedWriter<'_> {
         Ok(())
     }
 
-    fn commit(mut self) -> Result<Checkpoint> {
+    fn commit(self) -> Result<Checkpoint> {
+        self.finish(PersistMode::SyncAll)
+    }
+
+    fn commit_deferred(self) -> Result<Checkpoint> {
+        // Written through to the operating system, so that only a machine crash (not a process
+        // crash) can lose it before the sync.
+        self.finish(PersistMode::Buffer)
+    }
+}
+
+impl EmbeddedWriter<'_> {
+    fn finish(mut self, mode: PersistMode) -> Result<Checkpoint> {
         for (b, s) in std::mem::take(&mut self.states) {
             self.tx.insert(&self.s.buckets, b.into_bytes(), encode(&s)?);
         }
@@ -733,7 +814,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
             b"checkpoint".to_vec(),
             encode(&self.checkpoint)?,
         );
-        self.tx.commit().map_err(engine)?;
+        self.tx.durability(Some(mode)).commit().map_err(engine)?;
         Ok(self.checkpoint)
     }
 }
@@ -777,5 +858,58 @@ mod op_record_tests {
         for cut in 0..good.len() {
             assert!(OpValue::from_bytes(&good[..cut]).is_err(), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn row_records_round_trip_and_json_records_still_read() {
+        use walsync_types::Value;
+        let rec = RowRecord {
+            s: 0xFEED_F00D_1234_5678,
+            v: vec![
+                Value::Null,
+                Value::Bool(true),
+                Value::Int(-42),
+                Value::Float(-0.5),
+                Value::Text("tä\n\"x\"".into()),
+                Value::Json(serde_json::json!({"a": [1, null, "b"]})),
+                Value::Bytes(vec![0, 255, 7]),
+                Value::Array(vec![Value::Int(1), Value::Array(vec![Value::Null])]),
+            ],
+            placements: vec![Placement {
+                bucket: "b[\"1\"]".into(),
+                object_type: "t".into(),
+                object_id: "1".into(),
+                checksum: 0xDEAD_BEEF,
+            }],
+            lookups: vec![LookupEntry {
+                key: LookupKey {
+                    definition: "d".into(),
+                    query: 1,
+                    values: vec!["u1".into()],
+                },
+                parameters: vec![serde_json::json!(7)],
+            }],
+        };
+        let same = |a: &RowRecord, b: &RowRecord| {
+            assert_eq!(
+                (a.s, &a.v, &a.placements, &a.lookups),
+                (b.s, &b.v, &b.placements, &b.lookups)
+            );
+        };
+        let bytes = rec.to_bytes().expect("encode");
+        same(&RowRecord::from_bytes(&bytes).expect("binary"), &rec);
+        same(
+            &RowRecord::from_bytes(&serde_json::to_vec(&rec).expect("json")).expect("json record"),
+            &rec,
+        );
+        for cut in 0..bytes.len() {
+            assert!(
+                RowRecord::from_bytes(&bytes[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(RowRecord::from_bytes(&longer).is_err());
     }
 }

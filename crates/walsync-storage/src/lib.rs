@@ -91,6 +91,9 @@ pub trait BucketStore: StoreRead + Send + Sync {
 
     /// Bytes the store occupies on disk.
     fn size_on_disk(&self) -> Result<u64>;
+
+    /// Makes every commit so far durable (see [`StoreWriter::commit_deferred`]).
+    fn sync(&self) -> Result<()>;
 }
 
 /// One write transaction.
@@ -128,4 +131,10 @@ pub trait StoreWriter {
 
     /// Makes the transaction durable and returns the new checkpoint.
     fn commit(self) -> Result<Checkpoint>;
+
+    /// Makes the transaction visible and returns the new checkpoint; it is durable once
+    /// [`BucketStore::sync`] returns. A crash before that may lose it, whole, with every later
+    /// commit. This lets a caller go on writing while the disk catches up, and acknowledge
+    /// what it wrote only after the sync.
+    fn commit_deferred(self) -> Result<Checkpoint>;
 }

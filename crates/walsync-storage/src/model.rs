@@ -66,10 +66,10 @@ pub struct Checkpoint {
 }
 
 /// The store's copy of a source row: column names and values (complete, no unchanged-TOAST
-/// gaps).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+/// gaps). The names are shared by every row of a table.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct StoredRow {
-    pub columns: Vec<String>,
+    pub columns: std::sync::Arc<[String]>,
     pub values: Vec<Value>,
 }
 

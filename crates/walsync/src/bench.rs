@@ -1,6 +1,7 @@
 //! `walsync bench`: measurements against baselines taken in the same run, printed as a
 //! Markdown table (the form `docs/benchmarks.md` keeps).
 
+mod apply;
 mod engines;
 mod replicator;
 mod snapshot;
@@ -19,6 +20,8 @@ pub struct BenchArgs {
 enum Which {
     /// WAL decode-and-emit throughput of walsync-source beside pg_recvlogical.
     Source(source::SourceArgs),
+    /// The replicator's own work (rules and store) on decoded changes, without PostgreSQL.
+    Apply(apply::ApplyArgs),
     /// redb against fjall on the bucket store's write pattern.
     Engines(engines::EngineArgs),
     /// The whole replicator (WAL to durable buckets) beside pg_recvlogical; checkpoint cost.
@@ -32,6 +35,7 @@ enum Which {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.which {
         Which::Source(a) => source::run(a),
+        Which::Apply(a) => apply::run(a),
         Which::Engines(a) => engines::run(a),
         Which::Replicator(a) => replicator::run(a),
         Which::Snapshot(a) => snapshot::run(a),

@@ -20,7 +20,8 @@ pub struct ReplicatorArgs {
     workload: WorkloadArgs,
 }
 
-const RULES: &str = "
+/// Each row in one project bucket (400 rows a project), as in the apply benchmark.
+pub(super) const RULES: &str = "
 bucket_definitions:
   user_projects:
     parameters: SELECT project_id FROM project_members WHERE user_id = request.user_id()
