@@ -126,6 +126,73 @@ pub fn run_all<S: BucketStore>(fresh: impl Fn() -> S) {
     clear_all_starts_over_with_growing_op_ids(&fresh());
     snapshots_see_one_checkpoint(&fresh());
     deferred_commits_are_visible_at_once(&fresh());
+    one_writer_sees_its_own_writes(&fresh());
+}
+
+/// Within one transaction: a row written many times, a truncate over committed and new rows,
+/// and a clear followed by the same rows and buckets again all end as the last write says.
+pub fn one_writer_sees_its_own_writes<S: BucketStore>(store: &S) {
+    let mut w = store.writer().expect("writer");
+    for i in 0..3 {
+        w.upsert_row(
+            "public.t",
+            &i.to_string(),
+            row(i),
+            vec![out("a", &i.to_string(), "{}")],
+            vec![],
+        )
+        .expect("upsert");
+    }
+    w.commit().expect("commit");
+    let mut w = store.writer().expect("writer");
+    for v in 0..5 {
+        w.upsert_row(
+            "public.t",
+            "9",
+            row(v),
+            vec![out("a", "9", &format!("{{\"v\":{v}}}"))],
+            vec![],
+        )
+        .expect("upsert");
+    }
+    assert_eq!(w.row("public.t", "9").expect("row"), Some(row(4)));
+    w.truncate("public.t").expect("truncate");
+    assert_eq!(w.row("public.t", "9").expect("row"), None);
+    assert_eq!(w.row("public.t", "1").expect("row"), None);
+    w.upsert_row(
+        "public.t",
+        "1",
+        row(7),
+        vec![out("a", "1", "{\"v\":7}")],
+        vec![],
+    )
+    .expect("upsert");
+    w.commit().expect("commit");
+    let a = ClientBucket::read(store, "a");
+    assert_eq!(a.rows.len(), 1, "{a:?}");
+    assert_eq!(
+        a.rows.get(&("t".into(), "1".into())).map(String::as_str),
+        Some("{\"v\":7}")
+    );
+    state_matches_replay(store, "a");
+
+    let mut w = store.writer().expect("writer");
+    w.clear_all().expect("clear");
+    assert_eq!(w.row("public.t", "1").expect("row"), None);
+    w.upsert_row(
+        "public.t",
+        "1",
+        row(8),
+        vec![out("a", "1", "{\"v\":8}")],
+        vec![],
+    )
+    .expect("upsert");
+    w.commit().expect("commit");
+    assert_eq!(store.row("public.t", "1").expect("row"), Some(row(8)));
+    let a = ClientBucket::read(store, "a");
+    assert_eq!(a.rows.len(), 1, "{a:?}");
+    assert_eq!(store.buckets().expect("buckets"), ["a"]);
+    state_matches_replay(store, "a");
 }
 
 /// A deferred commit is visible as soon as it returns, before the sync, and later writers build

@@ -29,7 +29,6 @@ pub struct ApplyArgs {
     rows_per_txn: u64,
 }
 
-
 fn table() -> Arc<Table> {
     let col = |name: &str, type_oid: u32, is_key: bool| TableColumn {
         name: name.into(),
