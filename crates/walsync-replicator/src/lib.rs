@@ -161,7 +161,7 @@ fn session<S: BucketStore>(
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::channel::<Committed>();
         let syncer = std::thread::Builder::new()
-            .name("walsync-sync".into())
+            .name("walsync-fsync".into())
             .spawn_scoped(scope, || sync_loop(store, rx, &acker, progress, &failed))
             .map_err(StorageError::Io)?;
         let mut committer = Committer {
