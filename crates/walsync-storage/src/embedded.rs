@@ -135,26 +135,7 @@ const OP_TAG: u8 = 0xB1;
 
 impl OpValue {
     fn to_bytes(&self) -> Vec<u8> {
-        let d = self.d.as_deref();
-        let mut w = Writer::with_capacity(19 + self.t.len() + self.i.len() + d.map_or(0, str::len));
-        w.u8(OP_TAG);
-        w.u8(match self.k {
-            OpKind::Put => 0,
-            OpKind::Remove => 1,
-            OpKind::Move => 2,
-            OpKind::Clear => 3,
-        });
-        w.u32(self.c);
-        for part in [Some(self.t.as_str()), Some(self.i.as_str()), d] {
-            match part {
-                Some(p) => {
-                    w.u8(1);
-                    w.str(p);
-                }
-                None => w.u8(0),
-            }
-        }
-        w.0
+        op_bytes(self.k, &self.t, &self.i, self.d.as_deref(), self.c)
     }
 
     fn from_bytes(b: &[u8]) -> Result<OpValue> {
@@ -185,6 +166,29 @@ impl OpValue {
         r.end()?;
         Ok(OpValue { k, t, i, d, c })
     }
+}
+
+/// An op record's bytes, from borrowed parts (see [`OP_TAG`]).
+fn op_bytes(k: OpKind, t: &str, i: &str, d: Option<&str>, c: u32) -> Vec<u8> {
+    let mut w = Writer::with_capacity(19 + t.len() + i.len() + d.map_or(0, str::len));
+    w.u8(OP_TAG);
+    w.u8(match k {
+        OpKind::Put => 0,
+        OpKind::Remove => 1,
+        OpKind::Move => 2,
+        OpKind::Clear => 3,
+    });
+    w.u32(c);
+    for part in [Some(t), Some(i), d] {
+        match part {
+            Some(p) => {
+                w.u8(1);
+                w.str(p);
+            }
+            None => w.u8(0),
+        }
+    }
+    w.0
 }
 
 /// Row copies are written for every replicated row: binary, like ops (see [`OP_TAG`]).
@@ -553,25 +557,26 @@ impl EmbeddedWriter<'_> {
         kind: OpKind,
         object_type: &str,
         object_id: &str,
-        data: Option<String>,
+        data: Option<&str>,
         checksum: u32,
     ) -> Result<()> {
         let op_id = self.next_op_id;
         self.next_op_id += 1;
-        let value = OpValue {
-            k: kind,
-            t: object_type.to_owned(),
-            i: object_id.to_owned(),
-            d: data,
-            c: checksum,
-        }
-        .to_bytes();
+        let value = op_bytes(kind, object_type, object_id, data, checksum);
         self.tx.insert(&self.s.ops, op_key(bucket, op_id), value);
-        let mut s = self.state(bucket)?;
-        s.checksum = add_checksums(s.checksum, checksum);
-        s.count += 1;
-        s.last_op_id = op_id;
-        self.states.insert(bucket.to_owned(), s);
+        let add = |s: &mut BucketState| {
+            s.checksum = add_checksums(s.checksum, checksum);
+            s.count += 1;
+            s.last_op_id = op_id;
+        };
+        match self.states.get_mut(bucket) {
+            Some(s) => add(s),
+            None => {
+                let mut s = self.state(bucket)?;
+                add(&mut s);
+                self.states.insert(bucket.to_owned(), s);
+            }
+        }
         if !self.changes.buckets.contains(bucket) {
             self.changes.buckets.insert(bucket.to_owned());
         }
@@ -674,7 +679,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
                     OpKind::Put,
                     &out.object_type,
                     &out.object_id,
-                    Some(out.data),
+                    Some(&out.data),
                     checksum,
                 )?;
             }
@@ -693,7 +698,9 @@ impl StoreWriter for EmbeddedWriter<'_> {
                 self.remove_from(p)?;
             }
         }
-        self.set_lookups(&format!("{table}/{row_id}"), &old_lookups, &lookups)?;
+        if old_lookups != lookups {
+            self.set_lookups(&format!("{table}/{row_id}"), &old_lookups, &lookups)?;
+        }
         let s = match &self.last_schema {
             Some((c, id)) if std::sync::Arc::ptr_eq(c, &row.columns) => *id,
             _ => {
