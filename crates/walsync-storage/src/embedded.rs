@@ -133,6 +133,9 @@ fn op_id_of(key: &[u8]) -> u64 {
 /// earlier versions still read), the kind, the checksum, then length-prefixed type, id and data.
 const OP_TAG: u8 = 0xB1;
 
+/// Op kinds by their byte in an op record.
+const OP_KINDS: [OpKind; 4] = [OpKind::Put, OpKind::Remove, OpKind::Move, OpKind::Clear];
+
 impl OpValue {
     fn to_bytes(&self) -> Vec<u8> {
         op_bytes(self.k, &self.t, &self.i, self.d.as_deref(), self.c)
@@ -146,13 +149,9 @@ impl OpValue {
         if r.u8()? != OP_TAG {
             return Err(corrupt("op", "unknown op record format"));
         }
-        let k = match r.u8()? {
-            0 => OpKind::Put,
-            1 => OpKind::Remove,
-            2 => OpKind::Move,
-            3 => OpKind::Clear,
-            _ => return Err(corrupt("op", "unknown op kind")),
-        };
+        let k = *OP_KINDS
+            .get(usize::from(r.u8()?))
+            .ok_or_else(|| corrupt("op", "unknown op kind"))?;
         let c = r.u32()?;
         let mut part = || -> Result<Option<String>> {
             match r.u8()? {
@@ -172,12 +171,7 @@ impl OpValue {
 fn op_bytes(k: OpKind, t: &str, i: &str, d: Option<&str>, c: u32) -> Vec<u8> {
     let mut w = Writer::with_capacity(19 + t.len() + i.len() + d.map_or(0, str::len));
     w.u8(OP_TAG);
-    w.u8(match k {
-        OpKind::Put => 0,
-        OpKind::Remove => 1,
-        OpKind::Move => 2,
-        OpKind::Clear => 3,
-    });
+    w.u8(OP_KINDS.iter().position(|x| *x == k).unwrap_or(0) as u8);
     w.u32(c);
     for part in [Some(t), Some(i), d] {
         match part {
@@ -596,10 +590,18 @@ impl EmbeddedWriter<'_> {
         )
     }
 
-    fn set_lookups(&mut self, row: &str, old: &[LookupEntry], new: &[LookupEntry]) -> Result<()> {
+    fn set_lookups(
+        &mut self,
+        table: &str,
+        row_id: &str,
+        old: &[LookupEntry],
+        new: &[LookupEntry],
+    ) -> Result<()> {
         if old == new {
             return Ok(());
         }
+        let row = format!("{table}/{row_id}");
+        let row = row.as_str();
         // A lookup change takes an op id of its own, so that it is visible exactly from this
         // commit's checkpoint on.
         let op_id = self.next_op_id;
@@ -698,9 +700,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
                 self.remove_from(p)?;
             }
         }
-        if old_lookups != lookups {
-            self.set_lookups(&format!("{table}/{row_id}"), &old_lookups, &lookups)?;
-        }
+        self.set_lookups(table, row_id, &old_lookups, &lookups)?;
         let s = match &self.last_schema {
             Some((c, id)) if std::sync::Arc::ptr_eq(c, &row.columns) => *id,
             _ => {
@@ -739,7 +739,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
         for p in &old.placements {
             self.remove_from(p)?;
         }
-        self.set_lookups(&format!("{table}/{row_id}"), &old.lookups, &[])?;
+        self.set_lookups(table, row_id, &old.lookups, &[])?;
         self.tx.remove(&self.s.rows, row_key(table, row_id));
         Ok(())
     }
