@@ -137,8 +137,12 @@ const OP_TAG: u8 = 0xB1;
 const OP_KINDS: [OpKind; 4] = [OpKind::Put, OpKind::Remove, OpKind::Move, OpKind::Clear];
 
 impl OpValue {
+    /// The op's record alone (see [`OP_TAG`]), as earlier versions kept it under its own key.
+    #[cfg(test)]
     fn to_bytes(&self) -> Vec<u8> {
-        op_bytes(self.k, &self.t, &self.i, self.d.as_deref(), self.c)
+        let mut w = Writer::with_capacity(64);
+        write_op(&mut w, self.k, &self.t, &self.i, self.d.as_deref(), self.c);
+        w.0
     }
 
     fn from_bytes(b: &[u8]) -> Result<OpValue> {
@@ -167,9 +171,8 @@ impl OpValue {
     }
 }
 
-/// An op record's bytes, from borrowed parts (see [`OP_TAG`]).
-fn op_bytes(k: OpKind, t: &str, i: &str, d: Option<&str>, c: u32) -> Vec<u8> {
-    let mut w = Writer::with_capacity(19 + t.len() + i.len() + d.map_or(0, str::len));
+/// Writes an op record from borrowed parts (see [`OP_TAG`]).
+fn write_op(w: &mut Writer, k: OpKind, t: &str, i: &str, d: Option<&str>, c: u32) {
     w.u8(OP_TAG);
     w.u8(OP_KINDS.iter().position(|x| *x == k).unwrap_or(0) as u8);
     w.u32(c);
@@ -182,7 +185,52 @@ fn op_bytes(k: OpKind, t: &str, i: &str, d: Option<&str>, c: u32) -> Vec<u8> {
             None => w.u8(0),
         }
     }
-    w.0
+}
+
+/// The ops one commit adds to one bucket are kept together under one key, `(bucket, id of the
+/// last op in it)`: a tag, the number of ops, then for each op its id and its op record. Every key costs the
+/// engine about as much as a whole op record (memtable insert, flush, compaction), so one key
+/// per op was half of the store's work. Chunks of a bucket never overlap (op ids grow across
+/// commits), and a chunk is closed at [`CHUNK_BYTES`] so that no value grows large. A key
+/// holding a single op record (written by earlier versions) is read as a chunk of that one op.
+const CHUNK_TAG: u8 = 0xB3;
+
+/// The size at which a bucket's open chunk is closed and a new one begun.
+const CHUNK_BYTES: usize = 16 * 1024;
+
+/// Appends an op to a chunk (see [`CHUNK_TAG`]).
+fn push_op(chunk: &mut Writer, op_id: u64, k: OpKind, t: &str, i: &str, d: Option<&str>, c: u32) {
+    if chunk.0.is_empty() {
+        chunk.u8(CHUNK_TAG);
+        chunk.u32(0);
+    }
+    let count = u32::from_le_bytes([chunk.0[1], chunk.0[2], chunk.0[3], chunk.0[4]]) + 1;
+    chunk.0[1..5].copy_from_slice(&count.to_le_bytes());
+    chunk.u64(op_id);
+    let at = chunk.0.len();
+    chunk.u32(0);
+    write_op(chunk, k, t, i, d, c);
+    let n = (chunk.0.len() - at - 4) as u32;
+    chunk.0[at..at + 4].copy_from_slice(&n.to_le_bytes());
+}
+
+/// The ops under one key of the ops keyspace, as (op id, op record), in op id order.
+fn chunk_ops<'a>(key: &[u8], v: &'a [u8]) -> Result<Vec<(u64, &'a [u8])>> {
+    if v.first() != Some(&CHUNK_TAG) {
+        return Ok(vec![(op_id_of(key), v)]);
+    }
+    let mut r = Reader::new("op chunk", &v[1..]);
+    let n = r.count()?;
+    if n == 0 {
+        return Err(corrupt("op chunk", "empty"));
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let id = r.u64()?;
+        out.push((id, r.bytes()?));
+    }
+    r.end()?;
+    Ok(out)
 }
 
 /// Row copies are written for every replicated row: binary, like ops (see [`OP_TAG`]).
@@ -428,14 +476,19 @@ impl StoreRead for EmbeddedSnapshot {
         }
         let snap = &self.snap;
         let mut out = Vec::new();
+        // A chunk is keyed by its last op, so the one holding `up_to` may lie past it.
         for g in snap.range(
             &self.s.ops,
-            op_key(bucket, after + 1)..=op_key(bucket, up_to),
+            op_key(bucket, after + 1)..=op_key(bucket, u64::MAX),
         ) {
             let (k, v) = g.into_inner().map_err(engine)?;
-            out.push(op_from(op_id_of(&k), OpValue::from_bytes(&v)?));
-            if out.len() >= limit {
-                break;
+            for (id, rec) in chunk_ops(&k, &v)? {
+                if id > up_to || out.len() >= limit {
+                    return Ok(out);
+                }
+                if id > after {
+                    out.push(op_from(id, OpValue::from_bytes(rec)?));
+                }
             }
         }
         Ok(out)
@@ -504,12 +557,19 @@ pub struct EmbeddedWriter<'a> {
     s: Spaces,
     checkpoint: Checkpoint,
     next_op_id: u64,
-    states: HashMap<String, BucketState>,
+    /// The buckets this commit adds ops to: their new state and their open chunk.
+    states: HashMap<String, Pending>,
     changes: Changes,
     schemas: HashMap<u64, std::sync::Arc<[String]>>,
     /// The last column list seen, by pointer, with its schema id: every row of a table shares
     /// one list, so its names are hashed once per table, not once per row.
     last_schema: Option<(std::sync::Arc<[String]>, u64)>,
+}
+
+/// A bucket's part of an open commit.
+struct Pending {
+    state: BucketState,
+    chunk: Writer,
 }
 
 impl std::fmt::Debug for EmbeddedWriter<'_> {
@@ -530,8 +590,8 @@ impl EmbeddedWriter<'_> {
     }
 
     fn state(&mut self, bucket: &str) -> Result<BucketState> {
-        if let Some(s) = self.states.get(bucket) {
-            return Ok(*s);
+        if let Some(p) = self.states.get(bucket) {
+            return Ok(p.state);
         }
         Ok(
             match self
@@ -556,20 +616,31 @@ impl EmbeddedWriter<'_> {
     ) -> Result<()> {
         let op_id = self.next_op_id;
         self.next_op_id += 1;
-        let value = op_bytes(kind, object_type, object_id, data, checksum);
-        self.tx.insert(&self.s.ops, op_key(bucket, op_id), value);
-        let add = |s: &mut BucketState| {
-            s.checksum = add_checksums(s.checksum, checksum);
-            s.count += 1;
-            s.last_op_id = op_id;
+        if !self.states.contains_key(bucket) {
+            let state = self.state(bucket)?;
+            let chunk = Writer::with_capacity(1024);
+            self.states
+                .insert(bucket.to_owned(), Pending { state, chunk });
+        }
+        let Some(p) = self.states.get_mut(bucket) else {
+            unreachable!("inserted above");
         };
-        match self.states.get_mut(bucket) {
-            Some(s) => add(s),
-            None => {
-                let mut s = self.state(bucket)?;
-                add(&mut s);
-                self.states.insert(bucket.to_owned(), s);
-            }
+        let s = &mut p.state;
+        s.checksum = add_checksums(s.checksum, checksum);
+        s.count += 1;
+        s.last_op_id = op_id;
+        push_op(
+            &mut p.chunk,
+            op_id,
+            kind,
+            object_type,
+            object_id,
+            data,
+            checksum,
+        );
+        if p.chunk.0.len() >= CHUNK_BYTES {
+            let chunk = std::mem::replace(&mut p.chunk, Writer::with_capacity(1024));
+            self.tx.insert(&self.s.ops, op_key(bucket, op_id), chunk.0);
         }
         if !self.changes.buckets.contains(bucket) {
             self.changes.buckets.insert(bucket.to_owned());
@@ -805,8 +876,13 @@ impl StoreWriter for EmbeddedWriter<'_> {
 
 impl EmbeddedWriter<'_> {
     fn finish(mut self, mode: PersistMode) -> Result<Checkpoint> {
-        for (b, s) in std::mem::take(&mut self.states) {
-            self.tx.insert(&self.s.buckets, b.into_bytes(), encode(&s)?);
+        for (b, p) in std::mem::take(&mut self.states) {
+            if !p.chunk.0.is_empty() {
+                self.tx
+                    .insert(&self.s.ops, op_key(&b, p.state.last_op_id), p.chunk.0);
+            }
+            self.tx
+                .insert(&self.s.buckets, b.into_bytes(), encode(&p.state)?);
         }
         self.checkpoint.op_id = self.next_op_id - 1;
         if !self.changes.buckets.is_empty() || !self.changes.lookups.is_empty() {
@@ -918,5 +994,127 @@ mod op_record_tests {
         let mut longer = bytes.clone();
         longer.push(0);
         assert!(RowRecord::from_bytes(&longer).is_err());
+    }
+
+    #[test]
+    fn chunks_round_trip_and_fail_cleanly_when_cut() {
+        let mut w = Writer::with_capacity(16);
+        push_op(&mut w, 7, OpKind::Put, "t", "1", Some("{}"), 1);
+        push_op(&mut w, 9, OpKind::Remove, "t", "2", None, 2);
+        let ops = chunk_ops(&op_key("a", 9), &w.0).expect("chunk");
+        assert_eq!(ops.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [7, 9]);
+        let second = OpValue::from_bytes(ops[1].1).expect("op");
+        assert_eq!(
+            (second.k, second.i.as_str(), second.c),
+            (OpKind::Remove, "2", 2)
+        );
+        for cut in 1..w.0.len() {
+            let ok = chunk_ops(b"k", &w.0[..cut]).and_then(|ops| {
+                ops.iter()
+                    .try_for_each(|(_, r)| OpValue::from_bytes(r).map(drop))
+            });
+            assert!(ok.is_err(), "cut at {cut}");
+        }
+    }
+
+    /// Stores written before ops were kept in chunks hold one op record per key.
+    #[test]
+    fn ops_kept_one_per_key_still_read_and_compact() {
+        use std::collections::BTreeMap;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(dir.path()).expect("open");
+        let put = |i: &str, d: &str| OpValue {
+            k: OpKind::Put,
+            t: "t".into(),
+            i: i.into(),
+            d: Some(d.into()),
+            c: put_checksum("t", i, d),
+        };
+        let legacy = [
+            (1, put("1", "{}")),
+            (2, put("1", "{\"v\":2}")),
+            (3, put("2", "{}")),
+        ];
+        let mut tx = store.db.write_tx();
+        let mut state = BucketState::default();
+        for (id, op) in &legacy {
+            tx.insert(&store.s.ops, op_key("a", *id), op.to_bytes());
+            state.checksum = add_checksums(state.checksum, op.c);
+            state.count += 1;
+            state.last_op_id = *id;
+        }
+        tx.insert(
+            &store.s.buckets,
+            b"a".to_vec(),
+            encode(&state).expect("state"),
+        );
+        let checkpoint = Checkpoint {
+            op_id: 3,
+            ..Checkpoint::default()
+        };
+        tx.insert(
+            &store.s.meta,
+            b"checkpoint".to_vec(),
+            encode(&checkpoint).expect("cp"),
+        );
+        tx.commit().expect("commit");
+        let mut w = store.writer().expect("writer");
+        let row = StoredRow {
+            columns: vec!["v".to_owned()].into(),
+            values: vec![],
+        };
+        for i in ["2", "3"] {
+            let out = RowOutput {
+                bucket: "a".into(),
+                object_type: "t".into(),
+                object_id: i.into(),
+                data: "{\"v\":3}".into(),
+            };
+            w.upsert_row("public.t", i, row.clone(), vec![out], vec![])
+                .expect("upsert");
+        }
+        w.commit().expect("commit");
+
+        let ids = |after, up_to| -> Vec<u64> {
+            let ops = store.ops("a", after, up_to, usize::MAX).expect("ops");
+            ops.iter().map(|o| o.op_id).collect()
+        };
+        assert_eq!(ids(0, u64::MAX), [1, 2, 3, 4, 5]);
+        assert_eq!(ids(2, 4), [3, 4]);
+        let replay = |ops: Vec<Op>| {
+            let mut rows = BTreeMap::new();
+            let mut sum = 0u32;
+            for op in ops {
+                match op.kind {
+                    OpKind::Put => drop(rows.insert(op.object_id, op.data)),
+                    OpKind::Clear => {
+                        rows.clear();
+                        sum = 0;
+                    }
+                    _ => drop(rows.remove(&op.object_id)),
+                }
+                sum = add_checksums(sum, op.checksum);
+            }
+            (rows, sum)
+        };
+        let before = replay(store.ops("a", 0, u64::MAX, usize::MAX).expect("ops"));
+        let stats = store.compact().expect("compact");
+        assert_eq!(
+            (stats.moved, stats.cleared),
+            (2, 1),
+            "ops 1 and 3 superseded"
+        );
+        let after = store.ops("a", 0, u64::MAX, usize::MAX).expect("ops");
+        assert_eq!(
+            after.iter().map(|o| (o.op_id, o.kind)).collect::<Vec<_>>(),
+            [
+                (1, OpKind::Clear),
+                (2, OpKind::Put),
+                (3, OpKind::Move),
+                (4, OpKind::Put),
+                (5, OpKind::Put),
+            ]
+        );
+        assert_eq!(replay(after), before);
     }
 }

@@ -2,12 +2,13 @@
 //! of REMOVE/MOVE/CLEAR becomes one CLEAR whose checksum is the run's sum. No bucket's checksum
 //! changes, and a client replaying the compacted log ends with the same rows.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use fjall::{PersistMode, Readable, SingleWriterTxDatabase};
 use walsync_types::add_checksums;
 
-use super::{OpValue, Spaces, decode, encode, engine, op_id_of, op_key};
+use super::record::Writer;
+use super::{OpValue, Spaces, chunk_ops, decode, encode, engine, op_id_of, op_key, push_op};
 use crate::Result;
 use crate::model::{BucketState, CompactStats, OpKind};
 
@@ -23,10 +24,15 @@ pub(super) fn compact(db: &SingleWriterTxDatabase, s: &Spaces) -> Result<Compact
         })
         .collect::<Result<_>>()?;
     for bucket in buckets {
+        // Each op with the key of the chunk it is kept in (see `CHUNK_TAG`).
         let mut ops: Vec<(u64, OpValue)> = Vec::new();
+        let mut home: Vec<u64> = Vec::new();
         for g in tx.range(&s.ops, op_key(&bucket, 0)..=op_key(&bucket, u64::MAX)) {
             let (k, v) = g.into_inner().map_err(engine)?;
-            ops.push((op_id_of(&k), OpValue::from_bytes(&v)?));
+            for (id, rec) in chunk_ops(&k, &v)? {
+                ops.push((id, OpValue::from_bytes(rec)?));
+                home.push(op_id_of(&k));
+            }
         }
         let mut last: HashMap<(&str, &str), u64> = HashMap::new();
         for (id, op) in &ops {
@@ -42,12 +48,13 @@ pub(super) fn compact(db: &SingleWriterTxDatabase, s: &Spaces) -> Result<Compact
             })
             .map(|(id, _)| *id)
             .collect();
-        let mut changed: HashSet<u64> = HashSet::new();
-        for (id, op) in ops.iter_mut() {
+        // The chunks whose content changes.
+        let mut touched: BTreeSet<u64> = BTreeSet::new();
+        for ((id, op), h) in ops.iter_mut().zip(&home) {
             if superseded.contains(id) {
                 op.k = OpKind::Move;
                 op.d = None;
-                changed.insert(*id);
+                touched.insert(*h);
                 stats.moved += 1;
             }
         }
@@ -59,10 +66,10 @@ pub(super) fn compact(db: &SingleWriterTxDatabase, s: &Spaces) -> Result<Compact
             let sum = ops[..run]
                 .iter()
                 .fold(0u32, |acc, (_, op)| add_checksums(acc, op.c));
+            touched.extend(&home[..run]);
+            // The CLEAR takes the run's last op id, so it stays in that op's chunk, whose key
+            // (its last op id) does not change; chunks left empty are removed.
             let clear_id = ops[run - 1].0;
-            for (id, _) in &ops[..run] {
-                tx.remove(&s.ops, op_key(&bucket, *id));
-            }
             let clear = OpValue {
                 k: OpKind::Clear,
                 t: String::new(),
@@ -70,15 +77,24 @@ pub(super) fn compact(db: &SingleWriterTxDatabase, s: &Spaces) -> Result<Compact
                 d: None,
                 c: sum,
             };
-            tx.insert(&s.ops, op_key(&bucket, clear_id), clear.to_bytes());
             stats.cleared += run as u64;
             ops.drain(..run - 1);
+            home.drain(..run - 1);
             ops[0] = (clear_id, clear);
-            changed.retain(|id| *id > clear_id);
         }
-        for (id, op) in &ops {
-            if changed.contains(id) {
-                tx.insert(&s.ops, op_key(&bucket, *id), op.to_bytes());
+        let mut chunks: BTreeMap<u64, Writer> = BTreeMap::new();
+        for ((id, op), h) in ops.iter().zip(&home) {
+            if touched.contains(h) {
+                let chunk = chunks
+                    .entry(*h)
+                    .or_insert_with(|| Writer::with_capacity(1024));
+                push_op(chunk, *id, op.k, &op.t, &op.i, op.d.as_deref(), op.c);
+            }
+        }
+        for h in touched {
+            match chunks.remove(&h) {
+                Some(chunk) => tx.insert(&s.ops, op_key(&bucket, h), chunk.0),
+                None => tx.remove(&s.ops, op_key(&bucket, h)),
             }
         }
         let mut state: BucketState = match tx.get(&s.buckets, bucket.as_bytes()).map_err(engine)? {
