@@ -125,8 +125,20 @@ fn bucket_id_with<'v>(definition: &str, values: impl Iterator<Item = Option<&'v 
 }
 
 fn write_json_str(out: &mut Vec<u8>, s: &str) {
-    // Writing a str into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
+    // serde_json escapes exactly the quote, the backslash and control characters; most text has
+    // none, and is copied whole (one pass the compiler vectorises, instead of one per byte).
+    let plain = !s.bytes().fold(false, |esc, b| {
+        esc | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if plain {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing a str into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
 }
 
 /// [`output_json`]'s text, written into `out`.
