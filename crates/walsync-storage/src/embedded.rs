@@ -109,8 +109,55 @@ fn op_key(bucket: &str, op_id: u64) -> Vec<u8> {
     key2(bucket, &op_id.to_be_bytes())
 }
 
-fn row_key(table: &str, row_id: &str) -> Vec<u8> {
-    key2(table, row_id.as_bytes())
+/// How row ids are written in the keys of `rows`. A row id is the JSON array of the text of its
+/// key columns; ordered as text, the keys of a growing integer key (`["999"]`, `["1000"]`)
+/// scatter over the whole keyspace, so every compaction of `rows` rewrote all of it. Stores
+/// made since keep a single integer key as a tag byte and its 8 bytes in numeric order (a text
+/// row id starts with `[`, so the two never meet); stores made before keep text keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowKeys {
+    Text,
+    Ordered,
+}
+
+const ROW_KEYS: &[u8] = b"row_keys";
+const ORDERED_ROW_KEYS: &[u8] = b"ordered-int-1";
+const INT_ROW_ID: u8 = 0x01;
+
+/// The integer of a row id that is exactly `["<i64 as Rust writes it>"]`.
+fn int_row_id(row_id: &str) -> Option<i64> {
+    let digits = row_id.strip_prefix("[\"")?.strip_suffix("\"]")?;
+    let unsigned = digits.strip_prefix('-').unwrap_or(digits);
+    let canonical = !unsigned.is_empty()
+        && unsigned.bytes().all(|b| b.is_ascii_digit())
+        && (unsigned == "0" || !unsigned.starts_with('0'))
+        && digits != "-0";
+    if canonical { digits.parse().ok() } else { None }
+}
+
+impl RowKeys {
+    fn key(self, table: &str, row_id: &str) -> Vec<u8> {
+        match (self, int_row_id(row_id)) {
+            (RowKeys::Ordered, Some(i)) => {
+                let mut b = [INT_ROW_ID; 9];
+                b[1..].copy_from_slice(&((i as u64) ^ (1 << 63)).to_be_bytes());
+                key2(table, &b)
+            }
+            _ => key2(table, row_id.as_bytes()),
+        }
+    }
+
+    /// The row id in a key of `rows`, from the part after the table.
+    fn row_id(self, part: &[u8]) -> String {
+        match part {
+            [INT_ROW_ID, n @ ..] if self == RowKeys::Ordered && n.len() == 8 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(n);
+                format!("[\"{}\"]", (u64::from_be_bytes(b) ^ (1 << 63)) as i64)
+            }
+            _ => String::from_utf8_lossy(part).into_owned(),
+        }
+    }
 }
 
 fn lookup_key(lookup: &str, op_id: u64, row: &str) -> Vec<u8> {
@@ -312,6 +359,7 @@ pub(crate) struct Spaces {
     lookups: SingleWriterTxKeyspace,
     changes: SingleWriterTxKeyspace,
     meta: SingleWriterTxKeyspace,
+    row_keys: RowKeys,
 }
 
 /// The embedded store in one directory.
@@ -350,9 +398,34 @@ impl EmbeddedStore {
             lookups: ks("lookups")?,
             changes: ks("changes")?,
             meta: ks("meta")?,
+            row_keys: RowKeys::Text,
         };
-        Ok(EmbeddedStore { db, s })
+        let row_keys = row_keys(&db, &s)?;
+        Ok(EmbeddedStore {
+            db,
+            s: Spaces { row_keys, ..s },
+        })
     }
+}
+
+/// The store's row key format (see [`RowKeys`]); a new store takes the ordered one.
+fn row_keys(db: &SingleWriterTxDatabase, s: &Spaces) -> Result<RowKeys> {
+    let mut tx = db.write_tx();
+    Ok(match tx.get(&s.meta, ROW_KEYS).map_err(engine)? {
+        Some(v) if &*v == ORDERED_ROW_KEYS => RowKeys::Ordered,
+        Some(v) => {
+            let v = String::from_utf8_lossy(&v).into_owned();
+            return Err(corrupt("row keys", &format!("unknown row key format {v}")));
+        }
+        None if tx.first_key_value(&s.rows).is_none() => {
+            tx.insert(&s.meta, ROW_KEYS, ORDERED_ROW_KEYS);
+            tx.durability(Some(PersistMode::SyncAll))
+                .commit()
+                .map_err(engine)?;
+            RowKeys::Ordered
+        }
+        None => RowKeys::Text,
+    })
 }
 
 fn read_checkpoint(r: &impl Readable, meta: &SingleWriterTxKeyspace) -> Result<Checkpoint> {
@@ -535,7 +608,7 @@ impl StoreRead for EmbeddedSnapshot {
     fn row(&self, table: &str, row_id: &str) -> Result<Option<StoredRow>> {
         let snap = &self.snap;
         match snap
-            .get(&self.s.rows, row_key(table, row_id))
+            .get(&self.s.rows, self.s.row_keys.key(table, row_id))
             .map_err(engine)?
         {
             Some(v) => {
@@ -583,7 +656,7 @@ impl std::fmt::Debug for EmbeddedWriter<'_> {
 impl EmbeddedWriter<'_> {
     fn record(&mut self, table: &str, row_id: &str) -> Result<Option<RowRecord>> {
         self.tx
-            .get(&self.s.rows, row_key(table, row_id))
+            .get(&self.s.rows, self.s.row_keys.key(table, row_id))
             .map_err(engine)?
             .map(|v| RowRecord::from_bytes(&v))
             .transpose()
@@ -799,7 +872,8 @@ impl StoreWriter for EmbeddedWriter<'_> {
             lookups,
         }
         .to_bytes()?;
-        self.tx.insert(&self.s.rows, row_key(table, row_id), record);
+        let key = self.s.row_keys.key(table, row_id);
+        self.tx.insert(&self.s.rows, key, record);
         Ok(())
     }
 
@@ -811,7 +885,8 @@ impl StoreWriter for EmbeddedWriter<'_> {
             self.remove_from(p)?;
         }
         self.set_lookups(table, row_id, &old.lookups, &[])?;
-        self.tx.remove(&self.s.rows, row_key(table, row_id));
+        let key = self.s.row_keys.key(table, row_id);
+        self.tx.remove(&self.s.rows, key);
         Ok(())
     }
 
@@ -822,7 +897,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
             .prefix(&self.s.rows, &prefix)
             .map(|g| {
                 g.key()
-                    .map(|k| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+                    .map(|k| self.s.row_keys.row_id(&k[prefix.len()..]))
                     .map_err(engine)
             })
             .collect::<Result<_>>()?;
@@ -1116,5 +1191,91 @@ mod op_record_tests {
             ]
         );
         assert_eq!(replay(after), before);
+    }
+
+    #[test]
+    fn integer_row_ids_key_in_numeric_order_and_read_back() {
+        let ints = [
+            i64::MIN,
+            -1_000_000,
+            -5,
+            -1,
+            0,
+            1,
+            9,
+            10,
+            999,
+            1000,
+            1_000_000,
+            i64::MAX,
+        ];
+        let keys: Vec<Vec<u8>> = ints
+            .iter()
+            .map(|i| RowKeys::Ordered.key("public.t", &format!("[\"{i}\"]")))
+            .collect();
+        assert!(keys.windows(2).all(|k| k[0] < k[1]), "numeric order");
+        for (i, k) in ints.iter().zip(&keys) {
+            let part = &k["public.t".len() + 1..];
+            assert_eq!(RowKeys::Ordered.row_id(part), format!("[\"{i}\"]"));
+        }
+        for text in [
+            "[\"007\"]",
+            "[\"-0\"]",
+            "[\"+1\"]",
+            "[\"1\",\"2\"]",
+            "[\"\"]",
+            "[1]",
+        ] {
+            assert_eq!(int_row_id(text), None, "{text}");
+            let k = RowKeys::Ordered.key("t", text);
+            assert_eq!(RowKeys::Ordered.row_id(&k[2..]), text);
+        }
+        assert_eq!(RowKeys::Text.key("t", "[\"5\"]"), b"t\0[\"5\"]");
+    }
+
+    /// A store made before integer row ids were keyed by number keeps its text keys.
+    #[test]
+    fn stores_with_text_row_keys_keep_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let id = "[\"12\"]";
+        let rec = RowRecord {
+            s: 0,
+            v: vec![],
+            placements: vec![],
+            lookups: vec![],
+        };
+        {
+            let store = EmbeddedStore::open(dir.path()).expect("open");
+            assert_eq!(store.s.row_keys, RowKeys::Ordered, "a new store");
+            let mut tx = store.db.write_tx();
+            tx.remove(&store.s.meta, ROW_KEYS);
+            tx.insert(
+                &store.s.rows,
+                key2("public.t", id.as_bytes()),
+                rec.to_bytes().expect("rec"),
+            );
+            tx.commit().expect("commit");
+        }
+        let store = EmbeddedStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.s.row_keys, RowKeys::Text);
+        let mut w = store.writer().expect("writer");
+        assert!(w.record("public.t", id).expect("record").is_some());
+        w.truncate("public.t").expect("truncate");
+        w.commit().expect("commit");
+        assert!(
+            store
+                .snapshot()
+                .expect("snap")
+                .snap
+                .first_key_value(&store.s.rows)
+                .is_none()
+        );
+        drop(store);
+        let store = EmbeddedStore::open(dir.path()).expect("reopen");
+        assert_eq!(
+            store.s.row_keys,
+            RowKeys::Ordered,
+            "an empty store changes over"
+        );
     }
 }
