@@ -234,12 +234,16 @@ fn write_op(w: &mut Writer, k: OpKind, t: &str, i: &str, d: Option<&str>, c: u32
     }
 }
 
-/// The ops one commit adds to one bucket are kept together under one key, `(bucket, id of the
-/// last op in it)`: a tag, the number of ops, then for each op its id and its op record. Every key costs the
-/// engine about as much as a whole op record (memtable insert, flush, compaction), so one key
-/// per op was half of the store's work. Chunks of a bucket never overlap (op ids grow across
-/// commits), and a chunk is closed at [`CHUNK_BYTES`] so that no value grows large. A key
-/// holding a single op record (written by earlier versions) is read as a chunk of that one op.
+/// The ops one commit adds to one bucket are kept together, as one chunk: a tag, the number of
+/// ops, then for each op its id and its op record. Every key costs the engine about as much as a
+/// whole op record (memtable insert, flush, compaction), so one key per op was half of the
+/// store's work. A chunk is kept in `op_log` under the id of its last op, and listed in
+/// `op_index` under `(bucket, that id)` with no value: op ids only grow, so `op_log` is written
+/// in key order and its compactions move files instead of merging them (keyed by bucket, a
+/// bucket's new chunks landed among all older ones), while the index stays small. Chunks of a
+/// bucket never overlap (op ids grow across commits), and a chunk is closed at [`CHUNK_BYTES`]
+/// so that no value grows large. Stores of earlier versions kept ops by `(bucket, op id)` in
+/// `ops`, one op record per key (later a chunk): [`migrate_ops`] moves them on open.
 const CHUNK_TAG: u8 = 0xB3;
 
 /// The size at which a bucket's open chunk is closed and a new one begun.
@@ -261,7 +265,20 @@ fn push_op(chunk: &mut Writer, op_id: u64, k: OpKind, t: &str, i: &str, d: Optio
     chunk.0[at..at + 4].copy_from_slice(&n.to_le_bytes());
 }
 
-/// The ops under one key of the ops keyspace, as (op id, op record), in op id order.
+/// Stores `chunk`, whose last op is `last_id`, as `bucket`'s (see [`CHUNK_TAG`]).
+fn put_chunk(
+    tx: &mut SingleWriterWriteTx<'_>,
+    s: &Spaces,
+    bucket: &str,
+    last_id: u64,
+    chunk: Vec<u8>,
+) {
+    tx.insert(&s.op_log, last_id.to_be_bytes(), chunk);
+    tx.insert(&s.op_index, op_key(bucket, last_id), []);
+}
+
+/// The ops of one chunk (or of a single op record, under `key` in `ops` of earlier versions),
+/// as (op id, op record), in op id order.
 fn chunk_ops<'a>(key: &[u8], v: &'a [u8]) -> Result<Vec<(u64, &'a [u8])>> {
     if v.first() != Some(&CHUNK_TAG) {
         return Ok(vec![(op_id_of(key), v)]);
@@ -353,7 +370,8 @@ fn op_from(op_id: u64, v: OpValue) -> Op {
 /// The keyspaces of the store.
 #[derive(Clone)]
 pub(crate) struct Spaces {
-    ops: SingleWriterTxKeyspace,
+    op_log: SingleWriterTxKeyspace,
+    op_index: SingleWriterTxKeyspace,
     rows: SingleWriterTxKeyspace,
     buckets: SingleWriterTxKeyspace,
     lookups: SingleWriterTxKeyspace,
@@ -392,7 +410,8 @@ impl EmbeddedStore {
                 .map_err(engine)
         };
         let s = Spaces {
-            ops: ks("ops")?,
+            op_log: ks("op_log")?,
+            op_index: ks("op_index")?,
             rows: ks("rows")?,
             buckets: ks("buckets")?,
             lookups: ks("lookups")?,
@@ -401,6 +420,7 @@ impl EmbeddedStore {
             row_keys: RowKeys::Text,
         };
         let row_keys = row_keys(&db, &s)?;
+        migrate_ops(&db, &s, &ks("ops")?)?;
         Ok(EmbeddedStore {
             db,
             s: Spaces { row_keys, ..s },
@@ -426,6 +446,44 @@ fn row_keys(db: &SingleWriterTxDatabase, s: &Spaces) -> Result<RowKeys> {
         }
         None => RowKeys::Text,
     })
+}
+
+/// Moves ops kept by `(bucket, op id)` in `ops` (earlier versions) into `op_log` and
+/// `op_index`, a batch per commit, each removing what it moved: an interrupted move resumes.
+fn migrate_ops(
+    db: &SingleWriterTxDatabase,
+    s: &Spaces,
+    old: &SingleWriterTxKeyspace,
+) -> Result<()> {
+    const BATCH: usize = 10_000;
+    loop {
+        let mut tx = db.write_tx().durability(Some(PersistMode::SyncAll));
+        let batch: Vec<(fjall::Slice, fjall::Slice)> = tx
+            .iter(old)
+            .take(BATCH)
+            .map(|g| g.into_inner().map_err(engine))
+            .collect::<Result<_>>()?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        for (k, v) in &batch {
+            let bucket = k
+                .len()
+                .checked_sub(9)
+                .and_then(|n| std::str::from_utf8(&k[..n]).ok())
+                .ok_or_else(|| corrupt("op", "malformed op key"))?;
+            let mut chunk = Writer::with_capacity(v.len() + 16);
+            let mut last = 0;
+            for (id, rec) in chunk_ops(k, v)? {
+                let op = OpValue::from_bytes(rec)?;
+                push_op(&mut chunk, id, op.k, &op.t, &op.i, op.d.as_deref(), op.c);
+                last = id;
+            }
+            put_chunk(&mut tx, s, bucket, last, chunk.0);
+            tx.remove(old, k.clone());
+        }
+        tx.commit().map_err(engine)?;
+    }
 }
 
 fn read_checkpoint(r: &impl Readable, meta: &SingleWriterTxKeyspace) -> Result<Checkpoint> {
@@ -549,13 +607,17 @@ impl StoreRead for EmbeddedSnapshot {
         }
         let snap = &self.snap;
         let mut out = Vec::new();
-        // A chunk is keyed by its last op, so the one holding `up_to` may lie past it.
+        // A chunk is listed by its last op, so the one holding `up_to` may lie past it.
         for g in snap.range(
-            &self.s.ops,
+            &self.s.op_index,
             op_key(bucket, after + 1)..=op_key(bucket, u64::MAX),
         ) {
-            let (k, v) = g.into_inner().map_err(engine)?;
-            for (id, rec) in chunk_ops(&k, &v)? {
+            let last = op_id_of(&g.key().map_err(engine)?);
+            let v = snap
+                .get(&self.s.op_log, last.to_be_bytes())
+                .map_err(engine)?
+                .ok_or_else(|| corrupt("op chunk", "listed but missing"))?;
+            for (id, rec) in chunk_ops(&[], &v)? {
                 if id > up_to || out.len() >= limit {
                     return Ok(out);
                 }
@@ -713,7 +775,7 @@ impl EmbeddedWriter<'_> {
         );
         if p.chunk.0.len() >= CHUNK_BYTES {
             let chunk = std::mem::replace(&mut p.chunk, Writer::with_capacity(1024));
-            self.tx.insert(&self.s.ops, op_key(bucket, op_id), chunk.0);
+            put_chunk(&mut self.tx, &self.s, bucket, op_id, chunk.0);
         }
         if !self.changes.buckets.contains(bucket) {
             self.changes.buckets.insert(bucket.to_owned());
@@ -921,7 +983,8 @@ impl StoreWriter for EmbeddedWriter<'_> {
 
     fn clear_all(&mut self) -> Result<()> {
         for space in [
-            self.s.ops.clone(),
+            self.s.op_log.clone(),
+            self.s.op_index.clone(),
             self.s.rows.clone(),
             self.s.buckets.clone(),
             self.s.lookups.clone(),
@@ -953,8 +1016,7 @@ impl EmbeddedWriter<'_> {
     fn finish(mut self, mode: PersistMode) -> Result<Checkpoint> {
         for (b, p) in std::mem::take(&mut self.states) {
             if !p.chunk.0.is_empty() {
-                self.tx
-                    .insert(&self.s.ops, op_key(&b, p.state.last_op_id), p.chunk.0);
+                put_chunk(&mut self.tx, &self.s, &b, p.state.last_op_id, p.chunk.0);
             }
             self.tx
                 .insert(&self.s.buckets, b.into_bytes(), encode(&p.state)?);
@@ -1094,10 +1156,16 @@ mod op_record_tests {
 
     /// Stores written before ops were kept in chunks hold one op record per key.
     #[test]
-    fn ops_kept_one_per_key_still_read_and_compact() {
+    fn ops_of_earlier_versions_move_on_open_then_read_and_compact() {
         use std::collections::BTreeMap;
         let dir = tempfile::tempdir().expect("tempdir");
         let store = EmbeddedStore::open(dir.path()).expect("open");
+        let old = |store: &EmbeddedStore| {
+            store
+                .db
+                .keyspace("ops", KeyspaceCreateOptions::default)
+                .expect("ops")
+        };
         let put = |i: &str, d: &str| OpValue {
             k: OpKind::Put,
             t: "t".into(),
@@ -1112,8 +1180,16 @@ mod op_record_tests {
         ];
         let mut tx = store.db.write_tx();
         let mut state = BucketState::default();
+        // Ops 1 and 2 one per key, op 3 in a chunk, as earlier versions kept them.
+        let ops = old(&store);
         for (id, op) in &legacy {
-            tx.insert(&store.s.ops, op_key("a", *id), op.to_bytes());
+            if *id == 3 {
+                let mut chunk = Writer::with_capacity(64);
+                push_op(&mut chunk, 3, op.k, &op.t, &op.i, op.d.as_deref(), op.c);
+                tx.insert(&ops, op_key("a", 3), chunk.0);
+            } else {
+                tx.insert(&ops, op_key("a", *id), op.to_bytes());
+            }
             state.checksum = add_checksums(state.checksum, op.c);
             state.count += 1;
             state.last_op_id = *id;
@@ -1133,6 +1209,12 @@ mod op_record_tests {
             encode(&checkpoint).expect("cp"),
         );
         tx.commit().expect("commit");
+        drop((ops, store));
+        let store = EmbeddedStore::open(dir.path()).expect("reopen");
+        assert!(
+            store.db.read_tx().first_key_value(old(&store)).is_none(),
+            "moved"
+        );
         let mut w = store.writer().expect("writer");
         let row = StoredRow {
             columns: vec!["v".to_owned()].into(),

@@ -8,7 +8,10 @@ use fjall::{PersistMode, Readable, SingleWriterTxDatabase};
 use walsync_types::add_checksums;
 
 use super::record::Writer;
-use super::{OpValue, Spaces, chunk_ops, decode, encode, engine, op_id_of, op_key, push_op};
+use super::record::corrupt;
+use super::{
+    OpValue, Spaces, chunk_ops, decode, encode, engine, op_id_of, op_key, push_op, put_chunk,
+};
 use crate::Result;
 use crate::model::{BucketState, CompactStats, OpKind};
 
@@ -27,11 +30,18 @@ pub(super) fn compact(db: &SingleWriterTxDatabase, s: &Spaces) -> Result<Compact
         // Each op with the key of the chunk it is kept in (see `CHUNK_TAG`).
         let mut ops: Vec<(u64, OpValue)> = Vec::new();
         let mut home: Vec<u64> = Vec::new();
-        for g in tx.range(&s.ops, op_key(&bucket, 0)..=op_key(&bucket, u64::MAX)) {
-            let (k, v) = g.into_inner().map_err(engine)?;
-            for (id, rec) in chunk_ops(&k, &v)? {
+        let listed: Vec<u64> = tx
+            .range(&s.op_index, op_key(&bucket, 0)..=op_key(&bucket, u64::MAX))
+            .map(|g| g.key().map(|k| op_id_of(&k)).map_err(engine))
+            .collect::<Result<_>>()?;
+        for last in listed {
+            let v = tx
+                .get(&s.op_log, last.to_be_bytes())
+                .map_err(engine)?
+                .ok_or_else(|| corrupt("op chunk", "listed but missing"))?;
+            for (id, rec) in chunk_ops(&[], &v)? {
                 ops.push((id, OpValue::from_bytes(rec)?));
-                home.push(op_id_of(&k));
+                home.push(last);
             }
         }
         let mut last: HashMap<(&str, &str), u64> = HashMap::new();
@@ -93,8 +103,11 @@ pub(super) fn compact(db: &SingleWriterTxDatabase, s: &Spaces) -> Result<Compact
         }
         for h in touched {
             match chunks.remove(&h) {
-                Some(chunk) => tx.insert(&s.ops, op_key(&bucket, h), chunk.0),
-                None => tx.remove(&s.ops, op_key(&bucket, h)),
+                Some(chunk) => put_chunk(&mut tx, s, &bucket, h, chunk.0),
+                None => {
+                    tx.remove(&s.op_log, h.to_be_bytes());
+                    tx.remove(&s.op_index, op_key(&bucket, h));
+                }
             }
         }
         let mut state: BucketState = match tx.get(&s.buckets, bucket.as_bytes()).map_err(engine)? {
