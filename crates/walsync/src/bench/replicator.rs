@@ -65,11 +65,12 @@ pub(super) async fn finish(r: Running) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_rows(r: &mut Running, rows: u64) -> anyhow::Result<()> {
+/// Waits until `rows` rows are durable; the storage commits that took.
+async fn wait_rows(r: &mut Running, rows: u64) -> anyhow::Result<u64> {
     while r.progress.borrow().rows < rows {
         tokio::time::timeout(Duration::from_secs(600), r.progress.changed()).await??;
     }
-    Ok(())
+    Ok(r.progress.borrow().storage_commits)
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -145,7 +146,7 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<()> {
             .await?;
         let t = Instant::now();
         let mut r = start(&db.url, &slot, &rules, &store)?;
-        wait_rows(&mut r, *rows).await?;
+        let commits = wait_rows(&mut r, *rows).await?;
         let ours = t.elapsed();
         finish(r).await?;
         let ops = store.checkpoint()?.op_id - ops_before;
@@ -155,7 +156,7 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<()> {
             pgrl.as_secs_f64(),
             ours.as_secs_f64()
         );
-        throughput.push((name.clone(), *rows, pgrl, ours, ops, bytes));
+        throughput.push((name.clone(), *rows, pgrl, ours, ops, bytes, commits));
         last_store = Some((store, slot, dir));
     }
 
@@ -229,14 +230,14 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<()> {
         super::machine_facts()
     );
     println!(
-        "| workload | rows | pg_recvlogical rows/s | replicator rows/s | ratio | ops/s | bytes on disk per million rows |"
+        "| workload | rows | pg_recvlogical rows/s | replicator rows/s | ratio | ops/s | bytes on disk per million rows | storage commits |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
-    for (name, rows, pgrl, ours, ops, bytes) in throughput {
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (name, rows, pgrl, ours, ops, bytes, commits) in throughput {
         let p = rows as f64 / pgrl.as_secs_f64();
         let o = rows as f64 / ours.as_secs_f64();
         println!(
-            "| {name} | {rows} | {p:.0} | {o:.0} | {:.2}× | {:.0} | {:.0} MiB |",
+            "| {name} | {rows} | {p:.0} | {o:.0} | {:.2}× | {:.0} | {:.0} MiB | {commits} |",
             o / p,
             ops as f64 / ours.as_secs_f64(),
             bytes as f64 / 1048576.0 * 1e6 / rows as f64
