@@ -694,6 +694,8 @@ pub struct EmbeddedWriter<'a> {
     next_op_id: u64,
     /// The buckets this commit adds ops to: their new state and their open chunk.
     states: HashMap<String, Pending>,
+    /// What this commit changes: the lookups as they change, the buckets (the keys of
+    /// `states`) at the commit.
     changes: Changes,
     schemas: HashMap<u64, std::sync::Arc<[String]>>,
     /// The last column list seen, by pointer, with its schema id: every row of a table shares
@@ -776,9 +778,6 @@ impl EmbeddedWriter<'_> {
         if p.chunk.0.len() >= CHUNK_BYTES {
             let chunk = std::mem::replace(&mut p.chunk, Writer::with_capacity(1024));
             put_chunk(&mut self.tx, &self.s, bucket, op_id, chunk.0);
-        }
-        if !self.changes.buckets.contains(bucket) {
-            self.changes.buckets.insert(bucket.to_owned());
         }
         Ok(())
     }
@@ -1015,6 +1014,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
 impl EmbeddedWriter<'_> {
     fn finish(mut self, mode: PersistMode) -> Result<Checkpoint> {
         for (b, p) in std::mem::take(&mut self.states) {
+            self.changes.buckets.insert(b.clone());
             if !p.chunk.0.is_empty() {
                 put_chunk(&mut self.tx, &self.s, &b, p.state.last_op_id, p.chunk.0);
             }
