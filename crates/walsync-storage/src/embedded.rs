@@ -277,11 +277,10 @@ fn put_chunk(
     tx.insert(&s.op_index, op_key(bucket, last_id), []);
 }
 
-/// The ops of one chunk (or of a single op record, under `key` in `ops` of earlier versions),
-/// as (op id, op record), in op id order.
-fn chunk_ops<'a>(key: &[u8], v: &'a [u8]) -> Result<Vec<(u64, &'a [u8])>> {
+/// The ops of one chunk, as (op id, op record), in op id order.
+fn chunk_ops(v: &[u8]) -> Result<Vec<(u64, &[u8])>> {
     if v.first() != Some(&CHUNK_TAG) {
-        return Ok(vec![(op_id_of(key), v)]);
+        return Err(corrupt("op chunk", "not a chunk"));
     }
     let mut r = Reader::new("op chunk", &v[1..]);
     let n = r.count()?;
@@ -474,7 +473,12 @@ fn migrate_ops(
                 .ok_or_else(|| corrupt("op", "malformed op key"))?;
             let mut chunk = Writer::with_capacity(v.len() + 16);
             let mut last = 0;
-            for (id, rec) in chunk_ops(k, v)? {
+            // One op record per key, or (briefly) a chunk keyed by its last op.
+            let ops = match v.first() {
+                Some(&CHUNK_TAG) => chunk_ops(v)?,
+                _ => vec![(op_id_of(k), &v[..])],
+            };
+            for (id, rec) in ops {
                 let op = OpValue::from_bytes(rec)?;
                 push_op(&mut chunk, id, op.k, &op.t, &op.i, op.d.as_deref(), op.c);
                 last = id;
@@ -617,7 +621,7 @@ impl StoreRead for EmbeddedSnapshot {
                 .get(&self.s.op_log, last.to_be_bytes())
                 .map_err(engine)?
                 .ok_or_else(|| corrupt("op chunk", "listed but missing"))?;
-            for (id, rec) in chunk_ops(&[], &v)? {
+            for (id, rec) in chunk_ops(&v)? {
                 if id > up_to || out.len() >= limit {
                     return Ok(out);
                 }
@@ -726,10 +730,8 @@ impl EmbeddedWriter<'_> {
             .transpose()
     }
 
-    fn state(&mut self, bucket: &str) -> Result<BucketState> {
-        if let Some(p) = self.states.get(bucket) {
-            return Ok(p.state);
-        }
+    /// The state of a bucket this commit has not written to yet.
+    fn stored_state(&self, bucket: &str) -> Result<BucketState> {
         Ok(
             match self
                 .tx
@@ -754,7 +756,7 @@ impl EmbeddedWriter<'_> {
         let op_id = self.next_op_id;
         self.next_op_id += 1;
         if !self.states.contains_key(bucket) {
-            let state = self.state(bucket)?;
+            let state = self.stored_state(bucket)?;
             let chunk = Writer::with_capacity(1024);
             self.states
                 .insert(bucket.to_owned(), Pending { state, chunk });
@@ -1138,7 +1140,7 @@ mod op_record_tests {
         let mut w = Writer::with_capacity(16);
         push_op(&mut w, 7, OpKind::Put, "t", "1", Some("{}"), 1);
         push_op(&mut w, 9, OpKind::Remove, "t", "2", None, 2);
-        let ops = chunk_ops(&op_key("a", 9), &w.0).expect("chunk");
+        let ops = chunk_ops(&w.0).expect("chunk");
         assert_eq!(ops.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [7, 9]);
         let second = OpValue::from_bytes(ops[1].1).expect("op");
         assert_eq!(
@@ -1146,7 +1148,7 @@ mod op_record_tests {
             (OpKind::Remove, "2", 2)
         );
         for cut in 1..w.0.len() {
-            let ok = chunk_ops(b"k", &w.0[..cut]).and_then(|ops| {
+            let ok = chunk_ops(&w.0[..cut]).and_then(|ops| {
                 ops.iter()
                     .try_for_each(|(_, r)| OpValue::from_bytes(r).map(drop))
             });

@@ -39,7 +39,7 @@ pub(super) fn compact(db: &SingleWriterTxDatabase, s: &Spaces) -> Result<Compact
                 .get(&s.op_log, last.to_be_bytes())
                 .map_err(engine)?
                 .ok_or_else(|| corrupt("op chunk", "listed but missing"))?;
-            for (id, rec) in chunk_ops(&[], &v)? {
+            for (id, rec) in chunk_ops(&v)? {
                 ops.push((id, OpValue::from_bytes(rec)?));
                 home.push(last);
             }
