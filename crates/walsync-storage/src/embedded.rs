@@ -722,9 +722,10 @@ impl std::fmt::Debug for EmbeddedWriter<'_> {
 }
 
 impl EmbeddedWriter<'_> {
-    fn record(&mut self, table: &str, row_id: &str) -> Result<Option<RowRecord>> {
+    /// The row copy under `key` (a key of `rows`, from [`RowKeys::key`]).
+    fn record(&self, key: &[u8]) -> Result<Option<RowRecord>> {
         self.tx
-            .get(&self.s.rows, self.s.row_keys.key(table, row_id))
+            .get(&self.s.rows, key)
             .map_err(engine)?
             .map(|v| RowRecord::from_bytes(&v))
             .transpose()
@@ -847,7 +848,7 @@ impl EmbeddedWriter<'_> {
 
 impl StoreWriter for EmbeddedWriter<'_> {
     fn row(&mut self, table: &str, row_id: &str) -> Result<Option<StoredRow>> {
-        let Some(rec) = self.record(table, row_id)? else {
+        let Some(rec) = self.record(&self.s.row_keys.key(table, row_id))? else {
             return Ok(None);
         };
         let columns = match self.schemas.get(&rec.s) {
@@ -868,7 +869,8 @@ impl StoreWriter for EmbeddedWriter<'_> {
         outputs: Vec<RowOutput>,
         lookups: Vec<LookupEntry>,
     ) -> Result<()> {
-        let old = self.record(table, row_id)?;
+        let key = self.s.row_keys.key(table, row_id);
+        let old = self.record(&key)?;
         let (old_placements, old_lookups) = match old {
             Some(r) => (r.placements, r.lookups),
             None => (Vec::new(), Vec::new()),
@@ -935,20 +937,19 @@ impl StoreWriter for EmbeddedWriter<'_> {
             lookups,
         }
         .to_bytes()?;
-        let key = self.s.row_keys.key(table, row_id);
         self.tx.insert(&self.s.rows, key, record);
         Ok(())
     }
 
     fn delete_row(&mut self, table: &str, row_id: &str) -> Result<()> {
-        let Some(old) = self.record(table, row_id)? else {
+        let key = self.s.row_keys.key(table, row_id);
+        let Some(old) = self.record(&key)? else {
             return Ok(());
         };
         for p in &old.placements {
             self.remove_from(p)?;
         }
         self.set_lookups(table, row_id, &old.lookups, &[])?;
-        let key = self.s.row_keys.key(table, row_id);
         self.tx.remove(&self.s.rows, key);
         Ok(())
     }
@@ -1343,7 +1344,11 @@ mod op_record_tests {
         let store = EmbeddedStore::open(dir.path()).expect("reopen");
         assert_eq!(store.s.row_keys, RowKeys::Text);
         let mut w = store.writer().expect("writer");
-        assert!(w.record("public.t", id).expect("record").is_some());
+        assert!(
+            w.record(&key2("public.t", id.as_bytes()))
+                .expect("record")
+                .is_some()
+        );
         w.truncate("public.t").expect("truncate");
         w.commit().expect("commit");
         assert!(
