@@ -82,6 +82,15 @@ fn out(bucket: &str, id: &str, data: &str) -> RowOutput {
     }
 }
 
+/// Rows `0..n` of `public.t`, each in bucket `a` as object `t/<i>` with data `{}`.
+fn put_rows<W: StoreWriter>(w: &mut W, n: i64) {
+    for i in 0..n {
+        let id = i.to_string();
+        w.upsert_row("public.t", &id, row(i), vec![out("a", &id, "{}")], vec![])
+            .expect("upsert");
+    }
+}
+
 fn row(v: i64) -> StoredRow {
     StoredRow {
         columns: vec!["v".to_owned()].into(),
@@ -260,16 +269,7 @@ pub fn ops_read_alike_at_any_bounds<S: BucketStore>(store: &S) {
 /// and a clear followed by the same rows and buckets again all end as the last write says.
 pub fn one_writer_sees_its_own_writes<S: BucketStore>(store: &S) {
     let mut w = store.writer().expect("writer");
-    for i in 0..3 {
-        w.upsert_row(
-            "public.t",
-            &i.to_string(),
-            row(i),
-            vec![out("a", &i.to_string(), "{}")],
-            vec![],
-        )
-        .expect("upsert");
-    }
+    put_rows(&mut w, 3);
     w.commit().expect("commit");
     let mut w = store.writer().expect("writer");
     for v in 0..5 {
@@ -418,16 +418,7 @@ pub fn unchanged_data_writes_no_op<S: BucketStore>(store: &S) {
 
 pub fn truncate_removes_only_that_table<S: BucketStore>(store: &S) {
     let mut w = store.writer().expect("writer");
-    for i in 0..20 {
-        w.upsert_row(
-            "public.t",
-            &i.to_string(),
-            row(i),
-            vec![out("a", &i.to_string(), "{}")],
-            vec![],
-        )
-        .expect("upsert");
-    }
+    put_rows(&mut w, 20);
     w.upsert_row("public.t2", "1", row(1), vec![out("a", "x", "{}")], vec![])
         .expect("upsert");
     w.upsert_row("public.t_", "1", row(1), vec![out("a", "y", "{}")], vec![])
