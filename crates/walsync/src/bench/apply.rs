@@ -248,6 +248,7 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<()> {
         &mut lsn,
     )?;
     let rows = args.txns * args.rows_per_txn;
+    eprintln!("measuring: {rows} rows");
     COMMIT_NS.store(0, std::sync::atomic::Ordering::Relaxed);
     let (t, cpu, w0) = (Instant::now(), cpu_time(), written());
     apply(

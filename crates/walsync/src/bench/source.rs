@@ -128,6 +128,7 @@ pub fn run(args: SourceArgs) -> anyhow::Result<()> {
                 &[],
             ))?
             .get(0);
+        rt.block_on(settle(&sql))?;
         let wal_bytes: i64 = rt
             .block_on(sql.query_one(
                 "SELECT ($1::text::pg_lsn - $2::text::pg_lsn)::int8",
@@ -217,6 +218,25 @@ pub fn run(args: SourceArgs) -> anyhow::Result<()> {
             ws_rate / pgrl_rate
         );
     }
+    Ok(())
+}
+
+/// Lets the server finish the background work a workload leaves behind before anything is
+/// timed: statistics and the visibility map (else autovacuum starts in the middle of a run),
+/// dirty buffers, and the WAL and heap pages the kernel has not written yet (the benchmark
+/// cluster runs with fsync off; a production server has them on disk before the commit returns,
+/// and a replicator that fsyncs its own store must not be timed against that writeback).
+pub(super) async fn settle(sql: &tokio_postgres::Client) -> anyhow::Result<()> {
+    // Separate statements: VACUUM cannot run inside the implicit transaction of a batch.
+    sql.batch_execute("VACUUM ANALYZE").await?;
+    sql.batch_execute("CHECKPOINT").await?;
+    flush_os_cache()
+}
+
+/// Writes the kernel's dirty pages to disk (`sync`), so that the next run starts on a quiet disk.
+pub(super) fn flush_os_cache() -> anyhow::Result<()> {
+    let status = Command::new("sync").status().context("running sync")?;
+    anyhow::ensure!(status.success(), "sync failed: {status}");
     Ok(())
 }
 
