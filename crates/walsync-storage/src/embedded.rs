@@ -11,6 +11,7 @@ mod record;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 
 use fjall::{
     KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace,
@@ -383,7 +384,15 @@ pub(crate) struct Spaces {
 pub struct EmbeddedStore {
     db: SingleWriterTxDatabase,
     s: Spaces,
+    bounds: Mutex<RowKeyBounds>,
 }
+
+/// For each table read or written since the store was opened, a key of `rows` at or above
+/// every key the table has there (`None`: the table had no rows). A row whose key is above it
+/// has no record, so inserting a growing key (a serial primary key, with ordered row keys)
+/// needs no lookup. A bound is only ever raised, so it stays an upper bound when rows are
+/// deleted or a commit is abandoned.
+type RowKeyBounds = HashMap<String, Option<Vec<u8>>>;
 
 impl std::fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -423,6 +432,7 @@ impl EmbeddedStore {
         Ok(EmbeddedStore {
             db,
             s: Spaces { row_keys, ..s },
+            bounds: Mutex::new(HashMap::new()),
         })
     }
 }
@@ -509,6 +519,9 @@ impl BucketStore for EmbeddedStore {
             checkpoint,
             tx,
             s: self.s.clone(),
+            // Taken after the write transaction, which admits one writer at a time. A writer
+            // that panicked left only raised bounds behind, which are still bounds.
+            bounds: self.bounds.lock().unwrap_or_else(|e| e.into_inner()),
             states: HashMap::new(),
             changes: Changes::default(),
             schemas: HashMap::new(),
@@ -694,6 +707,7 @@ impl StoreRead for EmbeddedSnapshot {
 pub struct EmbeddedWriter<'a> {
     tx: SingleWriterWriteTx<'a>,
     s: Spaces,
+    bounds: MutexGuard<'a, RowKeyBounds>,
     checkpoint: Checkpoint,
     next_op_id: u64,
     /// The buckets this commit adds ops to: their new state and their open chunk.
@@ -722,13 +736,45 @@ impl std::fmt::Debug for EmbeddedWriter<'_> {
 }
 
 impl EmbeddedWriter<'_> {
-    /// The row copy under `key` (a key of `rows`, from [`RowKeys::key`]).
-    fn record(&self, key: &[u8]) -> Result<Option<RowRecord>> {
+    /// The row copy of `table` under `key` (a key of `rows`, from [`RowKeys::key`]).
+    fn record(&mut self, table: &str, key: &[u8]) -> Result<Option<RowRecord>> {
+        if self.above_bound(table, key) {
+            return Ok(None);
+        }
         self.tx
             .get(&self.s.rows, key)
             .map_err(engine)?
             .map(|v| RowRecord::from_bytes(&v))
             .transpose()
+    }
+
+    /// Whether `key` is above every key `table` has in `rows` (so it has no record).
+    fn above_bound(&mut self, table: &str, key: &[u8]) -> bool {
+        let bound = match self.bounds.get(table) {
+            Some(b) => b,
+            None => {
+                let last = self
+                    .tx
+                    .prefix(&self.s.rows, key2(table, b""))
+                    .next_back()
+                    .map(|g| g.key().map(|k| k.to_vec()))
+                    .transpose();
+                // Without a bound the lookup decides.
+                let Ok(last) = last else { return false };
+                self.bounds.entry(table.to_owned()).or_insert(last)
+            }
+        };
+        bound.as_deref().is_none_or(|b| key > b)
+    }
+
+    /// Raises the bound of `table` to `key`, a key this commit writes.
+    fn raise_bound(&mut self, table: &str, key: &[u8]) {
+        match self.bounds.get_mut(table) {
+            Some(Some(b)) if key <= b.as_slice() => {}
+            Some(b) => *b = Some(key.to_vec()),
+            // Not read yet: the first lookup reads it, this key included.
+            None => {}
+        }
     }
 
     /// The state of a bucket this commit has not written to yet.
@@ -848,7 +894,8 @@ impl EmbeddedWriter<'_> {
 
 impl StoreWriter for EmbeddedWriter<'_> {
     fn row(&mut self, table: &str, row_id: &str) -> Result<Option<StoredRow>> {
-        let Some(rec) = self.record(&self.s.row_keys.key(table, row_id))? else {
+        let key = self.s.row_keys.key(table, row_id);
+        let Some(rec) = self.record(table, &key)? else {
             return Ok(None);
         };
         let columns = match self.schemas.get(&rec.s) {
@@ -870,7 +917,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
         lookups: Vec<LookupEntry>,
     ) -> Result<()> {
         let key = self.s.row_keys.key(table, row_id);
-        let old = self.record(&key)?;
+        let old = self.record(table, &key)?;
         let (old_placements, old_lookups) = match old {
             Some(r) => (r.placements, r.lookups),
             None => (Vec::new(), Vec::new()),
@@ -937,13 +984,14 @@ impl StoreWriter for EmbeddedWriter<'_> {
             lookups,
         }
         .to_bytes()?;
+        self.raise_bound(table, &key);
         self.tx.insert(&self.s.rows, key, record);
         Ok(())
     }
 
     fn delete_row(&mut self, table: &str, row_id: &str) -> Result<()> {
         let key = self.s.row_keys.key(table, row_id);
-        let Some(old) = self.record(&key)? else {
+        let Some(old) = self.record(table, &key)? else {
             return Ok(());
         };
         for p in &old.placements {
@@ -1345,7 +1393,7 @@ mod op_record_tests {
         assert_eq!(store.s.row_keys, RowKeys::Text);
         let mut w = store.writer().expect("writer");
         assert!(
-            w.record(&key2("public.t", id.as_bytes()))
+            w.record("public.t", &key2("public.t", id.as_bytes()))
                 .expect("record")
                 .is_some()
         );

@@ -117,3 +117,102 @@ mod compaction_property {
         }
     }
 }
+
+/// The store skips the lookup of a row whose key is above every key its table has; whatever
+/// the order of the ids, abandoned commits and reopenings, a row that moves or goes is still
+/// removed from the bucket it was in.
+mod row_key_bounds_property {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+    use walsync_rules::RowOutput;
+    use walsync_storage::conformance::ClientBucket;
+    use walsync_storage::{BucketStore, EmbeddedStore, StoreWriter, StoredRow};
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Put { id: i64, bucket: u8 },
+        Delete { id: i64 },
+        Commit,
+        Abandon,
+        Reopen,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            6 => (-3..8i64, 0..2u8).prop_map(|(id, bucket)| Step::Put { id, bucket }),
+            2 => (-3..8i64).prop_map(|id| Step::Delete { id }),
+            2 => Just(Step::Commit),
+            1 => Just(Step::Abandon),
+            1 => Just(Step::Reopen),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn rows_leave_their_old_bucket_whatever_the_key_order(steps in proptest::collection::vec(step(), 1..60)) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut store = EmbeddedStore::open(dir.path()).expect("open");
+            // What the store holds once committed, and what the open commit has on top.
+            let mut committed: BTreeMap<i64, u8> = BTreeMap::new();
+            let mut open = committed.clone();
+            let mut w = Some(store.writer().expect("writer"));
+            for s in steps {
+                match s {
+                    Step::Put { id, bucket } => {
+                        let out = RowOutput {
+                            bucket: format!("b{bucket}"),
+                            object_type: "t".into(),
+                            object_id: id.to_string(),
+                            data: "{}".into(),
+                        };
+                        let w = w.get_or_insert_with(|| store.writer().expect("writer"));
+                        w.upsert_row("public.t", &format!("[\"{id}\"]"), StoredRow::default(), vec![out], vec![])
+                            .expect("upsert");
+                        open.insert(id, bucket);
+                    }
+                    Step::Delete { id } => {
+                        let w = w.get_or_insert_with(|| store.writer().expect("writer"));
+                        w.delete_row("public.t", &format!("[\"{id}\"]")).expect("delete");
+                        open.remove(&id);
+                    }
+                    Step::Commit => {
+                        if let Some(w) = w.take() {
+                            w.commit().expect("commit");
+                        }
+                        committed = open.clone();
+                    }
+                    Step::Abandon => {
+                        w = None;
+                        open = committed.clone();
+                    }
+                    Step::Reopen => {
+                        w = None;
+                        open = committed.clone();
+                        drop(store);
+                        store = EmbeddedStore::open(dir.path()).expect("reopen");
+                    }
+                }
+            }
+            if let Some(w) = w.take() {
+                w.commit().expect("commit");
+            }
+            for bucket in 0..2u8 {
+                let rows: Vec<String> = ClientBucket::read(&store, &format!("b{bucket}"))
+                    .rows
+                    .into_keys()
+                    .map(|(_, id)| id)
+                    .collect();
+                let mut expected: Vec<String> = open
+                    .iter()
+                    .filter(|(_, b)| **b == bucket)
+                    .map(|(id, _)| id.to_string())
+                    .collect();
+                expected.sort();
+                prop_assert_eq!(rows, expected, "bucket b{}", bucket);
+            }
+        }
+    }
+}
