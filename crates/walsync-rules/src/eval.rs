@@ -231,8 +231,15 @@ impl SyncRules {
                     continue;
                 };
                 // Only JSON text was written, so the bytes are UTF-8.
-                let data = String::from_utf8(data).unwrap_or_default();
-                for b in bindings {
+                let mut data = String::from_utf8(data).unwrap_or_default();
+                let mut bindings = bindings.into_iter().peekable();
+                while let Some(b) = bindings.next() {
+                    // The last bucket takes the text itself, the others a copy.
+                    let data = if bindings.peek().is_some() {
+                        data.clone()
+                    } else {
+                        std::mem::take(&mut data)
+                    };
                     let bucket = bucket_id_with(
                         &def.name,
                         def.parameter_names.iter().map(|p| {
@@ -245,7 +252,7 @@ impl SyncRules {
                         bucket,
                         object_type: q.output_type.clone(),
                         object_id: id.clone(),
-                        data: data.clone(),
+                        data,
                     });
                 }
             }
