@@ -428,7 +428,14 @@ impl EmbeddedStore {
             row_keys: RowKeys::Text,
         };
         let row_keys = row_keys(&db, &s)?;
-        migrate_ops(&db, &s, &ks("ops")?)?;
+        // Stores of earlier versions keep ops in `ops`: moved over, then the keyspace goes.
+        if db.keyspace_exists("ops") {
+            let old = ks("ops")?;
+            migrate_ops(&db, &s, &old)?;
+            db.inner()
+                .delete_keyspace(old.inner().clone())
+                .map_err(engine)?;
+        }
         Ok(EmbeddedStore {
             db,
             s: Spaces { row_keys, ..s },
@@ -1211,6 +1218,7 @@ mod op_record_tests {
         use std::collections::BTreeMap;
         let dir = tempfile::tempdir().expect("tempdir");
         let store = EmbeddedStore::open(dir.path()).expect("open");
+        assert!(!store.db.keyspace_exists("ops"), "a new store has no ops");
         let old = |store: &EmbeddedStore| {
             store
                 .db
@@ -1263,8 +1271,8 @@ mod op_record_tests {
         drop((ops, store));
         let store = EmbeddedStore::open(dir.path()).expect("reopen");
         assert!(
-            store.db.read_tx().first_key_value(old(&store)).is_none(),
-            "moved"
+            !store.db.keyspace_exists("ops"),
+            "moved, and the old keyspace deleted"
         );
         let mut w = store.writer().expect("writer");
         let row = StoredRow {
