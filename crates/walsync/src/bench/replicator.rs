@@ -18,8 +18,8 @@ use super::source::{SCHEMA, WorkloadArgs, pg_recvlogical_run, workloads};
 pub struct ReplicatorArgs {
     #[command(flatten)]
     workload: WorkloadArgs,
-    /// Runs of each tool per workload (each run has its own slot and store); the best run of
-    /// each is reported, with the ratio of every run.
+    /// Runs of each tool per workload (each run has its own slot and store, the two tools one
+    /// after the other); the medians are reported, with the ratio of every run.
     #[arg(long, default_value_t = 3)]
     runs: usize,
 }
@@ -277,7 +277,9 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<()> {
     }
     finish(r).await?;
 
-    println!("Replicator: WAL to durable buckets (best of {runs} runs each)\n");
+    println!(
+        "Replicator: WAL to durable buckets (medians of {runs} runs; each run compares the two tools run one after the other)\n"
+    );
     println!(
         "machine: {}; store: embedded (fjall), fsync on every commit\n",
         super::machine_facts()
@@ -288,19 +290,21 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<()> {
     println!("|---|---:|---:|---:|---:|---|---:|---:|---:|");
     for t in throughput {
         let rate = |d: &Duration| t.rows as f64 / d.as_secs_f64();
-        let best = |v: &[Duration]| v.iter().copied().min().unwrap_or(Duration::MAX);
-        let (p, o) = (rate(&best(&t.pgrl)), rate(&best(&t.ours)));
-        let each: Vec<String> = t
+        let (p, o) = (rate(&median(t.pgrl.clone())), rate(&median(t.ours.clone())));
+        let ratios: Vec<f64> = t
             .pgrl
             .iter()
             .zip(&t.ours)
-            .map(|(p, o)| format!("{:.2}", rate(o) / rate(p)))
+            .map(|(p, o)| rate(o) / rate(p))
             .collect();
+        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        let mut sorted = ratios;
+        sorted.sort_by(f64::total_cmp);
+        let ratio = sorted[sorted.len() / 2];
         println!(
-            "| {} | {} | {p:.0} | {o:.0} | {:.2}× | {} | {:.0} | {:.0} MiB | {} |",
+            "| {} | {} | {p:.0} | {o:.0} | {ratio:.2}× | {} | {:.0} | {:.0} MiB | {} |",
             t.name,
             t.rows,
-            o / p,
             each.join(", "),
             t.ops as f64 * o / t.rows as f64,
             t.bytes as f64 / 1048576.0 * 1e6 / t.rows as f64,
