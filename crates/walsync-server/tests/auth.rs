@@ -220,19 +220,26 @@ async fn bad_tokens_are_refused() {
     ));
 }
 
-#[tokio::test]
-async fn keys_from_a_jwks_url_are_fetched_and_refreshed_for_new_kids() {
-    use std::sync::Arc;
+/// An HTTP server answering `/jwks.json` with the text in the returned cell (which a test may
+/// change), counting the requests.
+async fn serve_jwks(
+    text: String,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<String>>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let served = Arc::new(Mutex::new(text));
     let hits = Arc::new(AtomicUsize::new(0));
-    let jwks = std::fs::read_to_string(fixture("jwks.json")).expect("jwks");
-    let counter = hits.clone();
+    let (body, counter) = (served.clone(), hits.clone());
     let app = axum::Router::new().route(
         "/jwks.json",
         axum::routing::get(move || {
             counter.fetch_add(1, Ordering::SeqCst);
-            let body = jwks.clone();
-            async move { body }
+            let text = body.lock().expect("jwks").clone();
+            async move { text }
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -240,6 +247,14 @@ async fn keys_from_a_jwks_url_are_fetched_and_refreshed_for_new_kids() {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, served, hits)
+}
+
+#[tokio::test]
+async fn keys_from_a_jwks_url_are_fetched_and_refreshed_for_new_kids() {
+    use std::sync::atomic::Ordering;
+    let jwks = std::fs::read_to_string(fixture("jwks.json")).expect("jwks");
+    let (addr, _, hits) = serve_jwks(jwks).await;
     let auth = Authenticator::new(AuthConfig {
         jwks_url: Some(format!("http://{addr}/jwks.json")),
         audience: vec!["walsync".into()],
@@ -277,6 +292,59 @@ async fn keys_from_a_jwks_url_are_fetched_and_refreshed_for_new_kids() {
     .expect_err("unreachable");
     assert!(err.to_string().contains("jwks url"), "{err}");
     let _ = Duration::ZERO;
+}
+
+#[tokio::test]
+async fn a_jwks_url_is_refetched_after_its_refresh_interval_and_rotated_keys_take_over() {
+    use base64_helper::b64;
+    use std::sync::atomic::Ordering;
+    let set = |kid: &str, secret: &[u8]| {
+        serde_json::json!({"keys": [{"kty": "oct", "kid": kid, "alg": "HS256", "k": b64(secret)}]})
+            .to_string()
+    };
+    let (old_secret, new_secret) = (
+        b"the-old-secret-of-this-test-0123456789",
+        b"the-new-secret-of-this-test-9876543210",
+    );
+    let (addr, served, hits) = serve_jwks(set("old", old_secret)).await;
+    let auth = Authenticator::new(AuthConfig {
+        jwks_url: Some(format!("http://{addr}/jwks.json")),
+        jwks_refresh_seconds: Some(1),
+        audience: vec!["walsync".into()],
+        ..AuthConfig::default()
+    })
+    .await
+    .expect("keys");
+    let token = |kid: &str, secret: &[u8]| {
+        sign(
+            Algorithm::HS256,
+            Some(kid),
+            &EncodingKey::from_secret(secret),
+            &claims("u4", "walsync", 600),
+        )
+    };
+    let old = token("old", old_secret);
+    let new = token("new", new_secret);
+    assert_eq!(
+        auth.authenticate(&old).await.expect("old key").user_id,
+        "u4"
+    );
+
+    // The issuer rotates its key; after the refresh interval the next token fetches the set again.
+    *served.lock().expect("jwks") = set("new", new_secret);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        auth.authenticate(&new).await.expect("new key").user_id,
+        "u4"
+    );
+    assert!(hits.load(Ordering::SeqCst) >= 2, "refetched");
+    // The retired key no longer verifies anything.
+    assert!(matches!(
+        auth.authenticate(&old).await,
+        Err(AuthError::NoKey(Some(kid))) if kid == "old"
+    ));
+    // A token signed with the retired secret under the new kid fails its signature.
+    assert!(auth.authenticate(&token("new", old_secret)).await.is_err());
 }
 
 mod base64_helper {
