@@ -56,17 +56,55 @@ impl std::fmt::Debug for PostgresConfig {
     }
 }
 
-/// The URL with any password replaced.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:<redacted>{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
+/// The connection string with any password replaced, for logs and `Debug`: in a URL's user info
+/// or `password` parameter; a key-value string with a password is shown as its parsed parts.
+pub fn redact_url(conn: &str) -> String {
+    // Characters that need no percent-encoding in user info or a query.
+    const REDACTED: &str = "***";
+    if let Ok(mut url) = url::Url::parse(conn) {
+        if url.password().is_some() {
+            // Only fails for URLs without a host, which have no user info either.
+            let _ = url.set_password(Some(REDACTED));
         }
-        _ => url.to_owned(),
+        if url.query_pairs().any(|(k, _)| k == "password") {
+            let pairs: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if k == "password" {
+                        REDACTED.into()
+                    } else {
+                        v.into_owned()
+                    };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            url.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+        return url.to_string();
+    }
+    match conn.parse::<tokio_postgres::Config>() {
+        Ok(c) if c.get_password().is_some() => {
+            let hosts: Vec<String> = c
+                .get_hosts()
+                .iter()
+                .map(|h| match h {
+                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                })
+                .collect();
+            let mut parts = vec![format!("host={}", hosts.join(","))];
+            if let Some(user) = c.get_user() {
+                parts.push(format!("user={user}"));
+            }
+            if let Some(db) = c.get_dbname() {
+                parts.push(format!("dbname={db}"));
+            }
+            parts.push(format!("password={REDACTED}"));
+            parts.join(" ")
+        }
+        Ok(_) => conn.to_owned(),
+        // Unparseable: it may hold a password anywhere.
+        Err(_) => REDACTED.to_owned(),
     }
 }
 
@@ -183,9 +221,22 @@ mod tests {
     fn passwords_are_redacted() {
         assert_eq!(
             redact_url("postgres://u:secret@h:5/db"),
-            "postgres://u:<redacted>@h:5/db"
+            "postgres://u:***@h:5/db"
         );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_url("postgres://u@h/db?sslmode=require&password=secret"),
+            "postgres://u@h/db?sslmode=require&password=***"
+        );
+        assert_eq!(
+            redact_url("host=h port=5 user=u password='se cret' dbname=db"),
+            "host=h user=u dbname=db password=***"
+        );
+        assert_eq!(
+            redact_url("host=h user=u dbname=db"),
+            "host=h user=u dbname=db"
+        );
+        assert_eq!(redact_url("host='unterminated password=x"), "***");
     }
 
     #[test]
