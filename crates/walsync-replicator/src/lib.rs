@@ -109,15 +109,23 @@ fn run_blocking<S: BucketStore>(
     progress: watch::Sender<Progress>,
 ) -> Result<()> {
     let mut commits = 0u64;
+    // Set when the slot was lost: the next session makes it again and copies the data anew.
+    let mut rebuild = false;
     loop {
         if *stop.borrow() {
             return Ok(());
         }
         let cp = store.checkpoint()?;
+        let owns_slot = cp.slot_owned.as_deref() == Some(config.source.slot.as_str());
         let resume = Resume {
-            durable: if cp.snapshot_complete { cp.lsn } else { None },
-            owns_slot: cp.slot_owned.as_deref() == Some(config.source.slot.as_str()),
+            durable: if cp.snapshot_complete && !rebuild {
+                cp.lsn
+            } else {
+                None
+            },
+            owns_slot,
         };
+        rebuild = false;
         let stream = handle.block_on(Source::start(config.source.clone(), resume))?;
         let mut applier = Applier::new(rules.clone());
         match session(
@@ -134,6 +142,19 @@ fn run_blocking<S: BucketStore>(
             Ok(Restart::Again) => {
                 tracing::info!("restarting replication from the stored checkpoint");
                 std::thread::sleep(Duration::from_millis(50));
+            }
+            // A slot walsync made is gone or can no longer serve the stored position (dropped,
+            // or invalidated by max_slot_wal_keep_size): the changes in between are lost, so the
+            // buckets are built anew from a fresh slot and snapshot. Op ids keep growing, so
+            // clients see new ops and checksums and download again. A slot walsync did not
+            // make is left to the operator.
+            Err(ReplicatorError::Source(SourceError::SlotLost { slot, reason })) if owns_slot => {
+                tracing::error!(
+                    slot,
+                    reason,
+                    "replication slot lost: making it again and copying the data anew"
+                );
+                rebuild = true;
             }
             Err(e) => return Err(e),
         }

@@ -128,3 +128,35 @@ async fn toast_truncate_and_schema_changes_reach_the_buckets() -> anyhow::Result
     task.await??;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_slot_is_made_again_and_the_buckets_built_anew() -> anyhow::Result<()> {
+    let s = setup().await?;
+    let (stop, task) = spawn(&s, config(&s));
+    workload(&s.sql, 31, 150).await?;
+    wait_until_equal(&s).await?;
+    stop.send(true)?;
+    task.await??;
+    let before = s.store.checkpoint()?;
+    // While walsync is down its slot goes (dropped by hand here; max_slot_wal_keep_size does the
+    // same) and the data changes: those changes are in no slot any more.
+    let slot = config(&s).source.slot;
+    s.sql
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await?;
+    workload(&s.sql, 37, 150).await?;
+    let (stop, task) = spawn(&s, config(&s));
+    wait_until_equal(&s).await?;
+    let after = s.store.checkpoint()?;
+    assert!(after.snapshot_complete);
+    assert!(
+        after.op_id > before.op_id,
+        "op ids keep growing across the rebuild"
+    );
+    // The new slot streams on.
+    workload(&s.sql, 41, 60).await?;
+    wait_until_equal(&s).await?;
+    stop.send(true)?;
+    task.await??;
+    Ok(())
+}
