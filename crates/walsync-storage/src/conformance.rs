@@ -625,6 +625,9 @@ pub fn clear_all_starts_over_with_growing_op_ids<S: BucketStore>(store: &S) {
     let again = w.commit().expect("commit");
     assert!(store.ops("a", 0, u64::MAX, 10).expect("ops")[0].op_id > first.op_id);
     assert!(again.op_id > first.op_id);
+    // Readers learn that the data started over, and from which op.
+    assert!(cleared.rebuilt_at > first.op_id && cleared.rebuilt_at > first.rebuilt_at);
+    assert_eq!(again.rebuilt_at, cleared.rebuilt_at);
 }
 
 /// A snapshot's checkpoint, bucket states and ops agree, whatever commits after it opened.

@@ -1055,6 +1055,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
         // the new data by accident.
         self.checkpoint.lsn = None;
         self.checkpoint.snapshot_complete = false;
+        self.checkpoint.rebuilt_at = self.next_op_id;
         Ok(())
     }
 

@@ -63,6 +63,11 @@ pub struct Checkpoint {
     pub snapshot_complete: bool,
     /// The slot this store's data came from, when walsync created it.
     pub slot_owned: Option<String>,
+    /// The first op id after the store was last emptied (for its initial snapshot, or to
+    /// rebuild after a lost slot). Readers that saw a checkpoint of an earlier value must start
+    /// over: the change log begins again at this op.
+    #[serde(default)]
+    pub rebuilt_at: u64,
 }
 
 /// The store's copy of a source row: column names and values (complete, no unchanged-TOAST

@@ -58,6 +58,8 @@ pub(crate) struct Published {
     pub lsn: u64,
     /// The store has a complete checkpoint (the initial snapshot is done).
     pub complete: bool,
+    /// The store's [`walsync_storage::Checkpoint::rebuilt_at`].
+    pub rebuilt_at: u64,
 }
 
 /// Counters of the hub, for metrics.
@@ -225,13 +227,16 @@ impl Hub {
             op_id: cp.op_id,
             lsn: cp.lsn.map_or(0, |l| l.0),
             complete: true,
+            rebuilt_at: cp.rebuilt_at,
         };
         let before = self.published();
         if before == now {
             return Ok(());
         }
         // The change log is read outside the lock, once for every connection.
-        let changes = if before.complete && now.op_id > before.op_id {
+        // After a rebuild the change log starts over: every connection starts over too.
+        let everyone = !before.complete || before.rebuilt_at != now.rebuilt_at;
+        let changes = if !everyone && now.op_id > before.op_id {
             Some(snap.changes(before.op_id, now.op_id)?)
         } else {
             None
@@ -240,8 +245,9 @@ impl Hub {
         let notifies: Vec<Arc<Notify>> = {
             let mut st = self.lock();
             let st = &mut *st;
-            if !before.complete {
-                // The first checkpoint: everyone looks for themselves.
+            if everyone {
+                // The first checkpoint, or the first after a rebuild: everyone looks for
+                // themselves.
                 wake.extend(st.conns.keys().copied());
             } else if let Some(changes) = &changes {
                 for b in &changes.buckets {

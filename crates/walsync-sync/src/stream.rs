@@ -57,6 +57,8 @@ pub(crate) struct Connection<S: BucketStore> {
     held: BTreeMap<String, Held>,
     lookups: Vec<LookupKey>,
     last_cp: u64,
+    /// The store's `rebuilt_at` at this stream's last full checkpoint.
+    rebuilt_at: u64,
     sent_write_checkpoint: u64,
     next_keepalive: Instant,
     expires: Option<Instant>,
@@ -116,6 +118,7 @@ impl<S: BucketStore + 'static> Connection<S> {
             held: BTreeMap::new(),
             lookups: Vec::new(),
             last_cp: 0,
+            rebuilt_at: 0,
             sent_write_checkpoint: 0,
             expires,
         }
@@ -143,6 +146,7 @@ impl<S: BucketStore + 'static> Connection<S> {
             let snap = self.core.store.snapshot()?;
             let cp = snap.checkpoint()?;
             if cp.snapshot_complete {
+                self.rebuilt_at = cp.rebuilt_at;
                 self.full_checkpoint(&snap, cp.op_id, cp.lsn.map(|l| l.0))
                     .await?;
                 break;
@@ -156,6 +160,15 @@ impl<S: BucketStore + 'static> Connection<S> {
             let cp = snap.checkpoint()?;
             if !cp.snapshot_complete {
                 // The store is being rebuilt: the client keeps what it has until it completes.
+                continue;
+            }
+            if cp.rebuilt_at != self.rebuilt_at {
+                // Rebuilt since the last full checkpoint (a lost slot): the change log started
+                // over, so the client is sent every bucket's checksum again. Its copies of
+                // buckets that changed fail their checksum and are downloaded anew.
+                self.rebuilt_at = cp.rebuilt_at;
+                self.full_checkpoint(&snap, cp.op_id, cp.lsn.map(|l| l.0))
+                    .await?;
                 continue;
             }
             self.diff(&snap, cp.op_id, cp.lsn.map(|l| l.0)).await?;
@@ -263,7 +276,11 @@ impl<S: BucketStore + 'static> Connection<S> {
         self.held = checksums
             .iter()
             .map(|c| {
-                let after = self.requested.get(&c.bucket).copied().unwrap_or(0);
+                // What the client holds: what this stream sent it, else what it asked for.
+                let after = match self.held.get(&c.bucket) {
+                    Some(h) => h.after,
+                    None => self.requested.get(&c.bucket).copied().unwrap_or(0),
+                };
                 (
                     c.bucket.clone(),
                     Held {

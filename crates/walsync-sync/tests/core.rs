@@ -271,3 +271,35 @@ async fn data_lines_stay_within_the_byte_limit() {
     assert!(pages.iter().all(|n| (1..=4).contains(n)), "{pages:?}");
     assert_eq!(pages.iter().sum::<usize>(), 40);
 }
+
+#[tokio::test]
+async fn a_rebuilt_store_sends_live_streams_a_full_checkpoint() {
+    let (_dir, store) = store();
+    put(&store, "notes", r#"mine["u1"]"#, 0, 3);
+    put(&store, "alerts", r#"urgent["u1"]"#, 0, 2);
+    let core = core(store.clone(), SyncConfig::default());
+    let mut lines = core.open(identity("u1"), SyncRequest::default());
+    until_complete(&mut lines).await;
+    // The slot was lost: the store is emptied and copied anew, in one commit here (so no reader
+    // ever sees it incomplete). Meanwhile the alerts went, and their bucket is empty now.
+    let mut w = store.writer().expect("writer");
+    w.clear_all().expect("clear");
+    w.commit().expect("commit");
+    put(&store, "notes", r#"mine["u1"]"#, 0, 2);
+    core.notify_checkpoint();
+    let got = until_complete(&mut lines).await;
+    let Line::Checkpoint(c) = &got[0] else {
+        panic!("a full checkpoint, not {:?}", got[0]);
+    };
+    let urgent = c.buckets.iter().find(|b| b.bucket.starts_with("urgent"));
+    assert_eq!(
+        urgent.map(|b| (b.count, b.checksum)),
+        Some((0, 0)),
+        "the emptied bucket is listed with nothing in it"
+    );
+    // The next change is a diff again.
+    put(&store, "notes", r#"mine["u1"]"#, 5, 1);
+    core.notify_checkpoint();
+    let got = until_complete(&mut lines).await;
+    assert!(matches!(&got[0], Line::CheckpointDiff(_)), "{:?}", got[0]);
+}
