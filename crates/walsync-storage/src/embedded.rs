@@ -278,6 +278,19 @@ fn put_chunk(
     tx.insert(&s.op_index, op_key(bucket, last_id), []);
 }
 
+/// The chunk `op_index` lists under `last_id`.
+fn get_chunk(r: &impl Readable, s: &Spaces, last_id: u64) -> Result<fjall::Slice> {
+    r.get(&s.op_log, last_id.to_be_bytes())
+        .map_err(engine)?
+        .ok_or_else(|| corrupt("op chunk", "listed but missing"))
+}
+
+/// Removes the chunk of `bucket` whose last op is `last_id`, and its listing.
+fn remove_chunk(tx: &mut SingleWriterWriteTx<'_>, s: &Spaces, bucket: &str, last_id: u64) {
+    tx.remove(&s.op_log, last_id.to_be_bytes());
+    tx.remove(&s.op_index, op_key(bucket, last_id));
+}
+
 /// The ops of one chunk, as (op id, op record), in op id order.
 fn chunk_ops(v: &[u8]) -> Result<Vec<(u64, &[u8])>> {
     if v.first() != Some(&CHUNK_TAG) {
@@ -637,10 +650,7 @@ impl StoreRead for EmbeddedSnapshot {
             op_key(bucket, after + 1)..=op_key(bucket, u64::MAX),
         ) {
             let last = op_id_of(&g.key().map_err(engine)?);
-            let v = snap
-                .get(&self.s.op_log, last.to_be_bytes())
-                .map_err(engine)?
-                .ok_or_else(|| corrupt("op chunk", "listed but missing"))?;
+            let v = get_chunk(snap, &self.s, last)?;
             for (id, rec) in chunk_ops(&v)? {
                 if id > up_to || out.len() >= limit {
                     return Ok(out);

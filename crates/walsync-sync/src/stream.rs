@@ -11,7 +11,7 @@ use walsync_protocol::{
     PartialCheckpointComplete, SyncRequest,
 };
 use walsync_rules::{LookupKey, RequestContext};
-use walsync_storage::{BucketStore, Op, StoreRead, request_buckets};
+use walsync_storage::{BucketStore, Checkpoint as StoreCheckpoint, Op, StoreRead, request_buckets};
 
 use crate::{Identity, SyncCore, SyncError};
 
@@ -146,9 +146,7 @@ impl<S: BucketStore + 'static> Connection<S> {
             let snap = self.core.store.snapshot()?;
             let cp = snap.checkpoint()?;
             if cp.snapshot_complete {
-                self.rebuilt_at = cp.rebuilt_at;
-                self.full_checkpoint(&snap, cp.op_id, cp.lsn.map(|l| l.0))
-                    .await?;
+                self.full_checkpoint(&snap, &cp).await?;
                 break;
             }
             drop(snap);
@@ -166,9 +164,7 @@ impl<S: BucketStore + 'static> Connection<S> {
                 // Rebuilt since the last full checkpoint (a lost slot): the change log started
                 // over, so the client is sent every bucket's checksum again. Its copies of
                 // buckets that changed fail their checksum and are downloaded anew.
-                self.rebuilt_at = cp.rebuilt_at;
-                self.full_checkpoint(&snap, cp.op_id, cp.lsn.map(|l| l.0))
-                    .await?;
+                self.full_checkpoint(&snap, &cp).await?;
                 continue;
             }
             self.diff(&snap, cp.op_id, cp.lsn.map(|l| l.0)).await?;
@@ -270,7 +266,9 @@ impl<S: BucketStore + 'static> Connection<S> {
         }
     }
 
-    async fn full_checkpoint(&mut self, snap: &S::Snapshot, at: u64, lsn: Option<u64>) -> Flow {
+    async fn full_checkpoint(&mut self, snap: &S::Snapshot, cp: &StoreCheckpoint) -> Flow {
+        let (at, lsn) = (cp.op_id, cp.lsn.map(|l| l.0));
+        self.rebuilt_at = cp.rebuilt_at;
         let (names, lookups) = self.resolve(snap, at)?;
         let checksums = self.checksums(snap, &names)?;
         self.held = checksums

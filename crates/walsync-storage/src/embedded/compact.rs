@@ -8,9 +8,9 @@ use fjall::{PersistMode, Readable, SingleWriterTxDatabase};
 use walsync_types::add_checksums;
 
 use super::record::Writer;
-use super::record::corrupt;
 use super::{
-    OpValue, Spaces, chunk_ops, decode, encode, engine, op_id_of, op_key, push_op, put_chunk,
+    OpValue, Spaces, chunk_ops, decode, encode, engine, get_chunk, op_id_of, op_key, push_op,
+    put_chunk, remove_chunk,
 };
 use crate::Result;
 use crate::model::{BucketState, CompactStats, OpKind};
@@ -35,10 +35,7 @@ pub(super) fn compact(db: &SingleWriterTxDatabase, s: &Spaces) -> Result<Compact
             .map(|g| g.key().map(|k| op_id_of(&k)).map_err(engine))
             .collect::<Result<_>>()?;
         for last in listed {
-            let v = tx
-                .get(&s.op_log, last.to_be_bytes())
-                .map_err(engine)?
-                .ok_or_else(|| corrupt("op chunk", "listed but missing"))?;
+            let v = get_chunk(&tx, s, last)?;
             for (id, rec) in chunk_ops(&v)? {
                 ops.push((id, OpValue::from_bytes(rec)?));
                 home.push(last);
@@ -104,10 +101,7 @@ pub(super) fn compact(db: &SingleWriterTxDatabase, s: &Spaces) -> Result<Compact
         for h in touched {
             match chunks.remove(&h) {
                 Some(chunk) => put_chunk(&mut tx, s, &bucket, h, chunk.0),
-                None => {
-                    tx.remove(&s.op_log, h.to_be_bytes());
-                    tx.remove(&s.op_index, op_key(&bucket, h));
-                }
+                None => remove_chunk(&mut tx, s, &bucket, h),
             }
         }
         let mut state: BucketState = match tx.get(&s.buckets, bucket.as_bytes()).map_err(engine)? {
