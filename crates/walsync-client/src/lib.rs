@@ -264,7 +264,10 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(f(tx));
+    tokio::spawn(tracing::Instrument::instrument(
+        f(tx),
+        tracing::info_span!("walsync-client-stream"),
+    ));
     Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
 }
 

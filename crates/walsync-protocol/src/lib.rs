@@ -10,6 +10,7 @@
 //! checked in the other.
 
 use serde::{Deserialize, Serialize};
+pub use walsync_types::OpKind;
 
 /// The generated protobuf messages and gRPC service of `proto/walsync/v1/sync.proto`.
 #[allow(missing_debug_implementations, unused_qualifications, clippy::all)]
@@ -99,15 +100,6 @@ pub struct DataPage {
     pub after: u64,
     #[serde(with = "op_id")]
     pub next_after: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum OpKind {
-    Put,
-    Remove,
-    Move,
-    Clear,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

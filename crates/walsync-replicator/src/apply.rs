@@ -6,7 +6,7 @@ use std::sync::Arc;
 use walsync_rules::{RowRef, SyncRules};
 use walsync_source::{Change, Datum, Row, SourceEvent, Table};
 use walsync_storage::{StoreWriter, StoredRow};
-use walsync_types::{Lsn, Value};
+use walsync_types::{Lsn, RowId, Value};
 
 use crate::{ReplicatorError, Result};
 
@@ -243,7 +243,7 @@ const FIXED_WIDTH_TYPES: &[u32] = &[
     16, 18, 20, 21, 23, 26, 700, 701, 790, 1082, 1083, 1114, 1184, 1186, 1266, 2950, 3220,
 ];
 
-fn row_id(table: &Table, row: &Row) -> Result<String> {
+fn row_id(table: &Table, row: &Row) -> Result<RowId> {
     let values: Vec<Value> = row
         .iter()
         .map(|d| match d {
@@ -254,32 +254,21 @@ fn row_id(table: &Table, row: &Row) -> Result<String> {
     key_of(table, &values)
 }
 
-/// The row's identity: its replica identity columns, as a JSON array of their text forms
-/// (`null` for a null), written directly: this runs for every row.
-fn key_of(table: &Table, values: &[Value]) -> Result<String> {
-    let mut key = Vec::with_capacity(16);
-    key.push(b'[');
-    for (_, v) in table.columns.iter().zip(values).filter(|(c, _)| c.is_key) {
-        if key.len() > 1 {
-            key.push(b',');
-        }
-        let text = match v {
+/// The row's identity: its replica identity columns' text forms (`None` for a null), encoded
+/// by [`RowId`] directly: this runs for every row.
+fn key_of(table: &Table, values: &[Value]) -> Result<RowId> {
+    let texts = table
+        .columns
+        .iter()
+        .zip(values)
+        .filter(|(c, _)| c.is_key)
+        .map(|(_, v)| match v {
             Value::Text(t) => Some(std::borrow::Cow::Borrowed(t.as_str())),
             other => walsync_rules::canonical(other).map(std::borrow::Cow::Owned),
-        };
-        match text {
-            // Writing a str into a Vec cannot fail.
-            Some(t) => serde_json::to_writer(&mut key, t.as_ref()).unwrap_or_default(),
-            None => key.extend_from_slice(b"null"),
-        }
-    }
-    if key.len() == 1 {
-        return Err(ReplicatorError::NoKey {
-            table: table.qualified_name(),
         });
-    }
-    key.push(b']');
-    Ok(String::from_utf8(key).unwrap_or_default())
+    RowId::from_key_texts(texts).ok_or_else(|| ReplicatorError::NoKey {
+        table: table.qualified_name(),
+    })
 }
 
 /// A table as the applier uses it for each row: its column names (shared by the row copies),
@@ -330,7 +319,7 @@ mod tests {
                 })
                 .collect();
             assert_eq!(
-                key_of(&table, &values).unwrap(),
+                key_of(&table, &values).unwrap().as_str(),
                 serde_json::Value::Array(expected).to_string()
             );
         }

@@ -93,11 +93,15 @@ pub async fn run<S: BucketStore + 'static>(
     progress: watch::Sender<Progress>,
 ) -> Result<()> {
     let handle = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || run_blocking(handle, config, rules, store, stop, progress))
-        .await
-        .map_err(|e| {
-            ReplicatorError::Storage(StorageError::Engine(format!("replicator thread: {e}")))
-        })?
+    let span = tracing::info_span!("walsync-apply");
+    tokio::task::spawn_blocking(move || {
+        let _named = span.enter();
+        run_blocking(handle, config, rules, store, stop, progress)
+    })
+    .await
+    .map_err(|e| {
+        ReplicatorError::Storage(StorageError::Engine(format!("replicator thread: {e}")))
+    })?
 }
 
 fn run_blocking<S: BucketStore>(

@@ -10,12 +10,19 @@ use sqlparser::parser::Parser;
 use walsync_types::Value;
 
 use crate::expr::{Cast, Filter, JsonKey, Operand};
+use crate::row::RowRef;
 
 /// Which table a query reads; without a schema, `public`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TableMatch {
     pub schema: String,
     pub name: String,
+}
+
+impl TableMatch {
+    pub(crate) fn matches(&self, row: &RowRef<'_>) -> bool {
+        row.table == self.name && row.schema == self.schema
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

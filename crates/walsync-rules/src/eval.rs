@@ -1,33 +1,11 @@
 //! Evaluating compiled rules: rows to bucket outputs and lookup entries, requests to buckets.
 
-use serde::{Deserialize, Serialize};
-use walsync_types::Value;
+use walsync_types::{LookupEntry, LookupKey, RowOutput, Value, bucket_id};
 
-use crate::compile::{Item, TableMatch};
+use crate::compile::Item;
 use crate::definition::{BucketDefinition, SyncRules};
 use crate::expr::{Binding, canonical};
-
-/// A row of a table, as the rules see it: complete (no unchanged-TOAST gaps).
-#[derive(Debug, Clone, Copy)]
-pub struct RowRef<'a> {
-    pub schema: &'a str,
-    pub table: &'a str,
-    pub columns: &'a [String],
-    pub values: &'a [Value],
-}
-
-impl RowRef<'_> {
-    pub fn get(&self, column: &str) -> Option<&Value> {
-        self.columns
-            .iter()
-            .position(|c| c == column)
-            .and_then(|i| self.values.get(i))
-    }
-
-    fn is(&self, t: &TableMatch) -> bool {
-        self.table == t.name && self.schema == t.schema
-    }
-}
+use crate::row::RowRef;
 
 /// What a request brings: the authenticated user, the token's claims, and the client's own
 /// (untrusted) parameters.
@@ -62,46 +40,6 @@ impl RequestContext {
             _ => Value::Null,
         }
     }
-}
-
-/// Where a parameter row is found: the definition and query, and the request values it matched.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct LookupKey {
-    pub definition: String,
-    pub query: u32,
-    pub values: Vec<String>,
-}
-
-impl LookupKey {
-    /// A stable byte form for storage keys (JSON, so that no value can forge a separator).
-    pub fn encode(&self) -> String {
-        serde_json::to_string(&(&self.definition, self.query, &self.values)).unwrap_or_default()
-    }
-}
-
-/// One row of a parameter table says: requests with this key get a bucket with these parameters.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LookupEntry {
-    pub key: LookupKey,
-    pub parameters: Vec<serde_json::Value>,
-}
-
-/// A row's place in a bucket and the data that goes there.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RowOutput {
-    pub bucket: String,
-    pub object_type: String,
-    pub object_id: String,
-    /// The row's JSON text, as the op carries it and as its checksum covers it.
-    pub data: String,
-}
-
-/// A bucket id: `<definition>[<JSON array of parameter values>]`.
-pub fn bucket_id(definition: &str, parameters: &[serde_json::Value]) -> String {
-    format!(
-        "{definition}{}",
-        serde_json::Value::Array(parameters.to_vec())
-    )
 }
 
 /// [`bucket_id`] from the bound values (`None`: unbound, written as `null`), without building
@@ -193,7 +131,7 @@ impl SyncRules {
     pub fn evaluate_row(&self, row: &RowRef<'_>) -> Vec<RowOutput> {
         let mut out = Vec::new();
         for def in &self.definitions {
-            for q in def.data_queries.iter().filter(|q| row.is(&q.table)) {
+            for q in def.data_queries.iter().filter(|q| q.table.matches(row)) {
                 let bindings = q.filter.bindings(Some(row), &Binding::new());
                 if bindings.is_empty() {
                     continue;
@@ -268,7 +206,7 @@ impl SyncRules {
     pub fn evaluate_lookups(&self, row: &RowRef<'_>) -> Vec<LookupEntry> {
         let mut out = Vec::new();
         for def in &self.definitions {
-            for q in def.table_queries.iter().filter(|q| row.is(&q.table)) {
+            for q in def.table_queries.iter().filter(|q| q.table.matches(row)) {
                 for b in q.filter.bindings(Some(row), &Binding::new()) {
                     let Some(values) = q
                         .unknowns

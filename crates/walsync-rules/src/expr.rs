@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use walsync_types::Value;
 
-use crate::eval::RowRef;
+use crate::row::RowRef;
 
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Operand {

@@ -16,10 +16,12 @@ mod compile;
 mod definition;
 mod eval;
 mod expr;
+mod row;
 
 pub use definition::{BucketDefinition, SyncRules};
-pub use eval::{LookupEntry, LookupKey, RequestContext, RowOutput, RowRef, bucket_id};
+pub use eval::RequestContext;
 pub use expr::canonical;
+pub use row::RowRef;
 
 /// A problem with the rules, pointing at the definition, the query and the offending part.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -3,8 +3,8 @@
 
 use proptest::prelude::*;
 use serde_json::json;
-use walsync_rules::{LookupKey, RequestContext, RowRef, RulesError, SyncRules};
-use walsync_types::Value;
+use walsync_rules::{RequestContext, RowRef, RulesError, SyncRules};
+use walsync_types::{LookupKey, Value};
 
 const SEED: &str = include_str!("../../../examples/seed/sync_rules.yaml");
 
@@ -365,7 +365,7 @@ proptest! {
                 output_form(&project), output_form(&a), output_form(&b)
             );
             prop_assert_eq!(&o.data, &expected);
-            prop_assert_eq!(&o.bucket, &walsync_rules::bucket_id("user_projects", &[param]));
+            prop_assert_eq!(&o.bucket, &walsync_types::bucket_id("user_projects", &[param]));
         }
     }
 

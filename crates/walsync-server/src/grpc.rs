@@ -10,29 +10,28 @@ use walsync_protocol::{SyncRequest, pb};
 use walsync_storage::BucketStore;
 use walsync_sync::{Identity, SyncError};
 
-use crate::{ApiError, Server};
+use crate::{ApiError, ErrorCode, Server};
 
+/// The gRPC service's routes, grpc-web included. Only its own paths: every other path falls to
+/// the server's 404.
 pub(crate) fn router<S: BucketStore + 'static>(server: Arc<Server<S>>) -> axum::Router {
-    let service =
+    use tonic::server::NamedService;
+    use tower::ServiceExt;
+    type Svc<S> = pb::sync_server::SyncServer<GrpcSync<S>>;
+    let service: Svc<S> =
         pb::sync_server::SyncServer::new(GrpcSync { server }).max_decoding_message_size(1 << 20);
-    tonic::service::Routes::new(service)
-        .prepare()
-        .into_axum_router()
+    axum::Router::new()
+        .route_service(
+            &format!("/{}/{{*rest}}", <Svc<S> as NamedService>::NAME),
+            service.map_request(|req: http::Request<axum::body::Body>| {
+                req.map(tonic::body::Body::new)
+            }),
+        )
         .layer(tonic_web::GrpcWebLayer::new())
 }
 
 struct GrpcSync<S: BucketStore> {
     server: Arc<Server<S>>,
-}
-
-fn status(e: ApiError) -> Status {
-    match e.status {
-        401 => Status::unauthenticated(e.message),
-        429 => Status::resource_exhausted(e.message),
-        400 | 413 => Status::invalid_argument(e.message),
-        503 => Status::unavailable(e.message),
-        _ => Status::internal(e.message),
-    }
 }
 
 impl<S: BucketStore + 'static> GrpcSync<S> {
@@ -45,7 +44,7 @@ impl<S: BucketStore + 'static> GrpcSync<S> {
             .auth
             .authenticate_header(value)
             .await
-            .map_err(|e| status(ApiError::unauthenticated(e)))
+            .map_err(|e| ApiError::unauthenticated(e).to_status())
     }
 }
 
@@ -61,24 +60,35 @@ impl<S: BucketStore + 'static> pb::sync_server::Sync for GrpcSync<S> {
     ) -> Result<Response<Self::SyncStream>, Status> {
         let identity = self.authenticate(&req).await?;
         let Ok(permit) = self.server.admission.clone().try_acquire_owned() else {
-            let mut s = Status::resource_exhausted("too many connections; retry later");
+            let mut s = ApiError::new(
+                ErrorCode::TooManyConnections,
+                "the server holds as many streams as it is configured for; retry later",
+            )
+            .to_status();
             if let Ok(v) = self.server.config.retry_after_seconds.to_string().parse() {
                 s.metadata_mut().insert("retry-after", v);
             }
             return Err(s);
         };
-        let request = SyncRequest::try_from(req.into_inner())
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let request = SyncRequest::try_from(req.into_inner()).map_err(|e| {
+            ApiError::new(ErrorCode::BadRequest, format!("invalid sync request: {e}")).to_status()
+        })?;
         let lines = self.server.core.open(identity, request);
         let stream = ReceiverStream::new(lines).map(move |item| {
             let _held = &permit;
             match item {
                 Ok(line) => Ok(pb::SyncLine::from(line)),
-                Err(SyncError::TooSlow(d)) => Err(Status::resource_exhausted(format!(
-                    "the client did not read for {d:?}"
-                ))),
-                Err(SyncError::ShuttingDown) => Err(Status::unavailable("shutting down")),
-                Err(e) => Err(Status::internal(e.to_string())),
+                Err(SyncError::TooSlow(d)) => Err(ApiError::new(
+                    ErrorCode::TooSlow,
+                    format!("the client did not read for {d:?}"),
+                )
+                .to_status()),
+                Err(SyncError::ShuttingDown) => Err(ApiError::new(
+                    ErrorCode::ShuttingDown,
+                    "the server is shutting down",
+                )
+                .to_status()),
+                Err(e) => Err(ApiError::internal("sync stream failed", &e).to_status()),
             }
         });
         Ok(Response::new(Box::pin(stream)))
@@ -89,7 +99,7 @@ impl<S: BucketStore + 'static> pb::sync_server::Sync for GrpcSync<S> {
         req: Request<pb::WriteCheckpointRequest>,
     ) -> Result<Response<pb::WriteCheckpointResponse>, Status> {
         let identity = self.authenticate(&req).await?;
-        let lsn = self.server.checkpoints.create().await.map_err(status)?;
+        let lsn = self.server.checkpoints.create().await?;
         let n = self
             .server
             .core

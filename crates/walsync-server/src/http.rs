@@ -15,21 +15,58 @@ use walsync_protocol::{
     ErrorBody, ErrorDetail, SyncRequest, WriteCheckpointData, WriteCheckpointResponse,
 };
 use walsync_storage::BucketStore;
-use walsync_sync::Identity;
+use walsync_sync::{Identity, SyncError};
 
-use crate::{ApiError, Server};
+use crate::{ApiError, ErrorCode, Server};
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let status = self.code.http_status();
         let body = ErrorBody {
             error: ErrorDetail {
-                code: self.code.to_owned(),
+                code: self.code.as_str().to_owned(),
                 message: self.message,
             },
         };
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, axum::Json(body)).into_response()
     }
+}
+
+/// Whether a request speaks gRPC (or grpc-web), which expects its errors as gRPC statuses.
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/grpc"))
+}
+
+fn refuse(headers: &HeaderMap, e: ApiError) -> Response {
+    if is_grpc(headers) {
+        let (parts, ()) = e.to_status().into_http::<()>().into_parts();
+        return Response::from_parts(parts, Body::empty());
+    }
+    e.into_response()
+}
+
+pub(crate) async fn not_found(uri: http::Uri, headers: HeaderMap) -> Response {
+    refuse(
+        &headers,
+        ApiError::new(ErrorCode::NotFound, format!("no such path: {}", uri.path())),
+    )
+}
+
+pub(crate) async fn method_not_allowed(
+    method: http::Method,
+    uri: http::Uri,
+    headers: HeaderMap,
+) -> Response {
+    refuse(
+        &headers,
+        ApiError::new(
+            ErrorCode::MethodNotAllowed,
+            format!("{} does not take {method}", uri.path()),
+        ),
+    )
 }
 
 pub(crate) fn router<S: BucketStore + 'static>(server: Arc<Server<S>>) -> Router {
@@ -80,8 +117,7 @@ async fn authenticate<S: BucketStore + 'static>(
 
 fn too_many(server_retry: u64) -> Response {
     let mut resp = ApiError::new(
-        429,
-        "too_many_connections",
+        ErrorCode::TooManyConnections,
         "the server holds as many streams as it is configured for; retry later",
     )
     .into_response();
@@ -107,8 +143,7 @@ async fn sync_stream<S: BucketStore + 'static>(
         Ok(b) => b,
         Err(_) => {
             return ApiError::new(
-                413,
-                "payload_too_large",
+                ErrorCode::PayloadTooLarge,
                 format!(
                     "the request body exceeds {} bytes",
                     server.config.max_request_bytes
@@ -123,7 +158,7 @@ async fn sync_stream<S: BucketStore + 'static>(
         match serde_json::from_slice(&bytes) {
             Ok(r) => r,
             Err(e) => {
-                return ApiError::new(400, "bad_request", format!("invalid sync request: {e}"))
+                return ApiError::new(ErrorCode::BadRequest, format!("invalid sync request: {e}"))
                     .into_response();
             }
         }
@@ -134,6 +169,12 @@ async fn sync_stream<S: BucketStore + 'static>(
         let _held = &permit;
         match item {
             Ok(line) => Ok(Bytes::from(line.to_ndjson())),
+            // The body ends; the client reconnects with `after`. Only the server's own faults are
+            // errors (a slow client or a shutdown is not).
+            Err(SyncError::Storage(e)) => Err(std::io::Error::other(ApiError::internal(
+                "sync stream failed",
+                &e,
+            ))),
             Err(e) => Err(std::io::Error::other(e.to_string())),
         }
     });
@@ -175,12 +216,11 @@ async fn write_checkpoint<S: BucketStore + 'static>(
 async fn ready<S: BucketStore + 'static>(State(server): State<Arc<Server<S>>>) -> Response {
     match server.core.store().checkpoint() {
         Ok(cp) if cp.snapshot_complete => (StatusCode::OK, "ready").into_response(),
-        Ok(_) => {
-            ApiError::new(503, "not_ready", "the initial snapshot is still running").into_response()
-        }
+        Ok(_) => ApiError::new(ErrorCode::NotReady, "the initial snapshot is still running")
+            .into_response(),
         Err(e) => {
             tracing::error!(error = %e, "readiness check could not read the store");
-            ApiError::new(503, "not_ready", "the store cannot be read").into_response()
+            ApiError::new(ErrorCode::NotReady, "the store cannot be read").into_response()
         }
     }
 }

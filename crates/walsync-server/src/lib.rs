@@ -8,13 +8,14 @@
 //!
 //! Every request is authenticated first (401 / `UNAUTHENTICATED` and nothing else otherwise),
 //! then admitted against the connection limit (429 with `Retry-After` /
-//! `RESOURCE_EXHAUSTED`). Errors are JSON with a stable `code`.
+//! `RESOURCE_EXHAUSTED`). Errors are one vocabulary ([`ErrorCode`]): JSON with a stable `code`
+//! over HTTP, the matching status over gRPC.
 
 pub mod auth;
-pub mod config;
+mod config;
+mod error;
 mod grpc;
 mod http;
-mod service;
 mod write_checkpoint;
 
 use std::sync::Arc;
@@ -24,9 +25,9 @@ use walsync_storage::BucketStore;
 use walsync_sync::SyncCore;
 
 pub use auth::{AuthConfig, AuthError, Authenticator, mint_hs256};
-pub use config::{Config, ServerConfig};
-pub use service::{Service, StartError};
-pub use write_checkpoint::WriteCheckpoints;
+pub use config::ServerConfig;
+pub use error::{ApiError, ErrorCode};
+pub use write_checkpoint::{Connect, WriteCheckpoints};
 
 /// Everything a request needs.
 pub struct Server<S: BucketStore> {
@@ -61,10 +62,13 @@ impl<S: BucketStore + 'static> Server<S> {
         })
     }
 
-    /// The router serving both transports.
+    /// The router serving both transports: unknown paths answer 404 and wrong methods 405,
+    /// in the error body of every HTTP error (or as gRPC statuses for gRPC requests).
     pub fn router(self: &Arc<Self>) -> axum::Router {
         http::router(self.clone())
             .merge(grpc::router(self.clone()))
+            .fallback(http::not_found)
+            .method_not_allowed_fallback(http::method_not_allowed)
             .layer(http::cors(&self.config.cors_origins))
     }
 
@@ -78,28 +82,5 @@ impl<S: BucketStore + 'static> Server<S> {
         axum::serve(listener, router)
             .with_graceful_shutdown(shutdown)
             .await
-    }
-}
-
-/// An API error: HTTP status, stable code, message.
-#[derive(Debug, thiserror::Error)]
-#[error("{code}: {message}")]
-pub struct ApiError {
-    pub status: u16,
-    pub code: &'static str,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-
-    pub fn unauthenticated(e: AuthError) -> ApiError {
-        ApiError::new(401, "unauthenticated", e.to_string())
     }
 }

@@ -7,16 +7,27 @@
 //! store's position as `write_checkpoint`, which is ≥ the client's number.
 
 use std::str::FromStr;
+use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use tokio::sync::Mutex;
-use walsync_source::PgConfig;
 use walsync_types::Lsn;
 
-use crate::ApiError;
+use crate::{ApiError, ErrorCode};
+
+/// Opens an SQL connection to the source database, with the application's connection settings
+/// (TLS, session parameters): the server itself knows nothing of how the source is reached.
+pub type Connect = Arc<
+    dyn Fn() -> BoxFuture<
+            'static,
+            Result<tokio_postgres::Client, Box<dyn std::error::Error + Send + Sync>>,
+        > + Send
+        + Sync,
+>;
 
 /// Creates write checkpoints in the source database.
 pub struct WriteCheckpoints {
-    pg: PgConfig,
+    connect: Connect,
     client: Mutex<Option<tokio_postgres::Client>>,
 }
 
@@ -27,9 +38,9 @@ impl std::fmt::Debug for WriteCheckpoints {
 }
 
 impl WriteCheckpoints {
-    pub fn new(pg: PgConfig) -> WriteCheckpoints {
+    pub fn new(connect: Connect) -> WriteCheckpoints {
         WriteCheckpoints {
-            pg,
+            connect,
             client: Mutex::new(None),
         }
     }
@@ -39,13 +50,12 @@ impl WriteCheckpoints {
         let mut guard = self.client.lock().await;
         for attempt in 0..2 {
             if guard.is_none() {
-                match self.pg.connect().await {
+                match (self.connect)().await {
                     Ok(c) => *guard = Some(c),
                     Err(e) => {
                         tracing::warn!(error = %e, "write checkpoint: cannot connect to postgres");
                         return Err(ApiError::new(
-                            503,
-                            "database_unavailable",
+                            ErrorCode::DatabaseUnavailable,
                             "the database is not reachable; try again",
                         ));
                     }
@@ -64,7 +74,7 @@ impl WriteCheckpoints {
                 Ok(row) => {
                     let text: String = row.get(0);
                     let lsn = Lsn::from_str(&text).map_err(|e| {
-                        ApiError::new(500, "internal", format!("unexpected lsn: {e}"))
+                        ApiError::internal("write checkpoint: postgres returned no lsn", &e)
                     })?;
                     return Ok(lsn.0);
                 }
@@ -75,8 +85,7 @@ impl WriteCheckpoints {
             }
         }
         Err(ApiError::new(
-            503,
-            "database_unavailable",
+            ErrorCode::DatabaseUnavailable,
             "the database did not answer; try again",
         ))
     }

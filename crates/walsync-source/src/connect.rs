@@ -239,7 +239,10 @@ impl PgConfig {
                     .connect(tokio_postgres::NoTls)
                     .await
                     .map_err(login_error)?;
-                tokio::spawn(drive(conn));
+                tokio::spawn(tracing::Instrument::instrument(
+                    drive(conn),
+                    tracing::info_span!("walsync-sql-connection"),
+                ));
                 client
             }
             Some(config) => {
@@ -248,7 +251,10 @@ impl PgConfig {
                     .connect(connector)
                     .await
                     .map_err(|e| login_error(tls::explain(e)))?;
-                tokio::spawn(drive(conn));
+                tokio::spawn(tracing::Instrument::instrument(
+                    drive(conn),
+                    tracing::info_span!("walsync-sql-connection"),
+                ));
                 client
             }
         };

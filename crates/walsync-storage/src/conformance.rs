@@ -3,10 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use walsync_rules::{LookupEntry, LookupKey, RowOutput};
+use walsync_types::{LookupEntry, LookupKey, OpKind, RowId, RowOutput};
 use walsync_types::{Lsn, Value, add_checksums};
 
-use crate::{BucketStore, Op, OpKind, StoreRead, StoreWriter, StoredRow};
+use crate::{BucketStore, Op, StoreRead, StoreWriter, StoredRow};
 
 /// A client's copy of one bucket, built by replaying ops the way PowerSync clients do.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -86,8 +86,14 @@ fn out(bucket: &str, id: &str, data: &str) -> RowOutput {
 fn put_rows<W: StoreWriter>(w: &mut W, n: i64) {
     for i in 0..n {
         let id = i.to_string();
-        w.upsert_row("public.t", &id, row(i), vec![out("a", &id, "{}")], vec![])
-            .expect("upsert");
+        w.upsert_row(
+            "public.t",
+            &RowId::from_encoded(&id),
+            row(i),
+            vec![out("a", &id, "{}")],
+            vec![],
+        )
+        .expect("upsert");
     }
 }
 
@@ -163,7 +169,7 @@ pub fn row_ids_of_every_form_are_found_again<S: BucketStore>(store: &S) {
         for (n, id) in ids.iter().enumerate() {
             let data = format!("{{\"v\":{v}}}");
             let outs = vec![out("a", &n.to_string(), &data)];
-            w.upsert_row("public.t", id, row(v), outs, vec![])
+            w.upsert_row("public.t", &RowId::from_encoded(id), row(v), outs, vec![])
                 .expect("upsert");
         }
         w.commit().expect("commit");
@@ -171,7 +177,9 @@ pub fn row_ids_of_every_form_are_found_again<S: BucketStore>(store: &S) {
     write(1);
     write(2);
     for id in ids {
-        let stored = store.row("public.t", id).expect("row");
+        let stored = store
+            .row("public.t", &RowId::from_encoded(id))
+            .expect("row");
         assert_eq!(
             stored.map(|r| r.values),
             Some(vec![Value::Int(2)]),
@@ -180,9 +188,15 @@ pub fn row_ids_of_every_form_are_found_again<S: BucketStore>(store: &S) {
     }
     assert_eq!(ClientBucket::read(store, "a").rows.len(), ids.len());
     let mut w = store.writer().expect("writer");
-    w.delete_row("public.t", ids[0]).expect("delete");
+    w.delete_row("public.t", &RowId::from_encoded(ids[0]))
+        .expect("delete");
     w.commit().expect("commit");
-    assert_eq!(store.row("public.t", ids[0]).expect("row"), None);
+    assert_eq!(
+        store
+            .row("public.t", &RowId::from_encoded(ids[0]))
+            .expect("row"),
+        None
+    );
     let mut w = store.writer().expect("writer");
     w.truncate("public.t").expect("truncate");
     w.commit().expect("commit");
@@ -191,7 +205,13 @@ pub fn row_ids_of_every_form_are_found_again<S: BucketStore>(store: &S) {
         "every row removed"
     );
     for id in ids {
-        assert_eq!(store.row("public.t", id).expect("row"), None, "row {id}");
+        assert_eq!(
+            store
+                .row("public.t", &RowId::from_encoded(id))
+                .expect("row"),
+            None,
+            "row {id}"
+        );
     }
     state_matches_replay(store, "a");
 }
@@ -205,14 +225,15 @@ pub fn ops_read_alike_at_any_bounds<S: BucketStore>(store: &S) {
         for i in ids {
             let id = i.to_string();
             if delete {
-                w.delete_row("public.t", &id).expect("delete");
+                w.delete_row("public.t", &RowId::from_encoded(&id))
+                    .expect("delete");
                 continue;
             }
             let bucket = if i % 4 == 0 { "b" } else { "a" };
             let data = format!("{{\"v\":{v},\"pad\":\"{pad}\"}}");
             w.upsert_row(
                 "public.t",
-                &id,
+                &RowId::from_encoded(&id),
                 row(i.into()),
                 vec![out(bucket, &id, &data)],
                 vec![],
@@ -275,20 +296,29 @@ pub fn one_writer_sees_its_own_writes<S: BucketStore>(store: &S) {
     for v in 0..5 {
         w.upsert_row(
             "public.t",
-            "9",
+            &RowId::from_encoded("9"),
             row(v),
             vec![out("a", "9", &format!("{{\"v\":{v}}}"))],
             vec![],
         )
         .expect("upsert");
     }
-    assert_eq!(w.row("public.t", "9").expect("row"), Some(row(4)));
+    assert_eq!(
+        w.row("public.t", &RowId::from_encoded("9")).expect("row"),
+        Some(row(4))
+    );
     w.truncate("public.t").expect("truncate");
-    assert_eq!(w.row("public.t", "9").expect("row"), None);
-    assert_eq!(w.row("public.t", "1").expect("row"), None);
+    assert_eq!(
+        w.row("public.t", &RowId::from_encoded("9")).expect("row"),
+        None
+    );
+    assert_eq!(
+        w.row("public.t", &RowId::from_encoded("1")).expect("row"),
+        None
+    );
     w.upsert_row(
         "public.t",
-        "1",
+        &RowId::from_encoded("1"),
         row(7),
         vec![out("a", "1", "{\"v\":7}")],
         vec![],
@@ -305,17 +335,25 @@ pub fn one_writer_sees_its_own_writes<S: BucketStore>(store: &S) {
 
     let mut w = store.writer().expect("writer");
     w.clear_all().expect("clear");
-    assert_eq!(w.row("public.t", "1").expect("row"), None);
+    assert_eq!(
+        w.row("public.t", &RowId::from_encoded("1")).expect("row"),
+        None
+    );
     w.upsert_row(
         "public.t",
-        "1",
+        &RowId::from_encoded("1"),
         row(8),
         vec![out("a", "1", "{\"v\":8}")],
         vec![],
     )
     .expect("upsert");
     w.commit().expect("commit");
-    assert_eq!(store.row("public.t", "1").expect("row"), Some(row(8)));
+    assert_eq!(
+        store
+            .row("public.t", &RowId::from_encoded("1"))
+            .expect("row"),
+        Some(row(8))
+    );
     let a = ClientBucket::read(store, "a");
     assert_eq!(a.rows.len(), 1, "{a:?}");
     assert_eq!(store.buckets().expect("buckets"), ["a"]);
@@ -326,13 +364,25 @@ pub fn one_writer_sees_its_own_writes<S: BucketStore>(store: &S) {
 /// on it.
 pub fn deferred_commits_are_visible_at_once<S: BucketStore>(store: &S) {
     let mut w = store.writer().expect("writer");
-    w.upsert_row("public.t", "1", row(1), vec![out("a", "1", "{}")], vec![])
-        .expect("upsert");
+    w.upsert_row(
+        "public.t",
+        &RowId::from_encoded("1"),
+        row(1),
+        vec![out("a", "1", "{}")],
+        vec![],
+    )
+    .expect("upsert");
     let cp = w.commit_deferred().expect("deferred commit");
     assert_eq!(store.checkpoint().expect("checkpoint"), cp);
-    assert_eq!(store.row("public.t", "1").expect("row"), Some(row(1)));
+    assert_eq!(
+        store
+            .row("public.t", &RowId::from_encoded("1"))
+            .expect("row"),
+        Some(row(1))
+    );
     let mut w = store.writer().expect("writer");
-    w.delete_row("public.t", "1").expect("delete");
+    w.delete_row("public.t", &RowId::from_encoded("1"))
+        .expect("delete");
     let cp2 = w.commit_deferred().expect("deferred commit");
     assert!(cp2.op_id > cp.op_id);
     store.sync().expect("sync");
@@ -346,27 +396,32 @@ pub fn puts_removes_and_moves<S: BucketStore>(store: &S) {
     let mut w = store.writer().expect("writer");
     w.upsert_row(
         "public.t",
-        "1",
+        &RowId::from_encoded("1"),
         row(1),
         vec![out("a", "1", "{\"v\":1}")],
         vec![],
     )
     .expect("upsert");
     assert_eq!(
-        w.row("public.t", "1").expect("row"),
+        w.row("public.t", &RowId::from_encoded("1")).expect("row"),
         Some(row(1)),
         "a writer reads its own writes"
     );
     w.set_position(Lsn(100));
     let cp = w.commit().expect("commit");
     assert_eq!((cp.op_id, cp.lsn), (1, Some(Lsn(100))));
-    assert_eq!(store.row("public.t", "1").expect("row"), Some(row(1)));
+    assert_eq!(
+        store
+            .row("public.t", &RowId::from_encoded("1"))
+            .expect("row"),
+        Some(row(1))
+    );
 
     // The row moves from bucket a to bucket b: REMOVE in a, PUT in b, one commit.
     let mut w = store.writer().expect("writer");
     w.upsert_row(
         "public.t",
-        "1",
+        &RowId::from_encoded("1"),
         row(2),
         vec![out("b", "1", "{\"v\":2}")],
         vec![],
@@ -388,12 +443,18 @@ pub fn puts_removes_and_moves<S: BucketStore>(store: &S) {
     assert_eq!(a_ops[1].subkey, "t/1");
 
     let mut w = store.writer().expect("writer");
-    w.delete_row("public.t", "1").expect("delete");
-    w.delete_row("public.t", "missing")
+    w.delete_row("public.t", &RowId::from_encoded("1"))
+        .expect("delete");
+    w.delete_row("public.t", &RowId::from_encoded("missing"))
         .expect("deleting a row never seen is nothing");
     w.commit().expect("commit");
     assert!(ClientBucket::read(store, "b").rows.is_empty());
-    assert_eq!(store.row("public.t", "1").expect("row"), None);
+    assert_eq!(
+        store
+            .row("public.t", &RowId::from_encoded("1"))
+            .expect("row"),
+        None
+    );
     for bucket in ["a", "b"] {
         state_matches_replay(store, bucket);
     }
@@ -408,8 +469,14 @@ pub fn puts_removes_and_moves<S: BucketStore>(store: &S) {
 pub fn unchanged_data_writes_no_op<S: BucketStore>(store: &S) {
     for data in ["{\"v\":1}", "{\"v\":1}", "{\"v\":2}"] {
         let mut w = store.writer().expect("writer");
-        w.upsert_row("public.t", "1", row(1), vec![out("a", "1", data)], vec![])
-            .expect("upsert");
+        w.upsert_row(
+            "public.t",
+            &RowId::from_encoded("1"),
+            row(1),
+            vec![out("a", "1", data)],
+            vec![],
+        )
+        .expect("upsert");
         w.commit().expect("commit");
     }
     assert_eq!(store.ops("a", 0, u64::MAX, 100).expect("ops").len(), 2);
@@ -419,10 +486,22 @@ pub fn unchanged_data_writes_no_op<S: BucketStore>(store: &S) {
 pub fn truncate_removes_only_that_table<S: BucketStore>(store: &S) {
     let mut w = store.writer().expect("writer");
     put_rows(&mut w, 20);
-    w.upsert_row("public.t2", "1", row(1), vec![out("a", "x", "{}")], vec![])
-        .expect("upsert");
-    w.upsert_row("public.t_", "1", row(1), vec![out("a", "y", "{}")], vec![])
-        .expect("upsert");
+    w.upsert_row(
+        "public.t2",
+        &RowId::from_encoded("1"),
+        row(1),
+        vec![out("a", "x", "{}")],
+        vec![],
+    )
+    .expect("upsert");
+    w.upsert_row(
+        "public.t_",
+        &RowId::from_encoded("1"),
+        row(1),
+        vec![out("a", "y", "{}")],
+        vec![],
+    )
+    .expect("upsert");
     w.commit().expect("commit");
     let mut w = store.writer().expect("writer");
     w.truncate("public.t").expect("truncate");
@@ -437,13 +516,26 @@ pub fn truncate_removes_only_that_table<S: BucketStore>(store: &S) {
 
 pub fn lookups_have_history<S: BucketStore>(store: &S) {
     let mut w = store.writer().expect("writer");
-    w.upsert_row("public.m", "1", row(1), vec![], vec![member("u1", 7)])
-        .expect("upsert");
-    w.upsert_row("public.m", "2", row(2), vec![], vec![member("u1", 7)])
-        .expect("upsert");
+    w.upsert_row(
+        "public.m",
+        &RowId::from_encoded("1"),
+        row(1),
+        vec![],
+        vec![member("u1", 7)],
+    )
+    .expect("upsert");
+    w.upsert_row(
+        "public.m",
+        &RowId::from_encoded("2"),
+        row(2),
+        vec![],
+        vec![member("u1", 7)],
+    )
+    .expect("upsert");
     let c1 = w.commit().expect("commit").op_id;
     let mut w = store.writer().expect("writer");
-    w.delete_row("public.m", "1").expect("delete");
+    w.delete_row("public.m", &RowId::from_encoded("1"))
+        .expect("delete");
     let c2 = w.commit().expect("commit").op_id;
     assert_eq!(
         store.lookup(&key("u1"), c2).expect("lookup"),
@@ -451,8 +543,14 @@ pub fn lookups_have_history<S: BucketStore>(store: &S) {
         "still matched by row 2"
     );
     let mut w = store.writer().expect("writer");
-    w.upsert_row("public.m", "2", row(2), vec![], vec![member("u2", 7)])
-        .expect("upsert");
+    w.upsert_row(
+        "public.m",
+        &RowId::from_encoded("2"),
+        row(2),
+        vec![],
+        vec![member("u2", 7)],
+    )
+    .expect("upsert");
     let c3 = w.commit().expect("commit").op_id;
     assert!(
         store.lookup(&key("u1"), c3).expect("lookup").is_empty(),
@@ -472,7 +570,7 @@ pub fn writes_are_atomic<S: BucketStore>(store: &S) {
         let mut w = store.writer().expect("writer");
         w.upsert_row(
             "public.t",
-            "1",
+            &RowId::from_encoded("1"),
             row(1),
             vec![out("a", "1", "{}")],
             vec![member("u", 1)],
@@ -494,13 +592,19 @@ pub fn writes_are_atomic<S: BucketStore>(store: &S) {
 
 pub fn changes_follow_commits<S: BucketStore>(store: &S) {
     let mut w = store.writer().expect("writer");
-    w.upsert_row("public.t", "1", row(1), vec![out("a", "1", "{}")], vec![])
-        .expect("upsert");
+    w.upsert_row(
+        "public.t",
+        &RowId::from_encoded("1"),
+        row(1),
+        vec![out("a", "1", "{}")],
+        vec![],
+    )
+    .expect("upsert");
     let c1 = w.commit().expect("commit").op_id;
     let mut w = store.writer().expect("writer");
     w.upsert_row(
         "public.t",
-        "2",
+        &RowId::from_encoded("2"),
         row(1),
         vec![out("b", "2", "{}")],
         vec![member("u", 3)],
@@ -529,12 +633,19 @@ pub fn compaction_keeps_checksums_and_rows<S: BucketStore>(store: &S) {
         for _ in 0..1 + next(4) {
             let id = next(8).to_string();
             if next(5) == 0 {
-                w.delete_row("public.t", &id).expect("delete");
+                w.delete_row("public.t", &RowId::from_encoded(&id))
+                    .expect("delete");
             } else {
                 let b = buckets[next(3) as usize];
                 let data = format!("{{\"v\":{}}}", next(3));
-                w.upsert_row("public.t", &id, row(0), vec![out(b, &id, &data)], vec![])
-                    .expect("upsert");
+                w.upsert_row(
+                    "public.t",
+                    &RowId::from_encoded(&id),
+                    row(0),
+                    vec![out(b, &id, &data)],
+                    vec![],
+                )
+                .expect("upsert");
             }
         }
         w.commit().expect("commit");
@@ -596,7 +707,7 @@ pub fn clear_all_starts_over_with_growing_op_ids<S: BucketStore>(store: &S) {
     let mut w = store.writer().expect("writer");
     w.upsert_row(
         "public.t",
-        "1",
+        &RowId::from_encoded("1"),
         row(1),
         vec![out("a", "1", "{}")],
         vec![member("u", 1)],
@@ -620,8 +731,14 @@ pub fn clear_all_starts_over_with_growing_op_ids<S: BucketStore>(store: &S) {
             .is_empty()
     );
     let mut w = store.writer().expect("writer");
-    w.upsert_row("public.t", "1", row(1), vec![out("a", "1", "{}")], vec![])
-        .expect("upsert");
+    w.upsert_row(
+        "public.t",
+        &RowId::from_encoded("1"),
+        row(1),
+        vec![out("a", "1", "{}")],
+        vec![],
+    )
+    .expect("upsert");
     let again = w.commit().expect("commit");
     assert!(store.ops("a", 0, u64::MAX, 10).expect("ops")[0].op_id > first.op_id);
     assert!(again.op_id > first.op_id);
@@ -633,14 +750,20 @@ pub fn clear_all_starts_over_with_growing_op_ids<S: BucketStore>(store: &S) {
 /// A snapshot's checkpoint, bucket states and ops agree, whatever commits after it opened.
 pub fn snapshots_see_one_checkpoint<S: BucketStore>(store: &S) {
     let mut w = store.writer().expect("writer");
-    w.upsert_row("public.t", "1", row(1), vec![out("a", "1", "{}")], vec![])
-        .expect("upsert");
+    w.upsert_row(
+        "public.t",
+        &RowId::from_encoded("1"),
+        row(1),
+        vec![out("a", "1", "{}")],
+        vec![],
+    )
+    .expect("upsert");
     let first = w.commit().expect("commit");
     let snap = store.snapshot().expect("snapshot");
     let mut w = store.writer().expect("writer");
     w.upsert_row(
         "public.t",
-        "2",
+        &RowId::from_encoded("2"),
         row(1),
         vec![out("a", "2", "{}")],
         vec![member("u", 1)],

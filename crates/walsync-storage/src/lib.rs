@@ -21,15 +21,11 @@ mod embedded;
 mod model;
 
 pub mod conformance;
-mod resolve;
 
-pub use resolve::request_buckets;
+pub use embedded::{EmbeddedSnapshot, EmbeddedStore, EmbeddedWriter};
+pub use model::{BucketState, Changes, Checkpoint, CompactStats, Op, StoredRow, TableName};
 
-pub use embedded::{EmbeddedSnapshot, EmbeddedStore};
-pub use model::{BucketState, Changes, Checkpoint, CompactStats, Op, OpKind, StoredRow, TableName};
-
-use walsync_rules::{LookupEntry, LookupKey, RowOutput};
-use walsync_types::Lsn;
+use walsync_types::{LookupEntry, LookupKey, Lsn, RowId, RowOutput};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -66,7 +62,7 @@ pub trait StoreRead {
     fn changes(&self, after: u64, up_to: u64) -> Result<Changes>;
 
     /// The stored copy of a row, as of the last commit.
-    fn row(&self, table: &TableName, row_id: &str) -> Result<Option<StoredRow>>;
+    fn row(&self, table: &TableName, row_id: &RowId) -> Result<Option<StoredRow>>;
 }
 
 /// A bucket store. Reads see the last committed checkpoint; writes go through a
@@ -99,20 +95,20 @@ pub trait BucketStore: StoreRead + Send + Sync {
 /// One write transaction.
 pub trait StoreWriter {
     /// The row as this transaction sees it (its own writes included).
-    fn row(&mut self, table: &TableName, row_id: &str) -> Result<Option<StoredRow>>;
+    fn row(&mut self, table: &TableName, row_id: &RowId) -> Result<Option<StoredRow>>;
 
     /// The row now holds `values`, is in the buckets of `outputs` and yields `lookups`.
     fn upsert_row(
         &mut self,
         table: &TableName,
-        row_id: &str,
+        row_id: &RowId,
         values: StoredRow,
         outputs: Vec<RowOutput>,
         lookups: Vec<LookupEntry>,
     ) -> Result<()>;
 
     /// The row is gone: REMOVE from each of its buckets, drop its lookups.
-    fn delete_row(&mut self, table: &TableName, row_id: &str) -> Result<()>;
+    fn delete_row(&mut self, table: &TableName, row_id: &RowId) -> Result<()>;
 
     /// Every row of the table is gone.
     fn truncate(&mut self, table: &TableName) -> Result<()>;

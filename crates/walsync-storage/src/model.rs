@@ -1,33 +1,10 @@
 //! What the store keeps.
 
 use serde::{Deserialize, Serialize};
-use walsync_rules::LookupKey;
-use walsync_types::{Lsn, Value};
+use walsync_types::{LookupKey, Lsn, OpKind, Value};
 
 /// `schema.table`.
 pub type TableName = str;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum OpKind {
-    Put,
-    Remove,
-    /// A superseded op: nothing to apply, its checksum still counts.
-    Move,
-    /// Replaces every op up to it: the client empties the bucket, and the checksum is the sum of
-    /// what it replaced.
-    Clear,
-}
-
-impl OpKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OpKind::Put => "PUT",
-            OpKind::Remove => "REMOVE",
-            OpKind::Move => "MOVE",
-            OpKind::Clear => "CLEAR",
-        }
-    }
-}
 
 /// One op of a bucket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -2,7 +2,7 @@
 
 use walsync_storage::conformance::{self, ClientBucket};
 use walsync_storage::{BucketStore, EmbeddedStore, StoreRead, StoreWriter, StoredRow};
-use walsync_types::Lsn;
+use walsync_types::{Lsn, RowId};
 
 fn fresh() -> EmbeddedStore {
     let dir = tempfile::tempdir().expect("tempdir").keep();
@@ -22,9 +22,9 @@ fn survives_reopening() {
         let mut w = store.writer().expect("writer");
         w.upsert_row(
             "public.t",
-            "1",
+            &RowId::from_encoded("1"),
             StoredRow::default(),
-            vec![walsync_rules::RowOutput {
+            vec![walsync_types::RowOutput {
                 bucket: "a".into(),
                 object_type: "t".into(),
                 object_id: "1".into(),
@@ -49,9 +49,9 @@ fn survives_reopening() {
 
 mod compaction_property {
     use proptest::prelude::*;
-    use walsync_rules::RowOutput;
     use walsync_storage::conformance::ClientBucket;
     use walsync_storage::{BucketStore, StoreRead, StoreWriter, StoredRow};
+    use walsync_types::{RowId, RowOutput};
 
     #[derive(Debug, Clone)]
     enum Step {
@@ -80,14 +80,14 @@ mod compaction_property {
             for s in steps {
                 match s {
                     Step::Put { id, bucket, data } => w
-                        .upsert_row("public.t", &id.to_string(), StoredRow::default(), vec![RowOutput {
+                        .upsert_row("public.t", &RowId::from_encoded(id.to_string()), StoredRow::default(), vec![RowOutput {
                             bucket: format!("b{bucket}"),
                             object_type: "t".into(),
                             object_id: id.to_string(),
                             data: format!("{{\"d\":{data}}}"),
                         }], vec![])
                         .expect("upsert"),
-                    Step::Delete { id } => w.delete_row("public.t", &id.to_string()).expect("delete"),
+                    Step::Delete { id } => w.delete_row("public.t", &RowId::from_encoded(id.to_string())).expect("delete"),
                     Step::Commit => {
                         w.commit().expect("commit");
                         w = store.writer().expect("writer");
@@ -125,9 +125,9 @@ mod row_key_bounds_property {
     use std::collections::BTreeMap;
 
     use proptest::prelude::*;
-    use walsync_rules::RowOutput;
     use walsync_storage::conformance::ClientBucket;
     use walsync_storage::{BucketStore, EmbeddedStore, StoreWriter, StoredRow};
+    use walsync_types::{RowId, RowOutput};
 
     #[derive(Debug, Clone)]
     enum Step {
@@ -169,13 +169,13 @@ mod row_key_bounds_property {
                             data: "{}".into(),
                         };
                         let w = w.get_or_insert_with(|| store.writer().expect("writer"));
-                        w.upsert_row("public.t", &format!("[\"{id}\"]"), StoredRow::default(), vec![out], vec![])
+                        w.upsert_row("public.t", &RowId::from_encoded(format!("[\"{id}\"]")), StoredRow::default(), vec![out], vec![])
                             .expect("upsert");
                         open.insert(id, bucket);
                     }
                     Step::Delete { id } => {
                         let w = w.get_or_insert_with(|| store.writer().expect("writer"));
-                        w.delete_row("public.t", &format!("[\"{id}\"]")).expect("delete");
+                        w.delete_row("public.t", &RowId::from_encoded(format!("[\"{id}\"]"))).expect("delete");
                         open.remove(&id);
                     }
                     Step::Commit => {

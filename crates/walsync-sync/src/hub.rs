@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
-use walsync_rules::LookupKey;
 use walsync_storage::{BucketStore, StoreRead};
+use walsync_types::LookupKey;
 
 use crate::SyncError;
 

@@ -23,6 +23,7 @@
 //! a slow client never holds up the others or grows memory.
 
 mod hub;
+mod resolve;
 mod stream;
 
 use std::sync::Arc;
@@ -34,6 +35,7 @@ use walsync_rules::SyncRules;
 use walsync_storage::{BucketStore, StorageError};
 
 pub use hub::HubStats;
+pub use resolve::request_buckets;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -123,10 +125,14 @@ impl<S: BucketStore + 'static> SyncCore<S> {
     pub fn open(self: &Arc<Self>, identity: Identity, request: SyncRequest) -> Lines {
         let (tx, rx) = mpsc::channel(self.config.buffer_lines.max(1));
         let core = self.clone();
-        tokio::spawn(async move {
-            let mut conn = stream::Connection::new(core, identity, request, tx);
-            conn.run().await;
-        });
+        let span = tracing::info_span!("walsync-stream", user = %identity.user_id);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let mut conn = stream::Connection::new(core, identity, request, tx);
+                conn.run().await;
+            },
+            span,
+        ));
         rx
     }
 

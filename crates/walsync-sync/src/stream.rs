@@ -10,10 +10,11 @@ use walsync_protocol::{
     BucketChecksum, Checkpoint, CheckpointComplete, CheckpointDiff, DataPage, Line, OpKind, OpLine,
     PartialCheckpointComplete, SyncRequest,
 };
-use walsync_rules::{LookupKey, RequestContext};
-use walsync_storage::{BucketStore, Checkpoint as StoreCheckpoint, Op, StoreRead, request_buckets};
+use walsync_rules::RequestContext;
+use walsync_storage::{BucketStore, Checkpoint as StoreCheckpoint, Op, StoreRead};
+use walsync_types::LookupKey;
 
-use crate::{Identity, SyncCore, SyncError};
+use crate::{Identity, SyncCore, SyncError, request_buckets};
 
 /// Why a connection ends.
 enum Stop {
@@ -65,12 +66,8 @@ pub(crate) struct Connection<S: BucketStore> {
 }
 
 fn op_line(op: Op) -> OpLine {
-    let (kind, with_row) = match op.kind {
-        walsync_storage::OpKind::Put => (OpKind::Put, true),
-        walsync_storage::OpKind::Remove => (OpKind::Remove, true),
-        walsync_storage::OpKind::Move => (OpKind::Move, false),
-        walsync_storage::OpKind::Clear => (OpKind::Clear, false),
-    };
+    let kind = op.kind;
+    let with_row = matches!(op.kind, OpKind::Put | OpKind::Remove);
     OpLine {
         op_id: op.op_id,
         op: kind,

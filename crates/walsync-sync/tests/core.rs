@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use walsync_protocol::{BucketRequest, Line, SyncRequest};
-use walsync_rules::{RowOutput, SyncRules};
+use walsync_rules::SyncRules;
 use walsync_storage::{BucketStore, EmbeddedStore, StoreWriter, StoredRow};
 use walsync_sync::{Identity, Lines, SyncConfig, SyncCore, SyncError};
+use walsync_types::{RowId, RowOutput};
 
 const RULES: &str = r#"
 bucket_definitions:
@@ -35,7 +36,7 @@ fn put(store: &EmbeddedStore, table: &str, bucket: &str, from: usize, n: usize) 
         let id = i.to_string();
         w.upsert_row(
             &format!("public.{table}"),
-            &id,
+            &RowId::from_encoded(&id),
             StoredRow::default(),
             vec![RowOutput {
                 bucket: bucket.to_owned(),

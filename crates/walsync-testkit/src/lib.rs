@@ -1,4 +1,5 @@
-//! Throwaway PostgreSQL clusters for tests, benchmarks and `walsync demo`.
+//! Throwaway PostgreSQL clusters for tests, benchmarks and `walsync demo`, and the seed app's
+//! PostgreSQL side ([`seed`]: schema, rules, sample data, workload, expected buckets).
 //!
 //! [`shared`] starts one cluster per process from the installed PostgreSQL binaries (found on
 //! `PATH`, through `pg_config`, or under `/usr/lib/postgresql/*/bin`) on a free loopback port with
@@ -11,6 +12,7 @@
 
 mod binaries;
 mod cluster;
+pub mod seed;
 mod tls;
 
 pub use cluster::{Cluster, ClusterOptions, TestDatabase, shared};
@@ -40,3 +42,8 @@ pub enum TestkitError {
 }
 
 pub type Result<T, E = TestkitError> = std::result::Result<T, E>;
+
+/// A directory removed when dropped, for a throwaway store beside a throwaway cluster.
+pub fn scratch_dir(prefix: &str) -> std::io::Result<tempfile::TempDir> {
+    tempfile::Builder::new().prefix(prefix).tempdir()
+}

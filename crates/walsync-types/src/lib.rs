@@ -1,11 +1,16 @@
-//! The shared vocabulary of walsync: log positions and row values.
+//! The shared vocabulary of walsync: log positions, row values, row ids and the bucket terms
+//! (lookups, row outputs, op kinds) that rules, storage and sync exchange.
 //!
 //! Nothing here does I/O; every other crate depends on this one and on nothing else in common.
 
+mod bucket;
 mod checksum;
 mod lsn;
+mod row_id;
 mod value;
 
+pub use bucket::{LookupEntry, LookupKey, OpKind, RowOutput, bucket_id};
 pub use checksum::{add_checksums, put_checksum, remove_checksum};
 pub use lsn::{Lsn, ParseLsnError};
+pub use row_id::RowId;
 pub use value::{PgTimestamp, Value};

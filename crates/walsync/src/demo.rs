@@ -9,10 +9,12 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use crate::config::{PostgresConfig, StorageConfig, SyncSection};
+use crate::{Config, Service};
 use clap::Args;
 use walsync_client::{Connector, SyncClient, Transport};
-use walsync_server::config::{PostgresConfig, StorageConfig, SyncSection};
-use walsync_server::{AuthConfig, Config, ServerConfig, Service, mint_hs256};
+use walsync_server::{AuthConfig, ServerConfig, mint_hs256};
+use walsync_testkit::seed::{RULES, SCHEMA};
 use walsync_testkit::{Cluster, ClusterOptions};
 
 #[derive(Debug, Args)]
@@ -25,8 +27,6 @@ pub struct DemoArgs {
     listen: String,
 }
 
-const SCHEMA: &str = include_str!("../../../examples/seed/schema.sql");
-const RULES: &str = include_str!("../../../examples/seed/sync_rules.yaml");
 const USERS: &[&str] = &["ada", "grace", "linus"];
 const SAMPLE: &str = "
 INSERT INTO projects (id, name, organization_name) VALUES
@@ -68,7 +68,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         db.url
     );
 
-    let dir = tempfile::Builder::new().prefix("walsync-demo-").tempdir()?;
+    let dir = walsync_testkit::scratch_dir("walsync-demo-")?;
     let rules_path = dir.path().join("sync_rules.yaml");
     std::fs::write(&rules_path, RULES)?;
     let listen = match std::net::TcpListener::bind(&args.listen) {

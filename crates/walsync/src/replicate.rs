@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use tokio::sync::watch;
+use tracing::{Instrument, info_span};
 use walsync_replicator::{Progress, ReplicatorConfig};
 use walsync_rules::SyncRules;
 use walsync_source::{PgConfig, PublicationScope, SourceConfig};
@@ -50,18 +51,24 @@ pub fn run(args: ReplicateArgs) -> anyhow::Result<()> {
     rt.block_on(async move {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (progress, _) = watch::channel(Progress::default());
-        let task = tokio::spawn(walsync_replicator::run(
-            ReplicatorConfig::new(source),
-            rules,
-            store,
-            stop_rx,
-            progress,
-        ));
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            tracing::info!("stopping");
-            let _ = stop_tx.send(true);
-        });
+        let task = tokio::spawn(
+            walsync_replicator::run(
+                ReplicatorConfig::new(source),
+                rules,
+                store,
+                stop_rx,
+                progress,
+            )
+            .instrument(info_span!("walsync-replicator")),
+        );
+        tokio::spawn(
+            async move {
+                shutdown_signal().await;
+                tracing::info!("stopping");
+                let _ = stop_tx.send(true);
+            }
+            .instrument(info_span!("walsync-signals")),
+        );
         task.await??;
         anyhow::Ok(())
     })

@@ -7,7 +7,9 @@ use anyhow::Context;
 use clap::Args;
 use walsync_client::{ClientError, Connector, Event, SyncClient, Transport};
 use walsync_protocol::SyncRequest;
-use walsync_server::{Config, Service, mint_hs256};
+use walsync_server::mint_hs256;
+
+use crate::{Config, Service};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {

@@ -7,13 +7,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use fjall::{PersistMode, Readable, SingleWriterTxDatabase};
 use walsync_types::add_checksums;
 
-use super::record::Writer;
-use super::{
-    OpValue, Spaces, chunk_ops, decode, encode, engine, get_chunk, op_id_of, op_key, push_op,
-    put_chunk, remove_chunk,
-};
+use walsync_types::OpKind;
+
+use super::Spaces;
+use super::chunk::{OpValue, chunk_ops, get_chunk, push_op, put_chunk, remove_chunk};
+use super::keys::{op_id_of, op_key};
+use super::record::{Writer, decode, encode, engine};
 use crate::Result;
-use crate::model::{BucketState, CompactStats, OpKind};
+use crate::model::{BucketState, CompactStats};
 
 pub(super) fn compact(db: &SingleWriterTxDatabase, s: &Spaces) -> Result<CompactStats> {
     let mut tx = db.write_tx().durability(Some(PersistMode::SyncAll));

@@ -3,7 +3,8 @@
 //! unlike JSON. A record starts with a tag byte that JSON never starts with, so records written
 //! as JSON by earlier versions still read.
 
-use walsync_rules::LookupEntry;
+use serde::{Deserialize, Serialize};
+use walsync_types::LookupEntry;
 use walsync_types::Value;
 
 use crate::{Result, StorageError};
@@ -186,4 +187,22 @@ pub(super) fn read_lookups(r: &mut Reader<'_>) -> Result<Vec<LookupEntry>> {
         return Ok(Vec::new());
     }
     serde_json::from_slice(b).map_err(|e| corrupt("row", &e.to_string()))
+}
+
+pub(super) fn engine(e: impl std::fmt::Display) -> StorageError {
+    StorageError::Engine(e.to_string())
+}
+
+pub(super) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| StorageError::Corrupt {
+        what: "encoding",
+        detail: e.to_string(),
+    })
+}
+
+pub(super) fn decode<T: for<'de> Deserialize<'de>>(what: &'static str, b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(|e| StorageError::Corrupt {
+        what,
+        detail: e.to_string(),
+    })
 }

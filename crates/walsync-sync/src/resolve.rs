@@ -2,9 +2,9 @@
 //! the parameter index names for its lookup keys. Parameter queries are never run against the
 //! source database.
 
-use walsync_rules::{LookupKey, RequestContext, SyncRules, bucket_id};
-
-use crate::{Result, StoreRead};
+use walsync_rules::{RequestContext, SyncRules};
+use walsync_storage::{Result, StoreRead};
+use walsync_types::{LookupKey, bucket_id};
 
 /// The request's buckets at checkpoint `at` (sorted, without repeats), and the lookup keys they
 /// were found under (a change to one of those can change the bucket set).

@@ -1,7 +1,6 @@
-//! The seed app's schema, rules and a random workload, and the check that a store holds exactly
-//! what the rules select from PostgreSQL. Shared by the replicator's tests and the process-kill
-//! test of the `walsync` binary.
-#![allow(dead_code)]
+//! The seed app in a test: a fresh database with its schema and sample data, a store, and the
+//! check that a store holds exactly what the rules select from PostgreSQL. The PostgreSQL side
+//! (schema, rules, sample data, workload) is `walsync_testkit::seed`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -17,23 +16,10 @@ use walsync_storage::{EmbeddedStore, StoreRead};
 use walsync_testkit::shared;
 use walsync_types::Value;
 
-pub const RULES_PATH: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../examples/seed/sync_rules.yaml"
-);
-const SCHEMA: &str = include_str!("../../../../examples/seed/schema.sql");
-const RULES: &str = include_str!("../../../../examples/seed/sync_rules.yaml");
-const TABLES: &[&str] = &[
-    "projects",
-    "project_members",
-    "stakeholders",
-    "teams",
-    "assessments",
-    "assessment_responses",
-    "sow_section_approvals",
-];
-const USERS: &[&str] = &["u1", "u2", "u3", "u4"];
+use walsync_testkit::seed::{RULES, SAMPLE_DATA, SCHEMA, TABLES, USERS};
+pub use walsync_testkit::seed::{RULES_PATH, workload};
 
+#[allow(missing_debug_implementations)]
 pub struct Setup {
     pub sql: Client,
     pub url: String,
@@ -54,15 +40,7 @@ pub async fn setup() -> anyhow::Result<Setup> {
     sql.batch_execute("CREATE PUBLICATION walsync FOR ALL TABLES")
         .await?;
     // Some data before the slot exists, so the snapshot has work.
-    sql.batch_execute(
-        "INSERT INTO projects (id, name) SELECT i, 'project ' || i FROM generate_series(1, 6) i;
-         INSERT INTO project_members (project_id, user_id, role) VALUES (1, 'u1', 'owner'), (2, 'u1', 'editor'), (2, 'u2', 'owner'), (3, 'u3', 'viewer');
-         INSERT INTO stakeholders (id, user_id, name) VALUES (1, 'u1', 'Ada'), (2, 'u2', 'Grace');
-         INSERT INTO assessments (id, project_id, phase) SELECT i, 1 + i % 6, 'discovery' FROM generate_series(1, 12) i;
-         INSERT INTO assessment_responses (assessment_id, project_id, question_id, answer)
-           SELECT 1 + i % 12, 1 + (1 + i % 12) % 6, 'q' || i, repeat('a', 50) FROM generate_series(1, 200) i;",
-    )
-    .await?;
+    sql.batch_execute(SAMPLE_DATA).await?;
     let dir = tempfile::tempdir()?;
     let store = Arc::new(EmbeddedStore::open(dir.path())?);
     Ok(Setup {
@@ -82,67 +60,6 @@ pub fn config(s: &Setup) -> ReplicatorConfig {
     let mut c = ReplicatorConfig::new(source);
     c.max_commit_txns = 7;
     c
-}
-
-/// A deterministic random workload: inserts, updates, deletes, assessments moving between
-/// projects, members added and removed.
-pub async fn workload(sql: &Client, seed: u64, steps: usize) -> anyhow::Result<()> {
-    let mut s = seed | 1;
-    let mut next = |n: u64| {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s % n
-    };
-    for _ in 0..steps {
-        let stmt = match next(9) {
-            0 => format!(
-                "INSERT INTO project_members (project_id, user_id, role) VALUES ({}, '{}', 'editor') ON CONFLICT DO NOTHING",
-                1 + next(6),
-                USERS[next(4) as usize]
-            ),
-            1 => format!(
-                "DELETE FROM project_members WHERE id = (SELECT id FROM project_members ORDER BY id OFFSET {} LIMIT 1)",
-                next(5)
-            ),
-            2 => format!(
-                "UPDATE assessments SET project_id = {} WHERE id = {}",
-                1 + next(6),
-                1 + next(12)
-            ),
-            3 => format!(
-                "UPDATE assessment_responses SET answer = 'v{}' WHERE id % 17 = {}",
-                next(1000),
-                next(17)
-            ),
-            4 => format!(
-                "INSERT INTO assessment_responses (assessment_id, project_id, question_id, answer) VALUES ({}, {}, 'new', 'x')",
-                1 + next(12),
-                1 + next(6)
-            ),
-            5 => format!(
-                "DELETE FROM assessment_responses WHERE id % 23 = {}",
-                next(23)
-            ),
-            6 => format!(
-                "UPDATE projects SET description = 'd{}' WHERE id = {}",
-                next(100),
-                1 + next(6)
-            ),
-            7 => format!(
-                "BEGIN; UPDATE assessments SET tier = 't{0}' WHERE project_id = {1}; INSERT INTO teams (project_id, name) VALUES ({1}, 'team{0}'); COMMIT;",
-                next(10),
-                1 + next(6)
-            ),
-            _ => format!(
-                "UPDATE stakeholders SET title = 't{}' WHERE id = {}",
-                next(10),
-                1 + next(2)
-            ),
-        };
-        sql.batch_execute(&stmt).await?;
-    }
-    Ok(())
 }
 
 /// What the rules select from PostgreSQL, read directly: bucket → (type, id) → data.
@@ -219,22 +136,11 @@ async fn check_memberships(s: &Setup) -> anyhow::Result<()> {
         });
         for key in lookups {
             for params in s.store.lookup(&key, at)? {
-                buckets.push(walsync_rules::bucket_id(&key.definition, &params));
+                buckets.push(walsync_types::bucket_id(&key.definition, &params));
             }
         }
         let got: BTreeSet<String> = buckets.into_iter().collect();
-        let rows = s
-            .sql
-            .query(
-                "SELECT DISTINCT project_id FROM project_members WHERE user_id = $1",
-                &[user],
-            )
-            .await?;
-        let mut want: BTreeSet<String> = rows
-            .iter()
-            .map(|r| format!("user_projects[{}]", r.get::<_, i64>(0)))
-            .collect();
-        want.insert(format!("me[\"{user}\"]"));
+        let want = walsync_testkit::seed::user_buckets(&s.sql, user).await?;
         assert_eq!(got, want, "buckets of {user}");
     }
     Ok(())

@@ -1,8 +1,7 @@
 //! The ack rule with deferred durability: a storage commit is visible at once, but PostgreSQL
 //! hears of it (and the replicator reports it) only after the store's sync returned.
 
-#[path = "support/seed.rs"]
-mod seed;
+use support::seed;
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -10,11 +9,11 @@ use std::time::{Duration, Instant};
 use seed::{config, setup};
 use tokio::sync::watch;
 use walsync_replicator::Progress;
-use walsync_rules::LookupKey;
 use walsync_storage::{
     BucketState, BucketStore, Changes, Checkpoint, CompactStats, EmbeddedStore, Op, StoreRead,
     StoredRow,
 };
+use walsync_types::{LookupKey, RowId};
 
 /// The embedded store with a gate in front of `sync`: while closed, nothing becomes durable.
 struct GatedStore {
@@ -59,7 +58,7 @@ impl StoreRead for GatedStore {
     fn changes(&self, after: u64, up_to: u64) -> walsync_storage::Result<Changes> {
         self.inner.changes(after, up_to)
     }
-    fn row(&self, t: &str, id: &str) -> walsync_storage::Result<Option<StoredRow>> {
+    fn row(&self, t: &str, id: &RowId) -> walsync_storage::Result<Option<StoredRow>> {
         self.inner.row(t, id)
     }
 }

@@ -9,7 +9,8 @@ use tokio::sync::watch;
 use walsync_replicator::{Progress, ReplicatorConfig};
 use walsync_rules::{RequestContext, SyncRules};
 use walsync_source::{PgConfig, SourceConfig};
-use walsync_storage::{BucketStore, EmbeddedStore, StoreRead, request_buckets};
+use walsync_storage::{BucketStore, EmbeddedStore, StoreRead};
+use walsync_sync::request_buckets;
 use walsync_testkit::{Cluster, ClusterOptions};
 
 use super::source::{SCHEMA, WorkloadArgs, pg_recvlogical_run, workloads};

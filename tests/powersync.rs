@@ -3,11 +3,9 @@
 //! the initial sync, after live changes, after a membership removal and after a reconnect.
 //! Skipped, with a message, only where `node` is absent.
 
-#[path = "../../walsync-replicator/tests/support/seed.rs"]
-mod seed;
+use support::seed;
 
-#[path = "support/service.rs"]
-mod service;
+use support::service;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +15,8 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
-use walsync_server::{ServerConfig, Service};
+use walsync::Service;
+use walsync_server::ServerConfig;
 
 /// table → id → compared column → value as text (or null).
 type Tables = BTreeMap<String, BTreeMap<String, BTreeMap<String, Option<String>>>>;
@@ -46,7 +45,7 @@ fn node_available() -> bool {
 
 /// Installs the pinned client into a scratch folder under the target directory (once).
 fn install_client() -> anyhow::Result<PathBuf> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/powersync");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("powersync");
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("powersync-node");
     std::fs::create_dir_all(&dir)?;
     let manifest = std::fs::read(src.join("package.json"))?;

@@ -1,14 +1,13 @@
 //! The commands as a user runs them: `walsync serve --config`, `walsync token`, `walsync tail`
 //! (summary and raw), and a graceful stop on SIGTERM.
 
-#[path = "../../walsync-replicator/tests/support/seed.rs"]
-mod seed;
+use support::seed;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_walsync");
+const BIN: &str = env!("CARGO_BIN_EXE_walsync-cli");
 
 struct Killed(Child);
 

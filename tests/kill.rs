@@ -2,8 +2,7 @@
 //! application writes: each restart resumes from the store, and at the end the buckets hold
 //! exactly what the rules select from PostgreSQL.
 
-#[path = "../../walsync-replicator/tests/support/seed.rs"]
-mod seed;
+use support::seed;
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -28,7 +27,7 @@ async fn replicator_killed_at_random_points_resumes_without_loss_or_repeat() -> 
     let data = child_dir.path().join("store");
     let mut kills = 0;
     for delay in [900u64, 350, 1200, 600, 250] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_walsync"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_walsync-cli"))
             .args([
                 "replicate",
                 "--url",

@@ -7,7 +7,7 @@ fn demo_runs_and_clients_follow_their_buckets() {
         eprintln!("skipped: the demo starts its own PostgreSQL");
         return;
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walsync"))
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walsync-cli"))
         .args(["demo", "--seconds", "14"])
         .env("RUST_LOG", "warn")
         .output()

@@ -2,8 +2,7 @@
 //! every bucket, replayed from storage, holds exactly what the rules select from PostgreSQL, and
 //! every bucket's checksum is the sum of its ops; also across injected crashes.
 
-#[path = "support/seed.rs"]
-mod seed;
+use support::seed;
 
 use seed::{config, setup, spawn, wait_until_equal, workload};
 use walsync_replicator::ReplicatorError;

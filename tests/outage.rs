@@ -3,16 +3,13 @@
 
 use std::time::Duration;
 
+use walsync::config::{PostgresConfig, StorageConfig, SyncSection};
+use walsync::{Config, Service};
 use walsync_client::{ClientError, Connector, SyncClient, Transport};
-use walsync_server::config::{PostgresConfig, StorageConfig, SyncSection};
-use walsync_server::{AuthConfig, Config, ServerConfig, Service, mint_hs256};
+use walsync_server::{AuthConfig, ServerConfig, mint_hs256};
 use walsync_testkit::{Cluster, ClusterOptions};
 
-const SCHEMA: &str = include_str!("../../../examples/seed/schema.sql");
-const RULES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../examples/seed/sync_rules.yaml"
-);
+use walsync_testkit::seed::{RULES_PATH as RULES, SCHEMA};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_survive_a_postgres_outage() -> anyhow::Result<()> {

@@ -5,13 +5,16 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::{Instrument, info_span};
 use walsync_replicator::{Progress, ReplicatorConfig};
 use walsync_rules::SyncRules;
 use walsync_source::{PgConfig, PublicationScope, SourceConfig};
 use walsync_storage::EmbeddedStore;
 use walsync_sync::SyncCore;
 
-use crate::{Authenticator, Config, Server, WriteCheckpoints};
+use walsync_server::{Authenticator, Connect, Server, WriteCheckpoints};
+
+use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -27,7 +30,7 @@ pub enum StartError {
     #[error(transparent)]
     Storage(#[from] walsync_storage::StorageError),
     #[error(transparent)]
-    Keys(#[from] crate::auth::KeyLoadError),
+    Keys(#[from] walsync_server::auth::KeyLoadError),
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -75,28 +78,39 @@ impl Service {
         );
         let (stop, stop_rx) = watch::channel(false);
         let (progress_tx, progress) = watch::channel(Progress::default());
-        tokio::spawn(core.clone().run(stop_rx.clone()));
+        // Every task is named by its span, so that its log lines say which task wrote them.
+        tokio::spawn(
+            core.clone()
+                .run(stop_rx.clone())
+                .instrument(info_span!("walsync-hub")),
+        );
         {
             let core = core.clone();
             let mut progress = progress.clone();
-            tokio::spawn(async move {
-                while progress.changed().await.is_ok() {
-                    core.notify_checkpoint();
+            tokio::spawn(
+                async move {
+                    while progress.changed().await.is_ok() {
+                        core.notify_checkpoint();
+                    }
                 }
-            });
+                .instrument(info_span!("walsync-progress")),
+            );
         }
-        let replicator = tokio::spawn(walsync_replicator::run(
-            ReplicatorConfig::new(source),
-            rules,
-            store,
-            stop_rx.clone(),
-            progress_tx,
-        ));
+        let replicator = tokio::spawn(
+            walsync_replicator::run(
+                ReplicatorConfig::new(source),
+                rules,
+                store,
+                stop_rx.clone(),
+                progress_tx,
+            )
+            .instrument(info_span!("walsync-replicator")),
+        );
         let server = Server::new(
             core,
             auth,
             config.server.clone(),
-            Arc::new(WriteCheckpoints::new(pg)),
+            Arc::new(WriteCheckpoints::new(connect_to(pg))),
         );
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
@@ -109,9 +123,14 @@ impl Service {
             source,
         })?;
         let mut stopped = stop_rx;
-        let http = tokio::spawn(server.clone().serve(listener, async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        }));
+        let http = tokio::spawn(
+            server
+                .clone()
+                .serve(listener, async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .instrument(info_span!("walsync-http")),
+        );
         tracing::info!(%addr, "walsync is serving http, grpc and grpc-web");
         Ok(Service {
             addr,
@@ -146,4 +165,13 @@ impl Service {
         let _ = self.replicator.await;
         let _ = self.http.await;
     }
+}
+
+/// Write checkpoints connect to the source as the replicator does (TLS, session settings).
+fn connect_to(pg: PgConfig) -> Connect {
+    let pg = Arc::new(pg);
+    Arc::new(move || {
+        let pg = pg.clone();
+        Box::pin(async move { pg.connect().await.map_err(Into::into) })
+    })
 }

@@ -1,5 +1,9 @@
-//! `walsync bench`: measurements against baselines taken in the same run, printed as a
-//! Markdown table (the form `docs/benchmarks.md` keeps).
+//! `walsync-bench`: measurements against baselines taken in the same run, printed as a
+//! Markdown table (the form `docs/benchmarks.md` keeps). Run with
+//! `cargo run --release -p walsync-bench -- <name>`.
+
+// A command-line program: printing to stdout is its job.
+#![allow(clippy::print_stdout)]
 
 mod apply;
 mod engines;
@@ -8,10 +12,17 @@ mod snapshot;
 mod source;
 mod sync;
 
-use clap::{Args, Subcommand};
+use clap::{Parser, Subcommand};
 
-#[derive(Debug, Args)]
-pub struct BenchArgs {
+/// The replicator allocates per row (decoded values, JSON, keys); mimalloc measured faster than
+/// glibc's allocator there, and the benchmarks measure what `walsync` ships.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Measure walsync against its baselines on a throwaway PostgreSQL and print a table.
+#[derive(Debug, Parser)]
+#[command(name = "walsync-bench", version)]
+struct BenchArgs {
     #[command(subcommand)]
     which: Which,
 }
@@ -30,9 +41,15 @@ enum Which {
     Snapshot(snapshot::SnapshotArgs),
     /// The sync API: commit-to-client latency, concurrent streams and memory, initial download.
     Sync(sync::SyncArgs),
+    /// `walsync serve` itself: `sync` runs the server it measures as a child process of this
+    /// binary, with the shipping binary's code.
+    #[command(hide = true)]
+    Serve(walsync::serve::ServeArgs),
 }
 
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    walsync::cli::init_logging();
+    let args = BenchArgs::parse();
     match args.which {
         Which::Source(a) => source::run(a),
         Which::Apply(a) => apply::run(a),
@@ -40,11 +57,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Which::Replicator(a) => replicator::run(a),
         Which::Snapshot(a) => snapshot::run(a),
         Which::Sync(a) => sync::run(a),
+        Which::Serve(a) => walsync::serve::serve(a),
     }
 }
 
 /// Facts about the machine, printed with every table.
-pub fn machine_facts() -> String {
+fn machine_facts() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

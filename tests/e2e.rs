@@ -3,17 +3,16 @@
 //! exactly the rows the rules select for that user from PostgreSQL, checksums verified by the
 //! client at every checkpoint; a resent op would fail the client's own check.
 
-#[path = "../../walsync-replicator/tests/support/seed.rs"]
-mod seed;
+use support::seed;
 
-#[path = "support/service.rs"]
-mod service;
+use support::service;
 
 use std::time::Duration;
 
 use service::{AUDIENCE, SECRET, WAIT, config, expected_for, token};
+use walsync::Service;
 use walsync_client::{ClientError, Connector, SyncClient, Transport};
-use walsync_server::{ServerConfig, Service, mint_hs256};
+use walsync_server::{ServerConfig, mint_hs256};
 
 async fn catch_up(s: &seed::Setup, client: &mut SyncClient, user: &str) -> anyhow::Result<()> {
     let want = expected_for(s, user).await?;

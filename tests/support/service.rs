@@ -1,11 +1,11 @@
 //! The service under test: configuration, tokens, and what each user should hold.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use walsync_server::config::{PostgresConfig, StorageConfig, SyncSection};
-use walsync_server::{AuthConfig, Config, ServerConfig, mint_hs256};
+use walsync::Config;
+use walsync::config::{PostgresConfig, StorageConfig, SyncSection};
+use walsync_server::{AuthConfig, ServerConfig, mint_hs256};
 
 use crate::seed;
 
@@ -50,18 +50,7 @@ pub fn token(user: &str) -> String {
 /// What `user` should hold: the rows of `me["user"]` and of each project they are a member of.
 pub async fn expected_for(s: &seed::Setup, user: &str) -> anyhow::Result<Rows> {
     let all = seed::expected(s).await?;
-    let projects = s
-        .sql
-        .query(
-            "SELECT DISTINCT project_id FROM project_members WHERE user_id = $1",
-            &[&user],
-        )
-        .await?;
-    let mut buckets: Vec<String> = projects
-        .iter()
-        .map(|r| format!("user_projects[{}]", r.get::<_, i64>(0)))
-        .collect();
-    buckets.push(format!("me[\"{user}\"]"));
+    let buckets = walsync_testkit::seed::user_buckets(&s.sql, user).await?;
     let mut out = Rows::new();
     for b in buckets {
         if let Some(rows) = all.get(&b) {

@@ -1,0 +1,131 @@
+//! Routing and the error vocabulary without PostgreSQL: unknown paths answer 404 and wrong
+//! methods 405, each with the JSON error body; gRPC keeps its routes and statuses beside them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use walsync_protocol::pb;
+use walsync_server::{AuthConfig, Authenticator, Connect, Server, ServerConfig, WriteCheckpoints};
+use walsync_storage::EmbeddedStore;
+use walsync_sync::{SyncConfig, SyncCore};
+
+const RULES: &str = "bucket_definitions:\n  me:\n    parameters: SELECT request.user_id() AS user_id\n    data: []\n";
+
+struct Running {
+    url: String,
+    _dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn serve() -> anyhow::Result<Running> {
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(EmbeddedStore::open(dir.path())?);
+    let rules = Arc::new(walsync_rules::SyncRules::from_yaml(RULES)?);
+    let core = SyncCore::new(store, rules, SyncConfig::default());
+    let auth = Arc::new(
+        Authenticator::new(AuthConfig {
+            secret: Some("routes-secret".into()),
+            ..AuthConfig::default()
+        })
+        .await?,
+    );
+    // No request here reaches the database.
+    let connect: Connect = Arc::new(|| Box::pin(async { Err("no database in this test".into()) }));
+    let server = Server::new(
+        core,
+        auth,
+        ServerConfig::default(),
+        Arc::new(WriteCheckpoints::new(connect)),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.serve(listener, async move {
+        let _ = stopped.await;
+    }));
+    Ok(Running {
+        url,
+        _dir: dir,
+        _stop: stop,
+    })
+}
+
+async fn error_of(resp: reqwest::Response) -> anyhow::Result<(u16, String, String)> {
+    let status = resp.status().as_u16();
+    let body: serde_json::Value = resp.json().await?;
+    Ok((
+        status,
+        body["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    ))
+}
+
+#[tokio::test]
+async fn unknown_paths_get_404_and_wrong_methods_405_as_json() -> anyhow::Result<()> {
+    let s = serve().await?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    for path in ["/", "/nope", "/sync/streamx", "/walsync.v1.Other/Sync"] {
+        let (status, code, message) =
+            error_of(http.get(format!("{}{path}", s.url)).send().await?).await?;
+        assert_eq!((status, code.as_str()), (404, "not_found"), "GET {path}");
+        assert!(message.contains(path), "{message}");
+    }
+    let (status, code, _) =
+        error_of(http.get(format!("{}/sync/stream", s.url)).send().await?).await?;
+    assert_eq!((status, code.as_str()), (405, "method_not_allowed"));
+    let (status, code, _) =
+        error_of(http.post(format!("{}/health/live", s.url)).send().await?).await?;
+    assert_eq!((status, code.as_str()), (405, "method_not_allowed"));
+    // The known routes still answer.
+    assert_eq!(
+        http.get(format!("{}/health/live", s.url))
+            .send()
+            .await?
+            .status(),
+        200
+    );
+    let (status, code, _) =
+        error_of(http.post(format!("{}/sync/stream", s.url)).send().await?).await?;
+    assert_eq!((status, code.as_str()), (401, "unauthenticated"));
+    // A database that cannot be reached is a clear 503, not a fault of the server.
+    let token = walsync_server::mint_hs256("routes-secret", "u1", None, Duration::from_secs(60))?;
+    let (status, code, _) = error_of(
+        http.get(format!("{}/write-checkpoint2.json?client_id=c", s.url))
+            .bearer_auth(&token)
+            .send()
+            .await?,
+    )
+    .await?;
+    assert_eq!((status, code.as_str()), (503, "database_unavailable"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn grpc_keeps_its_routes_and_statuses_beside_the_http_errors() -> anyhow::Result<()> {
+    let s = serve().await?;
+    let channel = tonic::transport::Endpoint::from_shared(s.url.clone())?
+        .connect()
+        .await?;
+    let mut client = pb::sync_client::SyncClient::new(channel);
+    let err = client
+        .sync(pb::SyncRequest::default())
+        .await
+        .expect_err("no token");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    let mut req = tonic::Request::new(pb::WriteCheckpointRequest::default());
+    let token = walsync_server::mint_hs256("routes-secret", "u1", None, Duration::from_secs(60))?;
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    let err = client.write_checkpoint(req).await.expect_err("no database");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    Ok(())
+}

@@ -1,0 +1,99 @@
+//! Row copies: a source row's values, its placements in buckets and its lookups.
+
+use fjall::{Readable, SingleWriterTxKeyspace};
+use serde::{Deserialize, Serialize};
+use walsync_types::LookupEntry;
+
+use super::keys::schema_key;
+use super::record::{Reader, Writer, corrupt, decode, engine, read_lookups, write_lookups};
+use crate::{Result, StorageError};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Placement {
+    pub(super) bucket: String,
+    pub(super) object_type: String,
+    pub(super) object_id: String,
+    pub(super) checksum: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct RowRecord {
+    /// The row's column names, by the hash under which they are stored once in `meta`: names
+    /// repeated in every row were a third of the bytes written.
+    pub(super) s: u64,
+    pub(super) v: Vec<walsync_types::Value>,
+    pub(super) placements: Vec<Placement>,
+    pub(super) lookups: Vec<LookupEntry>,
+}
+
+/// Row copies are written for every replicated row: binary, like ops (see [`OP_TAG`]).
+pub(super) const ROW_TAG: u8 = 0xB2;
+
+impl RowRecord {
+    pub(super) fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut w = Writer::with_capacity(64 + self.v.len() * 16);
+        w.u8(ROW_TAG);
+        w.u64(self.s);
+        w.u32(self.v.len() as u32);
+        for v in &self.v {
+            w.value(v);
+        }
+        w.u32(self.placements.len() as u32);
+        for p in &self.placements {
+            w.str(&p.bucket);
+            w.str(&p.object_type);
+            w.str(&p.object_id);
+            w.u32(p.checksum);
+        }
+        write_lookups(&mut w, &self.lookups)?;
+        Ok(w.0)
+    }
+
+    pub(super) fn from_bytes(b: &[u8]) -> Result<RowRecord> {
+        if b.first() == Some(&b'{') {
+            return decode("row", b);
+        }
+        let mut r = Reader::new("row", b);
+        if r.u8()? != ROW_TAG {
+            return Err(corrupt("row", "unknown row record format"));
+        }
+        let s = r.u64()?;
+        let n = r.count()?;
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(r.value()?);
+        }
+        let n = r.count()?;
+        let mut placements = Vec::with_capacity(n);
+        for _ in 0..n {
+            placements.push(Placement {
+                bucket: r.str()?,
+                object_type: r.str()?,
+                object_id: r.str()?,
+                checksum: r.u32()?,
+            });
+        }
+        let lookups = read_lookups(&mut r)?;
+        r.end()?;
+        Ok(RowRecord {
+            s,
+            v,
+            placements,
+            lookups,
+        })
+    }
+}
+
+pub(super) fn names_in(
+    r: &impl Readable,
+    meta: &SingleWriterTxKeyspace,
+    id: u64,
+) -> Result<Vec<String>> {
+    match r.get(meta, schema_key(id)).map_err(engine)? {
+        Some(v) => decode("schema", &v),
+        None => Err(StorageError::Corrupt {
+            what: "row",
+            detail: format!("unknown schema {id:016x}"),
+        }),
+    }
+}

@@ -1,0 +1,151 @@
+//! Reads on a consistent snapshot.
+
+use std::collections::BTreeMap;
+
+use fjall::{Readable, SingleWriterTxKeyspace};
+use walsync_types::{LookupKey, RowId};
+
+use super::Spaces;
+use super::chunk::{OpValue, chunk_ops, get_chunk, op_from};
+use super::keys::{lookup_key, op_id_of, op_key};
+use super::record::{decode, engine};
+use super::row::{RowRecord, names_in};
+use crate::model::{BucketState, Changes, Checkpoint, Op, StoredRow};
+use crate::{Result, StoreRead};
+
+/// A read snapshot of the embedded store.
+pub struct EmbeddedSnapshot {
+    pub(super) snap: fjall::Snapshot,
+    s: Spaces,
+}
+
+impl EmbeddedSnapshot {
+    pub(super) fn new(snap: fjall::Snapshot, s: Spaces) -> EmbeddedSnapshot {
+        EmbeddedSnapshot { snap, s }
+    }
+}
+
+impl std::fmt::Debug for EmbeddedSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedSnapshot").finish_non_exhaustive()
+    }
+}
+
+impl StoreRead for EmbeddedSnapshot {
+    fn checkpoint(&self) -> Result<Checkpoint> {
+        read_checkpoint(&self.snap, &self.s.meta)
+    }
+
+    fn buckets(&self) -> Result<Vec<String>> {
+        let snap = &self.snap;
+        let mut out = Vec::new();
+        for g in snap.iter(&self.s.buckets) {
+            out.push(String::from_utf8_lossy(&g.key().map_err(engine)?).into_owned());
+        }
+        Ok(out)
+    }
+
+    fn bucket_states(&self, buckets: &[String]) -> Result<Vec<Option<BucketState>>> {
+        let snap = &self.snap;
+        buckets
+            .iter()
+            .map(
+                |b| match snap.get(&self.s.buckets, b.as_bytes()).map_err(engine)? {
+                    Some(v) => decode("bucket state", &v).map(Some),
+                    None => Ok(None),
+                },
+            )
+            .collect()
+    }
+
+    fn ops(&self, bucket: &str, after: u64, up_to: u64, limit: usize) -> Result<Vec<Op>> {
+        if after >= up_to {
+            return Ok(Vec::new());
+        }
+        let snap = &self.snap;
+        let mut out = Vec::new();
+        // A chunk is listed by its last op, so the one holding `up_to` may lie past it.
+        for g in snap.range(
+            &self.s.op_index,
+            op_key(bucket, after + 1)..=op_key(bucket, u64::MAX),
+        ) {
+            let last = op_id_of(&g.key().map_err(engine)?);
+            let v = get_chunk(snap, &self.s, last)?;
+            for (id, rec) in chunk_ops(&v)? {
+                if id > up_to || out.len() >= limit {
+                    return Ok(out);
+                }
+                if id > after {
+                    out.push(op_from(id, OpValue::from_bytes(rec)?));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn lookup(&self, key: &LookupKey, at: u64) -> Result<Vec<Vec<serde_json::Value>>> {
+        let snap = &self.snap;
+        let k = key.encode();
+        let prefix_len = k.len() + 1 + 8;
+        let mut by_row: BTreeMap<Vec<u8>, Option<Vec<serde_json::Value>>> = BTreeMap::new();
+        for g in snap.range(
+            &self.s.lookups,
+            lookup_key(&k, 0, "")..lookup_key(&k, at.saturating_add(1), ""),
+        ) {
+            let (key, v) = g.into_inner().map_err(engine)?;
+            by_row.insert(
+                key[prefix_len.min(key.len())..].to_vec(),
+                decode("lookup", &v)?,
+            );
+        }
+        let mut sets: Vec<Vec<serde_json::Value>> = by_row.into_values().flatten().collect();
+        sets.sort_by_key(|s| serde_json::Value::Array(s.clone()).to_string());
+        sets.dedup();
+        Ok(sets)
+    }
+
+    fn changes(&self, after: u64, up_to: u64) -> Result<Changes> {
+        let mut out = Changes::default();
+        if after >= up_to {
+            return Ok(out);
+        }
+        let snap = &self.snap;
+        for g in snap.range(
+            &self.s.changes,
+            (after + 1).to_be_bytes()..=up_to.to_be_bytes(),
+        ) {
+            let c: Changes = decode("changes", &g.value().map_err(engine)?)?;
+            out.buckets.extend(c.buckets);
+            out.lookups.extend(c.lookups);
+        }
+        Ok(out)
+    }
+
+    fn row(&self, table: &str, row_id: &RowId) -> Result<Option<StoredRow>> {
+        let snap = &self.snap;
+        match snap
+            .get(&self.s.rows, self.s.row_keys.key(table, row_id))
+            .map_err(engine)?
+        {
+            Some(v) => {
+                let rec = RowRecord::from_bytes(&v)?;
+                let columns = names_in(snap, &self.s.meta, rec.s)?;
+                Ok(Some(StoredRow {
+                    columns: columns.into(),
+                    values: rec.v,
+                }))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+pub(super) fn read_checkpoint(
+    r: &impl Readable,
+    meta: &SingleWriterTxKeyspace,
+) -> Result<Checkpoint> {
+    match r.get(meta, b"checkpoint").map_err(engine)? {
+        Some(v) => decode("checkpoint", &v),
+        None => Ok(Checkpoint::default()),
+    }
+}

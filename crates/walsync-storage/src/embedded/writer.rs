@@ -1,0 +1,426 @@
+//! The writer: one write transaction, its ops, row copies, lookups and bucket states.
+
+use std::collections::HashMap;
+use std::sync::MutexGuard;
+
+use fjall::{PersistMode, Readable, SingleWriterTxKeyspace, SingleWriterWriteTx};
+use walsync_types::{
+    LookupEntry, Lsn, OpKind, RowId, RowOutput, add_checksums, put_checksum, remove_checksum,
+};
+
+use super::chunk::{CHUNK_BYTES, push_op, put_chunk};
+use super::keys::{key2, lookup_key, schema_id, schema_key};
+use super::record::{Writer, decode, encode, engine};
+use super::row::{Placement, RowRecord, names_in};
+use super::{RowKeyBounds, Spaces};
+use crate::model::{BucketState, Changes, Checkpoint, StoredRow};
+use crate::{Result, StoreWriter};
+
+/// A write transaction on the embedded store.
+pub struct EmbeddedWriter<'a> {
+    tx: SingleWriterWriteTx<'a>,
+    s: Spaces,
+    bounds: MutexGuard<'a, RowKeyBounds>,
+    checkpoint: Checkpoint,
+    next_op_id: u64,
+    /// The buckets this commit adds ops to: their new state and their open chunk.
+    states: HashMap<String, Pending>,
+    /// What this commit changes: the lookups as they change, the buckets (the keys of
+    /// `states`) at the commit.
+    changes: Changes,
+    schemas: HashMap<u64, std::sync::Arc<[String]>>,
+    /// The last column list seen, by pointer, with its schema id: every row of a table shares
+    /// one list, so its names are hashed once per table, not once per row.
+    last_schema: Option<(std::sync::Arc<[String]>, u64)>,
+}
+
+/// A bucket's part of an open commit.
+struct Pending {
+    state: BucketState,
+    chunk: Writer,
+}
+
+impl std::fmt::Debug for EmbeddedWriter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedWriter")
+            .field("next_op_id", &self.next_op_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> EmbeddedWriter<'a> {
+    pub(super) fn new(
+        tx: SingleWriterWriteTx<'a>,
+        s: Spaces,
+        bounds: MutexGuard<'a, RowKeyBounds>,
+        checkpoint: Checkpoint,
+    ) -> EmbeddedWriter<'a> {
+        EmbeddedWriter {
+            next_op_id: checkpoint.op_id + 1,
+            checkpoint,
+            tx,
+            s,
+            bounds,
+            states: HashMap::new(),
+            changes: Changes::default(),
+            schemas: HashMap::new(),
+            last_schema: None,
+        }
+    }
+}
+
+impl EmbeddedWriter<'_> {
+    /// The row copy of `table` under `key` (a key of `rows`, from [`RowKeys::key`]).
+    pub(super) fn record(&mut self, table: &str, key: &[u8]) -> Result<Option<RowRecord>> {
+        if self.above_bound(table, key) {
+            return Ok(None);
+        }
+        self.tx
+            .get(&self.s.rows, key)
+            .map_err(engine)?
+            .map(|v| RowRecord::from_bytes(&v))
+            .transpose()
+    }
+
+    /// Whether `key` is above every key `table` has in `rows` (so it has no record).
+    fn above_bound(&mut self, table: &str, key: &[u8]) -> bool {
+        let bound = match self.bounds.get(table) {
+            Some(b) => b,
+            None => {
+                let last = self
+                    .tx
+                    .prefix(&self.s.rows, key2(table, b""))
+                    .next_back()
+                    .map(|g| g.key().map(|k| k.to_vec()))
+                    .transpose();
+                // Without a bound the lookup decides.
+                let Ok(last) = last else { return false };
+                self.bounds.entry(table.to_owned()).or_insert(last)
+            }
+        };
+        bound.as_deref().is_none_or(|b| key > b)
+    }
+
+    /// Raises the bound of `table` to `key`, a key this commit writes.
+    fn raise_bound(&mut self, table: &str, key: &[u8]) {
+        match self.bounds.get_mut(table) {
+            Some(Some(b)) if key <= b.as_slice() => {}
+            Some(b) => *b = Some(key.to_vec()),
+            // Not read yet: the first lookup reads it, this key included.
+            None => {}
+        }
+    }
+
+    /// The state of a bucket this commit has not written to yet.
+    fn stored_state(&self, bucket: &str) -> Result<BucketState> {
+        Ok(
+            match self
+                .tx
+                .get(&self.s.buckets, bucket.as_bytes())
+                .map_err(engine)?
+            {
+                Some(v) => decode("bucket state", &v)?,
+                None => BucketState::default(),
+            },
+        )
+    }
+
+    fn emit(
+        &mut self,
+        bucket: &str,
+        kind: OpKind,
+        object_type: &str,
+        object_id: &str,
+        data: Option<&str>,
+        checksum: u32,
+    ) -> Result<()> {
+        let op_id = self.next_op_id;
+        self.next_op_id += 1;
+        if !self.states.contains_key(bucket) {
+            let state = self.stored_state(bucket)?;
+            let chunk = Writer::with_capacity(1024);
+            self.states
+                .insert(bucket.to_owned(), Pending { state, chunk });
+        }
+        let Some(p) = self.states.get_mut(bucket) else {
+            unreachable!("inserted above");
+        };
+        let s = &mut p.state;
+        s.checksum = add_checksums(s.checksum, checksum);
+        s.count += 1;
+        s.last_op_id = op_id;
+        push_op(
+            &mut p.chunk,
+            op_id,
+            kind,
+            object_type,
+            object_id,
+            data,
+            checksum,
+        );
+        if p.chunk.0.len() >= CHUNK_BYTES {
+            let chunk = std::mem::replace(&mut p.chunk, Writer::with_capacity(1024));
+            put_chunk(&mut self.tx, &self.s, bucket, op_id, chunk.0);
+        }
+        Ok(())
+    }
+
+    /// A REMOVE of the row's object from the bucket of `p`.
+    fn remove_from(&mut self, p: &Placement) -> Result<()> {
+        let subkey = format!("{}/{}", p.object_type, p.object_id);
+        self.emit(
+            &p.bucket,
+            OpKind::Remove,
+            &p.object_type,
+            &p.object_id,
+            None,
+            remove_checksum(&subkey),
+        )
+    }
+
+    fn set_lookups(
+        &mut self,
+        table: &str,
+        row_id: &RowId,
+        old: &[LookupEntry],
+        new: &[LookupEntry],
+    ) -> Result<()> {
+        if old == new {
+            return Ok(());
+        }
+        let row = format!("{table}/{}", row_id.as_str());
+        let row = row.as_str();
+        // A lookup change takes an op id of its own, so that it is visible exactly from this
+        // commit's checkpoint on.
+        let op_id = self.next_op_id;
+        self.next_op_id += 1;
+        for e in old.iter().filter(|e| !new.contains(e)) {
+            self.tx.insert(
+                &self.s.lookups,
+                lookup_key(&e.key.encode(), op_id, row),
+                b"null".to_vec(),
+            );
+            self.changes.lookups.insert(e.key.clone());
+        }
+        for e in new.iter().filter(|e| !old.contains(e)) {
+            self.tx.insert(
+                &self.s.lookups,
+                lookup_key(&e.key.encode(), op_id, row),
+                encode(&e.parameters)?,
+            );
+            self.changes.lookups.insert(e.key.clone());
+        }
+        Ok(())
+    }
+
+    fn remove_all(&mut self, space: &SingleWriterTxKeyspace) -> Result<()> {
+        let keys: Vec<_> = self
+            .tx
+            .iter(space)
+            .map(|g| g.key().map_err(engine))
+            .collect::<Result<_>>()?;
+        for k in keys {
+            self.tx.remove(space, k);
+        }
+        Ok(())
+    }
+}
+
+impl StoreWriter for EmbeddedWriter<'_> {
+    fn row(&mut self, table: &str, row_id: &RowId) -> Result<Option<StoredRow>> {
+        let key = self.s.row_keys.key(table, row_id);
+        let Some(rec) = self.record(table, &key)? else {
+            return Ok(None);
+        };
+        let columns = match self.schemas.get(&rec.s) {
+            Some(c) => c.clone(),
+            None => names_in(&self.tx, &self.s.meta, rec.s)?.into(),
+        };
+        Ok(Some(StoredRow {
+            columns,
+            values: rec.v,
+        }))
+    }
+
+    fn upsert_row(
+        &mut self,
+        table: &str,
+        row_id: &RowId,
+        row: StoredRow,
+        outputs: Vec<RowOutput>,
+        lookups: Vec<LookupEntry>,
+    ) -> Result<()> {
+        let key = self.s.row_keys.key(table, row_id);
+        let old = self.record(table, &key)?;
+        let (old_placements, old_lookups) = match old {
+            Some(r) => (r.placements, r.lookups),
+            None => (Vec::new(), Vec::new()),
+        };
+        let mut placements = Vec::with_capacity(outputs.len());
+        for out in outputs {
+            let checksum = put_checksum(&out.object_type, &out.object_id, &out.data);
+            let unchanged = old_placements.iter().any(|p| {
+                p.bucket == out.bucket
+                    && p.object_type == out.object_type
+                    && p.object_id == out.object_id
+                    && p.checksum == checksum
+            });
+            if !unchanged {
+                self.emit(
+                    &out.bucket,
+                    OpKind::Put,
+                    &out.object_type,
+                    &out.object_id,
+                    Some(&out.data),
+                    checksum,
+                )?;
+            }
+            placements.push(Placement {
+                bucket: out.bucket,
+                object_type: out.object_type,
+                object_id: out.object_id,
+                checksum,
+            });
+        }
+        for p in &old_placements {
+            let kept = placements.iter().any(|n| {
+                n.bucket == p.bucket && n.object_type == p.object_type && n.object_id == p.object_id
+            });
+            if !kept {
+                self.remove_from(p)?;
+            }
+        }
+        self.set_lookups(table, row_id, &old_lookups, &lookups)?;
+        let s = match &self.last_schema {
+            Some((c, id)) if std::sync::Arc::ptr_eq(c, &row.columns) => *id,
+            _ => {
+                let id = schema_id(&row.columns);
+                self.last_schema = Some((row.columns.clone(), id));
+                id
+            }
+        };
+        if !self.schemas.contains_key(&s) {
+            if self
+                .tx
+                .get(&self.s.meta, schema_key(s))
+                .map_err(engine)?
+                .is_none()
+            {
+                self.tx
+                    .insert(&self.s.meta, schema_key(s), encode(&&*row.columns)?);
+            }
+            self.schemas.insert(s, row.columns);
+        }
+        let record = RowRecord {
+            s,
+            v: row.values,
+            placements,
+            lookups,
+        }
+        .to_bytes()?;
+        self.raise_bound(table, &key);
+        self.tx.insert(&self.s.rows, key, record);
+        Ok(())
+    }
+
+    fn delete_row(&mut self, table: &str, row_id: &RowId) -> Result<()> {
+        let key = self.s.row_keys.key(table, row_id);
+        let Some(old) = self.record(table, &key)? else {
+            return Ok(());
+        };
+        for p in &old.placements {
+            self.remove_from(p)?;
+        }
+        self.set_lookups(table, row_id, &old.lookups, &[])?;
+        self.tx.remove(&self.s.rows, key);
+        Ok(())
+    }
+
+    fn truncate(&mut self, table: &str) -> Result<()> {
+        let prefix = key2(table, b"");
+        let ids: Vec<RowId> = self
+            .tx
+            .prefix(&self.s.rows, &prefix)
+            .map(|g| {
+                g.key()
+                    .map(|k| self.s.row_keys.row_id(&k[prefix.len()..]))
+                    .map_err(engine)
+            })
+            .collect::<Result<_>>()?;
+        for id in ids {
+            self.delete_row(table, &id)?;
+        }
+        Ok(())
+    }
+
+    fn set_position(&mut self, lsn: Lsn) {
+        self.checkpoint.lsn = Some(lsn);
+    }
+
+    fn set_snapshot_complete(&mut self) {
+        self.checkpoint.snapshot_complete = true;
+    }
+
+    fn set_slot_owned(&mut self, slot: &str) {
+        self.checkpoint.slot_owned = Some(slot.to_owned());
+    }
+
+    fn clear_all(&mut self) -> Result<()> {
+        for space in [
+            self.s.op_log.clone(),
+            self.s.op_index.clone(),
+            self.s.rows.clone(),
+            self.s.buckets.clone(),
+            self.s.lookups.clone(),
+            self.s.changes.clone(),
+        ] {
+            self.remove_all(&space)?;
+        }
+        self.states.clear();
+        self.changes = Changes::default();
+        // Op ids keep growing across a rebuild, so that no client's `after` can name an op of
+        // the new data by accident.
+        self.checkpoint.lsn = None;
+        self.checkpoint.snapshot_complete = false;
+        self.checkpoint.rebuilt_at = self.next_op_id;
+        Ok(())
+    }
+
+    fn commit(self) -> Result<Checkpoint> {
+        self.finish(PersistMode::SyncAll)
+    }
+
+    fn commit_deferred(self) -> Result<Checkpoint> {
+        // Written through to the operating system, so that only a machine crash (not a process
+        // crash) can lose it before the sync.
+        self.finish(PersistMode::Buffer)
+    }
+}
+
+impl EmbeddedWriter<'_> {
+    fn finish(mut self, mode: PersistMode) -> Result<Checkpoint> {
+        for (b, p) in std::mem::take(&mut self.states) {
+            self.changes.buckets.insert(b.clone());
+            if !p.chunk.0.is_empty() {
+                put_chunk(&mut self.tx, &self.s, &b, p.state.last_op_id, p.chunk.0);
+            }
+            self.tx
+                .insert(&self.s.buckets, b.into_bytes(), encode(&p.state)?);
+        }
+        self.checkpoint.op_id = self.next_op_id - 1;
+        if !self.changes.buckets.is_empty() || !self.changes.lookups.is_empty() {
+            self.tx.insert(
+                &self.s.changes,
+                self.checkpoint.op_id.to_be_bytes().to_vec(),
+                encode(&self.changes)?,
+            );
+        }
+        self.tx.insert(
+            &self.s.meta,
+            b"checkpoint".to_vec(),
+            encode(&self.checkpoint)?,
+        );
+        self.tx.durability(Some(mode)).commit().map_err(engine)?;
+        Ok(self.checkpoint)
+    }
+}

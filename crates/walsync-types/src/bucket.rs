@@ -1,0 +1,98 @@
+//! The bucket vocabulary shared by the rules (which produce it), the store (which keeps it) and
+//! the sync core (which reads it for a request).
+
+use serde::{Deserialize, Serialize};
+
+/// Where a parameter row is found: the definition and query, and the request values it matched.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LookupKey {
+    pub definition: String,
+    pub query: u32,
+    pub values: Vec<String>,
+}
+
+impl LookupKey {
+    /// A stable byte form for storage keys (JSON, so that no value can forge a separator).
+    pub fn encode(&self) -> String {
+        serde_json::to_string(&(&self.definition, self.query, &self.values)).unwrap_or_default()
+    }
+}
+
+/// One row of a parameter table says: requests with this key get a bucket with these parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LookupEntry {
+    pub key: LookupKey,
+    pub parameters: Vec<serde_json::Value>,
+}
+
+/// A row's place in a bucket and the data that goes there.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RowOutput {
+    pub bucket: String,
+    pub object_type: String,
+    pub object_id: String,
+    /// The row's JSON text, as the op carries it and as its checksum covers it.
+    pub data: String,
+}
+
+/// A bucket id: `<definition>[<JSON array of parameter values>]`.
+pub fn bucket_id(definition: &str, parameters: &[serde_json::Value]) -> String {
+    format!(
+        "{definition}{}",
+        serde_json::Value::Array(parameters.to_vec())
+    )
+}
+
+/// What an op does to a row of a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum OpKind {
+    /// The row now holds the op's data.
+    #[serde(alias = "Put")]
+    Put,
+    /// The row left the bucket.
+    #[serde(alias = "Remove")]
+    Remove,
+    /// A superseded op: nothing to apply, its checksum still counts.
+    #[serde(alias = "Move")]
+    Move,
+    /// Replaces every op up to it: the client empties the bucket, and the checksum is the sum of
+    /// what it replaced.
+    #[serde(alias = "Clear")]
+    Clear,
+}
+
+impl OpKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpKind::Put => "PUT",
+            OpKind::Remove => "REMOVE",
+            OpKind::Move => "MOVE",
+            OpKind::Clear => "CLEAR",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn op_kinds_read_in_the_protocol_form_and_in_the_store_form_of_earlier_versions() {
+        for (k, s) in [
+            (OpKind::Put, "PUT"),
+            (OpKind::Remove, "REMOVE"),
+            (OpKind::Move, "MOVE"),
+            (OpKind::Clear, "CLEAR"),
+        ] {
+            assert_eq!(serde_json::to_string(&k).unwrap(), format!("\"{s}\""));
+            assert_eq!(
+                serde_json::from_str::<OpKind>(&format!("\"{s}\"")).unwrap(),
+                k
+            );
+            let legacy = format!("\"{k:?}\"");
+            assert_eq!(serde_json::from_str::<OpKind>(&legacy).unwrap(), k);
+            assert_eq!(k.as_str(), s);
+        }
+    }
+}

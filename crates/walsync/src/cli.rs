@@ -1,0 +1,55 @@
+//! The `walsync` command line: parsing, logging, and the subcommands.
+
+use clap::{Parser, Subcommand};
+
+use crate::{demo, replicate, serve};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "walsync",
+    version,
+    about = "Streams PostgreSQL changes into per-user sync buckets"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The whole service on a throwaway PostgreSQL: seed schema and rules, the sync API, a token
+    /// with curl/grpcurl lines, simulated interviewers and a client per user.
+    Demo(demo::DemoArgs),
+    /// Replicate PostgreSQL into the bucket store (without the sync API) until interrupted.
+    Replicate(replicate::ReplicateArgs),
+    /// Run the service: replication and the sync API (HTTP, gRPC, grpc-web) on one port.
+    Serve(serve::ServeArgs),
+    /// Mint a development token for a user from the configured shared secret.
+    Token(serve::TokenArgs),
+    /// Watch a user's sync stream in the terminal.
+    Tail(serve::TailArgs),
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default: warnings, and walsync's own info lines).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,walsync=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Runs the command line of the `walsync` binary.
+pub fn main() -> anyhow::Result<()> {
+    init_logging();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Demo(args) => demo::run(args),
+        Command::Replicate(args) => replicate::run(args),
+        Command::Serve(args) => serve::serve(args),
+        Command::Token(args) => serve::token(args),
+        Command::Tail(args) => serve::tail(args),
+    }
+}

@@ -1,0 +1,257 @@
+//! `walsync.toml`: every key can be overridden from the environment as
+//! `WALSYNC__<SECTION>__<KEY>` (for example `WALSYNC__AUTH__SECRET`,
+//! `WALSYNC__SERVER__LISTEN`). Secrets are never logged: the `Debug` forms redact them.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+
+use walsync_server::{AuthConfig, ServerConfig};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub postgres: PostgresConfig,
+    /// The sync rules YAML file (relative paths are relative to the config file).
+    pub rules: PathBuf,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub sync: SyncSection,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://user:password@host:port/db?sslmode=...`
+    pub url: String,
+    #[serde(default = "default_slot")]
+    pub slot: String,
+    #[serde(default = "default_slot")]
+    pub publication: String,
+    /// Create the publication (for the rules' tables) when it is missing.
+    #[serde(default)]
+    pub create_publication: bool,
+}
+
+fn default_slot() -> String {
+    "walsync".into()
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &redact_url(&self.url))
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("create_publication", &self.create_publication)
+            .finish()
+    }
+}
+
+/// The connection string with any password replaced, for logs and `Debug`: in a URL's user info
+/// or `password` parameter; a key-value string with a password is shown as its parsed parts.
+pub fn redact_url(conn: &str) -> String {
+    // Characters that need no percent-encoding in user info or a query.
+    const REDACTED: &str = "***";
+    if let Ok(mut url) = url::Url::parse(conn) {
+        if url.password().is_some() {
+            // Only fails for URLs without a host, which have no user info either.
+            let _ = url.set_password(Some(REDACTED));
+        }
+        if url.query_pairs().any(|(k, _)| k == "password") {
+            let pairs: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if k == "password" {
+                        REDACTED.into()
+                    } else {
+                        v.into_owned()
+                    };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            url.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+        return url.to_string();
+    }
+    match conn.parse::<tokio_postgres::Config>() {
+        Ok(c) if c.get_password().is_some() => {
+            let hosts: Vec<String> = c
+                .get_hosts()
+                .iter()
+                .map(|h| match h {
+                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                })
+                .collect();
+            let mut parts = vec![format!("host={}", hosts.join(","))];
+            if let Some(user) = c.get_user() {
+                parts.push(format!("user={user}"));
+            }
+            if let Some(db) = c.get_dbname() {
+                parts.push(format!("dbname={db}"));
+            }
+            parts.push(format!("password={REDACTED}"));
+            parts.join(" ")
+        }
+        Ok(_) => conn.to_owned(),
+        // Unparseable: it may hold a password anywhere.
+        Err(_) => REDACTED.to_owned(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    pub dir: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> StorageConfig {
+        StorageConfig {
+            dir: PathBuf::from("walsync-data"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyncSection {
+    pub page_ops: usize,
+    pub buffer_lines: usize,
+    pub keepalive_seconds: u64,
+    pub stall_timeout_seconds: u64,
+}
+
+impl Default for SyncSection {
+    fn default() -> SyncSection {
+        let d = walsync_sync::SyncConfig::default();
+        SyncSection {
+            page_ops: d.page_ops,
+            buffer_lines: d.buffer_lines,
+            keepalive_seconds: d.keepalive.as_secs(),
+            stall_timeout_seconds: d.stall_timeout.as_secs(),
+        }
+    }
+}
+
+impl SyncSection {
+    pub fn to_sync_config(&self, max_line_bytes: usize) -> walsync_sync::SyncConfig {
+        walsync_sync::SyncConfig {
+            page_ops: self.page_ops,
+            buffer_lines: self.buffer_lines,
+            keepalive: Duration::from_secs(self.keepalive_seconds.max(1)),
+            stall_timeout: Duration::from_secs(self.stall_timeout_seconds.max(1)),
+            max_line_bytes,
+            ..walsync_sync::SyncConfig::default()
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Reads `path` (if it exists) and the `WALSYNC__…` environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let figment = Figment::new()
+            .merge(Toml::file(path))
+            .merge(Env::prefixed("WALSYNC__").split("__"));
+        let mut config: Config = figment.extract().map_err(|e| ConfigError(e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if config.rules.is_relative() {
+            config.rules = base.join(&config.rules);
+        }
+        if config.storage.dir.is_relative() {
+            config.storage.dir = base.join(&config.storage.dir);
+        }
+        if let Some(f) = &config.auth.jwks_file
+            && f.is_relative()
+        {
+            config.auth.jwks_file = Some(base.join(f));
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5/db"),
+            "postgres://u:***@h:5/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_url("postgres://u@h/db?sslmode=require&password=secret"),
+            "postgres://u@h/db?sslmode=require&password=***"
+        );
+        assert_eq!(
+            redact_url("host=h port=5 user=u password='se cret' dbname=db"),
+            "host=h user=u dbname=db password=***"
+        );
+        assert_eq!(
+            redact_url("host=h user=u dbname=db"),
+            "host=h user=u dbname=db"
+        );
+        assert_eq!(redact_url("host='unterminated password=x"), "***");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn file_then_environment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("walsync.toml");
+        std::fs::write(
+            &path,
+            "rules = \"rules.yaml\"\n[postgres]\nurl = \"postgres://u:pw@h/db\"\n[auth]\nsecret = \"s3cret\"\naudience = [\"a\"]\n",
+        )
+        .expect("write");
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("WALSYNC__SERVER__MAX_CONNECTIONS", "7");
+            jail.set_env("WALSYNC__AUTH__SECRET", "from-env");
+            let c = Config::load(&path).expect("load");
+            assert_eq!(c.server.max_connections, 7);
+            assert_eq!(c.auth.secret.as_deref(), Some("from-env"));
+            assert!(c.rules.ends_with("rules.yaml"));
+            let printed = format!("{c:?}");
+            assert!(
+                !printed.contains("from-env") && !printed.contains("pw@"),
+                "{printed}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/walsync.toml");
+        let c = Config::load(&path).expect("examples/walsync.toml");
+        assert!(c.rules.ends_with("seed/sync_rules.yaml"));
+        assert_eq!(c.auth.audience, vec!["walsync".to_owned()]);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("walsync.toml");
+        std::fs::write(
+            &path,
+            "rules = \"r\"\n[postgres]\nurl = \"x\"\n[auth]\nsecret = \"s\"\n[server]\nlisten_port = 1\n",
+        )
+        .expect("write");
+        let err = Config::load(&path).expect_err("unknown key");
+        assert!(err.to_string().contains("listen_port"), "{err}");
+    }
+}

@@ -1,0 +1,16 @@
+//! The walsync application: its configuration (`walsync.toml`), the wiring of replicator, store,
+//! sync core and server into one process ([`Service`]), and the commands of the `walsync`
+//! binary ([`cli`]). Tests start a [`Service`] in-process.
+
+// A command-line program: printing to stdout is its job.
+#![allow(clippy::print_stdout)]
+
+pub mod cli;
+pub mod config;
+mod demo;
+mod replicate;
+pub mod serve;
+mod service;
+
+pub use config::Config;
+pub use service::{Service, StartError};
