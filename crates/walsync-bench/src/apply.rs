@@ -16,7 +16,7 @@ use walsync_storage::{BucketStore, EmbeddedStore, StoreWriter};
 use walsync_types::{Lsn, Value};
 
 #[derive(Debug, Args)]
-pub struct ApplyArgs {
+pub(crate) struct ApplyArgs {
     /// Rows in the store before the measured run (the replicator benchmark's workload b starts
     /// on a store holding workload a's rows).
     #[arg(long, default_value_t = 1_000_000)]
@@ -228,7 +228,7 @@ fn apply_commits(
     Ok(())
 }
 
-pub fn run(args: ApplyArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: ApplyArgs) -> anyhow::Result<()> {
     let rules = Arc::new(SyncRules::from_yaml(super::replicator::RULES)?);
     let table = table();
     let dir = tempfile::Builder::new()

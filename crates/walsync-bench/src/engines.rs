@@ -11,7 +11,7 @@ use clap::Args;
 use redb::{ReadableTable, TableDefinition};
 
 #[derive(Debug, Args)]
-pub struct EngineArgs {
+pub(crate) struct EngineArgs {
     #[arg(long, default_value_t = 1_000_000)]
     rows: u64,
     /// Rows per durable commit.
@@ -128,7 +128,7 @@ fn fjall_run(dir: &std::path::Path, a: &EngineArgs) -> anyhow::Result<(Duration,
     Ok((elapsed, db.disk_space()?))
 }
 
-pub fn run(a: EngineArgs) -> anyhow::Result<()> {
+pub(crate) fn run(a: EngineArgs) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for (name, f) in [
         (

@@ -16,7 +16,7 @@ use walsync_testkit::{Cluster, ClusterOptions};
 use super::source::{SCHEMA, WorkloadArgs, pg_recvlogical_run, workloads};
 
 #[derive(Debug, Args)]
-pub struct ReplicatorArgs {
+pub(crate) struct ReplicatorArgs {
     #[command(flatten)]
     workload: WorkloadArgs,
     /// Runs of each tool per workload (each run has its own slot and store, the two tools one
@@ -94,7 +94,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-pub fn run(args: ReplicatorArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: ReplicatorArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

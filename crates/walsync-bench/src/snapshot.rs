@@ -13,7 +13,7 @@ use walsync_testkit::{Cluster, ClusterOptions};
 use super::source::{SCHEMA, insert_rows};
 
 #[derive(Debug, Args)]
-pub struct SnapshotArgs {
+pub(crate) struct SnapshotArgs {
     /// Table sizes to copy, one run each.
     #[arg(long, value_delimiter = ',', default_values_t = [1_000_000u64, 3_000_000])]
     rows: Vec<u64>,
@@ -39,7 +39,7 @@ fn peak_rss() -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
-pub fn run(args: SnapshotArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: SnapshotArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -16,7 +16,7 @@ use walsync_types::Lsn;
 
 /// The sizes of the two replication workloads, shared by the benchmarks that run them.
 #[derive(Debug, Args)]
-pub struct WorkloadArgs {
+pub(crate) struct WorkloadArgs {
     /// Rows of the single large transaction (workload a).
     #[arg(long, default_value_t = 1_000_000)]
     pub big_rows: i64,
@@ -29,7 +29,7 @@ pub struct WorkloadArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct SourceArgs {
+pub(crate) struct SourceArgs {
     #[command(flatten)]
     workload: WorkloadArgs,
     /// Runs of each tool per workload; the best is reported.
@@ -88,7 +88,7 @@ pub(super) fn workloads(w: &WorkloadArgs) -> [Workload; 2] {
     ]
 }
 
-pub fn run(args: SourceArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: SourceArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -25,7 +25,7 @@ use walsync_server::mint_hs256;
 use walsync_testkit::{Cluster, ClusterOptions};
 
 #[derive(Debug, Args)]
-pub struct SyncArgs {
+pub(crate) struct SyncArgs {
     /// Client counts for the latency runs.
     #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     clients: Vec<usize>,
@@ -175,7 +175,7 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-pub fn run(args: SyncArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: SyncArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

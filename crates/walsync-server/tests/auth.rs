@@ -349,7 +349,7 @@ async fn a_jwks_url_is_refetched_after_its_refresh_interval_and_rotated_keys_tak
 
 mod base64_helper {
     /// base64url without padding, for hand-made tokens.
-    pub fn b64(input: &[u8]) -> String {
+    pub(crate) fn b64(input: &[u8]) -> String {
         const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
         let mut out = String::new();
         for chunk in input.chunks(3) {

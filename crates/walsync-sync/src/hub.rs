@@ -106,15 +106,15 @@ impl Hub {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn poke(&self) {
+    pub(crate) fn poke(&self) {
         self.poke.notify_one();
     }
 
-    pub async fn poked(&self) {
+    pub(crate) async fn poked(&self) {
         self.poke.notified().await;
     }
 
-    pub fn register(&self, user: &str) -> (u64, Arc<Notify>) {
+    pub(crate) fn register(&self, user: &str) -> (u64, Arc<Notify>) {
         let mut st = self.lock();
         st.next_id += 1;
         let id = st.next_id;
@@ -136,7 +136,12 @@ impl Hub {
     }
 
     /// Replaces what connection `id` listens to; returns the published checkpoint.
-    pub fn subscribe(&self, id: u64, buckets: Vec<String>, lookups: Vec<LookupKey>) -> Published {
+    pub(crate) fn subscribe(
+        &self,
+        id: u64,
+        buckets: Vec<String>,
+        lookups: Vec<LookupKey>,
+    ) -> Published {
         let mut st = self.lock();
         let st = &mut *st;
         let Some(conn) = st.conns.get_mut(&id) else {
@@ -159,7 +164,7 @@ impl Hub {
         st.published
     }
 
-    pub fn unregister(&self, id: u64) {
+    pub(crate) fn unregister(&self, id: u64) {
         let mut st = self.lock();
         let st = &mut *st;
         if let Some(conn) = st.conns.remove(&id) {
@@ -173,20 +178,20 @@ impl Hub {
         }
     }
 
-    pub fn published(&self) -> Published {
+    pub(crate) fn published(&self) -> Published {
         self.lock().published
     }
 
-    pub fn is_shutdown(&self) -> bool {
+    pub(crate) fn is_shutdown(&self) -> bool {
         self.lock().shutdown
     }
 
     /// The largest write checkpoint of `user` the store has passed.
-    pub fn satisfied(&self, user: &str) -> Option<u64> {
+    pub(crate) fn satisfied(&self, user: &str) -> Option<u64> {
         self.lock().satisfied.get(user).copied()
     }
 
-    pub fn register_write_checkpoint(&self, user: &str, lsn: u64) {
+    pub(crate) fn register_write_checkpoint(&self, user: &str, lsn: u64) {
         let mut st = self.lock();
         if st.published.complete && st.published.lsn >= lsn {
             let mut wake = HashSet::new();
@@ -199,7 +204,7 @@ impl Hub {
         st.pending.entry(lsn).or_default().insert(user.to_owned());
     }
 
-    pub fn stats(&self) -> HubStats {
+    pub(crate) fn stats(&self) -> HubStats {
         HubStats {
             connections: self.lock().conns.len(),
             checkpoints: self.checkpoints.load(Ordering::Relaxed),
@@ -207,7 +212,7 @@ impl Hub {
         }
     }
 
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         let wake: Vec<Arc<Notify>> = {
             let mut st = self.lock();
             st.shutdown = true;
@@ -217,7 +222,7 @@ impl Hub {
     }
 
     /// Publishes the store's checkpoint if it is new, waking the connections it concerns.
-    pub fn publish<S: BucketStore>(&self, store: &S) -> Result<(), SyncError> {
+    pub(crate) fn publish<S: BucketStore>(&self, store: &S) -> Result<(), SyncError> {
         let snap = store.snapshot()?;
         let cp = snap.checkpoint()?;
         if !cp.snapshot_complete {

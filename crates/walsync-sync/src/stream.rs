@@ -82,7 +82,7 @@ fn op_line(op: Op) -> OpLine {
 }
 
 impl<S: BucketStore + 'static> Connection<S> {
-    pub fn new(
+    pub(crate) fn new(
         core: Arc<SyncCore<S>>,
         identity: Identity,
         request: SyncRequest,
@@ -121,7 +121,7 @@ impl<S: BucketStore + 'static> Connection<S> {
         }
     }
 
-    pub async fn run(&mut self) {
+    pub(crate) async fn run(&mut self) {
         let outcome = self.serve().await;
         self.core.hub.unregister(self.id);
         match outcome {

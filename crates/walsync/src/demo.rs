@@ -18,7 +18,7 @@ use walsync_testkit::seed::{RULES, SCHEMA};
 use walsync_testkit::{Cluster, ClusterOptions};
 
 #[derive(Debug, Args)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// Stop after this many seconds (default: run until Ctrl-C).
     #[arg(long)]
     seconds: Option<u64>,
@@ -40,7 +40,7 @@ INSERT INTO assessment_responses (assessment_id, project_id, question_id, questi
   SELECT 1 + i % 6, 1 + (1 + i % 6) % 3, 'q' || i, 'Question ' || i, 'first answer' FROM generate_series(1, 60) i;
 ";
 
-pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: DemoArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

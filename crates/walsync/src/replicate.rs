@@ -13,7 +13,7 @@ use walsync_source::{PgConfig, PublicationScope, SourceConfig};
 use walsync_storage::EmbeddedStore;
 
 #[derive(Debug, Args)]
-pub struct ReplicateArgs {
+pub(crate) struct ReplicateArgs {
     /// PostgreSQL URL (libpq form; sslmode and sslrootcert understood).
     #[arg(long, env = "WALSYNC__SOURCE__URL")]
     url: String,
@@ -32,7 +32,7 @@ pub struct ReplicateArgs {
     create_publication: bool,
 }
 
-pub fn run(args: ReplicateArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: ReplicateArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.rules)
         .with_context(|| format!("reading {}", args.rules.display()))?;
     let rules = Arc::new(SyncRules::from_yaml(&text)?);
@@ -74,7 +74,7 @@ pub fn run(args: ReplicateArgs) -> anyhow::Result<()> {
     })
 }
 
-pub async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).ok();
     tokio::select! {

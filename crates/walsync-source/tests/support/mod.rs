@@ -9,15 +9,15 @@ use walsync_testkit::{Cluster, TestDatabase};
 use walsync_types::Lsn;
 
 /// Long enough for a loaded CI machine; tests wait on conditions, never on the clock.
-pub const WAIT: Duration = Duration::from_secs(60);
+pub(crate) const WAIT: Duration = Duration::from_secs(60);
 
-pub struct Db {
+pub(crate) struct Db {
     pub db: TestDatabase,
     pub sql: Client,
     pub url: String,
 }
 
-pub fn init_tracing() {
+pub(crate) fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -26,7 +26,7 @@ pub fn init_tracing() {
 
 /// A fresh database on `cluster` with `schema` applied and a publication `walsync` for all
 /// tables.
-pub async fn database(cluster: &Cluster, schema: &str) -> anyhow::Result<Db> {
+pub(crate) async fn database(cluster: &Cluster, schema: &str) -> anyhow::Result<Db> {
     init_tracing();
     let db = cluster.fresh_database().await?;
     let sql = db.connect().await?;
@@ -39,7 +39,7 @@ pub async fn database(cluster: &Cluster, schema: &str) -> anyhow::Result<Db> {
 
 impl Db {
     /// Runs each statement as its own transaction (a multi-statement string would be one).
-    pub async fn each(&self, statements: &[&str]) -> anyhow::Result<()> {
+    pub(crate) async fn each(&self, statements: &[&str]) -> anyhow::Result<()> {
         for s in statements {
             self.sql.batch_execute(s).await?;
         }
@@ -47,7 +47,7 @@ impl Db {
     }
 }
 
-pub fn config(url: &str) -> SourceConfig {
+pub(crate) fn config(url: &str) -> SourceConfig {
     let pg: PgConfig = url.parse().expect("valid url");
     // Slots are cluster-wide: name each test's slot after its database.
     let slot = pg.dbname().to_owned();
@@ -56,13 +56,13 @@ pub fn config(url: &str) -> SourceConfig {
     c
 }
 
-pub async fn start(url: &str, resume: Resume) -> anyhow::Result<SourceStream> {
+pub(crate) async fn start(url: &str, resume: Resume) -> anyhow::Result<SourceStream> {
     Ok(Source::start(config(url), resume).await?)
 }
 
 /// A committed transaction as the consumer assembles it.
 #[derive(Debug, Clone)]
-pub struct Txn {
+pub(crate) struct Txn {
     pub xid: u32,
     pub end_lsn: Lsn,
     pub changes: Vec<Change>,
@@ -70,7 +70,7 @@ pub struct Txn {
 
 /// Assembles events into transactions and the snapshot, the way a consumer must.
 #[derive(Debug, Default)]
-pub struct Collector {
+pub(crate) struct Collector {
     pub snapshot: Vec<(String, walsync_source::Row)>,
     pub snapshot_done: Option<Lsn>,
     pub txns: Vec<Txn>,
@@ -80,7 +80,7 @@ pub struct Collector {
 }
 
 impl Collector {
-    pub fn apply(&mut self, events: Vec<SourceEvent>) {
+    pub(crate) fn apply(&mut self, events: Vec<SourceEvent>) {
         for e in events {
             match e {
                 SourceEvent::SnapshotBegin { .. } => {
@@ -128,7 +128,7 @@ impl Collector {
     }
 
     /// Reads until `done` holds, failing after [`WAIT`].
-    pub async fn until(
+    pub(crate) async fn until(
         &mut self,
         stream: &mut SourceStream,
         done: impl Fn(&Collector) -> bool,
@@ -149,13 +149,13 @@ impl Collector {
         Ok(())
     }
 
-    pub fn changes(&self) -> impl Iterator<Item = &Change> {
+    pub(crate) fn changes(&self) -> impl Iterator<Item = &Change> {
         self.txns.iter().flat_map(|t| t.changes.iter())
     }
 }
 
 /// The integer in column `i` of a row.
-pub fn int(row: &walsync_source::Row, i: usize) -> i64 {
+pub(crate) fn int(row: &walsync_source::Row, i: usize) -> i64 {
     match &row[i] {
         walsync_source::Datum::Value(walsync_types::Value::Int(v)) => *v,
         other => panic!("column {i} is {other:?}, not an int"),

@@ -20,32 +20,32 @@ pub(super) fn corrupt(what: &'static str, detail: &str) -> StorageError {
 pub(super) struct Writer(pub Vec<u8>);
 
 impl Writer {
-    pub fn with_capacity(n: usize) -> Writer {
+    pub(super) fn with_capacity(n: usize) -> Writer {
         Writer(Vec::with_capacity(n))
     }
 
-    pub fn u8(&mut self, v: u8) {
+    pub(super) fn u8(&mut self, v: u8) {
         self.0.push(v);
     }
 
-    pub fn u32(&mut self, v: u32) {
+    pub(super) fn u32(&mut self, v: u32) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
 
-    pub fn u64(&mut self, v: u64) {
+    pub(super) fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
 
-    pub fn bytes(&mut self, b: &[u8]) {
+    pub(super) fn bytes(&mut self, b: &[u8]) {
         self.u32(b.len() as u32);
         self.0.extend_from_slice(b);
     }
 
-    pub fn str(&mut self, s: &str) {
+    pub(super) fn str(&mut self, s: &str) {
         self.bytes(s.as_bytes());
     }
 
-    pub fn value(&mut self, v: &Value) {
+    pub(super) fn value(&mut self, v: &Value) {
         match v {
             Value::Null => self.u8(0),
             Value::Bool(b) => {
@@ -90,7 +90,7 @@ pub(super) struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    pub fn new(what: &'static str, b: &'a [u8]) -> Reader<'a> {
+    pub(super) fn new(what: &'static str, b: &'a [u8]) -> Reader<'a> {
         Reader { rest: b, what }
     }
 
@@ -103,32 +103,32 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
-    pub fn u8(&mut self) -> Result<u8> {
+    pub(super) fn u8(&mut self) -> Result<u8> {
         Ok(self.take(1)?[0])
     }
 
-    pub fn u32(&mut self) -> Result<u32> {
+    pub(super) fn u32(&mut self) -> Result<u32> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
-    pub fn u64(&mut self) -> Result<u64> {
+    pub(super) fn u64(&mut self) -> Result<u64> {
         let mut a = [0u8; 8];
         a.copy_from_slice(self.take(8)?);
         Ok(u64::from_le_bytes(a))
     }
 
-    pub fn bytes(&mut self) -> Result<&'a [u8]> {
+    pub(super) fn bytes(&mut self) -> Result<&'a [u8]> {
         let n = self.u32()? as usize;
         self.take(n)
     }
 
-    pub fn str(&mut self) -> Result<String> {
+    pub(super) fn str(&mut self) -> Result<String> {
         String::from_utf8(self.bytes()?.to_vec()).map_err(|_| corrupt(self.what, "not utf-8"))
     }
 
     /// A count of items that each take at least one byte: never more than the bytes left.
-    pub fn count(&mut self) -> Result<usize> {
+    pub(super) fn count(&mut self) -> Result<usize> {
         let n = self.u32()? as usize;
         if n > self.rest.len() {
             return Err(corrupt(self.what, "truncated"));
@@ -136,7 +136,7 @@ impl<'a> Reader<'a> {
         Ok(n)
     }
 
-    pub fn value(&mut self) -> Result<Value> {
+    pub(super) fn value(&mut self) -> Result<Value> {
         Ok(match self.u8()? {
             0 => Value::Null,
             1 => Value::Bool(self.u8()? != 0),
@@ -160,7 +160,7 @@ impl<'a> Reader<'a> {
         })
     }
 
-    pub fn end(self) -> Result<()> {
+    pub(super) fn end(self) -> Result<()> {
         if self.rest.is_empty() {
             Ok(())
         } else {
