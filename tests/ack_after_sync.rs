@@ -10,7 +10,7 @@ use seed::{config, setup};
 use tokio::sync::watch;
 use walsync_replicator::Progress;
 use walsync_storage::{
-    BucketState, BucketStore, Changes, Checkpoint, CompactStats, EmbeddedStore, Op, StoreRead,
+    BucketState, BucketStore, Changes, CompactStats, EmbeddedStore, Op, StoreCheckpoint, StoreRead,
     StoredRow,
 };
 use walsync_types::{LookupKey, RowId};
@@ -30,7 +30,7 @@ impl GatedStore {
 }
 
 impl StoreRead for GatedStore {
-    fn checkpoint(&self) -> walsync_storage::Result<Checkpoint> {
+    fn checkpoint(&self) -> walsync_storage::Result<StoreCheckpoint> {
         self.inner.checkpoint()
     }
     fn buckets(&self) -> walsync_storage::Result<Vec<String>> {

@@ -31,7 +31,7 @@ use snapshot::read_checkpoint;
 pub use snapshot::EmbeddedSnapshot;
 pub use writer::EmbeddedWriter;
 
-use crate::model::{BucketState, Changes, Checkpoint, CompactStats, Op, StoredRow};
+use crate::model::{BucketState, Changes, CompactStats, Op, StoreCheckpoint, StoredRow};
 use crate::{BucketStore, Result, StoreRead};
 
 /// The keyspaces of the store.
@@ -142,7 +142,7 @@ impl BucketStore for EmbeddedStore {
 }
 
 impl StoreRead for EmbeddedStore {
-    fn checkpoint(&self) -> Result<Checkpoint> {
+    fn checkpoint(&self) -> Result<StoreCheckpoint> {
         self.snapshot()?.checkpoint()
     }
 

@@ -23,7 +23,7 @@ mod model;
 pub mod conformance;
 
 pub use embedded::{EmbeddedSnapshot, EmbeddedStore, EmbeddedWriter};
-pub use model::{BucketState, Changes, Checkpoint, CompactStats, Op, StoredRow, TableName};
+pub use model::{BucketState, Changes, CompactStats, Op, StoreCheckpoint, StoredRow, TableName};
 
 use walsync_types::{LookupEntry, LookupKey, Lsn, RowId, RowOutput};
 
@@ -44,7 +44,7 @@ pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 /// bucket states and their ops agree.
 pub trait StoreRead {
     /// The last committed checkpoint.
-    fn checkpoint(&self) -> Result<Checkpoint>;
+    fn checkpoint(&self) -> Result<StoreCheckpoint>;
 
     /// Every bucket that has ops.
     fn buckets(&self) -> Result<Vec<String>>;
@@ -126,11 +126,11 @@ pub trait StoreWriter {
     fn clear_all(&mut self) -> Result<()>;
 
     /// Makes the transaction durable and returns the new checkpoint.
-    fn commit(self) -> Result<Checkpoint>;
+    fn commit(self) -> Result<StoreCheckpoint>;
 
     /// Makes the transaction visible and returns the new checkpoint; it is durable once
     /// [`BucketStore::sync`] returns. A crash before that may lose it, whole, with every later
     /// commit. This lets a caller go on writing while the disk catches up, and acknowledge
     /// what it wrote only after the sync.
-    fn commit_deferred(self) -> Result<Checkpoint>;
+    fn commit_deferred(self) -> Result<StoreCheckpoint>;
 }

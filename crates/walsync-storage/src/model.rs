@@ -31,7 +31,7 @@ pub struct BucketState {
 
 /// The store's position.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct Checkpoint {
+pub struct StoreCheckpoint {
     /// The last op id written (0: none).
     pub op_id: u64,
     /// Everything the source sent up to this position is in the store.

@@ -58,7 +58,7 @@ pub(crate) struct Published {
     pub lsn: u64,
     /// The store has a complete checkpoint (the initial snapshot is done).
     pub complete: bool,
-    /// The store's [`walsync_storage::Checkpoint::rebuilt_at`].
+    /// The store's [`walsync_storage::StoreCheckpoint::rebuilt_at`].
     pub rebuilt_at: u64,
 }
 

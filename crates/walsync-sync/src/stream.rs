@@ -11,7 +11,7 @@ use walsync_protocol::{
     PartialCheckpointComplete, SyncRequest,
 };
 use walsync_rules::RequestContext;
-use walsync_storage::{BucketStore, Checkpoint as StoreCheckpoint, Op, StoreRead};
+use walsync_storage::{BucketStore, Op, StoreCheckpoint, StoreRead};
 use walsync_types::LookupKey;
 
 use crate::{Identity, SyncCore, SyncError, request_buckets};

@@ -10,7 +10,7 @@ use super::chunk::{OpValue, chunk_ops, get_chunk, op_from};
 use super::keys::{lookup_key, op_id_of, op_key};
 use super::record::{decode, engine};
 use super::row::{RowRecord, names_in};
-use crate::model::{BucketState, Changes, Checkpoint, Op, StoredRow};
+use crate::model::{BucketState, Changes, Op, StoreCheckpoint, StoredRow};
 use crate::{Result, StoreRead};
 
 /// A read snapshot of the embedded store.
@@ -32,7 +32,7 @@ impl std::fmt::Debug for EmbeddedSnapshot {
 }
 
 impl StoreRead for EmbeddedSnapshot {
-    fn checkpoint(&self) -> Result<Checkpoint> {
+    fn checkpoint(&self) -> Result<StoreCheckpoint> {
         read_checkpoint(&self.snap, &self.s.meta)
     }
 
@@ -143,9 +143,9 @@ impl StoreRead for EmbeddedSnapshot {
 pub(super) fn read_checkpoint(
     r: &impl Readable,
     meta: &SingleWriterTxKeyspace,
-) -> Result<Checkpoint> {
+) -> Result<StoreCheckpoint> {
     match r.get(meta, b"checkpoint").map_err(engine)? {
         Some(v) => decode("checkpoint", &v),
-        None => Ok(Checkpoint::default()),
+        None => Ok(StoreCheckpoint::default()),
     }
 }

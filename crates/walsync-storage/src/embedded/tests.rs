@@ -169,9 +169,9 @@ fn ops_of_earlier_versions_move_on_open_then_read_and_compact() {
         b"a".to_vec(),
         encode(&state).expect("state"),
     );
-    let checkpoint = Checkpoint {
+    let checkpoint = StoreCheckpoint {
         op_id: 3,
-        ..Checkpoint::default()
+        ..StoreCheckpoint::default()
     };
     tx.insert(
         &store.s.meta,

@@ -13,7 +13,7 @@ use super::keys::{key2, lookup_key, schema_id, schema_key};
 use super::record::{Writer, decode, encode, engine};
 use super::row::{Placement, RowRecord, names_in};
 use super::{RowKeyBounds, Spaces};
-use crate::model::{BucketState, Changes, Checkpoint, StoredRow};
+use crate::model::{BucketState, Changes, StoreCheckpoint, StoredRow};
 use crate::{Result, StoreWriter};
 
 /// A write transaction on the embedded store.
@@ -21,7 +21,7 @@ pub struct EmbeddedWriter<'a> {
     tx: SingleWriterWriteTx<'a>,
     s: Spaces,
     bounds: MutexGuard<'a, RowKeyBounds>,
-    checkpoint: Checkpoint,
+    checkpoint: StoreCheckpoint,
     next_op_id: u64,
     /// The buckets this commit adds ops to: their new state and their open chunk.
     states: HashMap<String, Pending>,
@@ -53,7 +53,7 @@ impl<'a> EmbeddedWriter<'a> {
         tx: SingleWriterWriteTx<'a>,
         s: Spaces,
         bounds: MutexGuard<'a, RowKeyBounds>,
-        checkpoint: Checkpoint,
+        checkpoint: StoreCheckpoint,
     ) -> EmbeddedWriter<'a> {
         EmbeddedWriter {
             next_op_id: checkpoint.op_id + 1,
@@ -386,11 +386,11 @@ impl StoreWriter for EmbeddedWriter<'_> {
         Ok(())
     }
 
-    fn commit(self) -> Result<Checkpoint> {
+    fn commit(self) -> Result<StoreCheckpoint> {
         self.finish(PersistMode::SyncAll)
     }
 
-    fn commit_deferred(self) -> Result<Checkpoint> {
+    fn commit_deferred(self) -> Result<StoreCheckpoint> {
         // Written through to the operating system, so that only a machine crash (not a process
         // crash) can lose it before the sync.
         self.finish(PersistMode::Buffer)
@@ -398,7 +398,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
 }
 
 impl EmbeddedWriter<'_> {
-    fn finish(mut self, mode: PersistMode) -> Result<Checkpoint> {
+    fn finish(mut self, mode: PersistMode) -> Result<StoreCheckpoint> {
         for (b, p) in std::mem::take(&mut self.states) {
             self.changes.buckets.insert(b.clone());
             if !p.chunk.0.is_empty() {
