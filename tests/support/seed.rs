@@ -12,7 +12,7 @@ use walsync_replicator::{Progress, ReplicatorConfig, ReplicatorError};
 use walsync_rules::{RequestContext, RowRef, SyncRules};
 use walsync_source::{PgConfig, SourceConfig};
 use walsync_storage::conformance::ClientBucket;
-use walsync_storage::{EmbeddedStore, StoreRead};
+use walsync_storage::{BucketStore, EmbeddedStore, StoreRead};
 use walsync_testkit::shared;
 use walsync_types::Value;
 
@@ -105,16 +105,17 @@ pub async fn expected(
 }
 
 /// Replays every bucket in the store; checks each bucket's state checksum against its ops.
+/// Everything is read from one snapshot, so that a commit meanwhile (a rebuild's clear above all)
+/// cannot pair one checkpoint's states with another's ops.
 pub fn actual(store: &EmbeddedStore) -> BTreeMap<String, BTreeMap<(String, String), String>> {
     let mut out = BTreeMap::new();
-    let buckets = store.buckets().expect("buckets");
-    let states = store.bucket_states(&buckets).expect("states");
+    let snap = store.snapshot().expect("snapshot");
+    let buckets = snap.buckets().expect("buckets");
+    let states = snap.bucket_states(&buckets).expect("states");
     for (b, state) in buckets.iter().zip(states) {
-        // The state was read first; replay exactly the ops it covers (the replicator may commit
-        // more meanwhile).
         let state = state.expect("state of a listed bucket");
         let mut replay = ClientBucket::default();
-        replay.catch_up_to(store, b, state.last_op_id);
+        replay.catch_up_to(&snap, b, state.last_op_id);
         assert_eq!(
             state.checksum, replay.checksum,
             "bucket {b}: checksum is the sum of its ops"
@@ -146,12 +147,30 @@ async fn check_memberships(s: &Setup) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Bucket → the (type, id) of each row in it.
+type Placements = BTreeMap<String, BTreeSet<(String, String)>>;
+
+fn placements(buckets: &BTreeMap<String, BTreeMap<(String, String), String>>) -> Placements {
+    buckets
+        .iter()
+        .map(|(b, rows)| (b.clone(), rows.keys().cloned().collect()))
+        .collect()
+}
+
+/// Waits until the store holds what PostgreSQL holds: each bucket's rows and data as the rules
+/// select them, and each row in the buckets SQL alone places it in.
 pub async fn wait_until_equal(s: &Setup) -> anyhow::Result<()> {
     let want = expected(s).await?;
+    let placed = walsync_testkit::seed::expected_placements(&s.sql).await?;
+    assert_eq!(
+        placements(&want),
+        placed,
+        "the rules place rows where SQL does"
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let got = actual(&s.store);
-        if got == want && s.store.checkpoint()?.snapshot_complete {
+        if got == want && placements(&got) == placed && s.store.checkpoint()?.snapshot_complete {
             return check_memberships(s).await;
         }
         if tokio::time::Instant::now() > deadline {

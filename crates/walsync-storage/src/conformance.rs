@@ -62,7 +62,7 @@ impl ClientBucket {
     }
 
     /// Applies the ops after this copy's position up to `up_to`, in pages.
-    pub fn catch_up_to<S: BucketStore>(&mut self, store: &S, bucket: &str, up_to: u64) {
+    pub fn catch_up_to<S: StoreRead + ?Sized>(&mut self, store: &S, bucket: &str, up_to: u64) {
         loop {
             let ops = store.ops(bucket, self.last_op_id, up_to, 7).expect("ops");
             if ops.is_empty() {

@@ -1,8 +1,8 @@
 //! The seed app's PostgreSQL side, written once for the tests, the benchmarks and `walsync demo`:
-//! its schema and sync rules (`examples/seed/`), sample data, a random workload, and the buckets a
-//! user should have, read from PostgreSQL directly.
+//! its schema and sync rules (`examples/seed/`), sample data, a random workload, and, read from
+//! PostgreSQL directly, the buckets a user should have and where each row belongs.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use tokio_postgres::Client;
 
@@ -116,4 +116,31 @@ pub async fn user_buckets(
         .collect();
     buckets.insert(format!("me[\"{user}\"]"));
     Ok(buckets)
+}
+
+/// Where the seed rules place each row, computed in SQL from PostgreSQL alone (not through the
+/// rules engine): bucket → (object type, object id). A project's rows go to
+/// `user_projects[<project id>]`, a stakeholder to `me["<user id>"]`.
+pub async fn expected_placements(
+    sql: &Client,
+) -> Result<BTreeMap<String, BTreeSet<(String, String)>>, tokio_postgres::Error> {
+    let rows = sql
+        .query(
+            "SELECT 'user_projects[' || id || ']', 'projects', id::text FROM projects
+             UNION ALL SELECT 'user_projects[' || project_id || ']', 'assessments', id::text FROM assessments WHERE project_id IS NOT NULL
+             UNION ALL SELECT 'user_projects[' || project_id || ']', 'assessment_responses', id::text FROM assessment_responses WHERE project_id IS NOT NULL
+             UNION ALL SELECT 'user_projects[' || project_id || ']', 'project_members', id::text FROM project_members WHERE project_id IS NOT NULL
+             UNION ALL SELECT 'user_projects[' || project_id || ']', 'teams', id::text FROM teams WHERE project_id IS NOT NULL
+             UNION ALL SELECT 'user_projects[' || project_id || ']', 'sow_section_approvals', id::text FROM sow_section_approvals WHERE project_id IS NOT NULL
+             UNION ALL SELECT 'me[' || to_json(user_id)::text || ']', 'stakeholders', id::text FROM stakeholders WHERE user_id IS NOT NULL",
+            &[],
+        )
+        .await?;
+    let mut out: BTreeMap<String, BTreeSet<(String, String)>> = BTreeMap::new();
+    for r in rows {
+        out.entry(r.get(0))
+            .or_default()
+            .insert((r.get(1), r.get(2)));
+    }
+    Ok(out)
 }
