@@ -36,49 +36,73 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
+    /// The code's text, HTTP status and gRPC code: one table, so that the transports agree.
+    fn parts(self) -> (&'static str, StatusCode, Code) {
         match self {
-            ErrorCode::BadRequest => "bad_request",
-            ErrorCode::Unauthenticated => "unauthenticated",
-            ErrorCode::NotFound => "not_found",
-            ErrorCode::MethodNotAllowed => "method_not_allowed",
-            ErrorCode::PayloadTooLarge => "payload_too_large",
-            ErrorCode::TooManyConnections => "too_many_connections",
-            ErrorCode::TooSlow => "too_slow",
-            ErrorCode::DatabaseUnavailable => "database_unavailable",
-            ErrorCode::NotReady => "not_ready",
-            ErrorCode::ShuttingDown => "shutting_down",
-            ErrorCode::Internal => "internal",
+            ErrorCode::BadRequest => (
+                "bad_request",
+                StatusCode::BAD_REQUEST,
+                Code::InvalidArgument,
+            ),
+            ErrorCode::Unauthenticated => (
+                "unauthenticated",
+                StatusCode::UNAUTHORIZED,
+                Code::Unauthenticated,
+            ),
+            ErrorCode::NotFound => ("not_found", StatusCode::NOT_FOUND, Code::NotFound),
+            ErrorCode::MethodNotAllowed => (
+                "method_not_allowed",
+                StatusCode::METHOD_NOT_ALLOWED,
+                Code::Unimplemented,
+            ),
+            ErrorCode::PayloadTooLarge => (
+                "payload_too_large",
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Code::InvalidArgument,
+            ),
+            ErrorCode::TooManyConnections => (
+                "too_many_connections",
+                StatusCode::TOO_MANY_REQUESTS,
+                Code::ResourceExhausted,
+            ),
+            ErrorCode::TooSlow => (
+                "too_slow",
+                StatusCode::TOO_MANY_REQUESTS,
+                Code::ResourceExhausted,
+            ),
+            ErrorCode::DatabaseUnavailable => (
+                "database_unavailable",
+                StatusCode::SERVICE_UNAVAILABLE,
+                Code::Unavailable,
+            ),
+            ErrorCode::NotReady => (
+                "not_ready",
+                StatusCode::SERVICE_UNAVAILABLE,
+                Code::Unavailable,
+            ),
+            ErrorCode::ShuttingDown => (
+                "shutting_down",
+                StatusCode::SERVICE_UNAVAILABLE,
+                Code::Unavailable,
+            ),
+            ErrorCode::Internal => (
+                "internal",
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Code::Internal,
+            ),
         }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.parts().0
     }
 
     pub fn http_status(self) -> StatusCode {
-        match self {
-            ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
-            ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
-            ErrorCode::NotFound => StatusCode::NOT_FOUND,
-            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorCode::TooManyConnections | ErrorCode::TooSlow => StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::DatabaseUnavailable | ErrorCode::NotReady | ErrorCode::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+        self.parts().1
     }
 
     pub fn grpc_code(self) -> Code {
-        match self {
-            ErrorCode::BadRequest | ErrorCode::PayloadTooLarge => Code::InvalidArgument,
-            ErrorCode::Unauthenticated => Code::Unauthenticated,
-            ErrorCode::NotFound => Code::NotFound,
-            ErrorCode::MethodNotAllowed => Code::Unimplemented,
-            ErrorCode::TooManyConnections | ErrorCode::TooSlow => Code::ResourceExhausted,
-            ErrorCode::DatabaseUnavailable | ErrorCode::NotReady | ErrorCode::ShuttingDown => {
-                Code::Unavailable
-            }
-            ErrorCode::Internal => Code::Internal,
-        }
+        self.parts().2
     }
 }
 

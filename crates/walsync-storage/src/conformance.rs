@@ -73,6 +73,11 @@ impl ClientBucket {
     }
 }
 
+/// A row id in its encoded form (the tests also use ids the replicator never writes).
+fn row_id(encoded: impl AsRef<str>) -> RowId {
+    RowId::from_encoded(encoded)
+}
+
 fn out(bucket: &str, id: &str, data: &str) -> RowOutput {
     RowOutput {
         bucket: bucket.into(),
@@ -88,7 +93,7 @@ fn put_rows<W: StoreWriter>(w: &mut W, n: i64) {
         let id = i.to_string();
         w.upsert_row(
             "public.t",
-            &RowId::from_encoded(&id),
+            &row_id(&id),
             row(i),
             vec![out("a", &id, "{}")],
             vec![],
@@ -169,7 +174,7 @@ pub fn row_ids_of_every_form_are_found_again<S: BucketStore>(store: &S) {
         for (n, id) in ids.iter().enumerate() {
             let data = format!("{{\"v\":{v}}}");
             let outs = vec![out("a", &n.to_string(), &data)];
-            w.upsert_row("public.t", &RowId::from_encoded(id), row(v), outs, vec![])
+            w.upsert_row("public.t", &row_id(id), row(v), outs, vec![])
                 .expect("upsert");
         }
         w.commit().expect("commit");
@@ -177,9 +182,7 @@ pub fn row_ids_of_every_form_are_found_again<S: BucketStore>(store: &S) {
     write(1);
     write(2);
     for id in ids {
-        let stored = store
-            .row("public.t", &RowId::from_encoded(id))
-            .expect("row");
+        let stored = store.row("public.t", &row_id(id)).expect("row");
         assert_eq!(
             stored.map(|r| r.values),
             Some(vec![Value::Int(2)]),
@@ -188,15 +191,9 @@ pub fn row_ids_of_every_form_are_found_again<S: BucketStore>(store: &S) {
     }
     assert_eq!(ClientBucket::read(store, "a").rows.len(), ids.len());
     let mut w = store.writer().expect("writer");
-    w.delete_row("public.t", &RowId::from_encoded(ids[0]))
-        .expect("delete");
+    w.delete_row("public.t", &row_id(ids[0])).expect("delete");
     w.commit().expect("commit");
-    assert_eq!(
-        store
-            .row("public.t", &RowId::from_encoded(ids[0]))
-            .expect("row"),
-        None
-    );
+    assert_eq!(store.row("public.t", &row_id(ids[0])).expect("row"), None);
     let mut w = store.writer().expect("writer");
     w.truncate("public.t").expect("truncate");
     w.commit().expect("commit");
@@ -206,9 +203,7 @@ pub fn row_ids_of_every_form_are_found_again<S: BucketStore>(store: &S) {
     );
     for id in ids {
         assert_eq!(
-            store
-                .row("public.t", &RowId::from_encoded(id))
-                .expect("row"),
+            store.row("public.t", &row_id(id)).expect("row"),
             None,
             "row {id}"
         );
@@ -225,15 +220,14 @@ pub fn ops_read_alike_at_any_bounds<S: BucketStore>(store: &S) {
         for i in ids {
             let id = i.to_string();
             if delete {
-                w.delete_row("public.t", &RowId::from_encoded(&id))
-                    .expect("delete");
+                w.delete_row("public.t", &row_id(&id)).expect("delete");
                 continue;
             }
             let bucket = if i % 4 == 0 { "b" } else { "a" };
             let data = format!("{{\"v\":{v},\"pad\":\"{pad}\"}}");
             w.upsert_row(
                 "public.t",
-                &RowId::from_encoded(&id),
+                &row_id(&id),
                 row(i.into()),
                 vec![out(bucket, &id, &data)],
                 vec![],
@@ -296,29 +290,20 @@ pub fn one_writer_sees_its_own_writes<S: BucketStore>(store: &S) {
     for v in 0..5 {
         w.upsert_row(
             "public.t",
-            &RowId::from_encoded("9"),
+            &row_id("9"),
             row(v),
             vec![out("a", "9", &format!("{{\"v\":{v}}}"))],
             vec![],
         )
         .expect("upsert");
     }
-    assert_eq!(
-        w.row("public.t", &RowId::from_encoded("9")).expect("row"),
-        Some(row(4))
-    );
+    assert_eq!(w.row("public.t", &row_id("9")).expect("row"), Some(row(4)));
     w.truncate("public.t").expect("truncate");
-    assert_eq!(
-        w.row("public.t", &RowId::from_encoded("9")).expect("row"),
-        None
-    );
-    assert_eq!(
-        w.row("public.t", &RowId::from_encoded("1")).expect("row"),
-        None
-    );
+    assert_eq!(w.row("public.t", &row_id("9")).expect("row"), None);
+    assert_eq!(w.row("public.t", &row_id("1")).expect("row"), None);
     w.upsert_row(
         "public.t",
-        &RowId::from_encoded("1"),
+        &row_id("1"),
         row(7),
         vec![out("a", "1", "{\"v\":7}")],
         vec![],
@@ -335,13 +320,10 @@ pub fn one_writer_sees_its_own_writes<S: BucketStore>(store: &S) {
 
     let mut w = store.writer().expect("writer");
     w.clear_all().expect("clear");
-    assert_eq!(
-        w.row("public.t", &RowId::from_encoded("1")).expect("row"),
-        None
-    );
+    assert_eq!(w.row("public.t", &row_id("1")).expect("row"), None);
     w.upsert_row(
         "public.t",
-        &RowId::from_encoded("1"),
+        &row_id("1"),
         row(8),
         vec![out("a", "1", "{\"v\":8}")],
         vec![],
@@ -349,9 +331,7 @@ pub fn one_writer_sees_its_own_writes<S: BucketStore>(store: &S) {
     .expect("upsert");
     w.commit().expect("commit");
     assert_eq!(
-        store
-            .row("public.t", &RowId::from_encoded("1"))
-            .expect("row"),
+        store.row("public.t", &row_id("1")).expect("row"),
         Some(row(8))
     );
     let a = ClientBucket::read(store, "a");
@@ -366,7 +346,7 @@ pub fn deferred_commits_are_visible_at_once<S: BucketStore>(store: &S) {
     let mut w = store.writer().expect("writer");
     w.upsert_row(
         "public.t",
-        &RowId::from_encoded("1"),
+        &row_id("1"),
         row(1),
         vec![out("a", "1", "{}")],
         vec![],
@@ -375,14 +355,11 @@ pub fn deferred_commits_are_visible_at_once<S: BucketStore>(store: &S) {
     let cp = w.commit_deferred().expect("deferred commit");
     assert_eq!(store.checkpoint().expect("checkpoint"), cp);
     assert_eq!(
-        store
-            .row("public.t", &RowId::from_encoded("1"))
-            .expect("row"),
+        store.row("public.t", &row_id("1")).expect("row"),
         Some(row(1))
     );
     let mut w = store.writer().expect("writer");
-    w.delete_row("public.t", &RowId::from_encoded("1"))
-        .expect("delete");
+    w.delete_row("public.t", &row_id("1")).expect("delete");
     let cp2 = w.commit_deferred().expect("deferred commit");
     assert!(cp2.op_id > cp.op_id);
     store.sync().expect("sync");
@@ -396,14 +373,14 @@ pub fn puts_removes_and_moves<S: BucketStore>(store: &S) {
     let mut w = store.writer().expect("writer");
     w.upsert_row(
         "public.t",
-        &RowId::from_encoded("1"),
+        &row_id("1"),
         row(1),
         vec![out("a", "1", "{\"v\":1}")],
         vec![],
     )
     .expect("upsert");
     assert_eq!(
-        w.row("public.t", &RowId::from_encoded("1")).expect("row"),
+        w.row("public.t", &row_id("1")).expect("row"),
         Some(row(1)),
         "a writer reads its own writes"
     );
@@ -411,9 +388,7 @@ pub fn puts_removes_and_moves<S: BucketStore>(store: &S) {
     let cp = w.commit().expect("commit");
     assert_eq!((cp.op_id, cp.lsn), (1, Some(Lsn(100))));
     assert_eq!(
-        store
-            .row("public.t", &RowId::from_encoded("1"))
-            .expect("row"),
+        store.row("public.t", &row_id("1")).expect("row"),
         Some(row(1))
     );
 
@@ -421,7 +396,7 @@ pub fn puts_removes_and_moves<S: BucketStore>(store: &S) {
     let mut w = store.writer().expect("writer");
     w.upsert_row(
         "public.t",
-        &RowId::from_encoded("1"),
+        &row_id("1"),
         row(2),
         vec![out("b", "1", "{\"v\":2}")],
         vec![],
@@ -443,18 +418,12 @@ pub fn puts_removes_and_moves<S: BucketStore>(store: &S) {
     assert_eq!(a_ops[1].subkey, "t/1");
 
     let mut w = store.writer().expect("writer");
-    w.delete_row("public.t", &RowId::from_encoded("1"))
-        .expect("delete");
-    w.delete_row("public.t", &RowId::from_encoded("missing"))
+    w.delete_row("public.t", &row_id("1")).expect("delete");
+    w.delete_row("public.t", &row_id("missing"))
         .expect("deleting a row never seen is nothing");
     w.commit().expect("commit");
     assert!(ClientBucket::read(store, "b").rows.is_empty());
-    assert_eq!(
-        store
-            .row("public.t", &RowId::from_encoded("1"))
-            .expect("row"),
-        None
-    );
+    assert_eq!(store.row("public.t", &row_id("1")).expect("row"), None);
     for bucket in ["a", "b"] {
         state_matches_replay(store, bucket);
     }
@@ -471,7 +440,7 @@ pub fn unchanged_data_writes_no_op<S: BucketStore>(store: &S) {
         let mut w = store.writer().expect("writer");
         w.upsert_row(
             "public.t",
-            &RowId::from_encoded("1"),
+            &row_id("1"),
             row(1),
             vec![out("a", "1", data)],
             vec![],
@@ -488,7 +457,7 @@ pub fn truncate_removes_only_that_table<S: BucketStore>(store: &S) {
     put_rows(&mut w, 20);
     w.upsert_row(
         "public.t2",
-        &RowId::from_encoded("1"),
+        &row_id("1"),
         row(1),
         vec![out("a", "x", "{}")],
         vec![],
@@ -496,7 +465,7 @@ pub fn truncate_removes_only_that_table<S: BucketStore>(store: &S) {
     .expect("upsert");
     w.upsert_row(
         "public.t_",
-        &RowId::from_encoded("1"),
+        &row_id("1"),
         row(1),
         vec![out("a", "y", "{}")],
         vec![],
@@ -518,7 +487,7 @@ pub fn lookups_have_history<S: BucketStore>(store: &S) {
     let mut w = store.writer().expect("writer");
     w.upsert_row(
         "public.m",
-        &RowId::from_encoded("1"),
+        &row_id("1"),
         row(1),
         vec![],
         vec![member("u1", 7)],
@@ -526,7 +495,7 @@ pub fn lookups_have_history<S: BucketStore>(store: &S) {
     .expect("upsert");
     w.upsert_row(
         "public.m",
-        &RowId::from_encoded("2"),
+        &row_id("2"),
         row(2),
         vec![],
         vec![member("u1", 7)],
@@ -534,8 +503,7 @@ pub fn lookups_have_history<S: BucketStore>(store: &S) {
     .expect("upsert");
     let c1 = w.commit().expect("commit").op_id;
     let mut w = store.writer().expect("writer");
-    w.delete_row("public.m", &RowId::from_encoded("1"))
-        .expect("delete");
+    w.delete_row("public.m", &row_id("1")).expect("delete");
     let c2 = w.commit().expect("commit").op_id;
     assert_eq!(
         store.lookup(&key("u1"), c2).expect("lookup"),
@@ -545,7 +513,7 @@ pub fn lookups_have_history<S: BucketStore>(store: &S) {
     let mut w = store.writer().expect("writer");
     w.upsert_row(
         "public.m",
-        &RowId::from_encoded("2"),
+        &row_id("2"),
         row(2),
         vec![],
         vec![member("u2", 7)],
@@ -570,7 +538,7 @@ pub fn writes_are_atomic<S: BucketStore>(store: &S) {
         let mut w = store.writer().expect("writer");
         w.upsert_row(
             "public.t",
-            &RowId::from_encoded("1"),
+            &row_id("1"),
             row(1),
             vec![out("a", "1", "{}")],
             vec![member("u", 1)],
@@ -594,7 +562,7 @@ pub fn changes_follow_commits<S: BucketStore>(store: &S) {
     let mut w = store.writer().expect("writer");
     w.upsert_row(
         "public.t",
-        &RowId::from_encoded("1"),
+        &row_id("1"),
         row(1),
         vec![out("a", "1", "{}")],
         vec![],
@@ -604,7 +572,7 @@ pub fn changes_follow_commits<S: BucketStore>(store: &S) {
     let mut w = store.writer().expect("writer");
     w.upsert_row(
         "public.t",
-        &RowId::from_encoded("2"),
+        &row_id("2"),
         row(1),
         vec![out("b", "2", "{}")],
         vec![member("u", 3)],
@@ -633,14 +601,13 @@ pub fn compaction_keeps_checksums_and_rows<S: BucketStore>(store: &S) {
         for _ in 0..1 + next(4) {
             let id = next(8).to_string();
             if next(5) == 0 {
-                w.delete_row("public.t", &RowId::from_encoded(&id))
-                    .expect("delete");
+                w.delete_row("public.t", &row_id(&id)).expect("delete");
             } else {
                 let b = buckets[next(3) as usize];
                 let data = format!("{{\"v\":{}}}", next(3));
                 w.upsert_row(
                     "public.t",
-                    &RowId::from_encoded(&id),
+                    &row_id(&id),
                     row(0),
                     vec![out(b, &id, &data)],
                     vec![],
@@ -707,7 +674,7 @@ pub fn clear_all_starts_over_with_growing_op_ids<S: BucketStore>(store: &S) {
     let mut w = store.writer().expect("writer");
     w.upsert_row(
         "public.t",
-        &RowId::from_encoded("1"),
+        &row_id("1"),
         row(1),
         vec![out("a", "1", "{}")],
         vec![member("u", 1)],
@@ -733,7 +700,7 @@ pub fn clear_all_starts_over_with_growing_op_ids<S: BucketStore>(store: &S) {
     let mut w = store.writer().expect("writer");
     w.upsert_row(
         "public.t",
-        &RowId::from_encoded("1"),
+        &row_id("1"),
         row(1),
         vec![out("a", "1", "{}")],
         vec![],
@@ -752,7 +719,7 @@ pub fn snapshots_see_one_checkpoint<S: BucketStore>(store: &S) {
     let mut w = store.writer().expect("writer");
     w.upsert_row(
         "public.t",
-        &RowId::from_encoded("1"),
+        &row_id("1"),
         row(1),
         vec![out("a", "1", "{}")],
         vec![],
@@ -763,7 +730,7 @@ pub fn snapshots_see_one_checkpoint<S: BucketStore>(store: &S) {
     let mut w = store.writer().expect("writer");
     w.upsert_row(
         "public.t",
-        &RowId::from_encoded("2"),
+        &row_id("2"),
         row(1),
         vec![out("a", "2", "{}")],
         vec![member("u", 1)],

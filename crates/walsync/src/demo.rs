@@ -6,6 +6,9 @@
 //! assessments and change project memberships. A `walsync-client` per user (over HTTP, and one
 //! over gRPC) follows its stream and prints each checkpoint it applied, checksums verified.
 
+// A command: printing to stdout is its job.
+#![allow(clippy::print_stdout)]
+
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 

@@ -2,9 +2,6 @@
 //! sync core and server into one process ([`Service`]), and the commands of the `walsync`
 //! binary ([`cli`]). Tests start a [`Service`] in-process.
 
-// A command-line program: printing to stdout is its job.
-#![allow(clippy::print_stdout)]
-
 pub mod cli;
 pub mod config;
 mod demo;

@@ -1,5 +1,8 @@
 //! `walsync serve`, `walsync token` and `walsync tail`.
 
+// A command: printing to stdout is its job.
+#![allow(clippy::print_stdout)]
+
 use std::path::PathBuf;
 use std::time::Duration;
 
