@@ -308,7 +308,7 @@ mod tests {
             vec![
                 Value::Bool(true),
                 Value::Null,
-                Value::Json(serde_json::json!({"k": [1]})),
+                Value::Json(r#"{"k": [1]}"#.into()),
             ],
         ] {
             let expected: Vec<serde_json::Value> = [&values[0], &values[2]]

@@ -25,7 +25,7 @@ impl RequestContext {
                 .as_i64()
                 .map_or_else(|| Value::Text(n.to_string()), Value::Int),
             Some(v) if as_text => Value::Text(v.to_string()),
-            Some(v) => Value::Json(v.clone()),
+            Some(v) => Value::from_json(v),
         };
         if unknown == "request.user_id()" {
             return Value::Text(self.user_id.clone());
@@ -53,7 +53,10 @@ fn bucket_id_with<'v>(definition: &str, values: impl Iterator<Item = Option<&'v 
             s.push(b',');
         }
         match v {
-            Some(Value::Json(serde_json::Value::String(t))) => write_json_str(&mut s, t),
+            Some(v @ Value::Json(_)) => match v.json() {
+                Some(serde_json::Value::String(t)) => write_json_str(&mut s, &t),
+                _ => write_output_json(&mut s, v),
+            },
             Some(v) => write_output_json(&mut s, v),
             None => s.extend_from_slice(b"null"),
         }
@@ -113,15 +116,23 @@ fn output_text(v: &Value) -> Option<String> {
 fn output_json(v: &Value) -> serde_json::Value {
     match v {
         Value::Bool(b) => serde_json::Value::from(i64::from(*b)),
-        Value::Json(j) => serde_json::Value::String(j.to_string()),
-        Value::Array(_) => serde_json::Value::String(v.to_json().to_string()),
+        // JSON leaves as the text PostgreSQL printed, arrays with their JSON elements whole.
+        Value::Json(text) => serde_json::Value::String(text.clone()),
+        Value::Array(_) => {
+            let mut text = String::new();
+            v.write_json(&mut text);
+            serde_json::Value::String(text)
+        }
         other => other.to_json(),
     }
 }
 
 fn parameter_json(v: &Value) -> serde_json::Value {
     match v {
-        Value::Json(serde_json::Value::String(s)) => serde_json::Value::String(s.clone()),
+        Value::Json(_) => match v.json() {
+            Some(serde_json::Value::String(s)) => serde_json::Value::String(s),
+            _ => output_json(v),
+        },
         other => output_json(other),
     }
 }

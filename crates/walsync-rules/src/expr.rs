@@ -85,7 +85,7 @@ impl Operand {
 
 fn o_json(v: Value) -> serde_json::Value {
     match v {
-        Value::Json(j) => j,
+        Value::Json(_) => v.json().unwrap_or(serde_json::Value::Null),
         Value::Text(s) => serde_json::from_str(&s).unwrap_or(serde_json::Value::Null),
         other => other.to_json(),
     }
@@ -100,7 +100,7 @@ fn json_extract(j: &serde_json::Value, key: &JsonKey, as_text: bool) -> Value {
         None | Some(serde_json::Value::Null) => Value::Null,
         Some(serde_json::Value::String(s)) if as_text => Value::Text(s.clone()),
         Some(v) if as_text => Value::Text(v.to_string()),
-        Some(v) => Value::Json(v.clone()),
+        Some(v) => Value::from_json(v),
     }
 }
 
@@ -137,8 +137,13 @@ pub fn canonical(v: &Value) -> Option<String> {
         Value::Int(i) => i.to_string(),
         Value::Float(f) => f.to_string(),
         Value::Text(s) => s.clone(),
-        Value::Json(serde_json::Value::String(s)) => s.clone(),
-        Value::Json(j) => j.to_string(),
+        // A JSON string compares by its content; other JSON by its compact text (JSON that
+        // serde_json cannot hold, by the text PostgreSQL printed).
+        Value::Json(text) => match v.json() {
+            Some(serde_json::Value::String(s)) => s,
+            Some(j) => j.to_string(),
+            None => text.clone(),
+        },
         Value::Bytes(_) | Value::Array(_) => v.to_json().to_string(),
     })
 }
@@ -153,11 +158,12 @@ fn same(a: &Value, b: &Value) -> bool {
 fn elements(v: Value) -> Vec<Value> {
     match v {
         Value::Array(items) => items,
-        Value::Json(serde_json::Value::Array(items)) => {
-            items.into_iter().map(Value::Json).collect()
-        }
+        Value::Json(_) => match v.json() {
+            Some(serde_json::Value::Array(items)) => items.iter().map(Value::from_json).collect(),
+            _ => Vec::new(),
+        },
         Value::Text(s) => match serde_json::from_str::<serde_json::Value>(&s) {
-            Ok(serde_json::Value::Array(items)) => items.into_iter().map(Value::Json).collect(),
+            Ok(serde_json::Value::Array(items)) => items.iter().map(Value::from_json).collect(),
             _ => Vec::new(),
         },
         _ => Vec::new(),
@@ -166,15 +172,15 @@ fn elements(v: Value) -> Vec<Value> {
 
 /// A JSON scalar from an array element as the plain value it stands for.
 fn plain(v: Value) -> Value {
-    match v {
-        Value::Json(serde_json::Value::String(s)) => Value::Text(s),
-        Value::Json(serde_json::Value::Number(n)) => n
+    match v.json() {
+        Some(serde_json::Value::String(s)) => Value::Text(s),
+        Some(serde_json::Value::Number(n)) => n
             .as_i64()
             .map(Value::Int)
             .unwrap_or_else(|| Value::Float(n.as_f64().unwrap_or_default())),
-        Value::Json(serde_json::Value::Bool(b)) => Value::Bool(b),
-        Value::Json(serde_json::Value::Null) => Value::Null,
-        other => other,
+        Some(serde_json::Value::Bool(b)) => Value::Bool(b),
+        Some(serde_json::Value::Null) => Value::Null,
+        _ => v,
     }
 }
 

@@ -136,7 +136,7 @@ bucket_definitions:
     let v = vec![
         Value::Text("d1".into()),
         Value::Text("Plan".into()),
-        Value::Json(json!({"color": "red"})),
+        Value::Json(r#"{"color": "red"}"#.into()),
         Value::Int(3),
         Value::Text("acme".into()),
         Value::Null,
@@ -326,8 +326,10 @@ fn any_value() -> impl Strategy<Value = Value> {
         (-1e12f64..1e12).prop_map(Value::Float),
         "\\PC{0,6}|[\"\\\\\n\t\u{1}é😀]{1,4}".prop_map(Value::Text),
         prop::collection::vec(any::<u8>(), 0..4).prop_map(Value::Bytes),
-        Just(Value::Json(json!({"a": [1, "x\"y"], "b": null}))),
-        Just(Value::Json(json!("plain"))),
+        Just(Value::Json(r#"{"a": [1, "x\"y"], "b": null}"#.into())),
+        Just(Value::Json(r#""plain""#.into())),
+        // Beyond f64, duplicate keys (json), a lone surrogate escape: kept as printed.
+        Just(Value::Json(r#"{"big": 12345678901234567890123, "b": 1, "b": 2, "s": "\ud83d"}"#.into())),
     ];
     leaf.prop_recursive(1, 4, 3, |inner| {
         prop::collection::vec(inner, 0..3).prop_map(Value::Array)
@@ -338,8 +340,12 @@ fn any_value() -> impl Strategy<Value = Value> {
 fn output_form(v: &Value) -> serde_json::Value {
     match v {
         Value::Bool(b) => json!(i64::from(*b)),
-        Value::Json(j) => json!(j.to_string()),
-        Value::Array(_) => json!(v.to_json().to_string()),
+        Value::Json(text) => json!(text),
+        Value::Array(_) => {
+            let mut text = String::new();
+            v.write_json(&mut text);
+            json!(text)
+        }
         other => other.to_json(),
     }
 }
@@ -354,7 +360,7 @@ proptest! {
         let v = vec![Value::Int(5), project.clone(), a.clone(), b.clone()];
         let out = rules.evaluate_row(&row("assessments", &c, &v));
         let param = match &project {
-            Value::Json(serde_json::Value::String(s)) => json!(s),
+            Value::Json(text) if text.starts_with('"') => serde_json::from_str(text).unwrap(),
             other => output_form(other),
         };
         if matches!(project, Value::Null) {

@@ -25,15 +25,29 @@ pub struct DatumError {
     pub type_name: String,
 }
 
-/// Decodes one wire value of a column of type `type_oid`.
-pub fn decode_tuple_value(type_oid: u32, v: &TupleValue) -> Result<Datum, DatumError> {
-    Ok(match v {
-        TupleValue::Null => Datum::Value(Value::Null),
-        TupleValue::UnchangedToast => Datum::UnchangedToast,
-        TupleValue::Text(b) => Datum::Value(decode_text(type_oid, b)?),
+/// Decodes one wire value of a column of type `type_oid`. Never fails: a value that does not
+/// decode is kept as PostgreSQL's text, and the error says why (the caller logs it), so that no
+/// value PostgreSQL stores can stop replication.
+pub fn decode_tuple_value(type_oid: u32, v: &TupleValue) -> (Datum, Option<DatumError>) {
+    match v {
+        TupleValue::Null => (Datum::Value(Value::Null), None),
+        TupleValue::UnchangedToast => (Datum::UnchangedToast, None),
+        TupleValue::Text(b) => {
+            let (v, e) = decode_text_or_keep(type_oid, b);
+            (Datum::Value(v), e)
+        }
         // walsync never asks pgoutput for binary values; keep them as bytes rather than fail.
-        TupleValue::Binary(b) => Datum::Value(Value::Bytes(b.to_vec())),
-    })
+        TupleValue::Binary(b) => (Datum::Value(Value::Bytes(b.to_vec())), None),
+    }
+}
+
+/// [`decode_text`], or, for text that does not decode as its type, that text itself (as
+/// PostgreSQL printed it) with the reason.
+pub fn decode_text_or_keep(type_oid: u32, text: &[u8]) -> (Value, Option<DatumError>) {
+    match decode_text(type_oid, text) {
+        Ok(v) => (v, None),
+        Err(e) => (Value::Text(String::from_utf8_lossy(text).into_owned()), Some(e)),
+    }
 }
 
 /// Decodes PostgreSQL's text output of a value of type `type_oid`.
@@ -51,9 +65,20 @@ pub fn decode_text(type_oid: u32, text: &[u8]) -> Result<Value, DatumError> {
         return Ok(Value::Text(s.to_owned()));
     };
     if let Kind::Array(element) = ty.kind() {
+        // `int2vector` and `oidvector` print as space-separated lists, not array literals.
+        if matches!(*ty, Type::INT2_VECTOR | Type::OID_VECTOR) {
+            return Ok(Value::Text(s.to_owned()));
+        }
+        // `box` is the one built-in type whose array elements are separated by `;` (its text
+        // holds commas).
+        let delimiter = if *element == Type::BOX { b';' } else { b',' };
         let element = element.oid();
-        return array::parse(s, &|item| decode_text(element, item.as_bytes()))
-            .map_err(|e| e.unwrap_or_else(err));
+        return match array::parse(s, delimiter, &|item| decode_text(element, item.as_bytes())) {
+            Ok(Some(v)) => Ok(v),
+            // Lower bounds other than 1 have no JSON form: PostgreSQL's text keeps them.
+            Ok(None) => Ok(Value::Text(s.to_owned())),
+            Err(e) => Err(e.unwrap_or_else(err)),
+        };
     }
     if let Kind::Domain(base) = ty.kind() {
         return decode_text(base.oid(), text);
@@ -77,7 +102,8 @@ fn scalar(ty: &Type, s: &str) -> Option<Value> {
                 Value::Text(s.to_owned())
             }
         }
-        Type::JSON | Type::JSONB => Value::Json(serde_json::from_str(s).ok()?),
+        // Kept as printed (see `Value::Json`): PostgreSQL has validated it.
+        Type::JSON | Type::JSONB => Value::Json(s.to_owned()),
         Type::BYTEA => Value::Bytes(parse_hex_bytea(s)?),
         _ => Value::Text(s.to_owned()),
     })
@@ -97,7 +123,6 @@ fn parse_hex_bytea(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn text(oid: u32, s: &str) -> Value {
         decode_text(oid, s.as_bytes()).expect("decodes")
@@ -113,10 +138,16 @@ mod tests {
             text(1700, "12345678901234567890.000001"),
             Value::Text("12345678901234567890.000001".into())
         );
-        assert_eq!(
-            text(3802, r#"{"a": [1, null]}"#),
-            Value::Json(json!({"a": [1, null]}))
-        );
+        for json in [
+            r#"{"a": [1, null]}"#,
+            r#"{"big": 12345678901234567890123, "d": 0.1000000000000000055511151231257827}"#,
+            r#"{"b": 1, "a": 2, "b": 3}"#,
+            r#"{"x": 1e400}"#,
+            r#""\ud83d""#,
+        ] {
+            assert_eq!(text(114, json), Value::Json(json.to_owned()), "json");
+            assert_eq!(text(3802, json), Value::Json(json.to_owned()), "jsonb");
+        }
         assert_eq!(text(17, "\\x00ff10"), Value::Bytes(vec![0, 0xff, 0x10]));
         assert_eq!(
             text(1184, "2024-01-02 03:04:05.5+00"),
@@ -149,10 +180,36 @@ mod tests {
             ])
         );
         assert_eq!(
-            text(1007, "[0:1]={5,6}"),
+            text(1007, "[1:2]={5,6}"),
             Value::Array(vec![Value::Int(5), Value::Int(6)])
         );
+        // Other lower bounds are kept in PostgreSQL's text.
+        assert_eq!(text(1007, "[0:1]={5,6}"), Value::Text("[0:1]={5,6}".into()));
+        assert_eq!(
+            text(1007, "[1:1][2:3]={{5,6}}"),
+            Value::Text("[1:1][2:3]={{5,6}}".into())
+        );
         assert_eq!(text(1007, "{}"), Value::Array(vec![]));
+        // box[]: elements are separated by `;`.
+        assert_eq!(
+            text(1020, "{(3,4),(1,2);(6,7),(5,5)}"),
+            Value::Array(vec![
+                Value::Text("(3,4),(1,2)".into()),
+                Value::Text("(6,7),(5,5)".into()),
+            ])
+        );
+        // A jsonb null element is JSON, not SQL NULL.
+        assert_eq!(
+            text(3807, r#"{"null",NULL,"{\"a\": 1}"}"#),
+            Value::Array(vec![
+                Value::Json("null".into()),
+                Value::Null,
+                Value::Json(r#"{"a": 1}"#.into()),
+            ])
+        );
+        // int2vector and oidvector are not array literals.
+        assert_eq!(text(22, "1 2 3"), Value::Text("1 2 3".into()));
+        assert_eq!(text(30, "23 25"), Value::Text("23 25".into()));
     }
 
     #[test]
@@ -162,12 +219,15 @@ mod tests {
             (23, "1.5"),
             (17, "\\x0"),
             (17, "plain"),
-            (3802, "{"),
             (1007, "{1,2"),
             (1007, "{a}"),
         ] {
             let e = decode_text(oid, s.as_bytes()).unwrap_err();
             assert!(!e.type_name.is_empty(), "{oid} {s}");
+            // Kept as PostgreSQL's text instead, with the reason.
+            let (v, e) = decode_text_or_keep(oid, s.as_bytes());
+            assert_eq!(v, Value::Text(s.to_owned()));
+            assert!(e.is_some());
         }
     }
 }

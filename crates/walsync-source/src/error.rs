@@ -3,7 +3,6 @@
 //! operator.
 
 use crate::codec::CodecError;
-use walsync_types::Lsn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -23,13 +22,6 @@ pub enum SourceError {
     Protocol(String),
     #[error(transparent)]
     Codec(#[from] CodecError),
-    #[error("cannot decode column {column:?} of {table} at lsn {lsn}: {reason}")]
-    Datum {
-        table: String,
-        column: String,
-        lsn: Lsn,
-        reason: String,
-    },
     #[error("invalid source configuration: {0}")]
     Config(String),
     /// The database is not set up for walsync; the message says what to change.
@@ -53,7 +45,6 @@ impl SourceError {
             | SourceError::Auth(_)
             | SourceError::Protocol(_)
             | SourceError::Codec(_)
-            | SourceError::Datum { .. }
             | SourceError::Config(_)
             | SourceError::Preflight(_)
             | SourceError::SlotLost { .. } => false,

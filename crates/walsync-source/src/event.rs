@@ -63,18 +63,18 @@ impl Table {
                 self.columns.len()
             )));
         }
-        self.columns
+        Ok(self
+            .columns
             .iter()
             .zip(tuple)
             .map(|(col, v)| {
-                decode_tuple_value(col.type_oid, v).map_err(|e| SourceError::Datum {
-                    table: self.qualified_name(),
-                    column: col.name.clone(),
-                    lsn,
-                    reason: e.to_string(),
-                })
+                let (datum, error) = decode_tuple_value(col.type_oid, v);
+                if let Some(e) = error {
+                    tracing::warn!(table = %self.qualified_name(), column = %col.name, %lsn, error = %e, "a value that does not decode is kept as postgresql's text");
+                }
+                datum
             })
-            .collect()
+            .collect())
     }
 }
 

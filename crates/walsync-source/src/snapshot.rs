@@ -9,8 +9,8 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use walsync_types::Lsn;
 
 use crate::codec::ReplicaIdentity;
-use crate::datum::{Datum, decode_text};
-use crate::error::{Result, SourceError};
+use crate::datum::{Datum, decode_text_or_keep};
+use crate::error::Result;
 use crate::event::{Row, SourceEvent, Table, TableColumn};
 
 /// Where the snapshot's events go; `false` means the consumer went away.
@@ -104,12 +104,11 @@ fn decode_row(table: &Table, r: &tokio_postgres::SimpleQueryRow) -> Result<Row> 
         let v = match r.get(i) {
             None => walsync_types::Value::Null,
             Some(text) => {
-                decode_text(col.type_oid, text.as_bytes()).map_err(|e| SourceError::Datum {
-                    table: table.qualified_name(),
-                    column: col.name.clone(),
-                    lsn: Lsn::ZERO,
-                    reason: e.to_string(),
-                })?
+                let (v, error) = decode_text_or_keep(col.type_oid, text.as_bytes());
+                if let Some(e) = error {
+                    tracing::warn!(table = %table.qualified_name(), column = %col.name, error = %e, "a value that does not decode is kept as postgresql's text");
+                }
+                v
             }
         };
         row.push(Datum::Value(v));

@@ -3,7 +3,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// One column value of a replicated row, decoded from PostgreSQL's text form by its type.
 ///
 /// Types without an exact JSON counterpart keep PostgreSQL's own text: `numeric` (to keep every
-/// digit), dates, times, intervals, uuids and any type walsync does not know.
+/// digit), dates, times, intervals, uuids and any type walsync does not know. `json` and `jsonb`
+/// keep the text PostgreSQL printed too (byte for byte for `json`, the canonical text for
+/// `jsonb`): nothing rounds a number, sorts keys or merges duplicate keys, and no value
+/// PostgreSQL stores (a number beyond `f64`, deep nesting, a lone surrogate escape) can fail to
+/// decode. Only rules that look inside a value parse it ([`Value::json`]).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Value {
     Null,
@@ -13,13 +17,52 @@ pub enum Value {
     /// them.
     Float(f64),
     Text(String),
-    Json(serde_json::Value),
+    /// JSON text, as PostgreSQL printed it (or as a rule built it).
+    #[serde(
+        serialize_with = "json_text::serialize",
+        deserialize_with = "json_text::deserialize"
+    )]
+    Json(String),
     Bytes(Vec<u8>),
     Array(Vec<Value>),
 }
 
 impl Value {
-    /// The value as JSON. Bytes become PostgreSQL's hex text (`\x0a0b`), as `bytea` prints.
+    /// A JSON value from a parsed one (a rule's result, a token's claim).
+    pub fn from_json(j: &serde_json::Value) -> Value {
+        Value::Json(j.to_string())
+    }
+
+    /// The parsed form of a `Json` value, for rules that look inside it: `None` for any other
+    /// value, and for JSON text serde_json cannot hold (nesting past its depth limit).
+    pub fn json(&self) -> Option<serde_json::Value> {
+        match self {
+            Value::Json(text) => serde_json::from_str(text).ok(),
+            _ => None,
+        }
+    }
+
+    /// The value as JSON text: [`Value::to_json`]'s form, except that JSON values (also inside
+    /// arrays) are written as the text they hold, so nothing in them is rounded or reordered.
+    pub fn write_json(&self, out: &mut String) {
+        match self {
+            Value::Json(text) => out.push_str(text),
+            Value::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    item.write_json(out);
+                }
+                out.push(']');
+            }
+            other => out.push_str(&other.to_json().to_string()),
+        }
+    }
+
+    /// The value as JSON. Bytes become PostgreSQL's hex text (`\x0a0b`), as `bytea` prints; JSON
+    /// text serde_json cannot parse stays a JSON string of that text.
     pub fn to_json(&self) -> serde_json::Value {
         use serde_json::Value as J;
         match self {
@@ -28,10 +71,29 @@ impl Value {
             Value::Int(i) => J::from(*i),
             Value::Float(f) => serde_json::Number::from_f64(*f).map_or(J::Null, J::Number),
             Value::Text(s) => J::String(s.clone()),
-            Value::Json(j) => j.clone(),
+            Value::Json(text) => {
+                serde_json::from_str(text).unwrap_or_else(|_| J::String(text.clone()))
+            }
             Value::Bytes(b) => J::String(bytea_hex(b)),
             Value::Array(items) => J::Array(items.iter().map(Value::to_json).collect()),
         }
+    }
+}
+
+/// `Json` values in serde forms (the store's JSON records of earlier versions): written and read
+/// as the JSON they hold, as those versions wrote them.
+mod json_text {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(text: &str, s: S) -> Result<S::Ok, S::Error> {
+        match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(j) => j.serialize(s),
+            Err(_) => text.serialize(s),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        Ok(serde_json::Value::deserialize(d)?.to_string())
     }
 }
 
@@ -92,13 +154,42 @@ mod tests {
             Value::Int(-3),
             Value::Float(1.5),
             Value::Text("12.50".into()),
-            Value::Json(json!({"a": 1})),
+            Value::Json("{\"a\": 1}".into()),
             Value::Bytes(vec![0, 0xab]),
         ]);
         assert_eq!(
             v.to_json(),
             json!([null, true, -3, 1.5, "12.50", {"a": 1}, "\\x00ab"])
         );
+        let mut text = String::new();
+        v.write_json(&mut text);
+        assert_eq!(text, "[null,true,-3,1.5,\"12.50\",{\"a\": 1},\"\\\\x00ab\"]");
+    }
+
+    #[test]
+    fn json_text_is_kept_whole() {
+        // Numbers beyond f64, long decimals, key order and duplicate keys, deep nesting.
+        let deep = format!("{}1{}", "[".repeat(300), "]".repeat(300));
+        for text in [
+            "{\"big\": 12345678901234567890123}",
+            "0.1000000000000000055511151231257827",
+            "{\"b\": 1, \"a\": 2, \"b\": 3}",
+            "1e400",
+            "\"\\ud83d\"",
+            deep.as_str(),
+        ] {
+            let v = Value::Json(text.to_owned());
+            let mut out = String::new();
+            Value::Array(vec![v.clone()]).write_json(&mut out);
+            assert_eq!(out, format!("[{text}]"));
+            // Earlier versions' JSON records read back as the JSON they held.
+            let json = serde_json::to_string(&Value::Json("{\"a\":[1,2]}".into())).unwrap();
+            assert_eq!(
+                serde_json::from_str::<Value>(&json).unwrap(),
+                Value::Json("{\"a\":[1,2]}".into())
+            );
+        }
+        assert_eq!(Value::Json(deep).json(), None, "past serde_json's depth");
     }
 
     #[test]

@@ -1,32 +1,49 @@
 //! PostgreSQL's text form of arrays: `{1,2,NULL}`, `{"a b","c\"d"}`, `{{1,2},{3,4}}`, with an
-//! optional dimension prefix such as `[0:1]=`. Elements are decoded by the caller's function.
+//! optional dimension prefix such as `[0:1]=`. Elements are decoded by the caller's function and
+//! separated by the element type's delimiter (`,`, or `;` for `box`).
 
 use walsync_types::Value;
 
-/// `Err(None)` is a malformed literal; `Err(Some(e))` is an element that failed to decode.
+/// `Ok(None)` is an array whose dimensions do not all start at 1 (a `Value::Array` cannot say
+/// where they start); `Err(None)` is a malformed literal; `Err(Some(e))` is an element that
+/// failed to decode.
 pub(super) fn parse<E>(
     s: &str,
+    delimiter: u8,
     element: &dyn Fn(&str) -> Result<Value, E>,
-) -> Result<Value, Option<E>> {
+) -> Result<Option<Value>, Option<E>> {
     let body = match s.strip_prefix('[') {
-        Some(_) => s.split_once('=').ok_or(None)?.1,
+        Some(_) => {
+            let (dims, body) = s.split_once('=').ok_or(None)?;
+            // `[1:2][1:3]`: every lower bound must be 1.
+            let starts_at_one = dims
+                .split('[')
+                .filter(|d| !d.is_empty())
+                .all(|d| d.split_once(':').is_some_and(|(lower, _)| lower.trim() == "1"));
+            if !starts_at_one {
+                return Ok(None);
+            }
+            body
+        }
         None => s,
     };
     let mut p = Parser {
         s: body.as_bytes(),
         pos: 0,
+        delimiter,
     };
     let v = p.array(element)?;
     p.skip_ws();
     if p.pos != p.s.len() {
         return Err(None);
     }
-    Ok(v)
+    Ok(Some(v))
 }
 
 struct Parser<'a> {
     s: &'a [u8],
     pos: usize,
+    delimiter: u8,
 }
 
 impl Parser<'_> {
@@ -70,7 +87,7 @@ impl Parser<'_> {
             items.push(item);
             self.skip_ws();
             match self.peek() {
-                Some(b',') => self.pos += 1,
+                Some(c) if c == self.delimiter => self.pos += 1,
                 Some(b'}') => {
                     self.pos += 1;
                     return Ok(Value::Array(items));
@@ -105,7 +122,7 @@ impl Parser<'_> {
         let start = self.pos;
         while self
             .peek()
-            .is_some_and(|c| !matches!(c, b',' | b'}' | b'{' | b'"'))
+            .is_some_and(|c| c != self.delimiter && !matches!(c, b'}' | b'{' | b'"'))
         {
             self.pos += 1;
         }

@@ -64,9 +64,9 @@ impl Writer {
                 self.u8(4);
                 self.str(s);
             }
-            Value::Json(j) => {
+            Value::Json(text) => {
                 self.u8(5);
-                self.str(&j.to_string());
+                self.str(text);
             }
             Value::Bytes(b) => {
                 self.u8(6);
@@ -143,10 +143,8 @@ impl<'a> Reader<'a> {
             2 => Value::Int(self.u64()? as i64),
             3 => Value::Float(f64::from_bits(self.u64()?)),
             4 => Value::Text(self.str()?),
-            5 => Value::Json(
-                serde_json::from_slice(self.bytes()?)
-                    .map_err(|_| corrupt(self.what, "bad json value"))?,
-            ),
+            // The JSON text (earlier versions wrote serde_json's text of the value: JSON too).
+            5 => Value::Json(self.str()?),
             6 => Value::Bytes(self.bytes()?.to_vec()),
             7 => {
                 let n = self.count()?;

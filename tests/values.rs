@@ -1,0 +1,106 @@
+//! Values nobody here designed, through the whole replicator (snapshot and stream) into the
+//! store: each column reaches clients exactly as PostgreSQL prints it (json byte for byte, jsonb
+//! in its canonical text, arrays as PostgreSQL's `to_json` writes them), keyed by text UUIDs, and
+//! no value stops replication.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::seed::{self, Setup};
+use walsync_rules::SyncRules;
+use walsync_storage::{EmbeddedStore, StoreRead};
+use walsync_testkit::shared;
+
+const SCHEMA: &str = "CREATE TABLE docs (
+    id text PRIMARY KEY DEFAULT gen_random_uuid()::text, j json, jb jsonb, deep jsonb,
+    v int2vector, o oidvector, boxes box[], lower int4[], jbs jsonb[], tags text[], at timestamptz);
+    CREATE PUBLICATION walsync FOR ALL TABLES";
+
+const RULES: &str = "bucket_definitions:\n  everything:\n    data:\n      - SELECT * FROM docs\n";
+
+/// Inserts one row of hostile values; `n` makes each row's JSON differ.
+fn insert(n: u32) -> String {
+    let deep = format!("{}{n}{}", "[".repeat(200), "]".repeat(200));
+    format!(
+        r#"INSERT INTO docs (j, jb, deep, v, o, boxes, lower, jbs, tags, at) VALUES (
+        '{{"big": 12345678901234567890123{n}, "d": 0.1000000000000000055511151231257827, "b": 1, "b": 2, "s": "\ud83d", "x": 1e400}}',
+        '{{"big": 12345678901234567890123{n}, "tiny": 1e-400, "z": "é😀", "a": [null, {{"q": "\"\\"}}]}}',
+        '{deep}', '1 2 {n}', '23 25', ARRAY['((1,2),(3,4))'::box, '((5,6),(7,{n}))'::box],
+        '[2:3]={{1,{n}}}', ARRAY['null'::jsonb, NULL, '{{"a": 1e400}}'::jsonb],
+        ARRAY['a,b', NULL, 'NULL', 'q"uote', ''], '1900-01-01 00:00:00+00')"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_values_reach_clients_as_postgresql_prints_them() -> anyhow::Result<()> {
+    let db = shared().fresh_database().await?;
+    let sql = db.connect().await?;
+    sql.batch_execute(SCHEMA).await?;
+    for n in 0..3 {
+        sql.batch_execute(&insert(n)).await?;
+    }
+    let dir = tempfile::tempdir()?;
+    let s = Setup {
+        store: Arc::new(EmbeddedStore::open(dir.path())?),
+        sql,
+        url: db.url.clone(),
+        slot: db.name.clone(),
+        rules: Arc::new(SyncRules::from_yaml(RULES)?),
+        dir,
+    };
+    let (stop, task) = seed::spawn(&s, seed::config(&s));
+    // Rows in the stream too, some of them in one transaction, and a row after them.
+    for n in 3..6 {
+        s.sql.batch_execute(&insert(n)).await?;
+    }
+    s.sql
+        .batch_execute(&format!("BEGIN; {}; {}; COMMIT", insert(6), insert(7)))
+        .await?;
+    s.sql
+        .batch_execute("INSERT INTO docs (id) VALUES ('after')")
+        .await?;
+
+    // What each row must be, from PostgreSQL itself: the text of scalars, `to_json` of arrays.
+    let want: std::collections::BTreeMap<String, serde_json::Value> = s
+        .sql
+        .query(
+            "SELECT id, json_build_object('id', id, 'j', j::text, 'jb', jb::text, 'deep', deep::text,
+                 'v', v::text, 'o', o::text, 'boxes', to_json(boxes)::text, 'lower', lower::text,
+                 'jbs', to_json(jbs)::text, 'tags', to_json(tags)::text,
+                 'at', to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || '+00')::text
+             FROM docs",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            let id: String = r.get(0);
+            let j: String = r.get(1);
+            (id, serde_json::from_str(&j).expect("json"))
+        })
+        .collect();
+    assert_eq!(want.len(), 9);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let got = loop {
+        let got = seed::actual(&s.store);
+        let rows = got.get("everything[]").map_or(0, |b| b.len());
+        if rows == want.len() && s.store.checkpoint()?.snapshot_complete {
+            break got;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the store never held every row ({rows} of {})",
+            want.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for ((ty, id), data) in &got["everything[]"] {
+        assert_eq!(ty, "docs");
+        let data: serde_json::Value = serde_json::from_str(data)?;
+        let expected = &want[id];
+        assert_eq!(&data, expected, "row {id}");
+    }
+    stop.send(true)?;
+    task.await??;
+    Ok(())
+}
