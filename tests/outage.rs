@@ -32,28 +32,7 @@ async fn streams_survive_a_postgres_outage() -> anyhow::Result<()> {
     )
     .await?;
     let dir = tempfile::tempdir()?;
-    let service = Service::start(Config {
-        postgres: PostgresConfig {
-            url: db.url.clone(),
-            slot: "outage".into(),
-            publication: "walsync".into(),
-            create_publication: false,
-        },
-        rules: RULES.into(),
-        storage: StorageConfig {
-            dir: dir.path().join("store"),
-        },
-        server: ServerConfig {
-            listen: "127.0.0.1:0".parse()?,
-            ..ServerConfig::default()
-        },
-        auth: AuthConfig {
-            secret: Some("s".into()),
-            ..AuthConfig::default()
-        },
-        sync: SyncSection::default(),
-    })
-    .await?;
+    let service = Service::start(config(&db.url, dir.path())?).await?;
     let token = mint_hs256("s", "u1", None, Duration::from_secs(600))?;
     let wait = Duration::from_secs(60);
     let mut client = SyncClient::new(
@@ -87,6 +66,74 @@ async fn streams_survive_a_postgres_outage() -> anyhow::Result<()> {
     let wcp = client.connector().write_checkpoint("c").await?;
     client
         .until(wait, |s| s.write_checkpoint().is_some_and(|w| w >= wcp))
+        .await?;
+    service.stop().await;
+    Ok(())
+}
+
+fn config(url: &str, dir: &std::path::Path) -> anyhow::Result<Config> {
+    Ok(Config {
+        postgres: PostgresConfig {
+            url: url.to_owned(),
+            slot: "outage".into(),
+            publication: "walsync".into(),
+            create_publication: false,
+        },
+        rules: RULES.into(),
+        storage: StorageConfig {
+            dir: dir.join("store"),
+        },
+        server: ServerConfig {
+            listen: "127.0.0.1:0".parse()?,
+            ..ServerConfig::default()
+        },
+        auth: AuthConfig {
+            secret: Some("s".into()),
+            ..AuthConfig::default()
+        },
+        sync: SyncSection::default(),
+    })
+}
+
+/// PostgreSQL is down when walsync starts (or when the replicator starts a new session after a
+/// cut-off transaction): the replicator waits it out with backoff instead of stopping the
+/// process, and replicates once PostgreSQL is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replicator_waits_for_a_postgres_that_is_down() -> anyhow::Result<()> {
+    if std::env::var("WALSYNC_TEST_PG_URL").is_ok_and(|u| !u.is_empty()) {
+        eprintln!("skipped: stops its own cluster, which WALSYNC_TEST_PG_URL does not allow");
+        return Ok(());
+    }
+    let cluster = Cluster::start(ClusterOptions::default())?;
+    let db = cluster.fresh_database().await?;
+    let sql = db.connect().await?;
+    sql.batch_execute(SCHEMA).await?;
+    sql.batch_execute(
+        "CREATE PUBLICATION walsync FOR ALL TABLES;
+         INSERT INTO projects (id, name, description) VALUES (1, 'p', 'before');
+         INSERT INTO project_members (project_id, user_id, role) VALUES (1, 'u1', 'owner');",
+    )
+    .await?;
+    drop(sql);
+    cluster.stop()?;
+    let dir = tempfile::tempdir()?;
+    let mut service = Service::start(config(&db.url, dir.path())?).await?;
+    // Several attempts fail meanwhile; the replicator must still be running afterwards.
+    let waited = tokio::time::timeout(Duration::from_secs(3), service.wait()).await;
+    assert!(waited.is_err(), "the replicator stopped: {waited:?}");
+    let ready = reqwest::get(format!("{}/health/ready", service.url())).await?;
+    assert_eq!(ready.status(), 503, "not ready while nothing is replicated");
+
+    cluster.start_again()?;
+    let token = mint_hs256("s", "u1", None, Duration::from_secs(600))?;
+    let mut client = SyncClient::new(
+        Connector::new(&service.url(), Transport::Http, &token)?,
+        "c",
+    );
+    client
+        .until(Duration::from_secs(60), |s| {
+            description_of(s).as_deref() == Some("before")
+        })
         .await?;
     service.stop().await;
     Ok(())

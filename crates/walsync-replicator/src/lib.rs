@@ -115,6 +115,8 @@ fn run_blocking<S: BucketStore>(
     let mut commits = 0u64;
     // Set when the slot was lost: the next session makes it again and copies the data anew.
     let mut rebuild = false;
+    // Between attempts to start a session while PostgreSQL cannot be reached.
+    let mut backoff = config.source.reconnect_min;
     loop {
         if *stop.borrow() {
             return Ok(());
@@ -129,8 +131,25 @@ fn run_blocking<S: BucketStore>(
             },
             owns_slot,
         };
+        // PostgreSQL unreachable (down, restarting, a network partition) is waited out: the
+        // replicator tries again with backoff instead of stopping the process, and the slot
+        // keeps what it has not acknowledged. Definite errors (pre-flight, auth) still stop it.
+        let stream = match handle.block_on(Source::start(config.source.clone(), resume)) {
+            Ok(stream) => {
+                backoff = config.source.reconnect_min;
+                stream
+            }
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot start replication; trying again");
+                if wait_or_stop(&handle, &mut stop, backoff) {
+                    return Ok(());
+                }
+                backoff = (backoff * 2).min(config.source.reconnect_max);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         rebuild = false;
-        let stream = handle.block_on(Source::start(config.source.clone(), resume))?;
         let mut applier = Applier::new(rules.clone());
         match session(
             &handle,
@@ -168,6 +187,21 @@ fn run_blocking<S: BucketStore>(
 enum Restart {
     Stop,
     Again,
+}
+
+/// Sleeps for `wait` unless asked to stop first; whether it was.
+fn wait_or_stop(
+    handle: &tokio::runtime::Handle,
+    stop: &mut watch::Receiver<bool>,
+    wait: Duration,
+) -> bool {
+    handle.block_on(async {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+    });
+    *stop.borrow()
 }
 
 #[allow(clippy::too_many_arguments)]

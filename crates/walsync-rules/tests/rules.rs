@@ -329,7 +329,9 @@ fn any_value() -> impl Strategy<Value = Value> {
         Just(Value::Json(r#"{"a": [1, "x\"y"], "b": null}"#.into())),
         Just(Value::Json(r#""plain""#.into())),
         // Beyond f64, duplicate keys (json), a lone surrogate escape: kept as printed.
-        Just(Value::Json(r#"{"big": 12345678901234567890123, "b": 1, "b": 2, "s": "\ud83d"}"#.into())),
+        Just(Value::Json(
+            r#"{"big": 12345678901234567890123, "b": 1, "b": 2, "s": "\ud83d"}"#.into()
+        )),
     ];
     leaf.prop_recursive(1, 4, 3, |inner| {
         prop::collection::vec(inner, 0..3).prop_map(Value::Array)

@@ -46,7 +46,10 @@ pub fn decode_tuple_value(type_oid: u32, v: &TupleValue) -> (Datum, Option<Datum
 pub fn decode_text_or_keep(type_oid: u32, text: &[u8]) -> (Value, Option<DatumError>) {
     match decode_text(type_oid, text) {
         Ok(v) => (v, None),
-        Err(e) => (Value::Text(String::from_utf8_lossy(text).into_owned()), Some(e)),
+        Err(e) => (
+            Value::Text(String::from_utf8_lossy(text).into_owned()),
+            Some(e),
+        ),
     }
 }
 

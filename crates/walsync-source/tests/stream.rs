@@ -105,8 +105,10 @@ async fn hostile_values_arrive_as_postgresql_prints_them_and_stop_nothing() -> a
             "INSERT INTO hostile VALUES (2, {values}); INSERT INTO hostile (id) VALUES (3)"
         ))
         .await?;
-    c.until(&mut stream, |c| c.txns.iter().map(|t| t.changes.len()).sum::<usize>() >= 2)
-        .await?;
+    c.until(&mut stream, |c| {
+        c.txns.iter().map(|t| t.changes.len()).sum::<usize>() >= 2
+    })
+    .await?;
 
     let row = db
         .sql

@@ -163,7 +163,10 @@ mod tests {
         );
         let mut text = String::new();
         v.write_json(&mut text);
-        assert_eq!(text, "[null,true,-3,1.5,\"12.50\",{\"a\": 1},\"\\\\x00ab\"]");
+        assert_eq!(
+            text,
+            "[null,true,-3,1.5,\"12.50\",{\"a\": 1},\"\\\\x00ab\"]"
+        );
     }
 
     #[test]

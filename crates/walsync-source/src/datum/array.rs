@@ -16,10 +16,10 @@ pub(super) fn parse<E>(
         Some(_) => {
             let (dims, body) = s.split_once('=').ok_or(None)?;
             // `[1:2][1:3]`: every lower bound must be 1.
-            let starts_at_one = dims
-                .split('[')
-                .filter(|d| !d.is_empty())
-                .all(|d| d.split_once(':').is_some_and(|(lower, _)| lower.trim() == "1"));
+            let starts_at_one = dims.split('[').filter(|d| !d.is_empty()).all(|d| {
+                d.split_once(':')
+                    .is_some_and(|(lower, _)| lower.trim() == "1")
+            });
             if !starts_at_one {
                 return Ok(None);
             }
