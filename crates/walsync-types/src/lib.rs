@@ -10,7 +10,7 @@ mod row_id;
 mod value;
 
 pub use bucket::{LookupEntry, LookupKey, OpKind, RowOutput, bucket_id};
-pub use checksum::{add_checksums, put_checksum, remove_checksum};
+pub use checksum::{PutDigest, add_checksums, put_checksum, put_digest, remove_checksum};
 pub use lsn::{Lsn, ParseLsnError};
 pub use row_id::RowId;
 pub use value::{PgTimestamp, Value};

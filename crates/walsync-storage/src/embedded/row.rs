@@ -14,6 +14,30 @@ pub(super) struct Placement {
     pub(super) object_type: String,
     pub(super) object_id: String,
     pub(super) checksum: u32,
+    /// The 128-bit fingerprint of the data put there ([`walsync_types::PutDigest`]), which
+    /// decides whether a new PUT changes anything; `None` in records of earlier versions, whose
+    /// checksum decides instead until the row is written again.
+    #[serde(default)]
+    pub(super) fingerprint: Option<u128>,
+}
+
+impl Placement {
+    /// Whether the row already holds `digest`'s data at `bucket` as `object_type/object_id`.
+    pub(super) fn holds(
+        &self,
+        bucket: &str,
+        object_type: &str,
+        object_id: &str,
+        digest: walsync_types::PutDigest,
+    ) -> bool {
+        self.bucket == bucket
+            && self.object_type == object_type
+            && self.object_id == object_id
+            && match self.fingerprint {
+                Some(f) => f == digest.fingerprint,
+                None => self.checksum == digest.checksum,
+            }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -26,8 +50,10 @@ pub(super) struct RowRecord {
     pub(super) lookups: Vec<LookupEntry>,
 }
 
-/// Row copies are written for every replicated row: binary, like ops (see [`OP_TAG`]).
-pub(super) const ROW_TAG: u8 = 0xB2;
+/// Row copies are written for every replicated row: binary, like ops (see [`OP_TAG`]). Records
+/// tagged [`ROW_TAG_V1`] (earlier versions) have no fingerprints.
+pub(super) const ROW_TAG: u8 = 0xB4;
+pub(super) const ROW_TAG_V1: u8 = 0xB2;
 
 impl RowRecord {
     pub(super) fn to_bytes(&self) -> Result<Vec<u8>> {
@@ -44,6 +70,9 @@ impl RowRecord {
             w.str(&p.object_type);
             w.str(&p.object_id);
             w.u32(p.checksum);
+            let f = p.fingerprint.unwrap_or(0);
+            w.u64(f as u64);
+            w.u64((f >> 64) as u64);
         }
         write_lookups(&mut w, &self.lookups)?;
         Ok(w.0)
@@ -54,9 +83,11 @@ impl RowRecord {
             return decode("row", b);
         }
         let mut r = Reader::new("row", b);
-        if r.u8()? != ROW_TAG {
-            return Err(corrupt("row", "unknown row record format"));
-        }
+        let fingerprints = match r.u8()? {
+            ROW_TAG => true,
+            ROW_TAG_V1 => false,
+            _ => return Err(corrupt("row", "unknown row record format")),
+        };
         let s = r.u64()?;
         let n = r.count()?;
         let mut v = Vec::with_capacity(n);
@@ -66,11 +97,20 @@ impl RowRecord {
         let n = r.count()?;
         let mut placements = Vec::with_capacity(n);
         for _ in 0..n {
+            let (bucket, object_type, object_id, checksum) =
+                (r.str()?, r.str()?, r.str()?, r.u32()?);
+            let fingerprint = if fingerprints {
+                let low = u128::from(r.u64()?);
+                Some(low | (u128::from(r.u64()?) << 64))
+            } else {
+                None
+            };
             placements.push(Placement {
-                bucket: r.str()?,
-                object_type: r.str()?,
-                object_id: r.str()?,
-                checksum: r.u32()?,
+                bucket,
+                object_type,
+                object_id,
+                checksum,
+                fingerprint,
             });
         }
         let lookups = read_lookups(&mut r)?;

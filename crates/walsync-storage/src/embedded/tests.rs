@@ -70,6 +70,7 @@ fn row_records_round_trip_and_json_records_still_read() {
             object_type: "t".into(),
             object_id: "1".into(),
             checksum: 0xDEAD_BEEF,
+            fingerprint: Some(u128::MAX - 7),
         }],
         lookups: vec![LookupEntry {
             key: LookupKey {

@@ -5,7 +5,7 @@ use std::sync::MutexGuard;
 
 use fjall::{PersistMode, Readable, SingleWriterTxKeyspace, SingleWriterWriteTx};
 use walsync_types::{
-    LookupEntry, Lsn, OpKind, RowId, RowOutput, add_checksums, put_checksum, remove_checksum,
+    LookupEntry, Lsn, OpKind, RowId, RowOutput, add_checksums, put_digest, remove_checksum,
 };
 
 use super::chunk::{CHUNK_BYTES, push_op, put_chunk};
@@ -258,13 +258,11 @@ impl StoreWriter for EmbeddedWriter<'_> {
         };
         let mut placements = Vec::with_capacity(outputs.len());
         for out in outputs {
-            let checksum = put_checksum(&out.object_type, &out.object_id, &out.data);
-            let unchanged = old_placements.iter().any(|p| {
-                p.bucket == out.bucket
-                    && p.object_type == out.object_type
-                    && p.object_id == out.object_id
-                    && p.checksum == checksum
-            });
+            let digest = put_digest(&out.object_type, &out.object_id, &out.data);
+            let checksum = digest.checksum;
+            let unchanged = old_placements
+                .iter()
+                .any(|p| p.holds(&out.bucket, &out.object_type, &out.object_id, digest));
             if !unchanged {
                 self.emit(
                     &out.bucket,
@@ -280,6 +278,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
                 object_type: out.object_type,
                 object_id: out.object_id,
                 checksum,
+                fingerprint: Some(digest.fingerprint),
             });
         }
         for p in &old_placements {
