@@ -104,3 +104,82 @@ async fn hostile_values_reach_clients_as_postgresql_prints_them() -> anyhow::Res
     task.await??;
     Ok(())
 }
+
+/// A `REPLICA IDENTITY FULL` table without a key: a row's id is the whole row, here over 64 KiB
+/// (longer than any key the store's engine takes). Inserted, updated and deleted, in the
+/// snapshot and the stream, it replicates like any row, and replication goes on after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wide_replica_identity_full_row_replicates_like_any_row() -> anyhow::Result<()> {
+    let db = shared().fresh_database().await?;
+    let sql = db.connect().await?;
+    // md5 text does not compress, so the row stays wider than 64 KiB.
+    let wide = "(SELECT string_agg(md5(i::text || $$x$$), '') FROM generate_series(1, 2500) i)";
+    sql.batch_execute(&format!(
+        "CREATE TABLE wide (id text, body text, n int);
+         ALTER TABLE wide REPLICA IDENTITY FULL;
+         CREATE PUBLICATION walsync FOR ALL TABLES;
+         INSERT INTO wide VALUES ('a', {wide}, 0), ('b', 'small', 0);"
+    ))
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let s = Setup {
+        store: Arc::new(EmbeddedStore::open(dir.path())?),
+        sql,
+        url: db.url.clone(),
+        slot: db.name.clone(),
+        rules: Arc::new(SyncRules::from_yaml(
+            "bucket_definitions:\n  everything:\n    data:\n      - SELECT * FROM wide\n",
+        )?),
+        dir,
+    };
+    let (stop, task) = seed::spawn(&s, seed::config(&s));
+    s.sql
+        .batch_execute(&format!(
+            "INSERT INTO wide VALUES ('c', {wide} || 'c', 0);
+             UPDATE wide SET n = 1 WHERE id = 'c';
+             UPDATE wide SET n = 2 WHERE id = 'a';
+             DELETE FROM wide WHERE id = 'b';
+             INSERT INTO wide VALUES ('d', 'after', 0);"
+        ))
+        .await?;
+    let want: std::collections::BTreeMap<(String, String), String> = s
+        .sql
+        .query(
+            "SELECT id, json_build_object('id', id, 'body', body, 'n', n)::text FROM wide",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (("wide".to_owned(), r.get(0)), r.get(1)))
+        .collect();
+    assert!(want[&("wide".to_owned(), "c".to_owned())].len() > 65_536);
+    let normal = |m: &std::collections::BTreeMap<(String, String), String>| {
+        m.iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    serde_json::from_str::<serde_json::Value>(v).expect("json"),
+                )
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = seed::actual(&s.store);
+        if let Some(rows) = got.get("everything[]")
+            && normal(rows) == normal(&want)
+        {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the store never matched postgresql: {:?}",
+            got.get("everything[]")
+                .map(|r| r.keys().collect::<Vec<_>>())
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.send(true)?;
+    task.await??;
+    Ok(())
+}

@@ -150,6 +150,40 @@ pub fn run_all<S: BucketStore>(fresh: impl Fn() -> S) {
     ops_read_alike_at_any_bounds(&fresh());
     row_ids_of_every_form_are_found_again(&fresh());
     a_put_whose_checksum_collides_is_still_written(&fresh());
+    long_row_ids_keep_their_lookups(&fresh());
+}
+
+/// A row whose id is longer than any engine key (a `REPLICA IDENTITY FULL` row of 70 KB) has
+/// lookups like any row: they end when it is deleted, or when its table is truncated.
+pub fn long_row_ids_keep_their_lookups<S: BucketStore>(store: &S) {
+    let long = |n: u32| row_id(format!("[\"{n}{}\"]", "y".repeat(70_000)));
+    let mut w = store.writer().expect("writer");
+    for n in 0..2 {
+        w.upsert_row(
+            "public.m",
+            &long(n),
+            row(1),
+            vec![],
+            vec![member(&format!("u{n}"), 7)],
+        )
+        .expect("upsert");
+    }
+    let c1 = w.commit().expect("commit").op_id;
+    for n in 0..2 {
+        assert_eq!(
+            store.lookup(&key(&format!("u{n}")), c1).expect("lookup"),
+            vec![vec![serde_json::json!(7)]]
+        );
+    }
+    let mut w = store.writer().expect("writer");
+    w.delete_row("public.m", &long(0)).expect("delete");
+    let c2 = w.commit().expect("commit").op_id;
+    assert!(store.lookup(&key("u0"), c2).expect("lookup").is_empty());
+    let mut w = store.writer().expect("writer");
+    w.truncate("public.m").expect("truncate");
+    let c3 = w.commit().expect("commit").op_id;
+    assert!(store.lookup(&key("u1"), c3).expect("lookup").is_empty());
+    assert_eq!(store.row("public.m", &long(1)).expect("row"), None);
 }
 
 /// Two data texts with the same 32-bit op checksum (found by trying, about 2^16 tries): an
@@ -188,7 +222,10 @@ pub fn a_put_whose_checksum_collides_is_still_written<S: BucketStore>(store: &S)
 /// among them (a backend may key those by number), are found by reads, updates, deletes and a
 /// truncate, which must recover every row id from what it stored.
 pub fn row_ids_of_every_form_are_found_again<S: BucketStore>(store: &S) {
+    // A `REPLICA IDENTITY FULL` row's id is the whole row: longer than any engine key.
+    let long = format!("[\"{}\",\"\\\"q\"]", "x".repeat(70_000));
     let ids = [
+        long.as_str(),
         "[\"5\"]",
         "[\"-5\"]",
         "[\"0\"]",

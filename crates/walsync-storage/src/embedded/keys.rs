@@ -1,6 +1,9 @@
 //! The keys of the store's keyspaces: ordered bytes, `part 0x00 rest`. No part before a 0x00
 //! contains one: bucket ids and lookup keys are JSON text, table names are identifiers.
 
+use std::borrow::Cow;
+
+use sha2::{Digest, Sha256};
 use walsync_types::RowId;
 
 pub(super) fn key2(a: &str, b: &[u8]) -> Vec<u8> {
@@ -30,8 +33,28 @@ pub(super) const ROW_KEYS: &[u8] = b"row_keys";
 pub(super) const ORDERED_ROW_KEYS: &[u8] = b"ordered-int-1";
 const INT_ROW_ID: u8 = 0x01;
 
+/// Row ids longer than this are keyed by their SHA-256, in every store: the row id of a
+/// `REPLICA IDENTITY FULL` table is the whole row, and the engine refuses keys over 64 KiB (it
+/// panicked, at every restart, on the same row). 512 bytes keeps every ordinary key readable.
+const LONG_ROW_ID: usize = 512;
+/// The tag of a hashed row id in a key (a text row id starts with `[`).
+const HASHED_ROW_ID: u8 = 0x02;
+
+fn row_id_hash(row_id: &RowId) -> [u8; 32] {
+    Sha256::digest(row_id.as_str().as_bytes()).into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 impl RowKeys {
     pub(super) fn key(self, table: &str, row_id: &RowId) -> Vec<u8> {
+        if row_id.as_str().len() > LONG_ROW_ID {
+            let mut b = [HASHED_ROW_ID; 33];
+            b[1..].copy_from_slice(&row_id_hash(row_id));
+            return key2(table, &b);
+        }
         match (self, row_id.as_int()) {
             (RowKeys::Ordered, Some(i)) => {
                 let mut b = [INT_ROW_ID; 9];
@@ -39,6 +62,25 @@ impl RowKeys {
                 key2(table, &b)
             }
             _ => key2(table, row_id.as_str().as_bytes()),
+        }
+    }
+
+    /// How the lookups of a row name it (after `table/`): its id, or for a long one `#` and the
+    /// hex of the hash it is keyed by.
+    pub(super) fn label(row_id: &RowId) -> Cow<'_, str> {
+        if row_id.as_str().len() > LONG_ROW_ID {
+            Cow::Owned(format!("#{}", hex(&row_id_hash(row_id))))
+        } else {
+            Cow::Borrowed(row_id.as_str())
+        }
+    }
+
+    /// [`RowKeys::label`] of the row whose key of `rows` ends in `part` (the part after the
+    /// table).
+    pub(super) fn label_of(self, part: &[u8]) -> String {
+        match part {
+            [HASHED_ROW_ID, hash @ ..] if hash.len() == 32 => format!("#{}", hex(hash)),
+            _ => self.row_id(part).as_str().to_owned(),
         }
     }
 

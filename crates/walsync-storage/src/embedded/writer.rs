@@ -9,7 +9,7 @@ use walsync_types::{
 };
 
 use super::chunk::{CHUNK_BYTES, push_op, put_chunk};
-use super::keys::{key2, lookup_key, schema_id, schema_key};
+use super::keys::{RowKeys, key2, lookup_key, schema_id, schema_key};
 use super::record::{Writer, decode, encode, engine};
 use super::row::{Placement, RowRecord, names_in};
 use super::{RowKeyBounds, Spaces};
@@ -178,17 +178,18 @@ impl EmbeddedWriter<'_> {
         )
     }
 
+    /// `label` names the row in its lookups ([`RowKeys::label`]).
     fn set_lookups(
         &mut self,
         table: &str,
-        row_id: &RowId,
+        label: &str,
         old: &[LookupEntry],
         new: &[LookupEntry],
     ) -> Result<()> {
         if old == new {
             return Ok(());
         }
-        let row = format!("{table}/{}", row_id.as_str());
+        let row = format!("{table}/{label}");
         let row = row.as_str();
         // A lookup change takes an op id of its own, so that it is visible exactly from this
         // commit's checkpoint on.
@@ -289,7 +290,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
                 self.remove_from(p)?;
             }
         }
-        self.set_lookups(table, row_id, &old_lookups, &lookups)?;
+        self.set_lookups(table, &RowKeys::label(row_id), &old_lookups, &lookups)?;
         let s = match &self.last_schema {
             Some((c, id)) if std::sync::Arc::ptr_eq(c, &row.columns) => *id,
             _ => {
@@ -324,30 +325,22 @@ impl StoreWriter for EmbeddedWriter<'_> {
 
     fn delete_row(&mut self, table: &str, row_id: &RowId) -> Result<()> {
         let key = self.s.row_keys.key(table, row_id);
-        let Some(old) = self.record(table, &key)? else {
-            return Ok(());
-        };
-        for p in &old.placements {
-            self.remove_from(p)?;
-        }
-        self.set_lookups(table, row_id, &old.lookups, &[])?;
-        self.tx.remove(&self.s.rows, key);
-        Ok(())
+        self.delete_at(table, key, &RowKeys::label(row_id))
     }
 
     fn truncate(&mut self, table: &str) -> Result<()> {
         let prefix = key2(table, b"");
-        let ids: Vec<RowId> = self
+        let rows: Vec<(Vec<u8>, String)> = self
             .tx
             .prefix(&self.s.rows, &prefix)
             .map(|g| {
                 g.key()
-                    .map(|k| self.s.row_keys.row_id(&k[prefix.len()..]))
+                    .map(|k| (k.to_vec(), self.s.row_keys.label_of(&k[prefix.len()..])))
                     .map_err(engine)
             })
             .collect::<Result<_>>()?;
-        for id in ids {
-            self.delete_row(table, &id)?;
+        for (key, label) in rows {
+            self.delete_at(table, key, &label)?;
         }
         Ok(())
     }
@@ -397,6 +390,19 @@ impl StoreWriter for EmbeddedWriter<'_> {
 }
 
 impl EmbeddedWriter<'_> {
+    /// Deletes the row of `table` under `key` (a key of `rows`) named `label` in its lookups.
+    fn delete_at(&mut self, table: &str, key: Vec<u8>, label: &str) -> Result<()> {
+        let Some(old) = self.record(table, &key)? else {
+            return Ok(());
+        };
+        for p in &old.placements {
+            self.remove_from(p)?;
+        }
+        self.set_lookups(table, label, &old.lookups, &[])?;
+        self.tx.remove(&self.s.rows, key);
+        Ok(())
+    }
+
     fn finish(mut self, mode: PersistMode) -> Result<StoreCheckpoint> {
         for (b, p) in std::mem::take(&mut self.states) {
             self.changes.buckets.insert(b.clone());
