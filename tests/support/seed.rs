@@ -202,3 +202,60 @@ pub fn spawn(
     ));
     (stop_tx, task)
 }
+
+/// A fresh database with `schema` (which creates the publication `walsync`) and a store, for
+/// `rules`: data and rules of a test's own.
+pub async fn setup_with(schema: &str, rules: &str) -> anyhow::Result<Setup> {
+    let db = shared().fresh_database().await?;
+    let sql = db.connect().await?;
+    sql.batch_execute(schema).await?;
+    let dir = tempfile::tempdir()?;
+    Ok(Setup {
+        store: Arc::new(EmbeddedStore::open(dir.path())?),
+        sql,
+        url: db.url.clone(),
+        slot: db.name.clone(),
+        rules: Arc::new(SyncRules::from_yaml(rules)?),
+        dir,
+    })
+}
+
+/// Waits until `bucket` holds exactly the rows `query` reads from PostgreSQL: each row's object
+/// type, object id and data (a JSON object, compared as JSON).
+pub async fn wait_until_bucket_is(s: &Setup, bucket: &str, query: &str) -> anyhow::Result<()> {
+    type Rows = BTreeMap<(String, String), serde_json::Value>;
+    let parsed = |rows: &BTreeMap<(String, String), String>| -> Rows {
+        rows.iter()
+            .map(|(k, v)| (k.clone(), serde_json::from_str(v).unwrap_or_default()))
+            .collect()
+    };
+    let want: Rows = s
+        .sql
+        .query(query, &[])
+        .await?
+        .iter()
+        .map(|r| {
+            let data: String = r.get(2);
+            (
+                (r.get(0), r.get(1)),
+                serde_json::from_str(&data).unwrap_or_default(),
+            )
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = actual(&s.store);
+        let rows = got.get(bucket).map(parsed).unwrap_or_default();
+        if rows == want {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "{bucket} never matched postgresql: has {:?}, postgresql {:?}",
+                rows.keys().collect::<Vec<_>>(),
+                want.keys().collect::<Vec<_>>()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

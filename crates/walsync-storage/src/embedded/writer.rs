@@ -32,6 +32,26 @@ pub struct EmbeddedWriter<'a> {
     /// The last column list seen, by pointer, with its schema id: every row of a table shares
     /// one list, so its names are hashed once per table, not once per row.
     last_schema: Option<(std::sync::Arc<[String]>, u64)>,
+    /// The objects this commit PUT, by a hash of (bucket, type, id), with a hash of the key of
+    /// the row that put them. Clients know an object by (type, id), a row may change its key and
+    /// so its place in `rows` (a key swap under a deferred key, any update of a `REPLICA
+    /// IDENTITY FULL` row), and within one transaction two rows can put the same object: the
+    /// one leaving it must not remove what the other just put.
+    owners: HashMap<u64, u64>,
+}
+
+fn object_hash(bucket: &str, object_type: &str, object_id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    (bucket, object_type, object_id).hash(&mut h);
+    h.finish()
+}
+
+fn key_hash(key: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
 }
 
 /// A bucket's part of an open commit.
@@ -65,6 +85,7 @@ impl<'a> EmbeddedWriter<'a> {
             changes: Changes::default(),
             schemas: HashMap::new(),
             last_schema: None,
+            owners: HashMap::new(),
         }
     }
 }
@@ -165,8 +186,16 @@ impl EmbeddedWriter<'_> {
         Ok(())
     }
 
-    /// A REMOVE of the row's object from the bucket of `p`.
-    fn remove_from(&mut self, p: &Placement) -> Result<()> {
+    /// A REMOVE of the row's object from the bucket of `p`, unless another row (not the one
+    /// under `row`, a key of `rows`) put that object in this commit.
+    fn remove_from(&mut self, p: &Placement, row: &[u8]) -> Result<()> {
+        if self
+            .owners
+            .get(&object_hash(&p.bucket, &p.object_type, &p.object_id))
+            .is_some_and(|owner| *owner != key_hash(row))
+        {
+            return Ok(());
+        }
         let subkey = format!("{}/{}", p.object_type, p.object_id);
         self.emit(
             &p.bucket,
@@ -273,6 +302,10 @@ impl StoreWriter for EmbeddedWriter<'_> {
                     Some(&out.data),
                     checksum,
                 )?;
+                self.owners.insert(
+                    object_hash(&out.bucket, &out.object_type, &out.object_id),
+                    key_hash(&key),
+                );
             }
             placements.push(Placement {
                 bucket: out.bucket,
@@ -287,7 +320,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
                 n.bucket == p.bucket && n.object_type == p.object_type && n.object_id == p.object_id
             });
             if !kept {
-                self.remove_from(p)?;
+                self.remove_from(p, &key)?;
             }
         }
         self.set_lookups(table, &RowKeys::label(row_id), &old_lookups, &lookups)?;
@@ -396,7 +429,7 @@ impl EmbeddedWriter<'_> {
             return Ok(());
         };
         for p in &old.placements {
-            self.remove_from(p)?;
+            self.remove_from(p, &key)?;
         }
         self.set_lookups(table, label, &old.lookups, &[])?;
         self.tx.remove(&self.s.rows, key);
