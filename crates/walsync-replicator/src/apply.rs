@@ -195,10 +195,11 @@ impl Applier {
         let values: Vec<Value> = row
             .into_iter()
             .zip(names.iter())
-            .map(|(d, name)| match d {
+            .enumerate()
+            .map(|(i, (d, name))| match d {
                 Datum::Value(v) => v,
                 Datum::UnchangedToast => stored
-                    .and_then(|s| s.columns.iter().position(|c| c == name).and_then(|i| s.values.get(i).cloned()))
+                    .and_then(|s| stored_value(s, &names, i, name))
                     .unwrap_or_else(|| {
                         tracing::warn!(table = %qualified, column = %name, "unchanged toast value without a stored copy");
                         Value::Null
@@ -234,6 +235,19 @@ impl Applier {
         w.upsert_row(&qualified, &id, copy, outputs, lookups)?;
         Ok(())
     }
+}
+
+/// The stored copy's value of column `name`, at position `i` of the table's `columns` now. A
+/// column renamed since the copy was written (`ALTER TABLE … RENAME COLUMN`) is found at its
+/// position when the column list has kept its length (no column added or dropped meanwhile,
+/// which would shift positions; then names alone decide).
+fn stored_value(stored: &StoredRow, columns: &[String], i: usize, name: &str) -> Option<Value> {
+    let at = match stored.columns.iter().position(|c| c == name) {
+        Some(at) => at,
+        None if stored.columns.len() == columns.len() => i,
+        None => return None,
+    };
+    stored.values.get(at).cloned()
 }
 
 /// Types stored inline at a fixed width, which PostgreSQL never TOASTs: bool, "char", int8,
