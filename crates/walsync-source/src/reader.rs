@@ -128,14 +128,21 @@ impl Reader {
 
     async fn withdraw_open_transaction(&mut self) -> Result<()> {
         let had_open = matches!(self.open.take(), Some((_, false)));
-        self.batch.clear();
+        // Committed transactions still waiting for room in the channel count as emitted: they
+        // are handed over. What follows the last commit belongs to the cut-off transaction.
+        let committed = self
+            .batch
+            .iter()
+            .rposition(|e| matches!(e, SourceEvent::Commit { .. }))
+            .map_or(0, |i| i + 1);
+        self.batch.truncate(committed);
         self.streamed.clear();
         self.in_stream = None;
         if had_open {
             self.batch.push(SourceEvent::Rollback);
-            if !self.flush_batch().await? {
-                return Err(SourceError::Closed);
-            }
+        }
+        if !self.flush_batch().await? {
+            return Err(SourceError::Closed);
         }
         Ok(())
     }
@@ -153,10 +160,33 @@ impl Reader {
         Ok(self.out.send(Ok(batch)).await.is_ok())
     }
 
+    /// While streaming: hands the batch over if the channel has room now, else keeps it for the
+    /// stream loop, which sends it as soon as there is room and meanwhile keeps talking to
+    /// PostgreSQL (a walsender that hears nothing for `wal_sender_timeout` drops the
+    /// connection, and a consumer can be busy far longer: a huge TRUNCATE, a rebuild).
+    /// `false` when the consumer is gone or asked to stop.
+    fn queue(&mut self) -> bool {
+        if *self.stop.borrow() {
+            return false;
+        }
+        if self.batch.is_empty() {
+            return true;
+        }
+        match self.out.try_reserve() {
+            Ok(permit) => {
+                let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_EVENTS));
+                permit.send(Ok(batch));
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(())) => true,
+            Err(mpsc::error::TrySendError::Closed(())) => false,
+        }
+    }
+
     async fn push(&mut self, event: SourceEvent) -> Result<bool> {
         self.batch.push(event);
         if self.batch.len() >= BATCH_EVENTS {
-            return self.flush_batch().await;
+            return Ok(self.queue());
         }
         Ok(true)
     }
@@ -257,12 +287,36 @@ impl Reader {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_status = Instant::now();
         let mut last_message = Instant::now();
+        let mut probed = false;
         let mut reported_durable = self.ack.durable;
+        // The stream loop's own handle on the channel, so that waiting for room borrows nothing
+        // of the reader.
+        let out = self.out.clone();
         loop {
+            // A full batch waits for the consumer; until it is taken no more frames are read
+            // (PostgreSQL waits on the socket), but status updates still go out.
+            let backlogged = self.batch.len() >= BATCH_EVENTS;
             tokio::select! {
                 biased;
                 _ = self.stop.changed() => return self.finish(repl).await,
+                permit = out.reserve(), if !self.batch.is_empty() => {
+                    let Ok(permit) = permit else { return Ok(End::ConsumerGone) };
+                    let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_EVENTS));
+                    permit.send(Ok(batch));
+                }
                 _ = ticker.tick() => {
+                    if backlogged {
+                        // Not listening: silence is ours, not the server's.
+                        last_message = Instant::now();
+                    }
+                    // Our status updates reset the walsender's timer, so an idle walsender
+                    // never sends a keepalive of its own: ask for one before giving up on a
+                    // quiet connection.
+                    if !probed && last_message.elapsed() > self.config.receive_timeout / 2 {
+                        self.send_status(repl, true).await?;
+                        probed = true;
+                        last_status = Instant::now();
+                    }
                     if last_message.elapsed() > self.config.receive_timeout {
                         return Err(SourceError::Timeout(self.config.receive_timeout));
                     }
@@ -275,15 +329,19 @@ impl Reader {
                         last_status = Instant::now();
                     }
                 }
-                data = repl.next_copy_data() => {
+                data = repl.next_copy_data(), if !backlogged => {
                     let Some(mut payload) = data? else { return Err(SourceError::Closed) };
                     last_message = Instant::now();
+                    probed = false;
                     loop {
                         if !self.on_frame(repl, payload).await? {
                             if *self.stop.borrow() {
                                 return self.finish(repl).await;
                             }
                             return Ok(End::ConsumerGone);
+                        }
+                        if self.batch.len() >= BATCH_EVENTS {
+                            break;
                         }
                         match repl.next_buffered_copy_data()? {
                             Some(p) => payload = p,
@@ -527,7 +585,7 @@ impl Reader {
             commit_time,
         });
         self.ack.on_emitted(end_lsn);
-        self.flush_batch().await
+        Ok(self.queue())
     }
 
     /// Sends an event on, or keeps it with its streamed transaction until that commits.

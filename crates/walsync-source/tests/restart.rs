@@ -15,10 +15,16 @@ async fn postgres_restarted_mid_stream() -> anyhow::Result<()> {
         eprintln!("skipped: WALSYNC_TEST_PG_URL is set, and this test restarts its own cluster");
         return Ok(());
     }
-    // A logical walsender holds up shutdown until the client confirms everything sent, or for
-    // wal_sender_timeout; this test's consumer deliberately holds transactions unconfirmed.
+    // A logical walsender holds up a fast shutdown until the client confirms everything sent,
+    // or until it has not heard from the client for wal_sender_timeout; this test's consumer
+    // deliberately holds transactions unconfirmed while the reader keeps answering, so
+    // PostgreSQL goes down as in a crash.
     let cluster = Cluster::start(ClusterOptions {
-        settings: vec![("wal_sender_timeout".into(), "'5s'".into())],
+        // Commits on disk before they return, so that the crash loses none of them.
+        settings: vec![
+            ("wal_sender_timeout".into(), "'5s'".into()),
+            ("synchronous_commit".into(), "on".into()),
+        ],
         ..ClusterOptions::default()
     })?;
     let db = support::database(&cluster, "CREATE TABLE items (id int PRIMARY KEY)").await?;
@@ -35,7 +41,7 @@ async fn postgres_restarted_mid_stream() -> anyhow::Result<()> {
     c.until(&mut stream, |c| c.txns.len() >= 20).await?;
     // The consumer made the first 20 durable; the rest are in flight when PostgreSQL goes.
     stream.ack(c.txns[19].end_lsn);
-    cluster.restart()?;
+    cluster.crash_restart()?;
     let sql = db.db.connect().await?;
     for i in 51..=100 {
         sql.execute("INSERT INTO items VALUES ($1)", &[&i]).await?;

@@ -417,6 +417,14 @@ impl Cluster {
         self.start_again()
     }
 
+    /// Stops the server as a crash would (immediate shutdown: nothing waits for clients) and
+    /// starts it again on the same port, with crash recovery.
+    pub fn crash_restart(&self) -> Result<()> {
+        self.local()?
+            .pg_ctl("pg_ctl stop", &["-w", "-m", "immediate", "stop"])?;
+        self.start_again()
+    }
+
     pub fn stop(&self) -> Result<()> {
         self.local()?
             .pg_ctl("pg_ctl stop", &["-w", "-m", "fast", "stop"])
