@@ -159,3 +159,62 @@ async fn a_lost_slot_is_made_again_and_the_buckets_built_anew() -> anyhow::Resul
     task.await??;
     Ok(())
 }
+
+/// A rebuild after a lost slot, stopped at each of its commits in turn (the slot made, each
+/// snapshot batch, the end): whenever the store says its checkpoint is servable it holds what
+/// PostgreSQL holds, and the run after the last interruption converges. Before, a stop right
+/// after the new slot's commit left the store "complete" at the old slot's position, and the next
+/// start streamed on from there: the changes made while the slot was gone were lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_interrupted_at_any_commit_loses_nothing() -> anyhow::Result<()> {
+    let s = setup().await?;
+    let (stop, task) = spawn(&s, config(&s));
+    workload(&s.sql, 43, 100).await?;
+    wait_until_equal(&s).await?;
+    stop.send(true)?;
+    task.await??;
+    let slot = config(&s).source.slot;
+    s.sql
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await?;
+    workload(&s.sql, 47, 150).await?;
+    let mut interrupted = 0;
+    for after in 1..=8 {
+        let mut c = config(&s);
+        // Small batches, so that the snapshot takes several commits.
+        c.source.snapshot_batch_rows = 40;
+        c.fail_after_commits = Some(after);
+        let (stop, mut task) = spawn(&s, c);
+        // A run that completes the rebuild before its fault is stopped once idle.
+        let result = loop {
+            tokio::select! {
+                r = &mut task => break r?,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(3)) => {
+                    let _ = stop.send(true);
+                }
+            }
+        };
+        match result {
+            Err(ReplicatorError::Injected(_)) => interrupted += 1,
+            Ok(()) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if s.store.checkpoint()?.snapshot_complete {
+            let (got, want) = (seed::actual(&s.store), seed::expected(&s).await?);
+            let differing: Vec<&String> = want
+                .keys()
+                .filter(|b| got.get(*b) != want.get(*b))
+                .collect();
+            assert!(
+                got == want,
+                "a servable checkpoint after an interruption at commit {after} differs from postgresql in {differing:?}"
+            );
+        }
+    }
+    assert!(interrupted >= 3, "the faults fired ({interrupted})");
+    let (stop, task) = spawn(&s, config(&s));
+    wait_until_equal(&s).await?;
+    stop.send(true)?;
+    task.await??;
+    Ok(())
+}

@@ -12,15 +12,27 @@ use support::Collector;
 use walsync_source::{Change, Resume, Source};
 use walsync_testkit::{Cluster, ClusterOptions};
 
-/// The walsender serving `slot` (it changes when the connection is made again).
-async fn walsender(sql: &tokio_postgres::Client, slot: &str) -> anyhow::Result<Option<i32>> {
-    Ok(sql
-        .query_one(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await?
-        .get(0))
+/// The walsender serving `slot` (it changes when the connection is made again), once streaming
+/// has started.
+async fn walsender(sql: &tokio_postgres::Client, slot: &str) -> anyhow::Result<i32> {
+    let deadline = tokio::time::Instant::now() + support::WAIT;
+    loop {
+        let pid: Option<i32> = sql
+            .query_one(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await?
+            .get(0);
+        if let Some(pid) = pid {
+            return Ok(pid);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the slot never became active"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn cluster() -> anyhow::Result<Option<Cluster>> {
@@ -50,7 +62,6 @@ async fn an_idle_connection_is_not_dropped() -> anyhow::Result<()> {
     c.until(&mut stream, |c| c.snapshot_done.is_some()).await?;
     stream.ack(c.snapshot_done.expect("snapshot"));
     let before = walsender(&db.sql, &slot).await?;
-    assert!(before.is_some());
     // Idle for three receive timeouts: the scenario is the passing of time itself.
     tokio::time::sleep(Duration::from_secs(6)).await;
     db.sql.batch_execute("INSERT INTO items VALUES (1)").await?;

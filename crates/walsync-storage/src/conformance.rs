@@ -750,11 +750,23 @@ pub fn clear_all_starts_over_with_growing_op_ids<S: BucketStore>(store: &S) {
         vec![member("u", 1)],
     )
     .expect("upsert");
+    // As the replicator does: the slot is made first, its snapshot completes after.
+    w.set_slot_owned("s");
     w.set_position(Lsn(10));
     w.set_snapshot_complete();
-    w.set_slot_owned("s");
     let first = w.commit().expect("commit");
     assert!(first.snapshot_complete);
+    // A new slot (after a lost one) makes the stored position meaningless at once, in the same
+    // commit, however long the new snapshot takes and whether or not it ever finishes.
+    let mut w = store.writer().expect("writer");
+    w.set_slot_owned("s");
+    let remade = w.commit().expect("commit");
+    assert!(!remade.snapshot_complete && remade.lsn.is_none());
+    assert_eq!(remade.slot_owned.as_deref(), Some("s"));
+    let mut w = store.writer().expect("writer");
+    w.set_position(Lsn(10));
+    w.set_snapshot_complete();
+    w.commit().expect("commit");
     let mut w = store.writer().expect("writer");
     w.clear_all().expect("clear");
     let cleared = w.commit().expect("commit");

@@ -119,7 +119,10 @@ pub trait StoreWriter {
     /// The initial snapshot is complete: the checkpoint may be served from now on.
     fn set_snapshot_complete(&mut self);
 
-    /// The consumer created the slot `slot` (so it may drop it to start afresh).
+    /// The consumer created the slot `slot` (so it may drop it to start afresh). A new slot
+    /// starts at a new position: what the store holds is no longer complete as of any position
+    /// of it, so the checkpoint stops being servable (and its position is forgotten) until the
+    /// new initial snapshot completes. An interruption before that starts over.
     fn set_slot_owned(&mut self, slot: &str);
 
     /// Discards everything: used before a new initial snapshot.

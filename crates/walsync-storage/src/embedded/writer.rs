@@ -388,6 +388,8 @@ impl StoreWriter for EmbeddedWriter<'_> {
 
     fn set_slot_owned(&mut self, slot: &str) {
         self.checkpoint.slot_owned = Some(slot.to_owned());
+        self.checkpoint.lsn = None;
+        self.checkpoint.snapshot_complete = false;
     }
 
     fn clear_all(&mut self) -> Result<()> {
