@@ -30,8 +30,18 @@ pub struct TableColumn {
 
 impl Table {
     /// `schema.name`, for messages.
+    /// `schema.table`, the name the store keeps the table's rows under. A part holding a `.` or
+    /// a `"` is quoted as in SQL, so that no two tables share a name (schema `a.b` with table
+    /// `c`, and schema `a` with table `b.c`); plain names stay as they are.
     pub fn qualified_name(&self) -> String {
-        format!("{}.{}", self.schema, self.name)
+        fn part(ident: &str) -> std::borrow::Cow<'_, str> {
+            if ident.contains(['.', '"']) {
+                std::borrow::Cow::Owned(format!("\"{}\"", ident.replace('"', "\"\"")))
+            } else {
+                std::borrow::Cow::Borrowed(ident)
+            }
+        }
+        format!("{}.{}", part(&self.schema), part(&self.name))
     }
 
     pub(crate) fn from_relation(r: codec::Relation) -> Table {
@@ -170,4 +180,29 @@ pub enum SourceEvent {
         commit_time: PgTimestamp,
     },
     Rollback,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn named(schema: &str, name: &str) -> Table {
+        Table {
+            oid: 1,
+            schema: schema.into(),
+            name: name.into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn qualified_names_never_collide() {
+        assert_eq!(named("public", "t").qualified_name(), "public.t");
+        let a = named("a.b", "c").qualified_name();
+        let b = named("a", "b.c").qualified_name();
+        assert_ne!(a, b);
+        assert_eq!((a.as_str(), b.as_str()), ("\"a.b\".c", "a.\"b.c\""));
+        assert_eq!(named("q\"s", "t").qualified_name(), "\"q\"\"s\".t");
+    }
 }

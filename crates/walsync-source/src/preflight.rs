@@ -27,6 +27,15 @@ pub async fn check_database(client: &Client, config: &SourceConfig) -> Result<()
              and restart PostgreSQL"
         )));
     }
+    // pgoutput sends text in the server's encoding; walsync reads UTF-8.
+    let encoding: String = client.query_one("SHOW server_encoding", &[]).await?.get(0);
+    if encoding != "UTF8" {
+        return Err(SourceError::Preflight(format!(
+            "the database's server_encoding is {encoding:?}, walsync needs \"UTF8\": pgoutput sends \
+             text in the server's encoding. Create the database WITH ENCODING 'UTF8' (and dump and \
+             restore the data into it)"
+        )));
+    }
     let row = client
         .query_one("SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[])
         .await?;
@@ -55,7 +64,35 @@ pub async fn check_database(client: &Client, config: &SourceConfig) -> Result<()
             }
         }
     }
-    check_replica_identity(client, &config.publication).await
+    check_replica_identity(client, &config.publication).await?;
+    check_partitions(client, &config.publication).await
+}
+
+/// Partitions published under their own names: their rows would reach the rules as the
+/// partitions', not the partitioned table's the rules name.
+async fn check_partitions(client: &Client, publication: &str) -> Result<()> {
+    let rows = client
+        .query(
+            "SELECT format('%I.%I', p.schemaname, p.tablename) \
+             FROM pg_publication_tables p \
+             JOIN pg_publication pb ON pb.pubname = p.pubname \
+             JOIN pg_namespace n ON n.nspname = p.schemaname \
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
+             WHERE p.pubname = $1 AND c.relispartition AND NOT pb.pubviaroot \
+             ORDER BY 1",
+            &[&publication],
+        )
+        .await?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    Err(SourceError::Preflight(format!(
+        "publication {publication:?} publishes partitions under their own names ({}), so their rows would not \
+         reach rules that name the partitioned table: run ALTER PUBLICATION \"{}\" SET (publish_via_partition_root = true)",
+        names.join(", "),
+        publication.replace('"', "\"\"")
+    )))
 }
 
 async fn create_publication(client: &Client, name: &str, scope: &PublicationScope) -> Result<()> {
@@ -86,7 +123,8 @@ async fn create_publication(client: &Client, name: &str, scope: &PublicationScop
     tracing::info!(publication = name, "creating publication");
     client
         .batch_execute(&format!(
-            "CREATE PUBLICATION \"{}\" FOR {target}",
+            // Partitioned tables publish as themselves, as the rules name them.
+            "CREATE PUBLICATION \"{}\" FOR {target} WITH (publish_via_partition_root = true)",
             name.replace('"', "\"\"")
         ))
         .await?;

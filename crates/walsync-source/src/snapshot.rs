@@ -40,7 +40,7 @@ pub(crate) async fn copy(
         return Ok(false);
     }
     let tables = published_tables(&tx, publication).await?;
-    for (table, filter) in tables {
+    for (table, filter, partitioned) in tables {
         let table = Arc::new(table);
         tracing::info!(table = %table.qualified_name(), "copying table");
         if !out.emit(SourceEvent::SnapshotTable(table.clone())).await? {
@@ -48,12 +48,14 @@ pub(crate) async fn copy(
         }
         let columns: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
         let select = format!(
-            "SELECT {} FROM ONLY {}.{}{}",
+            "SELECT {} FROM {}{}.{}{}",
             if columns.is_empty() {
                 "NULL".to_owned()
             } else {
                 columns.join(", ")
             },
+            // A plain table's inheritance children are published (and copied) on their own.
+            if partitioned { "" } else { "ONLY " },
             quote(&table.schema),
             quote(&table.name),
             filter.map(|f| format!(" WHERE {f}")).unwrap_or_default()
@@ -118,10 +120,14 @@ fn decode_row(table: &Table, r: &tokio_postgres::SimpleQueryRow) -> Result<Row> 
 
 /// The published tables with the columns pgoutput sends for them (publication column lists
 /// and generated columns taken into account) and their row filters (PostgreSQL 15+).
+/// A published table, its row filter, and whether it is partitioned (its rows are in its
+/// partitions, so its copy reads them too).
+type Published = (Table, Option<String>, bool);
+
 async fn published_tables(
     client: &tokio_postgres::Transaction<'_>,
     publication: &str,
-) -> Result<Vec<(Table, Option<String>)>> {
+) -> Result<Vec<Published>> {
     let version: i32 = client
         .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await?
@@ -137,7 +143,7 @@ async fn published_tables(
     let sql = format!(
         "SELECT c.oid, n.nspname::text, c.relname::text, c.relreplident::text, a.attname::text, a.atttypid, \
                 a.atttypmod, (c.relreplident = 'f' OR a.attnum = ANY(coalesce(ri.indkey::int2[], '{{}}'))) AS is_key, \
-                {row_filter} \
+                {row_filter}, c.relkind = 'p' \
          FROM pg_publication_tables p \
          JOIN pg_namespace n ON n.nspname = p.schemaname \
          JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
@@ -148,7 +154,7 @@ async fn published_tables(
          ORDER BY n.nspname, c.relname, a.attnum"
     );
     let rows = client.query(&sql, &[&publication]).await?;
-    let mut tables: BTreeMap<u32, (Table, Option<String>)> = BTreeMap::new();
+    let mut tables: BTreeMap<u32, Published> = BTreeMap::new();
     for r in rows {
         let oid: u32 = r.get(0);
         let ident: String = r.get(3);
@@ -167,6 +173,7 @@ async fn published_tables(
                     columns: Vec::new(),
                 },
                 r.get(8),
+                r.get(9),
             )
         });
         entry.0.columns.push(TableColumn {

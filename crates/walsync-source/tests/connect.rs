@@ -150,6 +150,50 @@ async fn preflight_names_what_to_change() -> anyhow::Result<()> {
         );
     }
 
+    // Partitions published under their own names.
+    db.sql
+        .batch_execute(
+            "CREATE TABLE parted (id int, k int, PRIMARY KEY (id, k)) PARTITION BY LIST (k);
+             CREATE TABLE parted_1 PARTITION OF parted FOR VALUES IN (1);
+             CREATE PUBLICATION leaves FOR TABLE parted",
+        )
+        .await?;
+    let mut cfg = support::config(&db.url);
+    cfg.publication = "leaves".into();
+    let err = Source::start(cfg, Resume::default()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("public.parted_1")
+            && err
+                .to_string()
+                .contains("ALTER PUBLICATION \"leaves\" SET (publish_via_partition_root = true)"),
+        "{err}"
+    );
+
+    db.sql.batch_execute("DROP TABLE parted").await?;
+
+    // A database whose text is not UTF-8.
+    let latin = format!("{}_latin1", db.db.name);
+    db.sql
+        .batch_execute(&format!(
+            "CREATE DATABASE {latin} WITH ENCODING 'LATIN1' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'"
+        ))
+        .await?;
+    let latin_url = db
+        .url
+        .replace(&format!("/{}", db.db.name), &format!("/{latin}"));
+    anyhow::ensure!(
+        latin_url != db.url,
+        "the url names the database: {}",
+        db.url
+    );
+    let err = Source::start(support::config(&latin_url), Resume::default())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("server_encoding is \"LATIN1\""),
+        "{err}"
+    );
+
     // A resumed source whose slot is gone says so, and does not retry.
     let mut cfg = support::config(&db.url);
     cfg.slot = format!("{}_gone", db.db.name);
