@@ -10,8 +10,8 @@ use seed::{config, setup};
 use tokio::sync::watch;
 use walsync_replicator::Progress;
 use walsync_storage::{
-    BucketState, BucketStore, Changes, CompactStats, EmbeddedStore, Op, StoreCheckpoint, StoreRead,
-    StoredRow,
+    BucketState, BucketStore, Changes, CompactBatch, EmbeddedStore, Op, PruneStats,
+    StoreCheckpoint, StoreRead, StoredRow,
 };
 use walsync_types::{LookupKey, RowId};
 
@@ -73,8 +73,15 @@ impl BucketStore for GatedStore {
     fn snapshot(&self) -> walsync_storage::Result<Self::Snapshot> {
         self.inner.snapshot()
     }
-    fn compact(&self) -> walsync_storage::Result<CompactStats> {
-        self.inner.compact()
+    fn compact_batch(
+        &self,
+        after: Option<&str>,
+        max_ops: usize,
+    ) -> walsync_storage::Result<CompactBatch> {
+        self.inner.compact_batch(after, max_ops)
+    }
+    fn prune_history(&self, before: u64, max_keys: usize) -> walsync_storage::Result<PruneStats> {
+        self.inner.prune_history(before, max_keys)
     }
     fn size_on_disk(&self) -> walsync_storage::Result<u64> {
         self.inner.size_on_disk()

@@ -151,6 +151,140 @@ pub fn run_all<S: BucketStore>(fresh: impl Fn() -> S) {
     row_ids_of_every_form_are_found_again(&fresh());
     a_put_whose_checksum_collides_is_still_written(&fresh());
     long_row_ids_keep_their_lookups(&fresh());
+    compaction_in_bounded_steps_covers_every_bucket(&fresh());
+    pruned_history_reads_alike_at_later_checkpoints(&fresh());
+}
+
+/// Compaction in steps of a few ops visits every bucket once, ends, and leaves every bucket as
+/// one pass would: the same rows and checksums, nothing left for a second pass.
+pub fn compaction_in_bounded_steps_covers_every_bucket<S: BucketStore>(store: &S) {
+    let buckets: Vec<String> = (0..7).map(|b| format!("b{b}")).collect();
+    for version in 0..4 {
+        let mut w = store.writer().expect("writer");
+        for (n, b) in buckets.iter().enumerate() {
+            for r in 0..3 {
+                let id = format!("{n}-{r}");
+                w.upsert_row(
+                    "public.t",
+                    &row_id(&id),
+                    row(version),
+                    vec![out(b, &id, &format!("{{\"v\":{version}}}"))],
+                    vec![],
+                )
+                .expect("upsert");
+            }
+        }
+        w.commit().expect("commit");
+    }
+    let before: Vec<ClientBucket> = buckets
+        .iter()
+        .map(|b| ClientBucket::read(store, b))
+        .collect();
+    let (mut after, mut steps, mut moved) = (None::<String>, 0, 0);
+    loop {
+        let step = store
+            .compact_batch(after.as_deref(), 5)
+            .expect("compact step");
+        steps += 1;
+        moved += step.stats.moved;
+        assert!(
+            steps <= buckets.len(),
+            "each step compacts at least one bucket"
+        );
+        match step.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert!(steps > 1, "steps were bounded");
+    assert_eq!(moved, 7 * 3 * 3, "every superseded put became a move");
+    assert_eq!(
+        store.compact().expect("compact"),
+        crate::CompactStats::default()
+    );
+    for (b, was) in buckets.iter().zip(before) {
+        let now = ClientBucket::read(store, b);
+        assert_eq!(
+            (now.rows, now.checksum),
+            (was.rows, was.checksum),
+            "bucket {b}"
+        );
+        state_matches_replay(store, b);
+    }
+}
+
+/// After pruning history before checkpoint `p`, every read at `p` or later answers as before:
+/// changes from `p` on, lookups as of `p` and later. The checkpoint says where history begins.
+pub fn pruned_history_reads_alike_at_later_checkpoints<S: BucketStore>(store: &S) {
+    let mut marks = Vec::new();
+    let steps: [&[(&str, &str)]; 6] = [
+        &[("1", "u1"), ("2", "u2")],
+        &[("1", "u2")],
+        &[("3", "u1"), ("2", "")],
+        &[("1", ""), ("4", "u3")],
+        &[("3", "u2")],
+        &[("5", "u1"), ("4", "u1")],
+    ];
+    for step in steps {
+        let mut w = store.writer().expect("writer");
+        for (id, user) in step {
+            if user.is_empty() {
+                w.delete_row("public.m", &row_id(id)).expect("delete");
+            } else {
+                w.upsert_row(
+                    "public.m",
+                    &row_id(id),
+                    row(1),
+                    vec![out("a", id, &format!("{{\"u\":\"{user}\"}}"))],
+                    vec![member(user, 7)],
+                )
+                .expect("upsert");
+            }
+        }
+        marks.push(w.commit().expect("commit").op_id);
+    }
+    let p = marks[3];
+    let now = *marks.last().expect("marks");
+    let reads = |store: &S| {
+        let mut out = Vec::new();
+        for at in marks.iter().copied().filter(|m| *m >= p) {
+            out.push(format!(
+                "changes {at}: {:?}",
+                store.changes(at, now).expect("changes")
+            ));
+            for u in ["u1", "u2", "u3"] {
+                out.push(format!(
+                    "{u} at {at}: {:?}",
+                    store.lookup(&key(u), at).expect("lookup")
+                ));
+            }
+        }
+        out
+    };
+    let before = reads(store);
+    let mut removed = (0, 0);
+    loop {
+        let step = store.prune_history(p, 2).expect("prune");
+        removed = (removed.0 + step.changes, removed.1 + step.lookups);
+        if step.done {
+            break;
+        }
+    }
+    assert!(
+        removed.0 >= 3 && removed.1 >= 3,
+        "history was removed: {removed:?}"
+    );
+    assert_eq!(
+        reads(store),
+        before,
+        "reads at or after the mark are unchanged"
+    );
+    assert_eq!(store.checkpoint().expect("checkpoint").changes_from, p);
+    assert!(store.changes(0, p).expect("changes").buckets.is_empty());
+    // Writers after the pruning keep the mark.
+    let mut w = store.writer().expect("writer");
+    w.delete_row("public.m", &row_id("5")).expect("delete");
+    assert_eq!(w.commit().expect("commit").changes_from, p);
 }
 
 /// A row whose id is longer than any engine key (a `REPLICA IDENTITY FULL` row of 70 KB) has

@@ -10,6 +10,7 @@ mod chunk;
 mod compact;
 mod keys;
 mod migrate;
+mod prune;
 mod record;
 mod row;
 mod snapshot;
@@ -31,7 +32,9 @@ use snapshot::read_checkpoint;
 pub use snapshot::EmbeddedSnapshot;
 pub use writer::EmbeddedWriter;
 
-use crate::model::{BucketState, Changes, CompactStats, Op, StoreCheckpoint, StoredRow};
+use crate::model::{
+    BucketState, Changes, CompactBatch, Op, PruneStats, StoreCheckpoint, StoredRow,
+};
 use crate::{BucketStore, Result, StoreRead};
 
 /// The keyspaces of the store.
@@ -128,8 +131,12 @@ impl BucketStore for EmbeddedStore {
         Ok(EmbeddedSnapshot::new(self.db.read_tx(), self.s.clone()))
     }
 
-    fn compact(&self) -> Result<CompactStats> {
-        compact::compact(&self.db, &self.s)
+    fn compact_batch(&self, after: Option<&str>, max_ops: usize) -> Result<CompactBatch> {
+        compact::compact_batch(&self.db, &self.s, after, max_ops)
+    }
+
+    fn prune_history(&self, before: u64, max_keys: usize) -> Result<PruneStats> {
+        prune::prune_history(&self.db, &self.s, before, max_keys)
     }
 
     fn size_on_disk(&self) -> Result<u64> {

@@ -23,7 +23,10 @@ mod model;
 pub mod conformance;
 
 pub use embedded::{EmbeddedSnapshot, EmbeddedStore, EmbeddedWriter};
-pub use model::{BucketState, Changes, CompactStats, Op, StoreCheckpoint, StoredRow, TableName};
+pub use model::{
+    BucketState, Changes, CompactBatch, CompactStats, Op, PruneStats, StoreCheckpoint, StoredRow,
+    TableName,
+};
 
 use walsync_types::{LookupEntry, LookupKey, Lsn, RowId, RowOutput};
 
@@ -83,7 +86,30 @@ pub trait BucketStore: StoreRead + Send + Sync {
 
     /// Rewrites superseded ops as MOVE and each bucket's leading run of REMOVE/MOVE as one CLEAR,
     /// without changing any bucket's checksum.
-    fn compact(&self) -> Result<CompactStats>;
+    fn compact(&self) -> Result<CompactStats> {
+        let mut total = CompactStats::default();
+        let mut after: Option<String> = None;
+        loop {
+            let step = self.compact_batch(after.as_deref(), usize::MAX)?;
+            total.moved += step.stats.moved;
+            total.cleared += step.stats.cleared;
+            match step.next {
+                Some(next) => after = Some(next),
+                None => return Ok(total),
+            }
+        }
+    }
+
+    /// [`BucketStore::compact`] of the buckets after `after` (in bucket order), in one write
+    /// transaction of whole buckets that stops once it has read `max_ops` ops (at least one
+    /// bucket): so that compaction never holds the writer for long.
+    fn compact_batch(&self, after: Option<&str>, max_ops: usize) -> Result<CompactBatch>;
+
+    /// Removes the history no reader at a checkpoint of `before` or later needs: change-log
+    /// entries of commits up to `before`, and lookup entries that a later entry (at or before
+    /// `before`) superseded, and tombstones with nothing before them. Sets the checkpoint's
+    /// `changes_from`. At most `max_keys` keys per call; call until `done`.
+    fn prune_history(&self, before: u64, max_keys: usize) -> Result<PruneStats>;
 
     /// Bytes the store occupies on disk.
     fn size_on_disk(&self) -> Result<u64>;

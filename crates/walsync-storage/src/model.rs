@@ -45,6 +45,11 @@ pub struct StoreCheckpoint {
     /// over: the change log begins again at this op.
     #[serde(default)]
     pub rebuilt_at: u64,
+    /// The change log and the lookup history hold what every commit after this op id changed
+    /// (older history was pruned, [`crate::BucketStore::prune_history`]): a reader whose last
+    /// checkpoint is older cannot diff from it and must start over, as after a rebuild.
+    #[serde(default)]
+    pub changes_from: u64,
 }
 
 /// The store's copy of a source row: column names and values (complete, no unchanged-TOAST
@@ -66,4 +71,25 @@ pub struct Changes {
 pub struct CompactStats {
     pub moved: u64,
     pub cleared: u64,
+}
+
+/// One bounded step of compaction ([`crate::BucketStore::compact_batch`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CompactBatch {
+    pub stats: CompactStats,
+    /// Ops read in this step.
+    pub ops: u64,
+    /// The last bucket compacted: the next step starts after it. `None`: every bucket is done.
+    pub next: Option<String>,
+}
+
+/// What one step of [`crate::BucketStore::prune_history`] removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PruneStats {
+    /// Change-log entries removed.
+    pub changes: u64,
+    /// Superseded lookup entries and tombstones removed.
+    pub lookups: u64,
+    /// Whether history before the op id is now gone (else call again).
+    pub done: bool,
 }

@@ -240,7 +240,9 @@ impl Hub {
         }
         // The change log is read outside the lock, once for every connection.
         // After a rebuild the change log starts over: every connection starts over too.
-        let everyone = !before.complete || before.rebuilt_at != now.rebuilt_at;
+        let everyone = !before.complete
+            || before.rebuilt_at != now.rebuilt_at
+            || before.op_id < cp.changes_from;
         let changes = if !everyone && now.op_id > before.op_id {
             Some(snap.changes(before.op_id, now.op_id)?)
         } else {

@@ -164,6 +164,12 @@ impl<S: BucketStore + 'static> Connection<S> {
                 self.full_checkpoint(&snap, &cp).await?;
                 continue;
             }
+            if self.last_cp < cp.changes_from {
+                // The history since this stream's last checkpoint was pruned (it slept through
+                // a compaction): a full checkpoint, whose data starts where each bucket left off.
+                self.full_checkpoint(&snap, &cp).await?;
+                continue;
+            }
             self.diff(&snap, cp.op_id, cp.lsn.map(|l| l.0)).await?;
         }
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use walsync_protocol::{BucketRequest, Line, SyncRequest};
 use walsync_rules::SyncRules;
-use walsync_storage::{BucketStore, EmbeddedStore, StoreWriter, StoredRow};
+use walsync_storage::{BucketStore, EmbeddedStore, StoreRead, StoreWriter, StoredRow};
 use walsync_sync::{Identity, Lines, SyncConfig, SyncCore, SyncError};
 use walsync_types::{RowId, RowOutput};
 
@@ -303,4 +303,33 @@ async fn a_rebuilt_store_sends_live_streams_a_full_checkpoint() {
     core.notify_checkpoint();
     let got = until_complete(&mut lines).await;
     assert!(matches!(&got[0], Line::CheckpointDiff(_)), "{:?}", got[0]);
+}
+
+/// History pruned while a stream has not yet seen it (here: pruned before the hub heard of the
+/// commit): the stream cannot diff from its last checkpoint, so it is sent a full checkpoint
+/// with the data it lacks, not nothing.
+#[tokio::test]
+async fn a_stream_whose_history_was_pruned_gets_a_full_checkpoint() {
+    let (_dir, store) = store();
+    put(&store, "notes", r#"mine["u1"]"#, 0, 3);
+    let core = core(store.clone(), SyncConfig::default());
+    let mut lines = core.open(identity("u1"), SyncRequest::default());
+    until_complete(&mut lines).await;
+    put(&store, "notes", r#"mine["u1"]"#, 3, 2);
+    let now = store.checkpoint().expect("checkpoint").op_id;
+    while !store.prune_history(now, 100).expect("prune").done {}
+    core.notify_checkpoint();
+    let got = until_complete(&mut lines).await;
+    let Line::Checkpoint(c) = &got[0] else {
+        panic!("a full checkpoint, not {:?}", got[0]);
+    };
+    assert_eq!(c.last_op_id, now);
+    let sent: usize = got
+        .iter()
+        .map(|l| match l {
+            Line::Data(d) => d.data.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(sent, 2, "only the two new rows");
 }

@@ -3,6 +3,7 @@
 //! changes, and a client replaying the compacted log ends with the same rows.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ops::Bound;
 
 use fjall::{PersistMode, Readable, SingleWriterTxDatabase};
 use walsync_types::add_checksums;
@@ -14,20 +15,41 @@ use super::chunk::{OpValue, chunk_ops, get_chunk, push_op, put_chunk, remove_chu
 use super::keys::{op_id_of, op_key};
 use super::record::{Writer, decode, encode, engine};
 use crate::Result;
-use crate::model::{BucketState, CompactStats};
+use crate::model::{BucketState, CompactBatch, CompactStats};
 
-pub(super) fn compact(db: &SingleWriterTxDatabase, s: &Spaces) -> Result<CompactStats> {
+/// Buckets listed per step before their ops are read: bounds the listing, not the work.
+const BUCKETS_PER_LISTING: usize = 1024;
+
+pub(super) fn compact_batch(
+    db: &SingleWriterTxDatabase,
+    s: &Spaces,
+    after: Option<&str>,
+    max_ops: usize,
+) -> Result<CompactBatch> {
     let mut tx = db.write_tx().durability(Some(PersistMode::SyncAll));
     let mut stats = CompactStats::default();
+    let start = match after {
+        Some(a) => Bound::Excluded(a.as_bytes().to_vec()),
+        None => Bound::Unbounded,
+    };
     let buckets: Vec<String> = tx
-        .iter(&s.buckets)
+        .range(&s.buckets, (start, Bound::<Vec<u8>>::Unbounded))
+        .take(BUCKETS_PER_LISTING)
         .map(|g| {
             g.key()
                 .map(|k| String::from_utf8_lossy(&k).into_owned())
                 .map_err(engine)
         })
         .collect::<Result<_>>()?;
-    for bucket in buckets {
+    let listed_all = buckets.len() < BUCKETS_PER_LISTING;
+    let mut read = 0u64;
+    let mut last_done: Option<String> = None;
+    let total = buckets.len();
+    for (n, bucket) in buckets.into_iter().enumerate() {
+        // At least one bucket per step, however large.
+        if n > 0 && read >= max_ops as u64 {
+            break;
+        }
         // Each op with the key of the chunk it is kept in (see `CHUNK_TAG`).
         let mut ops: Vec<(u64, OpValue)> = Vec::new();
         let mut home: Vec<u64> = Vec::new();
@@ -42,6 +64,7 @@ pub(super) fn compact(db: &SingleWriterTxDatabase, s: &Spaces) -> Result<Compact
                 home.push(last);
             }
         }
+        read += ops.len() as u64;
         let mut last: HashMap<(&str, &str), u64> = HashMap::new();
         for (id, op) in &ops {
             if matches!(op.k, OpKind::Put | OpKind::Remove) {
@@ -110,8 +133,18 @@ pub(super) fn compact(db: &SingleWriterTxDatabase, s: &Spaces) -> Result<Compact
             None => BucketState::default(),
         };
         state.count = ops.len() as u64;
-        tx.insert(&s.buckets, bucket.into_bytes(), encode(&state)?);
+        tx.insert(&s.buckets, bucket.clone().into_bytes(), encode(&state)?);
+        // The last bucket of everything: nothing comes after it.
+        last_done = if n + 1 == total && listed_all {
+            None
+        } else {
+            Some(bucket)
+        };
     }
     tx.commit().map_err(engine)?;
-    Ok(stats)
+    Ok(CompactBatch {
+        stats,
+        ops: read,
+        next: last_done,
+    })
 }
