@@ -144,5 +144,26 @@ async fn serve_token_and_tail_work_from_a_config_file() -> anyhow::Result<()> {
     );
     assert!(log.contains("starting"), "{log}");
     assert!(!log.contains(secret), "the secret was logged:\n{log}");
+
+    // With walsync stopped, `walsync compact` compacts the store it served from, which then
+    // still holds what PostgreSQL holds.
+    seed::workload(&s.sql, 5, 200).await?;
+    let out = Command::new(BIN)
+        .args(["compact", "--config"])
+        .arg(&config)
+        .env("WALSYNC__AUTH__SECRET", secret)
+        .output()?;
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "walsync compact: {printed}");
+    assert!(
+        printed.contains("compacted:") && printed.contains("store size:"),
+        "{printed}"
+    );
+    let served = walsync_storage::EmbeddedStore::open(&s.dir.path().join("served"))?;
+    let replay = seed::actual(&served);
+    assert!(
+        !replay.is_empty(),
+        "the compacted store still holds the buckets"
+    );
     Ok(())
 }

@@ -13,6 +13,7 @@ use service::{AUDIENCE, SECRET, WAIT, config, expected_for, token};
 use walsync::Service;
 use walsync_client::{ClientError, Connector, SyncClient, Transport};
 use walsync_server::{ServerConfig, mint_hs256};
+use walsync_storage::StoreRead;
 
 async fn catch_up(s: &seed::Setup, client: &mut SyncClient, user: &str) -> anyhow::Result<()> {
     let want = expected_for(s, user).await?;
@@ -119,6 +120,26 @@ async fn scenario(transport: Transport) -> anyhow::Result<()> {
     for (user, c) in &mut clients {
         catch_up(&s, c, user).await?;
     }
+    // Compaction ran meanwhile (every second here): superseded puts became moves, and the
+    // clients above converged through it. A client that connects now reads the compacted log.
+    let store = service.server.core.store();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !store.buckets()?.iter().any(|b| {
+        store
+            .ops(b, 0, u64::MAX, usize::MAX)
+            .is_ok_and(|ops| ops.iter().any(|o| o.kind == walsync_types::OpKind::Move))
+    }) {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "compaction never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut fresh = SyncClient::new(
+        Connector::new(&service.url(), transport, &token("u1"))?,
+        "fresh",
+    );
+    catch_up(&s, &mut fresh, "u1").await?;
 
     // A write checkpoint shows up in the stream once replication passed it.
     let wcp = clients[1]

@@ -82,6 +82,7 @@ fn config(url: &str, dir: &std::path::Path) -> anyhow::Result<Config> {
         rules: RULES.into(),
         storage: StorageConfig {
             dir: dir.join("store"),
+            ..StorageConfig::default()
         },
         server: ServerConfig {
             listen: "127.0.0.1:0".parse()?,

@@ -26,6 +26,10 @@ pub fn config(s: &seed::Setup, server: ServerConfig) -> Config {
         rules: seed::RULES_PATH.into(),
         storage: StorageConfig {
             dir: s.dir.path().join("service"),
+            // Compaction and history pruning run all the time under the tests' clients.
+            compact_interval_seconds: 1,
+            compact_batch_ops: 50,
+            ..StorageConfig::default()
         },
         server: ServerConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),

@@ -28,6 +28,9 @@ enum Command {
     Token(serve::TokenArgs),
     /// Watch a user's sync stream in the terminal.
     Tail(serve::TailArgs),
+    /// Compact the store and prune its history, while walsync is stopped (a running `walsync
+    /// serve` does the same in the background).
+    Compact(serve::CompactArgs),
 }
 
 /// Logs go to stderr, filtered by `RUST_LOG` (default: warnings, and walsync's own info lines).
@@ -51,5 +54,6 @@ pub fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve::serve(args),
         Command::Token(args) => serve::token(args),
         Command::Tail(args) => serve::tail(args),
+        Command::Compact(args) => serve::compact(args),
     }
 }

@@ -108,15 +108,35 @@ pub fn redact_url(conn: &str) -> String {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     pub dir: PathBuf,
+    /// Seconds between compaction passes (0: never; `walsync compact` still works).
+    pub compact_interval_seconds: u64,
+    /// Ops read per compaction step (one write transaction).
+    pub compact_batch_ops: usize,
+    /// Milliseconds between compaction steps.
+    pub compact_pause_ms: u64,
 }
 
 impl Default for StorageConfig {
     fn default() -> StorageConfig {
+        let m = crate::maintenance::MaintenanceConfig::default();
         StorageConfig {
             dir: PathBuf::from("walsync-data"),
+            compact_interval_seconds: m.compact_interval_seconds,
+            compact_batch_ops: m.compact_batch_ops,
+            compact_pause_ms: m.compact_pause_ms,
+        }
+    }
+}
+
+impl StorageConfig {
+    pub fn maintenance(&self) -> crate::maintenance::MaintenanceConfig {
+        crate::maintenance::MaintenanceConfig {
+            compact_interval_seconds: self.compact_interval_seconds,
+            compact_batch_ops: self.compact_batch_ops,
+            compact_pause_ms: self.compact_pause_ms,
         }
     }
 }

@@ -88,6 +88,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         rules: rules_path,
         storage: StorageConfig {
             dir: dir.path().join("store"),
+            ..StorageConfig::default()
         },
         server: ServerConfig {
             listen,

@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod config;
 mod demo;
+pub mod maintenance;
 mod replicate;
 pub mod serve;
 mod service;

@@ -96,6 +96,10 @@ impl Service {
                 .instrument(info_span!("walsync-progress")),
             );
         }
+        tokio::spawn(
+            crate::maintenance::run(store.clone(), config.storage.maintenance(), stop_rx.clone())
+                .instrument(info_span!("walsync-maintenance")),
+        );
         let replicator = tokio::spawn(
             walsync_replicator::run(
                 ReplicatorConfig::new(source),
