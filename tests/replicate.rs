@@ -218,3 +218,74 @@ async fn a_rebuild_interrupted_at_any_commit_loses_nothing() -> anyhow::Result<(
     task.await??;
     Ok(())
 }
+
+/// The sync rules change while walsync is stopped. A change of layout or comments alone is no
+/// change: nothing is rebuilt. A tightened filter is: the buckets are built anew from a new
+/// snapshot, and rows the new rules no longer select leave them (before, they stayed forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_rules_build_the_buckets_anew() -> anyhow::Result<()> {
+    let s = setup().await?;
+    let (stop, task) = spawn(&s, config(&s));
+    workload(&s.sql, 53, 100).await?;
+    wait_until_equal(&s).await?;
+    stop.send(true)?;
+    task.await??;
+    let built = s.store.checkpoint()?;
+    assert_eq!(built.rules.as_deref(), Some(s.rules.fingerprint()));
+
+    let seed_rules = walsync_testkit::seed::RULES;
+    let commented = format!("# the same rules, commented\n{seed_rules}\n# the end\n");
+    let s = seed::Setup {
+        rules: std::sync::Arc::new(walsync_rules::SyncRules::from_yaml(&commented)?),
+        ..s
+    };
+    let (stop, task) = spawn(&s, config(&s));
+    wait_until_equal(&s).await?;
+    stop.send(true)?;
+    task.await??;
+    assert_eq!(
+        s.store.checkpoint()?.rebuilt_at,
+        built.rebuilt_at,
+        "nothing was rebuilt"
+    );
+
+    let from = "SELECT * FROM assessment_responses WHERE project_id = bucket.project_id";
+    assert!(seed_rules.contains(from));
+    let tightened = seed_rules.replace(from, &format!("{from} AND answer <> 'x'"));
+    s.sql
+        .batch_execute("UPDATE assessment_responses SET answer = 'x' WHERE id % 3 = 0")
+        .await?;
+    let s = seed::Setup {
+        rules: std::sync::Arc::new(walsync_rules::SyncRules::from_yaml(&tightened)?),
+        ..s
+    };
+    let (stop, task) = spawn(&s, config(&s));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let cp = s.store.checkpoint()?;
+        if cp.snapshot_complete
+            && cp.rules.as_deref() == Some(s.rules.fingerprint())
+            && seed::actual(&s.store) == seed::expected(&s).await?
+        {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the buckets never followed the new rules"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        s.store.checkpoint()?.rebuilt_at > built.rebuilt_at,
+        "rebuilt"
+    );
+    let leaked = seed::actual(&s.store)
+        .values()
+        .flat_map(|rows| rows.values())
+        .filter(|data| data.contains("\"answer\":\"x\""))
+        .count();
+    assert_eq!(leaked, 0, "no response the new rules filter out is left");
+    stop.send(true)?;
+    task.await??;
+    Ok(())
+}

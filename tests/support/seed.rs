@@ -56,6 +56,7 @@ pub async fn setup() -> anyhow::Result<Setup> {
 pub fn config(s: &Setup) -> ReplicatorConfig {
     let pg: PgConfig = s.url.parse().expect("url");
     let mut source = SourceConfig::new(pg, s.slot.clone(), "walsync");
+    source.required_tables = s.rules.qualified_tables();
     source.reconnect_max = Duration::from_millis(500);
     let mut c = ReplicatorConfig::new(source);
     c.max_commit_txns = 7;

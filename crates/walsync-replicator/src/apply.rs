@@ -105,6 +105,7 @@ impl Applier {
             SourceEvent::SnapshotEnd { consistent_point } => {
                 w.set_position(consistent_point);
                 w.set_snapshot_complete();
+                w.set_rules(self.rules.fingerprint());
                 self.pending_ack = Some(consistent_point);
                 tracing::info!(rows = self.snapshot_rows, lsn = %consistent_point, "snapshot complete");
                 Next::CommitNow

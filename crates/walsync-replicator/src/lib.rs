@@ -43,6 +43,14 @@ pub enum ReplicatorError {
     /// A fault a test injected between the storage commit and the acknowledgement.
     #[error("injected fault after storage commit {0}")]
     Injected(u64),
+    /// The buckets were built with other sync rules, and the slot is not walsync's own, so the
+    /// tables cannot be copied anew without a gap.
+    #[error(
+        "the sync rules changed since the buckets were built, and replication slot {slot:?} was not created by walsync, \
+         so the tables cannot be copied anew without a gap: drop the slot (walsync then makes its own) or put the \
+         earlier rules back"
+    )]
+    RulesChanged { slot: String },
 }
 
 pub type Result<T, E = ReplicatorError> = std::result::Result<T, E>;
@@ -117,6 +125,32 @@ fn run_blocking<S: BucketStore>(
     let mut rebuild = false;
     // Between attempts to start a session while PostgreSQL cannot be reached.
     let mut backoff = config.source.reconnect_min;
+    // Buckets built with other rules no longer hold what these rules select (a tightened filter
+    // would keep leaking rows, a newly named table would have none): they are built anew.
+    let cp = store.checkpoint()?;
+    if cp.snapshot_complete {
+        match &cp.rules {
+            // A store of an earlier version: its rules are not known, these are taken as its.
+            None => {
+                let mut w = store.writer()?;
+                w.set_rules(rules.fingerprint());
+                w.commit()?;
+            }
+            Some(built) if built != rules.fingerprint() => {
+                if cp.slot_owned.as_deref() != Some(config.source.slot.as_str()) {
+                    return Err(ReplicatorError::RulesChanged {
+                        slot: config.source.slot.clone(),
+                    });
+                }
+                tracing::warn!(
+                    slot = %config.source.slot,
+                    "the sync rules changed since the buckets were built: copying the tables anew"
+                );
+                rebuild = true;
+            }
+            Some(_) => {}
+        }
+    }
     loop {
         if *stop.borrow() {
             return Ok(());

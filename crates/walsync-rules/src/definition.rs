@@ -15,6 +15,8 @@ pub struct SyncRules {
     warnings: Vec<String>,
     /// Every table the rules read, computed once: the replicator asks for each row.
     tables: BTreeSet<(String, String)>,
+    /// See [`SyncRules::fingerprint`].
+    fingerprint: String,
 }
 
 /// One bucket definition: its parameter queries (who gets which buckets) and data queries (what
@@ -106,7 +108,15 @@ impl SyncRules {
             definitions,
             warnings,
             tables,
+            fingerprint: fingerprint(text)?,
         })
+    }
+
+    /// Names what the rules say, not how the file says it: the same for rules that differ only
+    /// in comments, layout or key order, different for any change of meaning. The store keeps the
+    /// fingerprint of the rules its buckets were built with, so a change is noticed at start.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     pub fn definitions(&self) -> &[BucketDefinition] {
@@ -285,4 +295,17 @@ fn definition(
         });
     }
     Ok(out)
+}
+
+/// FNV-1a (64 bits) over the rules as canonical JSON (keys sorted): stable across processes and
+/// versions, and enough to notice a change (nobody is trying to collide it).
+fn fingerprint(text: &str) -> Result<String, RulesError> {
+    let value: serde_json::Value =
+        serde_yaml_ng::from_str(text).map_err(|e| RulesError::Yaml(e.to_string()))?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in value.to_string().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    Ok(format!("{h:016x}"))
 }

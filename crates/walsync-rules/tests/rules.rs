@@ -419,3 +419,29 @@ proptest! {
         prop_assert!(rules.resolve_request(&request(&user.to_string())).1.contains(&entry.key));
     }
 }
+
+#[test]
+fn the_fingerprint_follows_meaning_not_layout() {
+    let rules = SyncRules::from_yaml(SEED).unwrap();
+    let commented = SyncRules::from_yaml(&format!("# note\n{SEED}\n\n# more\n")).unwrap();
+    assert_eq!(rules.fingerprint(), commented.fingerprint());
+    let flow = SyncRules::from_yaml(
+        "bucket_definitions: {me: {parameters: 'SELECT request.user_id() AS user_id', data: ['SELECT * FROM stakeholders WHERE user_id = bucket.user_id']}}",
+    )
+    .unwrap();
+    let block = SyncRules::from_yaml(
+        "bucket_definitions:\n  me:\n    data:\n      - SELECT * FROM stakeholders WHERE user_id = bucket.user_id\n    parameters: SELECT request.user_id() AS user_id\n",
+    )
+    .unwrap();
+    assert_eq!(
+        flow.fingerprint(),
+        block.fingerprint(),
+        "flow and block style, keys reordered"
+    );
+    let tightened = SyncRules::from_yaml(&SEED.replace(
+        "WHERE project_id = bucket.project_id",
+        "WHERE project_id = bucket.project_id AND id IS NOT NULL",
+    ))
+    .unwrap();
+    assert_ne!(rules.fingerprint(), tightened.fingerprint());
+}

@@ -14,6 +14,10 @@ pub struct SourceConfig {
     pub publication: String,
     /// When the publication is missing: create it for these tables, or fail with advice.
     pub create_publication: Option<PublicationScope>,
+    /// The tables the consumer reads (`schema.table`, as the sync rules name them): pre-flight
+    /// checks that the publication includes each and publishes inserts, updates, deletes and
+    /// truncates; with `create_publication` set it adds those missing.
+    pub required_tables: Vec<String>,
     /// Ask pgoutput to stream large transactions before they commit (protocol 2). walsync still
     /// emits a transaction only once it committed; this moves the wait from PostgreSQL's disk to
     /// walsync's memory and lets an aborted transaction cost nothing downstream.
@@ -57,6 +61,7 @@ impl SourceConfig {
             slot: slot.into(),
             publication: publication.into(),
             create_publication: None,
+            required_tables: Vec::new(),
             stream_in_progress: false,
             status_interval: DEFAULT_STATUS_INTERVAL,
             receive_timeout: DEFAULT_RECEIVE_TIMEOUT,

@@ -64,8 +64,70 @@ pub async fn check_database(client: &Client, config: &SourceConfig) -> Result<()
             }
         }
     }
+    check_required_tables(client, config).await?;
     check_replica_identity(client, &config.publication).await?;
     check_partitions(client, &config.publication).await
+}
+
+/// Every table the consumer reads is in the publication, which publishes every kind of change.
+async fn check_required_tables(client: &Client, config: &SourceConfig) -> Result<()> {
+    let name = &config.publication;
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    let row = client
+        .query_one(
+            "SELECT pubinsert AND pubupdate AND pubdelete AND pubtruncate FROM pg_publication WHERE pubname = $1",
+            &[name],
+        )
+        .await?;
+    if !row.get::<_, bool>(0) {
+        return Err(SourceError::Preflight(format!(
+            "publication {name:?} does not publish every kind of change: run ALTER PUBLICATION {quoted} \
+             SET (publish = 'insert, update, delete, truncate')"
+        )));
+    }
+    let published: std::collections::BTreeSet<String> = client
+        .query(
+            "SELECT schemaname::text || '.' || tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[name],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let missing: Vec<&String> = config
+        .required_tables
+        .iter()
+        .filter(|t| !published.contains(*t))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if config.create_publication.is_none() {
+        let list: Vec<&str> = missing.iter().map(|t| t.as_str()).collect();
+        return Err(SourceError::Preflight(format!(
+            "publication {name:?} does not include {}, which the sync rules read: run ALTER PUBLICATION {quoted} \
+             ADD TABLE {} (or let walsync extend it)",
+            list.join(", "),
+            list.join(", ")
+        )));
+    }
+    for table in missing {
+        // Resolve through regclass so that a table that does not exist fails here, clearly.
+        let resolved: Option<String> = client
+            .query_opt("SELECT to_regclass($1)::text", &[table])
+            .await?
+            .and_then(|r| r.get(0));
+        let Some(resolved) = resolved else {
+            return Err(SourceError::Preflight(format!(
+                "table {table:?}, which the sync rules read, does not exist"
+            )));
+        };
+        tracing::info!(publication = %name, table = %resolved, "adding a table the sync rules read to the publication");
+        client
+            .batch_execute(&format!("ALTER PUBLICATION {quoted} ADD TABLE {resolved}"))
+            .await?;
+    }
+    Ok(())
 }
 
 /// Partitions published under their own names: their rows would reach the rules as the

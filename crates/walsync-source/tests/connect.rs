@@ -171,6 +171,47 @@ async fn preflight_names_what_to_change() -> anyhow::Result<()> {
 
     db.sql.batch_execute("DROP TABLE parted").await?;
 
+    // A table the rules read that the publication leaves out; a publication without deletes.
+    db.sql
+        .batch_execute(
+            "CREATE PUBLICATION partial FOR TABLE items;
+             CREATE PUBLICATION inserts_only FOR ALL TABLES WITH (publish = 'insert')",
+        )
+        .await?;
+    let mut cfg = support::config(&db.url);
+    cfg.publication = "partial".into();
+    cfg.required_tables = vec!["public.items".into(), "public.keyless".into()];
+    let err = Source::start(cfg.clone(), Resume::default())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("does not include public.keyless, which the sync rules read")
+            && err
+                .to_string()
+                .contains("ALTER PUBLICATION \"partial\" ADD TABLE public.keyless"),
+        "{err}"
+    );
+    cfg.create_publication = Some(PublicationScope::Tables(cfg.required_tables.clone()));
+    let stream = Source::start(cfg.clone(), Resume::default()).await?;
+    stream.stop().await;
+    let added: i64 = db
+        .sql
+        .query_one(
+            "SELECT count(*) FROM pg_publication_tables WHERE pubname = 'partial' AND tablename = 'keyless'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(added, 1, "walsync added the table to its publication");
+    cfg.publication = "inserts_only".into();
+    let err = Source::start(cfg, Resume::default()).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("publish = 'insert, update, delete, truncate'"),
+        "{err}"
+    );
+
     // A database whose text is not UTF-8.
     let latin = format!("{}_latin1", db.db.name);
     db.sql

@@ -145,6 +145,9 @@ pub trait StoreWriter {
     /// The initial snapshot is complete: the checkpoint may be served from now on.
     fn set_snapshot_complete(&mut self);
 
+    /// The buckets follow the sync rules with this fingerprint.
+    fn set_rules(&mut self, fingerprint: &str);
+
     /// The consumer created the slot `slot` (so it may drop it to start afresh). A new slot
     /// starts at a new position: what the store holds is no longer complete as of any position
     /// of it, so the checkpoint stops being servable (and its position is forgotten) until the

@@ -50,6 +50,10 @@ pub struct StoreCheckpoint {
     /// checkpoint is older cannot diff from it and must start over, as after a rebuild.
     #[serde(default)]
     pub changes_from: u64,
+    /// The fingerprint of the sync rules the buckets were built with (`None`: unknown, a store
+    /// of an earlier version).
+    #[serde(default)]
+    pub rules: Option<String>,
 }
 
 /// The store's copy of a source row: column names and values (complete, no unchanged-TOAST

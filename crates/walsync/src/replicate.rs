@@ -41,6 +41,7 @@ pub(crate) fn run(args: ReplicateArgs) -> anyhow::Result<()> {
     }
     let pg: PgConfig = args.url.parse()?;
     let mut source = SourceConfig::new(pg, args.slot, args.publication);
+    source.required_tables = rules.qualified_tables();
     if args.create_publication {
         source.create_publication = Some(PublicationScope::Tables(rules.qualified_tables()));
     }

@@ -66,6 +66,7 @@ impl Service {
             config.postgres.slot.clone(),
             config.postgres.publication.clone(),
         );
+        source.required_tables = rules.qualified_tables();
         if config.postgres.create_publication {
             source.create_publication = Some(PublicationScope::Tables(rules.qualified_tables()));
         }

@@ -386,6 +386,10 @@ impl StoreWriter for EmbeddedWriter<'_> {
         self.checkpoint.snapshot_complete = true;
     }
 
+    fn set_rules(&mut self, fingerprint: &str) {
+        self.checkpoint.rules = Some(fingerprint.to_owned());
+    }
+
     fn set_slot_owned(&mut self, slot: &str) {
         self.checkpoint.slot_owned = Some(slot.to_owned());
         self.checkpoint.lsn = None;
