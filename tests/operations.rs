@@ -206,3 +206,34 @@ async fn tables_whose_dotted_names_coincide_stay_apart() -> anyhow::Result<()> {
     task.await??;
     Ok(())
 }
+
+/// A primary key long enough to be TOASTed (PostgreSQL stores it out of line): updates of
+/// other columns, and of the key itself, keep every row where it belongs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_toasted_primary_key_is_followed_through_updates() -> anyhow::Result<()> {
+    let s = setup_with(
+        "CREATE TABLE docs (id text PRIMARY KEY, n int, body text);
+         ALTER TABLE docs ALTER COLUMN id SET STORAGE EXTERNAL;
+         CREATE PUBLICATION walsync FOR ALL TABLES;
+         INSERT INTO docs SELECT (SELECT string_agg(md5(i::text || j::text), '') FROM generate_series(1, 80) j), i, 'b'
+           FROM generate_series(1, 3) i;",
+        "bucket_definitions:\n  everything:\n    data:\n      - SELECT * FROM docs\n",
+    )
+    .await?;
+    let (stop, task) = seed::spawn(&s, seed::config(&s));
+    let query =
+        "SELECT 'docs', id, json_build_object('id', id, 'n', n, 'body', body)::text FROM docs";
+    wait_until_bucket_is(&s, "everything[]", query).await?;
+    for step in [
+        "UPDATE docs SET n = n + 10",
+        "UPDATE docs SET body = 'changed' WHERE n = 11",
+        "UPDATE docs SET id = id || 'x' WHERE n = 12",
+        "DELETE FROM docs WHERE n = 13",
+    ] {
+        s.sql.batch_execute(step).await?;
+        wait_until_bucket_is(&s, "everything[]", query).await?;
+    }
+    stop.send(true)?;
+    task.await??;
+    Ok(())
+}
