@@ -237,3 +237,36 @@ async fn a_toasted_primary_key_is_followed_through_updates() -> anyhow::Result<(
     task.await??;
     Ok(())
 }
+
+/// A table without a key (`REPLICA IDENTITY FULL`) holding identical rows: deleting or moving
+/// one of them leaves the others at clients (they shared one copy in the store, so deleting one
+/// removed all of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_rows_of_a_keyless_table_are_counted() -> anyhow::Result<()> {
+    let s = setup_with(
+        "CREATE TABLE tags (id int, label text);
+         ALTER TABLE tags REPLICA IDENTITY FULL;
+         CREATE PUBLICATION walsync FOR ALL TABLES;
+         INSERT INTO tags VALUES (1, 'a'), (1, 'a'), (1, 'a'), (2, 'b');",
+        "bucket_definitions:\n  everything:\n    data:\n      - SELECT * FROM tags\n",
+    )
+    .await?;
+    let (stop, task) = seed::spawn(&s, seed::config(&s));
+    let query = "SELECT DISTINCT 'tags', id::text, json_build_object('id', id, 'label', label)::text FROM tags";
+    wait_until_bucket_is(&s, "everything[]", query).await?;
+    let one =
+        |what: &str| format!("{what} WHERE ctid = (SELECT ctid FROM tags WHERE id = 1 LIMIT 1)");
+    for step in [
+        one("DELETE FROM tags"),
+        "INSERT INTO tags VALUES (2, 'b')".to_owned(),
+        one("UPDATE tags SET id = 3"),
+        "DELETE FROM tags WHERE id = 2".to_owned(),
+        one("DELETE FROM tags"),
+    ] {
+        s.sql.batch_execute(&step).await?;
+        wait_until_bucket_is(&s, "everything[]", query).await?;
+    }
+    stop.send(true)?;
+    task.await??;
+    Ok(())
+}

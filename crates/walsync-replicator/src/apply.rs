@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use walsync_rules::{RowRef, SyncRules};
+use walsync_source::codec::ReplicaIdentity;
 use walsync_source::{Change, Datum, Row, SourceEvent, Table};
 use walsync_storage::{StoreWriter, StoredRow};
 use walsync_types::{Lsn, RowId, Value};
@@ -95,7 +96,7 @@ impl Applier {
             SourceEvent::SnapshotRows { table, rows } => {
                 let n = rows.len();
                 for row in rows {
-                    self.upsert(w, &table, row, None)?;
+                    self.upsert(w, &table, row, None, true)?;
                 }
                 self.snapshot_rows += n as u64;
                 self.pending_rows += n;
@@ -135,7 +136,7 @@ impl Applier {
 
     fn change<W: StoreWriter>(&mut self, w: &mut W, change: Change) -> Result<()> {
         match change {
-            Change::Insert { table, new } => self.upsert(w, &table, new, None),
+            Change::Insert { table, new } => self.upsert(w, &table, new, None, true),
             Change::Update { table, old, new } => {
                 let info = self.info(&table);
                 if !info.read {
@@ -152,10 +153,11 @@ impl Applier {
                 } else {
                     None
                 };
-                if old_id != new_id {
+                let moved = old_id != new_id;
+                if moved {
                     w.delete_row(&name, &old_id)?;
                 }
-                self.upsert(w, &table, new, stored.as_ref())
+                self.upsert(w, &table, new, stored.as_ref(), moved)
             }
             Change::Delete { table, old } => {
                 let info = self.info(&table);
@@ -181,12 +183,16 @@ impl Applier {
 
     /// Writes a row: its copy, the buckets the rules put it in, its lookups. Unchanged TOAST
     /// values are taken from `stored`.
+    /// `arrives`: the row joins the table under its id (an insert, the snapshot, an update that
+    /// changed its id); in a table without a key (`REPLICA IDENTITY FULL`) an identical row may
+    /// be there already, and this is one more copy of it.
     fn upsert<W: StoreWriter>(
         &mut self,
         w: &mut W,
         table: &Arc<Table>,
         row: Row,
         stored: Option<&StoredRow>,
+        arrives: bool,
     ) -> Result<()> {
         let info = self.info(table);
         if !info.read {
@@ -233,7 +239,11 @@ impl Applier {
             columns: names,
             values: kept,
         };
-        w.upsert_row(&qualified, &id, copy, outputs, lookups)?;
+        if arrives && table.replica_identity == ReplicaIdentity::Full {
+            w.insert_row(&qualified, &id, copy, outputs, lookups)?;
+        } else {
+            w.upsert_row(&qualified, &id, copy, outputs, lookups)?;
+        }
         Ok(())
     }
 }

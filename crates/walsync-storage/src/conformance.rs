@@ -153,6 +153,50 @@ pub fn run_all<S: BucketStore>(fresh: impl Fn() -> S) {
     long_row_ids_keep_their_lookups(&fresh());
     compaction_in_bounded_steps_covers_every_bucket(&fresh());
     pruned_history_reads_alike_at_later_checkpoints(&fresh());
+    identical_rows_are_copies_of_one(&fresh());
+}
+
+/// A row inserted again while stored (a keyless table's duplicates) is another copy: deletes
+/// remove one copy each, and the row leaves its bucket with the last; a truncate removes all.
+pub fn identical_rows_are_copies_of_one<S: BucketStore>(store: &S) {
+    let insert = |n: usize| {
+        let mut w = store.writer().expect("writer");
+        for _ in 0..n {
+            w.insert_row(
+                "public.k",
+                &row_id("[\"1\",\"a\"]"),
+                row(1),
+                vec![out("a", "1", "{}")],
+                vec![],
+            )
+            .expect("insert");
+        }
+        w.commit().expect("commit");
+    };
+    let delete = || {
+        let mut w = store.writer().expect("writer");
+        w.delete_row("public.k", &row_id("[\"1\",\"a\"]"))
+            .expect("delete");
+        w.commit().expect("commit");
+    };
+    let rows = || ClientBucket::read(store, "a").rows.len();
+    insert(3);
+    assert_eq!(
+        store.ops("a", 0, u64::MAX, 10).expect("ops").len(),
+        1,
+        "one put"
+    );
+    delete();
+    delete();
+    assert_eq!(rows(), 1, "one copy is left");
+    delete();
+    assert_eq!(rows(), 0, "the last copy went");
+    insert(2);
+    let mut w = store.writer().expect("writer");
+    w.truncate("public.k").expect("truncate");
+    w.commit().expect("commit");
+    assert_eq!(rows(), 0, "a truncate removes every copy");
+    state_matches_replay(store, "a");
 }
 
 /// Compaction in steps of a few ops visits every bucket once, ends, and leaves every bucket as

@@ -133,6 +133,18 @@ pub trait StoreWriter {
         lookups: Vec<LookupEntry>,
     ) -> Result<()>;
 
+    /// A new row that may be identical to one already stored (a table without a key holding
+    /// duplicates, `REPLICA IDENTITY FULL`): then it is one more copy of that row (a delete
+    /// removes one copy; the row leaves its buckets with the last); else as `upsert_row`.
+    fn insert_row(
+        &mut self,
+        table: &TableName,
+        row_id: &RowId,
+        values: StoredRow,
+        outputs: Vec<RowOutput>,
+        lookups: Vec<LookupEntry>,
+    ) -> Result<()>;
+
     /// The row is gone: REMOVE from each of its buckets, drop its lookups.
     fn delete_row(&mut self, table: &TableName, row_id: &RowId) -> Result<()>;
 

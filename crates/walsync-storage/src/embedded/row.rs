@@ -48,6 +48,14 @@ pub(super) struct RowRecord {
     pub(super) v: Vec<walsync_types::Value>,
     pub(super) placements: Vec<Placement>,
     pub(super) lookups: Vec<LookupEntry>,
+    /// How many identical rows this record stands for (more than one only for a table without
+    /// a key, `REPLICA IDENTITY FULL`, holding duplicates). Records of earlier versions: one.
+    #[serde(default = "one")]
+    pub(super) copies: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Row copies are written for every replicated row: binary, like ops (see [`OP_TAG`]). Records
@@ -75,6 +83,7 @@ impl RowRecord {
             w.u64((f >> 64) as u64);
         }
         write_lookups(&mut w, &self.lookups)?;
+        w.u32(self.copies);
         Ok(w.0)
     }
 
@@ -114,8 +123,10 @@ impl RowRecord {
             });
         }
         let lookups = read_lookups(&mut r)?;
+        let copies = if fingerprints { r.u32()? } else { 1 };
         r.end()?;
         Ok(RowRecord {
+            copies,
             s,
             v,
             placements,

@@ -72,6 +72,7 @@ fn row_records_round_trip_and_json_records_still_read() {
             checksum: 0xDEAD_BEEF,
             fingerprint: Some(u128::MAX - 7),
         }],
+        copies: 3,
         lookups: vec![LookupEntry {
             key: LookupKey {
                 definition: "d".into(),
@@ -315,6 +316,7 @@ fn stores_with_text_row_keys_keep_them() {
         v: vec![],
         placements: vec![],
         lookups: vec![],
+        copies: 1,
     };
     {
         let store = EmbeddedStore::open(dir.path()).expect("open");

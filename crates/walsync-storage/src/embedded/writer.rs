@@ -282,9 +282,9 @@ impl StoreWriter for EmbeddedWriter<'_> {
     ) -> Result<()> {
         let key = self.s.row_keys.key(table, row_id);
         let old = self.record(table, &key)?;
-        let (old_placements, old_lookups) = match old {
-            Some(r) => (r.placements, r.lookups),
-            None => (Vec::new(), Vec::new()),
+        let (old_placements, old_lookups, copies) = match old {
+            Some(r) => (r.placements, r.lookups, r.copies),
+            None => (Vec::new(), Vec::new(), 1),
         };
         let mut placements = Vec::with_capacity(outputs.len());
         for out in outputs {
@@ -349,6 +349,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
             v: row.values,
             placements,
             lookups,
+            copies,
         }
         .to_bytes()?;
         self.raise_bound(table, &key);
@@ -356,9 +357,29 @@ impl StoreWriter for EmbeddedWriter<'_> {
         Ok(())
     }
 
+    fn insert_row(
+        &mut self,
+        table: &str,
+        row_id: &RowId,
+        row: StoredRow,
+        outputs: Vec<RowOutput>,
+        lookups: Vec<LookupEntry>,
+    ) -> Result<()> {
+        let key = self.s.row_keys.key(table, row_id);
+        match self.record(table, &key)? {
+            // The same row again: its buckets, data and lookups are the ones stored.
+            Some(mut rec) => {
+                rec.copies += 1;
+                self.tx.insert(&self.s.rows, key, rec.to_bytes()?);
+                Ok(())
+            }
+            None => self.upsert_row(table, row_id, row, outputs, lookups),
+        }
+    }
+
     fn delete_row(&mut self, table: &str, row_id: &RowId) -> Result<()> {
         let key = self.s.row_keys.key(table, row_id);
-        self.delete_at(table, key, &RowKeys::label(row_id))
+        self.delete_at(table, key, &RowKeys::label(row_id), false)
     }
 
     fn truncate(&mut self, table: &str) -> Result<()> {
@@ -373,7 +394,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
             })
             .collect::<Result<_>>()?;
         for (key, label) in rows {
-            self.delete_at(table, key, &label)?;
+            self.delete_at(table, key, &label, true)?;
         }
         Ok(())
     }
@@ -429,11 +450,24 @@ impl StoreWriter for EmbeddedWriter<'_> {
 }
 
 impl EmbeddedWriter<'_> {
-    /// Deletes the row of `table` under `key` (a key of `rows`) named `label` in its lookups.
-    fn delete_at(&mut self, table: &str, key: Vec<u8>, label: &str) -> Result<()> {
-        let Some(old) = self.record(table, &key)? else {
+    /// Deletes the row of `table` under `key` (a key of `rows`) named `label` in its lookups:
+    /// one copy of it, or with `every_copy` all of them.
+    fn delete_at(
+        &mut self,
+        table: &str,
+        key: Vec<u8>,
+        label: &str,
+        every_copy: bool,
+    ) -> Result<()> {
+        let Some(mut old) = self.record(table, &key)? else {
             return Ok(());
         };
+        // One of several identical rows: the others stay, in every bucket.
+        if old.copies > 1 && !every_copy {
+            old.copies -= 1;
+            self.tx.insert(&self.s.rows, key, old.to_bytes()?);
+            return Ok(());
+        }
         for p in &old.placements {
             self.remove_from(p, &key)?;
         }
