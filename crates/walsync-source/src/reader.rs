@@ -287,7 +287,8 @@ impl Reader {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_status = Instant::now();
         let mut last_message = Instant::now();
-        let mut probed = false;
+        // When a status update asked for a reply that has not come yet.
+        let mut probed: Option<Instant> = None;
         let mut reported_durable = self.ack.durable;
         // The stream loop's own handle on the channel, so that waiting for room borrows nothing
         // of the reader.
@@ -312,12 +313,17 @@ impl Reader {
                     // Our status updates reset the walsender's timer, so an idle walsender
                     // never sends a keepalive of its own: ask for one before giving up on a
                     // quiet connection.
-                    if !probed && last_message.elapsed() > self.config.receive_timeout / 2 {
+                    let half = self.config.receive_timeout / 2;
+                    if probed.is_none() && last_message.elapsed() > half {
                         self.send_status(repl, true).await?;
-                        probed = true;
+                        probed = Some(Instant::now());
                         last_status = Instant::now();
                     }
-                    if last_message.elapsed() > self.config.receive_timeout {
+                    // Dead: silent for the whole timeout, and the request for a reply unanswered
+                    // for half of it (the ticker's granularity must not shorten that).
+                    if last_message.elapsed() > self.config.receive_timeout
+                        && probed.is_some_and(|at| at.elapsed() >= half)
+                    {
                         return Err(SourceError::Timeout(self.config.receive_timeout));
                     }
                     self.refresh_durable();
@@ -332,7 +338,7 @@ impl Reader {
                 data = repl.next_copy_data(), if !backlogged => {
                     let Some(mut payload) = data? else { return Err(SourceError::Closed) };
                     last_message = Instant::now();
-                    probed = false;
+                    probed = None;
                     loop {
                         if !self.on_frame(repl, payload).await? {
                             if *self.stop.borrow() {

@@ -55,7 +55,7 @@ async fn an_idle_connection_is_not_dropped() -> anyhow::Result<()> {
     let mut config = support::config(&db.url);
     // Status updates more often than the receive timeout, as by default (10 s and 120 s).
     config.status_interval = Duration::from_millis(300);
-    config.receive_timeout = Duration::from_secs(2);
+    config.receive_timeout = Duration::from_secs(3);
     let slot = config.slot.clone();
     let mut stream = Source::start(config, Resume::default()).await?;
     let mut c = Collector::default();
@@ -63,7 +63,7 @@ async fn an_idle_connection_is_not_dropped() -> anyhow::Result<()> {
     stream.ack(c.snapshot_done.expect("snapshot"));
     let before = walsender(&db.sql, &slot).await?;
     // Idle for three receive timeouts: the scenario is the passing of time itself.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_secs(9)).await;
     db.sql.batch_execute("INSERT INTO items VALUES (1)").await?;
     c.until(&mut stream, |c| c.changes().count() == 1).await?;
     assert_eq!(
