@@ -27,8 +27,10 @@ pub struct SourceConfig {
     /// Consider the connection dead after this long without a message. PostgreSQL sends a
     /// keepalive after half its `wal_sender_timeout` (60 s by default) of silence.
     pub receive_timeout: Duration,
-    /// Rows per batch of the initial copy.
+    /// Rows per batch of the initial copy, at most.
     pub snapshot_batch_rows: usize,
+    /// Bytes (of PostgreSQL's text) per batch of the initial copy, about.
+    pub snapshot_batch_bytes: usize,
     /// First and longest wait between reconnection attempts.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
@@ -47,6 +49,10 @@ pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_RECEIVE_TIMEOUT: Duration = Duration::from_secs(120);
 /// 10,000 rows of a few hundred bytes keep a batch around a few MB.
 pub const DEFAULT_SNAPSHOT_BATCH_ROWS: usize = 10_000;
+/// 8 MiB of text per batch: a batch and its decoded rows, the batches in the channel and the
+/// storage commit each hold a few of these, so the copy of any table stays in tens of MiB
+/// (10,000 rows of 1 MiB each were 10 GiB in one batch).
+pub const DEFAULT_SNAPSHOT_BATCH_BYTES: usize = 8 << 20;
 pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(100);
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(30);
 
@@ -66,6 +72,7 @@ impl SourceConfig {
             status_interval: DEFAULT_STATUS_INTERVAL,
             receive_timeout: DEFAULT_RECEIVE_TIMEOUT,
             snapshot_batch_rows: DEFAULT_SNAPSHOT_BATCH_ROWS,
+            snapshot_batch_bytes: DEFAULT_SNAPSHOT_BATCH_BYTES,
             reconnect_min: DEFAULT_RECONNECT_MIN,
             reconnect_max: DEFAULT_RECONNECT_MAX,
         }

@@ -24,7 +24,8 @@ mod source;
 
 pub use config::{
     DEFAULT_RECEIVE_TIMEOUT, DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_MIN,
-    DEFAULT_SNAPSHOT_BATCH_ROWS, DEFAULT_STATUS_INTERVAL, PublicationScope, SourceConfig,
+    DEFAULT_SNAPSHOT_BATCH_BYTES, DEFAULT_SNAPSHOT_BATCH_ROWS, DEFAULT_STATUS_INTERVAL,
+    PublicationScope, SourceConfig,
 };
 pub use connect::{PgConfig, SslMode};
 pub use datum::Datum;

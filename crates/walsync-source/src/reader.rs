@@ -223,13 +223,17 @@ impl Reader {
                 return Ok(End::ConsumerGone);
             }
             let publication = self.config.publication.clone();
-            let batch_rows = self.config.snapshot_batch_rows;
+            let (batch_rows, batch_bytes) = (
+                self.config.snapshot_batch_rows,
+                self.config.snapshot_batch_bytes,
+            );
             if !snapshot::copy(
                 &mut client,
                 &created.snapshot_name,
                 created.consistent_point,
                 &publication,
                 batch_rows,
+                batch_bytes,
                 self,
             )
             .await?

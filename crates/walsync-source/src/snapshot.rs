@@ -18,13 +18,17 @@ pub(crate) trait Emit {
     async fn emit(&mut self, event: SourceEvent) -> Result<bool>;
 }
 
-/// Copies every table of `publication` as of `snapshot`, in batches of `batch_rows`.
+/// Copies every table of `publication` as of `snapshot`, in batches of at most `batch_rows`
+/// rows and about `batch_bytes` bytes of PostgreSQL's text: each fetch asks for as many rows as
+/// the rows so far say fit the budget, so wide rows (TOASTed text, big JSON) come a few at a
+/// time and memory stays bounded by bytes, not by a row count.
 pub(crate) async fn copy(
     client: &mut Client,
     snapshot: &str,
     consistent_point: Lsn,
     publication: &str,
     batch_rows: usize,
+    batch_bytes: usize,
     out: &mut impl Emit,
 ) -> Result<bool> {
     let tx = client.transaction().await?;
@@ -64,12 +68,20 @@ pub(crate) async fn copy(
             "DECLARE walsync_copy NO SCROLL CURSOR FOR {select}"
         ))
         .await?;
-        let fetch = format!("FETCH {batch_rows} FROM walsync_copy");
         let mut copied = 0u64;
+        // One row first: it tells how wide this table's rows are.
+        let mut want = 1;
         loop {
-            let mut rows = Vec::with_capacity(batch_rows);
-            for msg in tx.simple_query(&fetch).await? {
+            let mut rows = Vec::with_capacity(want);
+            let mut bytes = 0usize;
+            for msg in tx
+                .simple_query(&format!("FETCH {want} FROM walsync_copy"))
+                .await?
+            {
                 if let SimpleQueryMessage::Row(r) = msg {
+                    bytes += (0..r.len())
+                        .map(|i| r.get(i).map_or(0, str::len))
+                        .sum::<usize>();
                     rows.push(decode_row(&table, &r)?);
                 }
             }
@@ -77,7 +89,9 @@ pub(crate) async fn copy(
                 break;
             }
             copied += rows.len() as u64;
-            let last = rows.len() < batch_rows;
+            let last = rows.len() < want;
+            let per_row = (bytes / rows.len()).max(1);
+            want = (batch_bytes / per_row).clamp(1, batch_rows.max(1));
             if !out
                 .emit(SourceEvent::SnapshotRows {
                     table: table.clone(),

@@ -565,3 +565,59 @@ async fn logical_messages_arrive_inside_their_transaction() -> anyhow::Result<()
     stream.stop().await;
     Ok(())
 }
+
+/// The initial copy is batched by bytes as well as rows: rows of 200 KB come a few at a time,
+/// narrow rows in full batches, and every row arrives once.
+#[tokio::test]
+async fn the_initial_copy_is_batched_by_bytes() -> anyhow::Result<()> {
+    let db = support::database(
+        shared(),
+        "CREATE TABLE wide (id int PRIMARY KEY, body text);
+         CREATE TABLE narrow (id int PRIMARY KEY);
+         ALTER TABLE wide ALTER COLUMN body SET STORAGE EXTERNAL;",
+    )
+    .await?;
+    db.sql
+        .batch_execute(
+            "INSERT INTO wide SELECT i, (SELECT string_agg(md5(i::text || j::text), '') FROM generate_series(1, 6400) j)
+               FROM generate_series(1, 40) i;
+             INSERT INTO narrow SELECT generate_series(1, 5000);",
+        )
+        .await?;
+    let mut config = support::config(&db.url);
+    config.snapshot_batch_rows = 1000;
+    config.snapshot_batch_bytes = 1 << 20;
+    let mut stream = walsync_source::Source::start(config, Resume::default()).await?;
+    let mut sizes: BTreeMap<String, Vec<usize>> = Default::default();
+    loop {
+        let batch = tokio::time::timeout(support::WAIT, stream.next_batch())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("source ended"))??;
+        let mut done = false;
+        for e in batch {
+            match e {
+                SourceEvent::SnapshotRows { table, rows } => sizes
+                    .entry(table.name.clone())
+                    .or_default()
+                    .push(rows.len()),
+                SourceEvent::SnapshotEnd { .. } => done = true,
+                _ => {}
+            }
+        }
+        if done {
+            break;
+        }
+    }
+    let wide = &sizes["wide"];
+    assert_eq!(wide.iter().sum::<usize>(), 40);
+    // 204,800 bytes a row against a 1 MiB budget: five at a time.
+    assert!(wide.iter().all(|n| *n <= 6), "wide batches {wide:?}");
+    let narrow = &sizes["narrow"];
+    assert_eq!(narrow.iter().sum::<usize>(), 5000);
+    assert!(
+        narrow.iter().skip(1).any(|n| *n == 1000),
+        "narrow batches {narrow:?}"
+    );
+    stream.stop().await;
+    Ok(())
+}
