@@ -4,8 +4,11 @@
 //! refreshed every [`AuthConfig::jwks_refresh`] and when a token names an unknown `kid`, at most
 //! once per [`MIN_REFETCH`]). A token must carry `sub`, `exp` and `iat`, be signed with one of the
 //! allowed algorithms by a key of the same family (`kid` must match when the token names one),
-//! carry a configured audience when audiences are configured, and live no longer than
-//! [`AuthConfig::max_lifetime`]. `alg: none` cannot even be expressed in the header type and is
+//! carry a configured audience when audiences are configured (which keys from a JWKS URL require
+//! unless waived), carry the configured issuer when one is set, not be used before its `nbf`, and
+//! live no longer than [`AuthConfig::max_lifetime`]. A JWKS URL must be https (except on
+//! loopback), and shared-secret (`oct`) keys are taken only from a file or the config, never
+//! from a URL. `alg: none` cannot even be expressed in the header type and is
 //! refused like any other malformed token.
 
 use std::path::PathBuf;
@@ -62,8 +65,14 @@ pub struct AuthConfig {
     pub jwks_url: Option<String>,
     /// Seconds between refreshes of `jwks_url` (default 300).
     pub jwks_refresh_seconds: Option<u64>,
-    /// Accepted audiences; a token must name one of them. Empty: `aud` is not checked.
+    /// Accepted audiences; a token must name one of them. Empty: `aud` is not checked, which
+    /// is refused with `jwks_url` unless `accept_any_audience` says so: identity providers
+    /// (Firebase, Auth0, …) sign every tenant's tokens with the same keys.
     pub audience: Vec<String>,
+    /// Accept tokens for any audience although keys come from `jwks_url`.
+    pub accept_any_audience: bool,
+    /// The required `iss`: when set, a token must carry exactly this issuer.
+    pub issuer: Option<String>,
     /// The longest accepted `exp - iat`, in seconds (default 86,400).
     pub max_lifetime_seconds: Option<u64>,
     /// Seconds of clock skew tolerated (default 30).
@@ -78,6 +87,7 @@ impl std::fmt::Debug for AuthConfig {
             .field("jwks_file", &self.jwks_file)
             .field("jwks_url", &self.jwks_url)
             .field("audience", &self.audience)
+            .field("issuer", &self.issuer)
             .field("max_lifetime_seconds", &self.max_lifetime_seconds)
             .finish()
     }
@@ -131,6 +141,26 @@ pub enum KeyLoadError {
     File { path: PathBuf, message: String },
     #[error("jwks url: {0}")]
     Url(String),
+    #[error("auth configuration: {0}")]
+    Config(String),
+}
+
+/// A JWKS URL must be https, except on loopback (a local identity provider, tests).
+fn check_jwks_url(url: &str) -> Result<(), KeyLoadError> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| KeyLoadError::Url(format!("{url}: {e}")))?;
+    let loopback = match parsed.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        scheme => Err(KeyLoadError::Config(format!(
+            "auth.jwks_url must be https (it is {scheme}): keys fetched in the clear can be replaced on the way"
+        ))),
+    }
 }
 
 fn algorithm_of(jwk: &Jwk) -> Option<Algorithm> {
@@ -141,6 +171,14 @@ fn algorithm_of(jwk: &Jwk) -> Option<Algorithm> {
 fn keys_of(set: &JwkSet, from_url: bool) -> Vec<Key> {
     set.keys
         .iter()
+        .filter(|jwk| {
+            // A shared secret published at a URL is no secret: only local files hold `oct` keys.
+            let shared = matches!(jwk.algorithm, jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_));
+            if shared && from_url {
+                tracing::warn!(kid = ?jwk.common.key_id, "ignoring a shared-secret (oct) key from the jwks url");
+            }
+            !(shared && from_url)
+        })
         .filter_map(|jwk| match DecodingKey::from_jwk(jwk) {
             Ok(key) => Some(Key {
                 kid: jwk.common.key_id.clone(),
@@ -163,6 +201,16 @@ fn parse_jwks(text: &str) -> Result<JwkSet, String> {
 impl Authenticator {
     /// Loads the configured keys (fetching the JWKS URL once).
     pub async fn new(config: AuthConfig) -> Result<Authenticator, KeyLoadError> {
+        if let Some(url) = &config.jwks_url {
+            check_jwks_url(url)?;
+            if config.audience.is_empty() && !config.accept_any_audience {
+                return Err(KeyLoadError::Config(
+                    "auth.audience must be set when keys come from auth.jwks_url: identity providers sign \
+                     other tenants' tokens with the same keys (set auth.accept_any_audience = true to accept any)"
+                        .into(),
+                ));
+            }
+        }
         let mut list = Vec::new();
         if let Some(secret) = &config.secret {
             list.push(Key {
@@ -294,13 +342,19 @@ impl Authenticator {
         }
         let mut validation = Validation::new(alg);
         validation.leeway = self.config.leeway_seconds.unwrap_or(30);
+        validation.validate_nbf = true;
+        let mut required = vec!["sub", "exp", "iat"];
         if self.config.audience.is_empty() {
-            validation.set_required_spec_claims(&["sub", "exp", "iat"]);
             validation.validate_aud = false;
         } else {
-            validation.set_required_spec_claims(&["sub", "exp", "iat", "aud"]);
+            required.push("aud");
             validation.set_audience(&self.config.audience);
         }
+        if let Some(iss) = &self.config.issuer {
+            required.push("iss");
+            validation.set_issuer(&[iss]);
+        }
+        validation.set_required_spec_claims(&required);
         let keys = self.read_keys();
         let candidates = keys.list.iter().filter(|k| {
             k.key.family() == alg.family()

@@ -264,11 +264,14 @@ async fn keys_from_a_jwks_url_are_fetched_and_refreshed_for_new_kids() {
     .expect("keys");
     assert_eq!(hits.load(Ordering::SeqCst), 1);
     for (alg, token) in signed_tokens(&claims("u3", "walsync", 600)) {
+        let result = auth.authenticate(&token).await;
+        if alg == Algorithm::HS256 {
+            // The set's shared-secret (oct) key is no secret at a URL: it is not used.
+            assert!(matches!(result, Err(AuthError::NoKey(_))), "{result:?}");
+            continue;
+        }
         assert_eq!(
-            auth.authenticate(&token)
-                .await
-                .unwrap_or_else(|e| panic!("{alg:?}: {e}"))
-                .user_id,
+            result.unwrap_or_else(|e| panic!("{alg:?}: {e}")).user_id,
             "u3"
         );
     }
@@ -286,6 +289,7 @@ async fn keys_from_a_jwks_url_are_fetched_and_refreshed_for_new_kids() {
     // An unreachable URL at start is a clear error.
     let err = Authenticator::new(AuthConfig {
         jwks_url: Some("http://127.0.0.1:9/jwks.json".into()),
+        audience: vec!["walsync".into()],
         ..AuthConfig::default()
     })
     .await
@@ -296,17 +300,20 @@ async fn keys_from_a_jwks_url_are_fetched_and_refreshed_for_new_kids() {
 
 #[tokio::test]
 async fn a_jwks_url_is_refetched_after_its_refresh_interval_and_rotated_keys_take_over() {
-    use base64_helper::b64;
     use std::sync::atomic::Ordering;
-    let set = |kid: &str, secret: &[u8]| {
-        serde_json::json!({"keys": [{"kty": "oct", "kid": kid, "alg": "HS256", "k": b64(secret)}]})
-            .to_string()
+    // The fixture set's public keys, one at a time: the issuer rotates from RSA to EC.
+    let fixture_set: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("jwks.json")).expect("jwks"))
+            .expect("json");
+    let set = |kid: &str| {
+        let key = fixture_set["keys"]
+            .as_array()
+            .and_then(|keys| keys.iter().find(|k| k["kid"] == kid))
+            .cloned()
+            .expect("fixture key");
+        serde_json::json!({ "keys": [key] }).to_string()
     };
-    let (old_secret, new_secret) = (
-        b"the-old-secret-of-this-test-0123456789",
-        b"the-new-secret-of-this-test-9876543210",
-    );
-    let (addr, served, hits) = serve_jwks(set("old", old_secret)).await;
+    let (addr, served, hits) = serve_jwks(set("rsa-1")).await;
     let auth = Authenticator::new(AuthConfig {
         jwks_url: Some(format!("http://{addr}/jwks.json")),
         jwks_refresh_seconds: Some(1),
@@ -315,23 +322,18 @@ async fn a_jwks_url_is_refetched_after_its_refresh_interval_and_rotated_keys_tak
     })
     .await
     .expect("keys");
-    let token = |kid: &str, secret: &[u8]| {
-        sign(
-            Algorithm::HS256,
-            Some(kid),
-            &EncodingKey::from_secret(secret),
-            &claims("u4", "walsync", 600),
-        )
-    };
-    let old = token("old", old_secret);
-    let new = token("new", new_secret);
+    let rsa = EncodingKey::from_rsa_pem(&pem("rsa.pem")).expect("rsa");
+    let ec = EncodingKey::from_ec_pem(&pem("ec256.pem")).expect("ec");
+    let c = claims("u4", "walsync", 600);
+    let old = sign(Algorithm::RS256, Some("rsa-1"), &rsa, &c);
+    let new = sign(Algorithm::ES256, Some("ec256"), &ec, &c);
     assert_eq!(
         auth.authenticate(&old).await.expect("old key").user_id,
         "u4"
     );
 
     // The issuer rotates its key; after the refresh interval the next token fetches the set again.
-    *served.lock().expect("jwks") = set("new", new_secret);
+    *served.lock().expect("jwks") = set("ec256");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(
         auth.authenticate(&new).await.expect("new key").user_id,
@@ -341,10 +343,89 @@ async fn a_jwks_url_is_refetched_after_its_refresh_interval_and_rotated_keys_tak
     // The retired key no longer verifies anything.
     assert!(matches!(
         auth.authenticate(&old).await,
-        Err(AuthError::NoKey(Some(kid))) if kid == "old"
+        Err(AuthError::NoKey(Some(kid))) if kid == "rsa-1"
     ));
-    // A token signed with the retired secret under the new kid fails its signature.
-    assert!(auth.authenticate(&token("new", old_secret)).await.is_err());
+    // A token signed with the retired key under the new kid fails.
+    assert!(
+        auth.authenticate(&sign(Algorithm::RS256, Some("ec256"), &rsa, &c))
+            .await
+            .is_err()
+    );
+}
+
+/// Identity providers' settings: issuer and audience required, `nbf` honoured, keys from a
+/// JWKS URL only over https (but on loopback) and never shared secrets, and an audience required
+/// whenever keys come from a URL.
+#[tokio::test]
+async fn issuer_audience_and_key_source_policies() {
+    let secret = "policy-secret-0123456789-0123456789";
+    let auth = Authenticator::new(AuthConfig {
+        secret: Some(secret.into()),
+        audience: vec!["walsync".into()],
+        issuer: Some("https://issuer.example/".into()),
+        ..AuthConfig::default()
+    })
+    .await
+    .expect("keys");
+    let key = EncodingKey::from_secret(secret.as_bytes());
+    let with = |extra: serde_json::Value| {
+        let mut c = claims("u5", "walsync", 600);
+        if let (Some(c), Some(extra)) = (c.as_object_mut(), extra.as_object()) {
+            c.extend(extra.clone());
+        }
+        sign(Algorithm::HS256, None, &key, &c)
+    };
+    let good = with(serde_json::json!({"iss": "https://issuer.example/"}));
+    assert_eq!(auth.authenticate(&good).await.expect("good").user_id, "u5");
+    for (why, token) in [
+        ("no issuer", with(serde_json::json!({}))),
+        (
+            "another issuer",
+            with(serde_json::json!({"iss": "https://evil.example/"})),
+        ),
+        (
+            "not valid yet",
+            with(serde_json::json!({"iss": "https://issuer.example/", "nbf": now() + 3600})),
+        ),
+    ] {
+        assert!(auth.authenticate(&token).await.is_err(), "{why}");
+    }
+    let valid_since =
+        with(serde_json::json!({"iss": "https://issuer.example/", "nbf": now() - 10}));
+    assert!(
+        auth.authenticate(&valid_since).await.is_ok(),
+        "nbf in the past"
+    );
+
+    // A JWKS URL: https except on loopback; an audience unless explicitly waived.
+    let err = Authenticator::new(AuthConfig {
+        jwks_url: Some("http://idp.example/jwks.json".into()),
+        audience: vec!["walsync".into()],
+        ..AuthConfig::default()
+    })
+    .await
+    .expect_err("plain http");
+    assert!(err.to_string().contains("must be https"), "{err}");
+    let jwks = std::fs::read_to_string(fixture("jwks.json")).expect("jwks");
+    let (addr, _, _) = serve_jwks(jwks).await;
+    let url = format!("http://{addr}/jwks.json");
+    let err = Authenticator::new(AuthConfig {
+        jwks_url: Some(url.clone()),
+        ..AuthConfig::default()
+    })
+    .await
+    .expect_err("no audience");
+    assert!(
+        err.to_string().contains("auth.audience must be set"),
+        "{err}"
+    );
+    Authenticator::new(AuthConfig {
+        jwks_url: Some(url),
+        accept_any_audience: true,
+        ..AuthConfig::default()
+    })
+    .await
+    .expect("waived explicitly");
 }
 
 mod base64_helper {
