@@ -447,3 +447,118 @@ mod base64_helper {
         out
     }
 }
+
+/// Tokens shaped as Supabase Auth, Auth0, Firebase Auth and Keycloak issue them, with the
+/// settings the README gives for each: accepted, and the same provider's token for another
+/// project, tenant or realm refused.
+#[tokio::test]
+async fn identity_provider_tokens_of_each_shape() {
+    let jwks = std::fs::read_to_string(fixture("jwks.json")).expect("jwks");
+    let (addr, _, _) = serve_jwks(jwks).await;
+    let url = format!("http://{addr}/jwks.json");
+    let rsa = EncodingKey::from_rsa_pem(&pem("rsa.pem")).expect("rsa");
+    let supabase_secret = "super-secret-jwt-token-with-at-least-32-characters-long";
+    let t = now();
+    struct Case {
+        name: &'static str,
+        config: AuthConfig,
+        good: String,
+        foreign: String,
+    }
+    let rs = |claims: serde_json::Value| sign(Algorithm::RS256, Some("rsa-1"), &rsa, &claims);
+    let hs = |claims: serde_json::Value| {
+        sign(
+            Algorithm::HS256,
+            None,
+            &EncodingKey::from_secret(supabase_secret.as_bytes()),
+            &claims,
+        )
+    };
+    let supabase = |project: &str| {
+        serde_json::json!({
+            "iss": format!("https://{project}.supabase.co/auth/v1"), "sub": "5f0c8a1e-0f4e-4c7e-9d55-6b0a2c7e4d11",
+            "aud": "authenticated", "role": "authenticated", "email": "ada@example.com",
+            "session_id": "4b8f", "is_anonymous": false, "iat": t, "exp": t + 3600,
+        })
+    };
+    let auth0 = |api: &str| {
+        serde_json::json!({
+            "iss": "https://tenant.eu.auth0.com/", "sub": "auth0|64f1c2",
+            "aud": [api, "https://tenant.eu.auth0.com/userinfo"], "azp": "Zk3p", "scope": "openid profile",
+            "iat": t, "exp": t + 3600,
+        })
+    };
+    let firebase = |project: &str| {
+        serde_json::json!({
+            "iss": format!("https://securetoken.google.com/{project}"), "aud": project,
+            "auth_time": t, "user_id": "kR2u", "sub": "kR2u", "iat": t, "exp": t + 3600,
+            "firebase": {"identities": {}, "sign_in_provider": "anonymous"},
+        })
+    };
+    let keycloak = |realm: &str| {
+        serde_json::json!({
+            "iss": format!("https://kc.example.com/realms/{realm}"), "sub": "0b7e6c3a-58c4-4d4a-9a3e-2f1d",
+            "aud": ["walsync-app", "account"], "azp": "walsync-app", "typ": "Bearer",
+            "realm_access": {"roles": ["offline_access"]}, "iat": t, "exp": t + 300,
+        })
+    };
+    let cases = [
+        Case {
+            name: "supabase",
+            config: AuthConfig {
+                secret: Some(supabase_secret.into()),
+                issuer: Some("https://abcd.supabase.co/auth/v1".into()),
+                audience: vec!["authenticated".into()],
+                ..AuthConfig::default()
+            },
+            good: hs(supabase("abcd")),
+            foreign: hs(supabase("other")),
+        },
+        Case {
+            name: "auth0",
+            config: AuthConfig {
+                jwks_url: Some(url.clone()),
+                issuer: Some("https://tenant.eu.auth0.com/".into()),
+                audience: vec!["https://api.walsync.example".into()],
+                ..AuthConfig::default()
+            },
+            good: rs(auth0("https://api.walsync.example")),
+            foreign: rs(auth0("https://api.other.example")),
+        },
+        Case {
+            name: "firebase",
+            config: AuthConfig {
+                jwks_url: Some(url.clone()),
+                issuer: Some("https://securetoken.google.com/walsync-app".into()),
+                audience: vec!["walsync-app".into()],
+                ..AuthConfig::default()
+            },
+            good: rs(firebase("walsync-app")),
+            foreign: rs(firebase("someone-else")),
+        },
+        Case {
+            name: "keycloak",
+            config: AuthConfig {
+                jwks_url: Some(url.clone()),
+                issuer: Some("https://kc.example.com/realms/app".into()),
+                audience: vec!["walsync-app".into()],
+                ..AuthConfig::default()
+            },
+            good: rs(keycloak("app")),
+            foreign: rs(keycloak("other")),
+        },
+    ];
+    for case in cases {
+        let auth = Authenticator::new(case.config).await.expect(case.name);
+        let who = auth
+            .authenticate(&case.good)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        assert!(!who.user_id.is_empty(), "{}", case.name);
+        assert!(
+            auth.authenticate(&case.foreign).await.is_err(),
+            "{}: another project's token",
+            case.name
+        );
+    }
+}
