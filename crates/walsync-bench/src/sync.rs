@@ -88,7 +88,7 @@ fn start_server(dir: &Path, pg_url: &str) -> anyhow::Result<ServerProcess> {
     std::fs::write(
         dir.join("walsync.toml"),
         format!(
-            "rules = \"rules.yaml\"\n[postgres]\nurl = \"{pg_url}\"\nslot = \"bench\"\npublication = \"bench\"\ncreate_publication = true\n[storage]\ndir = \"store\"\n[server]\nlisten = \"127.0.0.1:{port}\"\nmax_connections = 1000000\n[auth]\nsecret = \"{SECRET}\"\n"
+            "rules = \"rules.yaml\"\n[postgres]\nurl = \"{pg_url}\"\nslot = \"bench\"\npublication = \"bench\"\ncreate_publication = true\n[storage]\ndir = \"store\"\n[server]\nlisten = \"127.0.0.1:{port}\"\nmax_connections = 1000000\nmax_streams_per_user = 1000000\n[auth]\nsecret = \"{SECRET}\"\n"
         ),
     )?;
     let child = std::process::Command::new(std::env::current_exe()?)

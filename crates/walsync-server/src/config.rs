@@ -11,6 +11,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Open sync streams at most; more get 429 / RESOURCE_EXHAUSTED with Retry-After.
     pub max_connections: usize,
+    /// Open sync streams of one user at most (all its devices and tabs); more get 429 /
+    /// RESOURCE_EXHAUSTED with Retry-After.
+    pub max_streams_per_user: usize,
     /// Seconds a refused client is told to wait.
     pub retry_after_seconds: u64,
     /// Largest request body accepted.
@@ -26,6 +29,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_connections: 100_000,
+            max_streams_per_user: 10,
             retry_after_seconds: 5,
             max_request_bytes: 1 << 20,
             max_line_bytes: 4 << 20,

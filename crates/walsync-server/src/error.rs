@@ -23,6 +23,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// Admission refused the stream: the server holds as many as it is configured for.
     TooManyConnections,
+    /// Admission refused the stream: this user holds as many as one user may.
+    TooManyStreams,
     /// The client did not read its stream for the stall timeout.
     TooSlow,
     /// PostgreSQL is not reachable; retry.
@@ -62,6 +64,11 @@ impl ErrorCode {
             ),
             ErrorCode::TooManyConnections => (
                 "too_many_connections",
+                StatusCode::TOO_MANY_REQUESTS,
+                Code::ResourceExhausted,
+            ),
+            ErrorCode::TooManyStreams => (
+                "too_many_streams",
                 StatusCode::TOO_MANY_REQUESTS,
                 Code::ResourceExhausted,
             ),
@@ -181,6 +188,7 @@ mod tests {
             (ErrorCode::MethodNotAllowed, 405, Code::Unimplemented),
             (ErrorCode::PayloadTooLarge, 413, Code::InvalidArgument),
             (ErrorCode::TooManyConnections, 429, Code::ResourceExhausted),
+            (ErrorCode::TooManyStreams, 429, Code::ResourceExhausted),
             (ErrorCode::TooSlow, 429, Code::ResourceExhausted),
             (ErrorCode::DatabaseUnavailable, 503, Code::Unavailable),
             (ErrorCode::NotReady, 503, Code::Unavailable),

@@ -59,16 +59,15 @@ impl<S: BucketStore + 'static> pb::sync_server::Sync for GrpcSync<S> {
         req: Request<pb::SyncRequest>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let identity = self.authenticate(&req).await?;
-        let Ok(permit) = self.server.admission.clone().try_acquire_owned() else {
-            let mut s = ApiError::new(
-                ErrorCode::TooManyConnections,
-                "the server holds as many streams as it is configured for; retry later",
-            )
-            .to_status();
-            if let Ok(v) = self.server.config.retry_after_seconds.to_string().parse() {
-                s.metadata_mut().insert("retry-after", v);
+        let permit = match self.server.admission.admit(&identity.user_id) {
+            Ok(p) => p,
+            Err(r) => {
+                let mut s = r.error.to_status();
+                if let Ok(v) = r.retry_after_seconds.to_string().parse() {
+                    s.metadata_mut().insert("retry-after", v);
+                }
+                return Err(s);
             }
-            return Err(s);
         };
         let request = SyncRequest::try_from(req.into_inner()).map_err(|e| {
             ApiError::new(ErrorCode::BadRequest, format!("invalid sync request: {e}")).to_status()

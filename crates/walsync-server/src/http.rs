@@ -115,13 +115,9 @@ async fn authenticate<S: BucketStore + 'static>(
     })
 }
 
-fn too_many(server_retry: u64) -> Response {
-    let mut resp = ApiError::new(
-        ErrorCode::TooManyConnections,
-        "the server holds as many streams as it is configured for; retry later",
-    )
-    .into_response();
-    if let Ok(v) = HeaderValue::from_str(&server_retry.to_string()) {
+fn refused(r: crate::admission::Refused) -> Response {
+    let mut resp = r.error.into_response();
+    if let Ok(v) = HeaderValue::from_str(&r.retry_after_seconds.to_string()) {
         resp.headers_mut().insert(header::RETRY_AFTER, v);
     }
     resp
@@ -136,8 +132,9 @@ async fn sync_stream<S: BucketStore + 'static>(
         Ok(i) => i,
         Err(e) => return e.into_response(),
     };
-    let Ok(permit) = server.admission.clone().try_acquire_owned() else {
-        return too_many(server.config.retry_after_seconds);
+    let permit = match server.admission.admit(&identity.user_id) {
+        Ok(p) => p,
+        Err(r) => return refused(r),
     };
     let bytes = match axum::body::to_bytes(body, server.config.max_request_bytes).await {
         Ok(b) => b,
@@ -165,7 +162,7 @@ async fn sync_stream<S: BucketStore + 'static>(
     };
     let lines = server.core.open(identity, request);
     let stream = ReceiverStream::new(lines).map(move |item| {
-        // The admission permit lives as long as the stream.
+        // The admission lives as long as the stream.
         let _held = &permit;
         match item {
             Ok(line) => Ok(Bytes::from(line.to_ndjson())),

@@ -11,6 +11,7 @@
 //! `RESOURCE_EXHAUSTED`). Errors are one vocabulary ([`ErrorCode`]): JSON with a stable `code`
 //! over HTTP, the matching status over gRPC.
 
+mod admission;
 pub mod auth;
 mod config;
 mod error;
@@ -20,7 +21,6 @@ mod write_checkpoint;
 
 use std::sync::Arc;
 
-use tokio::sync::Semaphore;
 use walsync_storage::BucketStore;
 use walsync_sync::SyncCore;
 
@@ -35,7 +35,7 @@ pub struct Server<S: BucketStore> {
     pub auth: Arc<Authenticator>,
     pub config: ServerConfig,
     pub checkpoints: Arc<WriteCheckpoints>,
-    admission: Arc<Semaphore>,
+    admission: admission::Admission,
 }
 
 impl<S: BucketStore> std::fmt::Debug for Server<S> {
@@ -54,7 +54,11 @@ impl<S: BucketStore + 'static> Server<S> {
         checkpoints: Arc<WriteCheckpoints>,
     ) -> Arc<Server<S>> {
         Arc::new(Server {
-            admission: Arc::new(Semaphore::new(config.max_connections)),
+            admission: admission::Admission::new(
+                config.max_connections,
+                config.max_streams_per_user,
+                config.retry_after_seconds,
+            ),
             core,
             auth,
             config,

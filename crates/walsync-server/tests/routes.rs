@@ -18,6 +18,10 @@ struct Running {
 }
 
 async fn serve() -> anyhow::Result<Running> {
+    serve_with(ServerConfig::default()).await
+}
+
+async fn serve_with(config: ServerConfig) -> anyhow::Result<Running> {
     let dir = tempfile::tempdir()?;
     let store = Arc::new(EmbeddedStore::open(dir.path())?);
     let rules = Arc::new(walsync_rules::SyncRules::from_yaml(RULES)?);
@@ -31,12 +35,7 @@ async fn serve() -> anyhow::Result<Running> {
     );
     // No request here reaches the database.
     let connect: Connect = Arc::new(|| Box::pin(async { Err("no database in this test".into()) }));
-    let server = Server::new(
-        core,
-        auth,
-        ServerConfig::default(),
-        Arc::new(WriteCheckpoints::new(connect)),
-    );
+    let server = Server::new(core, auth, config, Arc::new(WriteCheckpoints::new(connect)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -127,5 +126,83 @@ async fn grpc_keeps_its_routes_and_statuses_beside_the_http_errors() -> anyhow::
         .insert("authorization", format!("Bearer {token}").parse()?);
     let err = client.write_checkpoint(req).await.expect_err("no database");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    Ok(())
+}
+
+/// One user holds at most `max_streams_per_user` streams over both transports together; more
+/// are refused with 429 / RESOURCE_EXHAUSTED naming the limit and when to retry, other users
+/// are not held up, and a stream that ends gives its place back.
+#[tokio::test]
+async fn a_user_holds_at_most_its_share_of_streams() -> anyhow::Result<()> {
+    let s = serve_with(ServerConfig {
+        max_streams_per_user: 3,
+        retry_after_seconds: 9,
+        ..ServerConfig::default()
+    })
+    .await?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let token = |user: &str| {
+        walsync_server::mint_hs256("routes-secret", user, None, Duration::from_secs(60))
+            .expect("token")
+    };
+    let open = |user: &str| {
+        http.post(format!("{}/sync/stream", s.url))
+            .bearer_auth(token(user))
+            .body("{}")
+            .send()
+    };
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let r = open("u1").await?;
+        assert_eq!(r.status(), 200);
+        held.push(r);
+    }
+    // The third over gRPC.
+    let channel = tonic::transport::Endpoint::from_shared(s.url.clone())?
+        .connect()
+        .await?;
+    let mut grpc = pb::sync_client::SyncClient::new(channel);
+    let mut req = tonic::Request::new(pb::SyncRequest::default());
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {}", token("u1")).parse()?);
+    let grpc_stream = grpc.sync(req).await?;
+    let refused = open("u1").await?;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(
+        refused
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("9")
+    );
+    let (_, code, message) = error_of(refused).await?;
+    assert_eq!(code, "too_many_streams");
+    assert!(message.contains("3 open streams"), "{message}");
+    let mut req = tonic::Request::new(pb::SyncRequest::default());
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {}", token("u1")).parse()?);
+    let err = grpc.sync(req).await.expect_err("over the limit");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(
+        open("u2").await?.status(),
+        200,
+        "another user is not held up"
+    );
+    // A stream that ends gives its place back.
+    drop(grpc_stream);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = open("u1").await?;
+        if r.status() == 200 {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(held);
     Ok(())
 }
