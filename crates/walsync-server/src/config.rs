@@ -18,6 +18,9 @@ pub struct ServerConfig {
     pub retry_after_seconds: u64,
     /// Largest request body accepted.
     pub max_request_bytes: usize,
+    /// Seconds a request body may take to arrive once its stream was admitted (a client that
+    /// sends it slowly must not hold an admission slot).
+    pub request_timeout_seconds: u64,
     /// Largest data line sent (a page holds fewer ops when rows are large; one op always fits).
     pub max_line_bytes: usize,
     /// Origins allowed for browsers (`*` for any). Empty: no CORS headers.
@@ -32,6 +35,7 @@ impl Default for ServerConfig {
             max_streams_per_user: 10,
             retry_after_seconds: 5,
             max_request_bytes: 1 << 20,
+            request_timeout_seconds: 10,
             max_line_bytes: 4 << 20,
             cors_origins: Vec::new(),
         }

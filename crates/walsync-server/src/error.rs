@@ -21,6 +21,8 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// The body exceeds the configured limit.
     PayloadTooLarge,
+    /// The body did not arrive within the configured time.
+    RequestTimeout,
     /// Admission refused the stream: the server holds as many as it is configured for.
     TooManyConnections,
     /// Admission refused the stream: this user holds as many as one user may.
@@ -61,6 +63,11 @@ impl ErrorCode {
                 "payload_too_large",
                 StatusCode::PAYLOAD_TOO_LARGE,
                 Code::InvalidArgument,
+            ),
+            ErrorCode::RequestTimeout => (
+                "request_timeout",
+                StatusCode::REQUEST_TIMEOUT,
+                Code::DeadlineExceeded,
             ),
             ErrorCode::TooManyConnections => (
                 "too_many_connections",
@@ -188,6 +195,7 @@ mod tests {
             (ErrorCode::MethodNotAllowed, 405, Code::Unimplemented),
             (ErrorCode::PayloadTooLarge, 413, Code::InvalidArgument),
             (ErrorCode::TooManyConnections, 429, Code::ResourceExhausted),
+            (ErrorCode::RequestTimeout, 408, Code::DeadlineExceeded),
             (ErrorCode::TooManyStreams, 429, Code::ResourceExhausted),
             (ErrorCode::TooSlow, 429, Code::ResourceExhausted),
             (ErrorCode::DatabaseUnavailable, 503, Code::Unavailable),

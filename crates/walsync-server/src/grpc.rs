@@ -18,6 +18,7 @@ pub(crate) fn router<S: BucketStore + 'static>(server: Arc<Server<S>>) -> axum::
     use tonic::server::NamedService;
     use tower::ServiceExt;
     type Svc<S> = pb::sync_server::SyncServer<GrpcSync<S>>;
+    let server_for_auth = server.clone();
     let service: Svc<S> =
         pb::sync_server::SyncServer::new(GrpcSync { server }).max_decoding_message_size(1 << 20);
     axum::Router::new()
@@ -27,25 +28,55 @@ pub(crate) fn router<S: BucketStore + 'static>(server: Arc<Server<S>>) -> axum::
                 req.map(tonic::body::Body::new)
             }),
         )
+        // Authentication before tonic decodes anything of the body (as over HTTP).
+        .layer(axum::middleware::from_fn_with_state(
+            server_for_auth,
+            authenticate_first,
+        ))
         .layer(tonic_web::GrpcWebLayer::new())
+}
+
+/// Authenticates a gRPC (or grpc-web) request from its headers alone; a refused one is answered
+/// with its status and its body is never read. The identity travels to the handler in the
+/// request's extensions.
+async fn authenticate_first<S: BucketStore + 'static>(
+    axum::extract::State(server): axum::extract::State<Arc<Server<S>>>,
+    mut req: http::Request<axum::body::Body>,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let value = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or(""));
+    match server.auth.authenticate_header(value).await {
+        Ok(identity) => {
+            req.extensions_mut().insert(identity);
+            next.run(req).await
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "refused a token");
+            let (parts, ()) = ApiError::unauthenticated(e)
+                .to_status()
+                .into_http::<()>()
+                .into_parts();
+            axum::response::Response::from_parts(parts, axum::body::Body::empty())
+        }
+    }
 }
 
 struct GrpcSync<S: BucketStore> {
     server: Arc<Server<S>>,
 }
 
-impl<S: BucketStore + 'static> GrpcSync<S> {
-    async fn authenticate<T>(&self, req: &Request<T>) -> Result<Identity, Status> {
-        let value = req
-            .metadata()
-            .get("authorization")
-            .map(|v| v.to_str().unwrap_or(""));
-        self.server
-            .auth
-            .authenticate_header(value)
-            .await
-            .map_err(|e| ApiError::unauthenticated(e).to_status())
-    }
+/// The identity [`authenticate_first`] found for the request.
+fn identity_of<T>(req: &Request<T>) -> Result<Identity, Status> {
+    req.extensions().get::<Identity>().cloned().ok_or_else(|| {
+        ApiError::internal(
+            "grpc request without an identity",
+            &"the auth layer did not run",
+        )
+        .to_status()
+    })
 }
 
 type LineStream = Pin<Box<dyn Stream<Item = Result<pb::SyncLine, Status>> + Send>>;
@@ -58,7 +89,7 @@ impl<S: BucketStore + 'static> pb::sync_server::Sync for GrpcSync<S> {
         &self,
         req: Request<pb::SyncRequest>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        let identity = self.authenticate(&req).await?;
+        let identity = identity_of(&req)?;
         let permit = match self.server.admission.admit(&identity.user_id) {
             Ok(p) => p,
             Err(r) => {
@@ -97,7 +128,7 @@ impl<S: BucketStore + 'static> pb::sync_server::Sync for GrpcSync<S> {
         &self,
         req: Request<pb::WriteCheckpointRequest>,
     ) -> Result<Response<pb::WriteCheckpointResponse>, Status> {
-        let identity = self.authenticate(&req).await?;
+        let identity = identity_of(&req)?;
         let lsn = self.server.checkpoints.create().await?;
         let n = self
             .server

@@ -136,7 +136,16 @@ async fn sync_stream<S: BucketStore + 'static>(
         Ok(p) => p,
         Err(r) => return refused(r),
     };
-    let bytes = match axum::body::to_bytes(body, server.config.max_request_bytes).await {
+    let read = axum::body::to_bytes(body, server.config.max_request_bytes);
+    let timeout = std::time::Duration::from_secs(server.config.request_timeout_seconds.max(1));
+    let Ok(read) = tokio::time::timeout(timeout, read).await else {
+        return ApiError::new(
+            ErrorCode::RequestTimeout,
+            format!("the request body did not arrive within {timeout:?}"),
+        )
+        .into_response();
+    };
+    let bytes = match read {
         Ok(b) => b,
         Err(_) => {
             return ApiError::new(

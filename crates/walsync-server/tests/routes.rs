@@ -114,11 +114,25 @@ async fn grpc_keeps_its_routes_and_statuses_beside_the_http_errors() -> anyhow::
     let channel = tonic::transport::Endpoint::from_shared(s.url.clone())?
         .connect()
         .await?;
-    let mut client = pb::sync_client::SyncClient::new(channel);
+    let mut client = pb::sync_client::SyncClient::new(channel).max_encoding_message_size(8 << 20);
     let err = client
         .sync(pb::SyncRequest::default())
         .await
         .expect_err("no token");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    // Authentication comes before the body is decoded: a body over the decoding limit without a
+    // token is refused for the token, not read.
+    let huge = pb::SyncRequest {
+        parameters_json: "x".repeat(2 << 20),
+        ..pb::SyncRequest::default()
+    };
+    let err = client.sync(huge.clone()).await.expect_err("no token");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    let mut req = tonic::Request::new(huge);
+    let bad = walsync_server::mint_hs256("another-secret", "u1", None, Duration::from_secs(60))?;
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {bad}").parse()?);
+    let err = client.sync(req).await.expect_err("bad token");
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
     let mut req = tonic::Request::new(pb::WriteCheckpointRequest::default());
     let token = walsync_server::mint_hs256("routes-secret", "u1", None, Duration::from_secs(60))?;
@@ -204,5 +218,43 @@ async fn a_user_holds_at_most_its_share_of_streams() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(held);
+    Ok(())
+}
+
+/// A client that sends its body slowly (here: never finishes it) gets 408 after the request
+/// timeout, and its admission slot comes back.
+#[tokio::test]
+async fn a_body_that_never_arrives_times_out_and_gives_its_place_back() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = serve_with(ServerConfig {
+        request_timeout_seconds: 1,
+        max_connections: 1,
+        ..ServerConfig::default()
+    })
+    .await?;
+    let token = walsync_server::mint_hs256("routes-secret", "u1", None, Duration::from_secs(60))?;
+    let addr = s.url.trim_start_matches("http://");
+    let mut sock = tokio::net::TcpStream::connect(addr).await?;
+    sock.write_all(
+        format!(
+            "POST /sync/stream HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"buck"
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    // The only admission slot is free again.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let r = reqwest::Client::new()
+        .post(format!("{}/sync/stream", s.url))
+        .bearer_auth(&token)
+        .body("{}")
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
     Ok(())
 }
