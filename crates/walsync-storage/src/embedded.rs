@@ -4,7 +4,8 @@
 //!
 //! Its rooms: `keys` (the byte keys of each keyspace), `record` (the binary record codec),
 //! `chunk` (op records and the chunks that hold them), `row` (row copies), `snapshot` (reads),
-//! `writer` (one write transaction), `compact`, and `migrate` (stores of earlier versions).
+//! `writer` (one write transaction; `writer::emit`, its ops and lookup entries), `compact`,
+//! `prune` (history no reader needs), and `migrate` (stores of earlier versions).
 
 mod chunk;
 mod compact;

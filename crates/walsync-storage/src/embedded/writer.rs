@@ -1,20 +1,22 @@
-//! The writer: one write transaction, its ops, row copies, lookups and bucket states.
+//! The writer: one write transaction, its ops, row copies, lookups and bucket states. How it
+//! emits ops and lookup entries is `emit`.
+
+mod emit;
 
 use std::collections::HashMap;
 use std::sync::MutexGuard;
 
 use fjall::{PersistMode, Readable, SingleWriterTxKeyspace, SingleWriterWriteTx};
-use walsync_types::{
-    LookupEntry, Lsn, OpKind, RowId, RowOutput, add_checksums, put_digest, remove_checksum,
-};
+use walsync_types::{LookupEntry, Lsn, OpKind, RowId, RowOutput, put_digest};
 
-use super::chunk::{CHUNK_BYTES, push_op, put_chunk};
-use super::keys::{RowKeys, key2, lookup_key, schema_id, schema_key};
-use super::record::{Writer, decode, encode, engine};
+use super::chunk::put_chunk;
+use super::keys::{RowKeys, key2, schema_id, schema_key};
+use super::record::{encode, engine};
 use super::row::{Placement, RowRecord, names_in};
 use super::{RowKeyBounds, Spaces};
-use crate::model::{BucketState, Changes, StoreCheckpoint, StoredRow};
+use crate::model::{Changes, StoreCheckpoint, StoredRow};
 use crate::{Result, StoreWriter};
+use emit::{Pending, key_hash, object_hash};
 
 /// A write transaction on the embedded store.
 pub struct EmbeddedWriter<'a> {
@@ -38,26 +40,6 @@ pub struct EmbeddedWriter<'a> {
     /// IDENTITY FULL` row), and within one transaction two rows can put the same object: the
     /// one leaving it must not remove what the other just put.
     owners: HashMap<u64, u64>,
-}
-
-fn object_hash(bucket: &str, object_type: &str, object_id: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::hash::DefaultHasher::new();
-    (bucket, object_type, object_id).hash(&mut h);
-    h.finish()
-}
-
-fn key_hash(key: &[u8]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::hash::DefaultHasher::new();
-    key.hash(&mut h);
-    h.finish()
-}
-
-/// A bucket's part of an open commit.
-struct Pending {
-    state: BucketState,
-    chunk: Writer,
 }
 
 impl std::fmt::Debug for EmbeddedWriter<'_> {
@@ -130,117 +112,6 @@ impl EmbeddedWriter<'_> {
             // Not read yet: the first lookup reads it, this key included.
             None => {}
         }
-    }
-
-    /// The state of a bucket this commit has not written to yet.
-    fn stored_state(&self, bucket: &str) -> Result<BucketState> {
-        Ok(
-            match self
-                .tx
-                .get(&self.s.buckets, bucket.as_bytes())
-                .map_err(engine)?
-            {
-                Some(v) => decode("bucket state", &v)?,
-                None => BucketState::default(),
-            },
-        )
-    }
-
-    fn emit(
-        &mut self,
-        bucket: &str,
-        kind: OpKind,
-        object_type: &str,
-        object_id: &str,
-        data: Option<&str>,
-        checksum: u32,
-    ) -> Result<()> {
-        let op_id = self.next_op_id;
-        self.next_op_id += 1;
-        if !self.states.contains_key(bucket) {
-            let state = self.stored_state(bucket)?;
-            let chunk = Writer::with_capacity(1024);
-            self.states
-                .insert(bucket.to_owned(), Pending { state, chunk });
-        }
-        let Some(p) = self.states.get_mut(bucket) else {
-            unreachable!("inserted above");
-        };
-        let s = &mut p.state;
-        s.checksum = add_checksums(s.checksum, checksum);
-        s.count += 1;
-        s.last_op_id = op_id;
-        push_op(
-            &mut p.chunk,
-            op_id,
-            kind,
-            object_type,
-            object_id,
-            data,
-            checksum,
-        );
-        if p.chunk.0.len() >= CHUNK_BYTES {
-            let chunk = std::mem::replace(&mut p.chunk, Writer::with_capacity(1024));
-            put_chunk(&mut self.tx, &self.s, bucket, op_id, chunk.0);
-        }
-        Ok(())
-    }
-
-    /// A REMOVE of the row's object from the bucket of `p`, unless another row (not the one
-    /// under `row`, a key of `rows`) put that object in this commit.
-    fn remove_from(&mut self, p: &Placement, row: &[u8]) -> Result<()> {
-        if self
-            .owners
-            .get(&object_hash(&p.bucket, &p.object_type, &p.object_id))
-            .is_some_and(|owner| *owner != key_hash(row))
-        {
-            return Ok(());
-        }
-        let subkey = format!("{}/{}", p.object_type, p.object_id);
-        self.emit(
-            &p.bucket,
-            OpKind::Remove,
-            &p.object_type,
-            &p.object_id,
-            None,
-            remove_checksum(&subkey),
-        )
-    }
-
-    /// `label` names the row in its lookups ([`RowKeys::label`]).
-    fn set_lookups(
-        &mut self,
-        table: &str,
-        label: &str,
-        old: &[LookupEntry],
-        new: &[LookupEntry],
-    ) -> Result<()> {
-        if old == new {
-            return Ok(());
-        }
-        let row = format!("{table}/{label}");
-        let row = row.as_str();
-        // A lookup change takes an op id of its own, so that it is visible exactly from this
-        // commit's checkpoint on.
-        let op_id = self.next_op_id;
-        self.next_op_id += 1;
-        for e in old.iter().filter(|e| !new.contains(e)) {
-            self.tx.insert(
-                &self.s.lookups,
-                lookup_key(&e.key.encode(), op_id, row),
-                b"null".to_vec(),
-            );
-            self.changes.lookups.insert(e.key.clone());
-        }
-        for e in new.iter().filter(|e| !old.contains(e)) {
-            self.tx.insert(
-                &self.s.lookups,
-                lookup_key(&e.key.encode(), op_id, row),
-                encode(&e.parameters)?,
-            );
-            self.changes.lookups.insert(e.key.clone());
-        }
-        Ok(())
     }
 
     fn remove_all(&mut self, space: &SingleWriterTxKeyspace) -> Result<()> {
