@@ -258,3 +258,84 @@ async fn a_body_that_never_arrives_times_out_and_gives_its_place_back() -> anyho
     assert_eq!(r.status(), 200);
     Ok(())
 }
+
+/// Bad input to every endpoint that reads a body or a query: a clear JSON error with a stable
+/// code, never a panic, a 500 or a stream.
+#[tokio::test]
+async fn bad_input_gets_a_clear_json_error() -> anyhow::Result<()> {
+    let s = serve().await?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let token = walsync_server::mint_hs256("routes-secret", "u1", None, Duration::from_secs(60))?;
+    let deep = format!(
+        "{{\"parameters\": {}{}}}",
+        "[".repeat(10_000),
+        "]".repeat(10_000)
+    );
+    let bodies: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("malformed", b"{\"buckets\": [".to_vec(), 400, "bad_request"),
+        (
+            "wrong type",
+            b"{\"buckets\": 7}".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            "wrong element type",
+            b"{\"buckets\": [{\"name\": 1, \"after\": \"x\"}]}".to_vec(),
+            400,
+            "bad_request",
+        ),
+        ("not an object", b"[1, 2, 3]".to_vec(), 400, "bad_request"),
+        ("deeply nested", deep.into_bytes(), 400, "bad_request"),
+        (
+            "invalid utf-8",
+            vec![b'{', b'"', 0xff, 0xfe, b'"', b':', b'1', b'}'],
+            400,
+            "bad_request",
+        ),
+        ("oversized", vec![b' '; 2 << 20], 413, "payload_too_large"),
+    ];
+    for (what, body, status, code) in bodies {
+        let resp = http
+            .post(format!("{}/sync/stream", s.url))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await?;
+        let (got, got_code, message) = error_of(resp).await?;
+        assert_eq!(
+            (got, got_code.as_str()),
+            (status, code),
+            "{what}: {message}"
+        );
+        assert!(!message.is_empty(), "{what}");
+    }
+    // The write checkpoint's query and the header parser.
+    let headers: [&[u8]; 6] = [
+        b"Bearer",
+        b"Basic dXNlcjpwYXNz",
+        b"Bearer a.b",
+        b"Bearer \xff\xfe not utf-8",
+        b"Token .....",
+        b"Bearer eyJhbGciOiJub25lIn0.e30.",
+    ];
+    for header in headers {
+        let resp = http
+            .get(format!("{}/write-checkpoint2.json", s.url))
+            .header(
+                "authorization",
+                reqwest::header::HeaderValue::from_bytes(header)?,
+            )
+            .send()
+            .await?;
+        let (status, code, _) = error_of(resp).await?;
+        assert_eq!(
+            (status, code.as_str()),
+            (401, "unauthenticated"),
+            "{header:?}"
+        );
+    }
+    Ok(())
+}
