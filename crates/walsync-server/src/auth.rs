@@ -1,8 +1,6 @@
 //! JWT authentication with `jsonwebtoken`.
 //!
-//! Keys come from a shared secret (HS256/384/512), a JWKS file, or a JWKS URL (fetched at start,
-//! refreshed every [`AuthConfig::jwks_refresh`] and when a token names an unknown `kid`, at most
-//! once per [`MIN_REFETCH`]). A token must carry `sub`, `exp` and `iat`, be signed with one of the
+//! Keys come from a shared secret (HS256/384/512), a JWKS file, or a JWKS URL. A token must carry `sub`, `exp` and `iat`, be signed with one of the
 //! allowed algorithms by a key of the same family (`kid` must match when the token names one),
 //! carry a configured audience when audiences are configured (which keys from a JWKS URL require
 //! unless waived), carry the configured issuer when one is set, not be used before its `nbf`, and
@@ -10,9 +8,18 @@
 //! loopback), and shared-secret (`oct`) keys are taken only from a file or the config, never
 //! from a URL. `alg: none` cannot even be expressed in the header type and is
 //! refused like any other malformed token.
+//!
+//! **JWKS refresh.** The URL is fetched once at start (a failure stops the start), then by one
+//! background task only — single flight, however many requests arrive — every
+//! [`AuthConfig::jwks_refresh`], and early when a token names an unknown `kid` (at most once per
+//! [`AuthConfig::jwks_min_refetch`]). Requests never wait for a scheduled refresh: the cached
+//! keys keep serving while one runs or fails, and a failing identity provider is retried with
+//! backoff. Only a request whose `kid` is unknown waits for the refetch it caused (or the one
+//! running), and no longer than [`UNKNOWN_KID_WAIT`].
 
 use std::path::PathBuf;
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::jwk::{Jwk, JwkSet};
@@ -20,8 +27,20 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use walsync_sync::Identity;
 
-/// The smallest interval between two fetches of a JWKS URL.
+/// The default smallest interval between two fetches of a JWKS URL caused by unknown `kid`s
+/// (a stream of tokens with made-up kids must not turn walsync against the identity provider).
 pub const MIN_REFETCH: Duration = Duration::from_secs(30);
+
+/// The longest a request with an unknown `kid` waits for the refetch it caused: long enough
+/// for an identity provider that answers, short enough that a hanging one does not hold
+/// clients (they get 401 and retry).
+pub const UNKNOWN_KID_WAIT: Duration = Duration::from_secs(2);
+
+/// The longest one fetch of the JWKS URL may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The first retry after a failed refresh; doubled at each failure up to the refresh interval.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
 
 const ALLOWED: &[Algorithm] = &[
     Algorithm::HS256,
@@ -65,6 +84,9 @@ pub struct AuthConfig {
     pub jwks_url: Option<String>,
     /// Seconds between refreshes of `jwks_url` (default 300).
     pub jwks_refresh_seconds: Option<u64>,
+    /// Seconds at least between two early fetches of `jwks_url` caused by unknown `kid`s
+    /// (default 30).
+    pub jwks_min_refetch_seconds: Option<u64>,
     /// Accepted audiences; a token must name one of them. Empty: `aud` is not checked, which
     /// is refused with `jwks_url` unless `accept_any_audience` says so: identity providers
     /// (Firebase, Auth0, …) sign every tenant's tokens with the same keys.
@@ -99,7 +121,12 @@ impl AuthConfig {
     }
 
     pub fn jwks_refresh(&self) -> Duration {
-        Duration::from_secs(self.jwks_refresh_seconds.unwrap_or(300))
+        Duration::from_secs(self.jwks_refresh_seconds.unwrap_or(300).max(1))
+    }
+
+    pub fn jwks_min_refetch(&self) -> Duration {
+        self.jwks_min_refetch_seconds
+            .map_or(MIN_REFETCH, Duration::from_secs)
     }
 }
 
@@ -120,15 +147,38 @@ struct Keys {
 
 /// Validates tokens.
 pub struct Authenticator {
+    inner: Arc<Inner>,
+    /// The JWKS refresher, ended with the authenticator.
+    refresher: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Authenticator {
+    fn drop(&mut self) {
+        if let Some(task) = &self.refresher {
+            task.abort();
+        }
+    }
+}
+
+/// What the authenticator and its refresher share.
+struct Inner {
     config: AuthConfig,
     keys: RwLock<Keys>,
     http: Option<reqwest::Client>,
+    /// Wakes the refresher early (an unknown `kid`).
+    wake: tokio::sync::Notify,
+    /// Counts the refresher's finished fetch attempts, successful or not.
+    attempts: tokio::sync::watch::Sender<u64>,
+    /// The refresher is fetching.
+    in_flight: AtomicBool,
+    /// The last early fetch asked for: when, and the attempt count at the time.
+    forced: Mutex<Option<(Instant, u64)>>,
 }
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Authenticator")
-            .field("config", &self.config)
+            .field("config", &self.inner.config)
             .finish_non_exhaustive()
     }
 }
@@ -236,36 +286,134 @@ impl Authenticator {
                 let _ = rustls::crypto::ring::default_provider().install_default();
                 Some(
                     reqwest::Client::builder()
-                        .timeout(Duration::from_secs(10))
+                        .timeout(FETCH_TIMEOUT)
                         .build()
                         .map_err(|e| KeyLoadError::Url(e.to_string()))?,
                 )
             }
             None => None,
         };
-        let auth = Authenticator {
+        let inner = Arc::new(Inner {
             config,
             keys: RwLock::new(Keys {
                 list,
                 fetched: None,
             }),
             http,
-        };
-        if auth.config.jwks_url.is_some() {
-            auth.refresh().await?;
+            wake: tokio::sync::Notify::new(),
+            attempts: tokio::sync::watch::Sender::new(0),
+            in_flight: AtomicBool::new(false),
+            forced: Mutex::new(None),
+        });
+        let mut refresher = None;
+        if inner.config.jwks_url.is_some() {
+            inner.fetch().await?;
+            refresher = Some(tokio::spawn(tracing::Instrument::instrument(
+                inner.clone().refresh_forever(),
+                tracing::info_span!("walsync-jwks"),
+            )));
         }
-        if auth.read_keys().list.is_empty() {
+        if inner.read_keys().list.is_empty() {
             return Err(KeyLoadError::NoKeys);
         }
-        Ok(auth)
+        Ok(Authenticator { inner, refresher })
     }
 
+    /// Validates the value of an `Authorization` header.
+    pub async fn authenticate_header(&self, header: Option<&str>) -> Result<Identity, AuthError> {
+        let header = header.ok_or(AuthError::Missing)?.trim();
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("Token "))
+            .or_else(|| header.strip_prefix("bearer "))
+            .ok_or(AuthError::Scheme)?
+            .trim();
+        self.authenticate(token).await
+    }
+
+    /// Validates a token. Waits only when its `kid` is unknown, for the refetch that causes (at
+    /// most [`UNKNOWN_KID_WAIT`]).
+    pub async fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
+        match self.inner.check(token) {
+            Err(AuthError::NoKey(kid)) if self.inner.refetch_for_unknown_kid().await => {
+                self.inner.check(token).map_err(|e| match e {
+                    AuthError::NoKey(_) => AuthError::NoKey(kid),
+                    e => e,
+                })
+            }
+            r => r,
+        }
+    }
+}
+
+impl Inner {
     fn read_keys(&self) -> std::sync::RwLockReadGuard<'_, Keys> {
         self.keys.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The refresher: fetches every refresh interval, early when woken, and after a failure
+    /// again with backoff; the cached keys serve meanwhile.
+    async fn refresh_forever(self: Arc<Inner>) {
+        let interval = self.config.jwks_refresh();
+        let mut delay = interval;
+        let mut retry = FIRST_RETRY;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.wake.notified() => {}
+            }
+            self.in_flight.store(true, Ordering::SeqCst);
+            let result = self.fetch().await;
+            self.in_flight.store(false, Ordering::SeqCst);
+            self.attempts.send_modify(|n| *n += 1);
+            match result {
+                Ok(()) => {
+                    delay = interval;
+                    retry = FIRST_RETRY;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?retry.min(interval), "could not refresh the jwks; the cached keys keep serving");
+                    delay = retry.min(interval);
+                    retry = (retry * 2).min(interval);
+                }
+            }
+        }
+    }
+
+    /// Asks the refresher for an early fetch, or joins the one asked for or running; returns
+    /// whether a fetch finished (waiting at most [`UNKNOWN_KID_WAIT`]). Rate limited: at most
+    /// one early fetch per [`AuthConfig::jwks_min_refetch`] after the last fetch.
+    async fn refetch_for_unknown_kid(&self) -> bool {
+        if self.config.jwks_url.is_none() {
+            return false;
+        }
+        // Subscribed before deciding: a fetch that ends after this point is seen.
+        let mut attempts = self.attempts.subscribe();
+        let now_count = *attempts.borrow_and_update();
+        {
+            let mut forced = self.forced.lock().unwrap_or_else(|p| p.into_inner());
+            let pending = forced.is_some_and(|(_, count)| count == now_count);
+            if !pending && !self.in_flight.load(Ordering::SeqCst) {
+                let min = self.config.jwks_min_refetch();
+                let last = [self.read_keys().fetched, forced.map(|(at, _)| at)]
+                    .into_iter()
+                    .flatten()
+                    .max();
+                if last.is_some_and(|at| at.elapsed() < min) {
+                    return false;
+                }
+                *forced = Some((Instant::now(), now_count));
+                self.wake.notify_one();
+            }
+        }
+        matches!(
+            tokio::time::timeout(UNKNOWN_KID_WAIT, attempts.changed()).await,
+            Ok(Ok(()))
+        )
+    }
+
     /// Fetches the JWKS URL and replaces the keys it gave before.
-    async fn refresh(&self) -> Result<(), KeyLoadError> {
+    async fn fetch(&self) -> Result<(), KeyLoadError> {
         let (Some(url), Some(http)) = (&self.config.jwks_url, &self.http) else {
             return Ok(());
         };
@@ -285,52 +433,6 @@ impl Authenticator {
         keys.list.extend(fetched);
         keys.fetched = Some(Instant::now());
         Ok(())
-    }
-
-    fn may_refetch(&self, forced: bool) -> bool {
-        if self.config.jwks_url.is_none() {
-            return false;
-        }
-        match self.read_keys().fetched {
-            None => true,
-            Some(at) => {
-                let age = at.elapsed();
-                age >= self.config.jwks_refresh() || (forced && age >= MIN_REFETCH)
-            }
-        }
-    }
-
-    /// Validates the value of an `Authorization` header.
-    pub async fn authenticate_header(&self, header: Option<&str>) -> Result<Identity, AuthError> {
-        let header = header.ok_or(AuthError::Missing)?.trim();
-        let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("Token "))
-            .or_else(|| header.strip_prefix("bearer "))
-            .ok_or(AuthError::Scheme)?
-            .trim();
-        self.authenticate(token).await
-    }
-
-    /// Validates a token.
-    pub async fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
-        if self.may_refetch(false)
-            && let Err(e) = self.refresh().await
-        {
-            tracing::warn!(error = %e, "could not refresh the jwks");
-        }
-        match self.check(token) {
-            Err(AuthError::NoKey(kid)) if self.may_refetch(true) => {
-                if let Err(e) = self.refresh().await {
-                    tracing::warn!(error = %e, "could not refresh the jwks");
-                }
-                self.check(token).map_err(|e| match e {
-                    AuthError::NoKey(_) => AuthError::NoKey(kid),
-                    e => e,
-                })
-            }
-            r => r,
-        }
     }
 
     fn check(&self, token: &str) -> Result<Identity, AuthError> {

@@ -562,3 +562,232 @@ async fn identity_provider_tokens_of_each_shape() {
         );
     }
 }
+
+/// A JWKS server that answers its first request with `first`, then the text in the returned
+/// cell; while `hang` is set, a request is held (its connection stays open) instead. Counts the
+/// requests received and answered.
+struct Idp {
+    addr: std::net::SocketAddr,
+    served: std::sync::Arc<std::sync::Mutex<String>>,
+    hang: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    received: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn idp(text: String) -> Idp {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let served = Arc::new(Mutex::new(text));
+    let hang = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let (body, h, r, a) = (
+        served.clone(),
+        hang.clone(),
+        received.clone(),
+        answered.clone(),
+    );
+    let app = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            let (body, h, a) = (body.clone(), h.clone(), a.clone());
+            r.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if h.load(Ordering::SeqCst) {
+                    // Far longer than any bound of the authenticator: the fetch times out.
+                    tokio::time::sleep(Duration::from_secs(300)).await;
+                }
+                a.fetch_add(1, Ordering::SeqCst);
+                body.lock().expect("jwks").clone()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Idp {
+        addr,
+        served,
+        hang,
+        received,
+        answered,
+    }
+}
+
+fn fixture_set(kids: &[&str]) -> String {
+    let all: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("jwks.json")).expect("jwks"))
+            .expect("json");
+    let keys: Vec<serde_json::Value> = all["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .filter(|k| kids.iter().any(|kid| k["kid"] == *kid))
+        .cloned()
+        .collect();
+    serde_json::json!({ "keys": keys }).to_string()
+}
+
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..300 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what} did not happen");
+}
+
+/// An identity provider that hangs after its first answer holds up no request: the refresh
+/// runs in the background, one fetch however many requests arrive, and the cached keys keep
+/// answering; a request with an unknown kid joins the running fetch and gives up after a
+/// short bound.
+#[tokio::test]
+async fn a_hanging_identity_provider_holds_up_no_request() {
+    use std::sync::atomic::Ordering;
+    let idp = idp(fixture_set(&["rsa-1"])).await;
+    let auth = std::sync::Arc::new(
+        Authenticator::new(AuthConfig {
+            jwks_url: Some(format!("http://{}/jwks.json", idp.addr)),
+            jwks_refresh_seconds: Some(1),
+            audience: vec!["walsync".into()],
+            ..AuthConfig::default()
+        })
+        .await
+        .expect("keys"),
+    );
+    assert_eq!(idp.answered.load(Ordering::SeqCst), 1);
+    idp.hang.store(true, Ordering::SeqCst);
+    // The refresh a second later hangs.
+    until("the background refresh", || {
+        idp.received.load(Ordering::SeqCst) == 2
+    })
+    .await;
+
+    let rsa = EncodingKey::from_rsa_pem(&pem("rsa.pem")).expect("rsa");
+    let ed = EncodingKey::from_ed_pem(&pem("ed25519.pem")).expect("ed");
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let auth = auth.clone();
+        let c = claims(&format!("u{i}"), "walsync", 600);
+        let token = if i % 10 == 9 {
+            // An unknown kid: it waits for the running fetch, at most a short bound.
+            sign(Algorithm::EdDSA, Some("ed-unknown"), &ed, &c)
+        } else {
+            sign(Algorithm::RS256, Some("rsa-1"), &rsa, &c)
+        };
+        tasks.push(tokio::spawn(
+            async move { (i, auth.authenticate(&token).await) },
+        ));
+    }
+    for task in tasks {
+        let (i, result) = task.await.expect("task");
+        if i % 10 == 9 {
+            assert!(matches!(result, Err(AuthError::NoKey(_))), "{result:?}");
+        } else {
+            assert_eq!(result.expect("cached key").user_id, format!("u{i}"));
+        }
+    }
+    // Every request was answered while the one refresh was still hanging: none waited for it,
+    // and no request started a fetch of its own.
+    assert_eq!(
+        idp.answered.load(Ordering::SeqCst),
+        1,
+        "the refresh still hangs"
+    );
+    assert_eq!(
+        idp.received.load(Ordering::SeqCst),
+        2,
+        "one fetch in flight"
+    );
+}
+
+/// Fifty requests with a kid the cached set lacks cause one refetch between them, and all are
+/// answered with the key it brings.
+#[tokio::test]
+async fn concurrent_unknown_kids_cause_one_refetch() {
+    use std::sync::atomic::Ordering;
+    let idp = idp(fixture_set(&["rsa-1"])).await;
+    let auth = std::sync::Arc::new(
+        Authenticator::new(AuthConfig {
+            jwks_url: Some(format!("http://{}/jwks.json", idp.addr)),
+            jwks_min_refetch_seconds: Some(0),
+            audience: vec!["walsync".into()],
+            ..AuthConfig::default()
+        })
+        .await
+        .expect("keys"),
+    );
+    // The issuer adds a key; tokens signed with it arrive at once.
+    *idp.served.lock().expect("jwks") = fixture_set(&["rsa-1", "ec256"]);
+    let ec = EncodingKey::from_ec_pem(&pem("ec256.pem")).expect("ec");
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let auth = auth.clone();
+        let token = sign(
+            Algorithm::ES256,
+            Some("ec256"),
+            &ec,
+            &claims(&format!("u{i}"), "walsync", 600),
+        );
+        tasks.push(tokio::spawn(async move { auth.authenticate(&token).await }));
+    }
+    for task in tasks {
+        task.await.expect("task").expect("the refetched key");
+    }
+    assert_eq!(idp.received.load(Ordering::SeqCst), 2, "one refetch");
+}
+
+/// A failing identity provider is retried with backoff while the cached keys keep serving, and
+/// its keys are taken again once it answers.
+#[tokio::test]
+async fn a_failing_identity_provider_is_retried_and_cached_keys_serve_meanwhile() {
+    use std::sync::atomic::Ordering;
+    let idp = idp(fixture_set(&["rsa-1"])).await;
+    let auth = Authenticator::new(AuthConfig {
+        jwks_url: Some(format!("http://{}/jwks.json", idp.addr)),
+        jwks_refresh_seconds: Some(1),
+        audience: vec!["walsync".into()],
+        ..AuthConfig::default()
+    })
+    .await
+    .expect("keys");
+    // The provider answers garbage for a while.
+    *idp.served.lock().expect("jwks") = "<html>maintenance</html>".into();
+    until("two failed refreshes", || {
+        idp.answered.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    let rsa = EncodingKey::from_rsa_pem(&pem("rsa.pem")).expect("rsa");
+    let ec = EncodingKey::from_ec_pem(&pem("ec256.pem")).expect("ec");
+    let old = sign(
+        Algorithm::RS256,
+        Some("rsa-1"),
+        &rsa,
+        &claims("u1", "walsync", 600),
+    );
+    assert_eq!(auth.authenticate(&old).await.expect("cached").user_id, "u1");
+    // It recovers with a rotated set: the next refresh takes it.
+    *idp.served.lock().expect("jwks") = fixture_set(&["ec256"]);
+    let new = sign(
+        Algorithm::ES256,
+        Some("ec256"),
+        &ec,
+        &claims("u2", "walsync", 600),
+    );
+    let seen = idp.answered.load(Ordering::SeqCst);
+    until("a refresh after recovery", || {
+        idp.answered.load(Ordering::SeqCst) > seen
+    })
+    .await;
+    // The refresh that answered may still be replacing the keys: give it a moment.
+    for _ in 0..100 {
+        if auth.authenticate(&new).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the rotated key was never taken");
+}
