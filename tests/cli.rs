@@ -43,6 +43,21 @@ fn read_until(child: &mut Child, want: impl Fn(&str) -> bool) -> anyhow::Result<
     anyhow::bail!("no such line; saw: {seen:?}")
 }
 
+/// Waits for `child` to exit, for at most `limit` (a hang is a failure, not a stuck test).
+fn wait_bounded(child: &mut Child, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            anyhow::bail!("the process did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_token_and_tail_work_from_a_config_file() -> anyhow::Result<()> {
     let s = seed::setup().await?;
@@ -121,14 +136,40 @@ async fn serve_token_and_tail_work_from_a_config_file() -> anyhow::Result<()> {
             .stdout(Stdio::piped())
             .spawn()?,
     );
-    let first = read_until(&mut raw.0, |l| !l.is_empty())?;
-    assert!(first.starts_with("{\"checkpoint\":"), "{first}");
+    // The token's lifetime comes first, then the checkpoint.
+    let first = std::cell::RefCell::new(None::<String>);
+    read_until(&mut raw.0, |l| {
+        first.borrow_mut().get_or_insert_with(|| l.to_owned());
+        l.starts_with("{\"checkpoint\":")
+    })?;
+    let first = first.into_inner().unwrap_or_default();
+    assert!(first.starts_with("{\"token_expires_in\":"), "{first}");
     drop(raw);
+
+    // A stream open when walsync is told to stop ends cleanly: `tail --raw` over HTTP reads
+    // to the end of the body and exits 0 (an aborted body would be an error).
+    let mut open = Command::new(BIN)
+        .args(["tail", "--raw", "--url"])
+        .arg(format!("http://127.0.0.1:{port}"))
+        .args(["--token", &token])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    read_until(&mut open, |l| l.starts_with("{\"checkpoint_complete\":"))?;
 
     // The secret never reaches the log.
     let pid = serve.0.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status()?;
-    let status = serve.0.wait()?;
+    let status = wait_bounded(&mut serve.0, Duration::from_secs(60))?;
+    let ended = wait_bounded(&mut open, Duration::from_secs(60))?;
+    let mut said = String::new();
+    if let Some(err) = open.stderr.as_mut() {
+        std::io::Read::read_to_string(err, &mut said)?;
+    }
+    assert!(
+        ended.success(),
+        "the open stream ended cleanly: {ended}\n{said}"
+    );
     let mut log = String::new();
     std::io::Read::read_to_string(
         serve

@@ -142,11 +142,7 @@ async fn scenario(transport: Transport) -> anyhow::Result<()> {
     catch_up(&s, &mut fresh, "u1").await?;
 
     // A write checkpoint shows up in the stream once replication passed it.
-    let wcp = clients[1]
-        .1
-        .connector()
-        .write_checkpoint("device-1")
-        .await?;
+    let wcp = clients[1].1.write_checkpoint().await?;
     clients[1]
         .1
         .until(WAIT, |st| st.write_checkpoint().is_some_and(|w| w >= wcp))
@@ -341,12 +337,18 @@ async fn browsers_get_cors_and_grpc_web() -> anyhow::Result<()> {
         resp.headers()["access-control-allow-origin"].to_str()?,
         "http://app.example"
     );
+    // Frames until the checkpoint (the token's lifetime comes before it).
     let mut buf = Vec::new();
     let first = loop {
         if buf.len() >= 5 {
             let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
             if buf.len() >= 5 + len {
-                break pb::SyncLine::decode(&buf[5..5 + len])?;
+                let line = pb::SyncLine::decode(&buf[5..5 + len])?;
+                buf.drain(..5 + len);
+                if matches!(line.line, Some(pb::sync_line::Line::TokenExpiresIn(_))) {
+                    continue;
+                }
+                break line;
             }
         }
         let chunk = tokio::time::timeout(WAIT, resp.chunk())
@@ -359,6 +361,74 @@ async fn browsers_get_cors_and_grpc_web() -> anyhow::Result<()> {
         "{first:?}"
     );
     drop(resp);
+    service.stop().await;
+    Ok(())
+}
+
+/// Write checkpoints go through a bounded pool of connections (however many arrive at once)
+/// and are admitted by a rate per user over both transports: past the burst a user gets 429
+/// `too_many_requests` / `RESOURCE_EXHAUSTED` with when to retry, and other users do not
+/// notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_checkpoints_share_a_bounded_pool_and_a_rate_per_user() -> anyhow::Result<()> {
+    let s = seed::setup().await?;
+    let service = Service::start(config(
+        &s,
+        ServerConfig {
+            write_checkpoint_connections: 2,
+            write_checkpoints_per_second: 0.01,
+            write_checkpoint_burst: 40,
+            ..ServerConfig::default()
+        },
+    ))
+    .await?;
+    let url = service.url();
+    let http = Connector::new(&url, Transport::Http, &token("u1"))?;
+    let grpc = Connector::new(&url, Transport::Grpc, &token("u1"))?;
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let c = if i % 2 == 0 {
+            http.clone()
+        } else {
+            grpc.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            c.write_checkpoint(&format!("device-{i}")).await
+        }));
+    }
+    let mut positions = Vec::new();
+    for t in tasks {
+        positions.push(t.await??);
+    }
+    assert!(positions.iter().all(|p| *p > 0), "{positions:?}");
+    let (open, _) = service.server.checkpoints.pool_status();
+    assert!(
+        (1..=2).contains(&open),
+        "40 requests at once used {open} connections"
+    );
+
+    // The burst is spent: the 41st is refused with when to retry, over both transports.
+    match http.write_checkpoint("device-0").await {
+        Err(ClientError::Http { status, code, .. }) => {
+            assert_eq!((status, code.as_str()), (429, "too_many_requests"));
+        }
+        other => panic!("expected 429 too_many_requests, got {other:?}"),
+    }
+    let raw = reqwest::Client::new()
+        .get(format!("{url}/write-checkpoint2.json?client_id=x"))
+        .header("authorization", format!("Bearer {}", token("u1")))
+        .send()
+        .await?;
+    assert_eq!(raw.status().as_u16(), 429);
+    let retry: u64 = raw.headers()["retry-after"].to_str()?.parse()?;
+    assert!(retry >= 1, "retry after {retry}");
+    match grpc.write_checkpoint("device-1").await {
+        Err(ClientError::Grpc { code, .. }) => assert_eq!(format!("{code:?}"), "ResourceExhausted"),
+        other => panic!("expected RESOURCE_EXHAUSTED, got {other:?}"),
+    }
+    // Another user has a bucket of its own.
+    let other = Connector::new(&url, Transport::Http, &token("u2"))?;
+    assert!(other.write_checkpoint("laptop").await? > 0);
     service.stop().await;
     Ok(())
 }

@@ -322,6 +322,12 @@ impl SyncClient {
         &mut self.connector
     }
 
+    /// Asks for a write checkpoint for this client: its streams' checkpoints carry it once
+    /// replication has passed it (other clients of the user are not told).
+    pub async fn write_checkpoint(&self) -> Result<u64, ClientError> {
+        self.connector.write_checkpoint(&self.client_id).await
+    }
+
     /// Drops the connection; the next call reconnects with the current `after` positions.
     pub fn disconnect(&mut self) {
         self.stream = None;

@@ -1,9 +1,11 @@
 //! Admission of sync streams: at most `server.max_connections` in all, and at most
 //! `server.max_streams_per_user` for one user (a buggy or hostile client opening streams in a
-//! loop holds its own slots, not everyone's). A refused stream is told when to retry.
+//! loop holds its own slots, not everyone's). Write checkpoints are admitted by a rate per user
+//! ([`RateLimit`]): each costs a write to PostgreSQL. A refused request is told when to retry.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -85,9 +87,88 @@ impl Admission {
     }
 }
 
+/// A token bucket per user: `burst` requests at once, then `per_second`.
+#[derive(Debug)]
+pub(crate) struct RateLimit {
+    per_second: f64,
+    burst: f64,
+    /// Per user: tokens left and when they were counted.
+    users: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+/// Users tracked before the full buckets (users idle long enough) are forgotten: bounds the
+/// map whatever the number of users.
+const RATE_USERS: usize = 10_000;
+
+impl RateLimit {
+    pub(crate) fn new(per_second: f64, burst: u32) -> RateLimit {
+        RateLimit {
+            per_second: per_second.max(0.001),
+            burst: f64::from(burst.max(1)),
+            users: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token of `user`'s bucket, or says when the next one comes.
+    pub(crate) fn admit(&self, user: &str, what: &str) -> Result<(), Refused> {
+        let now = Instant::now();
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        if users.len() >= RATE_USERS && !users.contains_key(user) {
+            let (rate, burst) = (self.per_second, self.burst);
+            users.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
+            });
+        }
+        let (tokens, at) = users.entry(user.to_owned()).or_insert((self.burst, now));
+        *tokens =
+            (*tokens + now.duration_since(*at).as_secs_f64() * self.per_second).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            return Ok(());
+        }
+        let wait = (1.0 - *tokens) / self.per_second;
+        Err(Refused {
+            error: ApiError::new(
+                ErrorCode::TooManyRequests,
+                format!(
+                    "this user asked for more than {} {what} per second; retry later",
+                    self.per_second
+                ),
+            ),
+            retry_after_seconds: wait.ceil().max(1.0) as u64,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_user_gets_its_burst_then_its_rate() {
+        let r = RateLimit::new(0.5, 3);
+        for _ in 0..3 {
+            r.admit("u1", "write checkpoints")
+                .expect("within the burst");
+        }
+        let refused = r
+            .admit("u1", "write checkpoints")
+            .expect_err("past the burst");
+        assert_eq!(refused.error.code, ErrorCode::TooManyRequests);
+        assert_eq!(
+            refused.retry_after_seconds, 2,
+            "one token every two seconds"
+        );
+        assert!(
+            refused
+                .error
+                .message
+                .contains("0.5 write checkpoints per second")
+        );
+        r.admit("u2", "write checkpoints")
+            .expect("another user has its own");
+    }
 
     #[test]
     fn a_user_holds_at_most_its_share_and_gets_it_back() {

@@ -14,6 +14,15 @@ pub struct ServerConfig {
     /// Open sync streams of one user at most (all its devices and tabs); more get 429 /
     /// RESOURCE_EXHAUSTED with Retry-After.
     pub max_streams_per_user: usize,
+    /// Write checkpoints one user may ask for per second (after a burst of
+    /// `write_checkpoint_burst`); more get 429 `too_many_requests` with Retry-After.
+    pub write_checkpoints_per_second: f64,
+    pub write_checkpoint_burst: u32,
+    /// Connections to PostgreSQL for write checkpoints, at most.
+    pub write_checkpoint_connections: usize,
+    /// Milliseconds a write checkpoint may take in PostgreSQL (the connections' statement
+    /// timeout) and may wait for a connection; past it the client gets 503 and retries.
+    pub write_checkpoint_timeout_ms: u64,
     /// Seconds a refused client is told to wait.
     pub retry_after_seconds: u64,
     /// Largest request body accepted.
@@ -23,8 +32,21 @@ pub struct ServerConfig {
     pub request_timeout_seconds: u64,
     /// Largest data line sent (a page holds fewer ops when rows are large; one op always fits).
     pub max_line_bytes: usize,
+    /// Seconds a stopping server waits for its streams to end and requests in flight to finish
+    /// before it closes what is left.
+    pub shutdown_timeout_seconds: u64,
     /// Origins allowed for browsers (`*` for any). Empty: no CORS headers.
     pub cors_origins: Vec<String>,
+}
+
+impl ServerConfig {
+    /// The write checkpoint pool's settings.
+    pub fn write_checkpoint_pool(&self) -> crate::WriteCheckpointPool {
+        crate::WriteCheckpointPool {
+            size: self.write_checkpoint_connections.max(1),
+            timeout: std::time::Duration::from_millis(self.write_checkpoint_timeout_ms.max(1)),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -34,9 +56,14 @@ impl Default for ServerConfig {
             max_connections: 100_000,
             max_streams_per_user: 10,
             retry_after_seconds: 5,
+            write_checkpoints_per_second: 10.0,
+            write_checkpoint_burst: 20,
+            write_checkpoint_connections: 4,
+            write_checkpoint_timeout_ms: 5_000,
             max_request_bytes: 1 << 20,
             request_timeout_seconds: 10,
             max_line_bytes: 4 << 20,
+            shutdown_timeout_seconds: 10,
             cors_origins: Vec::new(),
         }
     }

@@ -27,6 +27,8 @@ pub enum ErrorCode {
     TooManyConnections,
     /// Admission refused the stream: this user holds as many as one user may.
     TooManyStreams,
+    /// Admission refused the request: this user asked for more than its rate.
+    TooManyRequests,
     /// The client did not read its stream for the stall timeout.
     TooSlow,
     /// PostgreSQL is not reachable; retry.
@@ -76,6 +78,11 @@ impl ErrorCode {
             ),
             ErrorCode::TooManyStreams => (
                 "too_many_streams",
+                StatusCode::TOO_MANY_REQUESTS,
+                Code::ResourceExhausted,
+            ),
+            ErrorCode::TooManyRequests => (
+                "too_many_requests",
                 StatusCode::TOO_MANY_REQUESTS,
                 Code::ResourceExhausted,
             ),

@@ -64,6 +64,15 @@ async fn authenticate_first<S: BucketStore + 'static>(
     }
 }
 
+/// A refusal of admission as a gRPC status, with `retry-after` in its metadata.
+fn refused_status(r: crate::admission::Refused) -> Status {
+    let mut s = r.error.to_status();
+    if let Ok(v) = r.retry_after_seconds.to_string().parse() {
+        s.metadata_mut().insert("retry-after", v);
+    }
+    s
+}
+
 struct GrpcSync<S: BucketStore> {
     server: Arc<Server<S>>,
 }
@@ -92,13 +101,7 @@ impl<S: BucketStore + 'static> pb::sync_server::Sync for GrpcSync<S> {
         let identity = identity_of(&req)?;
         let permit = match self.server.admission.admit(&identity.user_id) {
             Ok(p) => p,
-            Err(r) => {
-                let mut s = r.error.to_status();
-                if let Ok(v) = r.retry_after_seconds.to_string().parse() {
-                    s.metadata_mut().insert("retry-after", v);
-                }
-                return Err(s);
-            }
+            Err(r) => return Err(refused_status(r)),
         };
         let request = SyncRequest::try_from(req.into_inner()).map_err(|e| {
             ApiError::new(ErrorCode::BadRequest, format!("invalid sync request: {e}")).to_status()
@@ -129,11 +132,19 @@ impl<S: BucketStore + 'static> pb::sync_server::Sync for GrpcSync<S> {
         req: Request<pb::WriteCheckpointRequest>,
     ) -> Result<Response<pb::WriteCheckpointResponse>, Status> {
         let identity = identity_of(&req)?;
+        if let Err(r) = self
+            .server
+            .write_checkpoint_rate
+            .admit(&identity.user_id, "write checkpoints")
+        {
+            return Err(refused_status(r));
+        }
+        let client_id = req.into_inner().client_id;
         let lsn = self.server.checkpoints.create().await?;
         let n = self
             .server
             .core
-            .register_write_checkpoint(&identity.user_id, lsn);
+            .register_write_checkpoint(&identity.user_id, &client_id, lsn);
         Ok(Response::new(pb::WriteCheckpointResponse {
             write_checkpoint: n,
         }))

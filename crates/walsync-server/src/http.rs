@@ -170,7 +170,11 @@ async fn sync_stream<S: BucketStore + 'static>(
         }
     };
     let lines = server.core.open(identity, request);
-    let stream = ReceiverStream::new(lines).map(move |item| {
+    // A shutdown ends the body cleanly (the client reconnects elsewhere or later, with `after`),
+    // rather than aborting it mid-chunk.
+    let lines = ReceiverStream::new(lines)
+        .take_while(|item| std::future::ready(!matches!(item, Err(SyncError::ShuttingDown))));
+    let stream = lines.map(move |item| {
         // The admission lives as long as the stream.
         let _held = &permit;
         match item {
@@ -193,21 +197,42 @@ async fn sync_stream<S: BucketStore + 'static>(
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
+/// The query of `GET /write-checkpoint2.json`.
+#[derive(Debug, serde::Deserialize)]
+struct WriteCheckpointQuery {
+    client_id: Option<String>,
+}
+
 async fn write_checkpoint<S: BucketStore + 'static>(
     State(server): State<Arc<Server<S>>>,
     headers: HeaderMap,
+    uri: http::Uri,
 ) -> Response {
     let identity = match authenticate(&server, &headers).await {
         Ok(i) => i,
         Err(e) => return e.into_response(),
     };
-    // `client_id` is accepted and not needed: write checkpoints are positions in the WAL, so
-    // one passed for any of the user's clients is passed for all of them.
+    // The query is read after authentication (an anonymous caller learns nothing of it).
+    let query = match axum::extract::Query::<WriteCheckpointQuery>::try_from_uri(&uri) {
+        Ok(q) => q.0,
+        Err(e) => {
+            return ApiError::new(ErrorCode::BadRequest, format!("invalid query: {e}"))
+                .into_response();
+        }
+    };
+    if let Err(r) = server
+        .write_checkpoint_rate
+        .admit(&identity.user_id, "write checkpoints")
+    {
+        return refused(r);
+    }
+    // Only this client's streams are told when replication has passed it.
+    let client_id = query.client_id.unwrap_or_default();
     match server.checkpoints.create().await {
         Ok(lsn) => {
             let n = server
                 .core
-                .register_write_checkpoint(&identity.user_id, lsn);
+                .register_write_checkpoint(&identity.user_id, &client_id, lsn);
             axum::Json(WriteCheckpointResponse {
                 data: WriteCheckpointData {
                     write_checkpoint: n,

@@ -7,8 +7,8 @@
 //! - `GET /health/live`, `GET /health/ready`.
 //!
 //! Every request is authenticated first (401 / `UNAUTHENTICATED` and nothing else otherwise),
-//! then admitted against the connection limit (429 with `Retry-After` /
-//! `RESOURCE_EXHAUSTED`). Errors are one vocabulary ([`ErrorCode`]): JSON with a stable `code`
+//! then admitted: streams against the connection limits, write checkpoints against a rate per
+//! user (429 with `Retry-After` / `RESOURCE_EXHAUSTED`). Errors are one vocabulary ([`ErrorCode`]): JSON with a stable `code`
 //! over HTTP, the matching status over gRPC.
 
 mod admission;
@@ -27,7 +27,7 @@ use walsync_sync::SyncCore;
 pub use auth::{AuthConfig, AuthError, Authenticator, mint_hs256};
 pub use config::ServerConfig;
 pub use error::{ApiError, ErrorCode};
-pub use write_checkpoint::{Connect, WriteCheckpoints};
+pub use write_checkpoint::{Connect, PoolConnectError, WriteCheckpointPool, WriteCheckpoints};
 
 /// Everything a request needs.
 pub struct Server<S: BucketStore> {
@@ -36,6 +36,7 @@ pub struct Server<S: BucketStore> {
     pub config: ServerConfig,
     pub checkpoints: Arc<WriteCheckpoints>,
     admission: admission::Admission,
+    write_checkpoint_rate: admission::RateLimit,
 }
 
 impl<S: BucketStore> std::fmt::Debug for Server<S> {
@@ -58,6 +59,10 @@ impl<S: BucketStore + 'static> Server<S> {
                 config.max_connections,
                 config.max_streams_per_user,
                 config.retry_after_seconds,
+            ),
+            write_checkpoint_rate: admission::RateLimit::new(
+                config.write_checkpoints_per_second,
+                config.write_checkpoint_burst,
             ),
             core,
             auth,

@@ -22,6 +22,12 @@ async fn serve() -> anyhow::Result<Running> {
 }
 
 async fn serve_with(config: ServerConfig) -> anyhow::Result<Running> {
+    // No request here reaches the database.
+    let connect: Connect = Arc::new(|| Box::pin(async { Err("no database in this test".into()) }));
+    serve_with_database(config, connect).await
+}
+
+async fn serve_with_database(config: ServerConfig, connect: Connect) -> anyhow::Result<Running> {
     let dir = tempfile::tempdir()?;
     let store = Arc::new(EmbeddedStore::open(dir.path())?);
     let rules = Arc::new(walsync_rules::SyncRules::from_yaml(RULES)?);
@@ -33,9 +39,9 @@ async fn serve_with(config: ServerConfig) -> anyhow::Result<Running> {
         })
         .await?,
     );
-    // No request here reaches the database.
-    let connect: Connect = Arc::new(|| Box::pin(async { Err("no database in this test".into()) }));
-    let server = Server::new(core, auth, config, Arc::new(WriteCheckpoints::new(connect)));
+    let pool = config.write_checkpoint_pool();
+    let checkpoints = Arc::new(WriteCheckpoints::new(connect, pool));
+    let server = Server::new(core, auth, config, checkpoints);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -336,6 +342,39 @@ async fn bad_input_gets_a_clear_json_error() -> anyhow::Result<()> {
             (401, "unauthenticated"),
             "{header:?}"
         );
+    }
+    Ok(())
+}
+
+/// A database that never answers a connection holds no write checkpoint longer than
+/// `server.write_checkpoint_timeout_ms`: the client gets 503 `database_unavailable` and retries.
+#[tokio::test]
+async fn a_database_that_never_answers_holds_no_write_checkpoint() -> anyhow::Result<()> {
+    let hangs: Connect = Arc::new(|| Box::pin(std::future::pending()));
+    let s = serve_with_database(
+        ServerConfig {
+            write_checkpoint_timeout_ms: 300,
+            ..ServerConfig::default()
+        },
+        hangs,
+    )
+    .await?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let token = walsync_server::mint_hs256("routes-secret", "u1", None, Duration::from_secs(60))?;
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        waiting.push(
+            http.get(format!("{}/write-checkpoint2.json?client_id=c", s.url))
+                .header("authorization", format!("Bearer {token}"))
+                .send(),
+        );
+    }
+    for resp in futures_util::future::join_all(waiting).await {
+        let (status, code, _) = error_of(resp?).await?;
+        assert_eq!((status, code.as_str()), (503, "database_unavailable"));
     }
     Ok(())
 }

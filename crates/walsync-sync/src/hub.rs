@@ -35,13 +35,16 @@ struct State {
     by_bucket: HashMap<String, HashSet<u64>>,
     by_lookup: HashMap<LookupKey, HashSet<u64>>,
     by_user: HashMap<String, HashSet<u64>>,
-    /// Requested write checkpoints not yet passed: source position → users.
-    pending: BTreeMap<u64, HashSet<String>>,
-    /// Per user, the largest write checkpoint the store has passed.
-    satisfied: HashMap<String, u64>,
+    /// Requested write checkpoints not yet passed: source position → clients.
+    pending: BTreeMap<u64, HashSet<Client>>,
+    /// Per client, the largest write checkpoint the store has passed.
+    satisfied: HashMap<Client, u64>,
     published: Published,
     shutdown: bool,
 }
+
+/// A client of a user: `(user_id, client_id)`, the client id empty when the client named none.
+type Client = (String, String);
 
 #[derive(Debug)]
 struct Conn {
@@ -71,13 +74,14 @@ pub struct HubStats {
 }
 
 impl State {
-    /// The store passed `user`'s write checkpoint `lsn`: record it, wake the user's streams.
-    fn passed(&mut self, user: &str, lsn: u64, wake: &mut HashSet<u64>) {
-        let s = self.satisfied.entry(user.to_owned()).or_default();
-        *s = (*s).max(lsn);
-        if let Some(ids) = self.by_user.get(user) {
+    /// The store passed `client`'s write checkpoint `lsn`: record it, wake the user's streams
+    /// (each looks up its own client's).
+    fn passed(&mut self, client: Client, lsn: u64, wake: &mut HashSet<u64>) {
+        if let Some(ids) = self.by_user.get(&client.0) {
             wake.extend(ids);
         }
+        let s = self.satisfied.entry(client).or_default();
+        *s = (*s).max(lsn);
     }
 
     fn notifies(&self, ids: &HashSet<u64>) -> Vec<Arc<Notify>> {
@@ -186,22 +190,26 @@ impl Hub {
         self.lock().shutdown
     }
 
-    /// The largest write checkpoint of `user` the store has passed.
-    pub(crate) fn satisfied(&self, user: &str) -> Option<u64> {
-        self.lock().satisfied.get(user).copied()
+    /// The largest write checkpoint of `user`'s client `client` the store has passed.
+    pub(crate) fn satisfied(&self, user: &str, client: &str) -> Option<u64> {
+        self.lock()
+            .satisfied
+            .get(&(user.to_owned(), client.to_owned()))
+            .copied()
     }
 
-    pub(crate) fn register_write_checkpoint(&self, user: &str, lsn: u64) {
+    pub(crate) fn register_write_checkpoint(&self, user: &str, client: &str, lsn: u64) {
         let mut st = self.lock();
+        let client = (user.to_owned(), client.to_owned());
         if st.published.complete && st.published.lsn >= lsn {
             let mut wake = HashSet::new();
-            st.passed(user, lsn, &mut wake);
+            st.passed(client, lsn, &mut wake);
             let notifies = st.notifies(&wake);
             drop(st);
             notifies.iter().for_each(|n| n.notify_one());
             return;
         }
-        st.pending.entry(lsn).or_default().insert(user.to_owned());
+        st.pending.entry(lsn).or_default().insert(client);
     }
 
     pub(crate) fn stats(&self) -> HubStats {
@@ -270,8 +278,8 @@ impl Hub {
             }
             let passed: Vec<u64> = st.pending.range(..=now.lsn).map(|(k, _)| *k).collect();
             for lsn in passed {
-                for user in st.pending.remove(&lsn).unwrap_or_default() {
-                    st.passed(&user, lsn, &mut wake);
+                for client in st.pending.remove(&lsn).unwrap_or_default() {
+                    st.passed(client, lsn, &mut wake);
                 }
             }
             st.published = now;

@@ -6,8 +6,15 @@
 //! below it); `partial_checkpoint_complete` after each priority level when levels differ;
 //! `checkpoint_complete`. Then wait for a checkpoint that concerns the connection and send
 //! `checkpoint_diff` with only its changed, added and removed buckets, their data, and
-//! `checkpoint_complete` again. `token_expires_in` goes out as keepalive every
-//! [`SyncConfig::keepalive`] and at the token's expiry, which ends the stream.
+//! `checkpoint_complete` again. `token_expires_in` goes out when the stream opens, as keepalive
+//! every [`SyncConfig::keepalive`], once [`SyncConfig::token_refresh_lead`] before the token
+//! expires (so that the client has new credentials before the stream ends), and at the
+//! token's expiry, which ends the stream.
+//!
+//! **Write checkpoints only where asked.** A checkpoint line carries `write_checkpoint` only
+//! for a client (user and `client_id`) that asked for one, and only a value at or below the
+//! line's own source position: the client's writes before that position are in the
+//! checkpoint. A full checkpoint repeats the last one; a diff carries it only when it grew.
 //!
 //! **One snapshot per checkpoint.** A checkpoint line, the states it lists and the data sent
 //! for it are read from one store snapshot, so checksums always match the data.
@@ -58,6 +65,10 @@ pub struct SyncConfig {
     pub buffer_lines: usize,
     /// Interval of `token_expires_in` keepalives.
     pub keepalive: Duration,
+    /// How long before the token expires a stream says so once more, so that the client fetches
+    /// new credentials and reconnects before the stream ends (PowerSync's clients prefetch
+    /// credentials when `token_expires_in` reaches 30 seconds).
+    pub token_refresh_lead: Duration,
     /// A connection whose buffer stays full this long is closed.
     pub stall_timeout: Duration,
     /// How often the hub looks for a new checkpoint when nobody tells it.
@@ -71,6 +82,7 @@ impl Default for SyncConfig {
             max_line_bytes: 4 << 20,
             buffer_lines: 8,
             keepalive: Duration::from_secs(20),
+            token_refresh_lead: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
         }
@@ -142,12 +154,12 @@ impl<S: BucketStore + 'static> SyncCore<S> {
         self.hub.poke();
     }
 
-    /// Records that `user_id` asked for a write checkpoint at source position `lsn` (a position
-    /// the database reached after the client's writes). Returns the write checkpoint to give the
-    /// client: a later checkpoint line carries `write_checkpoint` ≥ it once the store's
-    /// position has passed it.
-    pub fn register_write_checkpoint(&self, user_id: &str, lsn: u64) -> u64 {
-        self.hub.register_write_checkpoint(user_id, lsn);
+    /// Records that `user_id`'s client `client_id` (empty when it named none) asked for a write
+    /// checkpoint at source position `lsn` (a position the database reached after the client's
+    /// writes). Returns the write checkpoint to give the client: a later checkpoint line of that
+    /// client's streams carries `write_checkpoint` ≥ it once the store's position has passed it.
+    pub fn register_write_checkpoint(&self, user_id: &str, client_id: &str, lsn: u64) -> u64 {
+        self.hub.register_write_checkpoint(user_id, client_id, lsn);
         self.hub.poke();
         lsn
     }

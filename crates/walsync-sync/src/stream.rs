@@ -50,6 +50,8 @@ struct Held {
 pub(crate) struct Connection<S: BucketStore> {
     core: Arc<SyncCore<S>>,
     identity: Identity,
+    /// The client's own id (empty when it named none): write checkpoints are per client.
+    client_id: String,
     context: RequestContext,
     requested: HashMap<String, u64>,
     tx: mpsc::Sender<Result<Line, SyncError>>,
@@ -63,6 +65,9 @@ pub(crate) struct Connection<S: BucketStore> {
     sent_write_checkpoint: u64,
     next_keepalive: Instant,
     expires: Option<Instant>,
+    /// When to tell the client once more that its token is about to expire (cleared once
+    /// told).
+    refresh_at: Option<Instant>,
 }
 
 fn op_line(op: Op) -> OpLine {
@@ -99,10 +104,15 @@ impl<S: BucketStore + 'static> Connection<S> {
                 + at.duration_since(SystemTime::now())
                     .unwrap_or(Duration::ZERO)
         });
+        let refresh_at = expires.map(|at| {
+            at.checked_sub(core.config.token_refresh_lead)
+                .unwrap_or_else(Instant::now)
+        });
         Connection {
             next_keepalive: Instant::now() + core.config.keepalive,
             core,
             identity,
+            client_id: request.client_id.unwrap_or_default(),
             context,
             requested: request
                 .buckets
@@ -118,6 +128,7 @@ impl<S: BucketStore + 'static> Connection<S> {
             rebuilt_at: 0,
             sent_write_checkpoint: 0,
             expires,
+            refresh_at,
         }
     }
 
@@ -138,6 +149,9 @@ impl<S: BucketStore + 'static> Connection<S> {
     }
 
     async fn serve(&mut self) -> Flow {
+        // The client learns at once how long its token lasts (a short one: that it should
+        // fetch new credentials now).
+        self.token_expires_in().await?;
         // Wait for a complete checkpoint (the initial snapshot may still be running).
         loop {
             let snap = self.core.store.snapshot()?;
@@ -181,16 +195,13 @@ impl<S: BucketStore + 'static> Connection<S> {
             if self.core.hub.is_shutdown() {
                 return Err(Stop::Error(SyncError::ShuttingDown));
             }
-            let expiry = self
-                .expires
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
+            let never = Instant::now() + Duration::from_secs(86_400 * 365);
+            let expiry = self.expires.unwrap_or(never);
+            let refresh = self.refresh_at.unwrap_or(never);
             tokio::select! {
                 _ = self.notify.notified() => return Ok(()),
-                _ = tokio::time::sleep_until(self.next_keepalive) => {
-                    self.next_keepalive = Instant::now() + self.core.config.keepalive;
-                    let left = self.seconds_left();
-                    self.send(Line::TokenExpiresIn(left)).await?;
-                }
+                _ = tokio::time::sleep_until(self.next_keepalive) => self.token_expires_in().await?,
+                _ = tokio::time::sleep_until(refresh) => self.token_expires_in().await?,
                 _ = tokio::time::sleep_until(expiry) => {
                     self.send(Line::TokenExpiresIn(0)).await?;
                     return Err(Stop::Expired);
@@ -200,9 +211,25 @@ impl<S: BucketStore + 'static> Connection<S> {
         }
     }
 
+    /// Sends `token_expires_in` and schedules the next one (the refresh reminder goes out once:
+    /// any line sent after it is due counts).
+    async fn token_expires_in(&mut self) -> Flow {
+        let now = Instant::now();
+        self.next_keepalive = now + self.core.config.keepalive;
+        if self.refresh_at.is_some_and(|at| at <= now) {
+            self.refresh_at = None;
+        }
+        let left = self.seconds_left();
+        self.send(Line::TokenExpiresIn(left)).await
+    }
+
+    /// Whole seconds the token has left, rounded up: `0` is said only at expiry.
     fn seconds_left(&self) -> i64 {
         match self.expires {
-            Some(at) => at.saturating_duration_since(Instant::now()).as_secs() as i64,
+            Some(at) => {
+                let left = at.saturating_duration_since(Instant::now());
+                left.as_millis().div_ceil(1000) as i64
+            }
             None => i64::MAX,
         }
     }
@@ -254,12 +281,22 @@ impl<S: BucketStore + 'static> Connection<S> {
             .collect())
     }
 
-    /// The write checkpoint to put on a checkpoint line at source position `lsn`: replication
-    /// has passed `lsn`, so every write checkpoint at or below it is done.
-    fn write_checkpoint(&mut self, lsn: Option<u64>) -> Option<u64> {
+    /// The write checkpoint to put on a checkpoint line at source position `lsn`, if any: this
+    /// client's largest passed write checkpoint, never above `lsn` (a checkpoint read before
+    /// the hub saw a later position must not vouch for writes it does not hold). A full
+    /// checkpoint repeats the last one sent; a diff carries it only when it grew.
+    fn write_checkpoint(&mut self, lsn: Option<u64>, full: bool) -> Option<u64> {
         let lsn = lsn.filter(|l| *l > 0)?;
-        self.sent_write_checkpoint = self.sent_write_checkpoint.max(lsn);
-        Some(lsn)
+        let passed = self
+            .core
+            .hub
+            .satisfied(&self.identity.user_id, &self.client_id)?
+            .min(lsn);
+        if passed > self.sent_write_checkpoint || (full && passed > 0) {
+            self.sent_write_checkpoint = self.sent_write_checkpoint.max(passed);
+            return Some(passed);
+        }
+        None
     }
 
     fn listen(&self, buckets: Vec<String>, lookups: Vec<LookupKey>, at: u64) {
@@ -294,7 +331,7 @@ impl<S: BucketStore + 'static> Connection<S> {
         self.lookups = lookups.clone();
         // Listen before sending data: changes during a long download are not missed.
         self.listen(names.clone(), lookups, at);
-        let write_checkpoint = self.write_checkpoint(lsn);
+        let write_checkpoint = self.write_checkpoint(lsn, true);
         self.send(Line::Checkpoint(Checkpoint {
             last_op_id: at,
             write_checkpoint,
@@ -342,8 +379,7 @@ impl<S: BucketStore + 'static> Connection<S> {
             self.lookups = lookups;
             relisten = true;
         }
-        let satisfied = self.core.hub.satisfied(&self.identity.user_id);
-        let write_due = satisfied.is_some_and(|s| s > self.sent_write_checkpoint);
+        let write_checkpoint = self.write_checkpoint(lsn, false);
         if relisten {
             self.listen(
                 self.held.keys().cloned().collect(),
@@ -351,13 +387,12 @@ impl<S: BucketStore + 'static> Connection<S> {
                 at,
             );
         }
-        if updated.is_empty() && removed.is_empty() && !write_due {
+        if updated.is_empty() && removed.is_empty() && write_checkpoint.is_none() {
             self.last_cp = self.last_cp.max(at);
             return Ok(());
         }
         let names: Vec<String> = updated.into_iter().collect();
         let checksums = self.checksums(snap, &names)?;
-        let write_checkpoint = self.write_checkpoint(lsn);
         self.send(Line::CheckpointDiff(CheckpointDiff {
             last_op_id: at,
             write_checkpoint,

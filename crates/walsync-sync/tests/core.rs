@@ -79,10 +79,14 @@ async fn next(lines: &mut Lines) -> Line {
 }
 
 /// Reads lines up to and including the next `checkpoint_complete`.
+/// Lines until (and with) the next `checkpoint_complete`, leaving out `token_expires_in`.
 async fn until_complete(lines: &mut Lines) -> Vec<Line> {
     let mut out = Vec::new();
     loop {
         let line = next(lines).await;
+        if matches!(line, Line::TokenExpiresIn(_)) {
+            continue;
+        }
         let done = matches!(line, Line::CheckpointComplete(_));
         out.push(line);
         if done {
@@ -332,4 +336,139 @@ async fn a_stream_whose_history_was_pruned_gets_a_full_checkpoint() {
         })
         .sum();
     assert_eq!(sent, 2, "only the two new rows");
+}
+
+#[tokio::test]
+async fn the_token_lifetime_is_said_first_and_again_before_it_ends() {
+    let (_dir, store) = store();
+    put(&store, "notes", r#"mine["u1"]"#, 0, 1);
+    let core = core(
+        store,
+        SyncConfig {
+            // No keepalive within the test: only the opening line and the reminder.
+            keepalive: Duration::from_secs(3600),
+            token_refresh_lead: Duration::from_secs(1),
+            ..SyncConfig::default()
+        },
+    );
+    let mut who = identity("u1");
+    who.expires_at = Some(std::time::SystemTime::now() + Duration::from_millis(2500));
+    let mut lines = core.open(who, SyncRequest::default());
+    let first = next(&mut lines).await;
+    assert!(
+        matches!(first, Line::TokenExpiresIn(2 | 3)),
+        "the stream opens with the token's lifetime: {first:?}"
+    );
+    until_complete(&mut lines).await;
+    let mut countdown = Vec::new();
+    while let Some(item) = tokio::time::timeout(Duration::from_secs(5), lines.recv())
+        .await
+        .expect("ends in time")
+    {
+        if let Ok(Line::TokenExpiresIn(s)) = item {
+            countdown.push(s);
+        }
+    }
+    // A second before expiry the client is told to refresh (never `0` before the end), then the
+    // stream ends at expiry.
+    assert_eq!(countdown, [1, 0]);
+}
+
+/// Writes one row of `notes` into `mine["u1"]` at source position `lsn`.
+fn put_at(store: &EmbeddedStore, id: usize, lsn: u64) {
+    let mut w = store.writer().expect("writer");
+    let row = id.to_string();
+    w.upsert_row(
+        "public.notes",
+        &RowId::from_encoded(&row),
+        StoredRow::default(),
+        vec![RowOutput {
+            bucket: r#"mine["u1"]"#.into(),
+            object_type: "notes".into(),
+            object_id: row.clone(),
+            data: format!(r#"{{"id":{row}}}"#),
+        }],
+        vec![],
+    )
+    .expect("upsert");
+    w.set_position(walsync_types::Lsn(lsn));
+    w.set_snapshot_complete();
+    w.commit().expect("commit");
+}
+
+fn write_checkpoint_of(line: &Line) -> Option<u64> {
+    match line {
+        Line::Checkpoint(c) => c.write_checkpoint,
+        Line::CheckpointDiff(d) => d.write_checkpoint,
+        _ => None,
+    }
+}
+
+fn client(id: &str) -> SyncRequest {
+    SyncRequest {
+        client_id: Some(id.into()),
+        ..SyncRequest::default()
+    }
+}
+
+/// Only the client that asked for a write checkpoint is told of it, with its own number, never
+/// above the checkpoint's position; another client of the same user, and a client that never
+/// asked, get none.
+#[tokio::test]
+async fn write_checkpoints_go_only_to_the_client_that_asked() {
+    let (_dir, store) = store();
+    put_at(&store, 0, 100);
+    let core = core(store.clone(), SyncConfig::default());
+    let mut asker = core.open(identity("u1"), client("phone"));
+    let mut other = core.open(identity("u1"), client("laptop"));
+    for lines in [&mut asker, &mut other] {
+        let full = until_complete(lines).await;
+        assert_eq!(write_checkpoint_of(&full[0]), None, "nobody asked yet");
+    }
+
+    // The phone asks at position 150; replication passes it at 200 with a change of the
+    // user's bucket, which both streams get.
+    assert_eq!(core.register_write_checkpoint("u1", "phone", 150), 150);
+    put_at(&store, 1, 200);
+    core.notify_checkpoint();
+    let diff = until_complete(&mut asker).await;
+    assert_eq!(write_checkpoint_of(&diff[0]), Some(150));
+    let diff = until_complete(&mut other).await;
+    assert_eq!(
+        write_checkpoint_of(&diff[0]),
+        None,
+        "the laptop never asked"
+    );
+
+    // Another request, already passed: the phone gets an empty diff saying so; the laptop
+    // nothing at all.
+    core.register_write_checkpoint("u1", "phone", 180);
+    let diff = until_complete(&mut asker).await;
+    assert!(
+        matches!(&diff[0], Line::CheckpointDiff(d) if d.updated_buckets.is_empty()),
+        "{diff:?}"
+    );
+    assert_eq!(write_checkpoint_of(&diff[0]), Some(180));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), other.recv())
+            .await
+            .is_err(),
+        "the laptop's stream stays quiet"
+    );
+
+    // A later change: the phone's diff does not repeat its write checkpoint.
+    put_at(&store, 2, 300);
+    core.notify_checkpoint();
+    let diff = until_complete(&mut asker).await;
+    assert_eq!(write_checkpoint_of(&diff[0]), None, "said once");
+    // A new stream of the phone hears it again in its full checkpoint.
+    let mut again = core.open(identity("u1"), client("phone"));
+    let full = until_complete(&mut again).await;
+    assert_eq!(write_checkpoint_of(&full[0]), Some(180));
+    // A request beyond the store's position is not vouched for.
+    core.register_write_checkpoint("u1", "phone", 1_000);
+    put_at(&store, 3, 400);
+    core.notify_checkpoint();
+    let diff = until_complete(&mut again).await;
+    assert_eq!(write_checkpoint_of(&diff[0]), None, "not passed yet");
 }

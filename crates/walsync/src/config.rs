@@ -147,6 +147,7 @@ pub struct SyncSection {
     pub page_ops: usize,
     pub buffer_lines: usize,
     pub keepalive_seconds: u64,
+    pub token_refresh_lead_seconds: u64,
     pub stall_timeout_seconds: u64,
 }
 
@@ -157,6 +158,7 @@ impl Default for SyncSection {
             page_ops: d.page_ops,
             buffer_lines: d.buffer_lines,
             keepalive_seconds: d.keepalive.as_secs(),
+            token_refresh_lead_seconds: d.token_refresh_lead.as_secs(),
             stall_timeout_seconds: d.stall_timeout.as_secs(),
         }
     }
@@ -168,6 +170,7 @@ impl SyncSection {
             page_ops: self.page_ops,
             buffer_lines: self.buffer_lines,
             keepalive: Duration::from_secs(self.keepalive_seconds.max(1)),
+            token_refresh_lead: Duration::from_secs(self.token_refresh_lead_seconds),
             stall_timeout: Duration::from_secs(self.stall_timeout_seconds.max(1)),
             max_line_bytes,
             ..walsync_sync::SyncConfig::default()

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -115,7 +116,10 @@ impl Service {
             core,
             auth,
             config.server.clone(),
-            Arc::new(WriteCheckpoints::new(connect_to(pg))),
+            Arc::new(WriteCheckpoints::new(
+                connect_to(pg),
+                config.server.write_checkpoint_pool(),
+            )),
         );
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
@@ -164,11 +168,20 @@ impl Service {
         }
     }
 
-    /// Stops everything and waits for the replicator to finish its commit.
-    pub async fn stop(self) {
+    /// Stops everything and waits for the replicator to finish its commit. Streams end cleanly
+    /// (HTTP bodies close, gRPC streams end with `UNAVAILABLE`) and requests in flight finish;
+    /// connections still open after `server.shutdown_timeout_seconds` are closed.
+    pub async fn stop(mut self) {
         let _ = self.stop.send(true);
         let _ = self.replicator.await;
-        let _ = self.http.await;
+        let grace = Duration::from_secs(self.server.config.shutdown_timeout_seconds);
+        if tokio::time::timeout(grace, &mut self.http).await.is_err() {
+            tracing::warn!(
+                seconds = grace.as_secs(),
+                "connections still open after the shutdown timeout are closed"
+            );
+            self.http.abort();
+        }
     }
 }
 
