@@ -1,7 +1,7 @@
 //! SQL (parsed by sqlparser) to compiled queries, with errors that name the offending part.
 
 use sqlparser::ast::{
-    BinaryOperator, CastKind, DataType, Expr, FunctionArguments, GroupByExpr, InTarget,
+    BinaryOperator, CastKind, DataType, Expr, FunctionArguments, GroupByExpr, Ident, InTarget,
     ObjectNamePart, Query, Select, SelectItem, SetExpr, Statement, TableFactor, UnaryOperator,
     Value as SqlValue,
 };
@@ -48,6 +48,15 @@ pub(crate) enum Role {
     Data,
 }
 
+/// An identifier as PostgreSQL (and PowerSync) read it: unquoted, folded to lower case; quoted,
+/// as written.
+pub(crate) fn ident(i: &Ident) -> String {
+    match i.quote_style {
+        Some(_) => i.value.clone(),
+        None => i.value.to_lowercase(),
+    }
+}
+
 pub(crate) fn compile(sql: &str, role: Role) -> Result<Compiled, String> {
     let statements =
         Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|e| format!("cannot parse: {e}"))?;
@@ -68,7 +77,7 @@ pub(crate) fn compile(sql: &str, role: Role) -> Result<Compiled, String> {
                     .0
                     .iter()
                     .map(|p| match p {
-                        ObjectNamePart::Identifier(i) => Ok(i.value.clone()),
+                        ObjectNamePart::Identifier(i) => Ok(ident(i)),
                         other => Err(format!("unsupported table name part `{other}`")),
                     })
                     .collect::<Result<_, _>>()?;
@@ -83,7 +92,7 @@ pub(crate) fn compile(sql: &str, role: Role) -> Result<Compiled, String> {
                     },
                     _ => return Err(format!("unsupported table name `{name}`")),
                 };
-                Some((table, alias.as_ref().map(|a| a.name.value.clone())))
+                Some((table, alias.as_ref().map(|a| ident(&a.name))))
             }
             other => {
                 return Err(format!(
@@ -112,7 +121,7 @@ pub(crate) fn compile(sql: &str, role: Role) -> Result<Compiled, String> {
                 operand: c.operand(e)?,
             },
             SelectItem::ExprWithAlias { expr, alias } => Item::Expr {
-                name: alias.value.clone(),
+                name: ident(alias),
                 operand: c.operand(expr)?,
             },
             other => return Err(format!("unsupported select item `{other}`")),
@@ -151,10 +160,8 @@ fn plain_select(query: &Query) -> Result<&Select, String> {
 
 fn default_name(e: &Expr) -> Result<String, String> {
     match e {
-        Expr::Identifier(i) => Ok(i.value.clone()),
-        Expr::CompoundIdentifier(parts) => {
-            Ok(parts.last().map(|p| p.value.clone()).unwrap_or_default())
-        }
+        Expr::Identifier(i) => Ok(ident(i)),
+        Expr::CompoundIdentifier(parts) => Ok(parts.last().map(ident).unwrap_or_default()),
         Expr::Cast { expr, .. } | Expr::Nested(expr) => default_name(expr),
         other => Err(format!("`{other}` needs a name: add `AS <name>`")),
     }
@@ -270,10 +277,11 @@ impl Compiler {
                         "`{e}` names a column, but the query reads no table"
                     ));
                 }
-                Operand::Column(i.value.clone())
+                Operand::Column(ident(i))
             }
             Expr::CompoundIdentifier(parts) => {
-                let names: Vec<&str> = parts.iter().map(|p| p.value.as_str()).collect();
+                let names: Vec<String> = parts.iter().map(ident).collect();
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
                 match (names.as_slice(), self.role) {
                     (["bucket", p], Role::Data) => Operand::Unknown(format!("bucket.{p}")),
                     (["bucket", _], Role::Parameter) => {

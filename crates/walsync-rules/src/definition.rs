@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use crate::RulesError;
 use crate::compile::{Item, Role, TableMatch, compile};
-use crate::expr::{Filter, Operand};
+use crate::expr::{Cast, Filter, Operand};
 
 /// Compiled sync rules.
 #[derive(Debug, Clone)]
@@ -28,6 +28,12 @@ pub struct BucketDefinition {
     pub priority: u8,
     /// Names of the bucket parameters, in the order of the bucket id's JSON array.
     pub parameter_names: Vec<String>,
+    /// The type each bucket parameter has wherever it comes from, when a parameter query says
+    /// it (a request's user id is text, a cast names its type): values bound from rows are
+    /// converted to it, so that `by_user["42"]` from a token and `by_user[42]` from an integer
+    /// column are one bucket. `None`: the columns' own types (`walsync rules check --postgres`
+    /// checks that they agree).
+    pub(crate) parameter_types: Vec<Option<Cast>>,
     pub(crate) static_queries: Vec<StaticQuery>,
     pub(crate) table_queries: Vec<TableQuery>,
     pub(crate) data_queries: Vec<DataQuery>,
@@ -168,6 +174,7 @@ fn definition(
         name: name.to_owned(),
         priority,
         parameter_names: Vec::new(),
+        parameter_types: Vec::new(),
         static_queries: Vec::new(),
         table_queries: Vec::new(),
         data_queries: Vec::new(),
@@ -204,11 +211,32 @@ fn definition(
         }
         if i == 0 {
             out.parameter_names = names;
+            out.parameter_types = vec![None; out.parameter_names.len()];
         } else if names != out.parameter_names {
             return Err(err(format!(
                 "returns {names:?}, but the first parameter query returns {:?}",
                 out.parameter_names
             )));
+        }
+        for (j, o) in outputs.iter().enumerate() {
+            let (Some(want), Some(slot)) = (o.declared_type(), out.parameter_types.get_mut(j))
+            else {
+                continue;
+            };
+            match *slot {
+                Some(had) if had != want => {
+                    return Err(err(format!(
+                        "bucket parameter `{}` is {} here but {} in an earlier parameter query: one \
+                         value would make two different buckets; cast it the same way in both, e.g. \
+                         `CAST(... AS {})`",
+                        out.parameter_names[j],
+                        want.name(),
+                        had.name(),
+                        had.name()
+                    )));
+                }
+                _ => *slot = Some(want),
+            }
         }
         match c.table {
             None => out.static_queries.push(StaticQuery {
@@ -297,13 +325,20 @@ fn definition(
     Ok(out)
 }
 
-/// FNV-1a (64 bits) over the rules as canonical JSON (keys sorted): stable across processes and
-/// versions, and enough to notice a change (nobody is trying to collide it).
+/// The version of what rules mean, beyond their text: raised whenever the same rules start to
+/// put rows in other buckets (2: booleans compare as 1/0, identifiers fold to lower case, `NOT
+/// IN` with a null, bucket parameters of one type), so that a store built under the old meaning
+/// is rebuilt like one built with other rules.
+const SEMANTICS: &str = "walsync-rules-semantics-2";
+
+/// FNV-1a (64 bits) over [`SEMANTICS`] and the rules as canonical JSON (keys sorted): stable
+/// across processes and versions, and enough to notice a change (nobody is trying to collide
+/// it).
 fn fingerprint(text: &str) -> Result<String, RulesError> {
     let value: serde_json::Value =
         serde_yaml_ng::from_str(text).map_err(|e| RulesError::Yaml(e.to_string()))?;
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in value.to_string().bytes() {
+    for b in SEMANTICS.bytes().chain(value.to_string().bytes()) {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }

@@ -4,7 +4,7 @@ use walsync_types::{LookupEntry, LookupKey, RowOutput, Value, bucket_id};
 
 use crate::compile::Item;
 use crate::definition::{BucketDefinition, SyncRules};
-use crate::expr::{Binding, canonical};
+use crate::expr::{Binding, Cast, canonical, cast_value};
 use crate::row::RowRef;
 
 /// What a request brings: the authenticated user, the token's claims, and the client's own
@@ -44,7 +44,10 @@ impl RequestContext {
 
 /// [`bucket_id`] from the bound values (`None`: unbound, written as `null`), without building
 /// JSON values on the way.
-fn bucket_id_with<'v>(definition: &str, values: impl Iterator<Item = Option<&'v Value>>) -> String {
+fn bucket_id_with<'v>(
+    definition: &str,
+    values: impl Iterator<Item = Option<std::borrow::Cow<'v, Value>>>,
+) -> String {
     let mut s = Vec::with_capacity(definition.len() + 16);
     s.extend_from_slice(definition.as_bytes());
     s.push(b'[');
@@ -52,7 +55,7 @@ fn bucket_id_with<'v>(definition: &str, values: impl Iterator<Item = Option<&'v 
         if i > 0 {
             s.push(b',');
         }
-        match v {
+        match v.as_deref() {
             Some(v @ Value::Json(_)) => match v.json() {
                 Some(serde_json::Value::String(t)) => write_json_str(&mut s, &t),
                 _ => write_output_json(&mut s, v),
@@ -127,6 +130,14 @@ fn output_json(v: &Value) -> serde_json::Value {
     }
 }
 
+/// A bucket parameter's value converted to the parameter's declared type (when it has one).
+fn typed(v: &Value, ty: Option<Cast>) -> std::borrow::Cow<'_, Value> {
+    match ty {
+        Some(t) => std::borrow::Cow::Owned(cast_value(v.clone(), t)),
+        None => std::borrow::Cow::Borrowed(v),
+    }
+}
+
 fn parameter_json(v: &Value) -> serde_json::Value {
     match v {
         Value::Json(_) => match v.json() {
@@ -191,11 +202,14 @@ impl SyncRules {
                     };
                     let bucket = bucket_id_with(
                         &def.name,
-                        def.parameter_names.iter().map(|p| {
-                            b.iter()
-                                .find(|(k, _)| k.strip_prefix("bucket.") == Some(p.as_str()))
-                                .map(|(_, v)| v)
-                        }),
+                        def.parameter_names
+                            .iter()
+                            .zip(&def.parameter_types)
+                            .map(|(p, ty)| {
+                                b.iter()
+                                    .find(|(k, _)| k.strip_prefix("bucket.") == Some(p.as_str()))
+                                    .map(|(_, v)| typed(v, *ty))
+                            }),
                     );
                     out.push(RowOutput {
                         bucket,
@@ -230,7 +244,10 @@ impl SyncRules {
                     let parameters: Vec<serde_json::Value> = q
                         .outputs
                         .iter()
-                        .map(|o| parameter_json(&o.eval(Some(row), &Binding::new())))
+                        .zip(&def.parameter_types)
+                        .map(|(o, ty)| {
+                            parameter_json(&typed(&o.eval(Some(row), &Binding::new()), *ty))
+                        })
                         .collect();
                     if parameters.iter().any(serde_json::Value::is_null) {
                         continue;
@@ -272,7 +289,8 @@ impl SyncRules {
                 let params: Vec<serde_json::Value> = q
                     .outputs
                     .iter()
-                    .map(|o| parameter_json(&o.eval(None, &given)))
+                    .zip(&def.parameter_types)
+                    .map(|(o, ty)| parameter_json(&typed(&o.eval(None, &given), *ty)))
                     .collect();
                 if !params.iter().any(serde_json::Value::is_null) {
                     buckets.push(bucket_id(&def.name, &params));

@@ -60,7 +60,31 @@ pub(crate) enum Filter {
 /// Values of unknowns, by canonical name.
 pub(crate) type Binding = BTreeMap<String, Value>;
 
+impl Cast {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Cast::Text => "text",
+            Cast::Integer => "integer",
+            Cast::Real => "real",
+        }
+    }
+}
+
 impl Operand {
+    /// The type the operand's value has whatever the data: a request's user id is text, a
+    /// cast says its type, a literal has its own. `None` when it depends on a column or on
+    /// JSON the request brings.
+    pub(crate) fn declared_type(&self) -> Option<Cast> {
+        match self {
+            Operand::Unknown(u) if u == "request.user_id()" => Some(Cast::Text),
+            Operand::Cast(_, c) => Some(*c),
+            Operand::Literal(Value::Text(_)) => Some(Cast::Text),
+            Operand::Literal(Value::Int(_) | Value::Bool(_)) => Some(Cast::Integer),
+            Operand::Literal(Value::Float(_)) => Some(Cast::Real),
+            _ => None,
+        }
+    }
+
     pub(crate) fn is_known(&self) -> bool {
         match self {
             Operand::Column(_) | Operand::Literal(_) => true,
@@ -99,12 +123,14 @@ fn json_extract(j: &serde_json::Value, key: &JsonKey, as_text: bool) -> Value {
     match found {
         None | Some(serde_json::Value::Null) => Value::Null,
         Some(serde_json::Value::String(s)) if as_text => Value::Text(s.clone()),
+        // `->>` gives an SQL value: a JSON boolean is one (SQLite's 1 or 0).
+        Some(serde_json::Value::Bool(b)) if as_text => Value::Bool(*b),
         Some(v) if as_text => Value::Text(v.to_string()),
         Some(v) => Value::from_json(v),
     }
 }
 
-fn cast_value(v: Value, cast: Cast) -> Value {
+pub(crate) fn cast_value(v: Value, cast: Cast) -> Value {
     if v == Value::Null {
         return v;
     }
@@ -129,11 +155,13 @@ fn cast_value(v: Value, cast: Cast) -> Value {
 }
 
 /// The text by which values compare and lookup keys are built: `42` and `'42'` are equal, as
-/// a user id from a JWT (text) must match an integer column. `None` for null.
+/// a user id from a JWT (text) must match an integer column, and a boolean is the integer 1
+/// or 0 (SQLite's semantics, which PowerSync's rules follow: `archived = 0` matches `false`).
+/// `None` for null.
 pub fn canonical(v: &Value) -> Option<String> {
     Some(match v {
         Value::Null => return None,
-        Value::Bool(b) => b.to_string(),
+        Value::Bool(b) => i64::from(*b).to_string(),
         Value::Int(i) => i.to_string(),
         Value::Float(f) => f.to_string(),
         Value::Text(s) => s.clone(),
@@ -233,11 +261,18 @@ impl Filter {
                 list,
                 negated,
             } => {
+                // SQL's three values: `x IN (…)` is true on a match; otherwise it is null (never
+                // true, negated or not) when `x` or an item is null, and false only when every
+                // comparison was false.
                 let v = operand.eval(row, given);
-                test(
-                    v != Value::Null
-                        && list.iter().any(|i| same(&v, &i.eval(row, given))) != *negated,
-                )
+                let items: Vec<Value> = list.iter().map(|i| i.eval(row, given)).collect();
+                let matched = items.iter().any(|i| same(&v, i));
+                let unknown = v == Value::Null || items.contains(&Value::Null);
+                test(if matched {
+                    !*negated
+                } else {
+                    !unknown && *negated
+                })
             }
             Filter::InArray(Operand::Unknown(k), array) => elements(array.eval(row, given))
                 .into_iter()

@@ -445,3 +445,132 @@ fn the_fingerprint_follows_meaning_not_layout() {
     .unwrap();
     assert_ne!(rules.fingerprint(), tightened.fingerprint());
 }
+
+fn one_definition(yaml: &str) -> SyncRules {
+    SyncRules::from_yaml(yaml).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn buckets_of(rules: &SyncRules, table: &str, columns: &[&str], values: &[Value]) -> Vec<String> {
+    let c = cols(columns);
+    rules
+        .evaluate_row(&row(table, &c, values))
+        .into_iter()
+        .map(|o| o.bucket)
+        .collect()
+}
+
+/// PowerSync's SQL semantics, as PostgreSQL and SQLite give them: a boolean is the integer 1 or
+/// 0, `IN` and `NOT IN` with a null are never true for a value they do not match, and unquoted
+/// identifiers fold to lower case while quoted ones keep theirs.
+#[test]
+fn booleans_nulls_and_identifiers_follow_sql() {
+    let rules = one_definition(
+        "bucket_definitions:\n  open:\n    data:\n      - SELECT * FROM Items WHERE Archived = 0\n      - SELECT * FROM tasks WHERE done = 1 AND 1 = done\n",
+    );
+    let open = |table: &str, column: &str, v: Value| {
+        buckets_of(&rules, table, &["id", column], &[Value::Int(1), v])
+    };
+    assert_eq!(open("items", "archived", Value::Bool(false)), ["open[]"]);
+    assert!(open("items", "archived", Value::Bool(true)).is_empty());
+    assert!(open("items", "archived", Value::Null).is_empty());
+    assert!(
+        open("Items", "archived", Value::Bool(false)).is_empty(),
+        "unquoted Items is items"
+    );
+    assert_eq!(open("tasks", "done", Value::Bool(true)), ["open[]"]);
+
+    let rules = one_definition(
+        "bucket_definitions:\n  b:\n    data:\n      - SELECT * FROM \"Items\" WHERE \"Status\" NOT IN ('a', NULL)\n      - SELECT * FROM items WHERE status IN ('a', NULL)\n      - SELECT * FROM lists WHERE status NOT IN ('a', 'b')\n",
+    );
+    let b = |table: &str, column: &str, v: &str| {
+        buckets_of(
+            &rules,
+            table,
+            &["id", column],
+            &[Value::Int(1), Value::Text(v.into())],
+        )
+    };
+    // `'c' NOT IN ('a', NULL)` is null, not true; `'a' NOT IN (…)` is false.
+    assert!(b("Items", "Status", "c").is_empty());
+    assert!(b("Items", "Status", "a").is_empty());
+    assert!(
+        b("Items", "status", "c").is_empty(),
+        "quoted \"Status\" keeps its case"
+    );
+    assert_eq!(b("items", "status", "a"), ["b[]"]);
+    assert!(
+        b("items", "status", "c").is_empty(),
+        "`'c' IN ('a', NULL)` is null"
+    );
+    assert_eq!(b("lists", "status", "c"), ["b[]"]);
+    assert!(b("lists", "status", "a").is_empty());
+    assert!(
+        buckets_of(
+            &rules,
+            "lists",
+            &["id", "status"],
+            &[Value::Int(1), Value::Null]
+        )
+        .is_empty(),
+        "`NULL NOT IN (…)` is null"
+    );
+
+    // Output names fold too, unless quoted: the client's schema names what the rules produce.
+    let rules = one_definition(
+        "bucket_definitions:\n  b:\n    data:\n      - SELECT ID, Title AS Heading, body AS \"Body\" FROM Notes AS TODOs\n",
+    );
+    let c = cols(&["id", "title", "body"]);
+    let v = [
+        Value::Int(7),
+        Value::Text("t".into()),
+        Value::Text("x".into()),
+    ];
+    let out = rules.evaluate_row(&row("notes", &c, &v));
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].object_type, "todos");
+    assert_eq!(out[0].data, r#"{"id":7,"heading":"t","Body":"x"}"#);
+}
+
+/// A bucket parameter from the token (text) and one bound from an integer column name one
+/// bucket: values bound from rows take the type the parameter query gives.
+#[test]
+fn one_value_of_different_types_makes_one_bucket() {
+    let rules = one_definition(
+        "bucket_definitions:\n  by_user:\n    parameters: SELECT request.user_id() AS user_id\n    data:\n      - SELECT * FROM notes WHERE owner = bucket.user_id\n  by_org:\n    parameters: SELECT CAST(request.jwt() ->> 'org' AS integer) AS org\n    data:\n      - SELECT * FROM docs WHERE org = bucket.org\n",
+    );
+    let placed = buckets_of(
+        &rules,
+        "notes",
+        &["id", "owner"],
+        &[Value::Int(1), Value::Int(42)],
+    );
+    assert_eq!(placed, [r#"by_user["42"]"#]);
+    let placed = buckets_of(
+        &rules,
+        "docs",
+        &["id", "org"],
+        &[Value::Int(1), Value::Text("7".into())],
+    );
+    assert_eq!(placed, ["by_org[7]"]);
+    let request = RequestContext {
+        user_id: "42".into(),
+        claims: json!({"sub": "42", "org": "7"}),
+        parameters: json!({}),
+    };
+    let (buckets, _) = rules.resolve_request(&request);
+    assert_eq!(buckets, ["by_org[7]", r#"by_user["42"]"#]);
+
+    // Two parameter queries that type one parameter differently are refused, with the cast.
+    let e = SyncRules::from_yaml(
+        "bucket_definitions:\n  b:\n    parameters:\n      - SELECT request.user_id() AS u\n      - SELECT org::integer AS u FROM members WHERE user_id = request.user_id()\n    data:\n      - SELECT * FROM notes WHERE owner = bucket.u\n",
+    )
+    .expect_err("conflicting types");
+    let text = e.to_string();
+    assert!(
+        text.contains("\"b\"")
+            && text.contains("parameter query 2")
+            && text.contains("`u` is integer here but text")
+            && text.contains("CAST(... AS text)"),
+        "{text}"
+    );
+}
