@@ -208,3 +208,123 @@ async fn serve_token_and_tail_work_from_a_config_file() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `walsync rules check` compiles rules and, with `--postgres`, holds them against the
+/// database: every problem is printed with its definition, query and offending part, and the
+/// command fails. `walsync serve` refuses the same rules at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_check_names_every_problem_and_serve_refuses_them() -> anyhow::Result<()> {
+    let s = seed::setup().await?;
+    let check = |file: &std::path::Path, extra: &[&str]| -> anyhow::Result<(bool, String)> {
+        let out = Command::new(BIN)
+            .args(["rules", "check"])
+            .arg(file)
+            .args(extra)
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
+    };
+
+    // The seed's own rules fit its database.
+    let seed_rules = std::path::Path::new(seed::RULES_PATH);
+    let (ok, printed) = check(seed_rules, &[])?;
+    assert!(
+        ok && printed.contains("2 bucket definitions compile"),
+        "{printed}"
+    );
+    let (ok, printed) = check(seed_rules, &["--postgres", &s.url])?;
+    assert!(ok && printed.contains("fit the database"), "{printed}");
+
+    // A publication without the rules' tables: each query over a missing table says so.
+    s.sql
+        .batch_execute("CREATE PUBLICATION partial FOR TABLE projects")
+        .await?;
+    let (ok, printed) = check(
+        seed_rules,
+        &["--postgres", &s.url, "--publication", "partial"],
+    )?;
+    assert!(!ok);
+    assert!(
+        printed.contains("data query 2 `SELECT * FROM assessments WHERE project_id = bucket.project_id`: table public.assessments is not in publication \"partial\"")
+            && !printed.contains("public.projects is not"),
+        "{printed}"
+    );
+    let (ok, printed) = check(seed_rules, &["--postgres", &s.url, "--publication", "nope"])?;
+    assert!(
+        !ok && printed.contains("publication \"nope\" does not exist"),
+        "{printed}"
+    );
+
+    // Rules that compile but do not fit the schema.
+    let bad = s.dir.path().join("bad_rules.yaml");
+    std::fs::write(
+        &bad,
+        r#"bucket_definitions:
+  by_project:
+    parameters: SELECT project_id FROM project_members WHERE user_id = request.user_id()
+    data:
+      - SELECT * FROM stakeholders WHERE user_id = bucket.project_id
+      - SELECT id, Titel FROM projects WHERE id = bucket.project_id
+      - SELECT * FROM "Projects" WHERE id = bucket.project_id
+  quoted:
+    data:
+      - SELECT * FROM teams WHERE "Name" = 'x'
+"#,
+    )?;
+    let (ok, printed) = check(&bad, &["--postgres", &s.url])?;
+    assert!(!ok, "{printed}");
+    let lines: Vec<&str> = printed.lines().collect();
+    assert_eq!(lines.len(), 4, "{printed}");
+    assert!(
+        lines.iter().any(
+            |l| l.starts_with("bucket definition \"by_project\", data query 1")
+                && l.contains(
+                    "bucket parameter `project_id` comes from stakeholders.user_id (text)"
+                )
+                && l.contains("project_members.project_id (bigint)")
+                && l.contains("CAST(project_id AS text)")
+        ),
+        "{printed}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("data query 2")
+            && l.contains("column \"titel\" does not exist in public.projects")),
+        "{printed}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("data query 3")
+                && l.contains("table public.Projects does not exist")),
+        "{printed}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("\"quoted\"")
+            && l.contains("column \"Name\" does not exist in public.teams (there is \"name\"")),
+        "{printed}"
+    );
+    // A rules file that does not compile fails without a database, naming the query.
+    let broken = s.dir.path().join("broken_rules.yaml");
+    std::fs::write(
+        &broken,
+        "bucket_definitions:\n  b:\n    data:\n      - SELECT * FROM t WHERE x LIKE 'a%'\n",
+    )?;
+    let (ok, printed) = check(&broken, &[])?;
+    assert!(
+        !ok && printed.contains("data query 1") && printed.contains("LIKE"),
+        "{printed}"
+    );
+
+    // walsync serve refuses the rules that do not fit.
+    let mut config = support::service::config(&s, walsync_server::ServerConfig::default());
+    config.rules = bad;
+    match walsync::Service::start(config).await {
+        Err(walsync::StartError::RulesCheck(message)) => {
+            assert!(message.contains("titel"), "{message}")
+        }
+        other => panic!("expected the rules to be refused, got {other:?}"),
+    }
+    Ok(())
+}

@@ -7,6 +7,7 @@ use serde::Deserialize;
 use crate::RulesError;
 use crate::compile::{Item, Role, TableMatch, compile};
 use crate::expr::{Cast, Filter, Operand};
+use crate::reads::{QueryRead, bound_columns};
 
 /// Compiled sync rules.
 #[derive(Debug, Clone)]
@@ -17,6 +18,19 @@ pub struct SyncRules {
     tables: BTreeSet<(String, String)>,
     /// See [`SyncRules::fingerprint`].
     fingerprint: String,
+}
+
+impl BucketDefinition {
+    /// The type bucket parameter `name` has whatever the data (`text`, `integer`, `real`), when
+    /// a parameter query declares it.
+    pub fn parameter_type(&self, name: &str) -> Option<&'static str> {
+        let i = self.parameter_names.iter().position(|p| p == name)?;
+        self.parameter_types
+            .get(i)
+            .copied()
+            .flatten()
+            .map(Cast::name)
+    }
 }
 
 /// One bucket definition: its parameter queries (who gets which buckets) and data queries (what
@@ -37,6 +51,8 @@ pub struct BucketDefinition {
     pub(crate) static_queries: Vec<StaticQuery>,
     pub(crate) table_queries: Vec<TableQuery>,
     pub(crate) data_queries: Vec<DataQuery>,
+    /// What its queries over tables read, for checks against a database.
+    pub(crate) reads: Vec<QueryRead>,
 }
 
 #[derive(Debug, Clone)]
@@ -129,6 +145,12 @@ impl SyncRules {
         &self.definitions
     }
 
+    /// What every query over a table reads: tables, columns, and the columns that fill bucket
+    /// parameters.
+    pub fn reads(&self) -> impl Iterator<Item = &QueryRead> {
+        self.definitions.iter().flat_map(|d| d.reads.iter())
+    }
+
     /// Things that work but deserve a look, such as use of client-supplied parameters.
     pub fn warnings(&self) -> &[String] {
         &self.warnings
@@ -178,6 +200,7 @@ fn definition(
         static_queries: Vec::new(),
         table_queries: Vec::new(),
         data_queries: Vec::new(),
+        reads: Vec::new(),
     };
     for (i, sql) in parameter_sql.iter().enumerate() {
         let err = |message: String| RulesError::Query {
@@ -262,6 +285,24 @@ fn definition(
                         "outputs of a parameter query over a table must come from the row".into(),
                     ));
                 }
+                let mut read = QueryRead::of(
+                    name,
+                    format!("parameter query {}", i + 1),
+                    sql,
+                    &table,
+                    outputs.iter(),
+                    &c.filter,
+                );
+                read.parameter_columns = out
+                    .parameter_names
+                    .iter()
+                    .zip(&outputs)
+                    .filter_map(|(p, o)| match o {
+                        Operand::Column(c) => Some((p.clone(), c.clone())),
+                        _ => None,
+                    })
+                    .collect();
+                out.reads.push(read);
                 out.table_queries.push(TableQuery {
                     index: i as u32,
                     table,
@@ -315,6 +356,19 @@ fn definition(
                 "a data query must return an `id` column (select it, or alias one AS id)".into(),
             ));
         }
+        let mut read = QueryRead::of(
+            name,
+            format!("data query {}", i + 1),
+            sql,
+            &table,
+            c.items.iter().filter_map(|item| match item {
+                Item::Expr { operand, .. } => Some(operand),
+                Item::All => None,
+            }),
+            &c.filter,
+        );
+        bound_columns(&c.filter, &mut read.parameter_columns);
+        out.reads.push(read);
         out.data_queries.push(DataQuery {
             output_type: alias.unwrap_or_else(|| table.name.clone()),
             table,

@@ -16,11 +16,13 @@ mod compile;
 mod definition;
 mod eval;
 mod expr;
+mod reads;
 mod row;
 
 pub use definition::{BucketDefinition, SyncRules};
 pub use eval::RequestContext;
 pub use expr::canonical;
+pub use reads::QueryRead;
 pub use row::RowRef;
 
 /// A problem with the rules, pointing at the definition, the query and the offending part.

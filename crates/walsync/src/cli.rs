@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
-use crate::{demo, replicate, serve};
+use crate::{demo, replicate, rules_check, serve};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,6 +28,8 @@ enum Command {
     Token(serve::TokenArgs),
     /// Watch a user's sync stream in the terminal.
     Tail(serve::TailArgs),
+    /// Sync rules: `walsync rules check FILE [--postgres URL]`.
+    Rules(rules_check::RulesArgs),
     /// Compact the store and prune its history, while walsync is stopped (a running `walsync
     /// serve` does the same in the background).
     Compact(serve::CompactArgs),
@@ -55,5 +57,6 @@ pub fn main() -> anyhow::Result<()> {
         Command::Token(args) => serve::token(args),
         Command::Tail(args) => serve::tail(args),
         Command::Compact(args) => serve::compact(args),
+        Command::Rules(args) => rules_check::run(args),
     }
 }

@@ -7,6 +7,7 @@ pub mod config;
 mod demo;
 pub mod maintenance;
 mod replicate;
+pub mod rules_check;
 pub mod serve;
 mod service;
 

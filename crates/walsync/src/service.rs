@@ -26,6 +26,10 @@ pub enum StartError {
     },
     #[error(transparent)]
     Rules(#[from] walsync_rules::RulesError),
+    #[error(
+        "the sync rules do not fit the database (walsync rules check --postgres lists the same):\n{0}"
+    )]
+    RulesCheck(String),
     #[error(transparent)]
     Source(#[from] walsync_source::SourceError),
     #[error(transparent)]
@@ -62,6 +66,7 @@ impl Service {
             tracing::warn!(warning = %w, "sync rules");
         }
         let pg: PgConfig = config.postgres.url.parse()?;
+        check_rules(&rules, &pg).await?;
         let mut source = SourceConfig::new(
             pg.clone(),
             config.postgres.slot.clone(),
@@ -181,6 +186,35 @@ impl Service {
                 "connections still open after the shutdown timeout are closed"
             );
             self.http.abort();
+        }
+    }
+}
+
+/// The checks of `walsync rules check --postgres`, before anything starts: rules that name a
+/// missing column or fill one bucket parameter with values of different types are refused. A
+/// database that cannot be reached now is not checked (the replicator waits for it).
+async fn check_rules(rules: &SyncRules, pg: &PgConfig) -> Result<(), StartError> {
+    let client = match pg.connect().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not check the sync rules against the database now");
+            return Ok(());
+        }
+    };
+    // The publication is checked (and, when walsync manages it, extended) by the replicator's
+    // pre-flight, with the statement to run.
+    match crate::rules_check::check_database(rules, &client, None).await {
+        Ok(problems) if problems.is_empty() => Ok(()),
+        Ok(problems) => Err(StartError::RulesCheck(
+            problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not check the sync rules against the database now");
+            Ok(())
         }
     }
 }
