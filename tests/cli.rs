@@ -1,6 +1,7 @@
 //! The commands as a user runs them: `walsync serve --config`, `walsync token`, `walsync tail`
 //! (summary and raw), and a graceful stop on SIGTERM.
 
+use support::process::{Killed, free_port, wait_ready};
 use support::seed;
 
 use std::io::{BufRead, BufReader};
@@ -8,15 +9,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_walsync-cli");
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Reads `child`'s stdout until a line satisfies `want`, for at most 60 s.
 fn read_until(child: &mut Child, want: impl Fn(&str) -> bool) -> anyhow::Result<String> {
@@ -61,9 +53,7 @@ fn wait_bounded(child: &mut Child, limit: Duration) -> anyhow::Result<std::proce
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_token_and_tail_work_from_a_config_file() -> anyhow::Result<()> {
     let s = seed::setup().await?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = free_port()?;
     let config = s.dir.path().join("walsync.toml");
     std::fs::write(
         &config,
@@ -86,24 +76,7 @@ async fn serve_token_and_tail_work_from_a_config_file() -> anyhow::Result<()> {
             .stderr(Stdio::piped())
             .spawn()?,
     );
-    walsync_client::install_crypto();
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ready = http
-            .get(format!("http://127.0.0.1:{port}/health/ready"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success());
-        if ready {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "walsync serve never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_ready(port).await?;
 
     let token = Command::new(BIN)
         .args(["token", "--user", "u1", "--config"])

@@ -30,6 +30,9 @@ pub struct ServerConfig {
     /// Seconds a request body may take to arrive once its stream was admitted (a client that
     /// sends it slowly must not hold an admission slot).
     pub request_timeout_seconds: u64,
+    /// Bytes of response a connection (an HTTP/2 stream) buffers before it stops taking lines
+    /// from the sync core: with `sync.buffer_bytes`, what a client that stops reading pins.
+    pub write_buffer_bytes: usize,
     /// Largest data line sent (a page holds fewer ops when rows are large; one op always fits).
     pub max_line_bytes: usize,
     /// Seconds a stopping server waits for its streams to end and requests in flight to finish
@@ -63,6 +66,7 @@ impl Default for ServerConfig {
             max_request_bytes: 1 << 20,
             request_timeout_seconds: 10,
             max_line_bytes: 4 << 20,
+            write_buffer_bytes: 64 << 10,
             shutdown_timeout_seconds: 10,
             cors_origins: Vec::new(),
         }

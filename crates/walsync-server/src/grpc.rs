@@ -4,7 +4,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::{Stream, StreamExt};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use walsync_protocol::{SyncRequest, pb};
 use walsync_storage::BucketStore;
@@ -107,7 +106,7 @@ impl<S: BucketStore + 'static> pb::sync_server::Sync for GrpcSync<S> {
             ApiError::new(ErrorCode::BadRequest, format!("invalid sync request: {e}")).to_status()
         })?;
         let lines = self.server.core.open(identity, request);
-        let stream = ReceiverStream::new(lines).map(move |item| {
+        let stream = lines.map(move |item| {
             let _held = &permit;
             match item {
                 Ok(line) => Ok(pb::SyncLine::from(line)),

@@ -9,7 +9,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use tokio_stream::wrappers::ReceiverStream;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use walsync_protocol::{
     ErrorBody, ErrorDetail, SyncRequest, WriteCheckpointData, WriteCheckpointResponse,
@@ -172,8 +171,8 @@ async fn sync_stream<S: BucketStore + 'static>(
     let lines = server.core.open(identity, request);
     // A shutdown ends the body cleanly (the client reconnects elsewhere or later, with `after`),
     // rather than aborting it mid-chunk.
-    let lines = ReceiverStream::new(lines)
-        .take_while(|item| std::future::ready(!matches!(item, Err(SyncError::ShuttingDown))));
+    let lines =
+        lines.take_while(|item| std::future::ready(!matches!(item, Err(SyncError::ShuttingDown))));
     let stream = lines.map(move |item| {
         // The admission lives as long as the stream.
         let _held = &permit;

@@ -14,6 +14,7 @@
 mod admission;
 pub mod auth;
 mod config;
+mod connection;
 mod error;
 mod grpc;
 mod http;
@@ -88,8 +89,6 @@ impl<S: BucketStore + 'static> Server<S> {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let router = self.router();
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await
+        connection::serve(listener, router, &self.config, shutdown).await
     }
 }

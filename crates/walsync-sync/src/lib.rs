@@ -25,9 +25,12 @@
 //! buckets, depend on one of those lookups, or wait for a write checkpoint replication has now
 //! passed. An idle connection costs nothing per checkpoint.
 //!
-//! **Back-pressure.** Each connection has a bounded buffer of lines. A client that does not
-//! read for [`SyncConfig::stall_timeout`] is disconnected (it resumes later with `after`), so
-//! a slow client never holds up the others or grows memory.
+//! **Back-pressure.** Each connection has a buffer bounded in lines
+//! ([`SyncConfig::buffer_lines`]) and in bytes ([`SyncConfig::buffer_bytes`]: a line larger than
+//! that goes alone). A stalled client pins at most that buffer and the one line its transport is
+//! writing, however much changes meanwhile; one that does not read for
+//! [`SyncConfig::stall_timeout`] is disconnected (it resumes later with `after`), so a slow
+//! client never holds up the others or grows memory.
 
 mod hub;
 mod resolve;
@@ -63,6 +66,9 @@ pub struct SyncConfig {
     pub max_line_bytes: usize,
     /// Lines buffered per connection before the stream waits for the client.
     pub buffer_lines: usize,
+    /// Bytes of lines (about their encoded size) buffered per connection before the stream
+    /// waits for the client; a larger line is buffered alone.
+    pub buffer_bytes: usize,
     /// Interval of `token_expires_in` keepalives.
     pub keepalive: Duration,
     /// How long before the token expires a stream says so once more, so that the client fetches
@@ -81,6 +87,9 @@ impl Default for SyncConfig {
             page_ops: 1_000,
             max_line_bytes: 4 << 20,
             buffer_lines: 8,
+            // Two or three full data pages of typical rows: enough to keep a socket busy, small
+            // enough that 10,000 stalled clients pin no more than a few GiB in the worst case.
+            buffer_bytes: 256 << 10,
             keepalive: Duration::from_secs(20),
             token_refresh_lead: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(30),
@@ -98,8 +107,44 @@ pub struct Identity {
     pub expires_at: Option<SystemTime>,
 }
 
-/// A connection's lines, in order; an error ends the stream.
-pub type Lines = mpsc::Receiver<Result<Line, SyncError>>;
+/// A line in a connection's buffer, holding its share of the buffer's bytes until the transport
+/// takes it.
+pub(crate) struct Buffered {
+    pub(crate) line: Line,
+    pub(crate) _bytes: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// A connection's lines, in order; an error ends the stream. Taking a line gives its bytes back
+/// to the connection's buffer.
+pub struct Lines {
+    rx: mpsc::Receiver<Result<Buffered, SyncError>>,
+}
+
+impl std::fmt::Debug for Lines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lines").finish_non_exhaustive()
+    }
+}
+
+impl Lines {
+    /// The next line; `None` once the stream ended.
+    pub async fn recv(&mut self) -> Option<Result<Line, SyncError>> {
+        Some(self.rx.recv().await?.map(|b| b.line))
+    }
+}
+
+impl futures_util::Stream for Lines {
+    type Item = Result<Line, SyncError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|item| item.map(|r| r.map(|b| b.line)))
+    }
+}
 
 /// The sync core shared by every transport.
 pub struct SyncCore<S: BucketStore> {
@@ -145,7 +190,7 @@ impl<S: BucketStore + 'static> SyncCore<S> {
             },
             span,
         ));
-        rx
+        Lines { rx }
     }
 
     /// Tells the hub that the store may have a new checkpoint (the replicator calls this after

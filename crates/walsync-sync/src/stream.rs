@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::Instant;
 use walsync_protocol::{
     BucketChecksum, Checkpoint, CheckpointComplete, CheckpointDiff, DataPage, Line, OpKind, OpLine,
@@ -14,7 +14,7 @@ use walsync_rules::RequestContext;
 use walsync_storage::{BucketStore, Op, StoreCheckpoint, StoreRead};
 use walsync_types::LookupKey;
 
-use crate::{Identity, SyncCore, SyncError, request_buckets};
+use crate::{Buffered, Identity, SyncCore, SyncError, request_buckets};
 
 /// Why a connection ends.
 enum Stop {
@@ -54,7 +54,9 @@ pub(crate) struct Connection<S: BucketStore> {
     client_id: String,
     context: RequestContext,
     requested: HashMap<String, u64>,
-    tx: mpsc::Sender<Result<Line, SyncError>>,
+    tx: mpsc::Sender<Result<Buffered, SyncError>>,
+    /// The bytes of the connection's buffer not taken by lines waiting in it.
+    room: Arc<Semaphore>,
     id: u64,
     notify: Arc<Notify>,
     held: BTreeMap<String, Held>,
@@ -68,6 +70,35 @@ pub(crate) struct Connection<S: BucketStore> {
     /// When to tell the client once more that its token is about to expire (cleared once
     /// told).
     refresh_at: Option<Instant>,
+}
+
+/// The largest byte budget a connection's buffer can have (the semaphore counts in `u32`).
+const MAX_ROOM: usize = u32::MAX as usize >> 4;
+
+/// About the bytes `line` takes encoded: row data and names, plus a fixed cost per op and per
+/// bucket for the numbers and punctuation around them.
+fn approx_bytes(line: &Line) -> usize {
+    let buckets = |list: &[BucketChecksum]| list.iter().map(|b| b.bucket.len() + 64).sum::<usize>();
+    64 + match line {
+        Line::Data(page) => {
+            page.bucket.len()
+                + page
+                    .data
+                    .iter()
+                    .map(|op| {
+                        96 + op.data.as_ref().map_or(0, String::len)
+                            + op.object_type.as_ref().map_or(0, String::len)
+                            + op.object_id.as_ref().map_or(0, String::len)
+                    })
+                    .sum::<usize>()
+        }
+        Line::Checkpoint(c) => buckets(&c.buckets),
+        Line::CheckpointDiff(d) => {
+            buckets(&d.updated_buckets)
+                + d.removed_buckets.iter().map(|b| b.len() + 8).sum::<usize>()
+        }
+        _ => 0,
+    }
 }
 
 fn op_line(op: Op) -> OpLine {
@@ -91,7 +122,7 @@ impl<S: BucketStore + 'static> Connection<S> {
         core: Arc<SyncCore<S>>,
         identity: Identity,
         request: SyncRequest,
-        tx: mpsc::Sender<Result<Line, SyncError>>,
+        tx: mpsc::Sender<Result<Buffered, SyncError>>,
     ) -> Connection<S> {
         let (id, notify) = core.hub.register(&identity.user_id);
         let context = RequestContext {
@@ -108,7 +139,9 @@ impl<S: BucketStore + 'static> Connection<S> {
             at.checked_sub(core.config.token_refresh_lead)
                 .unwrap_or_else(Instant::now)
         });
+        let room = Arc::new(Semaphore::new(core.config.buffer_bytes.clamp(1, MAX_ROOM)));
         Connection {
+            room,
             next_keepalive: Instant::now() + core.config.keepalive,
             core,
             identity,
@@ -234,12 +267,34 @@ impl<S: BucketStore + 'static> Connection<S> {
         }
     }
 
+    /// Puts `line` in the connection's buffer once it has room, in lines and in bytes; a client
+    /// that leaves no room for the stall timeout is disconnected.
     async fn send(&self, line: Line) -> Flow {
-        match self.tx.try_send(Ok(line)) {
+        let stall = self.core.config.stall_timeout;
+        let want = approx_bytes(&line).clamp(1, MAX_ROOM) as u32;
+        let want = want.min(self.room_size());
+        let bytes = match self.room.clone().try_acquire_many_owned(want) {
+            Ok(p) => p,
+            Err(_) => {
+                let acquire = self.room.clone().acquire_many_owned(want);
+                tokio::select! {
+                    r = tokio::time::timeout(stall, acquire) => match r {
+                        Ok(Ok(p)) => p,
+                        Ok(Err(_)) => return Err(Stop::Closed),
+                        Err(_) => return Err(Stop::Error(SyncError::TooSlow(stall))),
+                    },
+                    _ = self.tx.closed() => return Err(Stop::Closed),
+                }
+            }
+        };
+        let item = Ok(Buffered {
+            line,
+            _bytes: Some(bytes),
+        });
+        match self.tx.try_send(item) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(Stop::Closed),
             Err(mpsc::error::TrySendError::Full(item)) => {
-                let stall = self.core.config.stall_timeout;
                 match tokio::time::timeout(stall, self.tx.send(item)).await {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(_)) => Err(Stop::Closed),
@@ -247,6 +302,11 @@ impl<S: BucketStore + 'static> Connection<S> {
                 }
             }
         }
+    }
+
+    /// The buffer's size in bytes.
+    fn room_size(&self) -> u32 {
+        self.core.config.buffer_bytes.clamp(1, MAX_ROOM) as u32
     }
 
     /// The buckets of this connection at checkpoint `at` (sorted), and the lookups they came

@@ -146,6 +146,7 @@ impl StorageConfig {
 pub struct SyncSection {
     pub page_ops: usize,
     pub buffer_lines: usize,
+    pub buffer_bytes: usize,
     pub keepalive_seconds: u64,
     pub token_refresh_lead_seconds: u64,
     pub stall_timeout_seconds: u64,
@@ -157,6 +158,7 @@ impl Default for SyncSection {
         SyncSection {
             page_ops: d.page_ops,
             buffer_lines: d.buffer_lines,
+            buffer_bytes: d.buffer_bytes,
             keepalive_seconds: d.keepalive.as_secs(),
             token_refresh_lead_seconds: d.token_refresh_lead.as_secs(),
             stall_timeout_seconds: d.stall_timeout.as_secs(),
@@ -169,6 +171,7 @@ impl SyncSection {
         walsync_sync::SyncConfig {
             page_ops: self.page_ops,
             buffer_lines: self.buffer_lines,
+            buffer_bytes: self.buffer_bytes,
             keepalive: Duration::from_secs(self.keepalive_seconds.max(1)),
             token_refresh_lead: Duration::from_secs(self.token_refresh_lead_seconds),
             stall_timeout: Duration::from_secs(self.stall_timeout_seconds.max(1)),
