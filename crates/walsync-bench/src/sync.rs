@@ -2,13 +2,14 @@
 //!
 //! 1. Commit-to-client latency: C streaming clients spread over P projects; a writer updates one
 //!    project row at a time; each client in that project notes when the row arrives. p50/p99 of
-//!    (arrival − the writer's COMMIT returning).
+//!    (arrival − the writer's COMMIT returning), over gRPC and over the HTTP NDJSON stream (one
+//!    HTTP/1.1 socket per client, as PowerSync's SDKs connect).
 //! 2. Concurrent idle streams: S more streams, each past its first checkpoint; the server's
 //!    resident memory before and after, per stream.
 //! 3. Initial download: one client downloads a bucket of R rows; ops/s over HTTP and gRPC.
 //!
-//! Streams are gRPC, many per HTTP/2 connection (as gRPC clients do), so that the count is not
-//! bounded by this machine's open-file limit on the client side.
+//! gRPC streams share HTTP/2 connections (as gRPC clients do), so that the idle stream count is
+//! not bounded by this machine's open-file limit on the client side.
 
 use std::path::Path;
 use std::process::{Child, Stdio};
@@ -29,6 +30,9 @@ pub(crate) struct SyncArgs {
     /// Client counts for the latency runs.
     #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     clients: Vec<usize>,
+    /// Transports of the latency runs (`grpc`, `http`).
+    #[arg(long, value_delimiter = ',', default_value = "grpc,http")]
+    transports: Vec<String>,
     #[arg(long, default_value_t = 1000)]
     projects: usize,
     /// Row updates per latency run.
@@ -220,14 +224,17 @@ async fn bench(args: SyncArgs) -> anyhow::Result<()> {
         super::machine_facts()
     );
 
-    println!("| clients | projects | updates | samples | p50 ms | p99 ms | max ms |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    for &clients in &args.clients {
-        let (samples, p50, p99, max) = latency(&server, &sql, &args, clients).await?;
-        println!(
-            "| {clients} | {} | {} | {samples} | {p50:.2} | {p99:.2} | {max:.2} |",
-            args.projects, args.updates
-        );
+    println!("| transport | clients | projects | updates | samples | p50 ms | p99 ms | max ms |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for transport in &args.transports {
+        for &clients in &args.clients {
+            let (samples, p50, p99, max) =
+                latency(&server, &sql, &args, transport, clients).await?;
+            println!(
+                "| {transport} | {clients} | {} | {} | {samples} | {p50:.2} | {p99:.2} | {max:.2} |",
+                args.projects, args.updates
+            );
+        }
     }
 
     println!("\n| idle streams held | connections | server RSS before | after | per stream |");
@@ -269,10 +276,51 @@ async fn bench(args: SyncArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+type Lines = std::pin::Pin<Box<dyn futures_util::Stream<Item = Line> + Send>>;
+
+/// The lines of `s` up to its first error (`None`).
+fn until_error(s: impl futures_util::Stream<Item = Option<Line>> + Send + 'static) -> Lines {
+    Box::pin(
+        s.take_while(|l| std::future::ready(l.is_some()))
+            .filter_map(std::future::ready),
+    )
+}
+
+/// `clients` streams of users `c0`, `c1`, … over `transport`, as lines (a stream ends at its
+/// first error).
+async fn open_many(
+    url: &str,
+    transport: &str,
+    clients: usize,
+    per_connection: usize,
+) -> anyhow::Result<Vec<Lines>> {
+    let mut out: Vec<Lines> = Vec::with_capacity(clients);
+    if transport == "http" {
+        let base = walsync_client::Connector::new(url, walsync_client::Transport::Http, "")?;
+        for i in 0..clients {
+            // Clones share one HTTP client; each stream holds a socket of its own.
+            let mut c = base.clone();
+            c.set_token(&token(&format!("c{i}"))?);
+            let lines = c.open(SyncRequest::default()).await?;
+            out.push(until_error(lines.map(Result::ok)));
+        }
+        return Ok(out);
+    }
+    let chans = channels(url, clients.div_ceil(per_connection)).await?;
+    for i in 0..clients {
+        let stream = open(chans[i % chans.len()].clone(), &format!("c{i}")).await?;
+        out.push(until_error(
+            stream.map(|l| l.ok().and_then(|l| Line::try_from(l).ok())),
+        ));
+    }
+    Ok(out)
+}
+
 async fn latency(
     server: &ServerProcess,
     sql: &tokio_postgres::Client,
     args: &SyncArgs,
+    transport: &str,
     clients: usize,
 ) -> anyhow::Result<(usize, f64, f64, f64)> {
     let start = Instant::now();
@@ -280,17 +328,13 @@ async fn latency(
         Arc::new((0..args.updates).map(|_| AtomicU64::new(0)).collect());
     let samples: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::new()));
     let ready = Arc::new(AtomicUsize::new(0));
-    let chans = channels(&server.url, clients.div_ceil(args.per_connection)).await?;
+    let streams = open_many(&server.url, transport, clients, args.per_connection).await?;
     let mut tasks = Vec::new();
-    for i in 0..clients {
-        let mut stream = open(chans[i % chans.len()].clone(), &format!("c{i}")).await?;
+    for mut stream in streams {
         let (sent, samples, ready) = (sent.clone(), samples.clone(), ready.clone());
         tasks.push(tokio::spawn(async move {
             let mut complete = false;
-            while let Ok(Some(line)) = stream.message().await {
-                let Ok(line) = Line::try_from(line) else {
-                    break;
-                };
+            while let Some(line) = stream.next().await {
                 match line {
                     Line::CheckpointComplete(_) if !complete => {
                         complete = true;
@@ -342,7 +386,7 @@ async fn latency(
         sql.execute(
             "UPDATE projects SET description = $1 WHERE id = $2",
             // The run's size in the value: an update to the value a row already holds writes no op.
-            &[&format!("seq:{n}:{clients}"), &(project as i64)],
+            &[&format!("seq:{n}:{transport}{clients}"), &(project as i64)],
         )
         .await?;
         sent[n].store(start.elapsed().as_micros() as u64, Ordering::Release);

@@ -343,6 +343,20 @@ async fn bad_input_gets_a_clear_json_error() -> anyhow::Result<()> {
             "{header:?}"
         );
     }
+    // A write checkpoint query that does not parse is refused before the database is asked.
+    for query in ["client_id=a&client_id=b"] {
+        let resp = http
+            .get(format!("{}/write-checkpoint2.json?{query}", s.url))
+            .bearer_auth(&token)
+            .send()
+            .await?;
+        let (status, code, message) = error_of(resp).await?;
+        assert_eq!(
+            (status, code.as_str()),
+            (400, "bad_request"),
+            "{query}: {message}"
+        );
+    }
     Ok(())
 }
 
