@@ -93,6 +93,7 @@ fn config(url: &str, dir: &std::path::Path) -> anyhow::Result<Config> {
             ..AuthConfig::default()
         },
         sync: SyncSection::default(),
+        metrics: Default::default(),
     })
 }
 

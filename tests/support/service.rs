@@ -44,6 +44,7 @@ pub fn config(s: &seed::Setup, server: ServerConfig) -> Config {
             page_ops: 50,
             ..SyncSection::default()
         },
+        metrics: walsync::telemetry::MetricsSection { poll_seconds: 1 },
     }
 }
 

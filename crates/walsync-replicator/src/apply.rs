@@ -28,6 +28,8 @@ pub struct Applier {
     pub(crate) pending_txns: usize,
     pub(crate) pending_rows: usize,
     pending_ack: Option<Lsn>,
+    /// The source commit time of the newest transaction in the pending storage commit.
+    pub(crate) pending_commit_time: Option<walsync_types::PgTimestamp>,
     pub(crate) snapshot_rows: u64,
     /// Inside a source transaction: storage may not commit now.
     pub(crate) in_transaction: bool,
@@ -41,6 +43,7 @@ impl Applier {
             pending_txns: 0,
             pending_rows: 0,
             pending_ack: None,
+            pending_commit_time: None,
             snapshot_rows: 0,
             in_transaction: false,
         }
@@ -55,6 +58,7 @@ impl Applier {
         self.pending_txns = 0;
         self.pending_rows = 0;
         self.pending_ack = None;
+        self.pending_commit_time = None;
     }
 
     /// What the applier needs of a table for each of its rows, worked out once per relation.
@@ -120,8 +124,13 @@ impl Applier {
                 self.pending_rows += 1;
                 Next::Continue
             }
-            SourceEvent::Commit { end_lsn, .. } => {
+            SourceEvent::Commit {
+                end_lsn,
+                commit_time,
+                ..
+            } => {
                 w.set_position(end_lsn);
+                self.pending_commit_time = Some(commit_time);
                 self.pending_ack = Some(end_lsn);
                 self.pending_txns += 1;
                 self.in_transaction = false;

@@ -90,6 +90,9 @@ pub struct Progress {
     pub transactions: u64,
     pub rows: u64,
     pub snapshot_rows: u64,
+    /// Microseconds from the source commit of the newest durable transaction to the moment it
+    /// was durable in the store: the replication lag as of the last storage sync.
+    pub lag_micros: u64,
 }
 
 /// Replicates until `stop` turns true or a definite error.
@@ -280,6 +283,7 @@ fn session<S: BucketStore>(
 /// One storage commit, visible and waiting to be made durable and acknowledged.
 struct Committed {
     ack: Option<walsync_types::Lsn>,
+    commit_time: Option<walsync_types::PgTimestamp>,
     txns: usize,
     rows: usize,
     snapshot_rows: u64,
@@ -307,7 +311,12 @@ fn sync_loop<S: BucketStore>(
         if let Some(lsn) = batch.iter().filter_map(|c| c.ack).max() {
             acker.ack(lsn);
         }
+        let newest = batch.iter().filter_map(|c| c.commit_time).max();
         progress.send_modify(|p| {
+            if let Some(t) = newest {
+                p.lag_micros =
+                    u64::try_from(walsync_types::PgTimestamp::now().0 - t.0).unwrap_or(0);
+            }
             for c in &batch {
                 p.storage_commits += 1;
                 p.transactions += c.txns as u64;
@@ -337,6 +346,7 @@ impl Committer<'_> {
         }
         let committed = Committed {
             ack: applier.ack_position(),
+            commit_time: applier.pending_commit_time,
             txns: applier.pending_txns,
             rows: applier.pending_rows,
             snapshot_rows: applier.snapshot_rows,

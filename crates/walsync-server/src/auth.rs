@@ -72,6 +72,21 @@ pub enum AuthError {
     Subject,
 }
 
+impl AuthError {
+    /// Why, as one word of a fixed set (a metric label).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::Scheme => "scheme",
+            AuthError::Invalid(_) => "invalid",
+            AuthError::Algorithm(_) => "algorithm",
+            AuthError::NoKey(_) => "no_key",
+            AuthError::Lifetime(..) => "lifetime",
+            AuthError::Subject => "subject",
+        }
+    }
+}
+
 /// Where keys come from, and what a token must satisfy.
 #[derive(Clone, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]

@@ -54,6 +54,7 @@ async fn authenticate_first<S: BucketStore + 'static>(
         }
         Err(e) => {
             tracing::debug!(error = %e, "refused a token");
+            crate::metrics::auth_failure(e.reason());
             let (parts, ()) = ApiError::unauthenticated(e)
                 .to_status()
                 .into_http::<()>()
@@ -65,6 +66,7 @@ async fn authenticate_first<S: BucketStore + 'static>(
 
 /// A refusal of admission as a gRPC status, with `retry-after` in its metadata.
 fn refused_status(r: crate::admission::Refused) -> Status {
+    crate::metrics::refused(r.error.code);
     let mut s = r.error.to_status();
     if let Ok(v) = r.retry_after_seconds.to_string().parse() {
         s.metadata_mut().insert("retry-after", v);
@@ -106,10 +108,15 @@ impl<S: BucketStore + 'static> pb::sync_server::Sync for GrpcSync<S> {
             ApiError::new(ErrorCode::BadRequest, format!("invalid sync request: {e}")).to_status()
         })?;
         let lines = self.server.core.open(identity, request);
+        let open = crate::metrics::OpenStream::new("grpc");
         let stream = lines.map(move |item| {
             let _held = &permit;
             match item {
-                Ok(line) => Ok(pb::SyncLine::from(line)),
+                Ok(line) => {
+                    let line = pb::SyncLine::from(line);
+                    open.sent(prost::Message::encoded_len(&line));
+                    Ok(line)
+                }
                 Err(SyncError::TooSlow(d)) => Err(ApiError::new(
                     ErrorCode::TooSlow,
                     format!("the client did not read for {d:?}"),
@@ -136,10 +143,20 @@ impl<S: BucketStore + 'static> pb::sync_server::Sync for GrpcSync<S> {
             .write_checkpoint_rate
             .admit(&identity.user_id, "write checkpoints")
         {
+            crate::metrics::write_checkpoint("rate_limited");
             return Err(refused_status(r));
         }
         let client_id = req.into_inner().client_id;
-        let lsn = self.server.checkpoints.create().await?;
+        let lsn = match self.server.checkpoints.create().await {
+            Ok(lsn) => {
+                crate::metrics::write_checkpoint("created");
+                lsn
+            }
+            Err(e) => {
+                crate::metrics::write_checkpoint("unavailable");
+                return Err(e.to_status());
+            }
+        };
         let n = self
             .server
             .core

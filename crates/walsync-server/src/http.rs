@@ -74,6 +74,7 @@ pub(crate) fn router<S: BucketStore + 'static>(server: Arc<Server<S>>) -> Router
         .route("/write-checkpoint2.json", get(write_checkpoint::<S>))
         .route("/health/live", get(|| async { "ok" }))
         .route("/health/ready", get(ready::<S>))
+        .route("/metrics", get(metrics_text::<S>))
         .with_state(server)
 }
 
@@ -110,11 +111,13 @@ async fn authenticate<S: BucketStore + 'static>(
         .map(|v| v.to_str().unwrap_or(""));
     server.auth.authenticate_header(value).await.map_err(|e| {
         tracing::debug!(error = %e, "refused a token");
+        crate::metrics::auth_failure(e.reason());
         ApiError::unauthenticated(e)
     })
 }
 
 fn refused(r: crate::admission::Refused) -> Response {
+    crate::metrics::refused(r.error.code);
     let mut resp = r.error.into_response();
     if let Ok(v) = HeaderValue::from_str(&r.retry_after_seconds.to_string()) {
         resp.headers_mut().insert(header::RETRY_AFTER, v);
@@ -173,11 +176,16 @@ async fn sync_stream<S: BucketStore + 'static>(
     // rather than aborting it mid-chunk.
     let lines =
         lines.take_while(|item| std::future::ready(!matches!(item, Err(SyncError::ShuttingDown))));
+    let open = crate::metrics::OpenStream::new("http");
     let stream = lines.map(move |item| {
         // The admission lives as long as the stream.
         let _held = &permit;
         match item {
-            Ok(line) => Ok(Bytes::from(line.to_ndjson())),
+            Ok(line) => {
+                let bytes = Bytes::from(line.to_ndjson());
+                open.sent(bytes.len());
+                Ok(bytes)
+            }
             // The body ends; the client reconnects with `after`. Only the server's own faults are
             // errors (a slow client or a shutdown is not).
             Err(SyncError::Storage(e)) => Err(std::io::Error::other(ApiError::internal(
@@ -223,12 +231,14 @@ async fn write_checkpoint<S: BucketStore + 'static>(
         .write_checkpoint_rate
         .admit(&identity.user_id, "write checkpoints")
     {
+        crate::metrics::write_checkpoint("rate_limited");
         return refused(r);
     }
     // Only this client's streams are told when replication has passed it.
     let client_id = query.client_id.unwrap_or_default();
     match server.checkpoints.create().await {
         Ok(lsn) => {
+            crate::metrics::write_checkpoint("created");
             let n = server
                 .core
                 .register_write_checkpoint(&identity.user_id, &client_id, lsn);
@@ -239,7 +249,23 @@ async fn write_checkpoint<S: BucketStore + 'static>(
             })
             .into_response()
         }
-        Err(e) => e.into_response(),
+        Err(e) => {
+            crate::metrics::write_checkpoint("unavailable");
+            e.into_response()
+        }
+    }
+}
+
+async fn metrics_text<S: BucketStore + 'static>(State(server): State<Arc<Server<S>>>) -> Response {
+    match server.metrics_render.get() {
+        Some(render) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            render(),
+        )
+            .into_response(),
+        None => {
+            ApiError::new(ErrorCode::NotFound, "no metrics recorder is installed").into_response()
+        }
     }
 }
 

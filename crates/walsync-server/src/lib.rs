@@ -4,7 +4,8 @@
 //! - `POST /sync/stream`: NDJSON lines (`application/x-ndjson`, `X-Accel-Buffering: no`);
 //! - `GET /write-checkpoint2.json?client_id=`: `{"data":{"write_checkpoint":"N"}}`;
 //! - `walsync.v1.Sync/Sync` and `/WriteCheckpoint` over gRPC (HTTP/2) and grpc-web (HTTP/1.1);
-//! - `GET /health/live`, `GET /health/ready`.
+//! - `GET /health/live`, `GET /health/ready`, `GET /metrics` (Prometheus text, when the
+//!   application installed a recorder).
 //!
 //! Every request is authenticated first (401 / `UNAUTHENTICATED` and nothing else otherwise),
 //! then admitted: streams against the connection limits, write checkpoints against a rate per
@@ -18,9 +19,10 @@ mod connection;
 mod error;
 mod grpc;
 mod http;
+pub mod metrics;
 mod write_checkpoint;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use walsync_storage::BucketStore;
 use walsync_sync::SyncCore;
@@ -38,7 +40,12 @@ pub struct Server<S: BucketStore> {
     pub checkpoints: Arc<WriteCheckpoints>,
     admission: admission::Admission,
     write_checkpoint_rate: admission::RateLimit,
+    /// Renders the process's metrics for `GET /metrics`, once the application gave it.
+    metrics_render: OnceLock<MetricsRender>,
 }
+
+/// Renders metrics in Prometheus' text format.
+pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
 
 impl<S: BucketStore> std::fmt::Debug for Server<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -69,7 +76,13 @@ impl<S: BucketStore + 'static> Server<S> {
             auth,
             config,
             checkpoints,
+            metrics_render: OnceLock::new(),
         })
+    }
+
+    /// Serves `GET /metrics` with `render` (the application's Prometheus recorder).
+    pub fn set_metrics(&self, render: MetricsRender) {
+        let _ = self.metrics_render.set(render);
     }
 
     /// The router serving both transports: unknown paths answer 404 and wrong methods 405,

@@ -24,6 +24,8 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub sync: SyncSection,
+    #[serde(default)]
+    pub metrics: crate::telemetry::MetricsSection,
 }
 
 #[derive(Clone, Deserialize)]

@@ -101,6 +101,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             ..AuthConfig::default()
         },
         sync: SyncSection::default(),
+        metrics: Default::default(),
     };
     let mut service = Service::start(config).await?;
     let url = service.url();

@@ -10,6 +10,7 @@ mod replicate;
 pub mod rules_check;
 pub mod serve;
 mod service;
+pub mod telemetry;
 
 pub use config::Config;
 pub use service::{Service, StartError};

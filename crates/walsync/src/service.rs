@@ -91,18 +91,34 @@ impl Service {
                 .run(stop_rx.clone())
                 .instrument(info_span!("walsync-hub")),
         );
+        let metrics = crate::telemetry::recorder();
         {
             let core = core.clone();
             let mut progress = progress.clone();
             tokio::spawn(
                 async move {
+                    let mut before = Progress::default();
                     while progress.changed().await.is_ok() {
                         core.notify_checkpoint();
+                        let now = progress.borrow_and_update().clone();
+                        crate::telemetry::record_progress(&before, &now);
+                        before = now;
                     }
                 }
                 .instrument(info_span!("walsync-progress")),
             );
         }
+        tokio::spawn(
+            crate::telemetry::monitor(
+                pg.clone(),
+                config.postgres.slot.clone(),
+                store.clone(),
+                core.clone(),
+                Duration::from_secs(config.metrics.poll_seconds.max(1)),
+                stop_rx.clone(),
+            )
+            .instrument(info_span!("walsync-monitor")),
+        );
         tokio::spawn(
             crate::maintenance::run(store.clone(), config.storage.maintenance(), stop_rx.clone())
                 .instrument(info_span!("walsync-maintenance")),
@@ -145,7 +161,8 @@ impl Service {
                 })
                 .instrument(info_span!("walsync-http")),
         );
-        tracing::info!(%addr, "walsync is serving http, grpc and grpc-web");
+        server.set_metrics(Arc::new(move || metrics.render()));
+        tracing::info!(%addr, "walsync is serving http, grpc, grpc-web and /metrics");
         Ok(Service {
             addr,
             server,

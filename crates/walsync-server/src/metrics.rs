@@ -1,0 +1,70 @@
+//! The sync API's metrics, through the `metrics` facade (the application installs the
+//! Prometheus recorder and gives the server its renderer for `GET /metrics`). Labels come from
+//! fixed sets only: a transport, a reason, an outcome — never a user, bucket or row id.
+
+use metrics::{counter, describe_counter, describe_gauge, gauge};
+
+pub const STREAMS: &str = "walsync_sync_streams";
+pub const LINES: &str = "walsync_sync_lines_sent_total";
+pub const BYTES: &str = "walsync_sync_bytes_sent_total";
+pub const AUTH_FAILURES: &str = "walsync_auth_failures_total";
+pub const WRITE_CHECKPOINTS: &str = "walsync_write_checkpoints_total";
+pub const ADMISSION_REFUSED: &str = "walsync_admission_refused_total";
+
+/// Describes the server's metrics (their help text); call once after installing a recorder.
+pub fn describe() {
+    describe_gauge!(STREAMS, "open sync streams, by transport (http, grpc)");
+    describe_counter!(LINES, "sync lines sent to clients, by transport");
+    describe_counter!(
+        BYTES,
+        metrics::Unit::Bytes,
+        "bytes of sync lines sent to clients (encoded), by transport"
+    );
+    describe_counter!(
+        AUTH_FAILURES,
+        "requests refused for their token, by reason (missing, scheme, invalid, algorithm, no_key, lifetime, subject)"
+    );
+    describe_counter!(
+        WRITE_CHECKPOINTS,
+        "write checkpoint requests, by outcome (created, rate_limited, unavailable)"
+    );
+    describe_counter!(
+        ADMISSION_REFUSED,
+        "streams refused by admission, by reason (too_many_connections, too_many_streams)"
+    );
+}
+
+/// An open stream, counted in [`STREAMS`] while it lives.
+#[derive(Debug)]
+pub(crate) struct OpenStream(&'static str);
+
+impl OpenStream {
+    pub(crate) fn new(transport: &'static str) -> OpenStream {
+        gauge!(STREAMS, "transport" => transport).increment(1.0);
+        OpenStream(transport)
+    }
+
+    /// Counts one line of `bytes` sent.
+    pub(crate) fn sent(&self, bytes: usize) {
+        counter!(LINES, "transport" => self.0).increment(1);
+        counter!(BYTES, "transport" => self.0).increment(bytes as u64);
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        gauge!(STREAMS, "transport" => self.0).decrement(1.0);
+    }
+}
+
+pub(crate) fn auth_failure(reason: &'static str) {
+    counter!(AUTH_FAILURES, "reason" => reason).increment(1);
+}
+
+pub(crate) fn write_checkpoint(outcome: &'static str) {
+    counter!(WRITE_CHECKPOINTS, "outcome" => outcome).increment(1);
+}
+
+pub(crate) fn refused(code: crate::ErrorCode) {
+    counter!(ADMISSION_REFUSED, "reason" => code.as_str()).increment(1);
+}

@@ -1,0 +1,212 @@
+//! Metrics: the process's Prometheus recorder (`metrics-exporter-prometheus`, rendered at the
+//! API's `GET /metrics`), replication progress as counters, and a monitor that reads the slot's
+//! health from PostgreSQL and the store's size every `metrics.poll_seconds`.
+//!
+//! Names are `walsync_<area>_<what>_<unit>`, each described once here or in
+//! `walsync_server::metrics`; labels come from fixed sets only.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::Deserialize;
+use tokio::sync::watch;
+use walsync_replicator::Progress;
+use walsync_source::PgConfig;
+use walsync_storage::{BucketStore, EmbeddedStore};
+use walsync_sync::SyncCore;
+
+pub const ROWS: &str = "walsync_replication_rows_total";
+pub const TRANSACTIONS: &str = "walsync_replication_transactions_total";
+pub const STORAGE_COMMITS: &str = "walsync_replication_storage_commits_total";
+pub const SNAPSHOT_ROWS: &str = "walsync_snapshot_rows_total";
+pub const LAG_SECONDS: &str = "walsync_replication_lag_seconds";
+pub const SLOT_LAG_BYTES: &str = "walsync_slot_lag_bytes";
+pub const SLOT_RETAINED_BYTES: &str = "walsync_slot_retained_wal_bytes";
+pub const SLOT_SAFE_BYTES: &str = "walsync_slot_safe_wal_size_bytes";
+pub const SLOT_WAL_STATUS: &str = "walsync_slot_wal_status";
+pub const SLOT_ACTIVE: &str = "walsync_slot_active";
+pub const SOURCE_REACHABLE: &str = "walsync_source_reachable";
+pub const STORE_SIZE: &str = "walsync_store_size_bytes";
+pub const CONNECTIONS: &str = "walsync_sync_connections";
+pub const CHECKPOINTS: &str = "walsync_sync_checkpoints_total";
+pub const WAKEUPS: &str = "walsync_sync_wakeups_total";
+
+/// `wal_status` values of `pg_replication_slots`: the label set of [`SLOT_WAL_STATUS`].
+const WAL_STATUSES: &[&str] = &["reserved", "extended", "unreserved", "lost"];
+
+/// The `[metrics]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Seconds between reads of the slot's health and the store's size.
+    pub poll_seconds: u64,
+}
+
+impl Default for MetricsSection {
+    fn default() -> MetricsSection {
+        MetricsSection { poll_seconds: 10 }
+    }
+}
+
+/// Installs the process's recorder (once; later calls get the same handle) and describes every
+/// metric.
+pub fn recorder() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = match PrometheusBuilder::new().install_recorder() {
+                Ok(h) => h,
+                Err(e) => {
+                    // Another recorder is installed (an embedding program's): ours still renders
+                    // what it is given, which is nothing.
+                    tracing::warn!(error = %e, "could not install the metrics recorder");
+                    PrometheusBuilder::new().build_recorder().handle()
+                }
+            };
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    walsync_server::metrics::describe();
+    describe_counter!(ROWS, "row changes replicated and durable in the store");
+    describe_counter!(
+        TRANSACTIONS,
+        "source transactions replicated and durable in the store"
+    );
+    describe_counter!(
+        STORAGE_COMMITS,
+        "storage commits (each a group of transactions)"
+    );
+    describe_counter!(
+        SNAPSHOT_ROWS,
+        "rows copied by initial snapshots and rebuilds"
+    );
+    describe_gauge!(
+        LAG_SECONDS,
+        metrics::Unit::Seconds,
+        "source commit to durable in the store, of the newest transaction replicated"
+    );
+    describe_gauge!(
+        SLOT_LAG_BYTES,
+        metrics::Unit::Bytes,
+        "the server's WAL position minus the slot's confirmed flush position"
+    );
+    describe_gauge!(
+        SLOT_RETAINED_BYTES,
+        metrics::Unit::Bytes,
+        "WAL the slot keeps on the server (its position minus restart_lsn)"
+    );
+    describe_gauge!(
+        SLOT_SAFE_BYTES,
+        metrics::Unit::Bytes,
+        "WAL that can still be written before the slot is in danger of being lost (max_slot_wal_keep_size set)"
+    );
+    describe_gauge!(
+        SLOT_WAL_STATUS,
+        "1 for the slot's wal_status (reserved, extended, unreserved, lost), 0 for the others"
+    );
+    describe_gauge!(SLOT_ACTIVE, "1 while a walsender streams the slot");
+    describe_gauge!(
+        SOURCE_REACHABLE,
+        "1 when the last health read reached PostgreSQL"
+    );
+    describe_gauge!(STORE_SIZE, metrics::Unit::Bytes, "the store's size on disk");
+    describe_gauge!(CONNECTIONS, "sync streams registered with the hub");
+    describe_counter!(CHECKPOINTS, "checkpoints the hub published");
+    describe_counter!(WAKEUPS, "stream wake-ups by the hub");
+}
+
+/// Counts replication progress as the replicator reports it.
+pub(crate) fn record_progress(before: &Progress, now: &Progress) {
+    counter!(ROWS).increment(now.rows.saturating_sub(before.rows));
+    counter!(TRANSACTIONS).increment(now.transactions.saturating_sub(before.transactions));
+    counter!(STORAGE_COMMITS).increment(now.storage_commits.saturating_sub(before.storage_commits));
+    counter!(SNAPSHOT_ROWS).absolute(now.snapshot_rows);
+    gauge!(LAG_SECONDS).set(now.lag_micros as f64 / 1e6);
+}
+
+/// Reads the slot's health, the store's size and the hub's counters every `every`, until
+/// `stop`.
+pub(crate) async fn monitor(
+    pg: PgConfig,
+    slot: String,
+    store: Arc<EmbeddedStore>,
+    core: Arc<SyncCore<EmbeddedStore>>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut client: Option<tokio_postgres::Client> = None;
+    loop {
+        if client
+            .as_ref()
+            .is_none_or(tokio_postgres::Client::is_closed)
+        {
+            client = pg.connect().await.ok();
+        }
+        let reached = match &client {
+            Some(c) => match read_slot(c, &slot).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not read the slot's health");
+                    client = None;
+                    false
+                }
+            },
+            None => false,
+        };
+        gauge!(SOURCE_REACHABLE).set(if reached { 1.0 } else { 0.0 });
+        match store.size_on_disk() {
+            Ok(bytes) => gauge!(STORE_SIZE).set(bytes as f64),
+            Err(e) => tracing::debug!(error = %e, "could not read the store's size"),
+        }
+        let stats = core.stats();
+        gauge!(CONNECTIONS).set(stats.connections as f64);
+        counter!(CHECKPOINTS).absolute(stats.checkpoints);
+        counter!(WAKEUPS).absolute(stats.wakeups);
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            r = stop.wait_for(|s| *s) => { let _ = r; break; }
+        }
+    }
+}
+
+async fn read_slot(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::float8, \
+                    (pg_current_wal_lsn() - restart_lsn)::float8, \
+                    wal_status::text, safe_wal_size::float8, active \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    let Some(row) = row else {
+        // No slot (yet, or lost and dropped): nothing is retained for walsync.
+        gauge!(SLOT_ACTIVE).set(0.0);
+        return Ok(());
+    };
+    let lag: Option<f64> = row.get(0);
+    let retained: Option<f64> = row.get(1);
+    let status: Option<String> = row.get(2);
+    let safe: Option<f64> = row.get(3);
+    let active: bool = row.get(4);
+    gauge!(SLOT_LAG_BYTES).set(lag.unwrap_or(0.0).max(0.0));
+    gauge!(SLOT_RETAINED_BYTES).set(retained.unwrap_or(0.0).max(0.0));
+    if let Some(safe) = safe {
+        gauge!(SLOT_SAFE_BYTES).set(safe);
+    }
+    for s in WAL_STATUSES {
+        let on = status.as_deref() == Some(*s);
+        gauge!(SLOT_WAL_STATUS, "status" => *s).set(if on { 1.0 } else { 0.0 });
+    }
+    gauge!(SLOT_ACTIVE).set(if active { 1.0 } else { 0.0 });
+    Ok(())
+}

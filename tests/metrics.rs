@@ -1,0 +1,156 @@
+//! `GET /metrics` during a workload: replication, slot health, streams per transport, lines and
+//! bytes sent, token failures and write checkpoints move as they should, every metric is
+//! described, and no user id appears anywhere. (Its own test binary: the recorder is one per
+//! process, so no other test's counts mix in.)
+
+use support::{seed, service};
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use walsync::Service;
+use walsync_client::{Connector, SyncClient, Transport};
+use walsync_server::ServerConfig;
+
+/// Samples by name with labels (`walsync_sync_streams{transport="http"}`).
+fn parse(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+async fn scrape(url: &str) -> anyhow::Result<(String, BTreeMap<String, f64>)> {
+    let resp = reqwest::get(format!("{url}/metrics")).await?;
+    anyhow::ensure!(
+        resp.status().is_success(),
+        "GET /metrics: {}",
+        resp.status()
+    );
+    let text = resp.text().await?;
+    let samples = parse(&text);
+    Ok((text, samples))
+}
+
+/// Scrapes until `done` holds, for at most 30 s.
+async fn scrape_until(
+    url: &str,
+    what: &str,
+    done: impl Fn(&BTreeMap<String, f64>) -> bool,
+) -> anyhow::Result<(String, BTreeMap<String, f64>)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (text, samples) = scrape(url).await?;
+        if done(&samples) {
+            return Ok((text, samples));
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{what}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn value(samples: &BTreeMap<String, f64>, name: &str) -> f64 {
+    samples.get(name).copied().unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_the_workload() -> anyhow::Result<()> {
+    let s = seed::setup().await?;
+    let mut config = service::config(&s, ServerConfig::default());
+    // A closed HTTP stream is noticed at the next write: keepalives every 2 s.
+    config.sync.keepalive_seconds = 2;
+    let service = Service::start(config).await?;
+    let url = service.url();
+    walsync_client::install_crypto();
+    let (_, before) = scrape(&url).await?;
+
+    let mut http = SyncClient::new(
+        Connector::new(&url, Transport::Http, &service::token("u1"))?,
+        "phone",
+    );
+    let mut grpc = SyncClient::new(
+        Connector::new(&url, Transport::Grpc, &service::token("u2"))?,
+        "laptop",
+    );
+    for (user, c) in [("u1", &mut http), ("u2", &mut grpc)] {
+        let want = service::expected_for(&s, user).await?;
+        c.until(service::WAIT, |st| st.rows() == want).await?;
+    }
+    let refused = reqwest::Client::new()
+        .post(format!("{url}/sync/stream"))
+        .header("authorization", "Bearer not.a.token")
+        .send()
+        .await?;
+    assert_eq!(refused.status().as_u16(), 401);
+    http.write_checkpoint().await?;
+    seed::workload(&s.sql, 5, 100).await?;
+    for (user, c) in [("u1", &mut http), ("u2", &mut grpc)] {
+        let want = service::expected_for(&s, user).await?;
+        c.until(service::WAIT, |st| st.rows() == want).await?;
+    }
+
+    // The monitor reads the slot every second here.
+    let (text, after) = scrape_until(&url, "no slot health in /metrics", |m| {
+        value(m, "walsync_slot_active") == 1.0 && value(m, "walsync_store_size_bytes") > 0.0
+    })
+    .await?;
+    let grew = |name: &str| value(&after, name) > value(&before, name);
+    for name in [
+        "walsync_replication_rows_total",
+        "walsync_replication_transactions_total",
+        "walsync_replication_storage_commits_total",
+        "walsync_sync_lines_sent_total{transport=\"http\"}",
+        "walsync_sync_lines_sent_total{transport=\"grpc\"}",
+        "walsync_sync_bytes_sent_total{transport=\"http\"}",
+        "walsync_sync_bytes_sent_total{transport=\"grpc\"}",
+        "walsync_auth_failures_total{reason=\"invalid\"}",
+        "walsync_write_checkpoints_total{outcome=\"created\"}",
+        "walsync_sync_checkpoints_total",
+    ] {
+        assert!(grew(name), "{name} did not grow:\n{text}");
+    }
+    for (name, want) in [
+        ("walsync_sync_streams{transport=\"http\"}", 1.0),
+        ("walsync_sync_streams{transport=\"grpc\"}", 1.0),
+        ("walsync_sync_connections", 2.0),
+        ("walsync_source_reachable", 1.0),
+        ("walsync_slot_wal_status{status=\"reserved\"}", 1.0),
+        ("walsync_slot_wal_status{status=\"lost\"}", 0.0),
+    ] {
+        assert_eq!(value(&after, name), want, "{name}:\n{text}");
+    }
+    assert!(after.contains_key("walsync_slot_lag_bytes"), "{text}");
+    assert!(
+        after.contains_key("walsync_slot_retained_wal_bytes"),
+        "{text}"
+    );
+    assert!(value(&after, "walsync_replication_lag_seconds") >= 0.0);
+
+    // Every sample is walsync's and described; no user id is a label or a value anywhere.
+    for name in after.keys() {
+        let base = name.split('{').next().unwrap_or(name);
+        assert!(base.starts_with("walsync_"), "{name}");
+        assert!(
+            text.contains(&format!("# HELP {base} ")),
+            "{base} has no help text"
+        );
+    }
+    for user in ["u1", "u2", "phone", "laptop"] {
+        assert!(
+            !text.contains(&format!("\"{user}\"")),
+            "{user} appears in /metrics"
+        );
+    }
+
+    // A stream that ends is no longer counted.
+    drop(http);
+    scrape_until(&url, "the closed stream is still counted", |m| {
+        value(m, "walsync_sync_streams{transport=\"http\"}") == 0.0
+    })
+    .await?;
+    service.stop().await;
+    Ok(())
+}
