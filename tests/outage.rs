@@ -54,8 +54,25 @@ async fn streams_survive_a_postgres_outage() -> anyhow::Result<()> {
     }
     let live = reqwest::get(format!("{}/health/live", service.url())).await?;
     assert!(live.status().is_success());
+    // It says it is not ready while PostgreSQL is down (the monitor looks every second here),
+    // and ready again once it is back.
+    let ready_is = |want: u16| {
+        let url = format!("{}/health/ready", service.url());
+        async move {
+            for _ in 0..300 {
+                let status = reqwest::get(&url).await?.status().as_u16();
+                if status == want {
+                    return anyhow::Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            anyhow::bail!("/health/ready never answered {want}")
+        }
+    };
+    ready_is(503).await?;
 
     cluster.start_again()?;
+    ready_is(200).await?;
     let sql = db.connect().await?;
     sql.batch_execute("UPDATE projects SET description = 'after' WHERE id = 1")
         .await?;
@@ -93,7 +110,7 @@ fn config(url: &str, dir: &std::path::Path) -> anyhow::Result<Config> {
             ..AuthConfig::default()
         },
         sync: SyncSection::default(),
-        metrics: Default::default(),
+        metrics: walsync::telemetry::MetricsSection { poll_seconds: 1 },
     })
 }
 

@@ -270,6 +270,9 @@ async fn metrics_text<S: BucketStore + 'static>(State(server): State<Arc<Server<
 }
 
 async fn ready<S: BucketStore + 'static>(State(server): State<Arc<Server<S>>>) -> Response {
+    if let Some(Err(why)) = server.readiness.get().map(|check| check()) {
+        return ApiError::new(ErrorCode::NotReady, why).into_response();
+    }
     match server.core.store().checkpoint() {
         Ok(cp) if cp.snapshot_complete => (StatusCode::OK, "ready").into_response(),
         Ok(_) => ApiError::new(ErrorCode::NotReady, "the initial snapshot is still running")

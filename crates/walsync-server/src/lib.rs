@@ -42,7 +42,12 @@ pub struct Server<S: BucketStore> {
     write_checkpoint_rate: admission::RateLimit,
     /// Renders the process's metrics for `GET /metrics`, once the application gave it.
     metrics_render: OnceLock<MetricsRender>,
+    /// The application's own condition for `/health/ready` (besides a complete snapshot).
+    readiness: OnceLock<Readiness>,
 }
+
+/// `Err(why)` while the application is not ready to serve (PostgreSQL unreachable, say).
+pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// Renders metrics in Prometheus' text format.
 pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
@@ -77,7 +82,14 @@ impl<S: BucketStore + 'static> Server<S> {
             config,
             checkpoints,
             metrics_render: OnceLock::new(),
+            readiness: OnceLock::new(),
         })
+    }
+
+    /// Adds `check` to `/health/ready`: while it fails, the server answers 503 `not_ready` with
+    /// its reason (streams keep serving what the store holds).
+    pub fn set_readiness(&self, check: Readiness) {
+        let _ = self.readiness.set(check);
     }
 
     /// Serves `GET /metrics` with `render` (the application's Prometheus recorder).

@@ -108,8 +108,10 @@ impl Service {
                 .instrument(info_span!("walsync-progress")),
             );
         }
+        let reachable = Arc::new(std::sync::atomic::AtomicBool::new(true));
         tokio::spawn(
             crate::telemetry::monitor(
+                reachable.clone(),
                 pg.clone(),
                 config.postgres.slot.clone(),
                 store.clone(),
@@ -162,6 +164,15 @@ impl Service {
                 .instrument(info_span!("walsync-http")),
         );
         server.set_metrics(Arc::new(move || metrics.render()));
+        // While PostgreSQL does not answer, the replicator waits for it with backoff and the
+        // streams serve what the store holds; the process says it is not ready.
+        server.set_readiness(Arc::new(move || {
+            if reachable.load(std::sync::atomic::Ordering::Relaxed) {
+                Ok(())
+            } else {
+                Err("postgres is not reachable; replication resumes when it is".into())
+            }
+        }));
         tracing::info!(%addr, "walsync is serving http, grpc, grpc-web and /metrics");
         Ok(Service {
             addr,

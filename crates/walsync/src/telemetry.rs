@@ -1,6 +1,7 @@
 //! Metrics: the process's Prometheus recorder (`metrics-exporter-prometheus`, rendered at the
 //! API's `GET /metrics`), replication progress as counters, and a monitor that reads the slot's
-//! health from PostgreSQL and the store's size every `metrics.poll_seconds`.
+//! health from PostgreSQL and the store's size every `metrics.poll_seconds` (and whether
+//! PostgreSQL answers, which `/health/ready` reports).
 //!
 //! Names are `walsync_<area>_<what>_<unit>`, each described once here or in
 //! `walsync_server::metrics`; labels come from fixed sets only.
@@ -133,6 +134,7 @@ pub(crate) fn record_progress(before: &Progress, now: &Progress) {
 /// Reads the slot's health, the store's size and the hub's counters every `every`, until
 /// `stop`.
 pub(crate) async fn monitor(
+    reachable: Arc<std::sync::atomic::AtomicBool>,
     pg: PgConfig,
     slot: String,
     store: Arc<EmbeddedStore>,
@@ -160,6 +162,7 @@ pub(crate) async fn monitor(
             None => false,
         };
         gauge!(SOURCE_REACHABLE).set(if reached { 1.0 } else { 0.0 });
+        reachable.store(reached, std::sync::atomic::Ordering::Relaxed);
         match store.size_on_disk() {
             Ok(bytes) => gauge!(STORE_SIZE).set(bytes as f64),
             Err(e) => tracing::debug!(error = %e, "could not read the store's size"),
