@@ -68,7 +68,7 @@ async fn serve_token_and_tail_work_from_a_config_file() -> anyhow::Result<()> {
     let secret = "from-the-environment";
     let mut serve = Killed(
         Command::new(BIN)
-            .args(["serve", "--config"])
+            .args(["--log-format", "json", "serve", "--config"])
             .arg(&config)
             .env("WALSYNC__AUTH__SECRET", secret)
             .env("RUST_LOG", "info")
@@ -157,6 +157,15 @@ async fn serve_token_and_tail_work_from_a_config_file() -> anyhow::Result<()> {
         "graceful stop on SIGTERM: {status}\n{log}"
     );
     assert!(log.contains("starting"), "{log}");
+    // `--log-format json`: every line is a JSON object with a level and a message.
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("not a json log line ({e}): {line}"))?;
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
     assert!(!log.contains(secret), "the secret was logged:\n{log}");
 
     // With walsync stopped, `walsync compact` compacts the store it served from, which then
@@ -290,7 +299,35 @@ async fn rules_check_names_every_problem_and_serve_refuses_them() -> anyhow::Res
         "{printed}"
     );
 
-    // walsync serve refuses the rules that do not fit.
+    // walsync serve refuses the rules that do not fit: the process exits with them, and its
+    // text log has no colour codes when stderr is not a terminal.
+    let config = s.dir.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "rules = \"{rules}\"\n[postgres]\nurl = \"{url}\"\nslot = \"{slot}\"\n[storage]\ndir = \"refused\"\n[server]\nlisten = \"127.0.0.1:0\"\n[auth]\nsecret = \"x\"\n",
+            rules = bad.display(),
+            url = s.url,
+            slot = s.slot,
+        ),
+    )?;
+    let refused = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .output()?;
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{said}");
+    assert!(
+        said.contains("titel") && said.contains("starting"),
+        "{said}"
+    );
+    assert!(
+        !said.contains('\u{1b}'),
+        "colour codes in a piped log: {said}"
+    );
+
+    // In-process too.
     let mut config = support::service::config(&s, walsync_server::ServerConfig::default());
     config.rules = bad;
     match walsync::Service::start(config).await {

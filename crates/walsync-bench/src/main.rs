@@ -48,7 +48,7 @@ enum Which {
 }
 
 fn main() -> anyhow::Result<()> {
-    walsync::cli::init_logging();
+    walsync::cli::init_logging(walsync::cli::LogFormat::Text);
     let args = BenchArgs::parse();
     match args.which {
         Which::Source(a) => source::run(a),

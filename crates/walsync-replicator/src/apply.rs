@@ -31,6 +31,8 @@ pub struct Applier {
     /// The source commit time of the newest transaction in the pending storage commit.
     pub(crate) pending_commit_time: Option<walsync_types::PgTimestamp>,
     pub(crate) snapshot_rows: u64,
+    /// Rows copied per table by the snapshot running (for its progress lines).
+    snapshot_table_rows: HashMap<String, u64>,
     /// Inside a source transaction: storage may not commit now.
     pub(crate) in_transaction: bool,
 }
@@ -45,6 +47,7 @@ impl Applier {
             pending_ack: None,
             pending_commit_time: None,
             snapshot_rows: 0,
+            snapshot_table_rows: HashMap::new(),
             in_transaction: false,
         }
     }
@@ -94,6 +97,7 @@ impl Applier {
             SourceEvent::SnapshotBegin { .. } => {
                 w.clear_all()?;
                 self.snapshot_rows = 0;
+                self.snapshot_table_rows.clear();
                 Next::Continue
             }
             SourceEvent::SnapshotTable(_) | SourceEvent::Relation(_) => Next::Continue,
@@ -104,7 +108,15 @@ impl Applier {
                 }
                 self.snapshot_rows += n as u64;
                 self.pending_rows += n;
-                tracing::info!(table = %table.qualified_name(), rows = self.snapshot_rows, "snapshot progress");
+                let name = table.qualified_name();
+                let copied = self.snapshot_table_rows.entry(name.clone()).or_default();
+                *copied += n as u64;
+                tracing::info!(
+                    table = %name,
+                    table_rows = *copied,
+                    total_rows = self.snapshot_rows,
+                    "snapshot progress: rows copied of this table, and of all tables"
+                );
                 Next::CommitNow
             }
             SourceEvent::SnapshotEnd { consistent_point } => {

@@ -11,8 +11,19 @@ use crate::{demo, replicate, rules_check, serve};
     about = "Streams PostgreSQL changes into per-user sync buckets"
 )]
 struct Cli {
+    /// How log lines are written to stderr: `text` (colour only on a terminal) or `json` (one
+    /// object a line, for log collectors).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "WALSYNC_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The form of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -35,21 +46,25 @@ enum Command {
     Compact(serve::CompactArgs),
 }
 
-/// Logs go to stderr, filtered by `RUST_LOG` (default: warnings, and walsync's own info lines).
-pub fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,walsync=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+/// Logs go to stderr, filtered by `RUST_LOG` (default: warnings, and walsync's own info lines),
+/// as text (with colour only when stderr is a terminal) or as JSON lines.
+pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "warn,walsync=info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+    }
 }
 
 /// Runs the command line of the `walsync` binary.
 pub fn main() -> anyhow::Result<()> {
-    init_logging();
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Replicate(args) => replicate::run(args),
