@@ -62,6 +62,7 @@ async fn metrics_move_with_the_workload() -> anyhow::Result<()> {
     let mut config = service::config(&s, ServerConfig::default());
     // A closed HTTP stream is noticed at the next write: keepalives every 2 s.
     config.sync.keepalive_seconds = 2;
+    config.server.admin_token = Some(walsync_server::Secret("admin-secret".into()));
     let service = Service::start(config).await?;
     let url = service.url();
     walsync_client::install_crypto();
@@ -144,6 +145,57 @@ async fn metrics_move_with_the_workload() -> anyhow::Result<()> {
             "{user} appears in /metrics"
         );
     }
+
+    // `walsync status` reads the same instance through `/admin/status`, behind its own token.
+    let admin = reqwest::Client::new();
+    for token in [
+        None,
+        Some("admin-secre"),
+        Some(service::token("u1").as_str()),
+    ] {
+        let mut req = admin.get(format!("{url}/admin/status"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        assert_eq!(req.send().await?.status().as_u16(), 401);
+    }
+    let status: serde_json::Value = admin
+        .get(format!("{url}/admin/status"))
+        .bearer_auth("admin-secret")
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(status["source_reachable"], true, "{status}");
+    assert_eq!(status["slot"]["active"], true, "{status}");
+    assert_eq!(status["snapshot"]["complete"], true, "{status}");
+    assert_eq!(status["streams"], 2, "{status}");
+    assert!(status["replication"]["rows"].as_u64() > Some(0), "{status}");
+    let bin = env!("CARGO_BIN_EXE_walsync-cli");
+    let out = std::process::Command::new(bin)
+        .args(["status", "--url", &url, "--token", "admin-secret"])
+        .output()?;
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{printed}");
+    for part in [
+        "postgres     reachable",
+        "slot         ",
+        ": active, wal_status reserved",
+        "snapshot     complete",
+        "streams      2",
+    ] {
+        assert!(printed.contains(part), "{part:?} missing:\n{printed}");
+    }
+    let out = std::process::Command::new(bin)
+        .args(["status", "--json", "--url", &url])
+        .env("WALSYNC_ADMIN_TOKEN", "admin-secret")
+        .output()?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(json["slot"]["name"], status["slot"]["name"]);
+    let out = std::process::Command::new(bin)
+        .args(["status", "--url", &url, "--token", "wrong"])
+        .output()?;
+    assert!(!out.status.success());
 
     // A stream that ends is no longer counted.
     drop(http);

@@ -38,8 +38,29 @@ pub struct ServerConfig {
     /// Seconds a stopping server waits for its streams to end and requests in flight to finish
     /// before it closes what is left.
     pub shutdown_timeout_seconds: u64,
+    /// The bearer token of `GET /admin/status` (`walsync status`); none: the endpoint is off.
+    pub admin_token: Option<Secret>,
     /// Origins allowed for browsers (`*` for any). Empty: no CORS headers.
     pub cors_origins: Vec<String>,
+}
+
+/// A secret from the configuration: never printed by `Debug`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Secret {
+    /// Whether `given` is the secret, in time that does not depend on where they differ.
+    pub fn matches(&self, given: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), given.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
 }
 
 impl ServerConfig {
@@ -69,6 +90,7 @@ impl Default for ServerConfig {
             write_buffer_bytes: 64 << 10,
             shutdown_timeout_seconds: 10,
             cors_origins: Vec::new(),
+            admin_token: None,
         }
     }
 }

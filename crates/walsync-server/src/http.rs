@@ -75,6 +75,7 @@ pub(crate) fn router<S: BucketStore + 'static>(server: Arc<Server<S>>) -> Router
         .route("/health/live", get(|| async { "ok" }))
         .route("/health/ready", get(ready::<S>))
         .route("/metrics", get(metrics_text::<S>))
+        .route("/admin/status", get(admin_status::<S>))
         .with_state(server)
 }
 
@@ -252,6 +253,35 @@ async fn write_checkpoint<S: BucketStore + 'static>(
         Err(e) => {
             crate::metrics::write_checkpoint("unavailable");
             e.into_response()
+        }
+    }
+}
+
+async fn admin_status<S: BucketStore + 'static>(
+    State(server): State<Arc<Server<S>>>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(token) = &server.config.admin_token else {
+        return ApiError::new(
+            ErrorCode::NotFound,
+            "the admin endpoint is off: set server.admin_token",
+        )
+        .into_response();
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if !token.matches(given.trim()) {
+        crate::metrics::auth_failure("admin");
+        return ApiError::new(ErrorCode::Unauthenticated, "the admin token does not match")
+            .into_response();
+    }
+    match server.status.get() {
+        Some(render) => axum::Json(render()).into_response(),
+        None => {
+            ApiError::new(ErrorCode::NotFound, "no status is kept by this server").into_response()
         }
     }
 }

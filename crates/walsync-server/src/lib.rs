@@ -5,7 +5,7 @@
 //! - `GET /write-checkpoint2.json?client_id=`: `{"data":{"write_checkpoint":"N"}}`;
 //! - `walsync.v1.Sync/Sync` and `/WriteCheckpoint` over gRPC (HTTP/2) and grpc-web (HTTP/1.1);
 //! - `GET /health/live`, `GET /health/ready`, `GET /metrics` (Prometheus text, when the
-//!   application installed a recorder).
+//!   application installed a recorder), `GET /admin/status` (JSON, to `server.admin_token`).
 //!
 //! Every request is authenticated first (401 / `UNAUTHENTICATED` and nothing else otherwise),
 //! then admitted: streams against the connection limits, write checkpoints against a rate per
@@ -28,7 +28,7 @@ use walsync_storage::BucketStore;
 use walsync_sync::SyncCore;
 
 pub use auth::{AuthConfig, AuthError, Authenticator, mint_hs256};
-pub use config::ServerConfig;
+pub use config::{Secret, ServerConfig};
 pub use error::{ApiError, ErrorCode};
 pub use write_checkpoint::{Connect, PoolConnectError, WriteCheckpointPool, WriteCheckpoints};
 
@@ -44,7 +44,12 @@ pub struct Server<S: BucketStore> {
     metrics_render: OnceLock<MetricsRender>,
     /// The application's own condition for `/health/ready` (besides a complete snapshot).
     readiness: OnceLock<Readiness>,
+    /// The application's status for `GET /admin/status`.
+    status: OnceLock<StatusRender>,
 }
+
+/// The application's status as JSON.
+pub type StatusRender = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// `Err(why)` while the application is not ready to serve (PostgreSQL unreachable, say).
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -83,6 +88,7 @@ impl<S: BucketStore + 'static> Server<S> {
             checkpoints,
             metrics_render: OnceLock::new(),
             readiness: OnceLock::new(),
+            status: OnceLock::new(),
         })
     }
 
@@ -90,6 +96,11 @@ impl<S: BucketStore + 'static> Server<S> {
     /// its reason (streams keep serving what the store holds).
     pub fn set_readiness(&self, check: Readiness) {
         let _ = self.readiness.set(check);
+    }
+
+    /// Serves `GET /admin/status` (to `server.admin_token`) with `render`.
+    pub fn set_status(&self, render: StatusRender) {
+        let _ = self.status.set(render);
     }
 
     /// Serves `GET /metrics` with `render` (the application's Prometheus recorder).

@@ -22,7 +22,7 @@ pub fn describe() {
     );
     describe_counter!(
         AUTH_FAILURES,
-        "requests refused for their token, by reason (missing, scheme, invalid, algorithm, no_key, lifetime, subject)"
+        "requests refused for their token, by reason (missing, scheme, invalid, algorithm, no_key, lifetime, subject; admin for the admin token)"
     );
     describe_counter!(
         WRITE_CHECKPOINTS,

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
-use crate::{demo, replicate, rules_check, serve};
+use crate::{demo, replicate, rules_check, serve, status};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -39,6 +39,9 @@ enum Command {
     Token(serve::TokenArgs),
     /// Watch a user's sync stream in the terminal.
     Tail(serve::TailArgs),
+    /// A running instance at a glance: PostgreSQL, the slot and its WAL, replication lag, the
+    /// snapshot's progress, the store, the streams (from its `/admin/status`).
+    Status(status::StatusArgs),
     /// Sync rules: `walsync rules check FILE [--postgres URL]`.
     Rules(rules_check::RulesArgs),
     /// Compact the store and prune its history, while walsync is stopped (a running `walsync
@@ -73,5 +76,6 @@ pub fn main() -> anyhow::Result<()> {
         Command::Tail(args) => serve::tail(args),
         Command::Compact(args) => serve::compact(args),
         Command::Rules(args) => rules_check::run(args),
+        Command::Status(args) => status::run(args),
     }
 }

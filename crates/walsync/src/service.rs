@@ -92,8 +92,10 @@ impl Service {
                 .instrument(info_span!("walsync-hub")),
         );
         let metrics = crate::telemetry::recorder();
+        let status = crate::telemetry::SharedStatus::default();
         {
             let core = core.clone();
+            let status = status.clone();
             let mut progress = progress.clone();
             tokio::spawn(
                 async move {
@@ -101,7 +103,7 @@ impl Service {
                     while progress.changed().await.is_ok() {
                         core.notify_checkpoint();
                         let now = progress.borrow_and_update().clone();
-                        crate::telemetry::record_progress(&before, &now);
+                        crate::telemetry::record_progress(&status, &before, &now);
                         before = now;
                     }
                 }
@@ -111,6 +113,8 @@ impl Service {
         let reachable = Arc::new(std::sync::atomic::AtomicBool::new(true));
         tokio::spawn(
             crate::telemetry::monitor(
+                status.clone(),
+                rules.tables().iter().cloned().collect(),
                 reachable.clone(),
                 pg.clone(),
                 config.postgres.slot.clone(),
@@ -164,6 +168,10 @@ impl Service {
                 .instrument(info_span!("walsync-http")),
         );
         server.set_metrics(Arc::new(move || metrics.render()));
+        server.set_status(Arc::new(move || {
+            let s = status.read().unwrap_or_else(|p| p.into_inner()).clone();
+            serde_json::to_value(s).unwrap_or_default()
+        }));
         // While PostgreSQL does not answer, the replicator waits for it with backoff and the
         // streams serve what the store holds; the process says it is not ready.
         server.set_readiness(Arc::new(move || {

@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use metrics::{counter, describe_counter, describe_gauge, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use walsync_replicator::Progress;
 use walsync_source::PgConfig;
-use walsync_storage::{BucketStore, EmbeddedStore};
+use walsync_storage::{BucketStore, EmbeddedStore, StoreRead};
 use walsync_sync::SyncCore;
 
 pub const ROWS: &str = "walsync_replication_rows_total";
@@ -36,6 +36,56 @@ pub const WAKEUPS: &str = "walsync_sync_wakeups_total";
 
 /// `wal_status` values of `pg_replication_slots`: the label set of [`SLOT_WAL_STATUS`].
 const WAL_STATUSES: &[&str] = &["reserved", "extended", "unreserved", "lost"];
+
+/// What `walsync status` shows: the monitor's and the replicator's last readings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub version: String,
+    /// Unix seconds of the monitor's last reading (0: none yet).
+    pub checked_at: u64,
+    pub source_reachable: bool,
+    pub slot: Option<SlotStatus>,
+    pub replication: ReplicationStatus,
+    pub snapshot: SnapshotStatus,
+    pub store_size_bytes: u64,
+    /// Streams the sync core follows.
+    pub streams: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SlotStatus {
+    pub name: String,
+    pub active: bool,
+    pub wal_status: Option<String>,
+    pub lag_bytes: u64,
+    pub retained_wal_bytes: u64,
+    /// `None`: the server sets no `max_slot_wal_keep_size` (the slot may retain any amount).
+    pub safe_wal_size_bytes: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ReplicationStatus {
+    pub rows: u64,
+    pub transactions: u64,
+    pub lag_seconds: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SnapshotStatus {
+    pub complete: bool,
+    pub rows_copied: u64,
+    /// PostgreSQL's estimate of the rows to copy (`pg_class.reltuples` of the rules' tables),
+    /// while a snapshot runs.
+    pub rows_estimated: Option<u64>,
+}
+
+/// The status the monitor and the replicator's progress keep up to date.
+pub type SharedStatus = Arc<std::sync::RwLock<Status>>;
+
+fn update(status: &SharedStatus, f: impl FnOnce(&mut Status)) {
+    let mut s = status.write().unwrap_or_else(|p| p.into_inner());
+    f(&mut s);
+}
 
 /// The `[metrics]` section.
 #[derive(Debug, Clone, Deserialize)]
@@ -123,7 +173,15 @@ fn describe() {
 }
 
 /// Counts replication progress as the replicator reports it.
-pub(crate) fn record_progress(before: &Progress, now: &Progress) {
+pub(crate) fn record_progress(status: &SharedStatus, before: &Progress, now: &Progress) {
+    update(status, |s| {
+        s.replication = ReplicationStatus {
+            rows: now.rows,
+            transactions: now.transactions,
+            lag_seconds: now.lag_micros as f64 / 1e6,
+        };
+        s.snapshot.rows_copied = now.snapshot_rows;
+    });
     counter!(ROWS).increment(now.rows.saturating_sub(before.rows));
     counter!(TRANSACTIONS).increment(now.transactions.saturating_sub(before.transactions));
     counter!(STORAGE_COMMITS).increment(now.storage_commits.saturating_sub(before.storage_commits));
@@ -133,7 +191,10 @@ pub(crate) fn record_progress(before: &Progress, now: &Progress) {
 
 /// Reads the slot's health, the store's size and the hub's counters every `every`, until
 /// `stop`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn monitor(
+    status: SharedStatus,
+    tables: Vec<(String, String)>,
     reachable: Arc<std::sync::atomic::AtomicBool>,
     pg: PgConfig,
     slot: String,
@@ -150,9 +211,21 @@ pub(crate) async fn monitor(
         {
             client = pg.connect().await.ok();
         }
+        let complete = store.checkpoint().is_ok_and(|cp| cp.snapshot_complete);
         let reached = match &client {
             Some(c) => match read_slot(c, &slot).await {
-                Ok(()) => true,
+                Ok(slot_status) => {
+                    let estimate = if complete {
+                        None
+                    } else {
+                        estimate_rows(c, &tables).await.ok()
+                    };
+                    update(&status, |s| {
+                        s.slot = slot_status;
+                        s.snapshot.rows_estimated = estimate;
+                    });
+                    true
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "could not read the slot's health");
                     client = None;
@@ -168,6 +241,16 @@ pub(crate) async fn monitor(
             Err(e) => tracing::debug!(error = %e, "could not read the store's size"),
         }
         let stats = core.stats();
+        update(&status, |s| {
+            s.version = env!("CARGO_PKG_VERSION").to_owned();
+            s.checked_at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            s.source_reachable = reached;
+            s.snapshot.complete = complete;
+            s.store_size_bytes = store.size_on_disk().unwrap_or(s.store_size_bytes);
+            s.streams = stats.connections;
+        });
         gauge!(CONNECTIONS).set(stats.connections as f64);
         counter!(CHECKPOINTS).absolute(stats.checkpoints);
         counter!(WAKEUPS).absolute(stats.wakeups);
@@ -178,10 +261,29 @@ pub(crate) async fn monitor(
     }
 }
 
+/// PostgreSQL's estimate of the rows in `tables` (for a snapshot's progress).
+async fn estimate_rows(
+    client: &tokio_postgres::Client,
+    tables: &[(String, String)],
+) -> Result<u64, tokio_postgres::Error> {
+    let (schemas, names): (Vec<&str>, Vec<&str>) =
+        tables.iter().map(|(s, t)| (s.as_str(), t.as_str())).unzip();
+    let row = client
+        .query_one(
+            "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::float8 \
+             FROM unnest($1::text[], $2::text[]) AS t(s, n) \
+             JOIN pg_namespace ns ON ns.nspname = t.s \
+             JOIN pg_class c ON c.relnamespace = ns.oid AND c.relname = t.n",
+            &[&schemas, &names],
+        )
+        .await?;
+    Ok(row.get::<_, f64>(0) as u64)
+}
+
 async fn read_slot(
     client: &tokio_postgres::Client,
     slot: &str,
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<Option<SlotStatus>, tokio_postgres::Error> {
     let row = client
         .query_opt(
             "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::float8, \
@@ -194,7 +296,7 @@ async fn read_slot(
     let Some(row) = row else {
         // No slot (yet, or lost and dropped): nothing is retained for walsync.
         gauge!(SLOT_ACTIVE).set(0.0);
-        return Ok(());
+        return Ok(None);
     };
     let lag: Option<f64> = row.get(0);
     let retained: Option<f64> = row.get(1);
@@ -211,5 +313,12 @@ async fn read_slot(
         gauge!(SLOT_WAL_STATUS, "status" => *s).set(if on { 1.0 } else { 0.0 });
     }
     gauge!(SLOT_ACTIVE).set(if active { 1.0 } else { 0.0 });
-    Ok(())
+    Ok(Some(SlotStatus {
+        name: slot.to_owned(),
+        active,
+        wal_status: status,
+        lag_bytes: lag.unwrap_or(0.0).max(0.0) as u64,
+        retained_wal_bytes: retained.unwrap_or(0.0).max(0.0) as u64,
+        safe_wal_size_bytes: safe.map(|s| s as i64),
+    }))
 }

@@ -1,0 +1,241 @@
+//! `walsync status`: a running instance's state at a glance, read from its `GET /admin/status`
+//! (protected by `server.admin_token`): PostgreSQL, the slot and the WAL it holds, replication
+//! and its lag, the snapshot's progress, the store, the streams. `--json` prints the endpoint's
+//! JSON for scripts; `--watch N` reprints every N seconds.
+
+// A command: printing to stdout is its job.
+#![allow(clippy::print_stdout)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::Config;
+use crate::telemetry::Status;
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The instance (default: the configured listen address).
+    #[arg(long)]
+    url: Option<String>,
+    /// The admin token (default: the configured `server.admin_token`).
+    #[arg(long, env = "WALSYNC_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[arg(long, default_value = "walsync.toml")]
+    config: PathBuf,
+    /// Print the status as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Reprint every this many seconds until interrupted.
+    #[arg(long)]
+    watch: Option<u64>,
+}
+
+/// Bytes in binary units, for people.
+fn bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < units.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
+}
+
+/// A bar of `width` cells, `done` of `total` filled.
+fn bar(done: u64, total: u64, width: usize) -> String {
+    let filled = if total == 0 {
+        width
+    } else {
+        ((done.min(total) as f64 / total as f64) * width as f64).round() as usize
+    };
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(width - filled))
+}
+
+/// The status as lines for a person.
+pub fn render(url: &str, s: &Status, now: u64) -> String {
+    let mut out = vec![format!(
+        "walsync {} at {url} (read {} s ago)",
+        s.version,
+        now.saturating_sub(s.checked_at)
+    )];
+    out.push(format!(
+        "  postgres     {}",
+        if s.source_reachable {
+            "reachable"
+        } else {
+            "NOT REACHABLE: replication waits for it; streams serve what the store holds"
+        }
+    ));
+    out.push(match &s.slot {
+        Some(slot) => format!(
+            "  slot         {}: {}, wal_status {}; lag {}; retains {} of WAL{}",
+            slot.name,
+            if slot.active { "active" } else { "inactive" },
+            slot.wal_status.as_deref().unwrap_or("unknown"),
+            bytes(slot.lag_bytes),
+            bytes(slot.retained_wal_bytes),
+            match slot.safe_wal_size_bytes {
+                Some(safe) if safe <= 0 =>
+                    " — AT ITS LIMIT: the slot is about to be lost".to_owned(),
+                Some(safe) => format!(
+                    " ({} more before max_slot_wal_keep_size)",
+                    bytes(safe as u64)
+                ),
+                None => " (no max_slot_wal_keep_size: the server keeps all of it)".to_owned(),
+            }
+        ),
+        None => "  slot         none (not created yet, or lost)".to_owned(),
+    });
+    out.push(format!(
+        "  replication  {} rows in {} transactions; lag {:.3} s",
+        s.replication.rows, s.replication.transactions, s.replication.lag_seconds
+    ));
+    out.push(if s.snapshot.complete {
+        format!(
+            "  snapshot     complete ({} rows copied)",
+            s.snapshot.rows_copied
+        )
+    } else {
+        match s.snapshot.rows_estimated {
+            Some(total) => format!(
+                "  snapshot     {} {} of ~{total} rows",
+                bar(s.snapshot.rows_copied, total, 30),
+                s.snapshot.rows_copied
+            ),
+            None => format!(
+                "  snapshot     running: {} rows copied",
+                s.snapshot.rows_copied
+            ),
+        }
+    });
+    out.push(format!(
+        "  store        {} on disk",
+        bytes(s.store_size_bytes)
+    ));
+    out.push(format!("  streams      {}", s.streams));
+    out.join("\n")
+}
+
+async fn fetch(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let resp = http
+        .get(format!("{url}/admin/status"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .with_context(|| format!("reaching {url}"))?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.context("reading the status")?;
+    if !status.is_success() {
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        anyhow::bail!("{url} answered {status}: {message}");
+    }
+    Ok(body)
+}
+
+pub fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args.config).ok();
+    let url = match (&args.url, &config) {
+        (Some(u), _) => u.trim_end_matches('/').to_owned(),
+        (None, Some(c)) => format!("http://{}", c.server.listen),
+        (None, None) => anyhow::bail!("give --url or a readable config file"),
+    };
+    let token = match (
+        &args.token,
+        config.as_ref().and_then(|c| c.server.admin_token.clone()),
+    ) {
+        (Some(t), _) => t.clone(),
+        (None, Some(t)) => t.0,
+        (None, None) => {
+            anyhow::bail!("give --token (or WALSYNC_ADMIN_TOKEN), or set server.admin_token")
+        }
+    };
+    walsync_client::install_crypto();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        loop {
+            let body = fetch(&http, &url, &token).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&body)?);
+            } else {
+                let status: Status =
+                    serde_json::from_value(body).context("an unknown status form")?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                if args.watch.is_some() {
+                    // Clear the screen and go home, so the summary stays in place.
+                    print!("\x1b[2J\x1b[H");
+                }
+                println!("{}", render(&url, &status, now));
+            }
+            let Some(every) = args.watch else {
+                return anyhow::Ok(());
+            };
+            tokio::time::sleep(Duration::from_secs(every.max(1))).await;
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::{ReplicationStatus, SlotStatus, SnapshotStatus};
+
+    #[test]
+    fn a_status_reads_at_a_glance() {
+        let s = Status {
+            version: "0.1.0".into(),
+            checked_at: 100,
+            source_reachable: true,
+            slot: Some(SlotStatus {
+                name: "walsync".into(),
+                active: true,
+                wal_status: Some("reserved".into()),
+                lag_bytes: 0,
+                retained_wal_bytes: 3 << 20,
+                safe_wal_size_bytes: None,
+            }),
+            replication: ReplicationStatus {
+                rows: 1200,
+                transactions: 40,
+                lag_seconds: 0.004,
+            },
+            snapshot: SnapshotStatus {
+                complete: false,
+                rows_copied: 250,
+                rows_estimated: Some(1000),
+            },
+            store_size_bytes: 1536,
+            streams: 3,
+        };
+        let text = render("http://x", &s, 102);
+        assert!(text.contains("(read 2 s ago)"), "{text}");
+        assert!(
+            text.contains("walsync: active, wal_status reserved; lag 0 B; retains 3.0 MiB"),
+            "{text}"
+        );
+        assert!(
+            text.contains("[########----------------------] 250 of ~1000 rows"),
+            "{text}"
+        );
+        assert!(text.contains("store        1.5 KiB on disk"), "{text}");
+        assert!(text.contains("streams      3"), "{text}");
+    }
+}
