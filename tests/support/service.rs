@@ -45,6 +45,7 @@ pub fn config(s: &seed::Setup, server: ServerConfig) -> Config {
             ..SyncSection::default()
         },
         metrics: walsync::telemetry::MetricsSection { poll_seconds: 1 },
+        wal_guard: Default::default(),
     }
 }
 

@@ -26,6 +26,8 @@ pub struct Config {
     pub sync: SyncSection,
     #[serde(default)]
     pub metrics: crate::telemetry::MetricsSection,
+    #[serde(default)]
+    pub wal_guard: crate::wal_guard::WalGuardSection,
 }
 
 #[derive(Clone, Deserialize)]

@@ -102,6 +102,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         },
         sync: SyncSection::default(),
         metrics: Default::default(),
+        wal_guard: Default::default(),
     };
     let mut service = Service::start(config).await?;
     let url = service.url();

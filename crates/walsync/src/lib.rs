@@ -12,6 +12,7 @@ pub mod serve;
 mod service;
 pub mod status;
 pub mod telemetry;
+pub mod wal_guard;
 
 pub use config::Config;
 pub use service::{Service, StartError};

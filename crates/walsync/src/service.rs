@@ -113,6 +113,7 @@ impl Service {
         let reachable = Arc::new(std::sync::atomic::AtomicBool::new(true));
         tokio::spawn(
             crate::telemetry::monitor(
+                config.wal_guard.clone(),
                 status.clone(),
                 rules.tables().iter().cloned().collect(),
                 reachable.clone(),

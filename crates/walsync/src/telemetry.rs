@@ -124,6 +124,7 @@ pub fn recorder() -> PrometheusHandle {
 
 fn describe() {
     walsync_server::metrics::describe();
+    crate::wal_guard::describe();
     describe_counter!(ROWS, "row changes replicated and durable in the store");
     describe_counter!(
         TRANSACTIONS,
@@ -193,6 +194,7 @@ pub(crate) fn record_progress(status: &SharedStatus, before: &Progress, now: &Pr
 /// `stop`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn monitor(
+    guard: crate::wal_guard::WalGuardSection,
     status: SharedStatus,
     tables: Vec<(String, String)>,
     reachable: Arc<std::sync::atomic::AtomicBool>,
@@ -204,6 +206,7 @@ pub(crate) async fn monitor(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut client: Option<tokio_postgres::Client> = None;
+    let mut warned = false;
     loop {
         if client
             .as_ref()
@@ -215,6 +218,20 @@ pub(crate) async fn monitor(
         let reached = match &client {
             Some(c) => match read_slot(c, &slot).await {
                 Ok(slot_status) => {
+                    if let Some(s) = &slot_status {
+                        let owned = store
+                            .checkpoint()
+                            .is_ok_and(|cp| cp.slot_owned.as_deref() == Some(slot.as_str()));
+                        crate::wal_guard::check(
+                            &guard,
+                            c,
+                            &slot,
+                            s.retained_wal_bytes,
+                            owned,
+                            &mut warned,
+                        )
+                        .await;
+                    }
                     let estimate = if complete {
                         None
                     } else {
