@@ -432,3 +432,29 @@ async fn write_checkpoints_share_a_bounded_pool_and_a_rate_per_user() -> anyhow:
     service.stop().await;
     Ok(())
 }
+
+/// A replicator that stops for good (here: its publication does not exist) makes the process
+/// not ready, saying so, and `Service::wait` returns why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_replicator_makes_the_service_not_ready() -> anyhow::Result<()> {
+    let s = seed::setup().await?;
+    let mut config = config(&s, ServerConfig::default());
+    config.postgres.publication = "absent".into();
+    let mut service = Service::start(config).await?;
+    let err = tokio::time::timeout(WAIT, service.wait())
+        .await?
+        .expect_err("the replicator stops");
+    assert!(err.to_string().contains("absent"), "{err}");
+    walsync_client::install_crypto();
+    let resp = reqwest::get(format!("{}/health/ready", service.url())).await?;
+    assert_eq!(resp.status().as_u16(), 503);
+    let body: serde_json::Value = resp.json().await?;
+    assert_eq!(body["error"]["code"], "not_ready");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("replication has stopped")),
+        "{body}"
+    );
+    Ok(())
+}

@@ -130,16 +130,27 @@ impl Service {
             crate::maintenance::run(store.clone(), config.storage.maintenance(), stop_rx.clone())
                 .instrument(info_span!("walsync-maintenance")),
         );
-        let replicator = tokio::spawn(
-            walsync_replicator::run(
+        // Set when the replicator ends (a definite error, or a stop): the process is no longer
+        // ready, since nothing new reaches the store.
+        let replication_ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let replicator = {
+            let ended = replication_ended.clone();
+            let run = walsync_replicator::run(
                 ReplicatorConfig::new(source),
                 rules,
                 store,
                 stop_rx.clone(),
                 progress_tx,
+            );
+            tokio::spawn(
+                async move {
+                    let result = run.await;
+                    ended.store(true, std::sync::atomic::Ordering::Relaxed);
+                    result
+                }
+                .instrument(info_span!("walsync-replicator")),
             )
-            .instrument(info_span!("walsync-replicator")),
-        );
+        };
         let server = Server::new(
             core,
             auth,
@@ -176,10 +187,13 @@ impl Service {
         // While PostgreSQL does not answer, the replicator waits for it with backoff and the
         // streams serve what the store holds; the process says it is not ready.
         server.set_readiness(Arc::new(move || {
-            if reachable.load(std::sync::atomic::Ordering::Relaxed) {
-                Ok(())
-            } else {
+            use std::sync::atomic::Ordering::Relaxed;
+            if replication_ended.load(Relaxed) {
+                Err("replication has stopped; the log says why".into())
+            } else if !reachable.load(Relaxed) {
                 Err("postgres is not reachable; replication resumes when it is".into())
+            } else {
+                Ok(())
             }
         }));
         tracing::info!(%addr, "walsync is serving http, grpc, grpc-web and /metrics");
