@@ -95,7 +95,10 @@ async fn metrics_move_with_the_workload() -> anyhow::Result<()> {
 
     // The monitor reads the slot every second here.
     let (text, after) = scrape_until(&url, "no slot health in /metrics", |m| {
-        value(m, "walsync_slot_active") == 1.0 && value(m, "walsync_store_size_bytes") > 0.0
+        // Compaction runs every second here too.
+        value(m, "walsync_slot_active") == 1.0
+            && value(m, "walsync_store_size_bytes") > 0.0
+            && value(m, "walsync_compaction_runs_total") > 0.0
     })
     .await?;
     let grew = |name: &str| value(&after, name) > value(&before, name);
@@ -110,6 +113,7 @@ async fn metrics_move_with_the_workload() -> anyhow::Result<()> {
         "walsync_auth_failures_total{reason=\"invalid\"}",
         "walsync_write_checkpoints_total{outcome=\"created\"}",
         "walsync_sync_checkpoints_total",
+        "walsync_compaction_runs_total",
     ] {
         assert!(grew(name), "{name} did not grow:\n{text}");
     }
@@ -134,6 +138,14 @@ async fn metrics_move_with_the_workload() -> anyhow::Result<()> {
     for name in after.keys() {
         let base = name.split('{').next().unwrap_or(name);
         assert!(base.starts_with("walsync_"), "{name}");
+        // A summary's `_sum` and `_count` are described under the summary's own name.
+        let base = ["_sum", "_count"]
+            .iter()
+            .find_map(|suffix| {
+                let stem = base.strip_suffix(suffix)?;
+                text.contains(&format!("# HELP {stem} ")).then_some(stem)
+            })
+            .unwrap_or(base);
         assert!(
             text.contains(&format!("# HELP {base} ")),
             "{base} has no help text"

@@ -104,6 +104,7 @@ pub async fn run<S: BucketStore + 'static>(
         match result {
             Ok(Ok((p, next))) => {
                 mark = next;
+                crate::telemetry::record_compaction(&p, started.elapsed());
                 tracing::info!(
                     moved = p.compacted.moved,
                     cleared = p.compacted.cleared,
@@ -115,6 +116,7 @@ pub async fn run<S: BucketStore + 'static>(
                 );
             }
             Ok(Err(e)) => {
+                metrics::counter!(crate::telemetry::COMPACTION_FAILURES).increment(1);
                 tracing::error!(error = %e, "store compaction failed; trying again next interval")
             }
             Err(e) => tracing::error!(error = %e, "store compaction task failed"),

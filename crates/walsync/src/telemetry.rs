@@ -33,6 +33,11 @@ pub const STORE_SIZE: &str = "walsync_store_size_bytes";
 pub const CONNECTIONS: &str = "walsync_sync_connections";
 pub const CHECKPOINTS: &str = "walsync_sync_checkpoints_total";
 pub const WAKEUPS: &str = "walsync_sync_wakeups_total";
+pub const COMPACTION_RUNS: &str = "walsync_compaction_runs_total";
+pub const COMPACTION_FAILURES: &str = "walsync_compaction_failures_total";
+pub const COMPACTION_OPS: &str = "walsync_compaction_ops_total";
+pub const COMPACTION_PRUNED: &str = "walsync_compaction_pruned_total";
+pub const COMPACTION_SECONDS: &str = "walsync_compaction_seconds";
 
 /// `wal_status` values of `pg_replication_slots`: the label set of [`SLOT_WAL_STATUS`].
 const WAL_STATUSES: &[&str] = &["reserved", "extended", "unreserved", "lost"];
@@ -171,6 +176,21 @@ fn describe() {
     describe_gauge!(CONNECTIONS, "sync streams registered with the hub");
     describe_counter!(CHECKPOINTS, "checkpoints the hub published");
     describe_counter!(WAKEUPS, "stream wake-ups by the hub");
+    describe_counter!(COMPACTION_RUNS, "compaction passes completed");
+    describe_counter!(COMPACTION_FAILURES, "compaction passes that failed");
+    describe_counter!(
+        COMPACTION_OPS,
+        "ops compaction rewrote, by kind (moved: superseded PUTs become MOVE; cleared: leading runs become one CLEAR)"
+    );
+    describe_counter!(
+        COMPACTION_PRUNED,
+        "history entries pruned, by what (changes: the change log; lookups: superseded parameter lookups)"
+    );
+    metrics::describe_histogram!(
+        COMPACTION_SECONDS,
+        metrics::Unit::Seconds,
+        "the duration of a compaction pass, pauses included"
+    );
 }
 
 /// Counts replication progress as the replicator reports it.
@@ -188,6 +208,16 @@ pub(crate) fn record_progress(status: &SharedStatus, before: &Progress, now: &Pr
     counter!(STORAGE_COMMITS).increment(now.storage_commits.saturating_sub(before.storage_commits));
     counter!(SNAPSHOT_ROWS).absolute(now.snapshot_rows);
     gauge!(LAG_SECONDS).set(now.lag_micros as f64 / 1e6);
+}
+
+/// Counts one compaction pass.
+pub(crate) fn record_compaction(pass: &crate::maintenance::Pass, took: Duration) {
+    counter!(COMPACTION_RUNS).increment(1);
+    counter!(COMPACTION_OPS, "kind" => "moved").increment(pass.compacted.moved);
+    counter!(COMPACTION_OPS, "kind" => "cleared").increment(pass.compacted.cleared);
+    counter!(COMPACTION_PRUNED, "what" => "changes").increment(pass.pruned_changes);
+    counter!(COMPACTION_PRUNED, "what" => "lookups").increment(pass.pruned_lookups);
+    metrics::histogram!(COMPACTION_SECONDS).record(took.as_secs_f64());
 }
 
 /// Reads the slot's health, the store's size and the hub's counters every `every`, until
