@@ -6,9 +6,8 @@
 //! below it); `partial_checkpoint_complete` after each priority level when levels differ;
 //! `checkpoint_complete`. Then wait for a checkpoint that concerns the connection and send
 //! `checkpoint_diff` with only its changed, added and removed buckets, their data, and
-//! `checkpoint_complete` again. `token_expires_in` goes out when the stream opens, as keepalive
-//! every [`SyncConfig::keepalive`], once [`SyncConfig::token_refresh_lead`] before the token
-//! expires (so that the client has new credentials before the stream ends), and at the
+//! `checkpoint_complete` again. `token_expires_in` goes out as keepalive every
+//! [`SyncConfig::keepalive`], once [`SyncConfig::token_refresh_lead`] before the token expires (so that the client has new credentials before the stream ends), and at the
 //! token's expiry, which ends the stream.
 //!
 //! **Write checkpoints only where asked.** A checkpoint line carries `write_checkpoint` only

@@ -182,9 +182,6 @@ impl<S: BucketStore + 'static> Connection<S> {
     }
 
     async fn serve(&mut self) -> Flow {
-        // The client learns at once how long its token lasts (a short one: that it should
-        // fetch new credentials now).
-        self.token_expires_in().await?;
         // Wait for a complete checkpoint (the initial snapshot may still be running).
         loop {
             let snap = self.core.store.snapshot()?;
