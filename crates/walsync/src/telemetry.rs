@@ -244,14 +244,16 @@ pub(crate) async fn monitor(
         {
             client = pg.connect().await.ok();
         }
-        let complete = store.checkpoint().is_ok_and(|cp| cp.snapshot_complete);
+        // One read of the store's checkpoint per pass serves the snapshot state and the guard.
+        let cp = store.checkpoint().ok();
+        let complete = cp.as_ref().is_some_and(|cp| cp.snapshot_complete);
+        let owned = cp
+            .as_ref()
+            .is_some_and(|cp| cp.slot_owned.as_deref() == Some(slot.as_str()));
         let reached = match &client {
             Some(c) => match read_slot(c, &slot).await {
                 Ok(slot_status) => {
                     if let Some(s) = &slot_status {
-                        let owned = store
-                            .checkpoint()
-                            .is_ok_and(|cp| cp.slot_owned.as_deref() == Some(slot.as_str()));
                         crate::wal_guard::check(
                             &guard,
                             c,
@@ -283,10 +285,17 @@ pub(crate) async fn monitor(
         };
         gauge!(SOURCE_REACHABLE).set(if reached { 1.0 } else { 0.0 });
         reachable.store(reached, std::sync::atomic::Ordering::Relaxed);
-        match store.size_on_disk() {
-            Ok(bytes) => gauge!(STORE_SIZE).set(bytes as f64),
-            Err(e) => tracing::debug!(error = %e, "could not read the store's size"),
-        }
+        // The store's size is read once a pass, for the gauge and the status.
+        let size = match store.size_on_disk() {
+            Ok(bytes) => {
+                gauge!(STORE_SIZE).set(bytes as f64);
+                Some(bytes)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read the store's size");
+                None
+            }
+        };
         let stats = core.stats();
         update(&status, |s| {
             s.version = env!("CARGO_PKG_VERSION").to_owned();
@@ -295,7 +304,7 @@ pub(crate) async fn monitor(
                 .map_or(0, |d| d.as_secs());
             s.source_reachable = reached;
             s.snapshot.complete = complete;
-            s.store_size_bytes = store.size_on_disk().unwrap_or(s.store_size_bytes);
+            s.store_size_bytes = size.unwrap_or(s.store_size_bytes);
             s.streams = stats.connections;
         });
         gauge!(CONNECTIONS).set(stats.connections as f64);
