@@ -57,6 +57,8 @@ pub(crate) struct Connection<S: BucketStore> {
     tx: mpsc::Sender<Result<Buffered, SyncError>>,
     /// The bytes of the connection's buffer not taken by lines waiting in it.
     room: Arc<Semaphore>,
+    /// The buffer's size in bytes (what `room` starts with).
+    room_bytes: u32,
     id: u64,
     notify: Arc<Notify>,
     held: BTreeMap<String, Held>,
@@ -139,9 +141,10 @@ impl<S: BucketStore + 'static> Connection<S> {
             at.checked_sub(core.config.token_refresh_lead)
                 .unwrap_or_else(Instant::now)
         });
-        let room = Arc::new(Semaphore::new(core.config.buffer_bytes.clamp(1, MAX_ROOM)));
+        let room_bytes = core.config.buffer_bytes.clamp(1, MAX_ROOM) as u32;
         Connection {
-            room,
+            room: Arc::new(Semaphore::new(room_bytes as usize)),
+            room_bytes,
             next_keepalive: Instant::now() + core.config.keepalive,
             core,
             identity,
@@ -268,8 +271,8 @@ impl<S: BucketStore + 'static> Connection<S> {
     /// that leaves no room for the stall timeout is disconnected.
     async fn send(&self, line: Line) -> Flow {
         let stall = self.core.config.stall_timeout;
-        let want = approx_bytes(&line).clamp(1, MAX_ROOM) as u32;
-        let want = want.min(self.room_size());
+        // A line larger than the whole buffer takes all of it: it goes alone.
+        let want = approx_bytes(&line).clamp(1, self.room_bytes as usize) as u32;
         let bytes = match self.room.clone().try_acquire_many_owned(want) {
             Ok(p) => p,
             Err(_) => {
@@ -299,11 +302,6 @@ impl<S: BucketStore + 'static> Connection<S> {
                 }
             }
         }
-    }
-
-    /// The buffer's size in bytes.
-    fn room_size(&self) -> u32 {
-        self.core.config.buffer_bytes.clamp(1, MAX_ROOM) as u32
     }
 
     /// The buckets of this connection at checkpoint `at` (sorted), and the lookups they came
