@@ -135,6 +135,23 @@ impl NodeClient {
         Ok(())
     }
 
+    /// Prints the SDK's bookkeeping tables (what it received and applied), to tell a fault of
+    /// the stream from one of the client.
+    async fn print_internals(&mut self) {
+        if self.send("internals").await.is_err() {
+            return;
+        }
+        let read = async {
+            while let Ok(Some(line)) = self.lines.next_line().await {
+                if line.starts_with("{\"internals\"") {
+                    eprintln!("powersync client internals: {line}");
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+    }
+
     /// Reads the client's state lines until its tables equal `want`.
     async fn until(&mut self, want: &Tables, what: &str) -> anyhow::Result<()> {
         if self.last.as_ref() == Some(want) {
@@ -145,6 +162,7 @@ impl NodeClient {
             let line = match tokio::time::timeout_at(deadline, self.lines.next_line()).await {
                 Ok(line) => line?.context("the node client exited")?,
                 Err(_) => {
+                    self.print_internals().await;
                     let diff = describe(self.last.as_ref(), want);
                     anyhow::bail!("{what}: the powersync client never matched postgres: {diff}");
                 }
@@ -180,6 +198,16 @@ fn describe(got: Option<&Tables>, want: &Tables) -> String {
             .iter()
             .filter(|(id, r)| have.get(*id).is_some_and(|h| h != *r))
             .count();
+        for (id, r) in rows
+            .iter()
+            .filter(|(id, r)| have.get(*id) != Some(*r))
+            .take(3)
+        {
+            eprintln!(
+                "{table} {id}: postgres has {r:?}, the client {:?}",
+                have.get(id)
+            );
+        }
         if missing + extra + differ > 0 {
             out.push(format!(
                 "{table}: {missing} missing, {extra} extra, {differ} differ"

@@ -28,9 +28,24 @@ const schema = new Schema(
   ),
 );
 
+// WALSYNC_PS_LOG=10 (trace) or 20 (debug) prints the SDK's own log on stderr, to follow what
+// it did with each line it received.
+const logLevel = Number(process.env.WALSYNC_PS_LOG ?? 0);
+const logger = logLevel
+  ? {
+      minLevel: logLevel,
+      log(r) {
+        if (r.level >= logLevel) {
+          process.stderr.write(`powersync[${r.level}] ${new Date().toISOString()} ${r.message}${r.error ? ' ' + r.error : ''}\n`);
+        }
+      },
+    }
+  : undefined;
+
 const db = new PowerSyncDatabase({
   schema,
   database: { dbFilename: path.basename(dbPath), dbLocation: path.dirname(dbPath) },
+  ...(logger ? { logger } : {}),
 });
 
 const connector = {
@@ -44,10 +59,10 @@ function say(obj) {
   process.stdout.write(JSON.stringify(obj) + '\n');
 }
 
-async function dump() {
+async function dump(ctx = db) {
   const out = {};
   for (const [name, cols] of Object.entries(TABLES)) {
-    const rows = await db.getAll(`SELECT id, ${cols.join(', ')} FROM ${name} ORDER BY id`);
+    const rows = await ctx.getAll(`SELECT id, ${cols.join(', ')} FROM ${name} ORDER BY id`);
     out[name] = Object.fromEntries(rows.map((r) => [r.id, Object.fromEntries(cols.map((c) => [c, r[c] ?? null]))]));
   }
   return out;
@@ -70,6 +85,16 @@ rl.on('line', async (line) => {
       await db.disconnect();
       await db.connect(connector);
       say({ reconnected: true });
+    } else if (line === 'internals') {
+      // The SDK's own bookkeeping, printed when the test gives up: what it received and applied.
+      const tables = await db.getAll("SELECT name FROM sqlite_master WHERE name LIKE 'ps_%' AND type = 'table'");
+      const out = {};
+      for (const { name } of tables) {
+        if (name.startsWith('ps_data')) continue;
+        out[name] = await db.getAll(`SELECT * FROM ${name} LIMIT 400`);
+      }
+      out.projects = await db.getAll('SELECT * FROM projects');
+      say({ internals: out });
     } else if (line === 'exit') {
       stopping = true;
       await db.disconnectAndClear();
@@ -81,14 +106,15 @@ rl.on('line', async (line) => {
   }
 });
 
+// One read per round, printed when it differs from the last printed. (Reading twice, printing the
+// first and remembering the second lost a change applied between the two reads for good.)
 while (!stopping) {
-  const status = db.currentStatus;
-  if (status.hasSynced) {
-    const state = JSON.stringify({ state: await dump(), last_synced: String(status.lastSyncedAt) });
-    const key = JSON.stringify(await dump());
+  if (db.currentStatus.hasSynced) {
+    const tables = await dump();
+    const key = JSON.stringify(tables);
     if (key !== last) {
       last = key;
-      process.stdout.write(state + '\n');
+      say({ state: tables, last_synced: String(db.currentStatus.lastSyncedAt) });
     }
   }
   await new Promise((r) => setTimeout(r, 100));
