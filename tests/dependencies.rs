@@ -15,6 +15,7 @@ const ORDER: &[&str] = &[
     "walsync-storage",
     "walsync-replicator",
     "walsync-sync",
+    "walsync-write",
     "walsync-server",
     "walsync-client",
     "walsync",
@@ -30,6 +31,17 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
         &["walsync-rules", "walsync-source", "walsync-protocol"],
     ),
     ("walsync-sync", &["walsync-source", "walsync-replicator"]),
+    // Uploads go to PostgreSQL, never to the store or the sync core.
+    (
+        "walsync-write",
+        &[
+            "walsync-storage",
+            "walsync-sync",
+            "walsync-replicator",
+            "walsync-source",
+            "walsync-rules",
+        ],
+    ),
     (
         "walsync-server",
         &["walsync-source", "walsync-replicator", "walsync-rules"],

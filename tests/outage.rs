@@ -112,6 +112,7 @@ fn config(url: &str, dir: &std::path::Path) -> anyhow::Result<Config> {
         sync: SyncSection::default(),
         metrics: walsync::telemetry::MetricsSection { poll_seconds: 1 },
         wal_guard: Default::default(),
+        writes: None,
     })
 }
 

@@ -46,6 +46,7 @@ pub fn config(s: &seed::Setup, server: ServerConfig) -> Config {
         },
         metrics: walsync::telemetry::MetricsSection { poll_seconds: 1 },
         wal_guard: Default::default(),
+        writes: None,
     }
 }
 

@@ -18,6 +18,10 @@ pub struct ServerConfig {
     /// `write_checkpoint_burst`); more get 429 `too_many_requests` with Retry-After.
     pub write_checkpoints_per_second: f64,
     pub write_checkpoint_burst: u32,
+    /// Uploads (`POST /write` requests) one user may send per second (after a burst of
+    /// `upload_burst`); more get 429 `too_many_requests` with Retry-After.
+    pub uploads_per_second: f64,
+    pub upload_burst: u32,
     /// Connections to PostgreSQL for write checkpoints, at most.
     pub write_checkpoint_connections: usize,
     /// Milliseconds a write checkpoint may take in PostgreSQL (the connections' statement
@@ -82,6 +86,8 @@ impl Default for ServerConfig {
             retry_after_seconds: 5,
             write_checkpoints_per_second: 10.0,
             write_checkpoint_burst: 20,
+            uploads_per_second: 20.0,
+            upload_burst: 50,
             write_checkpoint_connections: 4,
             write_checkpoint_timeout_ms: 5_000,
             max_request_bytes: 1 << 20,

@@ -72,6 +72,7 @@ pub(crate) fn router<S: BucketStore + 'static>(server: Arc<Server<S>>) -> Router
     Router::new()
         .route("/sync/stream", post(sync_stream::<S>))
         .route("/write-checkpoint2.json", get(write_checkpoint::<S>))
+        .route("/write", post(upload::<S>))
         .route("/health/live", get(|| async { "ok" }))
         .route("/health/ready", get(ready::<S>))
         .route("/metrics", get(metrics_text::<S>))
@@ -139,27 +140,9 @@ async fn sync_stream<S: BucketStore + 'static>(
         Ok(p) => p,
         Err(r) => return refused(r),
     };
-    let read = axum::body::to_bytes(body, server.config.max_request_bytes);
-    let timeout = std::time::Duration::from_secs(server.config.request_timeout_seconds.max(1));
-    let Ok(read) = tokio::time::timeout(timeout, read).await else {
-        return ApiError::new(
-            ErrorCode::RequestTimeout,
-            format!("the request body did not arrive within {timeout:?}"),
-        )
-        .into_response();
-    };
-    let bytes = match read {
+    let bytes = match read_body(&server, body).await {
         Ok(b) => b,
-        Err(_) => {
-            return ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                format!(
-                    "the request body exceeds {} bytes",
-                    server.config.max_request_bytes
-                ),
-            )
-            .into_response();
-        }
+        Err(e) => return e.into_response(),
     };
     let request: SyncRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
         SyncRequest::default()
@@ -203,6 +186,98 @@ async fn sync_stream<S: BucketStore + 'static>(
         .header("x-accel-buffering", "no")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Reads a request body of at most `server.max_request_bytes` within
+/// `server.request_timeout_seconds` (a client that sends it slowly holds nothing for long).
+async fn read_body<S: BucketStore + 'static>(
+    server: &Server<S>,
+    body: Body,
+) -> Result<Bytes, ApiError> {
+    let read = axum::body::to_bytes(body, server.config.max_request_bytes);
+    let timeout = std::time::Duration::from_secs(server.config.request_timeout_seconds.max(1));
+    let Ok(read) = tokio::time::timeout(timeout, read).await else {
+        return Err(ApiError::new(
+            ErrorCode::RequestTimeout,
+            format!("the request body did not arrive within {timeout:?}"),
+        ));
+    };
+    read.map_err(|_| {
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "the request body exceeds {} bytes",
+                server.config.max_request_bytes
+            ),
+        )
+    })
+}
+
+/// `POST /write`: the client's CRUD transactions, each applied whole or not at all, with a
+/// result per transaction and a write checkpoint.
+async fn upload<S: BucketStore + 'static>(
+    State(server): State<Arc<Server<S>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let identity = match authenticate(&server, &headers).await {
+        Ok(i) => i,
+        Err(e) => return e.into_response(),
+    };
+    let Some(uploads) = server.uploads.get() else {
+        return ApiError::new(
+            ErrorCode::NotFound,
+            "writes are off: configure [writes] to take uploads",
+        )
+        .into_response();
+    };
+    if let Err(r) = server.upload_rate.admit(&identity.user_id, "uploads") {
+        return refused(r);
+    }
+    let bytes = match read_body(&server, body).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let request: walsync_write::UploadRequest = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            return ApiError::new(ErrorCode::BadRequest, format!("invalid upload: {e}"))
+                .into_response();
+        }
+    };
+    let writer = walsync_write::Writer {
+        user_id: &identity.user_id,
+        claims: &identity.claims,
+    };
+    let (mut reply, lsn) = match uploads.upload(writer, &request).await {
+        Ok(r) => r,
+        Err(walsync_write::UploadError::BadRequest(m)) => {
+            return ApiError::new(ErrorCode::BadRequest, m).into_response();
+        }
+        Err(walsync_write::UploadError::TooLarge(m)) => {
+            return ApiError::new(ErrorCode::PayloadTooLarge, m).into_response();
+        }
+    };
+    crate::metrics::upload(&reply);
+    let lsn = match lsn {
+        Some(lsn) => Some(lsn),
+        // Only results of earlier attempts: a checkpoint from now covers them as well.
+        None if reply
+            .results
+            .iter()
+            .any(|r| r.status == walsync_write::Status::Applied) =>
+        {
+            server.checkpoints.create().await.ok()
+        }
+        None => None,
+    };
+    if let Some(lsn) = lsn {
+        let n = server
+            .core
+            .register_write_checkpoint(&identity.user_id, &request.client_id, lsn);
+        reply.write_checkpoint = Some(n.to_string());
+    }
+    axum::Json(reply).into_response()
 }
 
 /// The query of `GET /write-checkpoint2.json`.

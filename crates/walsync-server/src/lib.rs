@@ -3,6 +3,8 @@
 //!
 //! - `POST /sync/stream`: NDJSON lines (`application/x-ndjson`, `X-Accel-Buffering: no`);
 //! - `GET /write-checkpoint2.json?client_id=`: `{"data":{"write_checkpoint":"N"}}`;
+//! - `POST /write`: the client's CRUD transactions, applied by [`walsync_write::Uploads`] when
+//!   the application gave it (404 `not_found` otherwise);
 //! - `walsync.v1.Sync/Sync` and `/WriteCheckpoint` over gRPC (HTTP/2) and grpc-web (HTTP/1.1);
 //! - `GET /health/live`, `GET /health/ready`, `GET /metrics` (Prometheus text, when the
 //!   application installed a recorder), `GET /admin/status` (JSON, to `server.admin_token`).
@@ -30,7 +32,8 @@ use walsync_sync::SyncCore;
 pub use auth::{AuthConfig, AuthError, Authenticator, mint_hs256};
 pub use config::{Secret, ServerConfig};
 pub use error::{ApiError, ErrorCode};
-pub use write_checkpoint::{Connect, PoolConnectError, WriteCheckpointPool, WriteCheckpoints};
+pub use walsync_write::{Connect, PoolConnectError};
+pub use write_checkpoint::{WriteCheckpointPool, WriteCheckpoints};
 
 /// Everything a request needs.
 pub struct Server<S: BucketStore> {
@@ -40,6 +43,9 @@ pub struct Server<S: BucketStore> {
     pub checkpoints: Arc<WriteCheckpoints>,
     admission: admission::Admission,
     write_checkpoint_rate: admission::RateLimit,
+    upload_rate: admission::RateLimit,
+    /// Applies `POST /write`, once the application gave it.
+    uploads: OnceLock<Arc<walsync_write::Uploads>>,
     /// Renders the process's metrics for `GET /metrics`, once the application gave it.
     metrics_render: OnceLock<MetricsRender>,
     /// The application's own condition for `/health/ready` (besides a complete snapshot).
@@ -82,6 +88,8 @@ impl<S: BucketStore + 'static> Server<S> {
                 config.write_checkpoints_per_second,
                 config.write_checkpoint_burst,
             ),
+            upload_rate: admission::RateLimit::new(config.uploads_per_second, config.upload_burst),
+            uploads: OnceLock::new(),
             core,
             auth,
             config,
@@ -96,6 +104,11 @@ impl<S: BucketStore + 'static> Server<S> {
     /// its reason (streams keep serving what the store holds).
     pub fn set_readiness(&self, check: Readiness) {
         let _ = self.readiness.set(check);
+    }
+
+    /// Serves `POST /write` with `uploads`.
+    pub fn set_uploads(&self, uploads: Arc<walsync_write::Uploads>) {
+        let _ = self.uploads.set(uploads);
     }
 
     /// Serves `GET /admin/status` (to `server.admin_token`) with `render`.

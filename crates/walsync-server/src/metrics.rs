@@ -10,6 +10,7 @@ pub const BYTES: &str = "walsync_sync_bytes_sent_total";
 pub const AUTH_FAILURES: &str = "walsync_auth_failures_total";
 pub const WRITE_CHECKPOINTS: &str = "walsync_write_checkpoints_total";
 pub const ADMISSION_REFUSED: &str = "walsync_admission_refused_total";
+pub const UPLOADS: &str = "walsync_upload_transactions_total";
 
 /// Describes the server's metrics (their help text); call once after installing a recorder.
 pub fn describe() {
@@ -27,6 +28,10 @@ pub fn describe() {
     describe_counter!(
         WRITE_CHECKPOINTS,
         "write checkpoint requests, by outcome (created, rate_limited, unavailable)"
+    );
+    describe_counter!(
+        UPLOADS,
+        "uploaded client transactions, by status (applied, rejected, retryable) and code (denied, invalid, not_found, constraint_violation, invalid_value, rejected_by_database, database_error, database_unavailable, not_attempted; none when applied)"
     );
     describe_counter!(
         ADMISSION_REFUSED,
@@ -67,4 +72,17 @@ pub(crate) fn write_checkpoint(outcome: &'static str) {
 
 pub(crate) fn refused(code: crate::ErrorCode) {
     counter!(ADMISSION_REFUSED, "reason" => code.as_str()).increment(1);
+}
+
+/// Counts an upload's transactions by status and code (a fixed set).
+pub(crate) fn upload(reply: &walsync_write::UploadReply) {
+    for r in &reply.results {
+        let status = match r.status {
+            walsync_write::Status::Applied => "applied",
+            walsync_write::Status::Rejected => "rejected",
+            walsync_write::Status::Retryable => "retryable",
+        };
+        let code = r.code.clone().unwrap_or_else(|| "none".into());
+        counter!(UPLOADS, "status" => status, "code" => code).increment(1);
+    }
 }

@@ -11,90 +11,19 @@
 //! unreachable database answers `database_unavailable` (retryable), it never piles requests up.
 
 use std::str::FromStr;
-use std::sync::Arc;
-use std::time::Duration;
 
-use deadpool::managed::{self, Metrics, Pool, PoolError, RecycleError, RecycleResult};
-use futures_util::future::BoxFuture;
+use deadpool::managed::{self, PoolError};
 use walsync_types::Lsn;
+use walsync_write::{Connect, PgPool, PoolSettings, pg_pool};
 
 use crate::{ApiError, ErrorCode};
 
-/// Opens an SQL connection to the source database, with the application's connection settings
-/// (TLS, session parameters): the server itself knows nothing of how the source is reached.
-pub type Connect = Arc<
-    dyn Fn() -> BoxFuture<
-            'static,
-            Result<tokio_postgres::Client, Box<dyn std::error::Error + Send + Sync>>,
-        > + Send
-        + Sync,
->;
-
 /// The pool's settings.
-#[derive(Debug, Clone, Copy)]
-pub struct WriteCheckpointPool {
-    /// Connections at most.
-    pub size: usize,
-    /// The statement timeout of each connection, and the longest a request waits for one.
-    pub timeout: Duration,
-}
-
-impl Default for WriteCheckpointPool {
-    fn default() -> WriteCheckpointPool {
-        WriteCheckpointPool {
-            size: 4,
-            timeout: Duration::from_secs(5),
-        }
-    }
-}
-
-/// Why a pooled connection could not be made.
-#[derive(Debug, thiserror::Error)]
-pub enum PoolConnectError {
-    #[error("cannot connect to postgres: {0}")]
-    Connect(String),
-    #[error("cannot set the statement timeout: {0}")]
-    Setup(#[from] tokio_postgres::Error),
-}
-
-/// Makes the pool's connections: the application's [`Connect`], then the statement timeout.
-struct Manager {
-    connect: Connect,
-    statement_timeout: Duration,
-}
-
-impl managed::Manager for Manager {
-    type Type = tokio_postgres::Client;
-    type Error = PoolConnectError;
-
-    async fn create(&self) -> Result<tokio_postgres::Client, PoolConnectError> {
-        let client = (self.connect)()
-            .await
-            .map_err(|e| PoolConnectError::Connect(e.to_string()))?;
-        client
-            .batch_execute(&format!(
-                "SET statement_timeout = {}",
-                self.statement_timeout.as_millis().max(1)
-            ))
-            .await?;
-        Ok(client)
-    }
-
-    async fn recycle(
-        &self,
-        client: &mut tokio_postgres::Client,
-        _: &Metrics,
-    ) -> RecycleResult<PoolConnectError> {
-        if client.is_closed() {
-            return Err(RecycleError::message("the connection is closed"));
-        }
-        Ok(())
-    }
-}
+pub type WriteCheckpointPool = PoolSettings;
 
 /// Creates write checkpoints in the source database.
 pub struct WriteCheckpoints {
-    pool: Pool<Manager>,
+    pool: PgPool,
 }
 
 impl std::fmt::Debug for WriteCheckpoints {
@@ -111,20 +40,9 @@ fn unavailable(message: &str) -> ApiError {
 
 impl WriteCheckpoints {
     pub fn new(connect: Connect, settings: WriteCheckpointPool) -> WriteCheckpoints {
-        let manager = Manager {
-            connect,
-            statement_timeout: settings.timeout,
-        };
-        // Only a misconfigured runtime or a size of 0 fail to build, and neither can be set.
-        let pool = Pool::builder(manager)
-            .max_size(settings.size.max(1))
-            .runtime(deadpool::Runtime::Tokio1)
-            .wait_timeout(Some(settings.timeout))
-            .create_timeout(Some(settings.timeout))
-            .recycle_timeout(Some(settings.timeout))
-            .build()
-            .unwrap_or_else(|e| unreachable!("the write checkpoint pool: {e}"));
-        WriteCheckpoints { pool }
+        WriteCheckpoints {
+            pool: pg_pool(connect, settings),
+        }
     }
 
     /// Connections open and idle, for tests and metrics.

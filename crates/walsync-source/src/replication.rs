@@ -12,7 +12,7 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, Scr
 use postgres_protocol::message::backend::{ErrorResponseBody, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use walsync_types::Lsn;
+use walsync_types::{Lsn, quote_ident};
 
 use crate::connect::PgConfig;
 use crate::error::{Result, SourceError};
@@ -426,11 +426,6 @@ fn parse_lsn(s: Option<String>) -> Result<Lsn> {
         .map_err(|_| SourceError::Protocol(format!("invalid lsn {s:?}")))
 }
 
-/// Quotes an identifier for a replication command.
-pub(crate) fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 fn error_fields(body: &ErrorResponseBody) -> Result<(String, String)> {
     let mut code = String::new();
     let mut message = String::new();
@@ -474,7 +469,7 @@ impl From<std::convert::Infallible> for SourceError {
 
 #[cfg(test)]
 mod tests {
-    use super::quote_ident;
+    use walsync_types::quote_ident;
 
     #[test]
     fn quotes_identifiers() {

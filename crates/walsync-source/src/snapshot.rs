@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tokio_postgres::{Client, SimpleQueryMessage};
-use walsync_types::Lsn;
+use walsync_types::{Lsn, quote_ident};
 
 use crate::codec::ReplicaIdentity;
 use crate::datum::{Datum, decode_text_or_keep};
@@ -50,7 +50,7 @@ pub(crate) async fn copy(
         if !out.emit(SourceEvent::SnapshotTable(table.clone())).await? {
             return Ok(false);
         }
-        let columns: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
+        let columns: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
         let select = format!(
             "SELECT {} FROM {}{}.{}{}",
             if columns.is_empty() {
@@ -60,8 +60,8 @@ pub(crate) async fn copy(
             },
             // A plain table's inheritance children are published (and copied) on their own.
             if partitioned { "" } else { "ONLY " },
-            quote(&table.schema),
-            quote(&table.name),
+            quote_ident(&table.schema),
+            quote_ident(&table.name),
             filter.map(|f| format!(" WHERE {f}")).unwrap_or_default()
         );
         tx.batch_execute(&format!(
@@ -198,8 +198,4 @@ async fn published_tables(
         });
     }
     Ok(tables.into_values().collect())
-}
-
-fn quote(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
 }

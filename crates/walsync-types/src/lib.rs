@@ -14,3 +14,9 @@ pub use checksum::{PutDigest, add_checksums, put_checksum, put_digest, remove_ch
 pub use lsn::{Lsn, ParseLsnError};
 pub use row_id::RowId;
 pub use value::{PgTimestamp, Value};
+
+/// Quotes an SQL identifier (a table, column, slot or role name) for PostgreSQL: in double
+/// quotes, inner quotes doubled, so that any name is taken literally and nothing in it is SQL.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}

@@ -28,6 +28,9 @@ pub struct Config {
     pub metrics: crate::telemetry::MetricsSection,
     #[serde(default)]
     pub wal_guard: crate::wal_guard::WalGuardSection,
+    /// Uploads (`POST /write`): off without this section.
+    #[serde(default)]
+    pub writes: Option<walsync_write::WriteConfig>,
 }
 
 #[derive(Clone, Deserialize)]

@@ -103,6 +103,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         sync: SyncSection::default(),
         metrics: Default::default(),
         wal_guard: Default::default(),
+        writes: None,
     };
     let mut service = Service::start(config).await?;
     let url = service.url();

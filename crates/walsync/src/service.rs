@@ -36,6 +36,8 @@ pub enum StartError {
     Storage(#[from] walsync_storage::StorageError),
     #[error(transparent)]
     Keys(#[from] walsync_server::auth::KeyLoadError),
+    #[error(transparent)]
+    Writes(#[from] walsync_write::WriteError),
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -151,6 +153,10 @@ impl Service {
                 .instrument(info_span!("walsync-replicator")),
             )
         };
+        let uploads = match &config.writes {
+            Some(writes) => Some(start_uploads(writes, &pg).await?),
+            None => None,
+        };
         let server = Server::new(
             core,
             auth,
@@ -160,6 +166,9 @@ impl Service {
                 config.server.write_checkpoint_pool(),
             )),
         );
+        if let Some(uploads) = uploads {
+            server.set_uploads(uploads);
+        }
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
             .map_err(|source| StartError::Listen {
@@ -268,6 +277,31 @@ async fn check_rules(rules: &SyncRules, pg: &PgConfig) -> Result<(), StartError>
             Ok(())
         }
     }
+}
+
+/// The upload path: predicates parsed now; the catalog read and the predicates checked by
+/// PostgreSQL now when it answers (a wrong table or column stops the start), else at the first
+/// upload.
+async fn start_uploads(
+    writes: &walsync_write::WriteConfig,
+    pg: &PgConfig,
+) -> Result<Arc<walsync_write::Uploads>, StartError> {
+    let pool = walsync_write::pg_pool(
+        connect_to(pg.clone()),
+        walsync_write::PoolSettings {
+            size: writes.connections.max(1),
+            timeout: writes.statement_timeout(),
+        },
+    );
+    let uploads = Arc::new(walsync_write::Uploads::new(writes.clone(), pool)?);
+    match uploads.prepare().await {
+        Ok(()) => {}
+        Err(walsync_write::WriteError::Unreachable(e)) => {
+            tracing::warn!(error = %e, "the write rules are checked at the first upload: postgres does not answer now");
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(uploads)
 }
 
 /// Write checkpoints connect to the source as the replicator does (TLS, session settings).

@@ -1,0 +1,800 @@
+//! Applying uploads: validation, the transaction, authorization, bookkeeping.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use deadpool::managed::PoolError;
+use serde_json::{Map, Value};
+use tokio_postgres::Transaction;
+use tokio_postgres::types::Type;
+use walsync_types::{Lsn, quote_ident};
+
+use crate::catalog::{self, TableInfo};
+use crate::config::{AuthorizationMode, WriteConfig};
+use crate::predicate::Predicate;
+use crate::request::{ClientTransaction, CrudEntry, CrudOp, Status, TxResult, UploadReply};
+use crate::{PgPool, UploadError, UploadRequest, WriteError};
+
+/// Who is writing: the token's subject and claims.
+#[derive(Debug, Clone, Copy)]
+pub struct Writer<'a> {
+    pub user_id: &'a str,
+    pub claims: &'a Value,
+}
+
+/// A table's predicates, parsed.
+#[derive(Debug, Clone, Default)]
+struct TableRules {
+    insert: Option<Predicate>,
+    update: Option<Predicate>,
+    delete: Option<Predicate>,
+}
+
+/// Applies uploads to the source database.
+pub struct Uploads {
+    config: WriteConfig,
+    pool: PgPool,
+    rules: BTreeMap<String, TableRules>,
+    /// The catalog of the writable tables, read once PostgreSQL first answers.
+    tables: tokio::sync::OnceCell<Arc<BTreeMap<String, TableInfo>>>,
+}
+
+impl std::fmt::Debug for Uploads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uploads")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Columns walsync fills itself when a table has them (a client's values are ignored).
+const LAST_MODIFIED_BY: &str = "_last_modified_by";
+const LAST_MODIFIED_AT: &str = "_last_modified_at";
+const VERSION: &str = "_version";
+
+/// Why a transaction was not applied.
+#[derive(Debug)]
+enum Failure {
+    Reject {
+        code: &'static str,
+        message: String,
+        op_id: Option<i64>,
+    },
+    Retry(String),
+}
+
+fn reject(code: &'static str, message: impl Into<String>, op_id: Option<i64>) -> Failure {
+    Failure::Reject {
+        code,
+        message: message.into(),
+        op_id,
+    }
+}
+
+/// Sorts a PostgreSQL error into final or passing. Messages are PostgreSQL's own (they name
+/// constraints and columns; the values are in the detail, which is not passed on).
+fn classify(e: &tokio_postgres::Error, op_id: Option<i64>) -> Failure {
+    let Some(db) = e.as_db_error() else {
+        return Failure::Retry("the connection to postgres was lost".into());
+    };
+    let code = db.code().code();
+    let message = db.message().to_owned();
+    let passing = ["08", "53", "57", "58"].iter().any(|c| code.starts_with(c))
+        || matches!(code, "40001" | "40P01" | "55P03" | "55006");
+    if passing {
+        return Failure::Retry(message);
+    }
+    let kind = match code {
+        "42501" => "denied",
+        c if c.starts_with("23") => "constraint_violation",
+        c if c.starts_with("22") => "invalid_value",
+        "P0001" => "rejected_by_database",
+        c if c.starts_with("42") => "invalid",
+        _ => "database_error",
+    };
+    reject(kind, message, op_id)
+}
+
+/// One op, checked against the catalog: what to run.
+struct Intent<'t> {
+    op: &'t CrudEntry,
+    table: &'t TableInfo,
+    rules: &'t TableRules,
+    /// `{key: id}`: finds the row.
+    key: String,
+    /// The client's values (normalized), with the columns walsync fills.
+    data: Map<String, Value>,
+}
+
+impl Uploads {
+    /// Parses every predicate: a configuration that cannot work fails here, at start-up.
+    pub fn new(config: WriteConfig, pool: PgPool) -> Result<Uploads, WriteError> {
+        if config.mode == AuthorizationMode::PostgresRls && config.rls_role.is_none() {
+            return Err(WriteError::Config(
+                "mode postgres_rls needs rls_role, the role transactions run as".into(),
+            ));
+        }
+        if config.schema.is_empty() {
+            return Err(WriteError::Config("schema must not be empty".into()));
+        }
+        let mut rules = BTreeMap::new();
+        for (table, rule) in &config.tables {
+            let parse = |operation: &'static str, sql: &Option<String>| {
+                sql.as_deref()
+                    .map(Predicate::parse)
+                    .transpose()
+                    .map_err(|problem| WriteError::Predicate {
+                        table: table.clone(),
+                        operation,
+                        problem,
+                    })
+            };
+            rules.insert(
+                table.clone(),
+                TableRules {
+                    insert: parse("insert", &rule.insert)?,
+                    update: parse("update", &rule.update)?,
+                    delete: parse("delete", &rule.delete)?,
+                },
+            );
+        }
+        Ok(Uploads {
+            config,
+            pool,
+            rules,
+            tables: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    pub fn config(&self) -> &WriteConfig {
+        &self.config
+    }
+
+    /// Reads the writable tables from the catalog, creates walsync's own tables and has
+    /// PostgreSQL check every predicate (a column or table a predicate names that does not
+    /// exist fails here). Done at start-up when PostgreSQL answers, else at the first upload.
+    pub async fn prepare(&self) -> Result<(), WriteError> {
+        self.catalog().await.map(|_| ())
+    }
+
+    async fn catalog(&self) -> Result<Arc<BTreeMap<String, TableInfo>>, WriteError> {
+        self.tables
+            .get_or_try_init(|| async {
+                let client = self
+                    .pool
+                    .get()
+                    .await
+                    .map_err(|e| WriteError::Unreachable(e.to_string()))?;
+                let mut tables = BTreeMap::new();
+                for name in self.rules.keys() {
+                    let info = catalog::load(&client, name)
+                        .await
+                        .map_err(WriteError::Catalog)?;
+                    tables.insert(name.clone(), info);
+                }
+                self.create_bookkeeping(&client).await?;
+                for (name, rules) in &self.rules {
+                    let info = &tables[name];
+                    for (operation, p) in [
+                        ("insert", &rules.insert),
+                        ("update", &rules.update),
+                        ("delete", &rules.delete),
+                    ] {
+                        if let Some(p) = p {
+                            client
+                                .prepare_typed(&check_sql(info, p), &[Type::TEXT; 4])
+                                .await
+                                .map_err(|e| WriteError::Predicate {
+                                    table: name.clone(),
+                                    operation,
+                                    problem: e
+                                        .as_db_error()
+                                        .map_or_else(|| e.to_string(), |d| d.message().to_owned()),
+                                })?;
+                        }
+                    }
+                }
+                Ok(Arc::new(tables))
+            })
+            .await
+            .cloned()
+    }
+
+    async fn create_bookkeeping(&self, client: &tokio_postgres::Client) -> Result<(), WriteError> {
+        let s = quote_ident(&self.config.schema);
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {s};
+                 CREATE TABLE IF NOT EXISTS {s}.uploads (
+                   user_id text NOT NULL,
+                   client_id text NOT NULL,
+                   tx_key text NOT NULL,
+                   status text NOT NULL,
+                   result jsonb NOT NULL,
+                   at timestamptz NOT NULL DEFAULT now(),
+                   PRIMARY KEY (user_id, client_id, tx_key)
+                 );
+                 CREATE TABLE IF NOT EXISTS {s}.rejected_writes (
+                   id bigserial PRIMARY KEY,
+                   user_id text NOT NULL,
+                   client_id text NOT NULL,
+                   tx_key text NOT NULL,
+                   ops jsonb NOT NULL,
+                   code text NOT NULL,
+                   message text NOT NULL,
+                   op_id bigint,
+                   rejected_at timestamptz NOT NULL DEFAULT now(),
+                   replayed_at timestamptz
+                 );"
+            ))
+            .await
+            .map_err(|e| {
+                WriteError::Catalog(format!(
+                    "cannot create walsync's tables in schema {}: {e}",
+                    self.config.schema
+                ))
+            })
+    }
+
+    /// Applies `request`'s transactions in order. A transaction that cannot be tried now
+    /// (retryable) stops the batch: the ones after it are not attempted, so that a client's
+    /// transactions reach PostgreSQL in its order. Returns the reply and the write checkpoint
+    /// (a source position) of the last transaction applied.
+    pub async fn upload(
+        &self,
+        writer: Writer<'_>,
+        request: &UploadRequest,
+    ) -> Result<(UploadReply, Option<u64>), UploadError> {
+        if request.client_id.is_empty() || request.client_id.len() > 256 {
+            return Err(UploadError::BadRequest(
+                "client_id must be 1 to 256 characters".into(),
+            ));
+        }
+        let ops: usize = request.batch.iter().map(|t| t.ops.len()).sum();
+        if ops > self.config.max_ops {
+            return Err(UploadError::TooLarge(format!(
+                "the batch has {ops} ops; at most {} are taken in one request",
+                self.config.max_ops
+            )));
+        }
+        let mut reply = UploadReply::default();
+        let mut checkpoint = None;
+        let tables = match self.catalog().await {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(error = %e, "uploads cannot be applied now");
+                None
+            }
+        };
+        let mut stopped = false;
+        for tx in &request.batch {
+            let result = match (&tables, stopped) {
+                (Some(tables), false) => {
+                    let (result, lsn) = self
+                        .transaction(writer, &request.client_id, tx, tables)
+                        .await;
+                    checkpoint = checkpoint.max(lsn);
+                    result
+                }
+                (None, _) => {
+                    self.retryable(tx, "database_unavailable", "postgres is not reachable")
+                }
+                (_, true) => self.retryable(
+                    tx,
+                    "not_attempted",
+                    "an earlier transaction of this batch must be applied first",
+                ),
+            };
+            stopped |= result.status == Status::Retryable;
+            reply.results.push(result);
+        }
+        reply.write_checkpoint = checkpoint.map(|c| c.to_string());
+        Ok((reply, checkpoint))
+    }
+
+    fn retryable(&self, tx: &ClientTransaction, code: &str, message: &str) -> TxResult {
+        TxResult {
+            tx_id: tx.tx_id,
+            status: Status::Retryable,
+            code: Some(code.to_owned()),
+            message: Some(message.to_owned()),
+            op_id: None,
+            retry_after_ms: Some(self.config.retry_after_ms),
+            replayed: false,
+        }
+    }
+
+    /// One client transaction: its result, and its write checkpoint when it was applied now.
+    async fn transaction(
+        &self,
+        writer: Writer<'_>,
+        client_id: &str,
+        tx: &ClientTransaction,
+        tables: &BTreeMap<String, TableInfo>,
+    ) -> (TxResult, Option<u64>) {
+        let outcome = match self.intents(writer, tx, tables) {
+            Ok(intents) => self.apply(writer, client_id, tx, &intents).await,
+            Err(f) => Err(f),
+        };
+        match outcome {
+            Ok(Applied::Now(lsn)) => (TxResult::applied(tx.tx_id), Some(lsn)),
+            Ok(Applied::Before(mut result)) => {
+                result.replayed = true;
+                (result, None)
+            }
+            Err(Failure::Retry(message)) => {
+                tracing::info!(reason = %message, "an upload can be retried");
+                (self.retryable(tx, "database_unavailable", &message), None)
+            }
+            Err(Failure::Reject {
+                code,
+                message,
+                op_id,
+            }) => {
+                let result = TxResult {
+                    tx_id: tx.tx_id,
+                    status: Status::Rejected,
+                    code: Some(code.to_owned()),
+                    message: Some(message),
+                    op_id,
+                    retry_after_ms: None,
+                    replayed: false,
+                };
+                // Kept whole before the client is told: a rejection that cannot be recorded is
+                // retryable, so nothing is dropped unrecorded.
+                match self.record_rejection(writer, client_id, tx, &result).await {
+                    Ok(Some(earlier)) => (
+                        TxResult {
+                            replayed: true,
+                            ..earlier
+                        },
+                        None,
+                    ),
+                    Ok(None) => {
+                        tracing::info!(code, "an upload was rejected");
+                        (result, None)
+                    }
+                    Err(message) => (self.retryable(tx, "database_unavailable", &message), None),
+                }
+            }
+        }
+    }
+
+    /// Checks every op against the catalog and the configuration, before PostgreSQL is
+    /// touched.
+    fn intents<'t>(
+        &'t self,
+        writer: Writer<'_>,
+        tx: &'t ClientTransaction,
+        tables: &'t BTreeMap<String, TableInfo>,
+    ) -> Result<Vec<Intent<'t>>, Failure> {
+        if tx.ops.is_empty() {
+            return Err(reject("invalid", "the transaction has no ops", None));
+        }
+        tx.ops
+            .iter()
+            .map(|op| {
+                let id = Some(op.op_id);
+                let (Some(table), Some(rules)) = (tables.get(&op.table), self.rules.get(&op.table))
+                else {
+                    return Err(reject(
+                        "invalid",
+                        format!("table {:?} is not writable", op.table),
+                        id,
+                    ));
+                };
+                if op.id.is_empty() || op.id.len() > 1024 {
+                    return Err(reject("invalid", "an id must be 1 to 1024 characters", id));
+                }
+                let mut data = Map::new();
+                if op.op != CrudOp::Delete {
+                    for (column, value) in op.data.iter().flatten() {
+                        let Some(info) = table.columns.get(column) else {
+                            return Err(reject(
+                                "invalid",
+                                format!("table {} has no column {column:?}", table.name),
+                                id,
+                            ));
+                        };
+                        if !info.writable {
+                            return Err(reject(
+                                "invalid",
+                                format!("column {column:?} of {} is generated", table.name),
+                                id,
+                            ));
+                        }
+                        if column == &table.key {
+                            let same = match value {
+                                Value::String(s) => s == &op.id,
+                                Value::Number(n) => n.to_string() == op.id,
+                                _ => false,
+                            };
+                            if !same {
+                                return Err(reject(
+                                    "invalid",
+                                    format!("the data's {column} differs from the op's id"),
+                                    id,
+                                ));
+                            }
+                            continue;
+                        }
+                        if [LAST_MODIFIED_BY, LAST_MODIFIED_AT, VERSION].contains(&column.as_str())
+                        {
+                            continue;
+                        }
+                        // A JSON column's value arrives as the JSON's text (the client keeps
+                        // it as text): it is the JSON itself, not a JSON string.
+                        let value = match value {
+                            Value::String(s) if info.json => {
+                                serde_json::from_str(s).unwrap_or_else(|_| value.clone())
+                            }
+                            other => other.clone(),
+                        };
+                        data.insert(column.clone(), value);
+                    }
+                    if table.has(LAST_MODIFIED_BY) {
+                        data.insert(LAST_MODIFIED_BY.into(), Value::from(writer.user_id));
+                    }
+                }
+                let mut key = Map::new();
+                key.insert(table.key.clone(), Value::from(op.id.as_str()));
+                Ok(Intent {
+                    op,
+                    table,
+                    rules,
+                    key: Value::Object(key).to_string(),
+                    data,
+                })
+            })
+            .collect()
+    }
+
+    async fn apply(
+        &self,
+        writer: Writer<'_>,
+        client_id: &str,
+        tx: &ClientTransaction,
+        intents: &[Intent<'_>],
+    ) -> Result<Applied, Failure> {
+        let mut client = self.connection().await?;
+        let t = client.transaction().await.map_err(|e| classify(&e, None))?;
+        let s = quote_ident(&self.config.schema);
+        let tx_key = tx.key();
+        // Claim the transaction first: a retry of one already applied (or being applied by
+        // another request right now, which this waits for) finds its row.
+        let claimed = t
+            .execute(
+                &format!(
+                    "INSERT INTO {s}.uploads (user_id, client_id, tx_key, status, result) \
+                     VALUES ($1, $2, $3, 'pending', '{{}}') ON CONFLICT DO NOTHING"
+                ),
+                &[&writer.user_id, &client_id, &tx_key],
+            )
+            .await
+            .map_err(|e| classify(&e, None))?;
+        if claimed == 0 {
+            drop(t);
+            return self.earlier(writer, client_id, &tx_key).await;
+        }
+        let rls = self.config.mode == AuthorizationMode::PostgresRls;
+        if let (true, Some(role)) = (rls, &self.config.rls_role) {
+            t.batch_execute(&format!("SET LOCAL ROLE {}", quote_ident(role)))
+                .await
+                .map_err(|e| classify(&e, None))?;
+            t.execute(
+                "SELECT set_config('request.jwt.claims', $1, true), \
+                        set_config('request.jwt.claim.sub', $2, true)",
+                &[&writer.claims.to_string(), &writer.user_id],
+            )
+            .await
+            .map_err(|e| classify(&e, None))?;
+        }
+        for intent in intents {
+            self.apply_op(&t, writer, intent, rls).await?;
+        }
+        if rls {
+            t.batch_execute("RESET ROLE")
+                .await
+                .map_err(|e| classify(&e, None))?;
+        }
+        let result = serde_json::to_string(&TxResult::applied(tx.tx_id)).unwrap_or_default();
+        t.execute(
+            &format!(
+                "UPDATE {s}.uploads SET status = 'applied', result = $4::text::jsonb \
+                 WHERE user_id = $1 AND client_id = $2 AND tx_key = $3"
+            ),
+            &[&writer.user_id, &client_id, &tx_key, &result],
+        )
+        .await
+        .map_err(|e| classify(&e, None))?;
+        let row = t
+            .query_one(
+                "SELECT pg_logical_emit_message(true, 'walsync', 'upload')::text",
+                &[],
+            )
+            .await
+            .map_err(|e| classify(&e, None))?;
+        let lsn: String = row.get(0);
+        // A commit whose answer is lost may have happened: the retry finds out from the claim.
+        t.commit().await.map_err(|e| classify(&e, None))?;
+        let lsn = lsn
+            .parse::<Lsn>()
+            .map_err(|_| Failure::Retry("postgres returned no lsn".into()))?;
+        Ok(Applied::Now(lsn.0))
+    }
+
+    async fn connection(&self) -> Result<deadpool::managed::Object<crate::Manager>, Failure> {
+        self.pool.get().await.map_err(|e| match e {
+            PoolError::Timeout(_) => Failure::Retry("the database is busy".into()),
+            e => {
+                tracing::warn!(error = %e, "uploads: cannot connect to postgres");
+                Failure::Retry("postgres is not reachable".into())
+            }
+        })
+    }
+
+    /// The result recorded for a transaction received before.
+    async fn earlier(
+        &self,
+        writer: Writer<'_>,
+        client_id: &str,
+        tx_key: &str,
+    ) -> Result<Applied, Failure> {
+        let client = self.connection().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT result::text FROM {}.uploads WHERE user_id = $1 AND client_id = $2 AND tx_key = $3",
+                    quote_ident(&self.config.schema)
+                ),
+                &[&writer.user_id, &client_id, &tx_key],
+            )
+            .await
+            .map_err(|e| classify(&e, None))?;
+        let text: String = row
+            .map(|r| r.get(0))
+            .ok_or_else(|| Failure::Retry("the earlier attempt is still running".into()))?;
+        serde_json::from_str(&text)
+            .map(Applied::Before)
+            .map_err(|_| Failure::Retry("the earlier attempt is still running".into()))
+    }
+
+    async fn apply_op(
+        &self,
+        t: &Transaction<'_>,
+        writer: Writer<'_>,
+        intent: &Intent<'_>,
+        rls: bool,
+    ) -> Result<(), Failure> {
+        let table = intent.table;
+        let op_id = Some(intent.op.op_id);
+        let fail = |e: tokio_postgres::Error| classify(&e, op_id);
+        let q = &table.qualified;
+        let k = quote_ident(&table.key);
+        let find =
+            format!("(SELECT r.{k} FROM jsonb_populate_record(NULL::{q}, $1::text::jsonb) r)");
+        let old: Option<String> = t
+            .query_opt(
+                &format!("SELECT to_jsonb(t)::text FROM {q} t WHERE t.{k} = {find} FOR UPDATE"),
+                &[&intent.key],
+            )
+            .await
+            .map_err(fail)?
+            .map(|r| r.get(0));
+        let old_row: Option<Map<String, Value>> =
+            old.as_deref().and_then(|o| serde_json::from_str(o).ok());
+        let (operation, predicate) = match (intent.op.op, &old_row) {
+            (CrudOp::Delete, None) => return Ok(()),
+            (CrudOp::Delete, Some(_)) => ("delete", &intent.rules.delete),
+            (CrudOp::Patch, None) => {
+                return Err(reject(
+                    "not_found",
+                    format!("no row {} to update in {}", intent.op.id, table.name),
+                    op_id,
+                ));
+            }
+            (CrudOp::Put, None) => ("insert", &intent.rules.insert),
+            (_, Some(_)) => ("update", &intent.rules.update),
+        };
+        // The row as the client wants it: its values over the current row.
+        let new = match (operation, &old_row) {
+            ("delete", _) => None,
+            (_, old) => {
+                let mut row = old.clone().unwrap_or_default();
+                row.extend(intent.data.clone());
+                row.insert(table.key.clone(), Value::from(intent.op.id.as_str()));
+                Some(Value::Object(row).to_string())
+            }
+        };
+        match predicate {
+            Some(p) => {
+                let check = t
+                    .prepare_typed(&check_sql(table, p), &[Type::TEXT; 4])
+                    .await
+                    .map_err(fail)?;
+                let claims = writer.claims.to_string();
+                let allowed: bool = t
+                    .query_one(&check, &[&old, &new, &writer.user_id, &claims])
+                    .await
+                    .map_err(fail)?
+                    .get(0);
+                if !allowed {
+                    return Err(reject(
+                        "denied",
+                        format!(
+                            "the write rules do not allow this {operation} on {}",
+                            table.name
+                        ),
+                        op_id,
+                    ));
+                }
+            }
+            None if !rls => {
+                return Err(reject(
+                    "denied",
+                    format!("the write rules allow no {operation} on {}", table.name),
+                    op_id,
+                ));
+            }
+            None => {}
+        }
+        let changed = match operation {
+            "delete" => t
+                .execute(
+                    &format!("DELETE FROM {q} t WHERE t.{k} = {find}"),
+                    &[&intent.key],
+                )
+                .await
+                .map_err(fail)?,
+            "insert" => {
+                let mut data = intent.data.clone();
+                data.insert(table.key.clone(), Value::from(intent.op.id.as_str()));
+                let (columns, values) = assignments(table, data.keys(), false);
+                t.execute(
+                    &format!(
+                        "INSERT INTO {q} ({columns}) SELECT {values} FROM jsonb_populate_record(NULL::{q}, $1::text::jsonb) r"
+                    ),
+                    &[&Value::Object(data).to_string()],
+                )
+                .await
+                .map_err(fail)?
+            }
+            _ => {
+                let (columns, values) = assignments(table, intent.data.keys(), true);
+                if columns.is_empty() {
+                    return Ok(());
+                }
+                let mut data = intent.data.clone();
+                data.insert(table.key.clone(), Value::from(intent.op.id.as_str()));
+                t.execute(
+                    &format!(
+                        "UPDATE {q} t SET ({columns}) = (SELECT {values} FROM jsonb_populate_record(NULL::{q}, $1::text::jsonb) r) \
+                         WHERE t.{k} = {find}"
+                    ),
+                    &[&Value::Object(data).to_string()],
+                )
+                .await
+                .map_err(fail)?
+            }
+        };
+        if changed == 0 {
+            // Row-level security hid the row from this change (it could be read, not changed).
+            return Err(reject(
+                "denied",
+                format!(
+                    "row-level security does not allow this {operation} on {}",
+                    table.name
+                ),
+                op_id,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Records a rejected transaction in the dead letters and as its upload's result. When an
+    /// earlier attempt already has a result, that one is returned instead.
+    async fn record_rejection(
+        &self,
+        writer: Writer<'_>,
+        client_id: &str,
+        tx: &ClientTransaction,
+        result: &TxResult,
+    ) -> Result<Option<TxResult>, String> {
+        let s = quote_ident(&self.config.schema);
+        let mut client = self.connection().await.map_err(|f| match f {
+            Failure::Retry(m) => m,
+            Failure::Reject { message, .. } => message,
+        })?;
+        let lost = |e: tokio_postgres::Error| {
+            tracing::warn!(error = %e, "cannot record a rejected upload");
+            "the rejection could not be recorded".to_owned()
+        };
+        let t = client.transaction().await.map_err(lost)?;
+        let tx_key = tx.key();
+        let result_json = serde_json::to_string(result).unwrap_or_default();
+        let inserted = t
+            .execute(
+                &format!(
+                    "INSERT INTO {s}.uploads (user_id, client_id, tx_key, status, result) \
+                     VALUES ($1, $2, $3, 'rejected', $4::text::jsonb) ON CONFLICT DO NOTHING"
+                ),
+                &[&writer.user_id, &client_id, &tx_key, &result_json],
+            )
+            .await
+            .map_err(lost)?;
+        if inserted == 0 {
+            drop(t);
+            return match self.earlier(writer, client_id, &tx_key).await {
+                Ok(Applied::Before(r)) => Ok(Some(r)),
+                _ => Err("the rejection could not be recorded".into()),
+            };
+        }
+        let ops = serde_json::to_string(&tx.ops).unwrap_or_default();
+        t.execute(
+            &format!(
+                "INSERT INTO {s}.rejected_writes (user_id, client_id, tx_key, ops, code, message, op_id) \
+                 VALUES ($1, $2, $3, $4::text::jsonb, $5, $6, $7)"
+            ),
+            &[
+                &writer.user_id,
+                &client_id,
+                &tx_key,
+                &ops,
+                &result.code.as_deref().unwrap_or_default(),
+                &result.message.as_deref().unwrap_or_default(),
+                &result.op_id,
+            ],
+        )
+        .await
+        .map_err(lost)?;
+        t.commit().await.map_err(lost)?;
+        Ok(None)
+    }
+}
+
+/// A transaction applied now (at this source position), or before (with this result).
+enum Applied {
+    Now(u64),
+    Before(TxResult),
+}
+
+/// The predicate as a query over `old` ($1) and `new` ($2), with the user id ($3) and the
+/// claims ($4).
+fn check_sql(table: &TableInfo, p: &Predicate) -> String {
+    let q = &table.qualified;
+    format!(
+        "SELECT ({}) IS TRUE FROM jsonb_populate_record(NULL::{q}, $1::text::jsonb) AS old, \
+         jsonb_populate_record(NULL::{q}, $2::text::jsonb) AS new",
+        p.sql
+    )
+}
+
+/// The column list and the values to set: the client's columns from `r` (the populated
+/// record), and the columns walsync fills.
+fn assignments<'a>(
+    table: &TableInfo,
+    columns: impl Iterator<Item = &'a String>,
+    update: bool,
+) -> (String, String) {
+    let mut names = Vec::new();
+    let mut values = Vec::new();
+    for c in columns {
+        if update && c == &table.key {
+            continue;
+        }
+        names.push(quote_ident(c));
+        values.push(format!("r.{}", quote_ident(c)));
+    }
+    if names.is_empty() {
+        return (String::new(), String::new());
+    }
+    if table.has(LAST_MODIFIED_AT) {
+        names.push(quote_ident(LAST_MODIFIED_AT));
+        values.push("now()".into());
+    }
+    if update && table.has(VERSION) {
+        names.push(quote_ident(VERSION));
+        values.push(format!("t.{} + 1", quote_ident(VERSION)));
+    }
+    (names.join(", "), values.join(", "))
+}

@@ -1,0 +1,97 @@
+//! What PostgreSQL says of the writable tables: their columns, types and key, read once.
+
+use std::collections::BTreeMap;
+
+use tokio_postgres::Client;
+use walsync_types::quote_ident;
+
+/// A writable table.
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    /// The name clients use.
+    pub name: String,
+    /// `"schema"."table"`, quoted.
+    pub qualified: String,
+    /// The primary key's one column (clients' `id`).
+    pub key: String,
+    pub columns: BTreeMap<String, ColumnInfo>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ColumnInfo {
+    /// Holds JSON (`json`, `jsonb`): a string value from a client is the JSON's text.
+    pub json: bool,
+    /// Generated columns cannot be written.
+    pub writable: bool,
+}
+
+impl TableInfo {
+    pub fn has(&self, column: &str) -> bool {
+        self.columns.contains_key(column)
+    }
+}
+
+/// Splits a client's table name into schema and table (`public` when unqualified).
+pub(crate) fn split_name(name: &str) -> (&str, &str) {
+    match name.split_once('.') {
+        Some((schema, table)) => (schema, table),
+        None => ("public", name),
+    }
+}
+
+/// Reads `name`'s columns and key; an error names what is wrong with the table.
+pub(crate) async fn load(client: &Client, name: &str) -> Result<TableInfo, String> {
+    let (schema, table) = split_name(name);
+    let rows = client
+        .query(
+            "SELECT a.attname::text, t.typname::text, a.attgenerated::text, \
+                    COALESCE(a.attnum = ANY(i.indkey), false), COALESCE(array_length(i.indkey, 1), 0) \
+             FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+             JOIN pg_type t ON t.oid = a.atttypid \
+             LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary \
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p') \
+             ORDER BY a.attnum",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(|e| format!("cannot read the columns of {name}: {e}"))?;
+    if rows.is_empty() {
+        return Err(format!("table {name} does not exist"));
+    }
+    let mut columns = BTreeMap::new();
+    let mut keys = Vec::new();
+    let mut key_len = 0i32;
+    for row in &rows {
+        let column: String = row.get(0);
+        let typname: String = row.get(1);
+        let generated: String = row.get(2);
+        if row.get::<_, bool>(3) {
+            keys.push(column.clone());
+        }
+        key_len = row.get(4);
+        columns.insert(
+            column,
+            ColumnInfo {
+                json: typname == "json" || typname == "jsonb",
+                writable: generated.is_empty(),
+            },
+        );
+    }
+    let key = match (keys.as_slice(), key_len) {
+        ([key], 1) => key.clone(),
+        (_, 0) => return Err(format!("table {name} has no primary key")),
+        _ => {
+            return Err(format!(
+                "table {name} has a primary key of {key_len} columns; uploads need one column (the client's id)"
+            ));
+        }
+    };
+    Ok(TableInfo {
+        name: name.to_owned(),
+        qualified: format!("{}.{}", quote_ident(schema), quote_ident(table)),
+        key,
+        columns,
+    })
+}

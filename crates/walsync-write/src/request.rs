@@ -1,0 +1,122 @@
+//! The upload request (the PowerSync client's own CRUD entries) and its results.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// `POST /write`: `{client_id, batch: [{tx_id, ops: [CrudEntry.toJSON(), …]}]}`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct UploadRequest {
+    pub client_id: String,
+    pub batch: Vec<ClientTransaction>,
+}
+
+/// One client transaction: applied in one PostgreSQL transaction, all or nothing.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ClientTransaction {
+    /// The client's transaction id; without one (a CRUD batch not from one transaction) the
+    /// first op's id identifies it for retries.
+    #[serde(default)]
+    pub tx_id: Option<i64>,
+    pub ops: Vec<CrudEntry>,
+}
+
+impl ClientTransaction {
+    /// What identifies this transaction among its client's: retried uploads carry the same.
+    pub fn key(&self) -> String {
+        match (self.tx_id, self.ops.first()) {
+            (Some(tx), _) => format!("tx:{tx}"),
+            (None, Some(op)) => format!("op:{}", op.op_id),
+            (None, None) => "empty".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum CrudOp {
+    /// The whole row as the client has it: inserted, or replacing the columns it names.
+    Put,
+    /// The columns it names, of an existing row.
+    Patch,
+    Delete,
+}
+
+/// `CrudEntry.toJSON()`: `{op_id, op, type, id, tx_id?, data?, old?, metadata?}`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct CrudEntry {
+    pub op_id: i64,
+    pub op: CrudOp,
+    #[serde(rename = "type")]
+    pub table: String,
+    pub id: String,
+    #[serde(default)]
+    pub tx_id: Option<i64>,
+    #[serde(default)]
+    pub data: Option<Map<String, Value>>,
+    /// The values the client edited from (a table with `trackPrevious`).
+    #[serde(default)]
+    pub old: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub metadata: Option<String>,
+}
+
+/// What happened to a client transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Written; the client may drop it from its queue.
+    Applied,
+    /// Final: denied, invalid or refused by the database. Kept whole in the dead letters;
+    /// retrying gives the same answer.
+    Rejected,
+    /// Not written, for a reason that passes (PostgreSQL unreachable, a serialization
+    /// failure, overload): send it again after `retry_after_ms`.
+    Retryable,
+}
+
+/// The result of one client transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct TxResult {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tx_id: Option<i64>,
+    pub status: Status,
+    /// A stable code for a rejected or retryable transaction (`denied`, `invalid`,
+    /// `not_found`, `constraint_violation`, `invalid_value`, `rejected_by_database`,
+    /// `database_unavailable`, `not_attempted`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The op that was refused, when one op was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub op_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+    /// This transaction had been received before: the result is the one given then, and
+    /// nothing was written again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replayed: bool,
+}
+
+impl TxResult {
+    pub(crate) fn applied(tx_id: Option<i64>) -> TxResult {
+        TxResult {
+            tx_id,
+            status: Status::Applied,
+            code: None,
+            message: None,
+            op_id: None,
+            retry_after_ms: None,
+            replayed: false,
+        }
+    }
+}
+
+/// The answer to an upload: a result per transaction, in order, and a write checkpoint that
+/// the client's own stream passes once it holds these writes.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct UploadReply {
+    pub results: Vec<TxResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub write_checkpoint: Option<String>,
+}

@@ -1,0 +1,695 @@
+//! Uploads through `POST /write` with the seed app's write rules (`examples/walsync.toml`):
+//! an authorization matrix whose verdicts are read from PostgreSQL, not from the reply; whole
+//! transactions; idempotent retries; dead letters; hostile names and values; bad requests.
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+use support::{seed, service};
+use walsync::Service;
+use walsync_server::ServerConfig;
+
+/// The service with the seed app's write rules.
+async fn start(s: &seed::Setup) -> anyhow::Result<Service> {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/walsync.toml");
+    let writes = walsync::Config::load(&example)?
+        .writes
+        .ok_or_else(|| anyhow::anyhow!("the example configuration has no [writes]"))?;
+    let mut config = service::config(s, ServerConfig::default());
+    config.writes = Some(writes);
+    Ok(Service::start(config).await?)
+}
+
+/// Posts `body` to `/write` as `user`: the status and the JSON answer.
+async fn post(service: &Service, user: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+    walsync_client::install_crypto();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/write", service.url()))
+        .bearer_auth(service::token(user))
+        .json(body)
+        .send()
+        .await?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.json().await?))
+}
+
+fn tx(tx_id: i64, ops: Vec<Value>) -> Value {
+    json!({"tx_id": tx_id, "ops": ops})
+}
+
+fn upload(client: &str, txs: Vec<Value>) -> Value {
+    json!({"client_id": client, "batch": txs})
+}
+
+fn put(op_id: i64, table: &str, id: impl ToString, data: Value) -> Value {
+    json!({"op_id": op_id, "op": "PUT", "type": table, "id": id.to_string(), "data": data})
+}
+
+fn patch(op_id: i64, table: &str, id: impl ToString, data: Value) -> Value {
+    json!({"op_id": op_id, "op": "PATCH", "type": table, "id": id.to_string(), "data": data})
+}
+
+fn delete(op_id: i64, table: &str, id: impl ToString) -> Value {
+    json!({"op_id": op_id, "op": "DELETE", "type": table, "id": id.to_string()})
+}
+
+/// One row of a table as JSON text, or none: what PostgreSQL holds.
+async fn row(s: &seed::Setup, table: &str, id: i64) -> anyhow::Result<Option<Value>> {
+    let r = s
+        .sql
+        .query_opt(
+            &format!("SELECT to_jsonb(t)::text FROM {table} t WHERE id = $1"),
+            &[&id],
+        )
+        .await?;
+    Ok(match r {
+        Some(r) => Some(serde_json::from_str(&r.get::<_, String>(0))?),
+        None => None,
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Owner,
+    Editor,
+    Viewer,
+    Stranger,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+/// What the seed's rules allow a project member of `role` on a table of that project.
+fn allowed(table: &str, role: Role, op: Op) -> bool {
+    use Role::*;
+    match (table, op) {
+        ("assessment_responses", _) => role != Stranger,
+        ("projects", Op::Update) => matches!(role, Owner | Editor),
+        ("projects", Op::Delete) => role == Owner,
+        ("project_members", _) => role == Owner,
+        ("assessments" | "teams" | "sow_section_approvals", _) => matches!(role, Owner | Editor),
+        _ => unreachable!("{table} {op:?}"),
+    }
+}
+
+/// Each seed table × role × operation, each case on a project of its own (the actor has the
+/// role there, and user `u9` is an editor), against a row made in SQL for it. The verdict is
+/// whether PostgreSQL's row changed; it must equal what the rules allow, and the reply must say
+/// the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_authorization_matrix_holds_in_postgres() -> anyhow::Result<()> {
+    let s = seed::setup().await?;
+    let service = start(&s).await?;
+    let tables = [
+        "projects",
+        "project_members",
+        "assessments",
+        "teams",
+        "assessment_responses",
+        "sow_section_approvals",
+    ];
+    let roles = [Role::Owner, Role::Editor, Role::Viewer, Role::Stranger];
+    let ops = [Op::Insert, Op::Update, Op::Delete];
+    let mut case = 0i64;
+    let mut wrong = Vec::new();
+    for table in tables {
+        for role in roles {
+            for op in ops {
+                if table == "projects" && op == Op::Insert {
+                    continue; // anyone may create a project: below
+                }
+                case += 1;
+                let project = 10_000 + case;
+                let actor = "u4";
+                s.sql
+                    .batch_execute(&format!(
+                        "INSERT INTO projects (id, name) VALUES ({project}, 'p{project}');
+                         INSERT INTO project_members (id, project_id, user_id, role) VALUES ({}, {project}, 'u9', 'editor');",
+                        project * 10
+                    ))
+                    .await?;
+                let role_name = match role {
+                    Role::Owner => Some("owner"),
+                    Role::Editor => Some("editor"),
+                    Role::Viewer => Some("viewer"),
+                    Role::Stranger => None,
+                };
+                if let Some(r) = role_name {
+                    s.sql
+                        .execute(
+                            "INSERT INTO project_members (id, project_id, user_id, role) VALUES ($1, $2, $3, $4)",
+                            &[&(project * 10 + 1), &project, &actor, &r],
+                        )
+                        .await?;
+                }
+                // The row each case targets (made in SQL for updates and deletes), and the
+                // op that targets it.
+                let target = project * 10 + 5;
+                let (ddl, insert_data, update_data) = match table {
+                    "projects" => (String::new(), json!({}), json!({"description": "changed"})),
+                    "project_members" => (
+                        format!(
+                            "INSERT INTO project_members (id, project_id, user_id, role) VALUES ({target}, {project}, 'u8', 'editor')"
+                        ),
+                        json!({"project_id": project, "user_id": "u7", "role": "viewer"}),
+                        json!({"role": "viewer"}),
+                    ),
+                    "assessments" => (
+                        format!(
+                            "INSERT INTO assessments (id, project_id, phase) VALUES ({target}, {project}, 'p')"
+                        ),
+                        json!({"project_id": project, "phase": "new"}),
+                        json!({"phase": "changed"}),
+                    ),
+                    "teams" => (
+                        format!(
+                            "INSERT INTO teams (id, project_id, name) VALUES ({target}, {project}, 't')"
+                        ),
+                        json!({"project_id": project, "name": "new"}),
+                        json!({"name": "changed"}),
+                    ),
+                    "assessment_responses" => (
+                        format!(
+                            "INSERT INTO assessment_responses (id, project_id, answer) VALUES ({target}, {project}, 'a')"
+                        ),
+                        json!({"project_id": project, "answer": "new"}),
+                        json!({"answer": "changed"}),
+                    ),
+                    "sow_section_approvals" => (
+                        format!(
+                            "INSERT INTO sow_section_approvals (id, project_id, section) VALUES ({target}, {project}, 's')"
+                        ),
+                        json!({"project_id": project, "section": "new"}),
+                        json!({"section": "changed"}),
+                    ),
+                    _ => unreachable!(),
+                };
+                // A project's own row is the project.
+                let target = if table == "projects" { project } else { target };
+                if !ddl.is_empty() && op != Op::Insert {
+                    s.sql.batch_execute(&ddl).await?;
+                }
+                let inserted = target + 1;
+                let request = match op {
+                    Op::Insert => put(case, table, inserted, insert_data),
+                    Op::Update => patch(case, table, target, update_data),
+                    Op::Delete => delete(case, table, target),
+                };
+                let subject = if op == Op::Insert { inserted } else { target };
+                let before = row(&s, table, subject).await?;
+                let (status, reply) = post(
+                    &service,
+                    actor,
+                    &upload("matrix", vec![tx(case, vec![request])]),
+                )
+                .await?;
+                anyhow::ensure!(status == 200, "{table} {role:?} {op:?}: {status} {reply}");
+                let after = row(&s, table, subject).await?;
+                let changed = before != after;
+                let want = allowed(table, role, op);
+                let said = reply["results"][0]["status"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                if changed != want || (said == "applied") != want {
+                    wrong.push(format!(
+                        "{table} {role:?} {op:?}: allowed {want}, postgres changed {changed}, reply {said} ({})",
+                        reply["results"][0]
+                    ));
+                }
+                if !want {
+                    anyhow::ensure!(
+                        reply["results"][0]["code"] == "denied",
+                        "{table} {role:?} {op:?}: {reply}"
+                    );
+                }
+            }
+        }
+    }
+    anyhow::ensure!(
+        wrong.is_empty(),
+        "{} wrong verdicts:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+
+    // Anyone creates a project and, in the same transaction, makes themselves its first owner;
+    // nobody makes themselves owner of a project that has members.
+    let (_, reply) = post(
+        &service,
+        "u4",
+        &upload(
+            "bootstrap",
+            vec![tx(
+                1,
+                vec![
+                    put(1, "projects", 20_001, json!({"name": "mine"})),
+                    put(
+                        2,
+                        "project_members",
+                        20_002,
+                        json!({"project_id": 20_001, "user_id": "u4", "role": "owner"}),
+                    ),
+                ],
+            )],
+        ),
+    )
+    .await?;
+    anyhow::ensure!(reply["results"][0]["status"] == "applied", "{reply}");
+    anyhow::ensure!(row(&s, "project_members", 20_002).await?.is_some());
+    let (_, reply) = post(
+        &service,
+        "u4",
+        &upload(
+            "bootstrap",
+            vec![tx(
+                2,
+                vec![put(
+                    3,
+                    "project_members",
+                    20_003,
+                    json!({"project_id": 2, "user_id": "u4", "role": "owner"}),
+                )],
+            )],
+        ),
+    )
+    .await?;
+    anyhow::ensure!(reply["results"][0]["code"] == "denied", "{reply}");
+    anyhow::ensure!(row(&s, "project_members", 20_003).await?.is_none());
+    service.stop().await;
+    Ok(())
+}
+
+/// Moving a row into a project the writer is not in, raising one's own role, writing another
+/// user's stakeholder record, and a transaction that mixes an allowed and a denied op: each
+/// denied, and nothing of the transaction written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_writes_leave_nothing_behind() -> anyhow::Result<()> {
+    let s = seed::setup().await?;
+    let service = start(&s).await?;
+    // u1 is an editor of project 2 and not a member of project 3.
+    let response: i64 = s
+        .sql
+        .query_one(
+            "SELECT min(id) FROM assessment_responses WHERE project_id = 2",
+            &[],
+        )
+        .await?
+        .get(0);
+    let before = row(&s, "assessment_responses", response).await?;
+    let (_, reply) = post(
+        &service,
+        "u1",
+        &upload(
+            "c",
+            vec![tx(
+                1,
+                vec![patch(
+                    1,
+                    "assessment_responses",
+                    response,
+                    json!({"project_id": 3}),
+                )],
+            )],
+        ),
+    )
+    .await?;
+    anyhow::ensure!(reply["results"][0]["code"] == "denied", "{reply}");
+    anyhow::ensure!(row(&s, "assessment_responses", response).await? == before);
+
+    // u1 (editor of 2) makes itself owner: denied; u1 (owner of 1) changes its own role: denied.
+    let membership = |project: i64| {
+        let sql = &s.sql;
+        async move {
+            let id: i64 = sql
+                .query_one(
+                    "SELECT id FROM project_members WHERE project_id = $1 AND user_id = 'u1'",
+                    &[&project],
+                )
+                .await?
+                .get(0);
+            anyhow::Ok(id)
+        }
+    };
+    for (project, role) in [(2, "owner"), (1, "editor")] {
+        let id = membership(project).await?;
+        let (_, reply) = post(
+            &service,
+            "u1",
+            &upload(
+                "c",
+                vec![tx(
+                    10 + project,
+                    vec![patch(2, "project_members", id, json!({"role": role}))],
+                )],
+            ),
+        )
+        .await?;
+        anyhow::ensure!(reply["results"][0]["code"] == "denied", "{reply}");
+    }
+    let roles: Vec<String> = s
+        .sql
+        .query(
+            "SELECT role FROM project_members WHERE user_id = 'u1' ORDER BY project_id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    anyhow::ensure!(roles == ["owner", "editor"], "{roles:?}");
+
+    // Another user's stakeholder record: denied; one's own: applied.
+    let (_, reply) = post(
+        &service,
+        "u1",
+        &upload(
+            "c",
+            vec![tx(
+                20,
+                vec![patch(3, "stakeholders", 2, json!({"title": "boss"}))],
+            )],
+        ),
+    )
+    .await?;
+    anyhow::ensure!(reply["results"][0]["code"] == "denied", "{reply}");
+    let (_, reply) = post(
+        &service,
+        "u1",
+        &upload(
+            "c",
+            vec![tx(
+                21,
+                vec![patch(4, "stakeholders", 1, json!({"title": "lead"}))],
+            )],
+        ),
+    )
+    .await?;
+    anyhow::ensure!(reply["results"][0]["status"] == "applied", "{reply}");
+    let mine = row(&s, "stakeholders", 1).await?.unwrap_or_default();
+    anyhow::ensure!(
+        mine["title"] == "lead" && mine["_last_modified_by"] == "u1",
+        "{mine}"
+    );
+
+    // An allowed insert and a denied one in one transaction: neither is written.
+    let (_, reply) = post(
+        &service,
+        "u1",
+        &upload(
+            "c",
+            vec![tx(
+                30,
+                vec![
+                    put(5, "teams", 30_001, json!({"project_id": 1, "name": "mine"})),
+                    put(
+                        6,
+                        "teams",
+                        30_002,
+                        json!({"project_id": 3, "name": "theirs"}),
+                    ),
+                ],
+            )],
+        ),
+    )
+    .await?;
+    let result = &reply["results"][0];
+    anyhow::ensure!(
+        result["code"] == "denied" && result["op_id"] == 6,
+        "{reply}"
+    );
+    anyhow::ensure!(
+        row(&s, "teams", 30_001).await?.is_none() && row(&s, "teams", 30_002).await?.is_none()
+    );
+
+    // The rejected transaction is kept whole in the dead letters.
+    let dead: Value = serde_json::from_str(
+        &s.sql
+            .query_one(
+                "SELECT ops::text FROM walsync.rejected_writes WHERE user_id = 'u1' AND tx_key = 'tx:30'",
+                &[],
+            )
+            .await?
+            .get::<_, String>(0),
+    )?;
+    anyhow::ensure!(dead.as_array().map(Vec::len) == Some(2), "{dead}");
+    anyhow::ensure!(dead[1]["data"]["name"] == "theirs", "{dead}");
+    service.stop().await;
+    Ok(())
+}
+
+/// A retried upload returns the first result and writes nothing again (the version moves
+/// once), even for a transaction that was rejected; and each transaction of a batch is its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_are_idempotent() -> anyhow::Result<()> {
+    let s = seed::setup().await?;
+    let service = start(&s).await?;
+    let body = upload(
+        "device-1",
+        vec![
+            tx(
+                1,
+                vec![patch(1, "projects", 1, json!({"description": "once"}))],
+            ),
+            tx(
+                2,
+                vec![put(
+                    2,
+                    "teams",
+                    40_001,
+                    json!({"project_id": 1, "name": "t"}),
+                )],
+            ),
+            tx(
+                3,
+                vec![put(
+                    3,
+                    "teams",
+                    40_002,
+                    json!({"project_id": 3, "name": "denied"}),
+                )],
+            ),
+        ],
+    );
+    let (status, first) = post(&service, "u1", &body).await?;
+    anyhow::ensure!(status == 200, "{first}");
+    let statuses = |reply: &Value| -> Vec<String> {
+        reply["results"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| r["status"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    anyhow::ensure!(
+        statuses(&first) == ["applied", "applied", "rejected"],
+        "{first}"
+    );
+    anyhow::ensure!(first["write_checkpoint"].is_string(), "{first}");
+    let version = row(&s, "projects", 1).await?.unwrap_or_default()["_version"].clone();
+
+    let (_, again) = post(&service, "u1", &body).await?;
+    anyhow::ensure!(
+        statuses(&again) == ["applied", "applied", "rejected"],
+        "{again}"
+    );
+    anyhow::ensure!(
+        again["results"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|r| r["replayed"] == true),
+        "{again}"
+    );
+    anyhow::ensure!(row(&s, "projects", 1).await?.unwrap_or_default()["_version"] == version);
+    let dead: i64 = s
+        .sql
+        .query_one(
+            "SELECT count(*) FROM walsync.rejected_writes WHERE tx_key = 'tx:3'",
+            &[],
+        )
+        .await?
+        .get(0);
+    anyhow::ensure!(dead == 1, "the rejection was recorded {dead} times");
+
+    // The same transaction id from another device, or another user, is another transaction.
+    let (_, other) = post(
+        &service,
+        "u1",
+        &upload(
+            "device-2",
+            vec![tx(
+                1,
+                vec![patch(1, "projects", 1, json!({"description": "twice"}))],
+            )],
+        ),
+    )
+    .await?;
+    anyhow::ensure!(
+        statuses(&other) == ["applied"] && other["results"][0]["replayed"].is_null(),
+        "{other}"
+    );
+    service.stop().await;
+    Ok(())
+}
+
+/// Names and values that try to be SQL are refused or stored as they are; unknown tables and
+/// columns, ids and values that do not fit the column, and malformed or oversized requests
+/// get clear errors, and PostgreSQL is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_and_malformed_uploads_are_refused_cleanly() -> anyhow::Result<()> {
+    let s = seed::setup().await?;
+    let service = start(&s).await?;
+    let count = || async {
+        let n: i64 = s
+            .sql
+            .query_one("SELECT count(*) FROM teams", &[])
+            .await?
+            .get(0);
+        anyhow::Ok(n)
+    };
+    let teams = count().await?;
+    let cases = [
+        (
+            put(
+                1,
+                "teams; DROP TABLE teams; --",
+                50_001,
+                json!({"name": "x"}),
+            ),
+            "invalid",
+        ),
+        (put(2, "pg_catalog.pg_class", 50_002, json!({})), "invalid"),
+        (
+            put(
+                3,
+                "teams",
+                50_003,
+                json!({"project_id": 1, "name\" = 'x'; --": "y"}),
+            ),
+            "invalid",
+        ),
+        (
+            put(
+                4,
+                "teams",
+                "1 OR 1=1",
+                json!({"project_id": 1, "name": "x"}),
+            ),
+            "invalid_value",
+        ),
+        (
+            put(
+                5,
+                "teams",
+                50_005,
+                json!({"project_id": "one", "name": "x"}),
+            ),
+            "invalid_value",
+        ),
+        (
+            put(6, "teams", 50_006, json!({"project_id": 1e30, "name": "x"})),
+            "invalid_value",
+        ),
+        (
+            put(7, "teams", 50_007, json!({"project_id": 1})),
+            "constraint_violation",
+        ),
+        (patch(8, "teams", 50_008, json!({"name": "x"})), "not_found"),
+        (
+            put(
+                9,
+                "teams",
+                50_009,
+                json!({"id": 7, "project_id": 1, "name": "x"}),
+            ),
+            "invalid",
+        ),
+    ];
+    for (i, (op, code)) in cases.into_iter().enumerate() {
+        let (status, reply) =
+            post(&service, "u1", &upload("h", vec![tx(i as i64, vec![op])])).await?;
+        anyhow::ensure!(status == 200, "{reply}");
+        anyhow::ensure!(
+            reply["results"][0]["code"] == code,
+            "case {i}: want {code}: {reply}"
+        );
+    }
+    anyhow::ensure!(count().await? == teams, "a refused upload wrote a team");
+
+    // The row's id may be repeated in its data (as a number or as text).
+    let (_, reply) = post(
+        &service,
+        "u1",
+        &upload(
+            "h",
+            vec![tx(
+                99,
+                vec![put(
+                    1,
+                    "teams",
+                    50_099,
+                    json!({"id": 50_099, "project_id": 1, "name": "x"}),
+                )],
+            )],
+        ),
+    )
+    .await?;
+    anyhow::ensure!(reply["results"][0]["status"] == "applied", "{reply}");
+
+    // A value that looks like SQL is a value.
+    let evil = "x'); DROP TABLE teams; --";
+    let (_, reply) = post(
+        &service,
+        "u1",
+        &upload(
+            "h",
+            vec![tx(
+                100,
+                vec![put(
+                    1,
+                    "teams",
+                    50_100,
+                    json!({"project_id": 1, "name": evil}),
+                )],
+            )],
+        ),
+    )
+    .await?;
+    anyhow::ensure!(reply["results"][0]["status"] == "applied", "{reply}");
+    anyhow::ensure!(row(&s, "teams", 50_100).await?.unwrap_or_default()["name"] == evil);
+
+    // Whole requests: malformed, without a client id, too many ops, without a token.
+    walsync_client::install_crypto();
+    let http = reqwest::Client::new();
+    let url = format!("{}/write", service.url());
+    let resp = http
+        .post(&url)
+        .bearer_auth(service::token("u1"))
+        .body("{not json")
+        .send()
+        .await?;
+    anyhow::ensure!(resp.status() == 400);
+    let (status, _) = post(&service, "u1", &upload("", vec![])).await?;
+    anyhow::ensure!(status == 400);
+    let many: Vec<Value> = (0..1_001).map(|i| delete(i, "teams", 60_000 + i)).collect();
+    let (status, reply) = post(&service, "u1", &upload("h", vec![tx(200, many)])).await?;
+    anyhow::ensure!(status == 413, "{reply}");
+    let resp = http.post(&url).json(&upload("h", vec![])).send().await?;
+    anyhow::ensure!(resp.status() == 401);
+    service.stop().await;
+
+    // Without [writes], /write says writes are off.
+    let service = Service::start(service::config(&s, ServerConfig::default())).await?;
+    let (status, reply) = post(&service, "u1", &upload("h", vec![])).await?;
+    anyhow::ensure!(
+        status == 404 && reply["error"]["code"] == "not_found",
+        "{reply}"
+    );
+    service.stop().await;
+    Ok(())
+}
