@@ -99,11 +99,12 @@ fn allowed(table: &str, role: Role, op: Op) -> bool {
 /// Each seed table × role × operation, each case on a project of its own (the actor has the
 /// role there, and user `u9` is an editor), against a row made in SQL for it. The verdict is
 /// whether PostgreSQL's row changed; it must equal what the rules allow, and the reply must say
-/// the same.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_authorization_matrix_holds_in_postgres() -> anyhow::Result<()> {
-    let s = seed::setup().await?;
-    let service = start(&s).await?;
+/// the same. Returns the cases that did not hold.
+async fn matrix(
+    s: &seed::Setup,
+    service: &Service,
+    first_project: i64,
+) -> anyhow::Result<Vec<String>> {
     let tables = [
         "projects",
         "project_members",
@@ -123,7 +124,7 @@ async fn the_authorization_matrix_holds_in_postgres() -> anyhow::Result<()> {
                     continue; // anyone may create a project: below
                 }
                 case += 1;
-                let project = 10_000 + case;
+                let project = first_project + case;
                 let actor = "u4";
                 s.sql
                     .batch_execute(&format!(
@@ -200,15 +201,15 @@ async fn the_authorization_matrix_holds_in_postgres() -> anyhow::Result<()> {
                     Op::Delete => delete(case, table, target),
                 };
                 let subject = if op == Op::Insert { inserted } else { target };
-                let before = row(&s, table, subject).await?;
+                let before = row(s, table, subject).await?;
                 let (status, reply) = post(
-                    &service,
+                    service,
                     actor,
                     &upload("matrix", vec![tx(case, vec![request])]),
                 )
                 .await?;
                 anyhow::ensure!(status == 200, "{table} {role:?} {op:?}: {status} {reply}");
-                let after = row(&s, table, subject).await?;
+                let after = row(s, table, subject).await?;
                 let changed = before != after;
                 let want = allowed(table, role, op);
                 let said = reply["results"][0]["status"]
@@ -230,6 +231,14 @@ async fn the_authorization_matrix_holds_in_postgres() -> anyhow::Result<()> {
             }
         }
     }
+    Ok(wrong)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_authorization_matrix_holds_in_postgres() -> anyhow::Result<()> {
+    let s = seed::setup().await?;
+    let service = start(&s).await?;
+    let wrong = matrix(&s, &service, 10_000).await?;
     anyhow::ensure!(
         wrong.is_empty(),
         "{} wrong verdicts:\n{}",
@@ -280,6 +289,66 @@ async fn the_authorization_matrix_holds_in_postgres() -> anyhow::Result<()> {
     .await?;
     anyhow::ensure!(reply["results"][0]["code"] == "denied", "{reply}");
     anyhow::ensure!(row(&s, "project_members", 20_003).await?.is_none());
+    service.stop().await;
+    Ok(())
+}
+
+/// The same matrix with PostgreSQL's row-level security deciding (`examples/seed/rls.sql`, the
+/// seed plan's policies completed): uploads run as role `authenticated` with the token's claims
+/// and `auth.uid()`, which walsync creates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_authorization_matrix_holds_under_row_level_security() -> anyhow::Result<()> {
+    let s = seed::setup().await?;
+    let mut config = service::config(&s, ServerConfig::default());
+    config.writes = Some(walsync_write::WriteConfig {
+        mode: walsync_write::AuthorizationMode::PostgresRls,
+        rls_role: Some("authenticated".into()),
+        tables: walsync_testkit::seed::TABLES
+            .iter()
+            .map(|t| ((*t).to_owned(), walsync_write::TableRule::default()))
+            .collect(),
+        ..walsync_write::WriteConfig::default()
+    });
+    let service = Service::start(config).await?;
+    let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/seed/rls.sql");
+    s.sql
+        .batch_execute(&std::fs::read_to_string(policies)?)
+        .await?;
+    let wrong = matrix(&s, &service, 10_000).await?;
+    anyhow::ensure!(
+        wrong.is_empty(),
+        "{} wrong verdicts:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+
+    // Another user's stakeholder record is out of reach; one's own is not.
+    let (_, reply) = post(
+        &service,
+        "u1",
+        &upload(
+            "c",
+            vec![tx(
+                1,
+                vec![patch(1, "stakeholders", 2, json!({"title": "boss"}))],
+            )],
+        ),
+    )
+    .await?;
+    anyhow::ensure!(reply["results"][0]["code"] == "denied", "{reply}");
+    let (_, reply) = post(
+        &service,
+        "u1",
+        &upload(
+            "c",
+            vec![tx(
+                2,
+                vec![patch(2, "stakeholders", 1, json!({"title": "lead"}))],
+            )],
+        ),
+    )
+    .await?;
+    anyhow::ensure!(reply["results"][0]["status"] == "applied", "{reply}");
     service.stop().await;
     Ok(())
 }

@@ -173,6 +173,9 @@ impl Uploads {
                     tables.insert(name.clone(), info);
                 }
                 self.create_bookkeeping(&client).await?;
+                if self.config.mode == AuthorizationMode::PostgresRls {
+                    create_auth_uid(&client).await?;
+                }
                 for (name, rules) in &self.rules {
                     let info = &tables[name];
                     for (operation, p) in [
@@ -476,11 +479,11 @@ impl Uploads {
             drop(t);
             return self.earlier(writer, client_id, &tx_key).await;
         }
-        let rls = self.config.mode == AuthorizationMode::PostgresRls;
-        if let (true, Some(role)) = (rls, &self.config.rls_role) {
-            t.batch_execute(&format!("SET LOCAL ROLE {}", quote_ident(role)))
-                .await
-                .map_err(|e| classify(&e, None))?;
+        let role = match (self.config.mode, &self.config.rls_role) {
+            (AuthorizationMode::PostgresRls, Some(role)) => Some(quote_ident(role)),
+            _ => None,
+        };
+        if role.is_some() {
             t.execute(
                 "SELECT set_config('request.jwt.claims', $1, true), \
                         set_config('request.jwt.claim.sub', $2, true)",
@@ -490,9 +493,9 @@ impl Uploads {
             .map_err(|e| classify(&e, None))?;
         }
         for intent in intents {
-            self.apply_op(&t, writer, intent, rls).await?;
+            self.apply_op(&t, writer, intent, role.as_deref()).await?;
         }
-        if rls {
+        if role.is_some() {
             t.batch_execute("RESET ROLE")
                 .await
                 .map_err(|e| classify(&e, None))?;
@@ -564,7 +567,7 @@ impl Uploads {
         t: &Transaction<'_>,
         writer: Writer<'_>,
         intent: &Intent<'_>,
-        rls: bool,
+        role: Option<&str>,
     ) -> Result<(), Failure> {
         let table = intent.table;
         let op_id = Some(intent.op.op_id);
@@ -573,6 +576,12 @@ impl Uploads {
         let k = quote_ident(&table.key);
         let find =
             format!("(SELECT r.{k} FROM jsonb_populate_record(NULL::{q}, $1::text::jsonb) r)");
+        // The row is found (and locked) as walsync's own user, so that a row row-level
+        // security hides from the writer is refused as denied, not taken for missing; the check
+        // and the change run as the writer's role.
+        if role.is_some() {
+            t.batch_execute("RESET ROLE").await.map_err(fail)?;
+        }
         let old: Option<String> = t
             .query_opt(
                 &format!("SELECT to_jsonb(t)::text FROM {q} t WHERE t.{k} = {find} FOR UPDATE"),
@@ -581,6 +590,11 @@ impl Uploads {
             .await
             .map_err(fail)?
             .map(|r| r.get(0));
+        if let Some(role) = role {
+            t.batch_execute(&format!("SET LOCAL ROLE {role}"))
+                .await
+                .map_err(fail)?;
+        }
         let old_row: Option<Map<String, Value>> =
             old.as_deref().and_then(|o| serde_json::from_str(o).ok());
         let (operation, predicate) = match (intent.op.op, &old_row) {
@@ -629,7 +643,7 @@ impl Uploads {
                     ));
                 }
             }
-            None if !rls => {
+            None if role.is_none() => {
                 return Err(reject(
                     "denied",
                     format!("the write rules allow no {operation} on {}", table.name),
@@ -750,6 +764,35 @@ impl Uploads {
         t.commit().await.map_err(lost)?;
         Ok(None)
     }
+}
+
+/// Creates `auth.uid()` (the token's subject, as Supabase-style policies read it) unless the
+/// database has one (Supabase's own is kept).
+async fn create_auth_uid(client: &tokio_postgres::Client) -> Result<(), WriteError> {
+    let exists: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE n.nspname = 'auth' AND p.proname = 'uid')",
+            &[],
+        )
+        .await
+        .map_err(|e| WriteError::Catalog(format!("cannot look for auth.uid(): {e}")))?
+        .get(0);
+    if exists {
+        return Ok(());
+    }
+    client
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS auth;
+             CREATE OR REPLACE FUNCTION auth.uid() RETURNS text LANGUAGE sql STABLE AS $$
+               SELECT COALESCE(
+                 NULLIF(current_setting('request.jwt.claim.sub', true), ''),
+                 NULLIF(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub')
+             $$;
+             GRANT USAGE ON SCHEMA auth TO PUBLIC;",
+        )
+        .await
+        .map_err(|e| WriteError::Catalog(format!("cannot create auth.uid(): {e}")))
 }
 
 /// A transaction applied now (at this source position), or before (with this result).
