@@ -762,3 +762,54 @@ async fn hostile_and_malformed_uploads_are_refused_cleanly() -> anyhow::Result<(
     service.stop().await;
     Ok(())
 }
+
+/// Over either transport an upload's reply carries a write checkpoint, and the writer's own
+/// stream (same client id) reaches it holding the write; the gRPC reply is the HTTP one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writers_stream_shows_its_upload_over_both_transports() -> anyhow::Result<()> {
+    use walsync_client::{Connector, SyncClient, Transport};
+    let s = seed::setup().await?;
+    let service = start(&s).await?;
+    for (i, transport) in [Transport::Http, Transport::Grpc].into_iter().enumerate() {
+        let client_id = format!("device-{i}");
+        let connector = Connector::new(&service.url(), transport, &service::token("u1"))?;
+        let mut client = SyncClient::new(connector.clone(), &client_id);
+        client.next_checkpoint().await?;
+        let description = format!("uploaded over {transport:?}");
+        let request: walsync_write::UploadRequest = serde_json::from_value(upload(
+            &client_id,
+            vec![tx(
+                1,
+                vec![patch(1, "projects", 1, json!({"description": description}))],
+            )],
+        ))?;
+        let reply = connector.upload(&request).await?;
+        anyhow::ensure!(
+            reply.results.len() == 1 && reply.results[0].status == walsync_write::Status::Applied,
+            "{reply:?}"
+        );
+        let wanted: u64 = reply
+            .write_checkpoint
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("no write checkpoint in {reply:?}"))?
+            .parse()?;
+        client
+            .until(std::time::Duration::from_secs(30), |state| {
+                state.write_checkpoint().is_some_and(|w| w >= wanted)
+            })
+            .await?;
+        let rows = client.state().rows();
+        let project = rows
+            .get(&("projects".to_owned(), "1".to_owned()))
+            .ok_or_else(|| anyhow::anyhow!("project 1 is not in the stream"))?;
+        let project: Value = serde_json::from_str(project)?;
+        anyhow::ensure!(project["description"] == description.as_str(), "{project}");
+        anyhow::ensure!(project["_last_modified_by"] == "u1", "{project}");
+
+        // A refused request is an error on either transport.
+        let bad: walsync_write::UploadRequest = serde_json::from_value(upload("", vec![]))?;
+        anyhow::ensure!(connector.upload(&bad).await.is_err());
+    }
+    service.stop().await;
+    Ok(())
+}

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::{Stream, StreamExt};
+use walsync_protocol::upload::{UploadReply, UploadRequest};
 use walsync_protocol::{ErrorBody, Line, SyncRequest, WriteCheckpointResponse, pb};
 
 pub use state::{ClientState, Event, LocalBucket};
@@ -140,6 +141,34 @@ impl Connector {
                     .await
                     .map_err(grpc_error)?;
                 Ok(resp.into_inner().write_checkpoint)
+            }
+        }
+    }
+
+    /// Uploads CRUD transactions (`POST /write` or gRPC `Upload`): a result per transaction.
+    pub async fn upload(&self, request: &UploadRequest) -> Result<UploadReply, ClientError> {
+        match self.transport {
+            Transport::Http => {
+                let resp = self
+                    .http
+                    .post(format!("{}/write", self.base_url))
+                    .bearer_auth(&self.token)
+                    .json(request)
+                    .send()
+                    .await
+                    .map_err(|e| ClientError::Transport(e.to_string()))?;
+                let resp = check_http(resp).await?;
+                resp.json()
+                    .await
+                    .map_err(|e| ClientError::Protocol(e.to_string()))
+            }
+            Transport::Grpc => {
+                let mut client = self.grpc().await?;
+                let resp = client
+                    .upload(self.grpc_request(pb::UploadRequest::from(request.clone()))?)
+                    .await
+                    .map_err(grpc_error)?;
+                UploadReply::try_from(resp.into_inner()).map_err(ClientError::Protocol)
             }
         }
     }

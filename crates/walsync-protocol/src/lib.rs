@@ -18,6 +18,8 @@ pub mod pb {
     tonic::include_proto!("walsync.v1");
 }
 
+pub mod upload;
+
 /// The default priority of a bucket (PowerSync's).
 pub const DEFAULT_PRIORITY: u32 = 3;
 

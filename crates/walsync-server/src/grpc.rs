@@ -133,6 +133,23 @@ impl<S: BucketStore + 'static> pb::sync_server::Sync for GrpcSync<S> {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn upload(
+        &self,
+        req: Request<pb::UploadRequest>,
+    ) -> Result<Response<pb::UploadReply>, Status> {
+        let identity = identity_of(&req)?;
+        if let Err(r) = self.server.upload_rate.admit(&identity.user_id, "uploads") {
+            return Err(refused_status(r));
+        }
+        let request = walsync_write::UploadRequest::try_from(req.into_inner()).map_err(|e| {
+            ApiError::new(ErrorCode::BadRequest, format!("invalid upload: {e}")).to_status()
+        })?;
+        match self.server.apply_upload(&identity, &request).await {
+            Ok(reply) => Ok(Response::new(reply.into())),
+            Err(e) => Err(e.to_status()),
+        }
+    }
+
     async fn write_checkpoint(
         &self,
         req: Request<pb::WriteCheckpointRequest>,

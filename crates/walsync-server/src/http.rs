@@ -224,13 +224,6 @@ async fn upload<S: BucketStore + 'static>(
         Ok(i) => i,
         Err(e) => return e.into_response(),
     };
-    let Some(uploads) = server.uploads.get() else {
-        return ApiError::new(
-            ErrorCode::NotFound,
-            "writes are off: configure [writes] to take uploads",
-        )
-        .into_response();
-    };
     if let Err(r) = server.upload_rate.admit(&identity.user_id, "uploads") {
         return refused(r);
     }
@@ -245,39 +238,10 @@ async fn upload<S: BucketStore + 'static>(
                 .into_response();
         }
     };
-    let writer = walsync_write::Writer {
-        user_id: &identity.user_id,
-        claims: &identity.claims,
-    };
-    let (mut reply, lsn) = match uploads.upload(writer, &request).await {
-        Ok(r) => r,
-        Err(walsync_write::UploadError::BadRequest(m)) => {
-            return ApiError::new(ErrorCode::BadRequest, m).into_response();
-        }
-        Err(walsync_write::UploadError::TooLarge(m)) => {
-            return ApiError::new(ErrorCode::PayloadTooLarge, m).into_response();
-        }
-    };
-    crate::metrics::upload(&reply);
-    let lsn = match lsn {
-        Some(lsn) => Some(lsn),
-        // Only results of earlier attempts: a checkpoint from now covers them as well.
-        None if reply
-            .results
-            .iter()
-            .any(|r| r.status == walsync_write::Status::Applied) =>
-        {
-            server.checkpoints.create().await.ok()
-        }
-        None => None,
-    };
-    if let Some(lsn) = lsn {
-        let n = server
-            .core
-            .register_write_checkpoint(&identity.user_id, &request.client_id, lsn);
-        reply.write_checkpoint = Some(n.to_string());
+    match server.apply_upload(&identity, &request).await {
+        Ok(reply) => axum::Json(reply).into_response(),
+        Err(e) => e.into_response(),
     }
-    axum::Json(reply).into_response()
 }
 
 /// The query of `GET /write-checkpoint2.json`.

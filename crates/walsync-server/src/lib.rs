@@ -4,7 +4,8 @@
 //! - `POST /sync/stream`: NDJSON lines (`application/x-ndjson`, `X-Accel-Buffering: no`);
 //! - `GET /write-checkpoint2.json?client_id=`: `{"data":{"write_checkpoint":"N"}}`;
 //! - `POST /write`: the client's CRUD transactions, applied by [`walsync_write::Uploads`] when
-//!   the application gave it (404 `not_found` otherwise);
+//!   the application gave it (404 `not_found` otherwise); `walsync.v1.Sync/Upload` the same
+//!   over gRPC;
 //! - `walsync.v1.Sync/Sync` and `/WriteCheckpoint` over gRPC (HTTP/2) and grpc-web (HTTP/1.1);
 //! - `GET /health/live`, `GET /health/ready`, `GET /metrics` (Prometheus text, when the
 //!   application installed a recorder), `GET /admin/status` (JSON, to `server.admin_token`).
@@ -22,6 +23,7 @@ mod error;
 mod grpc;
 mod http;
 pub mod metrics;
+mod upload;
 mod write_checkpoint;
 
 use std::sync::{Arc, OnceLock};

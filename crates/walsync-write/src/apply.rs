@@ -12,7 +12,7 @@ use walsync_types::{Lsn, quote_ident};
 use crate::catalog::{self, TableInfo};
 use crate::config::{AuthorizationMode, WriteConfig};
 use crate::predicate::Predicate;
-use crate::request::{ClientTransaction, CrudEntry, CrudOp, Status, TxResult, UploadReply};
+use crate::{ClientTransaction, CrudEntry, CrudOp, Status, TxResult, UploadReply};
 use crate::{PgPool, UploadError, UploadRequest, WriteError};
 
 /// Who is writing: the token's subject and claims.

@@ -24,14 +24,13 @@ mod catalog;
 mod config;
 mod pool;
 mod predicate;
-mod request;
 
 pub use apply::{Uploads, Writer};
 pub use catalog::{ColumnInfo, TableInfo};
 pub use config::{AuthorizationMode, TableRule, WriteConfig};
 pub use pool::{Connect, Manager, PgPool, PoolConnectError, PoolSettings, pg_pool};
 pub use predicate::Predicate;
-pub use request::{
+pub use walsync_protocol::upload::{
     ClientTransaction, CrudEntry, CrudOp, Status, TxResult, UploadReply, UploadRequest,
 };
 
