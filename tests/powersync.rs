@@ -225,7 +225,10 @@ async fn the_powersync_node_client_syncs_exactly_the_users_rows() -> anyhow::Res
     }
     let dir = install_client()?;
     let s = seed::setup().await?;
-    let service = Service::start(service::config(&s, ServerConfig::default())).await?;
+    let mut config = service::config(&s, ServerConfig::default());
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/walsync.toml");
+    config.writes = walsync::Config::load(&example)?.writes;
+    let service = Service::start(config).await?;
     let db = s.dir.path().join("powersync-u1.db");
     let mut client = NodeClient::start(&dir, &service.url(), &service::token("u1"), &db).await?;
 
@@ -255,6 +258,75 @@ async fn the_powersync_node_client_syncs_exactly_the_users_rows() -> anyhow::Res
     let want = expected_tables(&s, "u1").await?;
     assert!(!want["projects"].contains_key("2"));
     client.until(&want, "membership removal").await?;
+
+    // A write made in the client's own database: its uploadData (README's) posts it to
+    // /write, PostgreSQL has it, and the client keeps it once its write checkpoint is passed.
+    let response: i64 = s
+        .sql
+        .query_one("SELECT min(id) FROM assessment_responses WHERE project_id = 1", &[])
+        .await?
+        .get(0);
+    client
+        .send(&format!(
+            "exec {}",
+            serde_json::json!({
+                "sql": "UPDATE assessment_responses SET answer = ? WHERE id = ?",
+                "params": ["typed in the client", response.to_string()],
+            })
+        ))
+        .await?;
+    let in_postgres = async {
+        loop {
+            let answer: Option<String> = s
+                .sql
+                .query_one("SELECT answer FROM assessment_responses WHERE id = $1", &[&response])
+                .await?
+                .get(0);
+            if answer.as_deref() == Some("typed in the client") {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), in_postgres)
+        .await
+        .context("the client's write never reached postgres")??;
+    client
+        .until(&expected_tables(&s, "u1").await?, "after an upload")
+        .await?;
+
+    // A write the rules deny (nobody changes their own role): rejected, kept in the dead
+    // letters, and the client comes back to what PostgreSQL holds.
+    client
+        .send(&format!(
+            "exec {}",
+            serde_json::json!({
+                "sql": "UPDATE project_members SET role = 'viewer' WHERE project_id = '1' AND user_id = 'u1'",
+                "params": [],
+            })
+        ))
+        .await?;
+    let dead_letter = async {
+        loop {
+            let n: i64 = s
+                .sql
+                .query_one(
+                    "SELECT count(*) FROM walsync.rejected_writes WHERE user_id = 'u1' AND code = 'denied'",
+                    &[],
+                )
+                .await?
+                .get(0);
+            if n > 0 {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), dead_letter)
+        .await
+        .context("the denied write never reached the dead letters")??;
+    let want = expected_tables(&s, "u1").await?;
+    client.until(&want, "after a denied upload").await?;
 
     // A reconnect resumes (with `after`) and catches up with what changed meanwhile.
     client.send("reconnect").await?;

@@ -28,31 +28,43 @@ const schema = new Schema(
   ),
 );
 
-// WALSYNC_PS_LOG=10 (trace) or 20 (debug) prints the SDK's own log on stderr, to follow what
-// it did with each line it received.
-const logLevel = Number(process.env.WALSYNC_PS_LOG ?? 0);
-const logger = logLevel
-  ? {
-      minLevel: logLevel,
-      log(r) {
-        if (r.level >= logLevel) {
-          process.stderr.write(`powersync[${r.level}] ${new Date().toISOString()} ${r.message}${r.error ? ' ' + r.error : ''}\n`);
-        }
-      },
+// The SDK's own log goes to stderr (stdout carries this script's JSON lines): warnings and
+// errors, or with WALSYNC_PS_LOG=10 (trace) or 20 (debug) what it did with each line received.
+const logLevel = Number(process.env.WALSYNC_PS_LOG ?? 40);
+const logger = {
+  minLevel: logLevel,
+  log(r) {
+    if (r.level >= logLevel) {
+      process.stderr.write(`powersync[${r.level}] ${new Date().toISOString()} ${r.message}${r.error ? ' ' + r.error : ''}\n`);
     }
-  : undefined;
+  },
+};
 
 const db = new PowerSyncDatabase({
   schema,
   database: { dbFilename: path.basename(dbPath), dbLocation: path.dirname(dbPath) },
-  ...(logger ? { logger } : {}),
+  logger,
 });
 
+// The upload callback of README.md's "Writes" section: each CRUD transaction as it is.
 const connector = {
   async fetchCredentials() {
     return { endpoint, token };
   },
-  async uploadData() {},
+  async uploadData(db) {
+    for (let tx = await db.getNextCrudTransaction(); tx; tx = await db.getNextCrudTransaction()) {
+      const res = await fetch(`${endpoint}/write`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ client_id: await db.getClientId(),
+                               batch: [{ tx_id: tx.transactionId, ops: tx.crud.map((op) => op.toJSON()) }] }),
+      });
+      const [result] = (await res.json()).results;
+      if (result.status === 'retryable') throw new Error(result.message); // the SDK retries later
+      say({ uploaded: result });
+      await tx.complete(); // applied, or rejected and kept in walsync.rejected_writes
+    }
+  },
 };
 
 function say(obj) {
@@ -85,6 +97,10 @@ rl.on('line', async (line) => {
       await db.disconnect();
       await db.connect(connector);
       say({ reconnected: true });
+    } else if (line.startsWith('exec ')) {
+      // A local write, as the app makes it: uploaded by uploadData.
+      const { sql, params } = JSON.parse(line.slice(5));
+      await db.execute(sql, params);
     } else if (line === 'internals') {
       // The SDK's own bookkeeping, printed when the test gives up: what it received and applied.
       const tables = await db.getAll("SELECT name FROM sqlite_master WHERE name LIKE 'ps_%' AND type = 'table'");
