@@ -263,7 +263,10 @@ async fn the_powersync_node_client_syncs_exactly_the_users_rows() -> anyhow::Res
     // /write, PostgreSQL has it, and the client keeps it once its write checkpoint is passed.
     let response: i64 = s
         .sql
-        .query_one("SELECT min(id) FROM assessment_responses WHERE project_id = 1", &[])
+        .query_one(
+            "SELECT min(id) FROM assessment_responses WHERE project_id = 1",
+            &[],
+        )
         .await?
         .get(0);
     client
@@ -279,7 +282,10 @@ async fn the_powersync_node_client_syncs_exactly_the_users_rows() -> anyhow::Res
         loop {
             let answer: Option<String> = s
                 .sql
-                .query_one("SELECT answer FROM assessment_responses WHERE id = $1", &[&response])
+                .query_one(
+                    "SELECT answer FROM assessment_responses WHERE id = $1",
+                    &[&response],
+                )
                 .await?
                 .get(0);
             if answer.as_deref() == Some("typed in the client") {
