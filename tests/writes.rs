@@ -813,3 +813,104 @@ async fn the_writers_stream_shows_its_upload_over_both_transports() -> anyhow::R
     service.stop().await;
     Ok(())
 }
+
+/// `walsync writes rejected` lists a rejected transaction with its reason; once its cause is
+/// put right, `walsync writes replay ID` applies it as its user, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_and_replayed_from_the_command_line() -> anyhow::Result<()> {
+    const BIN: &str = env!("CARGO_BIN_EXE_walsync-cli");
+    let s = seed::setup().await?;
+    let service = start(&s).await?;
+    // u4 is in no project: its team for project 5 is denied.
+    let (_, reply) = post(
+        &service,
+        "u4",
+        &upload(
+            "tablet",
+            vec![tx(
+                7,
+                vec![put(
+                    1,
+                    "teams",
+                    70_001,
+                    json!({"project_id": 5, "name": "later"}),
+                )],
+            )],
+        ),
+    )
+    .await?;
+    anyhow::ensure!(reply["results"][0]["code"] == "denied", "{reply}");
+    service.stop().await;
+
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/walsync.toml"),
+    )?;
+    let writes = &example[example.find("[writes]").unwrap_or(example.len())..];
+    let config = s.dir.path().join("walsync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "rules = \"{}\"\n[postgres]\nurl = \"{}\"\n[auth]\nsecret = \"s\"\n\n{writes}",
+            seed::RULES_PATH,
+            s.url
+        ),
+    )?;
+    let walsync = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .arg("writes")
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()?;
+        anyhow::Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let (ok, listed, err) = walsync(&["rejected"])?;
+    anyhow::ensure!(ok, "{err}");
+    anyhow::ensure!(
+        listed.contains("user u4")
+            && listed.contains("tx:7")
+            && listed.contains("denied")
+            && listed.contains("1 ops on teams"),
+        "{listed}"
+    );
+    let (ok, json_list, err) = walsync(&["rejected", "--json", "--user", "u4"])?;
+    anyhow::ensure!(ok, "{err}");
+    let letters: Value = serde_json::from_str(&json_list)?;
+    let id = letters[0]["id"]
+        .as_i64()
+        .ok_or_else(|| anyhow::anyhow!("{json_list}"))?;
+    anyhow::ensure!(
+        letters[0]["ops"][0]["data"]["name"] == "later",
+        "{json_list}"
+    );
+
+    // Still denied: the replay says so and the dead letter stays.
+    let (ok, out, _) = walsync(&["replay", &id.to_string()])?;
+    anyhow::ensure!(!ok && out.contains("denied"), "{out}");
+    anyhow::ensure!(row(&s, "teams", 70_001).await?.is_none());
+
+    // u4 joins project 5 as an editor: the replay applies it, once.
+    s.sql
+        .batch_execute(
+            "INSERT INTO project_members (project_id, user_id, role) VALUES (5, 'u4', 'editor')",
+        )
+        .await?;
+    for _ in 0..2 {
+        let (ok, out, err) = walsync(&["replay", &id.to_string()])?;
+        anyhow::ensure!(ok && out.contains("applied"), "{out} {err}");
+    }
+    let team = row(&s, "teams", 70_001).await?.unwrap_or_default();
+    anyhow::ensure!(
+        team["name"] == "later" && team["_last_modified_by"] == "u4",
+        "{team}"
+    );
+    let (ok, listed, _) = walsync(&["rejected"])?;
+    anyhow::ensure!(ok && listed.contains("no rejected writes"), "{listed}");
+    let (_, all, _) = walsync(&["rejected", "--all"])?;
+    anyhow::ensure!(all.contains("replayed"), "{all}");
+    Ok(())
+}

@@ -32,7 +32,7 @@ struct TableRules {
 
 /// Applies uploads to the source database.
 pub struct Uploads {
-    config: WriteConfig,
+    pub(crate) config: WriteConfig,
     pool: PgPool,
     rules: BTreeMap<String, TableRules>,
     /// The catalog of the writable tables, read once PostgreSQL first answers.
@@ -54,7 +54,7 @@ const VERSION: &str = "_version";
 
 /// Why a transaction was not applied.
 #[derive(Debug)]
-enum Failure {
+pub(crate) enum Failure {
     Reject {
         code: &'static str,
         message: String,
@@ -68,6 +68,24 @@ fn reject(code: &'static str, message: impl Into<String>, op_id: Option<i64>) ->
         code,
         message: message.into(),
         op_id,
+    }
+}
+
+/// A rejected transaction's result.
+pub(crate) fn rejected(
+    tx_id: Option<i64>,
+    code: &str,
+    message: String,
+    op_id: Option<i64>,
+) -> TxResult {
+    TxResult {
+        tx_id,
+        status: Status::Rejected,
+        code: Some(code.to_owned()),
+        message: Some(message),
+        op_id,
+        retry_after_ms: None,
+        replayed: false,
     }
 }
 
@@ -96,7 +114,7 @@ fn classify(e: &tokio_postgres::Error, op_id: Option<i64>) -> Failure {
 }
 
 /// One op, checked against the catalog: what to run.
-struct Intent<'t> {
+pub(crate) struct Intent<'t> {
     op: &'t CrudEntry,
     table: &'t TableInfo,
     rules: &'t TableRules,
@@ -157,7 +175,7 @@ impl Uploads {
         self.catalog().await.map(|_| ())
     }
 
-    async fn catalog(&self) -> Result<Arc<BTreeMap<String, TableInfo>>, WriteError> {
+    pub(crate) async fn catalog(&self) -> Result<Arc<BTreeMap<String, TableInfo>>, WriteError> {
         self.tables
             .get_or_try_init(|| async {
                 let client = self
@@ -226,6 +244,7 @@ impl Uploads {
                    code text NOT NULL,
                    message text NOT NULL,
                    op_id bigint,
+                   claims jsonb NOT NULL DEFAULT '{{}}',
                    rejected_at timestamptz NOT NULL DEFAULT now(),
                    replayed_at timestamptz
                  );"
@@ -316,7 +335,10 @@ impl Uploads {
         tables: &BTreeMap<String, TableInfo>,
     ) -> (TxResult, Option<u64>) {
         let outcome = match self.intents(writer, tx, tables) {
-            Ok(intents) => self.apply(writer, client_id, tx, &intents).await,
+            Ok(intents) => {
+                self.apply(writer, client_id, &tx.key(), tx.tx_id, &intents)
+                    .await
+            }
             Err(f) => Err(f),
         };
         match outcome {
@@ -334,15 +356,7 @@ impl Uploads {
                 message,
                 op_id,
             }) => {
-                let result = TxResult {
-                    tx_id: tx.tx_id,
-                    status: Status::Rejected,
-                    code: Some(code.to_owned()),
-                    message: Some(message),
-                    op_id,
-                    retry_after_ms: None,
-                    replayed: false,
-                };
+                let result = rejected(tx.tx_id, code, message, op_id);
                 // Kept whole before the client is told: a rejection that cannot be recorded is
                 // retryable, so nothing is dropped unrecorded.
                 match self.record_rejection(writer, client_id, tx, &result).await {
@@ -365,7 +379,7 @@ impl Uploads {
 
     /// Checks every op against the catalog and the configuration, before PostgreSQL is
     /// touched.
-    fn intents<'t>(
+    pub(crate) fn intents<'t>(
         &'t self,
         writer: Writer<'_>,
         tx: &'t ClientTransaction,
@@ -452,17 +466,18 @@ impl Uploads {
             .collect()
     }
 
-    async fn apply(
+    /// Applies `intents` as one transaction, claimed under `(user, client_id, tx_key)`.
+    pub(crate) async fn apply(
         &self,
         writer: Writer<'_>,
         client_id: &str,
-        tx: &ClientTransaction,
+        tx_key: &str,
+        tx_id: Option<i64>,
         intents: &[Intent<'_>],
     ) -> Result<Applied, Failure> {
         let mut client = self.connection().await?;
         let t = client.transaction().await.map_err(|e| classify(&e, None))?;
         let s = quote_ident(&self.config.schema);
-        let tx_key = tx.key();
         // Claim the transaction first: a retry of one already applied (or being applied by
         // another request right now, which this waits for) finds its row.
         let claimed = t
@@ -477,7 +492,7 @@ impl Uploads {
             .map_err(|e| classify(&e, None))?;
         if claimed == 0 {
             drop(t);
-            return self.earlier(writer, client_id, &tx_key).await;
+            return self.earlier(writer, client_id, tx_key).await;
         }
         let role = match (self.config.mode, &self.config.rls_role) {
             (AuthorizationMode::PostgresRls, Some(role)) => Some(quote_ident(role)),
@@ -500,7 +515,7 @@ impl Uploads {
                 .await
                 .map_err(|e| classify(&e, None))?;
         }
-        let result = serde_json::to_string(&TxResult::applied(tx.tx_id)).unwrap_or_default();
+        let result = serde_json::to_string(&TxResult::applied(tx_id)).unwrap_or_default();
         t.execute(
             &format!(
                 "UPDATE {s}.uploads SET status = 'applied', result = $4::text::jsonb \
@@ -526,7 +541,9 @@ impl Uploads {
         Ok(Applied::Now(lsn.0))
     }
 
-    async fn connection(&self) -> Result<deadpool::managed::Object<crate::Manager>, Failure> {
+    pub(crate) async fn connection(
+        &self,
+    ) -> Result<deadpool::managed::Object<crate::Manager>, Failure> {
         self.pool.get().await.map_err(|e| match e {
             PoolError::Timeout(_) => Failure::Retry("the database is busy".into()),
             e => {
@@ -746,8 +763,8 @@ impl Uploads {
         let ops = serde_json::to_string(&tx.ops).unwrap_or_default();
         t.execute(
             &format!(
-                "INSERT INTO {s}.rejected_writes (user_id, client_id, tx_key, ops, code, message, op_id) \
-                 VALUES ($1, $2, $3, $4::text::jsonb, $5, $6, $7)"
+                "INSERT INTO {s}.rejected_writes (user_id, client_id, tx_key, ops, code, message, op_id, claims) \
+                 VALUES ($1, $2, $3, $4::text::jsonb, $5, $6, $7, $8::text::jsonb)"
             ),
             &[
                 &writer.user_id,
@@ -757,6 +774,7 @@ impl Uploads {
                 &result.code.as_deref().unwrap_or_default(),
                 &result.message.as_deref().unwrap_or_default(),
                 &result.op_id,
+                &writer.claims.to_string(),
             ],
         )
         .await
@@ -796,7 +814,7 @@ async fn create_auth_uid(client: &tokio_postgres::Client) -> Result<(), WriteErr
 }
 
 /// A transaction applied now (at this source position), or before (with this result).
-enum Applied {
+pub(crate) enum Applied {
     Now(u64),
     Before(TxResult),
 }

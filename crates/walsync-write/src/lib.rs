@@ -22,12 +22,14 @@
 mod apply;
 mod catalog;
 mod config;
+mod deadletter;
 mod pool;
 mod predicate;
 
 pub use apply::{Uploads, Writer};
 pub use catalog::{ColumnInfo, TableInfo};
 pub use config::{AuthorizationMode, TableRule, WriteConfig};
+pub use deadletter::DeadLetter;
 pub use pool::{Connect, Manager, PgPool, PoolConnectError, PoolSettings, pg_pool};
 pub use predicate::Predicate;
 pub use walsync_protocol::upload::{

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
-use crate::{demo, replicate, rules_check, serve, status};
+use crate::{demo, replicate, rules_check, serve, status, writes};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,6 +44,9 @@ enum Command {
     Status(status::StatusArgs),
     /// Sync rules: `walsync rules check FILE [--postgres URL]`.
     Rules(rules_check::RulesArgs),
+    /// Uploads' dead letters: `walsync writes rejected` lists them, `walsync writes replay ID`
+    /// applies one again.
+    Writes(writes::WritesArgs),
     /// Compact the store and prune its history, while walsync is stopped (a running `walsync
     /// serve` does the same in the background).
     Compact(serve::CompactArgs),
@@ -77,5 +80,6 @@ pub fn main() -> anyhow::Result<()> {
         Command::Compact(args) => serve::compact(args),
         Command::Rules(args) => rules_check::run(args),
         Command::Status(args) => status::run(args),
+        Command::Writes(args) => writes::run(args),
     }
 }

@@ -282,7 +282,7 @@ async fn check_rules(rules: &SyncRules, pg: &PgConfig) -> Result<(), StartError>
 /// The upload path: predicates parsed now; the catalog read and the predicates checked by
 /// PostgreSQL now when it answers (a wrong table or column stops the start), else at the first
 /// upload.
-async fn start_uploads(
+pub(crate) async fn start_uploads(
     writes: &walsync_write::WriteConfig,
     pg: &PgConfig,
 ) -> Result<Arc<walsync_write::Uploads>, StartError> {
