@@ -914,3 +914,180 @@ async fn dead_letters_are_listed_and_replayed_from_the_command_line() -> anyhow:
     anyhow::ensure!(all.contains("replayed"), "{all}");
     Ok(())
 }
+
+/// A field the server changed since the client read it (the op's `old` values) is decided by
+/// the table's strategy, field by field; a manual conflict is stored with both versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicts_are_decided_field_by_field() -> anyhow::Result<()> {
+    use walsync_write::{ConflictRule, Strategy, TableRule};
+    let s = seed::setup().await?;
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/walsync.toml");
+    let mut writes = walsync::Config::load(&example)?
+        .writes
+        .ok_or_else(|| anyhow::anyhow!("no [writes]"))?;
+    let mut on = |table: &str, default: Strategy, columns: &[(&str, Strategy)]| {
+        let rule: &mut TableRule = writes.tables.entry(table.to_owned()).or_default();
+        rule.conflicts = Some(ConflictRule {
+            default,
+            columns: columns.iter().map(|(c, s)| ((*c).to_owned(), *s)).collect(),
+            scope: Some("project_id".into()),
+        });
+    };
+    on("teams", Strategy::ServerWins, &[]);
+    on("assessments", Strategy::ClientWins, &[]);
+    on("sow_section_approvals", Strategy::LastWriteWins, &[]);
+    on(
+        "assessment_responses",
+        Strategy::MergeFields,
+        &[("answer", Strategy::Manual)],
+    );
+    let mut config = service::config(&s, ServerConfig::default());
+    config.writes = Some(writes);
+    let service = Service::start(config).await?;
+    s.sql
+        .batch_execute(
+            "INSERT INTO teams (id, project_id, name) VALUES (80001, 1, 'v0');
+             INSERT INTO assessments (id, project_id, phase, tier) VALUES (80002, 1, 'v0', 't0');
+             INSERT INTO sow_section_approvals (id, project_id, section) VALUES (80003, 1, 'v0'), (80004, 1, 'v0');
+             INSERT INTO assessment_responses (id, project_id, answer, notes, priority) VALUES (80005, 1, 'v0', 'n0', 'p0');
+             -- What other writers did since the client read the rows.
+             UPDATE teams SET name = 'server' WHERE id = 80001;
+             UPDATE assessments SET phase = 'server' WHERE id = 80002;
+             UPDATE sow_section_approvals SET section = 'server' WHERE id IN (80003, 80004);
+             UPDATE assessment_responses SET answer = 'server', notes = 'server notes' WHERE id = 80005;",
+        )
+        .await?;
+    let edit = |op_id: i64, table: &str, id: i64, data: Value, old: Value| {
+        let mut op = patch(op_id, table, id, data);
+        op["old"] = old;
+        op
+    };
+    let ops = vec![
+        edit(
+            1,
+            "teams",
+            80001,
+            json!({"name": "client"}),
+            json!({"name": "v0"}),
+        ),
+        edit(
+            2,
+            "assessments",
+            80002,
+            json!({"phase": "client", "tier": "t1"}),
+            json!({"phase": "v0", "tier": "t0"}),
+        ),
+        // The later edit wins: the upload's arrival, and an edit made long ago.
+        edit(
+            3,
+            "sow_section_approvals",
+            80003,
+            json!({"section": "client"}),
+            json!({"section": "v0"}),
+        ),
+        edit(
+            4,
+            "sow_section_approvals",
+            80004,
+            json!({"section": "client", "_last_modified_at": "2000-01-01T00:00:00Z"}),
+            json!({"section": "v0"}),
+        ),
+        // A whole row (as a PUT carries it): the answer both changed is manual, the notes only
+        // the server changed stay the server's, the priority only the client changed is written.
+        {
+            let mut op = put(
+                5,
+                "assessment_responses",
+                80005,
+                json!({"project_id": 1, "answer": "client", "notes": "n0", "priority": "p1"}),
+            );
+            op["old"] = json!({"project_id": 1, "answer": "v0", "notes": "n0", "priority": "p0"});
+            op
+        },
+    ];
+    let (_, reply) = post(&service, "u1", &upload("c", vec![tx(1, ops)])).await?;
+    let result = &reply["results"][0];
+    anyhow::ensure!(result["status"] == "applied", "{reply}");
+    let field = |table: &'static str, id: i64, column: &'static str| {
+        let s = &s;
+        async move {
+            let r = row(s, table, id).await?.unwrap_or_default();
+            anyhow::Ok(r[column].as_str().unwrap_or_default().to_owned())
+        }
+    };
+    anyhow::ensure!(field("teams", 80001, "name").await? == "server");
+    anyhow::ensure!(field("assessments", 80002, "phase").await? == "client");
+    anyhow::ensure!(field("assessments", 80002, "tier").await? == "t1");
+    anyhow::ensure!(field("sow_section_approvals", 80003, "section").await? == "client");
+    anyhow::ensure!(field("sow_section_approvals", 80004, "section").await? == "server");
+    anyhow::ensure!(field("assessment_responses", 80005, "answer").await? == "server");
+    anyhow::ensure!(field("assessment_responses", 80005, "notes").await? == "server notes");
+    anyhow::ensure!(field("assessment_responses", 80005, "priority").await? == "p1");
+
+    let outcomes: Vec<(i64, String, String)> = result["conflicts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            (
+                c["op_id"].as_i64().unwrap_or_default(),
+                c["column"].as_str().unwrap_or_default().to_owned(),
+                c["outcome"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let want: Vec<(i64, String, String)> = [
+        (1, "name", "server"),
+        (2, "phase", "client"),
+        (3, "section", "client"),
+        (4, "section", "server"),
+        (5, "answer", "manual"),
+    ]
+    .iter()
+    .map(|(o, c, w)| (*o, (*c).to_owned(), (*w).to_owned()))
+    .collect();
+    anyhow::ensure!(outcomes == want, "{outcomes:?}");
+
+    // The manual one is stored, both versions and what they came from, scoped to the project.
+    let stored = s
+        .sql
+        .query_one(
+            "SELECT table_name, row_id, column_name, base_value, client_value, server_value, scope, user_id \
+             FROM write_conflicts",
+            &[],
+        )
+        .await?;
+    let got: Vec<Option<String>> = (0..8).map(|i| stored.get(i)).collect();
+    let want: Vec<Option<String>> = [
+        "assessment_responses",
+        "80005",
+        "answer",
+        "v0",
+        "client",
+        "server",
+        "1",
+        "u1",
+    ]
+    .iter()
+    .map(|v| Some((*v).to_owned()))
+    .collect();
+    anyhow::ensure!(got == want, "{got:?}");
+
+    // Without old values nothing is a conflict: the client's value is written.
+    let (_, reply) = post(
+        &service,
+        "u1",
+        &upload(
+            "c",
+            vec![tx(
+                2,
+                vec![patch(6, "teams", 80001, json!({"name": "client again"}))],
+            )],
+        ),
+    )
+    .await?;
+    anyhow::ensure!(reply["results"][0]["conflicts"].is_null(), "{reply}");
+    anyhow::ensure!(field("teams", 80001, "name").await? == "client again");
+    service.stop().await;
+    Ok(())
+}

@@ -99,6 +99,19 @@ pub struct TxResult {
     /// nothing was written again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replayed: bool,
+    /// Fields the server had changed too since the client read them, and how each was decided.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<ConflictNote>,
+}
+
+/// A field of an applied op that the server had changed too.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct ConflictNote {
+    pub op_id: i64,
+    pub column: String,
+    /// `client` (its value was written), `server` (the server's stays) or `manual` (the
+    /// server's stays and the conflict is stored for a person to decide).
+    pub outcome: String,
 }
 
 impl TxResult {
@@ -112,6 +125,7 @@ impl TxResult {
             op_id: None,
             retry_after_ms: None,
             replayed: false,
+            conflicts: Vec::new(),
         }
     }
 }
@@ -237,6 +251,15 @@ impl From<UploadReply> for pb::UploadReply {
                     op_id: r.op_id,
                     retry_after_ms: r.retry_after_ms,
                     replayed: r.replayed,
+                    conflicts: r
+                        .conflicts
+                        .into_iter()
+                        .map(|c| pb::ConflictNote {
+                            op_id: c.op_id,
+                            column: c.column,
+                            outcome: c.outcome,
+                        })
+                        .collect(),
                 })
                 .collect(),
             write_checkpoint: reply.write_checkpoint.and_then(|w| w.parse().ok()),
@@ -266,6 +289,15 @@ impl TryFrom<pb::UploadReply> for UploadReply {
                     op_id: r.op_id,
                     retry_after_ms: r.retry_after_ms,
                     replayed: r.replayed,
+                    conflicts: r
+                        .conflicts
+                        .into_iter()
+                        .map(|c| ConflictNote {
+                            op_id: c.op_id,
+                            column: c.column,
+                            outcome: c.outcome,
+                        })
+                        .collect(),
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;

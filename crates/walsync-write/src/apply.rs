@@ -10,9 +10,10 @@ use tokio_postgres::types::Type;
 use walsync_types::{Lsn, quote_ident};
 
 use crate::catalog::{self, TableInfo};
-use crate::config::{AuthorizationMode, WriteConfig};
+use crate::config::{AuthorizationMode, ConflictRule, WriteConfig};
+use crate::conflict;
 use crate::predicate::Predicate;
-use crate::{ClientTransaction, CrudEntry, CrudOp, Status, TxResult, UploadReply};
+use crate::{ClientTransaction, ConflictNote, CrudEntry, CrudOp, Status, TxResult, UploadReply};
 use crate::{PgPool, UploadError, UploadRequest, WriteError};
 
 /// Who is writing: the token's subject and claims.
@@ -28,6 +29,7 @@ struct TableRules {
     insert: Option<Predicate>,
     update: Option<Predicate>,
     delete: Option<Predicate>,
+    conflicts: Option<ConflictRule>,
 }
 
 /// Applies uploads to the source database.
@@ -86,6 +88,7 @@ pub(crate) fn rejected(
         op_id,
         retry_after_ms: None,
         replayed: false,
+        conflicts: Vec::new(),
     }
 }
 
@@ -122,6 +125,10 @@ pub(crate) struct Intent<'t> {
     key: String,
     /// The client's values (normalized), with the columns walsync fills.
     data: Map<String, Value>,
+    /// The `_version` and `_last_modified_at` the client sent (of the row it edited from, and
+    /// of its edit), for conflicts.
+    client_version: Option<Value>,
+    client_time: Option<Value>,
 }
 
 impl Uploads {
@@ -153,6 +160,7 @@ impl Uploads {
                     insert: parse("insert", &rule.insert)?,
                     update: parse("update", &rule.update)?,
                     delete: parse("delete", &rule.delete)?,
+                    conflicts: rule.conflicts.clone(),
                 },
             );
         }
@@ -183,6 +191,8 @@ impl Uploads {
                     .get()
                     .await
                     .map_err(|e| WriteError::Unreachable(e.to_string()))?;
+                // walsync's own tables first: the conflicts table may be writable.
+                self.create_bookkeeping(&client).await?;
                 let mut tables = BTreeMap::new();
                 for name in self.rules.keys() {
                     let info = catalog::load(&client, name)
@@ -190,7 +200,6 @@ impl Uploads {
                         .map_err(WriteError::Catalog)?;
                     tables.insert(name.clone(), info);
                 }
-                self.create_bookkeeping(&client).await?;
                 if self.config.mode == AuthorizationMode::PostgresRls {
                     create_auth_uid(&client).await?;
                 }
@@ -221,6 +230,12 @@ impl Uploads {
             .cloned()
     }
 
+    /// The conflicts table, qualified and quoted.
+    fn conflicts_table(&self) -> String {
+        let (schema, table) = catalog::split_name(&self.config.conflicts_table);
+        format!("{}.{}", quote_ident(schema), quote_ident(table))
+    }
+
     async fn create_bookkeeping(&self, client: &tokio_postgres::Client) -> Result<(), WriteError> {
         let s = quote_ident(&self.config.schema);
         client
@@ -247,7 +262,25 @@ impl Uploads {
                    claims jsonb NOT NULL DEFAULT '{{}}',
                    rejected_at timestamptz NOT NULL DEFAULT now(),
                    replayed_at timestamptz
-                 );"
+                 );
+                 CREATE TABLE IF NOT EXISTS {c} (
+                   id bigserial PRIMARY KEY,
+                   table_name text NOT NULL,
+                   row_id text NOT NULL,
+                   column_name text NOT NULL,
+                   base_value text,
+                   client_value text,
+                   server_value text,
+                   scope text,
+                   user_id text NOT NULL,
+                   client_id text NOT NULL,
+                   op_id bigint,
+                   created_at timestamptz NOT NULL DEFAULT now(),
+                   resolution text,
+                   resolved_by text,
+                   resolved_at timestamptz
+                 );",
+                c = self.conflicts_table()
             ))
             .await
             .map_err(|e| {
@@ -323,6 +356,7 @@ impl Uploads {
             op_id: None,
             retry_after_ms: Some(self.config.retry_after_ms),
             replayed: false,
+            conflicts: Vec::new(),
         }
     }
 
@@ -342,7 +376,13 @@ impl Uploads {
             Err(f) => Err(f),
         };
         match outcome {
-            Ok(Applied::Now(lsn)) => (TxResult::applied(tx.tx_id), Some(lsn)),
+            Ok(Applied::Now(lsn, conflicts)) => (
+                TxResult {
+                    conflicts,
+                    ..TxResult::applied(tx.tx_id)
+                },
+                Some(lsn),
+            ),
             Ok(Applied::Before(mut result)) => {
                 result.replayed = true;
                 (result, None)
@@ -455,12 +495,21 @@ impl Uploads {
                 }
                 let mut key = Map::new();
                 key.insert(table.key.clone(), Value::from(op.id.as_str()));
+                let sent = |column: &str| {
+                    op.data
+                        .as_ref()
+                        .and_then(|d| d.get(column))
+                        .filter(|v| !v.is_null())
+                        .cloned()
+                };
                 Ok(Intent {
                     op,
                     table,
                     rules,
                     key: Value::Object(key).to_string(),
                     data,
+                    client_version: sent(VERSION),
+                    client_time: sent(LAST_MODIFIED_AT),
                 })
             })
             .collect()
@@ -507,15 +556,23 @@ impl Uploads {
             .await
             .map_err(|e| classify(&e, None))?;
         }
+        let mut conflicts = Vec::new();
         for intent in intents {
-            self.apply_op(&t, writer, intent, role.as_deref()).await?;
+            conflicts.extend(
+                self.apply_op(&t, writer, client_id, intent, role.as_deref())
+                    .await?,
+            );
         }
         if role.is_some() {
             t.batch_execute("RESET ROLE")
                 .await
                 .map_err(|e| classify(&e, None))?;
         }
-        let result = serde_json::to_string(&TxResult::applied(tx_id)).unwrap_or_default();
+        let result = serde_json::to_string(&TxResult {
+            conflicts: conflicts.clone(),
+            ..TxResult::applied(tx_id)
+        })
+        .unwrap_or_default();
         t.execute(
             &format!(
                 "UPDATE {s}.uploads SET status = 'applied', result = $4::text::jsonb \
@@ -538,7 +595,7 @@ impl Uploads {
         let lsn = lsn
             .parse::<Lsn>()
             .map_err(|_| Failure::Retry("postgres returned no lsn".into()))?;
-        Ok(Applied::Now(lsn.0))
+        Ok(Applied::Now(lsn.0, conflicts))
     }
 
     pub(crate) async fn connection(
@@ -579,13 +636,16 @@ impl Uploads {
             .map_err(|_| Failure::Retry("the earlier attempt is still running".into()))
     }
 
+    /// Applies one op: finds and locks its row, decides conflicts, checks authorization, makes
+    /// the change. Returns the conflicts it met.
     async fn apply_op(
         &self,
         t: &Transaction<'_>,
         writer: Writer<'_>,
+        client_id: &str,
         intent: &Intent<'_>,
         role: Option<&str>,
-    ) -> Result<(), Failure> {
+    ) -> Result<Vec<ConflictNote>, Failure> {
         let table = intent.table;
         let op_id = Some(intent.op.op_id);
         let fail = |e: tokio_postgres::Error| classify(&e, op_id);
@@ -599,14 +659,26 @@ impl Uploads {
         if role.is_some() {
             t.batch_execute("RESET ROLE").await.map_err(fail)?;
         }
-        let old: Option<String> = t
+        // With conflicts to decide, the row also as the sync stream has it (each column as text).
+        let texts = match intent.rules.conflicts {
+            Some(_) => table.text_array(),
+            None => "NULL::text[]".to_owned(),
+        };
+        let found = t
             .query_opt(
-                &format!("SELECT to_jsonb(t)::text FROM {q} t WHERE t.{k} = {find} FOR UPDATE"),
+                &format!(
+                    "SELECT to_jsonb(t)::text, {texts} FROM {q} t WHERE t.{k} = {find} FOR UPDATE"
+                ),
                 &[&intent.key],
             )
             .await
-            .map_err(fail)?
-            .map(|r| r.get(0));
+            .map_err(fail)?;
+        let old: Option<String> = found.as_ref().map(|r| r.get(0));
+        let server: BTreeMap<String, Option<String>> = found
+            .as_ref()
+            .and_then(|r| r.get::<_, Option<Vec<Option<String>>>>(1))
+            .map(|values| table.columns.keys().cloned().zip(values).collect())
+            .unwrap_or_default();
         if let Some(role) = role {
             t.batch_execute(&format!("SET LOCAL ROLE {role}"))
                 .await
@@ -615,7 +687,7 @@ impl Uploads {
         let old_row: Option<Map<String, Value>> =
             old.as_deref().and_then(|o| serde_json::from_str(o).ok());
         let (operation, predicate) = match (intent.op.op, &old_row) {
-            (CrudOp::Delete, None) => return Ok(()),
+            (CrudOp::Delete, None) => return Ok(Vec::new()),
             (CrudOp::Delete, Some(_)) => ("delete", &intent.rules.delete),
             (CrudOp::Patch, None) => {
                 return Err(reject(
@@ -627,12 +699,55 @@ impl Uploads {
             (CrudOp::Put, None) => ("insert", &intent.rules.insert),
             (_, Some(_)) => ("update", &intent.rules.update),
         };
+        // A field the server changed too since the client read it is decided before anything
+        // is checked or written: what is checked is what is written.
+        let mut data = intent.data.clone();
+        let mut notes = Vec::new();
+        let mut manual = Vec::new();
+        if let (Some(rule), "update") = (&intent.rules.conflicts, operation) {
+            let mut fields = data.clone();
+            let by = fields.remove(LAST_MODIFIED_BY);
+            let r = conflict::resolve(
+                rule,
+                &fields,
+                intent.op.old.as_ref(),
+                intent.client_version.as_ref(),
+                &server,
+            );
+            let note = |column: &str, outcome: &str| ConflictNote {
+                op_id: intent.op.op_id,
+                column: column.to_owned(),
+                outcome: outcome.to_owned(),
+            };
+            notes.extend(r.decided.iter().map(|(c, o)| note(c, o)));
+            let mut write = r.write;
+            if !r.later_wins.is_empty() {
+                let client_is_later = self
+                    .client_is_later(t, intent, &server)
+                    .await
+                    .map_err(fail)?;
+                for (column, value) in r.later_wins {
+                    notes.push(note(
+                        &column,
+                        if client_is_later { "client" } else { "server" },
+                    ));
+                    if client_is_later {
+                        write.insert(column, value);
+                    }
+                }
+            }
+            if let (Some(by), false) = (by, write.is_empty()) {
+                write.insert(LAST_MODIFIED_BY.into(), by);
+            }
+            data = write;
+            manual = r.manual;
+        }
         // The row as the client wants it: its values over the current row.
         let new = match (operation, &old_row) {
             ("delete", _) => None,
             (_, old) => {
                 let mut row = old.clone().unwrap_or_default();
-                row.extend(intent.data.clone());
+                row.extend(data.clone());
                 row.insert(table.key.clone(), Value::from(intent.op.id.as_str()));
                 Some(Value::Object(row).to_string())
             }
@@ -678,7 +793,7 @@ impl Uploads {
                 .await
                 .map_err(fail)?,
             "insert" => {
-                let mut data = intent.data.clone();
+                let mut data = data.clone();
                 data.insert(table.key.clone(), Value::from(intent.op.id.as_str()));
                 let (columns, values) = assignments(table, data.keys(), false);
                 t.execute(
@@ -690,12 +805,14 @@ impl Uploads {
                 .await
                 .map_err(fail)?
             }
+            // Nothing left to write (the server's values stay): the row is not touched.
+            _ if data.is_empty() => 1,
             _ => {
-                let (columns, values) = assignments(table, intent.data.keys(), true);
+                let (columns, values) = assignments(table, data.keys(), true);
                 if columns.is_empty() {
-                    return Ok(());
+                    return Ok(notes);
                 }
-                let mut data = intent.data.clone();
+                let mut data = data.clone();
                 data.insert(table.key.clone(), Value::from(intent.op.id.as_str()));
                 t.execute(
                     &format!(
@@ -719,7 +836,85 @@ impl Uploads {
                 op_id,
             ));
         }
+        if !manual.is_empty() {
+            self.store_conflicts(t, writer, client_id, intent, &server, manual)
+                .await
+                .map_err(fail)?;
+        }
+        Ok(notes)
+    }
+
+    /// Stores fields left for a person to decide in the conflicts table, as walsync's own user
+    /// (the writer's role need not write there), in the upload's transaction.
+    async fn store_conflicts(
+        &self,
+        t: &Transaction<'_>,
+        writer: Writer<'_>,
+        client_id: &str,
+        intent: &Intent<'_>,
+        server: &BTreeMap<String, Option<String>>,
+        manual: Vec<conflict::Manual>,
+    ) -> Result<(), tokio_postgres::Error> {
+        let role = self.config.mode == AuthorizationMode::PostgresRls;
+        if role {
+            t.batch_execute("RESET ROLE").await?;
+        }
+        let scope: Option<&str> = intent
+            .rules
+            .conflicts
+            .as_ref()
+            .and_then(|r| r.scope.as_deref())
+            .and_then(|c| server.get(c))
+            .and_then(|v| v.as_deref());
+        let insert = format!(
+            "INSERT INTO {} (table_name, row_id, column_name, base_value, client_value, server_value, scope, user_id, client_id, op_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            self.conflicts_table()
+        );
+        for m in manual {
+            t.execute(
+                &insert,
+                &[
+                    &intent.table.name,
+                    &intent.op.id,
+                    &m.column,
+                    &m.base,
+                    &m.client,
+                    &m.server,
+                    &scope,
+                    &writer.user_id,
+                    &client_id,
+                    &intent.op.op_id,
+                ],
+            )
+            .await?;
+        }
+        if let (true, Some(r)) = (role, &self.config.rls_role) {
+            t.batch_execute(&format!("SET LOCAL ROLE {}", quote_ident(r)))
+                .await?;
+        }
         Ok(())
+    }
+
+    /// Whether the client's edit (its `_last_modified_at`, else now) is not older than the
+    /// row's `_last_modified_at` (a row without one: the client's is later).
+    async fn client_is_later(
+        &self,
+        t: &Transaction<'_>,
+        intent: &Intent<'_>,
+        server: &BTreeMap<String, Option<String>>,
+    ) -> Result<bool, tokio_postgres::Error> {
+        let Some(Some(row_time)) = server.get(LAST_MODIFIED_AT) else {
+            return Ok(true);
+        };
+        let client_time = intent.client_time.as_ref().and_then(conflict::text_form);
+        let row = t
+            .query_one(
+                "SELECT COALESCE($1::text::timestamptz, now()) >= $2::text::timestamptz",
+                &[&client_time, row_time],
+            )
+            .await?;
+        Ok(row.get(0))
     }
 
     /// Records a rejected transaction in the dead letters and as its upload's result. When an
@@ -815,7 +1010,7 @@ async fn create_auth_uid(client: &tokio_postgres::Client) -> Result<(), WriteErr
 
 /// A transaction applied now (at this source position), or before (with this result).
 pub(crate) enum Applied {
-    Now(u64),
+    Now(u64, Vec<ConflictNote>),
     Before(TxResult),
 }
 

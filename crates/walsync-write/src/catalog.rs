@@ -23,11 +23,31 @@ pub struct ColumnInfo {
     pub json: bool,
     /// Generated columns cannot be written.
     pub writable: bool,
+    /// A boolean: compared as 1/0, as the sync stream sends it.
+    pub boolean: bool,
 }
 
 impl TableInfo {
     pub fn has(&self, column: &str) -> bool {
         self.columns.contains_key(column)
+    }
+
+    /// Every column as text, as the sync stream sends it, in the order of `columns`: an SQL
+    /// array over the row `t`.
+    pub(crate) fn text_array(&self) -> String {
+        let items: Vec<String> = self
+            .columns
+            .iter()
+            .map(|(name, c)| {
+                let col = format!("t.{}", quote_ident(name));
+                if c.boolean {
+                    format!("{col}::int::text")
+                } else {
+                    format!("{col}::text")
+                }
+            })
+            .collect();
+        format!("ARRAY[{}]::text[]", items.join(", "))
     }
 }
 
@@ -76,6 +96,7 @@ pub(crate) async fn load(client: &Client, name: &str) -> Result<TableInfo, Strin
             ColumnInfo {
                 json: typname == "json" || typname == "jsonb",
                 writable: generated.is_empty(),
+                boolean: typname == "bool",
             },
         );
     }

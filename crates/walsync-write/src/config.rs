@@ -30,6 +30,43 @@ pub struct TableRule {
     pub insert: Option<String>,
     pub update: Option<String>,
     pub delete: Option<String>,
+    /// How a field changed on the server since the client read it is resolved. Without this
+    /// section the client's values are written as they come (client wins).
+    pub conflicts: Option<ConflictRule>,
+}
+
+/// What to do with a field that both the client and the server changed since the values the
+/// client edited from (its op's `old`, or its `_version`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// The later edit wins: the client's (its `_last_modified_at`, else the upload's arrival)
+    /// against the row's `_last_modified_at`.
+    LastWriteWins,
+    /// The server's value stays.
+    ServerWins,
+    /// The client's value is written.
+    ClientWins,
+    /// As a table's default: only the fields the client changed are written (a `PUT` carries
+    /// the whole row), and a field changed on both sides follows its own strategy, else the
+    /// later edit wins.
+    MergeFields,
+    /// The server's value stays and the conflict is stored, both versions, in the conflicts
+    /// table, for a person to decide (resolving it is an ordinary upload).
+    Manual,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConflictRule {
+    /// The strategy of fields without one of their own.
+    pub default: Strategy,
+    /// Strategies of single columns.
+    #[serde(default)]
+    pub columns: BTreeMap<String, Strategy>,
+    /// A column whose value (as text) goes into a stored conflict's `scope`, so that sync rules
+    /// can give the conflict to whoever sees the row (the seed app: `project_id`).
+    pub scope: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -41,6 +78,9 @@ pub struct WriteConfig {
     /// The schema of walsync's own tables: `uploads` (one row per client transaction, for
     /// idempotent retries) and `rejected_writes` (the dead letters).
     pub schema: String,
+    /// The table manual conflicts are stored in (`table` or `schema.table`), created at start;
+    /// sync rules can give its rows to the people concerned, and resolving one is an upload.
+    pub conflicts_table: String,
     /// Writable tables by the name clients use (`table` or `schema.table`; a plain name is in
     /// `public`), with their rules.
     pub tables: BTreeMap<String, TableRule>,
@@ -61,6 +101,7 @@ impl Default for WriteConfig {
             mode: AuthorizationMode::Rules,
             rls_role: None,
             schema: "walsync".into(),
+            conflicts_table: "write_conflicts".into(),
             tables: BTreeMap::new(),
             max_ops: 1_000,
             connections: 8,

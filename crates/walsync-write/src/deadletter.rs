@@ -134,7 +134,10 @@ impl Uploads {
             Err(f) => Err(f),
         };
         let result = match outcome {
-            Ok(Applied::Now(_)) => TxResult::applied(None),
+            Ok(Applied::Now(_, conflicts)) => TxResult {
+                conflicts,
+                ..TxResult::applied(None)
+            },
             Ok(Applied::Before(r)) => TxResult {
                 replayed: true,
                 ..r

@@ -22,18 +22,20 @@
 mod apply;
 mod catalog;
 mod config;
+mod conflict;
 mod deadletter;
 mod pool;
 mod predicate;
 
 pub use apply::{Uploads, Writer};
 pub use catalog::{ColumnInfo, TableInfo};
-pub use config::{AuthorizationMode, TableRule, WriteConfig};
+pub use config::{AuthorizationMode, ConflictRule, Strategy, TableRule, WriteConfig};
 pub use deadletter::DeadLetter;
 pub use pool::{Connect, Manager, PgPool, PoolConnectError, PoolSettings, pg_pool};
 pub use predicate::Predicate;
 pub use walsync_protocol::upload::{
-    ClientTransaction, CrudEntry, CrudOp, Status, TxResult, UploadReply, UploadRequest,
+    ClientTransaction, ConflictNote, CrudEntry, CrudOp, Status, TxResult, UploadReply,
+    UploadRequest,
 };
 
 /// A configuration or schema that cannot serve uploads: found at start-up.
