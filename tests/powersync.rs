@@ -217,18 +217,57 @@ fn describe(got: Option<&Tables>, want: &Tables) -> String {
     out.join("; ")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_powersync_node_client_syncs_exactly_the_users_rows() -> anyhow::Result<()> {
+/// The service with the seed app's write rules and conflict strategies.
+async fn start(s: &seed::Setup) -> anyhow::Result<Service> {
+    let mut config = service::config(s, ServerConfig::default());
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/walsync.toml");
+    config.writes = walsync::Config::load(&example)?.writes;
+    Ok(Service::start(config).await?)
+}
+
+/// The client installed, the seed app and the service; none (with a message) where `node` is
+/// absent.
+async fn prepare() -> anyhow::Result<Option<(PathBuf, seed::Setup, Service)>> {
     if !node_available() {
         eprintln!("skipped: `node` is not installed, so the PowerSync client test cannot run");
-        return Ok(());
+        return Ok(None);
     }
     let dir = install_client()?;
     let s = seed::setup().await?;
-    let mut config = service::config(&s, ServerConfig::default());
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/walsync.toml");
-    config.writes = walsync::Config::load(&example)?.writes;
-    let service = Service::start(config).await?;
+    let service = start(&s).await?;
+    Ok(Some((dir, s, service)))
+}
+
+/// Sends a local write to the client (`exec`), as the app makes it.
+async fn exec(client: &mut NodeClient, sql: &str, params: &[&str]) -> anyhow::Result<()> {
+    client
+        .send(&format!(
+            "exec {}",
+            serde_json::json!({ "sql": sql, "params": params })
+        ))
+        .await
+}
+
+/// Polls `query` (one boolean) until it holds, for at most a minute.
+async fn until_postgres(s: &seed::Setup, query: &str, what: &str) -> anyhow::Result<()> {
+    let wait = async {
+        loop {
+            if s.sql.query_one(query, &[]).await?.get::<_, bool>(0) {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), wait)
+        .await
+        .with_context(|| format!("{what}: postgres never showed it"))?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_powersync_node_client_syncs_exactly_the_users_rows() -> anyhow::Result<()> {
+    let Some((dir, s, service)) = prepare().await? else {
+        return Ok(());
+    };
     let db = s.dir.path().join("powersync-u1.db");
     let mut client = NodeClient::start(&dir, &service.url(), &service::token("u1"), &db).await?;
 
@@ -269,68 +308,38 @@ async fn the_powersync_node_client_syncs_exactly_the_users_rows() -> anyhow::Res
         )
         .await?
         .get(0);
-    client
-        .send(&format!(
-            "exec {}",
-            serde_json::json!({
-                "sql": "UPDATE assessment_responses SET answer = ? WHERE id = ?",
-                "params": ["typed in the client", response.to_string()],
-            })
-        ))
-        .await?;
-    let in_postgres = async {
-        loop {
-            let answer: Option<String> = s
-                .sql
-                .query_one(
-                    "SELECT answer FROM assessment_responses WHERE id = $1",
-                    &[&response],
-                )
-                .await?
-                .get(0);
-            if answer.as_deref() == Some("typed in the client") {
-                return anyhow::Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(60), in_postgres)
-        .await
-        .context("the client's write never reached postgres")??;
+    exec(
+        &mut client,
+        "UPDATE assessment_responses SET answer = ? WHERE id = ?",
+        &["typed in the client", &response.to_string()],
+    )
+    .await?;
+    until_postgres(
+        &s,
+        &format!(
+            "SELECT answer = 'typed in the client' FROM assessment_responses WHERE id = {response}"
+        ),
+        "the client's write",
+    )
+    .await?;
     client
         .until(&expected_tables(&s, "u1").await?, "after an upload")
         .await?;
 
     // A write the rules deny (nobody changes their own role): rejected, kept in the dead
     // letters, and the client comes back to what PostgreSQL holds.
-    client
-        .send(&format!(
-            "exec {}",
-            serde_json::json!({
-                "sql": "UPDATE project_members SET role = 'viewer' WHERE project_id = '1' AND user_id = 'u1'",
-                "params": [],
-            })
-        ))
-        .await?;
-    let dead_letter = async {
-        loop {
-            let n: i64 = s
-                .sql
-                .query_one(
-                    "SELECT count(*) FROM walsync.rejected_writes WHERE user_id = 'u1' AND code = 'denied'",
-                    &[],
-                )
-                .await?
-                .get(0);
-            if n > 0 {
-                return anyhow::Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(60), dead_letter)
-        .await
-        .context("the denied write never reached the dead letters")??;
+    exec(
+        &mut client,
+        "UPDATE project_members SET role = 'viewer' WHERE project_id = '1' AND user_id = 'u1'",
+        &[],
+    )
+    .await?;
+    until_postgres(
+        &s,
+        "SELECT EXISTS (SELECT 1 FROM walsync.rejected_writes WHERE user_id = 'u1' AND code = 'denied')",
+        "the denied write in the dead letters",
+    )
+    .await?;
     let want = expected_tables(&s, "u1").await?;
     client.until(&want, "after a denied upload").await?;
 
@@ -343,6 +352,91 @@ async fn the_powersync_node_client_syncs_exactly_the_users_rows() -> anyhow::Res
 
     client.send("exit").await?;
     let _ = tokio::time::timeout(Duration::from_secs(10), client.child.wait()).await;
+    service.stop().await;
+    Ok(())
+}
+
+/// Two interviewers edit the same answer while one is offline. The first upload is applied;
+/// the second, made from the older answer (its `old`, tracked by the client), meets the seed's
+/// `manual` strategy: the first answer stays, the conflict is stored with both versions, and
+/// both clients end up holding what PostgreSQL holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_editing_one_answer_leave_a_manual_conflict() -> anyhow::Result<()> {
+    let Some((dir, s, service)) = prepare().await? else {
+        return Ok(());
+    };
+    // u1 (editor) and u2 (owner) are both members of project 2.
+    let mut a = NodeClient::start(
+        &dir,
+        &service.url(),
+        &service::token("u1"),
+        &s.dir.path().join("a.db"),
+    )
+    .await?;
+    let mut b = NodeClient::start(
+        &dir,
+        &service.url(),
+        &service::token("u2"),
+        &s.dir.path().join("b.db"),
+    )
+    .await?;
+    a.until(&expected_tables(&s, "u1").await?, "a: initial sync")
+        .await?;
+    b.until(&expected_tables(&s, "u2").await?, "b: initial sync")
+        .await?;
+    let response: i64 = s
+        .sql
+        .query_one(
+            "SELECT min(id) FROM assessment_responses WHERE project_id = 2",
+            &[],
+        )
+        .await?
+        .get(0);
+    let id = response.to_string();
+
+    b.send("disconnect").await?;
+    let update = "UPDATE assessment_responses SET answer = ? WHERE id = ?";
+    exec(&mut b, update, &["offline answer from u2", &id]).await?;
+    exec(&mut a, update, &["answer from u1", &id]).await?;
+    until_postgres(
+        &s,
+        &format!(
+            "SELECT answer = 'answer from u1' FROM assessment_responses WHERE id = {response}"
+        ),
+        "u1's answer",
+    )
+    .await?;
+    b.send("connect").await?;
+    until_postgres(
+        &s,
+        &format!(
+            "SELECT EXISTS (SELECT 1 FROM write_conflicts WHERE table_name = 'assessment_responses' \
+             AND row_id = '{response}' AND column_name = 'answer' AND client_value = 'offline answer from u2' \
+             AND server_value = 'answer from u1' AND scope = '2' AND user_id = 'u2')"
+        ),
+        "the manual conflict",
+    )
+    .await?;
+    let answer: String = s
+        .sql
+        .query_one(
+            "SELECT answer FROM assessment_responses WHERE id = $1",
+            &[&response],
+        )
+        .await?
+        .get(0);
+    anyhow::ensure!(
+        answer == "answer from u1",
+        "the conflict was not left to a person: {answer}"
+    );
+    a.until(&expected_tables(&s, "u1").await?, "a: after the conflict")
+        .await?;
+    b.until(&expected_tables(&s, "u2").await?, "b: after the conflict")
+        .await?;
+    for mut c in [a, b] {
+        c.send("exit").await?;
+        let _ = tokio::time::timeout(Duration::from_secs(10), c.child.wait()).await;
+    }
     service.stop().await;
     Ok(())
 }

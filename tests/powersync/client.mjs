@@ -1,7 +1,8 @@
 // The real PowerSync Node.js client against walsync, driven by tests/powersync.rs.
 // Usage: node client.mjs <endpoint> <token> <database file>
-// Prints one JSON line {"state": {...}} whenever the synced tables change; reads commands
-// "reconnect" and "exit" on stdin.
+// Prints one JSON line {"state": {...}} whenever the synced tables change; reads commands on
+// stdin: "disconnect", "connect", "reconnect", "exec {sql, params}" (a local write, uploaded by
+// uploadData), "internals" and "exit".
 import { PowerSyncDatabase, Schema, Table, column } from '@powersync/node';
 import * as path from 'node:path';
 import * as readline from 'node:readline';
@@ -19,11 +20,17 @@ const TABLES = {
   sow_section_approvals: ['project_id', 'section'],
 };
 
+// Responses keep the values an edit started from (`old` in their CRUD entries), so that
+// walsync can tell a conflicting edit.
+const TRACK_PREVIOUS = new Set(['assessment_responses']);
+
 const schema = new Schema(
   Object.fromEntries(
     Object.entries(TABLES).map(([name, cols]) => [
       name,
-      new Table(Object.fromEntries(cols.map((c) => [c, column.text]))),
+      new Table(Object.fromEntries(cols.map((c) => [c, column.text])), {
+        trackPrevious: TRACK_PREVIOUS.has(name),
+      }),
     ]),
   ),
 );
@@ -93,7 +100,13 @@ let stopping = false;
 const rl = readline.createInterface({ input: process.stdin });
 rl.on('line', async (line) => {
   try {
-    if (line === 'reconnect') {
+    if (line === 'disconnect') {
+      await db.disconnect();
+      say({ disconnected: true });
+    } else if (line === 'connect') {
+      await db.connect(connector);
+      say({ connected: true });
+    } else if (line === 'reconnect') {
       await db.disconnect();
       await db.connect(connector);
       say({ reconnected: true });
