@@ -1,5 +1,7 @@
 //! `walsync demo`, the README's one-command quick start, runs and shows clients following their
-//! buckets: checkpoints with verified checksums, buckets added and removed as members come and go.
+//! buckets: checkpoints with verified checksums, buckets added and removed as members come and go,
+//! and interviewers writing through walsync: applied uploads over both transports, a denied
+//! one, a conflict left for a person.
 
 #[test]
 fn demo_runs_and_clients_follow_their_buckets() {
@@ -39,5 +41,17 @@ fn demo_runs_and_clients_follow_their_buckets() {
     assert!(
         stdout.contains("[grpc]") && stdout.contains("[http]"),
         "{stdout}"
+    );
+    assert!(
+        stdout.contains("[http] applied") && stdout.contains("[grpc] applied"),
+        "uploads over both transports: {stdout}"
+    );
+    assert!(
+        stdout.contains("rejected denied"),
+        "a denied upload: {stdout}"
+    );
+    assert!(
+        stdout.contains("conflict on answer (manual)"),
+        "a conflict left for a person: {stdout}"
     );
 }

@@ -11,6 +11,7 @@ mod replicator;
 mod snapshot;
 mod source;
 mod sync;
+mod upload;
 
 use clap::{Parser, Subcommand};
 
@@ -41,6 +42,9 @@ enum Which {
     Snapshot(snapshot::SnapshotArgs),
     /// The sync API: commit-to-client latency, concurrent streams and memory, initial download.
     Sync(sync::SyncArgs),
+    /// Uploads through `POST /write` beside the same changes written straight to PostgreSQL;
+    /// the time from an upload's reply to the writer's own stream holding it.
+    Upload(upload::UploadArgs),
     /// `walsync serve` itself: `sync` runs the server it measures as a child process of this
     /// binary, with the shipping binary's code.
     #[command(hide = true)]
@@ -57,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         Which::Replicator(a) => replicator::run(a),
         Which::Snapshot(a) => snapshot::run(a),
         Which::Sync(a) => sync::run(a),
+        Which::Upload(a) => upload::run(a),
         Which::Serve(a) => walsync::serve::serve(a),
     }
 }

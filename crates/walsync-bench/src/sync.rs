@@ -108,7 +108,7 @@ fn start_server(dir: &Path, pg_url: &str) -> anyhow::Result<ServerProcess> {
     })
 }
 
-async fn wait_ready(url: &str) -> anyhow::Result<()> {
+pub(crate) async fn wait_ready(url: &str) -> anyhow::Result<()> {
     walsync_client::install_crypto();
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(300);

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use deadpool::managed::PoolError;
 use serde_json::{Map, Value};
-use tokio_postgres::Transaction;
 use tokio_postgres::types::Type;
 use walsync_types::{Lsn, quote_ident};
 
@@ -13,6 +12,7 @@ use crate::catalog::{self, TableInfo};
 use crate::config::{AuthorizationMode, ConflictRule, WriteConfig};
 use crate::conflict;
 use crate::predicate::Predicate;
+use crate::session::Session;
 use crate::{ClientTransaction, ConflictNote, CrudEntry, CrudOp, Status, TxResult, UploadReply};
 use crate::{PgPool, UploadError, UploadRequest, WriteError};
 
@@ -524,12 +524,14 @@ impl Uploads {
         tx_id: Option<i64>,
         intents: &[Intent<'_>],
     ) -> Result<Applied, Failure> {
-        let mut client = self.connection().await?;
-        let t = client.transaction().await.map_err(|e| classify(&e, None))?;
+        let mut conn = self.connection().await?;
+        let mut db = Session::begin(&mut conn)
+            .await
+            .map_err(|e| classify(&e, None))?;
         let s = quote_ident(&self.config.schema);
         // Claim the transaction first: a retry of one already applied (or being applied by
         // another request right now, which this waits for) finds its row.
-        let claimed = t
+        let claimed = db
             .execute(
                 &format!(
                     "INSERT INTO {s}.uploads (user_id, client_id, tx_key, status, result) \
@@ -540,7 +542,7 @@ impl Uploads {
             .await
             .map_err(|e| classify(&e, None))?;
         if claimed == 0 {
-            drop(t);
+            drop(db);
             return self.earlier(writer, client_id, tx_key).await;
         }
         let role = match (self.config.mode, &self.config.rls_role) {
@@ -548,7 +550,7 @@ impl Uploads {
             _ => None,
         };
         if role.is_some() {
-            t.execute(
+            db.execute(
                 "SELECT set_config('request.jwt.claims', $1, true), \
                         set_config('request.jwt.claim.sub', $2, true)",
                 &[&writer.claims.to_string(), &writer.user_id],
@@ -559,12 +561,12 @@ impl Uploads {
         let mut conflicts = Vec::new();
         for intent in intents {
             conflicts.extend(
-                self.apply_op(&t, writer, client_id, intent, role.as_deref())
+                self.apply_op(&mut db, writer, client_id, intent, role.as_deref())
                     .await?,
             );
         }
         if role.is_some() {
-            t.batch_execute("RESET ROLE")
+            db.t.batch_execute("RESET ROLE")
                 .await
                 .map_err(|e| classify(&e, None))?;
         }
@@ -573,25 +575,21 @@ impl Uploads {
             ..TxResult::applied(tx_id)
         })
         .unwrap_or_default();
-        t.execute(
-            &format!(
-                "UPDATE {s}.uploads SET status = 'applied', result = $4::text::jsonb \
-                 WHERE user_id = $1 AND client_id = $2 AND tx_key = $3"
-            ),
-            &[&writer.user_id, &client_id, &tx_key, &result],
-        )
-        .await
-        .map_err(|e| classify(&e, None))?;
-        let row = t
+        // The result recorded and the write checkpoint made in one statement.
+        let row = db
             .query_one(
-                "SELECT pg_logical_emit_message(true, 'walsync', 'upload')::text",
-                &[],
+                &format!(
+                    "WITH done AS (UPDATE {s}.uploads SET status = 'applied', result = $4::text::jsonb \
+                     WHERE user_id = $1 AND client_id = $2 AND tx_key = $3 RETURNING 1) \
+                     SELECT pg_logical_emit_message(true, 'walsync', 'upload')::text, (SELECT count(*) FROM done)"
+                ),
+                &[&writer.user_id, &client_id, &tx_key, &result],
             )
             .await
             .map_err(|e| classify(&e, None))?;
         let lsn: String = row.get(0);
         // A commit whose answer is lost may have happened: the retry finds out from the claim.
-        t.commit().await.map_err(|e| classify(&e, None))?;
+        db.t.commit().await.map_err(|e| classify(&e, None))?;
         let lsn = lsn
             .parse::<Lsn>()
             .map_err(|_| Failure::Retry("postgres returned no lsn".into()))?;
@@ -640,7 +638,7 @@ impl Uploads {
     /// the change. Returns the conflicts it met.
     async fn apply_op(
         &self,
-        t: &Transaction<'_>,
+        db: &mut Session<'_>,
         writer: Writer<'_>,
         client_id: &str,
         intent: &Intent<'_>,
@@ -657,14 +655,14 @@ impl Uploads {
         // security hides from the writer is refused as denied, not taken for missing; the check
         // and the change run as the writer's role.
         if role.is_some() {
-            t.batch_execute("RESET ROLE").await.map_err(fail)?;
+            db.t.batch_execute("RESET ROLE").await.map_err(fail)?;
         }
         // With conflicts to decide, the row also as the sync stream has it (each column as text).
         let texts = match intent.rules.conflicts {
             Some(_) => table.text_array(),
             None => "NULL::text[]".to_owned(),
         };
-        let found = t
+        let found = db
             .query_opt(
                 &format!(
                     "SELECT to_jsonb(t)::text, {texts} FROM {q} t WHERE t.{k} = {find} FOR UPDATE"
@@ -680,7 +678,7 @@ impl Uploads {
             .map(|values| table.columns.keys().cloned().zip(values).collect())
             .unwrap_or_default();
         if let Some(role) = role {
-            t.batch_execute(&format!("SET LOCAL ROLE {role}"))
+            db.t.batch_execute(&format!("SET LOCAL ROLE {role}"))
                 .await
                 .map_err(fail)?;
         }
@@ -723,7 +721,7 @@ impl Uploads {
             let mut write = r.write;
             if !r.later_wins.is_empty() {
                 let client_is_later = self
-                    .client_is_later(t, intent, &server)
+                    .client_is_later(db, intent, &server)
                     .await
                     .map_err(fail)?;
                 for (column, value) in r.later_wins {
@@ -754,13 +752,13 @@ impl Uploads {
         };
         match predicate {
             Some(p) => {
-                let check = t
-                    .prepare_typed(&check_sql(table, p), &[Type::TEXT; 4])
-                    .await
-                    .map_err(fail)?;
                 let claims = writer.claims.to_string();
-                let allowed: bool = t
-                    .query_one(&check, &[&old, &new, &writer.user_id, &claims])
+                let allowed: bool = db
+                    .query_one_typed(
+                        &check_sql(table, p),
+                        &[Type::TEXT; 4],
+                        &[&old, &new, &writer.user_id, &claims],
+                    )
                     .await
                     .map_err(fail)?
                     .get(0);
@@ -785,7 +783,7 @@ impl Uploads {
             None => {}
         }
         let changed = match operation {
-            "delete" => t
+            "delete" => db
                 .execute(
                     &format!("DELETE FROM {q} t WHERE t.{k} = {find}"),
                     &[&intent.key],
@@ -796,7 +794,7 @@ impl Uploads {
                 let mut data = data.clone();
                 data.insert(table.key.clone(), Value::from(intent.op.id.as_str()));
                 let (columns, values) = assignments(table, data.keys(), false);
-                t.execute(
+                db.execute(
                     &format!(
                         "INSERT INTO {q} ({columns}) SELECT {values} FROM jsonb_populate_record(NULL::{q}, $1::text::jsonb) r"
                     ),
@@ -814,7 +812,7 @@ impl Uploads {
                 }
                 let mut data = data.clone();
                 data.insert(table.key.clone(), Value::from(intent.op.id.as_str()));
-                t.execute(
+                db.execute(
                     &format!(
                         "UPDATE {q} t SET ({columns}) = (SELECT {values} FROM jsonb_populate_record(NULL::{q}, $1::text::jsonb) r) \
                          WHERE t.{k} = {find}"
@@ -837,7 +835,7 @@ impl Uploads {
             ));
         }
         if !manual.is_empty() {
-            self.store_conflicts(t, writer, client_id, intent, &server, manual)
+            self.store_conflicts(db, writer, client_id, intent, &server, manual)
                 .await
                 .map_err(fail)?;
         }
@@ -848,7 +846,7 @@ impl Uploads {
     /// (the writer's role need not write there), in the upload's transaction.
     async fn store_conflicts(
         &self,
-        t: &Transaction<'_>,
+        db: &mut Session<'_>,
         writer: Writer<'_>,
         client_id: &str,
         intent: &Intent<'_>,
@@ -857,7 +855,7 @@ impl Uploads {
     ) -> Result<(), tokio_postgres::Error> {
         let role = self.config.mode == AuthorizationMode::PostgresRls;
         if role {
-            t.batch_execute("RESET ROLE").await?;
+            db.t.batch_execute("RESET ROLE").await?;
         }
         let scope: Option<&str> = intent
             .rules
@@ -872,7 +870,7 @@ impl Uploads {
             self.conflicts_table()
         );
         for m in manual {
-            t.execute(
+            db.execute(
                 &insert,
                 &[
                     &intent.table.name,
@@ -890,7 +888,7 @@ impl Uploads {
             .await?;
         }
         if let (true, Some(r)) = (role, &self.config.rls_role) {
-            t.batch_execute(&format!("SET LOCAL ROLE {}", quote_ident(r)))
+            db.t.batch_execute(&format!("SET LOCAL ROLE {}", quote_ident(r)))
                 .await?;
         }
         Ok(())
@@ -900,7 +898,7 @@ impl Uploads {
     /// row's `_last_modified_at` (a row without one: the client's is later).
     async fn client_is_later(
         &self,
-        t: &Transaction<'_>,
+        db: &mut Session<'_>,
         intent: &Intent<'_>,
         server: &BTreeMap<String, Option<String>>,
     ) -> Result<bool, tokio_postgres::Error> {
@@ -908,7 +906,7 @@ impl Uploads {
             return Ok(true);
         };
         let client_time = intent.client_time.as_ref().and_then(conflict::text_form);
-        let row = t
+        let row = db
             .query_one(
                 "SELECT COALESCE($1::text::timestamptz, now()) >= $2::text::timestamptz",
                 &[&client_time, row_time],

@@ -26,12 +26,13 @@ mod conflict;
 mod deadletter;
 mod pool;
 mod predicate;
+mod session;
 
 pub use apply::{Uploads, Writer};
 pub use catalog::{ColumnInfo, TableInfo};
 pub use config::{AuthorizationMode, ConflictRule, Strategy, TableRule, WriteConfig};
 pub use deadletter::DeadLetter;
-pub use pool::{Connect, Manager, PgPool, PoolConnectError, PoolSettings, pg_pool};
+pub use pool::{Connect, Manager, PgConn, PgPool, PoolConnectError, PoolSettings, pg_pool};
 pub use predicate::Predicate;
 pub use walsync_protocol::upload::{
     ClientTransaction, ConflictNote, CrudEntry, CrudOp, Status, TxResult, UploadReply,

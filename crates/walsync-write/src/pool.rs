@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashMap;
+
 use deadpool::managed::{self, Metrics, Pool, RecycleError, RecycleResult};
 use futures_util::future::BoxFuture;
 
@@ -59,11 +61,51 @@ impl std::fmt::Debug for Manager {
     }
 }
 
+/// A pooled connection and the statements prepared on it, by SQL text (a statement is
+/// prepared once per connection, not at every use).
+pub struct PgConn {
+    client: tokio_postgres::Client,
+    statements: HashMap<String, tokio_postgres::Statement>,
+}
+
+impl std::fmt::Debug for PgConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgConn")
+            .field("statements", &self.statements.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for PgConn {
+    type Target = tokio_postgres::Client;
+    fn deref(&self) -> &tokio_postgres::Client {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for PgConn {
+    fn deref_mut(&mut self) -> &mut tokio_postgres::Client {
+        &mut self.client
+    }
+}
+
+impl PgConn {
+    /// The connection and its statement cache, borrowed apart (a transaction holds the one).
+    pub(crate) fn split(
+        &mut self,
+    ) -> (
+        &mut tokio_postgres::Client,
+        &mut HashMap<String, tokio_postgres::Statement>,
+    ) {
+        (&mut self.client, &mut self.statements)
+    }
+}
+
 impl managed::Manager for Manager {
-    type Type = tokio_postgres::Client;
+    type Type = PgConn;
     type Error = PoolConnectError;
 
-    async fn create(&self) -> Result<tokio_postgres::Client, PoolConnectError> {
+    async fn create(&self) -> Result<PgConn, PoolConnectError> {
         let client = (self.connect)()
             .await
             .map_err(|e| PoolConnectError::Connect(e.to_string()))?;
@@ -73,14 +115,13 @@ impl managed::Manager for Manager {
                 self.statement_timeout.as_millis().max(1)
             ))
             .await?;
-        Ok(client)
+        Ok(PgConn {
+            client,
+            statements: HashMap::new(),
+        })
     }
 
-    async fn recycle(
-        &self,
-        client: &mut tokio_postgres::Client,
-        _: &Metrics,
-    ) -> RecycleResult<PoolConnectError> {
+    async fn recycle(&self, client: &mut PgConn, _: &Metrics) -> RecycleResult<PoolConnectError> {
         if client.is_closed() {
             return Err(RecycleError::message("the connection is closed"));
         }

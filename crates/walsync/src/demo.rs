@@ -2,9 +2,12 @@
 //!
 //! It starts PostgreSQL (`wal_level=logical`), loads the seed app's schema, sample data and sync
 //! rules, starts the whole service (replicator and the HTTP/gRPC sync API), prints a token and
-//! ready-to-use `curl` and `grpcurl` lines, and lets simulated interviewers edit responses, move
-//! assessments and change project memberships. A `walsync-client` per user (over HTTP, and one
-//! over gRPC) follows its stream and prints each checkpoint it applied, checksums verified.
+//! ready-to-use `curl` and `grpcurl` lines, and lets simulated interviewers edit responses
+//! through walsync's own upload (`POST /write`, and gRPC `Upload` for one of them, under the
+//! seed app's write rules and conflict strategies: among them a denied write and a conflict left
+//! for a person), while an administrator moves assessments and changes project memberships in
+//! SQL. A `walsync-client` per user (over HTTP, and one over gRPC) follows its stream and prints
+//! each checkpoint it applied, checksums verified, and each upload's result.
 
 // A command: printing to stdout is its job.
 #![allow(clippy::print_stdout)]
@@ -16,6 +19,7 @@ use crate::config::{PostgresConfig, StorageConfig, SyncSection};
 use crate::{Config, Service};
 use clap::Args;
 use walsync_client::{Connector, SyncClient, Transport};
+use walsync_protocol::upload::UploadRequest;
 use walsync_server::{AuthConfig, ServerConfig, mint_hs256};
 use walsync_testkit::seed::{RULES, SCHEMA};
 use walsync_testkit::{Cluster, ClusterOptions};
@@ -103,7 +107,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         sync: SyncSection::default(),
         metrics: Default::default(),
         wal_guard: Default::default(),
-        writes: None,
+        writes: Some(seed_writes()?),
     };
     let mut service = Service::start(config).await?;
     let url = service.url();
@@ -125,11 +129,11 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         service.addr
     );
     println!(
-        "\ninterviewers {USERS:?} start editing; each line below is what one user's client (over HTTP or gRPC) applies at a checkpoint.\n"
+        "\ninterviewers {USERS:?} start editing through walsync's upload; each checkpoint line is what one user's client (over HTTP or gRPC) applies, each upload line what walsync answered.\n"
     );
 
-    let writer = tokio::spawn(interviewers(db.url.clone()));
     let (events_tx, mut events) = tokio::sync::mpsc::channel::<String>(64);
+    let writer = tokio::spawn(interviewers(db.url.clone(), url.clone(), events_tx.clone()));
     let mut clients = Vec::new();
     for (i, user) in USERS.iter().enumerate() {
         let transport = if i == 2 {
@@ -233,30 +237,150 @@ fn join(names: &[&String]) -> String {
         .join(", ")
 }
 
-/// Simulated interviewers: mostly answers, sometimes an assessment moving to another project, a
-/// member joining or leaving.
-async fn interviewers(url: String) -> anyhow::Result<()> {
+/// The seed app's write rules and conflict strategies (`examples/walsync.toml`'s `[writes]`).
+fn seed_writes() -> anyhow::Result<walsync_write::WriteConfig> {
+    use figment::providers::Format;
+    const EXAMPLE: &str = include_str!("../../../examples/walsync.toml");
+    Ok(
+        figment::Figment::from(figment::providers::Toml::string(EXAMPLE))
+            .extract_inner("writes")?,
+    )
+}
+
+fn token_for(user: &str) -> anyhow::Result<String> {
+    Ok(mint_hs256(
+        SECRET,
+        user,
+        Some(AUDIENCE),
+        Duration::from_secs(3600),
+    )?)
+}
+
+/// One answer edit as the client uploads it: a PATCH with the value it edited from.
+fn answer_edit(tx: i64, id: i64, old: Option<&str>, answer: &str) -> anyhow::Result<UploadRequest> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "client_id": "demo",
+        "batch": [{"tx_id": tx, "ops": [{
+            "op_id": tx, "op": "PATCH", "type": "assessment_responses", "id": id.to_string(),
+            "data": {"answer": answer}, "old": {"answer": old},
+        }]}],
+    }))?)
+}
+
+/// Simulated interviewers: mostly answers uploaded through walsync (each from the answer they
+/// saw), now and then a write the rules deny and two interviewers answering one question from
+/// the same answer (the seed's `manual` strategy keeps the first and stores the conflict); an
+/// administrator moves assessments and changes memberships in SQL.
+async fn interviewers(
+    url: String,
+    api: String,
+    out: tokio::sync::mpsc::Sender<String>,
+) -> anyhow::Result<()> {
     let (sql, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
-    let mut n: u64 = 0;
+    let mut connectors = Vec::new();
+    for (i, user) in USERS.iter().enumerate() {
+        let transport = if i == 2 {
+            Transport::Grpc
+        } else {
+            Transport::Http
+        };
+        connectors.push(Connector::new(&api, transport, &token_for(user)?)?);
+    }
+    let upload = |who: usize, request: UploadRequest| {
+        let connector = connectors[who].clone();
+        let out = out.clone();
+        async move {
+            let via = match connector.transport() {
+                Transport::Http => "http",
+                Transport::Grpc => "grpc",
+            };
+            let line = match connector.upload(&request).await {
+                Ok(reply) => reply
+                    .results
+                    .iter()
+                    .map(|r| {
+                        let mut s = format!(
+                            "upload       {:<6} [{via}] {}",
+                            USERS[who],
+                            r.status.as_str()
+                        );
+                        if let Some(code) = &r.code {
+                            s.push_str(&format!(
+                                " {code}: {}",
+                                r.message.as_deref().unwrap_or_default()
+                            ));
+                        }
+                        for c in &r.conflicts {
+                            s.push_str(&format!("; conflict on {} ({})", c.column, c.outcome));
+                        }
+                        s
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                Err(e) => format!("upload       {:<6} [{via}] failed: {e}", USERS[who]),
+            };
+            let _ = out.send(line).await;
+        }
+    };
+    let mut n: i64 = 0;
     loop {
         n += 1;
-        let stmt = match n % 10 {
-            3 => format!("UPDATE assessments SET project_id = {} WHERE id = {}", 1 + n % 3, 1 + n % 6),
+        let who = (n % 3) as usize;
+        match n % 10 {
+            3 => {
+                sql.batch_execute(&format!(
+                    "UPDATE assessments SET project_id = {} WHERE id = {}",
+                    1 + n % 3,
+                    1 + n % 6
+                ))
+                .await?
+            }
             // User k joins the project after their own, as a viewer (and leaves again at 9).
-            6 => format!(
-                "INSERT INTO project_members (project_id, user_id, role) VALUES ({}, '{}', 'viewer') ON CONFLICT DO NOTHING",
-                1 + (n / 10 + 1) % 3,
-                USERS[(n / 10 % 3) as usize]
-            ),
-            9 => "DELETE FROM project_members WHERE role = 'viewer' AND id = (SELECT min(id) FROM project_members WHERE role = 'viewer')".to_owned(),
-            _ => format!(
-                "UPDATE assessment_responses SET answer = 'answer {n}', _last_modified_by = '{}' WHERE id = {}",
-                USERS[(n % 3) as usize],
-                1 + n % 60
-            ),
-        };
-        sql.batch_execute(&stmt).await?;
+            6 => {
+                sql.batch_execute(&format!(
+                    "INSERT INTO project_members (project_id, user_id, role) VALUES ({}, '{}', 'viewer') ON CONFLICT DO NOTHING",
+                    1 + (n / 10 + 1) % 3,
+                    USERS[(n / 10 % 3) as usize]
+                ))
+                .await?
+            }
+            9 => {
+                sql.batch_execute("DELETE FROM project_members WHERE role = 'viewer' AND id = (SELECT min(id) FROM project_members WHERE role = 'viewer')")
+                    .await?
+            }
+            // linus edits an answer of a project he is not in: denied, kept in the dead letters.
+            7 => {
+                let row = sql
+                    .query_one("SELECT id, answer FROM assessment_responses WHERE project_id = 1 ORDER BY id LIMIT 1", &[])
+                    .await?;
+                upload(2, answer_edit(n, row.get(0), row.get(1), "linus was here")?).await;
+            }
+            // ada and grace answer one question from the same answer: the first is applied, the
+            // second is a conflict left for a person (write_conflicts).
+            5 => {
+                let row = sql
+                    .query_one("SELECT id, answer FROM assessment_responses WHERE project_id = 1 ORDER BY random() LIMIT 1", &[])
+                    .await?;
+                let (id, seen): (i64, Option<String>) = (row.get(0), row.get(1));
+                upload(0, answer_edit(n, id, seen.as_deref(), &format!("ada's answer {n}"))?).await;
+                upload(1, answer_edit(n, id, seen.as_deref(), &format!("grace's answer {n}"))?).await;
+            }
+            _ => {
+                let row = sql
+                    .query_opt(
+                        "SELECT id, answer FROM assessment_responses WHERE project_id IN \
+                         (SELECT project_id FROM project_members WHERE user_id = $1 AND role <> 'viewer') \
+                         ORDER BY random() LIMIT 1",
+                        &[&USERS[who]],
+                    )
+                    .await?;
+                if let Some(row) = row {
+                    let answer = format!("answer {n} by {}", USERS[who]);
+                    upload(who, answer_edit(n, row.get(0), row.get(1), &answer)?).await;
+                }
+            }
+        }
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
 }

@@ -1,0 +1,84 @@
+//! A write transaction on a pooled connection, whose statements are prepared once per
+//! connection (a cached statement saves a round trip at every use).
+
+use std::collections::HashMap;
+
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Error, Row, Statement, Transaction};
+
+use crate::pool::PgConn;
+
+/// Statements kept per connection, at most: SQL text varies with the columns an op names.
+const CACHED: usize = 1_000;
+
+pub(crate) struct Session<'c> {
+    pub(crate) t: Transaction<'c>,
+    cache: &'c mut HashMap<String, Statement>,
+}
+
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+impl<'c> Session<'c> {
+    pub(crate) async fn begin(conn: &'c mut PgConn) -> Result<Session<'c>, Error> {
+        let (client, cache) = conn.split();
+        Ok(Session {
+            t: client.transaction().await?,
+            cache,
+        })
+    }
+
+    async fn statement(&mut self, sql: &str, types: &[Type]) -> Result<Statement, Error> {
+        if let Some(s) = self.cache.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.t.prepare_typed(sql, types).await?;
+        if self.cache.len() >= CACHED {
+            self.cache.clear();
+        }
+        self.cache.insert(sql.to_owned(), s.clone());
+        Ok(s)
+    }
+
+    /// A statement that failed is prepared anew next time (a table altered since can make a
+    /// prepared statement fail for good).
+    fn forget_on_error<T>(&mut self, sql: &str, r: Result<T, Error>) -> Result<T, Error> {
+        if r.is_err() {
+            self.cache.remove(sql);
+        }
+        r
+    }
+
+    pub(crate) async fn execute(&mut self, sql: &str, params: Params<'_>) -> Result<u64, Error> {
+        let s = self.statement(sql, &[]).await?;
+        let r = self.t.execute(&s, params).await;
+        self.forget_on_error(sql, r)
+    }
+
+    pub(crate) async fn query_opt(
+        &mut self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Option<Row>, Error> {
+        let s = self.statement(sql, &[]).await?;
+        let r = self.t.query_opt(&s, params).await;
+        self.forget_on_error(sql, r)
+    }
+
+    pub(crate) async fn query_one(&mut self, sql: &str, params: Params<'_>) -> Result<Row, Error> {
+        let s = self.statement(sql, &[]).await?;
+        let r = self.t.query_one(&s, params).await;
+        self.forget_on_error(sql, r)
+    }
+
+    /// As [`Session::query_one`], with the parameters' types given.
+    pub(crate) async fn query_one_typed(
+        &mut self,
+        sql: &str,
+        types: &[Type],
+        params: Params<'_>,
+    ) -> Result<Row, Error> {
+        let s = self.statement(sql, types).await?;
+        let r = self.t.query_one(&s, params).await;
+        self.forget_on_error(sql, r)
+    }
+}
