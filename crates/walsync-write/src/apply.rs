@@ -1,5 +1,7 @@
 //! Applying uploads: validation, the transaction, authorization, bookkeeping.
 
+mod fast;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -559,11 +561,32 @@ impl Uploads {
             .map_err(|e| classify(&e, None))?;
         }
         let mut conflicts = Vec::new();
-        for intent in intents {
-            conflicts.extend(
-                self.apply_op(&mut db, writer, client_id, intent, role.as_deref())
-                    .await?,
-            );
+        // One statement per op, all sent at once, where nothing needs deciding in between;
+        // else op by op.
+        let fast: Option<Vec<String>> = match role {
+            None => intents
+                .iter()
+                .map(|i| {
+                    let plain = i.rules.conflicts.is_none()
+                        || (i.op.old.is_none() && i.client_version.is_none());
+                    plain.then(|| fast::statement(i)).flatten()
+                })
+                .collect(),
+            Some(_) => None,
+        };
+        match fast {
+            Some(statements) => {
+                self.apply_together(&mut db, writer, intents, &statements)
+                    .await?
+            }
+            None => {
+                for intent in intents {
+                    conflicts.extend(
+                        self.apply_op(&mut db, writer, client_id, intent, role.as_deref())
+                            .await?,
+                    );
+                }
+            }
         }
         if role.is_some() {
             db.t.batch_execute("RESET ROLE")
@@ -632,6 +655,65 @@ impl Uploads {
         serde_json::from_str(&text)
             .map(Applied::Before)
             .map_err(|_| Failure::Retry("the earlier attempt is still running".into()))
+    }
+
+    /// Applies ops of one statement each, sent together (pipelined on the connection); the
+    /// first that fails or is refused, in order, decides.
+    async fn apply_together(
+        &self,
+        db: &mut Session<'_>,
+        writer: Writer<'_>,
+        intents: &[Intent<'_>],
+        statements: &[String],
+    ) -> Result<(), Failure> {
+        let mut prepared = Vec::with_capacity(statements.len());
+        for sql in statements {
+            prepared.push(
+                db.statement(sql, &[Type::TEXT; 4])
+                    .await
+                    .map_err(|e| classify(&e, None))?,
+            );
+        }
+        let rows: Vec<String> = intents
+            .iter()
+            .map(|i| {
+                let mut row = i.data.clone();
+                row.insert(i.table.key.clone(), Value::from(i.op.id.as_str()));
+                Value::Object(row).to_string()
+            })
+            .collect();
+        let claims = writer.claims.to_string();
+        let unused: Option<String> = None;
+        let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 4]> = rows
+            .iter()
+            .map(|row| {
+                [
+                    row as &(dyn tokio_postgres::types::ToSql + Sync),
+                    &unused,
+                    &writer.user_id,
+                    &claims,
+                ]
+            })
+            .collect();
+        let t = &db.t;
+        let results = futures_util::future::join_all(
+            prepared
+                .iter()
+                .zip(&params)
+                .map(|(statement, p)| t.query_one(statement, p)),
+        )
+        .await;
+        for ((intent, result), sql) in intents.iter().zip(results).zip(statements) {
+            let row = match result {
+                Ok(row) => row,
+                Err(e) => {
+                    db.forget(sql);
+                    return Err(classify(&e, Some(intent.op.op_id)));
+                }
+            };
+            fast::outcome(intent, &row)?;
+        }
+        Ok(())
     }
 
     /// Applies one op: finds and locks its row, decides conflicts, checks authorization, makes

@@ -27,7 +27,12 @@ impl<'c> Session<'c> {
         })
     }
 
-    async fn statement(&mut self, sql: &str, types: &[Type]) -> Result<Statement, Error> {
+    /// The statement of `sql`, prepared on this connection once.
+    pub(crate) async fn statement(
+        &mut self,
+        sql: &str,
+        types: &[Type],
+    ) -> Result<Statement, Error> {
         if let Some(s) = self.cache.get(sql) {
             return Ok(s.clone());
         }
@@ -41,6 +46,10 @@ impl<'c> Session<'c> {
 
     /// A statement that failed is prepared anew next time (a table altered since can make a
     /// prepared statement fail for good).
+    pub(crate) fn forget(&mut self, sql: &str) {
+        self.cache.remove(sql);
+    }
+
     fn forget_on_error<T>(&mut self, sql: &str, r: Result<T, Error>) -> Result<T, Error> {
         if r.is_err() {
             self.cache.remove(sql);
