@@ -517,6 +517,27 @@ impl Uploads {
             .collect()
     }
 
+    /// The claim of a client transaction: `INSERT … ON CONFLICT DO NOTHING`, so a retry of one
+    /// applied already (or being applied by another request right now, which this waits for)
+    /// finds its row (and inserts none).
+    fn claim_sql(&self) -> String {
+        format!(
+            "INSERT INTO {}.uploads (user_id, client_id, tx_key, status, result) \
+             VALUES ($1, $2, $3, 'pending', '{{}}') ON CONFLICT DO NOTHING",
+            quote_ident(&self.config.schema)
+        )
+    }
+
+    /// The result recorded and the write checkpoint made, in one statement.
+    fn result_sql(&self) -> String {
+        format!(
+            "WITH done AS (UPDATE {}.uploads SET status = 'applied', result = $4::text::jsonb \
+             WHERE user_id = $1 AND client_id = $2 AND tx_key = $3 RETURNING 1) \
+             SELECT pg_logical_emit_message(true, 'walsync', 'upload')::text, (SELECT count(*) FROM done)",
+            quote_ident(&self.config.schema)
+        )
+    }
+
     /// Applies `intents` as one transaction, claimed under `(user, client_id, tx_key)`.
     pub(crate) async fn apply(
         &self,
@@ -530,39 +551,12 @@ impl Uploads {
         let mut db = Session::begin(&mut conn)
             .await
             .map_err(|e| classify(&e, None))?;
-        let s = quote_ident(&self.config.schema);
-        // Claim the transaction first: a retry of one already applied (or being applied by
-        // another request right now, which this waits for) finds its row.
-        let claimed = db
-            .execute(
-                &format!(
-                    "INSERT INTO {s}.uploads (user_id, client_id, tx_key, status, result) \
-                     VALUES ($1, $2, $3, 'pending', '{{}}') ON CONFLICT DO NOTHING"
-                ),
-                &[&writer.user_id, &client_id, &tx_key],
-            )
-            .await
-            .map_err(|e| classify(&e, None))?;
-        if claimed == 0 {
-            drop(db);
-            return self.earlier(writer, client_id, tx_key).await;
-        }
         let role = match (self.config.mode, &self.config.rls_role) {
             (AuthorizationMode::PostgresRls, Some(role)) => Some(quote_ident(role)),
             _ => None,
         };
-        if role.is_some() {
-            db.execute(
-                "SELECT set_config('request.jwt.claims', $1, true), \
-                        set_config('request.jwt.claim.sub', $2, true)",
-                &[&writer.claims.to_string(), &writer.user_id],
-            )
-            .await
-            .map_err(|e| classify(&e, None))?;
-        }
-        let mut conflicts = Vec::new();
-        // One statement per op, all sent at once, where nothing needs deciding in between;
-        // else op by op.
+        // One statement per op where nothing needs deciding in between: the claim, the ops and
+        // the result go out together. Else op by op.
         let fast: Option<Vec<String>> = match role {
             None => intents
                 .iter()
@@ -574,19 +568,45 @@ impl Uploads {
                 .collect(),
             Some(_) => None,
         };
-        match fast {
-            Some(statements) => {
-                self.apply_together(&mut db, writer, intents, &statements)
-                    .await?
-            }
-            None => {
-                for intent in intents {
-                    conflicts.extend(
-                        self.apply_op(&mut db, writer, client_id, intent, role.as_deref())
-                            .await?,
-                    );
+        if let Some(statements) = fast {
+            let key = [tx_key, client_id];
+            return match self
+                .apply_together(&mut db, writer, key, tx_id, intents, &statements)
+                .await?
+            {
+                Some(lsn) => {
+                    db.t.commit().await.map_err(|e| classify(&e, None))?;
+                    Ok(Applied::Now(lsn, Vec::new()))
                 }
-            }
+                None => {
+                    drop(db);
+                    self.earlier(writer, client_id, tx_key).await
+                }
+            };
+        }
+        let claimed = db
+            .execute(&self.claim_sql(), &[&writer.user_id, &client_id, &tx_key])
+            .await
+            .map_err(|e| classify(&e, None))?;
+        if claimed == 0 {
+            drop(db);
+            return self.earlier(writer, client_id, tx_key).await;
+        }
+        if role.is_some() {
+            db.execute(
+                "SELECT set_config('request.jwt.claims', $1, true), \
+                        set_config('request.jwt.claim.sub', $2, true)",
+                &[&writer.claims.to_string(), &writer.user_id],
+            )
+            .await
+            .map_err(|e| classify(&e, None))?;
+        }
+        let mut conflicts = Vec::new();
+        for intent in intents {
+            conflicts.extend(
+                self.apply_op(&mut db, writer, client_id, intent, role.as_deref())
+                    .await?,
+            );
         }
         if role.is_some() {
             db.t.batch_execute("RESET ROLE")
@@ -598,14 +618,9 @@ impl Uploads {
             ..TxResult::applied(tx_id)
         })
         .unwrap_or_default();
-        // The result recorded and the write checkpoint made in one statement.
         let row = db
             .query_one(
-                &format!(
-                    "WITH done AS (UPDATE {s}.uploads SET status = 'applied', result = $4::text::jsonb \
-                     WHERE user_id = $1 AND client_id = $2 AND tx_key = $3 RETURNING 1) \
-                     SELECT pg_logical_emit_message(true, 'walsync', 'upload')::text, (SELECT count(*) FROM done)"
-                ),
+                &self.result_sql(),
                 &[&writer.user_id, &client_id, &tx_key, &result],
             )
             .await
@@ -657,15 +672,25 @@ impl Uploads {
             .map_err(|_| Failure::Retry("the earlier attempt is still running".into()))
     }
 
-    /// Applies ops of one statement each, sent together (pipelined on the connection); the
-    /// first that fails or is refused, in order, decides.
+    /// Claims the transaction, applies ops of one statement each and records the result, all
+    /// sent together (pipelined on the connection): one round trip. The first op that fails or
+    /// is refused, in order, decides; a claim that finds the transaction received before
+    /// (`None`) means everything sent after it is to be rolled back. Returns the write
+    /// checkpoint.
     async fn apply_together(
         &self,
         db: &mut Session<'_>,
         writer: Writer<'_>,
+        [tx_key, client_id]: [&str; 2],
+        tx_id: Option<i64>,
         intents: &[Intent<'_>],
         statements: &[String],
-    ) -> Result<(), Failure> {
+    ) -> Result<Option<u64>, Failure> {
+        let (claim_sql, result_sql) = (self.claim_sql(), self.result_sql());
+        let claim = db
+            .statement(&claim_sql, &[])
+            .await
+            .map_err(|e| classify(&e, None))?;
         let mut prepared = Vec::with_capacity(statements.len());
         for sql in statements {
             prepared.push(
@@ -674,6 +699,10 @@ impl Uploads {
                     .map_err(|e| classify(&e, None))?,
             );
         }
+        let record = db
+            .statement(&result_sql, &[])
+            .await
+            .map_err(|e| classify(&e, None))?;
         let rows: Vec<String> = intents
             .iter()
             .map(|i| {
@@ -684,27 +713,31 @@ impl Uploads {
             .collect();
         let claims = writer.claims.to_string();
         let unused: Option<String> = None;
-        let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 4]> = rows
+        let result = serde_json::to_string(&TxResult::applied(tx_id)).unwrap_or_default();
+        type Param<'p> = &'p (dyn tokio_postgres::types::ToSql + Sync);
+        let params: Vec<[Param<'_>; 4]> = rows
             .iter()
-            .map(|row| {
-                [
-                    row as &(dyn tokio_postgres::types::ToSql + Sync),
-                    &unused,
-                    &writer.user_id,
-                    &claims,
-                ]
-            })
+            .map(|row| [row as Param<'_>, &unused, &writer.user_id, &claims])
             .collect();
         let t = &db.t;
-        let results = futures_util::future::join_all(
-            prepared
-                .iter()
-                .zip(&params)
-                .map(|(statement, p)| t.query_one(statement, p)),
+        // Sent in this order: each future sends its statement when first polled, and the joins
+        // poll in order.
+        let (claimed, ops, recorded) = futures_util::future::join3(
+            t.execute(&claim, &[&writer.user_id, &client_id, &tx_key]),
+            futures_util::future::join_all(
+                prepared
+                    .iter()
+                    .zip(&params)
+                    .map(|(statement, p)| t.query_one(statement, p)),
+            ),
+            t.query_one(&record, &[&writer.user_id, &client_id, &tx_key, &result]),
         )
         .await;
-        for ((intent, result), sql) in intents.iter().zip(results).zip(statements) {
-            let row = match result {
+        if claimed.map_err(|e| classify(&e, None))? == 0 {
+            return Ok(None);
+        }
+        for ((intent, outcome), sql) in intents.iter().zip(ops).zip(statements) {
+            let row = match outcome {
                 Ok(row) => row,
                 Err(e) => {
                     db.forget(sql);
@@ -713,7 +746,11 @@ impl Uploads {
             };
             fast::outcome(intent, &row)?;
         }
-        Ok(())
+        let lsn: String = recorded.map_err(|e| classify(&e, None))?.get(0);
+        let lsn = lsn
+            .parse::<Lsn>()
+            .map_err(|_| Failure::Retry("postgres returned no lsn".into()))?;
+        Ok(Some(lsn.0))
     }
 
     /// Applies one op: finds and locks its row, decides conflicts, checks authorization, makes
