@@ -1091,3 +1091,59 @@ async fn conflicts_are_decided_field_by_field() -> anyhow::Result<()> {
     service.stop().await;
     Ok(())
 }
+
+/// A client whose connection drops before it reads the reply sends the transaction again:
+/// whether the first attempt was applied or not, it is applied exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_dropped_reply_applies_once() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let s = seed::setup().await?;
+    let service = start(&s).await?;
+    let version = || async {
+        let v: i64 = s
+            .sql
+            .query_one("SELECT _version FROM projects WHERE id = 1", &[])
+            .await?
+            .get(0);
+        anyhow::Ok(v)
+    };
+    let before = version().await?;
+    for attempt in 0..5i64 {
+        let body = upload(
+            "flaky",
+            vec![tx(
+                attempt,
+                vec![patch(
+                    attempt,
+                    "projects",
+                    1,
+                    json!({"description": format!("attempt {attempt}")}),
+                )],
+            )],
+        )
+        .to_string();
+        // The request goes out whole and the socket closes at once: the reply is never read.
+        let mut socket = tokio::net::TcpStream::connect(service.addr).await?;
+        let head = format!(
+            "POST /write HTTP/1.1\r\nhost: walsync\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            service::token("u1"),
+            body.len()
+        );
+        socket.write_all(head.as_bytes()).await?;
+        socket.write_all(body.as_bytes()).await?;
+        drop(socket);
+        // Later attempts give the first a moment (it may be applied, cut short or still running).
+        tokio::time::sleep(std::time::Duration::from_millis(attempt as u64 * 20)).await;
+        let (status, reply) = post(&service, "u1", &serde_json::from_str(&body)?).await?;
+        anyhow::ensure!(status == 200, "{reply}");
+        anyhow::ensure!(reply["results"][0]["status"] == "applied", "{reply}");
+    }
+    let after = version().await?;
+    anyhow::ensure!(
+        after == before + 5,
+        "5 transactions moved the version by {}",
+        after - before
+    );
+    service.stop().await;
+    Ok(())
+}
