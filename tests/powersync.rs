@@ -33,6 +33,18 @@ const COLUMNS: &[(&str, &[&str])] = &[
         &["assessment_id", "project_id", "answer"],
     ),
     ("sow_section_approvals", &["project_id", "section"]),
+    (
+        "write_conflicts",
+        &[
+            "table_name",
+            "row_id",
+            "column_name",
+            "client_value",
+            "server_value",
+            "scope",
+            "resolution",
+        ],
+    ),
 ];
 
 fn node_available() -> bool {
@@ -429,9 +441,33 @@ async fn two_clients_editing_one_answer_leave_a_manual_conflict() -> anyhow::Res
         answer == "answer from u1",
         "the conflict was not left to a person: {answer}"
     );
-    a.until(&expected_tables(&s, "u1").await?, "a: after the conflict")
-        .await?;
+    // The conflict is in both clients' write_conflicts (the project's bucket), with the rows.
+    let want_a = expected_tables(&s, "u1").await?;
+    anyhow::ensure!(
+        want_a["write_conflicts"].len() == 1,
+        "{:?}",
+        want_a["write_conflicts"]
+    );
+    a.until(&want_a, "a: after the conflict").await?;
     b.until(&expected_tables(&s, "u2").await?, "b: after the conflict")
+        .await?;
+
+    // Resolving it is an ordinary upload: u2 keeps u1's answer and says so.
+    exec(
+        &mut b,
+        "UPDATE write_conflicts SET resolution = 'kept the answer from u1' WHERE row_id = ?",
+        &[&id],
+    )
+    .await?;
+    until_postgres(
+        &s,
+        "SELECT EXISTS (SELECT 1 FROM write_conflicts WHERE resolution = 'kept the answer from u1')",
+        "the resolution",
+    )
+    .await?;
+    a.until(&expected_tables(&s, "u1").await?, "a: after the resolution")
+        .await?;
+    b.until(&expected_tables(&s, "u2").await?, "b: after the resolution")
         .await?;
     for mut c in [a, b] {
         c.send("exit").await?;

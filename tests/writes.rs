@@ -1052,7 +1052,7 @@ async fn conflicts_are_decided_field_by_field() -> anyhow::Result<()> {
     let stored = s
         .sql
         .query_one(
-            "SELECT table_name, row_id, column_name, base_value, client_value, server_value, scope, user_id \
+            "SELECT table_name, row_id, column_name, base_value, client_value, server_value, scope::text, user_id \
              FROM write_conflicts",
             &[],
         )

@@ -90,6 +90,27 @@ CREATE TABLE sow_section_approvals (
   _last_modified_by TEXT
 );
 
+-- Write conflicts left for a person to decide (walsync's `manual` strategy). walsync creates
+-- this table when it is missing; declaring it here gives `scope` the type of a project id, so
+-- the sync rules put each conflict in its project's bucket.
+CREATE TABLE write_conflicts (
+  id BIGSERIAL PRIMARY KEY,
+  table_name TEXT NOT NULL,
+  row_id TEXT NOT NULL,
+  column_name TEXT NOT NULL,
+  base_value TEXT,
+  client_value TEXT,
+  server_value TEXT,
+  scope BIGINT,
+  user_id TEXT NOT NULL,
+  client_id TEXT NOT NULL,
+  op_id BIGINT,
+  created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+  resolution TEXT,
+  resolved_by TEXT,
+  resolved_at TIMESTAMPTZ
+);
+
 CREATE OR REPLACE FUNCTION increment_version() RETURNS trigger AS $$
 BEGIN
   NEW._version := OLD._version + 1;

@@ -24,6 +24,7 @@ pub const TABLES: &[&str] = &[
     "assessments",
     "assessment_responses",
     "sow_section_approvals",
+    "write_conflicts",
 ];
 /// The users the sample data and the workload name.
 pub const USERS: &[&str] = &["u1", "u2", "u3", "u4"];
@@ -132,6 +133,7 @@ pub async fn expected_placements(
              UNION ALL SELECT 'user_projects[' || project_id || ']', 'project_members', id::text FROM project_members WHERE project_id IS NOT NULL
              UNION ALL SELECT 'user_projects[' || project_id || ']', 'teams', id::text FROM teams WHERE project_id IS NOT NULL
              UNION ALL SELECT 'user_projects[' || project_id || ']', 'sow_section_approvals', id::text FROM sow_section_approvals WHERE project_id IS NOT NULL
+             UNION ALL SELECT 'user_projects[' || scope || ']', 'write_conflicts', id::text FROM write_conflicts WHERE scope IS NOT NULL
              UNION ALL SELECT 'me[' || to_json(user_id)::text || ']', 'stakeholders', id::text FROM stakeholders WHERE user_id IS NOT NULL",
             &[],
         )

@@ -240,35 +240,36 @@ impl Uploads {
         if role {
             db.t.batch_execute("RESET ROLE").await?;
         }
-        let scope: Option<&str> = intent
+        // Through `jsonb_populate_record`, as every write: the values take the table's own
+        // column types (an app may declare `scope` as its project id's type).
+        let scope = intent
             .rules
             .conflicts
             .as_ref()
             .and_then(|r| r.scope.as_deref())
             .and_then(|c| server.get(c))
-            .and_then(|v| v.as_deref());
+            .cloned()
+            .flatten();
+        let c = self.conflicts_table();
+        let columns = "table_name, row_id, column_name, base_value, client_value, server_value, scope, user_id, client_id, op_id";
         let insert = format!(
-            "INSERT INTO {} (table_name, row_id, column_name, base_value, client_value, server_value, scope, user_id, client_id, op_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            self.conflicts_table()
+            "INSERT INTO {c} ({columns}) SELECT {columns} FROM jsonb_populate_record(NULL::{c}, $1::text::jsonb)"
         );
         for m in manual {
-            db.execute(
-                &insert,
-                &[
-                    &intent.table.name,
-                    &intent.op.id,
-                    &m.column,
-                    &m.base,
-                    &m.client,
-                    &m.server,
-                    &scope,
-                    &writer.user_id,
-                    &client_id,
-                    &intent.op.op_id,
-                ],
-            )
-            .await?;
+            let row = serde_json::json!({
+                "table_name": intent.table.name,
+                "row_id": intent.op.id,
+                "column_name": m.column,
+                "base_value": m.base,
+                "client_value": m.client,
+                "server_value": m.server,
+                "scope": scope,
+                "user_id": writer.user_id,
+                "client_id": client_id,
+                "op_id": intent.op.op_id,
+            })
+            .to_string();
+            db.execute(&insert, &[&row]).await?;
         }
         if let (true, Some(r)) = (role, &self.config.rls_role) {
             db.t.batch_execute(&format!("SET LOCAL ROLE {}", quote_ident(r)))
