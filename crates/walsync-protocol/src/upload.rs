@@ -7,14 +7,14 @@ use serde_json::{Map, Value};
 use crate::pb;
 
 /// `POST /write`: `{client_id, batch: [{tx_id, ops: [CrudEntry.toJSON(), …]}]}`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct UploadRequest {
     pub client_id: String,
     pub batch: Vec<ClientTransaction>,
 }
 
 /// One client transaction: applied in one PostgreSQL transaction, all or nothing.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct ClientTransaction {
     /// The client's transaction id; without one (a CRUD batch not from one transaction) the
     /// first op's id identifies it for retries.
@@ -45,7 +45,7 @@ pub enum CrudOp {
 }
 
 /// `CrudEntry.toJSON()`: `{op_id, op, type, id, tx_id?, data?, old?, metadata?}`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct CrudEntry {
     pub op_id: i64,
     pub op: CrudOp,
@@ -305,5 +305,37 @@ impl TryFrom<pb::UploadReply> for UploadReply {
             results,
             write_checkpoint: reply.write_checkpoint.map(|w| w.to_string()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_powersync_upload_survives_both_encodings() {
+        let json = r#"{"client_id":"c1","batch":[
+            {"tx_id":7,"ops":[
+                {"op_id":1,"op":"PUT","type":"teams","id":"9","tx_id":7,"data":{"name":"n","tags":["a",null],"n":12345678901234567}},
+                {"op_id":2,"op":"PATCH","type":"teams","id":"9","data":{"name":"m"},"old":{"name":"n"},"metadata":"{\"by\":\"ui\"}"},
+                {"op_id":3,"op":"DELETE","type":"teams","id":"9"}]},
+            {"ops":[{"op_id":4,"op":"DELETE","type":"teams","id":"10"}]}]}"#;
+        let request: UploadRequest = serde_json::from_str(json).expect("parses");
+        assert_eq!(request.batch[0].key(), "tx:7");
+        assert_eq!(request.batch[1].key(), "op:4");
+        let back = UploadRequest::try_from(pb::UploadRequest::from(request.clone()))
+            .expect("converts back");
+        assert_eq!(back, request);
+        let bad = pb::UploadRequest {
+            client_id: "c".into(),
+            batch: vec![pb::ClientTransaction {
+                tx_id: None,
+                ops: vec![pb::CrudEntry {
+                    op: "UPSERT".into(),
+                    ..Default::default()
+                }],
+            }],
+        };
+        assert!(UploadRequest::try_from(bad).is_err());
     }
 }
