@@ -264,7 +264,7 @@ async fn exec(client: &mut NodeClient, sql: &str, params: &[&str]) -> anyhow::Re
 async fn until_postgres(s: &seed::Setup, query: &str, what: &str) -> anyhow::Result<()> {
     let wait = async {
         loop {
-            if s.sql.query_one(query, &[]).await?.get::<_, bool>(0) {
+            if s.scalar::<bool>(query).await? {
                 return anyhow::Ok(());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -313,13 +313,8 @@ async fn the_powersync_node_client_syncs_exactly_the_users_rows() -> anyhow::Res
     // A write made in the client's own database: its uploadData (README's) posts it to
     // /write, PostgreSQL has it, and the client keeps it once its write checkpoint is passed.
     let response: i64 = s
-        .sql
-        .query_one(
-            "SELECT min(id) FROM assessment_responses WHERE project_id = 1",
-            &[],
-        )
-        .await?
-        .get(0);
+        .scalar("SELECT min(id) FROM assessment_responses WHERE project_id = 1")
+        .await?;
     exec(
         &mut client,
         "UPDATE assessment_responses SET answer = ? WHERE id = ?",
@@ -397,13 +392,8 @@ async fn two_clients_editing_one_answer_leave_a_manual_conflict() -> anyhow::Res
     b.until(&expected_tables(&s, "u2").await?, "b: initial sync")
         .await?;
     let response: i64 = s
-        .sql
-        .query_one(
-            "SELECT min(id) FROM assessment_responses WHERE project_id = 2",
-            &[],
-        )
-        .await?
-        .get(0);
+        .scalar("SELECT min(id) FROM assessment_responses WHERE project_id = 2")
+        .await?;
     let id = response.to_string();
 
     b.send("disconnect").await?;
@@ -430,13 +420,10 @@ async fn two_clients_editing_one_answer_leave_a_manual_conflict() -> anyhow::Res
     )
     .await?;
     let answer: String = s
-        .sql
-        .query_one(
-            "SELECT answer FROM assessment_responses WHERE id = $1",
-            &[&response],
-        )
-        .await?
-        .get(0);
+        .scalar(&format!(
+            "SELECT answer FROM assessment_responses WHERE id = {response}"
+        ))
+        .await?;
     anyhow::ensure!(
         answer == "answer from u1",
         "the conflict was not left to a person: {answer}"

@@ -362,13 +362,8 @@ async fn denied_writes_leave_nothing_behind() -> anyhow::Result<()> {
     let service = start(&s).await?;
     // u1 is an editor of project 2 and not a member of project 3.
     let response: i64 = s
-        .sql
-        .query_one(
-            "SELECT min(id) FROM assessment_responses WHERE project_id = 2",
-            &[],
-        )
-        .await?
-        .get(0);
+        .scalar("SELECT min(id) FROM assessment_responses WHERE project_id = 2")
+        .await?;
     let before = row(&s, "assessment_responses", response).await?;
     let (_, reply) = post(
         &service,
@@ -576,13 +571,8 @@ async fn retries_are_idempotent() -> anyhow::Result<()> {
     );
     anyhow::ensure!(row(&s, "projects", 1).await?.unwrap_or_default()["_version"] == version);
     let dead: i64 = s
-        .sql
-        .query_one(
-            "SELECT count(*) FROM walsync.rejected_writes WHERE tx_key = 'tx:3'",
-            &[],
-        )
-        .await?
-        .get(0);
+        .scalar("SELECT count(*) FROM walsync.rejected_writes WHERE tx_key = 'tx:3'")
+        .await?;
     anyhow::ensure!(dead == 1, "the rejection was recorded {dead} times");
 
     // The same transaction id from another device, or another user, is another transaction.
@@ -613,14 +603,7 @@ async fn retries_are_idempotent() -> anyhow::Result<()> {
 async fn hostile_and_malformed_uploads_are_refused_cleanly() -> anyhow::Result<()> {
     let s = seed::setup().await?;
     let service = start(&s).await?;
-    let count = || async {
-        let n: i64 = s
-            .sql
-            .query_one("SELECT count(*) FROM teams", &[])
-            .await?
-            .get(0);
-        anyhow::Ok(n)
-    };
+    let count = || s.scalar::<i64>("SELECT count(*) FROM teams");
     let teams = count().await?;
     let cases = [
         (
@@ -1099,14 +1082,7 @@ async fn a_retry_after_a_dropped_reply_applies_once() -> anyhow::Result<()> {
     use tokio::io::AsyncWriteExt;
     let s = seed::setup().await?;
     let service = start(&s).await?;
-    let version = || async {
-        let v: i64 = s
-            .sql
-            .query_one("SELECT _version FROM projects WHERE id = 1", &[])
-            .await?
-            .get(0);
-        anyhow::Ok(v)
-    };
+    let version = || s.scalar::<i64>("SELECT _version FROM projects WHERE id = 1");
     let before = version().await?;
     for attempt in 0..5i64 {
         let body = upload(

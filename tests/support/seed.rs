@@ -29,6 +29,16 @@ pub struct Setup {
     pub dir: tempfile::TempDir,
 }
 
+impl Setup {
+    /// The one value `query` selects from the test database.
+    pub async fn scalar<T: tokio_postgres::types::FromSqlOwned>(
+        &self,
+        query: &str,
+    ) -> anyhow::Result<T> {
+        Ok(self.sql.query_one(query, &[]).await?.get(0))
+    }
+}
+
 pub async fn setup() -> anyhow::Result<Setup> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())

@@ -54,6 +54,16 @@ pub enum Transport {
     Grpc,
 }
 
+impl Transport {
+    /// `http` or `grpc`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Http => "http",
+            Transport::Grpc => "grpc",
+        }
+    }
+}
+
 /// A stream of lines from the server.
 pub type LineStream = Pin<Box<dyn Stream<Item = Result<Line, ClientError>> + Send>>;
 

@@ -160,14 +160,7 @@ impl TryFrom<pb::UploadRequest> for UploadRequest {
                     .ops
                     .into_iter()
                     .map(|e| {
-                        let op = match e.op.as_str() {
-                            "PUT" => CrudOp::Put,
-                            "PATCH" => CrudOp::Patch,
-                            "DELETE" => CrudOp::Delete,
-                            other => {
-                                return Err(format!("unknown op {other:?}: PUT, PATCH or DELETE"));
-                            }
-                        };
+                        let op = e.op.parse()?;
                         Ok(CrudEntry {
                             op_id: e.op_id,
                             op,
@@ -207,12 +200,7 @@ impl From<UploadRequest> for pb::UploadRequest {
                         .into_iter()
                         .map(|e| pb::CrudEntry {
                             op_id: e.op_id,
-                            op: match e.op {
-                                CrudOp::Put => "PUT",
-                                CrudOp::Patch => "PATCH",
-                                CrudOp::Delete => "DELETE",
-                            }
-                            .into(),
+                            op: e.op.as_str().into(),
                             r#type: e.table,
                             id: e.id,
                             tx_id: e.tx_id,
@@ -228,12 +216,49 @@ impl From<UploadRequest> for pb::UploadRequest {
 }
 
 impl Status {
+    pub const ALL: [Status; 3] = [Status::Applied, Status::Rejected, Status::Retryable];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Applied => "applied",
             Status::Rejected => "rejected",
             Status::Retryable => "retryable",
         }
+    }
+}
+
+impl std::str::FromStr for Status {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Status, String> {
+        Status::ALL
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .ok_or_else(|| format!("unknown status {s:?}"))
+    }
+}
+
+impl CrudOp {
+    pub const ALL: [CrudOp; 3] = [CrudOp::Put, CrudOp::Patch, CrudOp::Delete];
+
+    /// The name in a CRUD entry (`PUT`, `PATCH`, `DELETE`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CrudOp::Put => "PUT",
+            CrudOp::Patch => "PATCH",
+            CrudOp::Delete => "DELETE",
+        }
+    }
+}
+
+impl std::str::FromStr for CrudOp {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<CrudOp, String> {
+        CrudOp::ALL
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .ok_or_else(|| format!("unknown op {s:?}: PUT, PATCH or DELETE"))
     }
 }
 
@@ -275,15 +300,9 @@ impl TryFrom<pb::UploadReply> for UploadReply {
             .results
             .into_iter()
             .map(|r| {
-                let status = match r.status.as_str() {
-                    "applied" => Status::Applied,
-                    "rejected" => Status::Rejected,
-                    "retryable" => Status::Retryable,
-                    other => return Err(format!("unknown status {other:?}")),
-                };
                 Ok(TxResult {
                     tx_id: r.tx_id,
-                    status,
+                    status: r.status.parse()?,
                     code: r.code,
                     message: r.message,
                     op_id: r.op_id,

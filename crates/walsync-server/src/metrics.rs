@@ -77,12 +77,7 @@ pub(crate) fn refused(code: crate::ErrorCode) {
 /// Counts an upload's transactions by status and code (a fixed set).
 pub(crate) fn upload(reply: &walsync_write::UploadReply) {
     for r in &reply.results {
-        let status = match r.status {
-            walsync_write::Status::Applied => "applied",
-            walsync_write::Status::Rejected => "rejected",
-            walsync_write::Status::Retryable => "retryable",
-        };
         let code = r.code.clone().unwrap_or_else(|| "none".into());
-        counter!(UPLOADS, "status" => status, "code" => code).increment(1);
+        counter!(UPLOADS, "status" => r.status.as_str(), "code" => code).increment(1);
     }
 }

@@ -40,6 +40,8 @@ pub struct Uploads {
     pub(crate) config: WriteConfig,
     pool: PgPool,
     rules: BTreeMap<String, TableRules>,
+    /// The statements on walsync's own tables, made once from the configuration.
+    sql: Bookkeeping,
     /// The catalog of the writable tables, read once PostgreSQL first answers.
     tables: tokio::sync::OnceCell<Arc<BTreeMap<String, TableInfo>>>,
 }
@@ -50,6 +52,17 @@ impl std::fmt::Debug for Uploads {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
+}
+
+/// The SQL of walsync's own tables.
+#[derive(Debug)]
+struct Bookkeeping {
+    /// The claim of a client transaction (see [`Uploads::claim_sql`]).
+    claim: String,
+    /// The result recorded with the write checkpoint.
+    result: String,
+    /// The conflicts table, qualified and quoted.
+    conflicts: String,
 }
 
 /// Columns walsync fills itself when a table has them (a client's values are ignored).
@@ -167,10 +180,19 @@ impl Uploads {
                 },
             );
         }
+        let sql = Bookkeeping {
+            claim: Uploads::claim_sql(&config),
+            result: Uploads::result_sql(&config),
+            conflicts: {
+                let (schema, table) = catalog::split_name(&config.conflicts_table);
+                format!("{}.{}", quote_ident(schema), quote_ident(table))
+            },
+        };
         Ok(Uploads {
             config,
             pool,
             rules,
+            sql,
             tables: tokio::sync::OnceCell::new(),
         })
     }
@@ -460,21 +482,21 @@ impl Uploads {
     /// The claim of a client transaction: `INSERT … ON CONFLICT DO NOTHING`, so a retry of one
     /// applied already (or being applied by another request right now, which this waits for)
     /// finds its row (and inserts none).
-    fn claim_sql(&self) -> String {
+    fn claim_sql(config: &WriteConfig) -> String {
         format!(
             "INSERT INTO {}.uploads (user_id, client_id, tx_key, status, result) \
              VALUES ($1, $2, $3, 'pending', '{{}}') ON CONFLICT DO NOTHING",
-            quote_ident(&self.config.schema)
+            quote_ident(&config.schema)
         )
     }
 
     /// The result recorded and the write checkpoint made, in one statement.
-    fn result_sql(&self) -> String {
+    fn result_sql(config: &WriteConfig) -> String {
         format!(
             "WITH done AS (UPDATE {}.uploads SET status = 'applied', result = $4::text::jsonb \
              WHERE user_id = $1 AND client_id = $2 AND tx_key = $3 RETURNING 1) \
              SELECT pg_logical_emit_message(true, 'walsync', 'upload')::text, (SELECT count(*) FROM done)",
-            quote_ident(&self.config.schema)
+            quote_ident(&config.schema)
         )
     }
 
@@ -525,7 +547,7 @@ impl Uploads {
             };
         }
         let claimed = db
-            .execute(&self.claim_sql(), &[&writer.user_id, &client_id, &tx_key])
+            .execute(&self.sql.claim, &[&writer.user_id, &client_id, &tx_key])
             .await
             .map_err(|e| classify(&e, None))?;
         if claimed == 0 {
@@ -560,7 +582,7 @@ impl Uploads {
         .unwrap_or_default();
         let row = db
             .query_one(
-                &self.result_sql(),
+                &self.sql.result,
                 &[&writer.user_id, &client_id, &tx_key, &result],
             )
             .await
@@ -626,9 +648,9 @@ impl Uploads {
         intents: &[Intent<'_>],
         statements: &[String],
     ) -> Result<Option<u64>, Failure> {
-        let (claim_sql, result_sql) = (self.claim_sql(), self.result_sql());
+        let (claim_sql, result_sql) = (&self.sql.claim, &self.sql.result);
         let claim = db
-            .statement(&claim_sql, &[])
+            .statement(claim_sql, &[])
             .await
             .map_err(|e| classify(&e, None))?;
         let mut prepared = Vec::with_capacity(statements.len());
@@ -640,7 +662,7 @@ impl Uploads {
             );
         }
         let record = db
-            .statement(&result_sql, &[])
+            .statement(result_sql, &[])
             .await
             .map_err(|e| classify(&e, None))?;
         let rows: Vec<String> = intents

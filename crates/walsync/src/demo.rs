@@ -189,10 +189,7 @@ async fn follow(
     transport: Transport,
     out: tokio::sync::mpsc::Sender<String>,
 ) {
-    let via = match transport {
-        Transport::Http => "http",
-        Transport::Grpc => "grpc",
-    };
+    let via = transport.as_str();
     let mut before: BTreeSet<String> = BTreeSet::new();
     let mut first = true;
     loop {
@@ -291,10 +288,7 @@ async fn interviewers(
         let connector = connectors[who].clone();
         let out = out.clone();
         async move {
-            let via = match connector.transport() {
-                Transport::Http => "http",
-                Transport::Grpc => "grpc",
-            };
+            let via = connector.transport().as_str();
             let line = match connector.upload(&request).await {
                 Ok(reply) => reply
                     .results

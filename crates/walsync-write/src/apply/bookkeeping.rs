@@ -4,16 +4,9 @@
 use walsync_types::quote_ident;
 
 use super::{Applied, Failure, Uploads, Writer};
-use crate::catalog;
 use crate::{ClientTransaction, TxResult, WriteError};
 
 impl Uploads {
-    /// The conflicts table, qualified and quoted.
-    pub(super) fn conflicts_table(&self) -> String {
-        let (schema, table) = catalog::split_name(&self.config.conflicts_table);
-        format!("{}.{}", quote_ident(schema), quote_ident(table))
-    }
-
     pub(super) async fn create_bookkeeping(
         &self,
         client: &tokio_postgres::Client,
@@ -61,7 +54,7 @@ impl Uploads {
                    resolved_by text,
                    resolved_at timestamptz
                  );",
-                c = self.conflicts_table()
+                c = self.sql.conflicts
             ))
             .await
             .map_err(|e| {

@@ -250,7 +250,7 @@ impl Uploads {
             .and_then(|c| server.get(c))
             .cloned()
             .flatten();
-        let c = self.conflicts_table();
+        let c = &self.sql.conflicts;
         let columns = "table_name, row_id, column_name, base_value, client_value, server_value, scope, user_id, client_id, op_id";
         let insert = format!(
             "INSERT INTO {c} ({columns}) SELECT {columns} FROM jsonb_populate_record(NULL::{c}, $1::text::jsonb)"
