@@ -1123,3 +1123,159 @@ async fn a_retry_after_a_dropped_reply_applies_once() -> anyhow::Result<()> {
     service.stop().await;
     Ok(())
 }
+
+/// Values nobody here designed: a text UUID key, jsonb with an integer beyond 64 bits, a long
+/// decimal and unicode, an array with a NULL and quotes, a long decimal, timestamps before 1970
+/// and far in the future, a boolean sent as 1, a 300 KB (TOASTed) text. They arrive in
+/// PostgreSQL exactly (compared with PostgreSQL's own reading of the same text), and an edit
+/// whose `old` values are the row as PostgreSQL prints it meets no false conflict; a real one is
+/// caught.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_nobody_designed_arrive_exactly_and_compare_without_false_conflicts()
+-> anyhow::Result<()> {
+    use walsync_write::{ConflictRule, Strategy, TableRule};
+    let s = seed::setup().await?;
+    s.sql
+        .batch_execute(
+            "CREATE TABLE odd (id text PRIMARY KEY, doc jsonb, tags text[], amount numeric,
+                               at timestamptz, flag boolean, big text, note text)",
+        )
+        .await?;
+    let mut writes = walsync_write::WriteConfig::default();
+    writes.tables.insert(
+        "odd".into(),
+        TableRule {
+            insert: Some("true".into()),
+            update: Some("true".into()),
+            delete: Some("true".into()),
+            conflicts: Some(ConflictRule {
+                default: Strategy::Manual,
+                columns: Default::default(),
+                scope: None,
+            }),
+        },
+    );
+    let mut config = service::config(&s, ServerConfig::default());
+    config.writes = Some(writes);
+    let service = Service::start(config).await?;
+
+    let id = "7f1d3c2a-9b4e-4f6a-8c0d-2e5b7a9c1f30";
+    let doc = r#"{"big": 12345678901234567890123, "d": 0.1000000000000000055511151231257827, "u": "ünï ✓", "n": [null, {"x": "a\"b"}]}"#;
+    let amount = "3.14159265358979323846264338327950288";
+    let big = "é".repeat(150_000);
+    let (_, reply) = post(
+        &service,
+        "u1",
+        &upload(
+            "odd",
+            vec![tx(
+                1,
+                vec![put(
+                    1,
+                    "odd",
+                    id,
+                    json!({"doc": doc, "tags": ["a", null, "b,\"c"], "amount": amount,
+                           "at": "1950-01-01 00:00:00+00", "flag": 1, "big": big, "note": "x"}),
+                )],
+            )],
+        ),
+    )
+    .await?;
+    anyhow::ensure!(reply["results"][0]["status"] == "applied", "{reply}");
+    let exact: bool = s
+        .sql
+        .query_one(
+            "SELECT doc = $2::text::jsonb AND doc::text = ($2::text::jsonb)::text
+                    AND tags IS NOT DISTINCT FROM ARRAY['a', NULL, 'b,\"c']
+                    AND amount::text = $3 AND at = '1950-01-01 00:00:00+00' AND flag
+                    AND big = $4 AND note = 'x'
+             FROM odd WHERE id = $1",
+            &[&id, &doc, &amount, &big],
+        )
+        .await?
+        .get(0);
+    if !exact {
+        let r = s
+            .sql
+            .query_one(
+                "SELECT doc::text, ($2::text::jsonb)::text, tags::text, amount::text, at::text, flag::text, length(big), note FROM odd WHERE id = $1",
+                &[&id, &doc],
+            )
+            .await?;
+        anyhow::bail!(
+            "a value did not arrive as sent: doc {} (want {}), tags {}, amount {}, at {}, flag {}, big {} chars, note {}",
+            r.get::<_, String>(0),
+            r.get::<_, String>(1),
+            r.get::<_, String>(2),
+            r.get::<_, String>(3),
+            r.get::<_, String>(4),
+            r.get::<_, String>(5),
+            r.get::<_, i32>(6),
+            r.get::<_, String>(7)
+        );
+    }
+
+    // The client edits from the row as PostgreSQL prints it: nothing changed meanwhile, so no
+    // field is a conflict, whatever its type.
+    let printed = || async {
+        let r = s
+            .sql
+            .query_one(
+                "SELECT doc::text, tags::text, amount::text, at::text, flag::int::text, big, note
+                 FROM odd WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+        let names = ["doc", "tags", "amount", "at", "flag", "big", "note"];
+        let row: serde_json::Map<String, Value> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| ((*n).to_owned(), Value::from(r.get::<_, String>(i))))
+            .collect();
+        anyhow::Ok(row)
+    };
+    let mut whole = printed().await?;
+    let old = Value::Object(whole.clone());
+    whole.insert("note".into(), Value::from("edited"));
+    whole.insert("at".into(), Value::from("9999-12-31 23:59:59+00"));
+    let mut op = put(2, "odd", id, Value::Object(whole));
+    op["old"] = old;
+    let (_, reply) = post(&service, "u1", &upload("odd", vec![tx(2, vec![op])])).await?;
+    anyhow::ensure!(
+        reply["results"][0]["status"] == "applied" && reply["results"][0]["conflicts"].is_null(),
+        "{reply}"
+    );
+    let stored: (String, bool) = {
+        let r = s
+            .sql
+            .query_one(
+                "SELECT note, at = '9999-12-31 23:59:59+00' FROM odd WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+        (r.get(0), r.get(1))
+    };
+    anyhow::ensure!(stored == ("edited".to_owned(), true), "{stored:?}");
+
+    // Another writer changes the amount; an edit of the amount from the old one is a conflict.
+    let old = printed().await?;
+    s.sql
+        .execute("UPDATE odd SET amount = amount + 1 WHERE id = $1", &[&id])
+        .await?;
+    let mut op = patch(3, "odd", id, json!({"amount": "0.5"}));
+    op["old"] = json!({"amount": old["amount"]});
+    let (_, reply) = post(&service, "u1", &upload("odd", vec![tx(3, vec![op])])).await?;
+    anyhow::ensure!(
+        reply["results"][0]["conflicts"][0]["outcome"] == "manual",
+        "{reply}"
+    );
+    let amount_now: String = s
+        .scalar(&format!("SELECT amount::text FROM odd WHERE id = '{id}'"))
+        .await?;
+    anyhow::ensure!(
+        amount_now == "4.14159265358979323846264338327950288",
+        "{amount_now}"
+    );
+    service.stop().await;
+    Ok(())
+}

@@ -443,15 +443,8 @@ impl Uploads {
                         {
                             continue;
                         }
-                        // A JSON column's value arrives as the JSON's text (the client keeps
-                        // it as text): it is the JSON itself, not a JSON string.
-                        let value = match value {
-                            Value::String(s) if info.json => {
-                                serde_json::from_str(s).unwrap_or_else(|_| value.clone())
-                            }
-                            other => other.clone(),
-                        };
-                        data.insert(column.clone(), value);
+                        // A JSON column's text is parsed by PostgreSQL (`TableInfo::row_json`).
+                        data.insert(column.clone(), value.clone());
                     }
                     if table.has(LAST_MODIFIED_BY) {
                         data.insert(LAST_MODIFIED_BY.into(), Value::from(writer.user_id));
@@ -728,8 +721,9 @@ fn check_sql(table: &TableInfo, p: &Predicate) -> String {
     let q = &table.qualified;
     format!(
         "SELECT ({}) IS TRUE FROM jsonb_populate_record(NULL::{q}, $1::text::jsonb) AS old, \
-         jsonb_populate_record(NULL::{q}, $2::text::jsonb) AS new",
-        p.sql
+         jsonb_populate_record(NULL::{q}, {}) AS new",
+        p.sql,
+        table.row_json(2)
     )
 }
 

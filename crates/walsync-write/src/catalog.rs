@@ -32,6 +32,27 @@ impl TableInfo {
         self.columns.contains_key(column)
     }
 
+    /// The row that JSON text parameter `$n` holds, as jsonb for `jsonb_populate_record`: a
+    /// JSON column's value sent as a string (a client keeps JSON as its text) is that text
+    /// parsed by PostgreSQL, exactly (a parse into a `serde_json::Value` here would round its
+    /// numbers); any other value stays as sent.
+    pub(crate) fn row_json(&self, n: u8) -> String {
+        let json: Vec<String> = self
+            .columns
+            .iter()
+            .filter(|(_, c)| c.json)
+            .map(|(name, _)| format!("'{}'", name.replace('\'', "''")))
+            .collect();
+        if json.is_empty() {
+            return format!("${n}::text::jsonb");
+        }
+        format!(
+            "(SELECT ${n}::text::jsonb || COALESCE(jsonb_object_agg(e.k, (e.v #>> '{{}}')::jsonb), '{{}}'::jsonb) \
+             FROM jsonb_each(${n}::text::jsonb) e(k, v) WHERE jsonb_typeof(e.v) = 'string' AND e.k IN ({}))",
+            json.join(", ")
+        )
+    }
+
     /// Every column as text, as the sync stream sends it, in the order of `columns`: an SQL
     /// array over the row `t`.
     pub(crate) fn text_array(&self) -> String {

@@ -35,6 +35,7 @@ pub(super) fn statement(intent: &Intent<'_>) -> Option<String> {
          cur AS (SELECT t AS row FROM {q} t, key WHERE t.{k} = key.k FOR UPDATE OF t)"
     );
     let empty = format!("jsonb_populate_record(NULL::{q}, NULL)");
+    let row = table.row_json(1);
     let as_was = "LATERAL (SELECT (cur.row).*) AS old";
     match intent.op.op {
         CrudOp::Delete => Some(format!(
@@ -50,8 +51,8 @@ pub(super) fn statement(intent: &Intent<'_>) -> Option<String> {
                 return None;
             }
             let update = format!(
-                "upd_ok AS (SELECT ({}) IS TRUE AS ok FROM cur, {as_was}, jsonb_populate_record(cur.row, $1::text::jsonb) AS new), \
-                 upd AS (UPDATE {q} t SET ({ucols}) = (SELECT {uvals} FROM jsonb_populate_record(NULL::{q}, $1::text::jsonb) r) \
+                "upd_ok AS (SELECT ({}) IS TRUE AS ok FROM cur, {as_was}, jsonb_populate_record(cur.row, {row}) AS new), \
+                 upd AS (UPDATE {q} t SET ({ucols}) = (SELECT {uvals} FROM jsonb_populate_record(NULL::{q}, {row}) r) \
                  FROM key WHERE t.{k} = key.k AND (SELECT ok FROM upd_ok) RETURNING 1)",
                 predicate(&rules.update)
             );
@@ -66,8 +67,8 @@ pub(super) fn statement(intent: &Intent<'_>) -> Option<String> {
             let (icols, ivals) = assignments(table, keys.into_iter(), false);
             Some(format!(
                 "{head}, {update}, \
-                 ins_ok AS (SELECT ({}) IS TRUE AS ok FROM {empty} AS old, jsonb_populate_record(NULL::{q}, $1::text::jsonb) AS new), \
-                 ins AS (INSERT INTO {q} ({icols}) SELECT {ivals} FROM jsonb_populate_record(NULL::{q}, $1::text::jsonb) r \
+                 ins_ok AS (SELECT ({}) IS TRUE AS ok FROM {empty} AS old, jsonb_populate_record(NULL::{q}, {row}) AS new), \
+                 ins AS (INSERT INTO {q} ({icols}) SELECT {ivals} FROM jsonb_populate_record(NULL::{q}, {row}) r \
                  WHERE NOT EXISTS (SELECT 1 FROM cur) AND (SELECT ok FROM ins_ok) RETURNING 1) \
                  SELECT EXISTS (SELECT 1 FROM cur), (SELECT ok FROM ins_ok), COALESCE((SELECT ok FROM upd_ok), false), \
                  (SELECT count(*) FROM upd) + (SELECT count(*) FROM ins)",

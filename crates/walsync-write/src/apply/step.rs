@@ -179,7 +179,8 @@ impl Uploads {
                 let (columns, values) = assignments(table, data.keys(), false);
                 db.execute(
                     &format!(
-                        "INSERT INTO {q} ({columns}) SELECT {values} FROM jsonb_populate_record(NULL::{q}, $1::text::jsonb) r"
+                        "INSERT INTO {q} ({columns}) SELECT {values} FROM jsonb_populate_record(NULL::{q}, {}) r",
+                        table.row_json(1)
                     ),
                     &[&Value::Object(data).to_string()],
                 )
@@ -197,8 +198,9 @@ impl Uploads {
                 data.insert(table.key.clone(), Value::from(intent.op.id.as_str()));
                 db.execute(
                     &format!(
-                        "UPDATE {q} t SET ({columns}) = (SELECT {values} FROM jsonb_populate_record(NULL::{q}, $1::text::jsonb) r) \
-                         WHERE t.{k} = {find}"
+                        "UPDATE {q} t SET ({columns}) = (SELECT {values} FROM jsonb_populate_record(NULL::{q}, {}) r) \
+                         WHERE t.{k} = {find}",
+                        table.row_json(1)
                     ),
                     &[&Value::Object(data).to_string()],
                 )
