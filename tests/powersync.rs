@@ -55,26 +55,32 @@ fn node_available() -> bool {
         .unwrap_or(false)
 }
 
-/// Installs the pinned client into a scratch folder under the target directory (once).
+/// Installs the pinned client into a scratch folder under the target directory (once per
+/// binary: the tests of this file run in parallel and must not run npm into one folder twice).
 fn install_client() -> anyhow::Result<PathBuf> {
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _once = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("powersync");
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("powersync-node");
     std::fs::create_dir_all(&dir)?;
     let manifest = std::fs::read(src.join("package.json"))?;
+    let lock = std::fs::read(src.join("package-lock.json"))?;
     std::fs::copy(src.join("client.mjs"), dir.join("client.mjs"))?;
     let installed = dir.join("node_modules/better-sqlite3/build/Release/better_sqlite3.node");
-    let same = std::fs::read(dir.join("package.json")).ok().as_deref() == Some(&manifest[..]);
+    let same = std::fs::read(dir.join("package.json")).ok().as_deref() == Some(&manifest[..])
+        && std::fs::read(dir.join("package-lock.json")).ok().as_deref() == Some(&lock[..]);
     if same && installed.exists() && dir.join("node_modules/@powersync/node").exists() {
         return Ok(dir);
     }
     std::fs::write(dir.join("package.json"), &manifest)?;
-    eprintln!("installing @powersync/node 1.1.0 and better-sqlite3 12.11.1 with npm (once)");
+    std::fs::write(dir.join("package-lock.json"), &lock)?;
+    eprintln!("installing @powersync/node 1.1.0 and better-sqlite3 12.11.1 with npm ci (once)");
     let status = std::process::Command::new("npm")
-        .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+        .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
         .current_dir(&dir)
         .status()
         .context("running npm")?;
-    anyhow::ensure!(status.success(), "npm install failed: {status}");
+    anyhow::ensure!(status.success(), "npm ci failed: {status}");
     anyhow::ensure!(installed.exists(), "better-sqlite3 was not built");
     Ok(dir)
 }
