@@ -575,6 +575,71 @@ async fn retries_are_idempotent() -> anyhow::Result<()> {
         .await?;
     anyhow::ensure!(dead == 1, "the rejection was recorded {dead} times");
 
+    // Each way a transaction is applied claims it so: several ops sent together, and op by op
+    // (an edit with the values it started from, on a table with conflict rules). A retry
+    // changes nothing, and so do copies of one upload sent at the same moment.
+    let version = |r: Option<Value>| r.unwrap_or_default()["_version"].as_i64();
+    let before = version(row(&s, "projects", 1).await?);
+    let shapes = upload(
+        "device-1",
+        vec![
+            tx(
+                4,
+                vec![
+                    patch(4, "projects", 1, json!({"description": "pair"})),
+                    put(5, "teams", 40_003, json!({"project_id": 1, "name": "p"})),
+                ],
+            ),
+            tx(
+                5,
+                vec![json!({
+                    "op_id": 6, "op": "PATCH", "type": "projects", "id": "1",
+                    "data": {"name": "stepped"}, "old": {"name": "project 1"},
+                })],
+            ),
+        ],
+    );
+    let (_, first) = post(&service, "u1", &shapes).await?;
+    anyhow::ensure!(statuses(&first) == ["applied", "applied"], "{first}");
+    let after = version(row(&s, "projects", 1).await?);
+    anyhow::ensure!(after == before.map(|v| v + 2), "{before:?} -> {after:?}");
+    let (_, again) = post(&service, "u1", &shapes).await?;
+    anyhow::ensure!(
+        statuses(&again) == ["applied", "applied"]
+            && again["results"][0]["replayed"] == true
+            && again["results"][1]["replayed"] == true,
+        "{again}"
+    );
+    anyhow::ensure!(version(row(&s, "projects", 1).await?) == after);
+    for (n, tx_id) in [(6, 6), (7, 7)] {
+        let one = if tx_id == 6 {
+            tx(
+                tx_id,
+                vec![patch(n, "projects", 1, json!({"description": "racing"}))],
+            )
+        } else {
+            tx(
+                tx_id,
+                vec![
+                    patch(n, "projects", 1, json!({"description": "racing pair"})),
+                    patch(n + 1, "teams", 40_003, json!({"name": "q"})),
+                ],
+            )
+        };
+        let body = upload("device-1", vec![one]);
+        let before = version(row(&s, "projects", 1).await?);
+        let replies =
+            futures_util::future::join_all((0..8).map(|_| post(&service, "u1", &body))).await;
+        let mut fresh = 0;
+        for reply in replies {
+            let (_, reply) = reply?;
+            anyhow::ensure!(statuses(&reply) == ["applied"], "{reply}");
+            fresh += usize::from(reply["results"][0]["replayed"] != true);
+        }
+        anyhow::ensure!(fresh == 1, "{fresh} of 8 copies of tx {tx_id} were applied");
+        anyhow::ensure!(version(row(&s, "projects", 1).await?) == before.map(|v| v + 1));
+    }
+
     // The same transaction id from another device, or another user, is another transaction.
     let (_, other) = post(
         &service,
@@ -771,27 +836,114 @@ async fn the_writers_stream_shows_its_upload_over_both_transports() -> anyhow::R
             reply.results.len() == 1 && reply.results[0].status == walsync_write::Status::Applied,
             "{reply:?}"
         );
-        let wanted: u64 = reply
-            .write_checkpoint
-            .as_deref()
-            .ok_or_else(|| anyhow::anyhow!("no write checkpoint in {reply:?}"))?
-            .parse()?;
-        client
-            .until(std::time::Duration::from_secs(30), |state| {
-                state.write_checkpoint().is_some_and(|w| w >= wanted)
-            })
-            .await?;
-        let rows = client.state().rows();
-        let project = rows
-            .get(&("projects".to_owned(), "1".to_owned()))
-            .ok_or_else(|| anyhow::anyhow!("project 1 is not in the stream"))?;
-        let project: Value = serde_json::from_str(project)?;
+        let project = project_at_write_checkpoint(&mut client, &reply).await?;
         anyhow::ensure!(project["description"] == description.as_str(), "{project}");
         anyhow::ensure!(project["_last_modified_by"] == "u1", "{project}");
 
         // A refused request is an error on either transport.
         let bad: walsync_write::UploadRequest = serde_json::from_value(upload("", vec![]))?;
         anyhow::ensure!(connector.upload(&bad).await.is_err());
+    }
+    service.stop().await;
+    Ok(())
+}
+
+/// Project 1 as the client holds it once a checkpoint passes the reply's write checkpoint.
+async fn project_at_write_checkpoint(
+    client: &mut walsync_client::SyncClient,
+    reply: &walsync_write::UploadReply,
+) -> anyhow::Result<Value> {
+    let wanted: u64 = reply
+        .write_checkpoint
+        .as_deref()
+        .ok_or_else(|| anyhow::anyhow!("no write checkpoint in {reply:?}"))?
+        .parse()?;
+    client
+        .until(std::time::Duration::from_secs(30), |state| {
+            state.write_checkpoint().is_some_and(|w| w >= wanted)
+        })
+        .await?;
+    let rows = client.state().rows();
+    let project = rows
+        .get(&("projects".to_owned(), "1".to_owned()))
+        .ok_or_else(|| anyhow::anyhow!("project 1 is not in the stream"))?;
+    Ok(serde_json::from_str(project)?)
+}
+
+/// The write checkpoint of an upload is passed only once the stream carries the upload, even
+/// when another transaction commits while the upload commits: the upload is held at its commit
+/// (a deferred trigger waits on a lock the test holds) while another change reaches the
+/// stream, then let go. The first checkpoint that passes the reply's write checkpoint already
+/// holds the upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_checkpoint_is_not_passed_before_its_upload() -> anyhow::Result<()> {
+    use walsync_client::{Connector, SyncClient, Transport};
+    let s = seed::setup().await?;
+    s.sql
+        .batch_execute(
+            "CREATE FUNCTION hold() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN NULL; END $$;
+             CREATE CONSTRAINT TRIGGER hold AFTER UPDATE ON projects
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION hold();",
+        )
+        .await?;
+    let service = start(&s).await?;
+    let (holder, conn) = tokio_postgres::connect(&s.url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    for transport in [Transport::Http, Transport::Grpc] {
+        let client_id = format!("held-{transport:?}");
+        let connector = Connector::new(&service.url(), transport, &service::token("u1"))?;
+        let mut client = SyncClient::new(connector.clone(), &client_id);
+        client.next_checkpoint().await?;
+        holder.execute("SELECT pg_advisory_lock(4242)", &[]).await?;
+        let description = format!("held over {transport:?}");
+        let request: walsync_write::UploadRequest = serde_json::from_value(upload(
+            &client_id,
+            vec![tx(
+                1,
+                vec![patch(1, "projects", 1, json!({"description": description}))],
+            )],
+        ))?;
+        let uploading = tokio::spawn({
+            let connector = connector.clone();
+            async move { connector.upload(&request).await }
+        });
+        // The upload waits at its commit; another transaction commits and reaches the stream.
+        let waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while s.scalar::<i64>(waiting).await? == 0 {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the upload never waited"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let team: i64 = if transport == Transport::Http {
+            990_001
+        } else {
+            990_002
+        };
+        s.sql
+            .execute(
+                "INSERT INTO teams (id, project_id, name) VALUES ($1, 1, 'meanwhile')",
+                &[&team],
+            )
+            .await?;
+        let team_key = ("teams".to_owned(), team.to_string());
+        client
+            .until(std::time::Duration::from_secs(30), |state| {
+                state.rows().contains_key(&team_key)
+            })
+            .await?;
+        holder
+            .execute("SELECT pg_advisory_unlock(4242)", &[])
+            .await?;
+        let reply = uploading.await??;
+        let project = project_at_write_checkpoint(&mut client, &reply).await?;
+        anyhow::ensure!(
+            project["description"] == description.as_str(),
+            "the write checkpoint passed before the upload was in the stream: {project}"
+        );
     }
     service.stop().await;
     Ok(())

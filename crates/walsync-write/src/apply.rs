@@ -4,18 +4,20 @@ mod bookkeeping;
 mod fast;
 mod step;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use deadpool::managed::PoolError;
 use serde_json::{Map, Value};
 use tokio_postgres::types::Type;
+use tokio_postgres::{GenericClient, Statement};
 use walsync_types::{Lsn, quote_ident};
 
 use crate::catalog::{self, TableInfo};
 use crate::config::{AuthorizationMode, ConflictRule, WriteConfig};
+use crate::pool::PgConn;
 use crate::predicate::Predicate;
-use crate::session::Session;
+use crate::session::{self, Session};
 use crate::{ClientTransaction, ConflictNote, CrudEntry, CrudOp, Status, TxResult, UploadReply};
 use crate::{PgPool, UploadError, UploadRequest, WriteError};
 
@@ -57,10 +59,10 @@ impl std::fmt::Debug for Uploads {
 /// The SQL of walsync's own tables.
 #[derive(Debug)]
 struct Bookkeeping {
-    /// The claim of a client transaction (see [`Uploads::claim_sql`]).
+    /// The claim of a client transaction, after its ops (see [`Uploads::claim_sql`]).
     claim: String,
-    /// The result recorded with the write checkpoint.
-    result: String,
+    /// walsync's uploads table, qualified and quoted.
+    uploads: String,
     /// The conflicts table, qualified and quoted.
     conflicts: String,
 }
@@ -79,6 +81,18 @@ pub(crate) enum Failure {
         op_id: Option<i64>,
     },
     Retry(String),
+    /// The claim found the transaction received before: everything sent with it is rolled
+    /// back, and the earlier result stands.
+    ReceivedBefore,
+}
+
+impl Failure {
+    pub(crate) fn message(self) -> String {
+        match self {
+            Failure::Reject { message, .. } | Failure::Retry(message) => message,
+            Failure::ReceivedBefore => "the transaction was received before".into(),
+        }
+    }
 }
 
 fn reject(code: &'static str, message: impl Into<String>, op_id: Option<i64>) -> Failure {
@@ -182,7 +196,7 @@ impl Uploads {
         }
         let sql = Bookkeeping {
             claim: Uploads::claim_sql(&config),
-            result: Uploads::result_sql(&config),
+            uploads: format!("{}.uploads", quote_ident(&config.schema)),
             conflicts: {
                 let (schema, table) = catalog::split_name(&config.conflicts_table);
                 format!("{}.{}", quote_ident(schema), quote_ident(table))
@@ -351,7 +365,8 @@ impl Uploads {
                 result.replayed = true;
                 (result, None)
             }
-            Err(Failure::Retry(message)) => {
+            Err(f @ (Failure::Retry(_) | Failure::ReceivedBefore)) => {
+                let message = f.message();
                 tracing::info!(reason = %message, "an upload can be retried");
                 (self.retryable(tx, "database_unavailable", &message), None)
             }
@@ -472,25 +487,26 @@ impl Uploads {
             .collect()
     }
 
-    /// The claim of a client transaction: `INSERT … ON CONFLICT DO NOTHING`, so a retry of one
-    /// applied already (or being applied by another request right now, which this waits for)
-    /// finds its row (and inserts none).
+    /// The claim of a client transaction, sent after its ops: its result recorded. A
+    /// transaction received before (applied, rejected, or being applied by another request
+    /// right now, which this waits for) fails it on the table's key, and everything sent with
+    /// it is rolled back ([`Uploads::received_before`]).
     fn claim_sql(config: &WriteConfig) -> String {
         format!(
             "INSERT INTO {}.uploads (user_id, client_id, tx_key, status, result) \
-             VALUES ($1, $2, $3, 'pending', '{{}}') ON CONFLICT DO NOTHING",
+             VALUES ($1, $2, $3, 'applied', $4::text::jsonb)",
             quote_ident(&config.schema)
         )
     }
 
-    /// The result recorded and the write checkpoint made, in one statement.
-    fn result_sql(config: &WriteConfig) -> String {
-        format!(
-            "WITH done AS (UPDATE {}.uploads SET status = 'applied', result = $4::text::jsonb \
-             WHERE user_id = $1 AND client_id = $2 AND tx_key = $3 RETURNING 1) \
-             SELECT pg_logical_emit_message(true, 'walsync', 'upload')::text, (SELECT count(*) FROM done)",
-            quote_ident(&config.schema)
-        )
+    /// Whether `e` is the claim failing on walsync's uploads table: the transaction was
+    /// received before.
+    fn received_before(&self, e: &tokio_postgres::Error) -> bool {
+        e.as_db_error().is_some_and(|d| {
+            d.code() == &tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+                && d.schema() == Some(self.config.schema.as_str())
+                && d.table() == Some("uploads")
+        })
     }
 
     /// Applies `intents` as one transaction, claimed under `(user, client_id, tx_key)`.
@@ -503,50 +519,120 @@ impl Uploads {
         intents: &[Intent<'_>],
     ) -> Result<Applied, Failure> {
         let mut conn = self.connection().await?;
-        let mut db = Session::begin(&mut conn)
-            .await
-            .map_err(|e| classify(&e, None))?;
         let role = match (self.config.mode, &self.config.rls_role) {
             (AuthorizationMode::PostgresRls, Some(role)) => Some(quote_ident(role)),
             _ => None,
         };
-        // One statement per op where nothing needs deciding in between: the claim, the ops and
-        // the result go out together. Else op by op.
+        // One statement per op where nothing needs deciding in between, the last one carrying
+        // the claim: sent together. Else op by op.
+        let last = intents.len().saturating_sub(1);
         let fast: Option<Vec<String>> = match role {
             None => intents
                 .iter()
-                .map(|i| {
+                .enumerate()
+                .map(|(n, i)| {
                     let plain = i.rules.conflicts.is_none()
                         || (i.op.old.is_none() && i.client_version.is_none());
-                    plain.then(|| fast::statement(i)).flatten()
+                    let claim = (n == last).then_some(self.sql.uploads.as_str());
+                    plain.then(|| fast::statement(i, claim)).flatten()
                 })
                 .collect(),
             Some(_) => None,
         };
-        if let Some(statements) = fast {
-            let key = [tx_key, client_id];
-            return match self
-                .apply_together(&mut db, writer, key, tx_id, intents, &statements)
-                .await?
-            {
-                Some(lsn) => {
-                    db.t.commit().await.map_err(|e| classify(&e, None))?;
-                    Ok(Applied::Now(lsn, Vec::new()))
+        let key = Claim {
+            user_id: writer.user_id,
+            client_id,
+            tx_key,
+            result: Claim::result(tx_id, Vec::new()),
+        };
+        let outcome = match fast {
+            // One op: one statement, its own transaction, and the write checkpoint sent with it.
+            Some(statements) if statements.len() == 1 => {
+                let (client, cache) = conn.split();
+                let prepared = prepare(&*client, cache, &statements).await?;
+                let marker = session::cached(&*client, cache, MARKER, &[])
+                    .await
+                    .map_err(|e| classify(&e, None))?;
+                // The marker is sent after the op (the join polls in order), so it runs after
+                // the op's transaction committed.
+                let (applied, lsn) = futures_util::future::join(
+                    self.send_together(&*client, writer, &key, intents, &prepared),
+                    client.query_one(&marker, &[]),
+                )
+                .await;
+                match applied {
+                    Ok(()) => lsn_of(lsn).map(|lsn| (lsn, Vec::new())),
+                    Err(f) => {
+                        if !matches!(f, Failure::ReceivedBefore) {
+                            cache.remove(&statements[0]);
+                        }
+                        Err(f)
+                    }
                 }
-                None => {
-                    drop(db);
-                    self.earlier(writer, client_id, tx_key).await
+            }
+            Some(statements) => {
+                let (client, cache) = conn.split();
+                let t = client.transaction().await.map_err(|e| classify(&e, None))?;
+                let sent = match prepare(&t, cache, &statements).await {
+                    Ok(prepared) => {
+                        self.send_together(&t, writer, &key, intents, &prepared)
+                            .await
+                    }
+                    Err(f) => Err(f),
+                };
+                if let Err(f) = &sent
+                    && !matches!(f, Failure::ReceivedBefore)
+                {
+                    for sql in &statements {
+                        cache.remove(sql);
+                    }
                 }
-            };
+                match sent {
+                    Ok(()) => match t.commit().await {
+                        Ok(()) => write_checkpoint(&*client, cache)
+                            .await
+                            .map(|lsn| (lsn, Vec::new())),
+                        Err(e) => Err(self.failure(&e, None)),
+                    },
+                    Err(f) => Err(f),
+                }
+            }
+            None => {
+                self.apply_steps(&mut conn, writer, &key, tx_id, intents, role)
+                    .await
+            }
+        };
+        match outcome {
+            Ok((lsn, conflicts)) => Ok(Applied::Now(lsn, conflicts)),
+            Err(Failure::ReceivedBefore) => {
+                drop(conn);
+                self.earlier(writer, client_id, tx_key).await
+            }
+            Err(f) => Err(f),
         }
-        let claimed = db
-            .execute(&self.sql.claim, &[&writer.user_id, &client_id, &tx_key])
-            .await
-            .map_err(|e| classify(&e, None))?;
-        if claimed == 0 {
-            drop(db);
-            return self.earlier(writer, client_id, tx_key).await;
+    }
+
+    /// A PostgreSQL error as a failure, telling a transaction received before apart.
+    fn failure(&self, e: &tokio_postgres::Error, op_id: Option<i64>) -> Failure {
+        if self.received_before(e) {
+            Failure::ReceivedBefore
+        } else {
+            classify(e, op_id)
         }
+    }
+
+    /// Op by op in one transaction, then the claim. Returns the write checkpoint and the
+    /// conflicts met.
+    async fn apply_steps(
+        &self,
+        conn: &mut PgConn,
+        writer: Writer<'_>,
+        claim: &Claim<'_>,
+        tx_id: Option<i64>,
+        intents: &[Intent<'_>],
+        role: Option<String>,
+    ) -> Result<(u64, Vec<ConflictNote>), Failure> {
+        let mut db = Session::begin(conn).await.map_err(|e| classify(&e, None))?;
         if role.is_some() {
             db.execute(
                 "SELECT set_config('request.jwt.claims', $1, true), \
@@ -559,7 +645,7 @@ impl Uploads {
         let mut conflicts = Vec::new();
         for intent in intents {
             conflicts.extend(
-                self.apply_op(&mut db, writer, client_id, intent, role.as_deref())
+                self.apply_op(&mut db, writer, claim.client_id, intent, role.as_deref())
                     .await?,
             );
         }
@@ -568,25 +654,21 @@ impl Uploads {
                 .await
                 .map_err(|e| classify(&e, None))?;
         }
-        let result = serde_json::to_string(&TxResult {
-            conflicts: conflicts.clone(),
-            ..TxResult::applied(tx_id)
-        })
-        .unwrap_or_default();
-        let row = db
-            .query_one(
-                &self.sql.result,
-                &[&writer.user_id, &client_id, &tx_key, &result],
-            )
-            .await
-            .map_err(|e| classify(&e, None))?;
-        let lsn: String = row.get(0);
+        let result = match conflicts.is_empty() {
+            true => claim.result.clone(),
+            false => Claim::result(tx_id, conflicts.clone()),
+        };
+        db.execute(
+            &self.sql.claim,
+            &[&claim.user_id, &claim.client_id, &claim.tx_key, &result],
+        )
+        .await
+        .map_err(|e| self.failure(&e, None))?;
         // A commit whose answer is lost may have happened: the retry finds out from the claim.
-        db.t.commit().await.map_err(|e| classify(&e, None))?;
-        let lsn = lsn
-            .parse::<Lsn>()
-            .map_err(|_| Failure::Retry("postgres returned no lsn".into()))?;
-        Ok(Applied::Now(lsn.0, conflicts))
+        db.commit().await.map_err(|e| self.failure(&e, None))?;
+        let (client, cache) = conn.split();
+        let lsn = write_checkpoint(&*client, cache).await?;
+        Ok((lsn, conflicts))
     }
 
     pub(crate) async fn connection(
@@ -627,37 +709,18 @@ impl Uploads {
             .map_err(|_| Failure::Retry("the earlier attempt is still running".into()))
     }
 
-    /// Claims the transaction, applies ops of one statement each and records the result, all
-    /// sent together (pipelined on the connection): one round trip. The first op that fails or
-    /// is refused, in order, decides; a claim that finds the transaction received before
-    /// (`None`) means everything sent after it is to be rolled back. Returns the write
-    /// checkpoint.
-    async fn apply_together(
+    /// Sends the ops of one statement each (`prepared`), the last carrying the claim, all
+    /// together (pipelined on the connection): one round trip. The first op that fails or is
+    /// refused, in order, decides. On the client itself (one statement, its own transaction) or
+    /// on an open transaction.
+    async fn send_together<C: GenericClient + Sync>(
         &self,
-        db: &mut Session<'_>,
+        client: &C,
         writer: Writer<'_>,
-        [tx_key, client_id]: [&str; 2],
-        tx_id: Option<i64>,
+        claim: &Claim<'_>,
         intents: &[Intent<'_>],
-        statements: &[String],
-    ) -> Result<Option<u64>, Failure> {
-        let (claim_sql, result_sql) = (&self.sql.claim, &self.sql.result);
-        let claim = db
-            .statement(claim_sql, &[])
-            .await
-            .map_err(|e| classify(&e, None))?;
-        let mut prepared = Vec::with_capacity(statements.len());
-        for sql in statements {
-            prepared.push(
-                db.statement(sql, &[Type::TEXT; 4])
-                    .await
-                    .map_err(|e| classify(&e, None))?,
-            );
-        }
-        let record = db
-            .statement(result_sql, &[])
-            .await
-            .map_err(|e| classify(&e, None))?;
+        prepared: &[Statement],
+    ) -> Result<(), Failure> {
         let rows: Vec<String> = intents
             .iter()
             .map(|i| {
@@ -668,44 +731,100 @@ impl Uploads {
             .collect();
         let claims = writer.claims.to_string();
         let unused: Option<String> = None;
-        let result = serde_json::to_string(&TxResult::applied(tx_id)).unwrap_or_default();
         type Param<'p> = &'p (dyn tokio_postgres::types::ToSql + Sync);
-        let params: Vec<[Param<'_>; 4]> = rows
+        let params: Vec<Vec<Param<'_>>> = rows
             .iter()
-            .map(|row| [row as Param<'_>, &unused, &writer.user_id, &claims])
+            .enumerate()
+            .map(|(n, row)| {
+                let mut p: Vec<Param<'_>> = vec![row, &unused, &writer.user_id, &claims];
+                if n + 1 == rows.len() {
+                    p.extend([&claim.client_id as Param<'_>, &claim.tx_key, &claim.result]);
+                }
+                p
+            })
             .collect();
-        let t = &db.t;
-        // Sent in this order: each future sends its statement when first polled, and the joins
-        // poll in order.
-        let (claimed, ops, recorded) = futures_util::future::join3(
-            t.execute(&claim, &[&writer.user_id, &client_id, &tx_key]),
-            futures_util::future::join_all(
-                prepared
-                    .iter()
-                    .zip(&params)
-                    .map(|(statement, p)| t.query_one(statement, p)),
-            ),
-            t.query_one(&record, &[&writer.user_id, &client_id, &tx_key, &result]),
+        // Sent in this order: each future sends its statement when first polled, and the join
+        // polls in order.
+        let outcomes = futures_util::future::join_all(
+            prepared
+                .iter()
+                .zip(&params)
+                .map(|(statement, p)| client.query_one(statement, p)),
         )
         .await;
-        if claimed.map_err(|e| classify(&e, None))? == 0 {
-            return Ok(None);
-        }
-        for ((intent, outcome), sql) in intents.iter().zip(ops).zip(statements) {
-            let row = match outcome {
-                Ok(row) => row,
-                Err(e) => {
-                    db.forget(sql);
-                    return Err(classify(&e, Some(intent.op.op_id)));
-                }
-            };
+        for (intent, outcome) in intents.iter().zip(outcomes) {
+            let row = outcome.map_err(|e| self.failure(&e, Some(intent.op.op_id)))?;
             fast::outcome(intent, &row)?;
         }
-        let lsn: String = recorded.map_err(|e| classify(&e, None))?.get(0);
-        let lsn = lsn
-            .parse::<Lsn>()
-            .map_err(|_| Failure::Retry("postgres returned no lsn".into()))?;
-        Ok(Some(lsn.0))
+        Ok(())
+    }
+}
+
+/// The ops' statements of [`Uploads::send_together`], prepared (once per connection): the last
+/// one takes the claim's parameters as well.
+async fn prepare<C: GenericClient + Sync>(
+    client: &C,
+    cache: &mut HashMap<String, Statement>,
+    statements: &[String],
+) -> Result<Vec<Statement>, Failure> {
+    let mut prepared = Vec::with_capacity(statements.len());
+    for (n, sql) in statements.iter().enumerate() {
+        let types: &[Type] = if n + 1 == statements.len() {
+            &[Type::TEXT; 7]
+        } else {
+            &[Type::TEXT; 4]
+        };
+        prepared.push(
+            session::cached(client, cache, sql, types)
+                .await
+                .map_err(|e| classify(&e, None))?,
+        );
+    }
+    Ok(prepared)
+}
+
+/// The write checkpoint's statement: see [`write_checkpoint`].
+const MARKER: &str = "SELECT pg_logical_emit_message(true, 'walsync', 'upload')::text";
+
+fn lsn_of(row: Result<tokio_postgres::Row, tokio_postgres::Error>) -> Result<u64, Failure> {
+    let text: String = row.map_err(|e| classify(&e, None))?.get(0);
+    text.parse::<Lsn>()
+        .map(|l| l.0)
+        .map_err(|_| Failure::Retry("postgres returned no lsn".into()))
+}
+
+/// Makes the write checkpoint of a transaction committed on `client`: a transactional logical
+/// message in a transaction of its own, so its position comes after the commit and is passed
+/// only once the replication stream has carried that commit. (A message inside the upload's
+/// own transaction would not do: another transaction committing between the message and the
+/// commit could move the store past the message first.)
+async fn write_checkpoint<C: GenericClient + Sync>(
+    client: &C,
+    cache: &mut HashMap<String, Statement>,
+) -> Result<u64, Failure> {
+    let marker = session::cached(client, cache, MARKER, &[])
+        .await
+        .map_err(|e| classify(&e, None))?;
+    lsn_of(client.query_one(&marker, &[]).await)
+}
+
+/// Who claims a transaction, and the result recorded when it is applied.
+struct Claim<'a> {
+    user_id: &'a str,
+    client_id: &'a str,
+    tx_key: &'a str,
+    /// The applied result, as JSON.
+    result: String,
+}
+
+impl Claim<'_> {
+    /// An applied transaction's result, as recorded.
+    fn result(tx_id: Option<i64>, conflicts: Vec<ConflictNote>) -> String {
+        serde_json::to_string(&TxResult {
+            conflicts,
+            ..TxResult::applied(tx_id)
+        })
+        .unwrap_or_default()
     }
 }
 
@@ -713,6 +832,16 @@ impl Uploads {
 pub(crate) enum Applied {
     Now(u64, Vec<ConflictNote>),
     Before(TxResult),
+}
+
+/// How an op locks the row it finds: an insert or update as PostgreSQL's own `UPDATE` of
+/// columns other than keys does (`FOR NO KEY UPDATE`: inserts of rows that reference it carry
+/// on), a delete fully.
+fn row_lock(op: CrudOp) -> &'static str {
+    match op {
+        CrudOp::Delete => "FOR UPDATE",
+        CrudOp::Put | CrudOp::Patch => "FOR NO KEY UPDATE",
+    }
 }
 
 /// The predicate as a query over `old` ($1) and `new` ($2), with the user id ($3) and the

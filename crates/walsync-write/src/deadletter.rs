@@ -147,7 +147,9 @@ impl Uploads {
                 message,
                 op_id,
             }) => rejected(None, code, message, op_id),
-            Err(Failure::Retry(message)) => return Err(WriteError::Unreachable(message)),
+            Err(f @ (Failure::Retry(_) | Failure::ReceivedBefore)) => {
+                return Err(WriteError::Unreachable(f.message()));
+            }
         };
         if result.status == Status::Applied {
             let client = self.admin_connection().await?;

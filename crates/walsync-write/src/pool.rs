@@ -111,7 +111,7 @@ impl managed::Manager for Manager {
             .map_err(|e| PoolConnectError::Connect(e.to_string()))?;
         client
             .batch_execute(&format!(
-                "SET statement_timeout = {}",
+                "SET statement_timeout = {}; SET plan_cache_mode = force_generic_plan",
                 self.statement_timeout.as_millis().max(1)
             ))
             .await?;

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Error, Row, Statement, Transaction};
+use tokio_postgres::{Error, GenericClient, Row, Statement, Transaction};
 
 use crate::pool::PgConn;
 
@@ -14,6 +14,25 @@ const CACHED: usize = 1_000;
 pub(crate) struct Session<'c> {
     pub(crate) t: Transaction<'c>,
     cache: &'c mut HashMap<String, Statement>,
+}
+
+/// The statement of `sql` prepared on `client`'s connection, once: from `cache` after the first
+/// time.
+pub(crate) async fn cached<C: GenericClient>(
+    client: &C,
+    cache: &mut HashMap<String, Statement>,
+    sql: &str,
+    types: &[Type],
+) -> Result<Statement, Error> {
+    if let Some(s) = cache.get(sql) {
+        return Ok(s.clone());
+    }
+    let s = client.prepare_typed(sql, types).await?;
+    if cache.len() >= CACHED {
+        cache.clear();
+    }
+    cache.insert(sql.to_owned(), s.clone());
+    Ok(s)
 }
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
@@ -27,29 +46,21 @@ impl<'c> Session<'c> {
         })
     }
 
+    pub(crate) async fn commit(self) -> Result<(), Error> {
+        self.t.commit().await
+    }
+
     /// The statement of `sql`, prepared on this connection once.
     pub(crate) async fn statement(
         &mut self,
         sql: &str,
         types: &[Type],
     ) -> Result<Statement, Error> {
-        if let Some(s) = self.cache.get(sql) {
-            return Ok(s.clone());
-        }
-        let s = self.t.prepare_typed(sql, types).await?;
-        if self.cache.len() >= CACHED {
-            self.cache.clear();
-        }
-        self.cache.insert(sql.to_owned(), s.clone());
-        Ok(s)
+        cached(&self.t, self.cache, sql, types).await
     }
 
     /// A statement that failed is prepared anew next time (a table altered since can make a
     /// prepared statement fail for good).
-    pub(crate) fn forget(&mut self, sql: &str) {
-        self.cache.remove(sql);
-    }
-
     fn forget_on_error<T>(&mut self, sql: &str, r: Result<T, Error>) -> Result<T, Error> {
         if r.is_err() {
             self.cache.remove(sql);

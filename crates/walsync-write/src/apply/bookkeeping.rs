@@ -75,10 +75,7 @@ impl Uploads {
         result: &TxResult,
     ) -> Result<Option<TxResult>, String> {
         let s = quote_ident(&self.config.schema);
-        let mut client = self.connection().await.map_err(|f| match f {
-            Failure::Retry(m) => m,
-            Failure::Reject { message, .. } => message,
-        })?;
+        let mut client = self.connection().await.map_err(Failure::message)?;
         let lost = |e: tokio_postgres::Error| {
             tracing::warn!(error = %e, "cannot record a rejected upload");
             "the rejection could not be recorded".to_owned()

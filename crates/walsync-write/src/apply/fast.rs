@@ -12,7 +12,7 @@
 use tokio_postgres::Row;
 use walsync_types::quote_ident;
 
-use super::{Failure, Intent, assignments, reject};
+use super::{Failure, Intent, assignments, reject, row_lock};
 use crate::CrudOp;
 use crate::predicate::Predicate;
 
@@ -25,14 +25,20 @@ fn predicate(p: &Option<Predicate>) -> &str {
 /// and the key), `$3` the user id, `$4` the claims (`$2` unused, as in the check statement).
 /// It returns one row: (the row existed, the insert predicate held, the update or delete
 /// predicate held, rows changed).
-pub(super) fn statement(intent: &Intent<'_>) -> Option<String> {
+///
+/// With `claim` (walsync's uploads table, for the transaction's last op) the statement also
+/// claims the transaction, if the op succeeded: it records the result (`$5` client id, `$6`
+/// transaction key, `$7` result). A transaction received before makes the claim fail on the
+/// table's key, which rolls back everything sent with it.
+pub(super) fn statement(intent: &Intent<'_>, claim: Option<&str>) -> Option<String> {
     let table = intent.table;
     let q = &table.qualified;
     let k = quote_ident(&table.key);
     let rules = intent.rules;
     let head = format!(
         "WITH key AS (SELECT r.{k} AS k FROM jsonb_populate_record(NULL::{q}, $1::text::jsonb) r), \
-         cur AS (SELECT t AS row FROM {q} t, key WHERE t.{k} = key.k FOR UPDATE OF t)"
+         cur AS (SELECT t AS row FROM {q} t, key WHERE t.{k} = key.k {lock} OF t)",
+        lock = row_lock(intent.op.op)
     );
     let empty = format!("jsonb_populate_record(NULL::{q}, NULL)");
     let row = table.row_json(1);
@@ -42,8 +48,13 @@ pub(super) fn statement(intent: &Intent<'_>) -> Option<String> {
             "{head}, \
              del_ok AS (SELECT ({}) IS TRUE AS ok FROM cur, {as_was}, {empty} AS new), \
              done AS (DELETE FROM {q} t USING key WHERE t.{k} = key.k AND (SELECT ok FROM del_ok) RETURNING 1) \
+             {claim} \
              SELECT EXISTS (SELECT 1 FROM cur), false, COALESCE((SELECT ok FROM del_ok), false), (SELECT count(*) FROM done)",
-            predicate(&rules.delete)
+            predicate(&rules.delete),
+            claim = claimed(
+                claim,
+                "NOT EXISTS (SELECT 1 FROM cur) OR EXISTS (SELECT 1 FROM done)"
+            ),
         )),
         op => {
             let (ucols, uvals) = assignments(table, intent.data.keys(), true);
@@ -58,8 +69,9 @@ pub(super) fn statement(intent: &Intent<'_>) -> Option<String> {
             );
             if op == CrudOp::Patch {
                 return Some(format!(
-                    "{head}, {update} \
-                     SELECT EXISTS (SELECT 1 FROM cur), false, COALESCE((SELECT ok FROM upd_ok), false), (SELECT count(*) FROM upd)"
+                    "{head}, {update} {claim} \
+                     SELECT EXISTS (SELECT 1 FROM cur), false, COALESCE((SELECT ok FROM upd_ok), false), (SELECT count(*) FROM upd)",
+                    claim = claimed(claim, "EXISTS (SELECT 1 FROM upd)"),
                 ));
             }
             let mut keys: Vec<&String> = intent.data.keys().collect();
@@ -69,13 +81,27 @@ pub(super) fn statement(intent: &Intent<'_>) -> Option<String> {
                 "{head}, {update}, \
                  ins_ok AS (SELECT ({}) IS TRUE AS ok FROM {empty} AS old, jsonb_populate_record(NULL::{q}, {row}) AS new), \
                  ins AS (INSERT INTO {q} ({icols}) SELECT {ivals} FROM jsonb_populate_record(NULL::{q}, {row}) r \
-                 WHERE NOT EXISTS (SELECT 1 FROM cur) AND (SELECT ok FROM ins_ok) RETURNING 1) \
+                 WHERE NOT EXISTS (SELECT 1 FROM cur) AND (SELECT ok FROM ins_ok) RETURNING 1) {claim} \
                  SELECT EXISTS (SELECT 1 FROM cur), (SELECT ok FROM ins_ok), COALESCE((SELECT ok FROM upd_ok), false), \
                  (SELECT count(*) FROM upd) + (SELECT count(*) FROM ins)",
-                predicate(&rules.insert)
+                predicate(&rules.insert),
+                claim = claimed(
+                    claim,
+                    "EXISTS (SELECT 1 FROM upd) OR EXISTS (SELECT 1 FROM ins)"
+                ),
             ))
         }
     }
+}
+
+/// The claim, as a last step of the statement, taken when `done` (the op succeeded).
+fn claimed(uploads: Option<&str>, done: &str) -> String {
+    uploads.map_or_else(String::new, |uploads| {
+        format!(
+            ", claim AS (INSERT INTO {uploads} (user_id, client_id, tx_key, status, result) \
+             SELECT $3, $5, $6, 'applied', $7::text::jsonb WHERE {done} RETURNING 1)"
+        )
+    })
 }
 
 /// What the statement's row says of the op.

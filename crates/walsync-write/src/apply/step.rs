@@ -10,7 +10,7 @@ use walsync_types::quote_ident;
 
 use super::{
     Failure, Intent, LAST_MODIFIED_AT, LAST_MODIFIED_BY, Uploads, Writer, assignments, check_sql,
-    classify, reject,
+    classify, reject, row_lock,
 };
 use crate::config::AuthorizationMode;
 use crate::session::Session;
@@ -48,7 +48,8 @@ impl Uploads {
         let found = db
             .query_opt(
                 &format!(
-                    "SELECT to_jsonb(t)::text, {texts} FROM {q} t WHERE t.{k} = {find} FOR UPDATE"
+                    "SELECT to_jsonb(t)::text, {texts} FROM {q} t WHERE t.{k} = {find} {}",
+                    row_lock(intent.op.op)
                 ),
                 &[&intent.key],
             )
