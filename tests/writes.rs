@@ -848,11 +848,11 @@ async fn the_writers_stream_shows_its_upload_over_both_transports() -> anyhow::R
     Ok(())
 }
 
-/// Project 1 as the client holds it once a checkpoint passes the reply's write checkpoint.
-async fn project_at_write_checkpoint(
+/// Waits until a checkpoint of the client's stream passes the reply's write checkpoint.
+async fn until_written(
     client: &mut walsync_client::SyncClient,
     reply: &walsync_write::UploadReply,
-) -> anyhow::Result<Value> {
+) -> anyhow::Result<()> {
     let wanted: u64 = reply
         .write_checkpoint
         .as_deref()
@@ -863,6 +863,15 @@ async fn project_at_write_checkpoint(
             state.write_checkpoint().is_some_and(|w| w >= wanted)
         })
         .await?;
+    Ok(())
+}
+
+/// Project 1 as the client holds it once a checkpoint passes the reply's write checkpoint.
+async fn project_at_write_checkpoint(
+    client: &mut walsync_client::SyncClient,
+    reply: &walsync_write::UploadReply,
+) -> anyhow::Result<Value> {
+    until_written(client, reply).await?;
     let rows = client.state().rows();
     let project = rows
         .get(&("projects".to_owned(), "1".to_owned()))
@@ -944,6 +953,62 @@ async fn a_write_checkpoint_is_not_passed_before_its_upload() -> anyhow::Result<
             project["description"] == description.as_str(),
             "the write checkpoint passed before the upload was in the stream: {project}"
         );
+    }
+    service.stop().await;
+    Ok(())
+}
+
+/// An upload that changes nothing the publication carries still has its write checkpoint
+/// passed: the stream says nothing of it, and the store's position moves past it when the
+/// server says it has decoded that far.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_checkpoint_passes_though_nothing_published_changed() -> anyhow::Result<()> {
+    use walsync_client::{Connector, SyncClient, Transport};
+    let s = seed::setup().await?;
+    s.sql
+        .batch_execute(&format!(
+            "DROP PUBLICATION walsync; CREATE PUBLICATION walsync FOR TABLE {};
+             CREATE TABLE private_notes (id text PRIMARY KEY, body text NOT NULL);",
+            walsync_testkit::seed::TABLES.join(", ")
+        ))
+        .await?;
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/walsync.toml");
+    let mut writes = walsync::Config::load(&example)?
+        .writes
+        .ok_or_else(|| anyhow::anyhow!("the example configuration has no [writes]"))?;
+    writes.tables.insert(
+        "private_notes".into(),
+        walsync_write::TableRule {
+            insert: Some("true".into()),
+            update: Some("true".into()),
+            ..Default::default()
+        },
+    );
+    let mut config = service::config(&s, ServerConfig::default());
+    config.writes = Some(writes);
+    let service = Service::start(config).await?;
+    let connector = Connector::new(&service.url(), Transport::Http, &service::token("u1"))?;
+    let mut client = SyncClient::new(connector.clone(), "notes");
+    client.next_checkpoint().await?;
+    for n in 0..3 {
+        let request: walsync_write::UploadRequest = serde_json::from_value(upload(
+            "notes",
+            vec![tx(
+                n,
+                vec![put(
+                    1,
+                    "private_notes",
+                    "a3f1c9e2-0000-4000-8000-000000000001",
+                    json!({"body": format!("note {n}")}),
+                )],
+            )],
+        ))?;
+        let reply = connector.upload(&request).await?;
+        anyhow::ensure!(
+            reply.results[0].status == walsync_write::Status::Applied,
+            "{reply:?}"
+        );
+        until_written(&mut client, &reply).await?;
     }
     service.stop().await;
     Ok(())

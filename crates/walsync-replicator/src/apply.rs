@@ -152,6 +152,13 @@ impl Applier {
                 self.in_transaction = false;
                 Next::Restart
             }
+            SourceEvent::Idle { wal_end } => {
+                if !self.in_transaction {
+                    w.set_position(wal_end);
+                    self.pending_ack = Some(wal_end);
+                }
+                Next::Continue
+            }
         })
     }
 

@@ -146,7 +146,10 @@ pub enum Change {
 /// - `SnapshotBegin` starts the initial copy; it also means "forget any earlier unfinished
 ///   snapshot". The copy is complete at `SnapshotEnd`.
 /// - Report durability with [`crate::SourceStream::ack`]: the `end_lsn` of a `Commit`, or the
-///   `consistent_point` of `SnapshotEnd`.
+///   `consistent_point` of `SnapshotEnd` (an `Idle` position may be reported too; the slot
+///   moves past it anyway once what came before is durable).
+/// - `Idle` comes between transactions: every transaction that commits before `wal_end` has
+///   been sent, so the consumer's position may move there though nothing it reads changed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceEvent {
     /// walsync created the slot; record that it owns it (see [`crate::Resume::owns_slot`]).
@@ -180,6 +183,11 @@ pub enum SourceEvent {
         commit_time: PgTimestamp,
     },
     Rollback,
+    /// The server has decoded the WAL up to `wal_end` and owes nothing before it (a keepalive
+    /// between transactions, past the last commit sent).
+    Idle {
+        wal_end: Lsn,
+    },
 }
 
 #[cfg(test)]

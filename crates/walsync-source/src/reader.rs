@@ -53,6 +53,8 @@ pub(crate) struct Reader {
     in_stream: Option<u32>,
     skip_before: Lsn,
     last_received: Lsn,
+    /// The last `Idle` position handed over.
+    idle_sent: Lsn,
 }
 
 /// How a session ended without error.
@@ -92,6 +94,7 @@ impl Reader {
             in_stream: None,
             skip_before: start,
             last_received: start,
+            idle_sent: start,
         }
     }
 
@@ -138,6 +141,8 @@ impl Reader {
         self.batch.truncate(committed);
         self.streamed.clear();
         self.in_stream = None;
+        // The consumer starts over from what it made durable: tell it again where idle is.
+        self.idle_sent = Lsn::ZERO;
         if had_open {
             self.batch.push(SourceEvent::Rollback);
         }
@@ -396,6 +401,16 @@ impl Reader {
                 let in_transaction = self.open.is_some() || self.in_stream.is_some();
                 self.ack.on_keepalive(wal_end, in_transaction);
                 self.last_received = self.last_received.max(wal_end);
+                // The position passes WAL that holds nothing published (a write checkpoint
+                // there is passed without waiting for the next published change).
+                // (The ack rule needs no report of it: see `AckState::on_keepalive`.)
+                if !in_transaction && wal_end > self.ack.emitted.max(self.idle_sent) {
+                    self.batch.push(SourceEvent::Idle { wal_end });
+                    self.idle_sent = wal_end;
+                    if !self.queue() {
+                        return Ok(false);
+                    }
+                }
                 if reply_requested {
                     self.send_status(repl, false).await?;
                 }

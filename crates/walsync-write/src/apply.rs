@@ -784,7 +784,7 @@ async fn prepare<C: GenericClient + Sync>(
 }
 
 /// The write checkpoint's statement: see [`write_checkpoint`].
-const MARKER: &str = "SELECT pg_logical_emit_message(true, 'walsync', 'upload')::text";
+const MARKER: &str = "SELECT pg_current_wal_flush_lsn()::text";
 
 fn lsn_of(row: Result<tokio_postgres::Row, tokio_postgres::Error>) -> Result<u64, Failure> {
     let text: String = row.map_err(|e| classify(&e, None))?.get(0);
@@ -793,11 +793,13 @@ fn lsn_of(row: Result<tokio_postgres::Row, tokio_postgres::Error>) -> Result<u64
         .map_err(|_| Failure::Retry("postgres returned no lsn".into()))
 }
 
-/// Makes the write checkpoint of a transaction committed on `client`: a transactional logical
-/// message in a transaction of its own, so its position comes after the commit and is passed
-/// only once the replication stream has carried that commit. (A message inside the upload's
-/// own transaction would not do: another transaction committing between the message and the
-/// commit could move the store past the message first.)
+/// The write checkpoint of a transaction committed on `client`: the server's WAL flush
+/// position, read after the commit. The commit was flushed before it returned (write
+/// connections commit synchronously, see [`crate::pool`]), so the position is at or after the
+/// commit, and the store passes it only once the stream has carried the commit: by a later
+/// transaction, or by the keepalive that says the server has decoded that far. (A position
+/// taken inside the upload's own transaction would not do: another transaction committing
+/// before the upload could move the store past it first.) It writes nothing to the WAL.
 async fn write_checkpoint<C: GenericClient + Sync>(
     client: &C,
     cache: &mut HashMap<String, Statement>,

@@ -1,6 +1,11 @@
 //! A small pool of SQL connections to the source database ([`deadpool`]), each with a statement
 //! timeout; a caller waits for a connection at most as long. Write checkpoints and uploads use
 //! it, so a slow or unreachable database answers "try again" and never piles requests up.
+//!
+//! Their transactions commit synchronously even where the server's default is
+//! `synchronous_commit = off`: an upload is acknowledged only once PostgreSQL has it on disk
+//! (a client forgets a write it was told is applied), and a write checkpoint is the WAL flush
+//! position after the commit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,10 +116,20 @@ impl managed::Manager for Manager {
             .map_err(|e| PoolConnectError::Connect(e.to_string()))?;
         client
             .batch_execute(&format!(
-                "SET statement_timeout = {}; SET plan_cache_mode = force_generic_plan",
+                "SET statement_timeout = {}",
                 self.statement_timeout.as_millis().max(1)
             ))
             .await?;
+        // `on`, `remote_write` and `remote_apply` flush locally before a commit returns.
+        let commit: String = client
+            .query_one("SELECT current_setting('synchronous_commit')", &[])
+            .await?
+            .get(0);
+        if commit == "off" {
+            client
+                .batch_execute("SET synchronous_commit = local")
+                .await?;
+        }
         Ok(PgConn {
             client,
             statements: HashMap::new(),

@@ -122,7 +122,9 @@ impl Collector {
                     self.open = None;
                     self.rollbacks += 1;
                 }
-                SourceEvent::SlotCreated { .. } | SourceEvent::SnapshotTable(_) => {}
+                SourceEvent::SlotCreated { .. }
+                | SourceEvent::SnapshotTable(_)
+                | SourceEvent::Idle { .. } => {}
             }
         }
     }
