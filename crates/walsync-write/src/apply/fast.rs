@@ -35,13 +35,17 @@ pub(super) fn statement(intent: &Intent<'_>, claim: Option<&str>) -> Option<Stri
     let q = &table.qualified;
     let k = quote_ident(&table.key);
     let rules = intent.rules;
+    // The client's row as JSON is made once (a JSON column's text parsed), then read by each
+    // step.
     let head = format!(
-        "WITH key AS (SELECT r.{k} AS k FROM jsonb_populate_record(NULL::{q}, $1::text::jsonb) r), \
+        "WITH input AS MATERIALIZED (SELECT {} AS j), \
+         key AS (SELECT r.{k} AS k FROM input, jsonb_populate_record(NULL::{q}, input.j) r), \
          cur AS (SELECT t AS row FROM {q} t, key WHERE t.{k} = key.k {lock} OF t)",
+        table.row_json(1),
         lock = row_lock(intent.op.op)
     );
     let empty = format!("jsonb_populate_record(NULL::{q}, NULL)");
-    let row = table.row_json(1);
+    let row = "(SELECT j FROM input)";
     let as_was = "LATERAL (SELECT (cur.row).*) AS old";
     match intent.op.op {
         CrudOp::Delete => Some(format!(
