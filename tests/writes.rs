@@ -1014,6 +1014,92 @@ async fn a_write_checkpoint_passes_though_nothing_published_changed() -> anyhow:
     Ok(())
 }
 
+/// A column renamed or added while walsync runs: an upload naming the new column is applied
+/// (walsync reads its catalog again instead of refusing it), one naming the old column is
+/// rejected as invalid, and nothing needs a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_renamed_and_added_while_running_are_written() -> anyhow::Result<()> {
+    let s = seed::setup().await?;
+    let service = start(&s).await?;
+    let statuses = |reply: &Value| -> Vec<(String, String)> {
+        reply["results"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                (
+                    r["status"].as_str().unwrap_or_default().to_owned(),
+                    r["code"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let (_, first) = post(
+        &service,
+        "u1",
+        &upload(
+            "d",
+            vec![tx(
+                1,
+                vec![put(
+                    1,
+                    "teams",
+                    50_001,
+                    json!({"project_id": 1, "name": "before"}),
+                )],
+            )],
+        ),
+    )
+    .await?;
+    anyhow::ensure!(
+        statuses(&first) == [("applied".into(), "".into())],
+        "{first}"
+    );
+    s.sql
+        .batch_execute(
+            "ALTER TABLE teams RENAME COLUMN name TO title; ALTER TABLE teams ADD COLUMN colour text;",
+        )
+        .await?;
+    let (_, renamed) = post(
+        &service,
+        "u1",
+        &upload(
+            "d",
+            vec![
+                tx(
+                    2,
+                    vec![patch(
+                        2,
+                        "teams",
+                        50_001,
+                        json!({"title": "after", "colour": "teal"}),
+                    )],
+                ),
+                tx(
+                    3,
+                    vec![patch(3, "teams", 50_001, json!({"name": "the old name"}))],
+                ),
+            ],
+        ),
+    )
+    .await?;
+    anyhow::ensure!(
+        statuses(&renamed)
+            == [
+                ("applied".into(), "".into()),
+                ("rejected".into(), "invalid".into())
+            ],
+        "{renamed}"
+    );
+    let team = row(&s, "teams", 50_001).await?.unwrap_or_default();
+    anyhow::ensure!(
+        team["title"] == "after" && team["colour"] == "teal",
+        "{team}"
+    );
+    service.stop().await;
+    Ok(())
+}
+
 /// `walsync writes rejected` lists a rejected transaction with its reason; once its cause is
 /// put right, `walsync writes replay ID` applies it as its user, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,8 +44,10 @@ pub struct Uploads {
     rules: BTreeMap<String, TableRules>,
     /// The statements on walsync's own tables, made once from the configuration.
     sql: Bookkeeping,
-    /// The catalog of the writable tables, read once PostgreSQL first answers.
-    tables: tokio::sync::OnceCell<Arc<BTreeMap<String, TableInfo>>>,
+    /// The catalog of the writable tables, read once PostgreSQL first answers and again when a
+    /// write finds it out of date (a column renamed or added since); loaded by one request at
+    /// a time.
+    tables: tokio::sync::Mutex<Option<Catalog>>,
 }
 
 impl std::fmt::Debug for Uploads {
@@ -54,6 +56,14 @@ impl std::fmt::Debug for Uploads {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
+}
+
+/// The catalog as read at one moment, with PostgreSQL's description of the tables' columns
+/// then (see [`catalog::fingerprint`]).
+#[derive(Debug, Clone)]
+struct Catalog {
+    tables: Arc<BTreeMap<String, TableInfo>>,
+    fingerprint: String,
 }
 
 /// The SQL of walsync's own tables.
@@ -79,6 +89,9 @@ pub(crate) enum Failure {
         code: &'static str,
         message: String,
         op_id: Option<i64>,
+        /// The cause may be walsync's catalog being out of date (an unknown column, a statement
+        /// PostgreSQL says names what does not exist): worth one more try on a fresh catalog.
+        stale: bool,
     },
     Retry(String),
     /// The claim found the transaction received before: everything sent with it is rolled
@@ -100,6 +113,7 @@ fn reject(code: &'static str, message: impl Into<String>, op_id: Option<i64>) ->
         code,
         message: message.into(),
         op_id,
+        stale: false,
     }
 }
 
@@ -135,6 +149,8 @@ fn classify(e: &tokio_postgres::Error, op_id: Option<i64>) -> Failure {
     if passing {
         return Failure::Retry(message);
     }
+    // An undefined column or table, a cached plan whose result changed, a changed type.
+    let stale = matches!(code, "42703" | "42P01" | "0A000" | "42804");
     let kind = match code {
         "42501" => "denied",
         c if c.starts_with("23") => "constraint_violation",
@@ -143,7 +159,12 @@ fn classify(e: &tokio_postgres::Error, op_id: Option<i64>) -> Failure {
         c if c.starts_with("42") => "invalid",
         _ => "database_error",
     };
-    reject(kind, message, op_id)
+    Failure::Reject {
+        code: kind,
+        message,
+        op_id,
+        stale,
+    }
 }
 
 /// One op, checked against the catalog: what to run.
@@ -207,7 +228,7 @@ impl Uploads {
             pool,
             rules,
             sql,
-            tables: tokio::sync::OnceCell::new(),
+            tables: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -223,50 +244,94 @@ impl Uploads {
     }
 
     pub(crate) async fn catalog(&self) -> Result<Arc<BTreeMap<String, TableInfo>>, WriteError> {
-        self.tables
-            .get_or_try_init(|| async {
-                let client = self
-                    .pool
-                    .get()
-                    .await
-                    .map_err(|e| WriteError::Unreachable(e.to_string()))?;
-                // walsync's own tables first: the conflicts table may be writable.
-                self.create_bookkeeping(&client).await?;
-                let mut tables = BTreeMap::new();
-                for name in self.rules.keys() {
-                    let info = catalog::load(&client, name)
-                        .await
-                        .map_err(WriteError::Catalog)?;
-                    tables.insert(name.clone(), info);
-                }
-                if self.config.mode == AuthorizationMode::PostgresRls {
-                    bookkeeping::create_auth_uid(&client).await?;
-                }
-                for (name, rules) in &self.rules {
-                    let info = &tables[name];
-                    for (operation, p) in [
-                        ("insert", &rules.insert),
-                        ("update", &rules.update),
-                        ("delete", &rules.delete),
-                    ] {
-                        if let Some(p) = p {
-                            client
-                                .prepare_typed(&check_sql(info, p), &[Type::TEXT; 4])
-                                .await
-                                .map_err(|e| WriteError::Predicate {
-                                    table: name.clone(),
-                                    operation,
-                                    problem: e
-                                        .as_db_error()
-                                        .map_or_else(|| e.to_string(), |d| d.message().to_owned()),
-                                })?;
-                        }
-                    }
-                }
-                Ok(Arc::new(tables))
-            })
+        let mut held = self.tables.lock().await;
+        if let Some(c) = &*held {
+            return Ok(c.tables.clone());
+        }
+        let catalog = self.read_catalog().await?;
+        let tables = catalog.tables.clone();
+        *held = Some(catalog);
+        Ok(tables)
+    }
+
+    /// The catalog read again when the tables' columns changed in PostgreSQL since `seen` was
+    /// read; `None` when they did not (the caller keeps what it has: the write is at fault).
+    async fn reread_catalog(
+        &self,
+        seen: &Arc<BTreeMap<String, TableInfo>>,
+    ) -> Option<Arc<BTreeMap<String, TableInfo>>> {
+        let mut held = self.tables.lock().await;
+        let fingerprint = match &*held {
+            Some(c) if !Arc::ptr_eq(&c.tables, seen) => return Some(c.tables.clone()),
+            Some(c) => Some(c.fingerprint.clone()),
+            None => None,
+        };
+        let client = self.pool.get().await.ok()?;
+        let now = catalog::fingerprint(&client, seen).await.ok();
+        drop(client);
+        if now.is_some() && now == fingerprint {
+            return None;
+        }
+        match self.read_catalog().await {
+            Ok(catalog) => {
+                tracing::info!("the catalog of writable tables was read again");
+                let tables = catalog.tables.clone();
+                *held = Some(catalog);
+                Some(tables)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the catalog of writable tables again");
+                None
+            }
+        }
+    }
+
+    async fn read_catalog(&self) -> Result<Catalog, WriteError> {
+        let client = self
+            .pool
+            .get()
             .await
-            .cloned()
+            .map_err(|e| WriteError::Unreachable(e.to_string()))?;
+        // walsync's own tables first: the conflicts table may be writable.
+        self.create_bookkeeping(&client).await?;
+        let mut tables = BTreeMap::new();
+        for name in self.rules.keys() {
+            let info = catalog::load(&client, name)
+                .await
+                .map_err(WriteError::Catalog)?;
+            tables.insert(name.clone(), info);
+        }
+        if self.config.mode == AuthorizationMode::PostgresRls {
+            bookkeeping::create_auth_uid(&client).await?;
+        }
+        for (name, rules) in &self.rules {
+            let info = &tables[name];
+            for (operation, p) in [
+                ("insert", &rules.insert),
+                ("update", &rules.update),
+                ("delete", &rules.delete),
+            ] {
+                if let Some(p) = p {
+                    client
+                        .prepare_typed(&check_sql(info, p), &[Type::TEXT; 4])
+                        .await
+                        .map_err(|e| WriteError::Predicate {
+                            table: name.clone(),
+                            operation,
+                            problem: e
+                                .as_db_error()
+                                .map_or_else(|| e.to_string(), |d| d.message().to_owned()),
+                        })?;
+                }
+            }
+        }
+        let fingerprint = catalog::fingerprint(&client, &tables)
+            .await
+            .map_err(WriteError::Catalog)?;
+        Ok(Catalog {
+            tables: Arc::new(tables),
+            fingerprint,
+        })
     }
 
     /// Applies `request`'s transactions in order. A transaction that cannot be tried now
@@ -292,7 +357,7 @@ impl Uploads {
         }
         let mut reply = UploadReply::default();
         let mut checkpoint = None;
-        let tables = match self.catalog().await {
+        let mut tables = match self.catalog().await {
             Ok(t) => Some(t),
             Err(e) => {
                 tracing::warn!(error = %e, "uploads cannot be applied now");
@@ -301,7 +366,7 @@ impl Uploads {
         };
         let mut stopped = false;
         for tx in &request.batch {
-            let result = match (&tables, stopped) {
+            let result = match (&mut tables, stopped) {
                 (Some(tables), false) => {
                     let (result, lsn) = self
                         .transaction(writer, &request.client_id, tx, tables)
@@ -338,21 +403,35 @@ impl Uploads {
         }
     }
 
+    async fn attempt(
+        &self,
+        writer: Writer<'_>,
+        client_id: &str,
+        tx: &ClientTransaction,
+        tables: &BTreeMap<String, TableInfo>,
+    ) -> Result<Applied, Failure> {
+        let intents = self.intents(writer, tx, tables)?;
+        self.apply(writer, client_id, &tx.key(), tx.tx_id, &intents)
+            .await
+    }
+
     /// One client transaction: its result, and its write checkpoint when it was applied now.
     async fn transaction(
         &self,
         writer: Writer<'_>,
         client_id: &str,
         tx: &ClientTransaction,
-        tables: &BTreeMap<String, TableInfo>,
+        tables: &mut Arc<BTreeMap<String, TableInfo>>,
     ) -> (TxResult, Option<u64>) {
-        let outcome = match self.intents(writer, tx, tables) {
-            Ok(intents) => {
-                self.apply(writer, client_id, &tx.key(), tx.tx_id, &intents)
-                    .await
-            }
-            Err(f) => Err(f),
-        };
+        let mut outcome = self.attempt(writer, client_id, tx, tables).await;
+        // What walsync's catalog may have caused (a column renamed or added since it was read)
+        // is tried once more on a fresh catalog, which the rest of the batch uses too.
+        if let Err(Failure::Reject { stale: true, .. }) = outcome
+            && let Some(fresh) = self.reread_catalog(tables).await
+        {
+            *tables = fresh;
+            outcome = self.attempt(writer, client_id, tx, tables).await;
+        }
         match outcome {
             Ok(Applied::Now(lsn, conflicts)) => (
                 TxResult {
@@ -374,6 +453,7 @@ impl Uploads {
                 code,
                 message,
                 op_id,
+                ..
             }) => {
                 let result = rejected(tx.tx_id, code, message, op_id);
                 // Kept whole before the client is told: a rejection that cannot be recorded is
@@ -426,11 +506,12 @@ impl Uploads {
                 if op.op != CrudOp::Delete {
                     for (column, value) in op.data.iter().flatten() {
                         let Some(info) = table.columns.get(column) else {
-                            return Err(reject(
-                                "invalid",
-                                format!("table {} has no column {column:?}", table.name),
-                                id,
-                            ));
+                            return Err(Failure::Reject {
+                                code: "invalid",
+                                message: format!("table {} has no column {column:?}", table.name),
+                                op_id: id,
+                                stale: true,
+                            });
                         };
                         if !info.writable {
                             return Err(reject(

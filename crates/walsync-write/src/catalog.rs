@@ -137,3 +137,29 @@ pub(crate) async fn load(client: &Client, name: &str) -> Result<TableInfo, Strin
         columns,
     })
 }
+
+/// PostgreSQL's description of the tables' columns (names, types, order), as one text: it
+/// differs once a column is renamed, added, dropped or retyped. An error when a table is gone
+/// or renamed.
+pub(crate) async fn fingerprint(
+    client: &Client,
+    tables: &BTreeMap<String, TableInfo>,
+) -> Result<String, String> {
+    let names: Vec<&str> = tables.values().map(|t| t.qualified.as_str()).collect();
+    client
+        .query_one(
+            "SELECT COALESCE(md5(string_agg(format('%s:%s:%s:%s', a.attrelid, a.attname, \
+             a.atttypid, a.attgenerated), ',' ORDER BY a.attrelid, a.attnum)), '') \
+             FROM pg_attribute a WHERE a.attrelid = ANY($1::text[]::regclass[]) \
+             AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&names],
+        )
+        .await
+        .map(|r| r.get(0))
+        .map_err(|e| {
+            let detail = e
+                .as_db_error()
+                .map_or_else(|| e.to_string(), |d| d.message().to_owned());
+            format!("cannot describe the writable tables: {detail}")
+        })
+}

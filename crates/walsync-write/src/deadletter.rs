@@ -146,6 +146,7 @@ impl Uploads {
                 code,
                 message,
                 op_id,
+                ..
             }) => rejected(None, code, message, op_id),
             Err(f @ (Failure::Retry(_) | Failure::ReceivedBefore)) => {
                 return Err(WriteError::Unreachable(f.message()));
