@@ -3,15 +3,17 @@
 mod bookkeeping;
 mod fast;
 mod step;
+mod tables;
 
-use std::collections::{BTreeMap, HashMap};
+use fast::{MARKER, lsn_of, prepare, write_checkpoint};
+use tables::Catalog;
+
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use deadpool::managed::PoolError;
 use serde_json::{Map, Value};
-use tokio_postgres::types::Type;
-use tokio_postgres::{GenericClient, Statement};
-use walsync_types::{Lsn, quote_ident};
+use walsync_types::quote_ident;
 
 use crate::catalog::{self, TableInfo};
 use crate::config::{AuthorizationMode, ConflictRule, WriteConfig};
@@ -56,14 +58,6 @@ impl std::fmt::Debug for Uploads {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
-}
-
-/// The catalog as read at one moment, with PostgreSQL's description of the tables' columns
-/// then (see [`catalog::fingerprint`]).
-#[derive(Debug, Clone)]
-struct Catalog {
-    tables: Arc<BTreeMap<String, TableInfo>>,
-    fingerprint: String,
 }
 
 /// The SQL of walsync's own tables.
@@ -241,97 +235,6 @@ impl Uploads {
     /// exist fails here). Done at start-up when PostgreSQL answers, else at the first upload.
     pub async fn prepare(&self) -> Result<(), WriteError> {
         self.catalog().await.map(|_| ())
-    }
-
-    pub(crate) async fn catalog(&self) -> Result<Arc<BTreeMap<String, TableInfo>>, WriteError> {
-        let mut held = self.tables.lock().await;
-        if let Some(c) = &*held {
-            return Ok(c.tables.clone());
-        }
-        let catalog = self.read_catalog().await?;
-        let tables = catalog.tables.clone();
-        *held = Some(catalog);
-        Ok(tables)
-    }
-
-    /// The catalog read again when the tables' columns changed in PostgreSQL since `seen` was
-    /// read; `None` when they did not (the caller keeps what it has: the write is at fault).
-    async fn reread_catalog(
-        &self,
-        seen: &Arc<BTreeMap<String, TableInfo>>,
-    ) -> Option<Arc<BTreeMap<String, TableInfo>>> {
-        let mut held = self.tables.lock().await;
-        let fingerprint = match &*held {
-            Some(c) if !Arc::ptr_eq(&c.tables, seen) => return Some(c.tables.clone()),
-            Some(c) => Some(c.fingerprint.clone()),
-            None => None,
-        };
-        let client = self.pool.get().await.ok()?;
-        let now = catalog::fingerprint(&client, seen).await.ok();
-        drop(client);
-        if now.is_some() && now == fingerprint {
-            return None;
-        }
-        match self.read_catalog().await {
-            Ok(catalog) => {
-                tracing::info!("the catalog of writable tables was read again");
-                let tables = catalog.tables.clone();
-                *held = Some(catalog);
-                Some(tables)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the catalog of writable tables again");
-                None
-            }
-        }
-    }
-
-    async fn read_catalog(&self) -> Result<Catalog, WriteError> {
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| WriteError::Unreachable(e.to_string()))?;
-        // walsync's own tables first: the conflicts table may be writable.
-        self.create_bookkeeping(&client).await?;
-        let mut tables = BTreeMap::new();
-        for name in self.rules.keys() {
-            let info = catalog::load(&client, name)
-                .await
-                .map_err(WriteError::Catalog)?;
-            tables.insert(name.clone(), info);
-        }
-        if self.config.mode == AuthorizationMode::PostgresRls {
-            bookkeeping::create_auth_uid(&client).await?;
-        }
-        for (name, rules) in &self.rules {
-            let info = &tables[name];
-            for (operation, p) in [
-                ("insert", &rules.insert),
-                ("update", &rules.update),
-                ("delete", &rules.delete),
-            ] {
-                if let Some(p) = p {
-                    client
-                        .prepare_typed(&check_sql(info, p), &[Type::TEXT; 4])
-                        .await
-                        .map_err(|e| WriteError::Predicate {
-                            table: name.clone(),
-                            operation,
-                            problem: e
-                                .as_db_error()
-                                .map_or_else(|| e.to_string(), |d| d.message().to_owned()),
-                        })?;
-                }
-            }
-        }
-        let fingerprint = catalog::fingerprint(&client, &tables)
-            .await
-            .map_err(WriteError::Catalog)?;
-        Ok(Catalog {
-            tables: Arc::new(tables),
-            fingerprint,
-        })
     }
 
     /// Applies `request`'s transactions in order. A transaction that cannot be tried now
@@ -789,106 +692,6 @@ impl Uploads {
             .map(Applied::Before)
             .map_err(|_| Failure::Retry("the earlier attempt is still running".into()))
     }
-
-    /// Sends the ops of one statement each (`prepared`), the last carrying the claim, all
-    /// together (pipelined on the connection): one round trip. The first op that fails or is
-    /// refused, in order, decides. On the client itself (one statement, its own transaction) or
-    /// on an open transaction.
-    async fn send_together<C: GenericClient + Sync>(
-        &self,
-        client: &C,
-        writer: Writer<'_>,
-        claim: &Claim<'_>,
-        intents: &[Intent<'_>],
-        prepared: &[Statement],
-    ) -> Result<(), Failure> {
-        let rows: Vec<String> = intents
-            .iter()
-            .map(|i| {
-                let mut row = i.data.clone();
-                row.insert(i.table.key.clone(), Value::from(i.op.id.as_str()));
-                Value::Object(row).to_string()
-            })
-            .collect();
-        let claims = writer.claims.to_string();
-        let unused: Option<String> = None;
-        type Param<'p> = &'p (dyn tokio_postgres::types::ToSql + Sync);
-        let params: Vec<Vec<Param<'_>>> = rows
-            .iter()
-            .enumerate()
-            .map(|(n, row)| {
-                let mut p: Vec<Param<'_>> = vec![row, &unused, &writer.user_id, &claims];
-                if n + 1 == rows.len() {
-                    p.extend([&claim.client_id as Param<'_>, &claim.tx_key, &claim.result]);
-                }
-                p
-            })
-            .collect();
-        // Sent in this order: each future sends its statement when first polled, and the join
-        // polls in order.
-        let outcomes = futures_util::future::join_all(
-            prepared
-                .iter()
-                .zip(&params)
-                .map(|(statement, p)| client.query_one(statement, p)),
-        )
-        .await;
-        for (intent, outcome) in intents.iter().zip(outcomes) {
-            let row = outcome.map_err(|e| self.failure(&e, Some(intent.op.op_id)))?;
-            fast::outcome(intent, &row)?;
-        }
-        Ok(())
-    }
-}
-
-/// The ops' statements of [`Uploads::send_together`], prepared (once per connection): the last
-/// one takes the claim's parameters as well.
-async fn prepare<C: GenericClient + Sync>(
-    client: &C,
-    cache: &mut HashMap<String, Statement>,
-    statements: &[String],
-) -> Result<Vec<Statement>, Failure> {
-    let mut prepared = Vec::with_capacity(statements.len());
-    for (n, sql) in statements.iter().enumerate() {
-        let types: &[Type] = if n + 1 == statements.len() {
-            &[Type::TEXT; 7]
-        } else {
-            &[Type::TEXT; 4]
-        };
-        prepared.push(
-            session::cached(client, cache, sql, types)
-                .await
-                .map_err(|e| classify(&e, None))?,
-        );
-    }
-    Ok(prepared)
-}
-
-/// The write checkpoint's statement: see [`write_checkpoint`].
-const MARKER: &str = "SELECT pg_current_wal_flush_lsn()::text";
-
-fn lsn_of(row: Result<tokio_postgres::Row, tokio_postgres::Error>) -> Result<u64, Failure> {
-    let text: String = row.map_err(|e| classify(&e, None))?.get(0);
-    text.parse::<Lsn>()
-        .map(|l| l.0)
-        .map_err(|_| Failure::Retry("postgres returned no lsn".into()))
-}
-
-/// The write checkpoint of a transaction committed on `client`: the server's WAL flush
-/// position, read after the commit. The commit was flushed before it returned (write
-/// connections commit synchronously, see [`crate::pool`]), so the position is at or after the
-/// commit, and the store passes it only once the stream has carried the commit: by a later
-/// transaction, or by the keepalive that says the server has decoded that far. (A position
-/// taken inside the upload's own transaction would not do: another transaction committing
-/// before the upload could move the store past it first.) It writes nothing to the WAL.
-async fn write_checkpoint<C: GenericClient + Sync>(
-    client: &C,
-    cache: &mut HashMap<String, Statement>,
-) -> Result<u64, Failure> {
-    let marker = session::cached(client, cache, MARKER, &[])
-        .await
-        .map_err(|e| classify(&e, None))?;
-    lsn_of(client.query_one(&marker, &[]).await)
 }
 
 /// Who claims a transaction, and the result recorded when it is applied.

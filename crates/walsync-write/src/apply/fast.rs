@@ -9,12 +9,17 @@
 //! Row-level security and conflicts (an op with `old` values or a `_version`, on a table with
 //! conflict rules) take the step-by-step path.
 
-use tokio_postgres::Row;
-use walsync_types::quote_ident;
+use std::collections::HashMap;
 
-use super::{Failure, Intent, assignments, reject, row_lock};
+use serde_json::Value;
+use tokio_postgres::types::Type;
+use tokio_postgres::{GenericClient, Row, Statement};
+use walsync_types::{Lsn, quote_ident};
+
+use super::{Claim, Failure, Intent, Uploads, Writer, assignments, classify, reject, row_lock};
 use crate::CrudOp;
 use crate::predicate::Predicate;
+use crate::session;
 
 /// The predicate's SQL, or `false` when the rules give none (the operation is denied).
 fn predicate(p: &Option<Predicate>) -> &str {
@@ -153,4 +158,106 @@ pub(super) fn outcome(intent: &Intent<'_>, row: &Row) -> Result<(), Failure> {
         ));
     }
     Ok(())
+}
+
+impl Uploads {
+    /// Sends the ops of one statement each (`prepared`), the last carrying the claim, all
+    /// together (pipelined on the connection): one round trip. The first op that fails or is
+    /// refused, in order, decides. On the client itself (one statement, its own transaction) or
+    /// on an open transaction.
+    pub(super) async fn send_together<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        writer: Writer<'_>,
+        claim: &Claim<'_>,
+        intents: &[Intent<'_>],
+        prepared: &[Statement],
+    ) -> Result<(), Failure> {
+        let rows: Vec<String> = intents
+            .iter()
+            .map(|i| {
+                let mut row = i.data.clone();
+                row.insert(i.table.key.clone(), Value::from(i.op.id.as_str()));
+                Value::Object(row).to_string()
+            })
+            .collect();
+        let claims = writer.claims.to_string();
+        let unused: Option<String> = None;
+        type Param<'p> = &'p (dyn tokio_postgres::types::ToSql + Sync);
+        let params: Vec<Vec<Param<'_>>> = rows
+            .iter()
+            .enumerate()
+            .map(|(n, row)| {
+                let mut p: Vec<Param<'_>> = vec![row, &unused, &writer.user_id, &claims];
+                if n + 1 == rows.len() {
+                    p.extend([&claim.client_id as Param<'_>, &claim.tx_key, &claim.result]);
+                }
+                p
+            })
+            .collect();
+        // Sent in this order: each future sends its statement when first polled, and the join
+        // polls in order.
+        let outcomes = futures_util::future::join_all(
+            prepared
+                .iter()
+                .zip(&params)
+                .map(|(statement, p)| client.query_one(statement, p)),
+        )
+        .await;
+        for (intent, sent) in intents.iter().zip(outcomes) {
+            let row = sent.map_err(|e| self.failure(&e, Some(intent.op.op_id)))?;
+            outcome(intent, &row)?;
+        }
+        Ok(())
+    }
+}
+
+/// The ops' statements of [`Uploads::send_together`], prepared (once per connection): the last
+/// one takes the claim's parameters as well.
+pub(super) async fn prepare<C: GenericClient + Sync>(
+    client: &C,
+    cache: &mut HashMap<String, Statement>,
+    statements: &[String],
+) -> Result<Vec<Statement>, Failure> {
+    let mut prepared = Vec::with_capacity(statements.len());
+    for (n, sql) in statements.iter().enumerate() {
+        let types: &[Type] = if n + 1 == statements.len() {
+            &[Type::TEXT; 7]
+        } else {
+            &[Type::TEXT; 4]
+        };
+        prepared.push(
+            session::cached(client, cache, sql, types)
+                .await
+                .map_err(|e| classify(&e, None))?,
+        );
+    }
+    Ok(prepared)
+}
+
+/// The write checkpoint's statement: see [`write_checkpoint`].
+pub(super) const MARKER: &str = "SELECT pg_current_wal_flush_lsn()::text";
+
+pub(super) fn lsn_of(row: Result<Row, tokio_postgres::Error>) -> Result<u64, Failure> {
+    let text: String = row.map_err(|e| classify(&e, None))?.get(0);
+    text.parse::<Lsn>()
+        .map(|l| l.0)
+        .map_err(|_| Failure::Retry("postgres returned no lsn".into()))
+}
+
+/// The write checkpoint of a transaction committed on `client`: the server's WAL flush
+/// position, read after the commit. The commit was flushed before it returned (write
+/// connections commit synchronously, see [`crate::pool`]), so the position is at or after the
+/// commit, and the store passes it only once the stream has carried the commit: by a later
+/// transaction, or by the keepalive that says the server has decoded that far. (A position
+/// taken inside the upload's own transaction would not do: another transaction committing
+/// before the upload could move the store past it first.) It writes nothing to the WAL.
+pub(super) async fn write_checkpoint<C: GenericClient + Sync>(
+    client: &C,
+    cache: &mut HashMap<String, Statement>,
+) -> Result<u64, Failure> {
+    let marker = session::cached(client, cache, MARKER, &[])
+        .await
+        .map_err(|e| classify(&e, None))?;
+    lsn_of(client.query_one(&marker, &[]).await)
 }
