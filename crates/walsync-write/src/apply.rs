@@ -5,7 +5,7 @@ mod fast;
 mod step;
 mod tables;
 
-use fast::{MARKER, lsn_of, prepare, write_checkpoint};
+use fast::write_checkpoint;
 use tables::Catalog;
 
 use std::collections::BTreeMap;
@@ -19,7 +19,7 @@ use crate::catalog::{self, TableInfo};
 use crate::config::{AuthorizationMode, ConflictRule, WriteConfig};
 use crate::pool::PgConn;
 use crate::predicate::Predicate;
-use crate::session::{self, Session};
+use crate::session::Session;
 use crate::{ClientTransaction, ConflictNote, CrudEntry, CrudOp, Status, TxResult, UploadReply};
 use crate::{PgPool, UploadError, UploadRequest, WriteError};
 
@@ -530,57 +530,10 @@ impl Uploads {
             result: Claim::result(tx_id, Vec::new()),
         };
         let outcome = match fast {
-            // One op: one statement, its own transaction, and the write checkpoint sent with it.
-            Some(statements) if statements.len() == 1 => {
-                let (client, cache) = conn.split();
-                let prepared = prepare(&*client, cache, &statements).await?;
-                let marker = session::cached(&*client, cache, MARKER, &[])
-                    .await
-                    .map_err(|e| classify(&e, None))?;
-                // The marker is sent after the op (the join polls in order), so it runs after
-                // the op's transaction committed.
-                let (applied, lsn) = futures_util::future::join(
-                    self.send_together(&*client, writer, &key, intents, &prepared),
-                    client.query_one(&marker, &[]),
-                )
-                .await;
-                match applied {
-                    Ok(()) => lsn_of(lsn).map(|lsn| (lsn, Vec::new())),
-                    Err(f) => {
-                        if !matches!(f, Failure::ReceivedBefore) {
-                            cache.remove(&statements[0]);
-                        }
-                        Err(f)
-                    }
-                }
-            }
-            Some(statements) => {
-                let (client, cache) = conn.split();
-                let t = client.transaction().await.map_err(|e| classify(&e, None))?;
-                let sent = match prepare(&t, cache, &statements).await {
-                    Ok(prepared) => {
-                        self.send_together(&t, writer, &key, intents, &prepared)
-                            .await
-                    }
-                    Err(f) => Err(f),
-                };
-                if let Err(f) = &sent
-                    && !matches!(f, Failure::ReceivedBefore)
-                {
-                    for sql in &statements {
-                        cache.remove(sql);
-                    }
-                }
-                match sent {
-                    Ok(()) => match t.commit().await {
-                        Ok(()) => write_checkpoint(&*client, cache)
-                            .await
-                            .map(|lsn| (lsn, Vec::new())),
-                        Err(e) => Err(self.failure(&e, None)),
-                    },
-                    Err(f) => Err(f),
-                }
-            }
+            Some(statements) => self
+                .apply_fast(&mut conn, writer, &key, intents, &statements)
+                .await
+                .map(|lsn| (lsn, Vec::new())),
             None => {
                 self.apply_steps(&mut conn, writer, &key, tx_id, intents, role)
                     .await

@@ -85,9 +85,7 @@ impl<'c> Session<'c> {
     }
 
     pub(crate) async fn query_one(&mut self, sql: &str, params: Params<'_>) -> Result<Row, Error> {
-        let s = self.statement(sql, &[]).await?;
-        let r = self.t.query_one(&s, params).await;
-        self.forget_on_error(sql, r)
+        self.query_one_typed(sql, &[], params).await
     }
 
     /// As [`Session::query_one`], with the parameters' types given.

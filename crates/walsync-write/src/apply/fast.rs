@@ -18,6 +18,7 @@ use walsync_types::{Lsn, quote_ident};
 
 use super::{Claim, Failure, Intent, Uploads, Writer, assignments, classify, reject, row_lock};
 use crate::CrudOp;
+use crate::pool::PgConn;
 use crate::predicate::Predicate;
 use crate::session;
 
@@ -161,11 +162,62 @@ pub(super) fn outcome(intent: &Intent<'_>, row: &Row) -> Result<(), Failure> {
 }
 
 impl Uploads {
+    /// Applies a transaction whose ops are one statement each (`statements`, the last carrying
+    /// the claim) on `conn`: one op alone in its own transaction with the write checkpoint
+    /// sent behind it, several in one transaction. Returns the write checkpoint.
+    pub(super) async fn apply_fast(
+        &self,
+        conn: &mut PgConn,
+        writer: Writer<'_>,
+        claim: &Claim<'_>,
+        intents: &[Intent<'_>],
+        statements: &[String],
+    ) -> Result<u64, Failure> {
+        let (client, cache) = conn.split();
+        let marker = session::cached(&*client, cache, MARKER, &[])
+            .await
+            .map_err(|e| classify(&e, None))?;
+        let sent = if let [_] = statements {
+            let prepared = prepare(&*client, cache, statements).await?;
+            // The marker is sent after the op (the join polls in order), so it runs after the
+            // op's transaction committed.
+            let (applied, lsn) = futures_util::future::join(
+                self.send_together(&*client, writer, claim, intents, &prepared),
+                client.query_one(&marker, &[]),
+            )
+            .await;
+            applied.and_then(|()| lsn_of(lsn))
+        } else {
+            let t = client.transaction().await.map_err(|e| classify(&e, None))?;
+            let prepared = prepare(&t, cache, statements).await?;
+            match self
+                .send_together(&t, writer, claim, intents, &prepared)
+                .await
+            {
+                Ok(()) => {
+                    t.commit().await.map_err(|e| self.failure(&e, None))?;
+                    lsn_of(client.query_one(&marker, &[]).await)
+                }
+                Err(f) => Err(f),
+            }
+        };
+        // A statement that failed is prepared anew next time (a table altered since can make
+        // a prepared statement fail for good).
+        if let Err(f) = &sent
+            && !matches!(f, Failure::ReceivedBefore)
+        {
+            for sql in statements {
+                cache.remove(sql);
+            }
+        }
+        sent
+    }
+
     /// Sends the ops of one statement each (`prepared`), the last carrying the claim, all
     /// together (pipelined on the connection): one round trip. The first op that fails or is
     /// refused, in order, decides. On the client itself (one statement, its own transaction) or
     /// on an open transaction.
-    pub(super) async fn send_together<C: GenericClient + Sync>(
+    async fn send_together<C: GenericClient + Sync>(
         &self,
         client: &C,
         writer: Writer<'_>,
@@ -214,7 +266,7 @@ impl Uploads {
 
 /// The ops' statements of [`Uploads::send_together`], prepared (once per connection): the last
 /// one takes the claim's parameters as well.
-pub(super) async fn prepare<C: GenericClient + Sync>(
+async fn prepare<C: GenericClient + Sync>(
     client: &C,
     cache: &mut HashMap<String, Statement>,
     statements: &[String],
@@ -236,9 +288,9 @@ pub(super) async fn prepare<C: GenericClient + Sync>(
 }
 
 /// The write checkpoint's statement: see [`write_checkpoint`].
-pub(super) const MARKER: &str = "SELECT pg_current_wal_flush_lsn()::text";
+const MARKER: &str = "SELECT pg_current_wal_flush_lsn()::text";
 
-pub(super) fn lsn_of(row: Result<Row, tokio_postgres::Error>) -> Result<u64, Failure> {
+fn lsn_of(row: Result<Row, tokio_postgres::Error>) -> Result<u64, Failure> {
     let text: String = row.map_err(|e| classify(&e, None))?.get(0);
     text.parse::<Lsn>()
         .map(|l| l.0)
