@@ -45,6 +45,10 @@ const COLUMNS: &[(&str, &[&str])] = &[
             "resolution",
         ],
     ),
+    (
+        "rejected_writes",
+        &["client_id", "tx_key", "code", "message", "op_id"],
+    ),
 ];
 
 fn node_available() -> bool {
@@ -340,7 +344,8 @@ async fn the_powersync_node_client_syncs_exactly_the_users_rows() -> anyhow::Res
         .await?;
 
     // A write the rules deny (nobody changes their own role): rejected, kept in the dead
-    // letters, and the client comes back to what PostgreSQL holds.
+    // letters, and the client comes back to what PostgreSQL holds, the dead letter included
+    // (the seed's rules give it to its author).
     exec(
         &mut client,
         "UPDATE project_members SET role = 'viewer' WHERE project_id = '1' AND user_id = 'u1'",
@@ -349,7 +354,7 @@ async fn the_powersync_node_client_syncs_exactly_the_users_rows() -> anyhow::Res
     .await?;
     until_postgres(
         &s,
-        "SELECT EXISTS (SELECT 1 FROM walsync.rejected_writes WHERE user_id = 'u1' AND code = 'denied')",
+        "SELECT EXISTS (SELECT 1 FROM rejected_writes WHERE user_id = 'u1' AND code = 'denied')",
         "the denied write in the dead letters",
     )
     .await?;

@@ -305,6 +305,7 @@ async fn the_authorization_matrix_holds_under_row_level_security() -> anyhow::Re
         rls_role: Some("authenticated".into()),
         tables: walsync_testkit::seed::TABLES
             .iter()
+            .filter(|t| **t != "rejected_writes")
             .map(|t| ((*t).to_owned(), walsync_write::TableRule::default()))
             .collect(),
         ..walsync_write::WriteConfig::default()
@@ -494,7 +495,7 @@ async fn denied_writes_leave_nothing_behind() -> anyhow::Result<()> {
     let dead: Value = serde_json::from_str(
         &s.sql
             .query_one(
-                "SELECT ops::text FROM walsync.rejected_writes WHERE user_id = 'u1' AND tx_key = 'tx:30'",
+                "SELECT ops::text FROM rejected_writes WHERE user_id = 'u1' AND tx_key = 'tx:30'",
                 &[],
             )
             .await?
@@ -502,6 +503,42 @@ async fn denied_writes_leave_nothing_behind() -> anyhow::Result<()> {
     )?;
     anyhow::ensure!(dead.as_array().map(Vec::len) == Some(2), "{dead}");
     anyhow::ensure!(dead[1]["data"]["name"] == "theirs", "{dead}");
+
+    // The seed's rules give it to its author, whose stream holds it once it passes the reply's
+    // write checkpoint (the uploading client's: "c"), without the token's claims; nobody else
+    // sees it.
+    use walsync_client::{Connector, SyncClient, Transport};
+    let reply: walsync_write::UploadReply = serde_json::from_value(reply)?;
+    let connect = |user: &str| {
+        Connector::new(&service.url(), Transport::Http, &service::token(user))
+            .map(|c| SyncClient::new(c, "c"))
+    };
+    let mut author = connect("u1")?;
+    until_written(&mut author, &reply).await?;
+    let id: i64 = s
+        .scalar("SELECT id FROM rejected_writes WHERE user_id = 'u1' AND tx_key = 'tx:30'")
+        .await?;
+    let rows = author.state().rows();
+    let shown: Value = serde_json::from_str(
+        rows.get(&("rejected_writes".to_owned(), id.to_string()))
+            .ok_or_else(|| anyhow::anyhow!("the dead letter is not in its author's stream"))?,
+    )?;
+    anyhow::ensure!(
+        shown["code"] == "denied" && shown["op_id"] == 6 && shown.get("claims").is_none(),
+        "{shown}"
+    );
+    let ops: Value = serde_json::from_str(shown["ops"].as_str().unwrap_or_default())?;
+    anyhow::ensure!(ops == dead, "{ops} != {dead}");
+    let mut other = connect("u2")?;
+    other.next_checkpoint().await?;
+    anyhow::ensure!(
+        !other
+            .state()
+            .rows()
+            .keys()
+            .any(|(t, _)| t == "rejected_writes"),
+        "another user sees u1's dead letters"
+    );
     service.stop().await;
     Ok(())
 }
@@ -571,7 +608,7 @@ async fn retries_are_idempotent() -> anyhow::Result<()> {
     );
     anyhow::ensure!(row(&s, "projects", 1).await?.unwrap_or_default()["_version"] == version);
     let dead: i64 = s
-        .scalar("SELECT count(*) FROM walsync.rejected_writes WHERE tx_key = 'tx:3'")
+        .scalar("SELECT count(*) FROM rejected_writes WHERE tx_key = 'tx:3'")
         .await?;
     anyhow::ensure!(dead == 1, "the rejection was recorded {dead} times");
 

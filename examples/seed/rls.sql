@@ -12,6 +12,8 @@ GRANT authenticated TO CURRENT_USER;
 GRANT USAGE ON SCHEMA public TO authenticated;
 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO authenticated;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO authenticated;
+-- Only walsync writes the dead letters.
+REVOKE ALL ON rejected_writes FROM authenticated;
 
 -- The user's role in a project (null: not a member). SECURITY DEFINER: a policy on
 -- project_members that read project_members itself would recurse.

@@ -111,6 +111,23 @@ CREATE TABLE write_conflicts (
   resolved_at TIMESTAMPTZ
 );
 
+-- Uploads walsync rejected (its dead letters), each whole with who sent it, when and why.
+-- walsync creates this table when it is missing; declaring it here lets the sync rules give
+-- each to its author before the first upload.
+CREATE TABLE rejected_writes (
+  id BIGSERIAL PRIMARY KEY,
+  user_id TEXT NOT NULL,
+  client_id TEXT NOT NULL,
+  tx_key TEXT NOT NULL,
+  ops JSONB NOT NULL,
+  code TEXT NOT NULL,
+  message TEXT NOT NULL,
+  op_id BIGINT,
+  claims JSONB NOT NULL DEFAULT '{}',
+  rejected_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+  replayed_at TIMESTAMPTZ
+);
+
 CREATE OR REPLACE FUNCTION increment_version() RETURNS trigger AS $$
 BEGIN
   NEW._version := OLD._version + 1;

@@ -19,6 +19,7 @@ const TABLES = {
   assessment_responses: ['assessment_id', 'project_id', 'answer'],
   sow_section_approvals: ['project_id', 'section'],
   write_conflicts: ['table_name', 'row_id', 'column_name', 'client_value', 'server_value', 'scope', 'resolution'],
+  rejected_writes: ['client_id', 'tx_key', 'code', 'message', 'op_id'],
 };
 
 // Responses keep the values an edit started from (`old` in their CRUD entries), so that

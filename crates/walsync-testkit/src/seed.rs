@@ -25,6 +25,7 @@ pub const TABLES: &[&str] = &[
     "assessment_responses",
     "sow_section_approvals",
     "write_conflicts",
+    "rejected_writes",
 ];
 /// The users the sample data and the workload name.
 pub const USERS: &[&str] = &["u1", "u2", "u3", "u4"];
@@ -121,7 +122,7 @@ pub async fn user_buckets(
 
 /// Where the seed rules place each row, computed in SQL from PostgreSQL alone (not through the
 /// rules engine): bucket → (object type, object id). A project's rows go to
-/// `user_projects[<project id>]`, a stakeholder to `me["<user id>"]`.
+/// `user_projects[<project id>]`, a stakeholder and a rejected upload to `me["<user id>"]`.
 pub async fn expected_placements(
     sql: &Client,
 ) -> Result<BTreeMap<String, BTreeSet<(String, String)>>, tokio_postgres::Error> {
@@ -134,7 +135,8 @@ pub async fn expected_placements(
              UNION ALL SELECT 'user_projects[' || project_id || ']', 'teams', id::text FROM teams WHERE project_id IS NOT NULL
              UNION ALL SELECT 'user_projects[' || project_id || ']', 'sow_section_approvals', id::text FROM sow_section_approvals WHERE project_id IS NOT NULL
              UNION ALL SELECT 'user_projects[' || scope || ']', 'write_conflicts', id::text FROM write_conflicts WHERE scope IS NOT NULL
-             UNION ALL SELECT 'me[' || to_json(user_id)::text || ']', 'stakeholders', id::text FROM stakeholders WHERE user_id IS NOT NULL",
+             UNION ALL SELECT 'me[' || to_json(user_id)::text || ']', 'stakeholders', id::text FROM stakeholders WHERE user_id IS NOT NULL
+             UNION ALL SELECT 'me[' || to_json(user_id)::text || ']', 'rejected_writes', id::text FROM rejected_writes",
             &[],
         )
         .await?;

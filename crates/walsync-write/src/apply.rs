@@ -45,7 +45,7 @@ pub struct Uploads {
     pool: PgPool,
     rules: BTreeMap<String, TableRules>,
     /// The statements on walsync's own tables, made once from the configuration.
-    sql: Bookkeeping,
+    pub(crate) sql: Bookkeeping,
     /// The catalog of the writable tables, read once PostgreSQL first answers and again when a
     /// write finds it out of date (a column renamed or added since); loaded by one request at
     /// a time.
@@ -62,13 +62,15 @@ impl std::fmt::Debug for Uploads {
 
 /// The SQL of walsync's own tables.
 #[derive(Debug)]
-struct Bookkeeping {
+pub(crate) struct Bookkeeping {
     /// The claim of a client transaction, after its ops (see [`Uploads::claim_sql`]).
     claim: String,
     /// walsync's uploads table, qualified and quoted.
     uploads: String,
     /// The conflicts table, qualified and quoted.
     conflicts: String,
+    /// The dead letters' table, qualified and quoted.
+    pub(crate) rejected: String,
 }
 
 /// Columns walsync fills itself when a table has them (a client's values are ignored).
@@ -212,10 +214,8 @@ impl Uploads {
         let sql = Bookkeeping {
             claim: Uploads::claim_sql(&config),
             uploads: format!("{}.uploads", quote_ident(&config.schema)),
-            conflicts: {
-                let (schema, table) = catalog::split_name(&config.conflicts_table);
-                format!("{}.{}", quote_ident(schema), quote_ident(table))
-            },
+            conflicts: catalog::quoted_name(&config.conflicts_table),
+            rejected: catalog::quoted_name(&config.rejected_table),
         };
         Ok(Uploads {
             config,
@@ -362,16 +362,16 @@ impl Uploads {
                 // Kept whole before the client is told: a rejection that cannot be recorded is
                 // retryable, so nothing is dropped unrecorded.
                 match self.record_rejection(writer, client_id, tx, &result).await {
-                    Ok(Some(earlier)) => (
+                    Ok(Applied::Before(earlier)) => (
                         TxResult {
                             replayed: true,
                             ..earlier
                         },
                         None,
                     ),
-                    Ok(None) => {
+                    Ok(Applied::Now(lsn, _)) => {
                         tracing::info!(code, "an upload was rejected");
-                        (result, None)
+                        (result, Some(lsn))
                     }
                     Err(message) => (self.retryable(tx, "database_unavailable", &message), None),
                 }

@@ -80,6 +80,12 @@ pub(crate) fn split_name(name: &str) -> (&str, &str) {
     }
 }
 
+/// `name` (`table` or `schema.table`) qualified and quoted for SQL.
+pub(crate) fn quoted_name(name: &str) -> String {
+    let (schema, table) = split_name(name);
+    format!("{}.{}", quote_ident(schema), quote_ident(table))
+}
+
 /// Reads `name`'s columns and key; an error names what is wrong with the table.
 pub(crate) async fn load(client: &Client, name: &str) -> Result<TableInfo, String> {
     let (schema, table) = split_name(name);

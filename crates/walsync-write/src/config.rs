@@ -75,9 +75,13 @@ pub struct WriteConfig {
     pub mode: AuthorizationMode,
     /// The role a transaction runs as in `postgres_rls` mode (`SET LOCAL ROLE`).
     pub rls_role: Option<String>,
-    /// The schema of walsync's own tables: `uploads` (one row per client transaction, for
-    /// idempotent retries) and `rejected_writes` (the dead letters).
+    /// The schema of walsync's own table `uploads` (one row per client transaction, for
+    /// idempotent retries).
     pub schema: String,
+    /// The dead letters' table (`table` or `schema.table`), created at start: every rejected
+    /// transaction, whole, with who sent it, when and why; sync rules can give its rows to
+    /// their author (`WHERE user_id = bucket.user_id`) so the app can show them.
+    pub rejected_table: String,
     /// The table manual conflicts are stored in (`table` or `schema.table`), created at start;
     /// sync rules can give its rows to the people concerned, and resolving one is an upload.
     pub conflicts_table: String,
@@ -101,6 +105,7 @@ impl Default for WriteConfig {
             mode: AuthorizationMode::Rules,
             rls_role: None,
             schema: "walsync".into(),
+            rejected_table: "rejected_writes".into(),
             conflicts_table: "write_conflicts".into(),
             tables: BTreeMap::new(),
             max_ops: 1_000,

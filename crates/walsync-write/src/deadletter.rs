@@ -2,7 +2,6 @@
 //! why; listed and replayed by the operator (`walsync writes rejected|replay`).
 
 use serde::Serialize;
-use walsync_types::quote_ident;
 
 use crate::apply::{Applied, Failure, rejected};
 use crate::{ClientTransaction, CrudEntry, Status, TxResult, Uploads, WriteError, Writer};
@@ -55,10 +54,10 @@ impl Uploads {
                 &format!(
                     "SELECT id, user_id, client_id, tx_key, code, message, op_id, rejected_at::text, \
                             replayed_at::text, ops::text \
-                     FROM {}.rejected_writes \
+                     FROM {} \
                      WHERE ($1::text IS NULL OR user_id = $1) AND ($2 OR replayed_at IS NULL) \
                      ORDER BY id LIMIT $3",
-                    quote_ident(&self.config.schema)
+                    self.sql.rejected
                 ),
                 &[&user, &include_replayed, &limit],
             )
@@ -94,14 +93,12 @@ impl Uploads {
     /// is claimed like any upload, so replaying twice applies once.
     pub async fn replay(&self, id: i64) -> Result<TxResult, WriteError> {
         let tables = self.catalog().await?;
-        let s = quote_ident(&self.config.schema);
+        let r = &self.sql.rejected;
         let row = {
             let client = self.admin_connection().await?;
             client
                 .query_opt(
-                    &format!(
-                        "SELECT user_id, claims::text, ops::text FROM {s}.rejected_writes WHERE id = $1"
-                    ),
+                    &format!("SELECT user_id, claims::text, ops::text FROM {r} WHERE id = $1"),
                     &[&id],
                 )
                 .await
@@ -157,7 +154,7 @@ impl Uploads {
             client
                 .execute(
                     &format!(
-                        "UPDATE {s}.rejected_writes SET replayed_at = now() WHERE id = $1 AND replayed_at IS NULL"
+                        "UPDATE {r} SET replayed_at = now() WHERE id = $1 AND replayed_at IS NULL"
                     ),
                     &[&id],
                 )

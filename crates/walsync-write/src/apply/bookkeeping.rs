@@ -3,6 +3,7 @@
 
 use walsync_types::quote_ident;
 
+use super::fast::write_checkpoint;
 use super::{Applied, Failure, Uploads, Writer};
 use crate::{ClientTransaction, TxResult, WriteError};
 
@@ -24,19 +25,6 @@ impl Uploads {
                    at timestamptz NOT NULL DEFAULT now(),
                    PRIMARY KEY (user_id, client_id, tx_key)
                  );
-                 CREATE TABLE IF NOT EXISTS {s}.rejected_writes (
-                   id bigserial PRIMARY KEY,
-                   user_id text NOT NULL,
-                   client_id text NOT NULL,
-                   tx_key text NOT NULL,
-                   ops jsonb NOT NULL,
-                   code text NOT NULL,
-                   message text NOT NULL,
-                   op_id bigint,
-                   claims jsonb NOT NULL DEFAULT '{{}}',
-                   rejected_at timestamptz NOT NULL DEFAULT now(),
-                   replayed_at timestamptz
-                 );
                  CREATE TABLE IF NOT EXISTS {c} (
                    id bigserial PRIMARY KEY,
                    table_name text NOT NULL,
@@ -53,27 +41,43 @@ impl Uploads {
                    resolution text,
                    resolved_by text,
                    resolved_at timestamptz
+                 );
+                 CREATE TABLE IF NOT EXISTS {r} (
+                   id bigserial PRIMARY KEY,
+                   user_id text NOT NULL,
+                   client_id text NOT NULL,
+                   tx_key text NOT NULL,
+                   ops jsonb NOT NULL,
+                   code text NOT NULL,
+                   message text NOT NULL,
+                   op_id bigint,
+                   claims jsonb NOT NULL DEFAULT '{{}}',
+                   rejected_at timestamptz NOT NULL DEFAULT now(),
+                   replayed_at timestamptz
                  );",
-                c = self.sql.conflicts
+                c = self.sql.conflicts,
+                r = self.sql.rejected,
             ))
             .await
             .map_err(|e| {
                 WriteError::Catalog(format!(
-                    "cannot create walsync's tables in schema {}: {e}",
-                    self.config.schema
+                    "cannot create walsync's tables ({s}.uploads, {}, {}): {e}",
+                    self.sql.rejected, self.sql.conflicts
                 ))
             })
     }
 
-    /// Records a rejected transaction in the dead letters and as its upload's result. When an
-    /// earlier attempt already has a result, that one is returned instead.
+    /// Records a rejected transaction in the dead letters and as its upload's result:
+    /// `Applied::Now` with the write checkpoint of that record (a stream that passes it holds
+    /// the dead letter where the rules give it to its author). When an earlier attempt already
+    /// has a result, `Applied::Before` with that one.
     pub(super) async fn record_rejection(
         &self,
         writer: Writer<'_>,
         client_id: &str,
         tx: &ClientTransaction,
         result: &TxResult,
-    ) -> Result<Option<TxResult>, String> {
+    ) -> Result<Applied, String> {
         let s = quote_ident(&self.config.schema);
         let mut client = self.connection().await.map_err(Failure::message)?;
         let lost = |e: tokio_postgres::Error| {
@@ -96,15 +100,16 @@ impl Uploads {
         if inserted == 0 {
             drop(t);
             return match self.earlier(writer, client_id, &tx_key).await {
-                Ok(Applied::Before(r)) => Ok(Some(r)),
+                Ok(before @ Applied::Before(_)) => Ok(before),
                 _ => Err("the rejection could not be recorded".into()),
             };
         }
         let ops = serde_json::to_string(&tx.ops).unwrap_or_default();
         t.execute(
             &format!(
-                "INSERT INTO {s}.rejected_writes (user_id, client_id, tx_key, ops, code, message, op_id, claims) \
-                 VALUES ($1, $2, $3, $4::text::jsonb, $5, $6, $7, $8::text::jsonb)"
+                "INSERT INTO {} (user_id, client_id, tx_key, ops, code, message, op_id, claims) \
+                 VALUES ($1, $2, $3, $4::text::jsonb, $5, $6, $7, $8::text::jsonb)",
+                self.sql.rejected
             ),
             &[
                 &writer.user_id,
@@ -120,7 +125,11 @@ impl Uploads {
         .await
         .map_err(lost)?;
         t.commit().await.map_err(lost)?;
-        Ok(None)
+        let (client, cache) = client.split();
+        let lsn = write_checkpoint(&*client, cache)
+            .await
+            .map_err(Failure::message)?;
+        Ok(Applied::Now(lsn, Vec::new()))
     }
 }
 
