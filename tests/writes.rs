@@ -995,6 +995,108 @@ async fn a_write_checkpoint_is_not_passed_before_its_upload() -> anyhow::Result<
     Ok(())
 }
 
+/// Ops that wait for a row another transaction is changing are decided on the row as that
+/// transaction leaves it: a `PUT` of a row deleted meanwhile inserts it again, a `PATCH` of
+/// one is not found (not "denied"), and an update whose predicate the other transaction made
+/// false (the row moved into a project the writer is not in) is denied, though it held on the
+/// row as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_racing_another_transaction_see_the_row_it_leaves() -> anyhow::Result<()> {
+    let s = seed::setup().await?;
+    let service = start(&s).await?;
+    let (other, conn) = tokio_postgres::connect(&s.url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    // u1 owns project 1 and is no member of project 4.
+    let rows: Vec<i64> = s
+        .sql
+        .query(
+            "SELECT id FROM assessment_responses WHERE project_id = 1 ORDER BY id LIMIT 3",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let cases = [
+        (
+            rows[0],
+            "DELETE FROM assessment_responses WHERE id = $1",
+            true,
+        ),
+        (
+            rows[1],
+            "DELETE FROM assessment_responses WHERE id = $1",
+            false,
+        ),
+        (
+            rows[2],
+            "UPDATE assessment_responses SET project_id = 4 WHERE id = $1",
+            false,
+        ),
+    ];
+    for (n, (id, change, put)) in cases.into_iter().enumerate() {
+        other.batch_execute("BEGIN").await?;
+        other.execute(change, &[&id]).await?;
+        let data = json!({"project_id": 1, "answer": "from the client"});
+        let op = if put {
+            self::put(1, "assessment_responses", id, data)
+        } else {
+            patch(1, "assessment_responses", id, data)
+        };
+        let body = upload("racing", vec![tx(n as i64 + 1, vec![op])]);
+        walsync_client::install_crypto();
+        let uploading = tokio::spawn({
+            let url = service.url();
+            async move {
+                let resp = reqwest::Client::new()
+                    .post(format!("{url}/write"))
+                    .bearer_auth(service::token("u1"))
+                    .json(&body)
+                    .send()
+                    .await?;
+                anyhow::Ok(resp.json::<Value>().await?)
+            }
+        });
+        let waiting =
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted";
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while s.scalar::<i64>(waiting).await? == 0 {
+            if uploading.is_finished() {
+                anyhow::bail!(
+                    "the upload did not wait for the row: {:?}",
+                    uploading.await?
+                );
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the upload never waited for the row"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        other.batch_execute("COMMIT").await?;
+        let reply = uploading.await??;
+        let result = &reply["results"][0];
+        let now = row(&s, "assessment_responses", id).await?;
+        match n {
+            0 => anyhow::ensure!(
+                result["status"] == "applied"
+                    && now.is_some_and(|r| r["answer"] == "from the client"),
+                "a PUT of a row deleted meanwhile: {reply}"
+            ),
+            1 => anyhow::ensure!(
+                result["code"] == "not_found" && now.is_none(),
+                "a PATCH of a row deleted meanwhile: {reply}"
+            ),
+            _ => anyhow::ensure!(
+                result["code"] == "denied" && now.is_some_and(|r| r["project_id"] == 4),
+                "a PATCH of a row moved out of the writer's projects meanwhile: {reply}"
+            ),
+        }
+    }
+    service.stop().await;
+    Ok(())
+}
+
 /// An upload that changes nothing the publication carries still has its write checkpoint
 /// passed: the stream says nothing of it, and the store's position moves past it when the
 /// server says it has decoded that far.

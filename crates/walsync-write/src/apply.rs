@@ -696,12 +696,14 @@ fn check_sql(table: &TableInfo, p: &Predicate) -> String {
 }
 
 /// The column list and the values to set: the client's columns from `r` (the populated
-/// record), and the columns walsync fills.
+/// record), and the columns walsync fills. `updated`: the alias of the row an update changes
+/// (none for an insert).
 fn assignments<'a>(
     table: &TableInfo,
     columns: impl Iterator<Item = &'a String>,
-    update: bool,
+    updated: Option<&str>,
 ) -> (String, String) {
+    let update = updated.is_some();
     let mut names = Vec::new();
     let mut values = Vec::new();
     for c in columns {
@@ -718,9 +720,11 @@ fn assignments<'a>(
         names.push(quote_ident(LAST_MODIFIED_AT));
         values.push("now()".into());
     }
-    if update && table.has(VERSION) {
+    if let Some(row) = updated
+        && table.has(VERSION)
+    {
         names.push(quote_ident(VERSION));
-        values.push(format!("t.{} + 1", quote_ident(VERSION)));
+        values.push(format!("{row}.{} + 1", quote_ident(VERSION)));
     }
     (names.join(", "), values.join(", "))
 }

@@ -16,7 +16,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{GenericClient, Row, Statement};
 use walsync_types::{Lsn, quote_ident};
 
-use super::{Claim, Failure, Intent, Uploads, Writer, assignments, classify, reject, row_lock};
+use super::{Claim, Failure, Intent, Uploads, Writer, assignments, classify, reject};
 use crate::CrudOp;
 use crate::pool::PgConn;
 use crate::predicate::Predicate;
@@ -29,8 +29,14 @@ fn predicate(p: &Option<Predicate>) -> &str {
 
 /// The op's statement, when it can be one. Parameters: `$1` the row as JSON (the client's values
 /// and the key), `$3` the user id, `$4` the claims (`$2` unused, as in the check statement).
-/// It returns one row: (the row existed, the insert predicate held, the update or delete
-/// predicate held, rows changed).
+/// It returns one row: (the row existed, rows changed).
+///
+/// The predicate is part of the change's own `WHERE`, over the target row as `old` and the
+/// client's values over it as `new`: PostgreSQL evaluates it on the row it is about to change,
+/// and evaluates it again on the newest version when a concurrent transaction changed the row
+/// first (as `UPDATE` does for any condition under read committed). Whether the row exists is
+/// asked only when nothing was changed, under a key-share lock, so a row deleted meanwhile
+/// counts as missing (a `PUT` inserts it) rather than as denied.
 ///
 /// With `claim` (walsync's uploads table, for the transaction's last op) the statement also
 /// claims the transaction, if the op succeeded: it records the result (`$5` client id, `$6`
@@ -43,57 +49,65 @@ pub(super) fn statement(intent: &Intent<'_>, claim: Option<&str>) -> Option<Stri
     let rules = intent.rules;
     // The client's row as JSON is made once (a JSON column's text parsed), then read by each
     // step.
+    let client = format!("jsonb_populate_record(NULL::{q}, input.j)");
+    // The key is a value of its own (`(SELECT k FROM key)`, a parameter of the plan), so each
+    // step finds the row by its index whatever the planner estimates of the table: joined
+    // with the client's record instead, a generic plan can hash the whole table.
     let head = format!(
         "WITH input AS MATERIALIZED (SELECT {} AS j), \
-         key AS (SELECT r.{k} AS k FROM input, jsonb_populate_record(NULL::{q}, input.j) r), \
-         cur AS (SELECT t AS row FROM {q} t, key WHERE t.{k} = key.k {lock} OF t)",
-        table.row_json(1),
-        lock = row_lock(intent.op.op)
+         key AS (SELECT ({client}).{k} AS k FROM input)",
+        table.row_json(1)
     );
     let empty = format!("jsonb_populate_record(NULL::{q}, NULL)");
-    let row = "(SELECT j FROM input)";
-    let as_was = "LATERAL (SELECT (cur.row).*) AS old";
+    let changed = |step: &str| {
+        format!(
+            "found AS (SELECT EXISTS (SELECT 1 FROM {step}) \
+               OR EXISTS (SELECT 1 FROM {q} t WHERE t.{k} = (SELECT k FROM key) FOR KEY SHARE OF t) AS yes)"
+        )
+    };
     match intent.op.op {
         CrudOp::Delete => Some(format!(
             "{head}, \
-             del_ok AS (SELECT ({}) IS TRUE AS ok FROM cur, {as_was}, {empty} AS new), \
-             done AS (DELETE FROM {q} t USING key WHERE t.{k} = key.k AND (SELECT ok FROM del_ok) RETURNING 1) \
-             {claim} \
-             SELECT EXISTS (SELECT 1 FROM cur), false, COALESCE((SELECT ok FROM del_ok), false), (SELECT count(*) FROM done)",
+             done AS (DELETE FROM {q} AS old WHERE old.{k} = (SELECT k FROM key) \
+               AND (SELECT ({}) IS TRUE FROM {empty} AS new) RETURNING 1), \
+             {found} {claim} \
+             SELECT (SELECT yes FROM found), (SELECT count(*) FROM done)",
             predicate(&rules.delete),
+            found = changed("done"),
             claim = claimed(
                 claim,
-                "NOT EXISTS (SELECT 1 FROM cur) OR EXISTS (SELECT 1 FROM done)"
+                "NOT (SELECT yes FROM found) OR EXISTS (SELECT 1 FROM done)"
             ),
         )),
         op => {
-            let (ucols, uvals) = assignments(table, intent.data.keys(), true);
+            let (ucols, uvals) = assignments(table, intent.data.keys(), Some("old"));
             if ucols.is_empty() {
                 return None;
             }
             let update = format!(
-                "upd_ok AS (SELECT ({}) IS TRUE AS ok FROM cur, {as_was}, jsonb_populate_record(cur.row, {row}) AS new), \
-                 upd AS (UPDATE {q} t SET ({ucols}) = (SELECT {uvals} FROM jsonb_populate_record(NULL::{q}, {row}) r) \
-                 FROM key WHERE t.{k} = key.k AND (SELECT ok FROM upd_ok) RETURNING 1)",
-                predicate(&rules.update)
+                "upd AS (UPDATE {q} AS old SET ({ucols}) = ROW({uvals}) FROM input, {client} r \
+                   WHERE old.{k} = (SELECT k FROM key) \
+                   AND (SELECT ({}) IS TRUE FROM jsonb_populate_record(old, input.j) AS new) RETURNING 1), \
+                 {found}",
+                predicate(&rules.update),
+                found = changed("upd"),
             );
             if op == CrudOp::Patch {
                 return Some(format!(
                     "{head}, {update} {claim} \
-                     SELECT EXISTS (SELECT 1 FROM cur), false, COALESCE((SELECT ok FROM upd_ok), false), (SELECT count(*) FROM upd)",
+                     SELECT (SELECT yes FROM found), (SELECT count(*) FROM upd)",
                     claim = claimed(claim, "EXISTS (SELECT 1 FROM upd)"),
                 ));
             }
             let mut keys: Vec<&String> = intent.data.keys().collect();
             keys.push(&table.key);
-            let (icols, ivals) = assignments(table, keys.into_iter(), false);
+            let (icols, ivals) = assignments(table, keys.into_iter(), None);
             Some(format!(
                 "{head}, {update}, \
-                 ins_ok AS (SELECT ({}) IS TRUE AS ok FROM {empty} AS old, jsonb_populate_record(NULL::{q}, {row}) AS new), \
-                 ins AS (INSERT INTO {q} ({icols}) SELECT {ivals} FROM jsonb_populate_record(NULL::{q}, {row}) r \
-                 WHERE NOT EXISTS (SELECT 1 FROM cur) AND (SELECT ok FROM ins_ok) RETURNING 1) {claim} \
-                 SELECT EXISTS (SELECT 1 FROM cur), (SELECT ok FROM ins_ok), COALESCE((SELECT ok FROM upd_ok), false), \
-                 (SELECT count(*) FROM upd) + (SELECT count(*) FROM ins)",
+                 ins AS (INSERT INTO {q} ({icols}) SELECT {ivals} FROM input, {client} r \
+                   WHERE NOT (SELECT yes FROM found) \
+                   AND (SELECT ({}) IS TRUE FROM {empty} AS old, {client} AS new) RETURNING 1) {claim} \
+                 SELECT (SELECT yes FROM found), (SELECT count(*) FROM upd) + (SELECT count(*) FROM ins)",
                 predicate(&rules.insert),
                 claim = claimed(
                     claim,
@@ -116,8 +130,7 @@ fn claimed(uploads: Option<&str>, done: &str) -> String {
 
 /// What the statement's row says of the op.
 pub(super) fn outcome(intent: &Intent<'_>, row: &Row) -> Result<(), Failure> {
-    let (found, insert_ok, change_ok, changed): (bool, bool, bool, i64) =
-        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let (found, changed): (bool, i64) = (row.get(0), row.get(1));
     let table = &intent.table.name;
     let op_id = Some(intent.op.op_id);
     let operation = match (intent.op.op, found) {
@@ -133,11 +146,6 @@ pub(super) fn outcome(intent: &Intent<'_>, row: &Row) -> Result<(), Failure> {
         (CrudOp::Put, false) => "insert",
         (_, true) => "update",
     };
-    let allowed = if operation == "insert" {
-        insert_ok
-    } else {
-        change_ok
-    };
     let rules = intent.rules;
     let given = match operation {
         "insert" => rules.insert.is_some(),
@@ -151,7 +159,8 @@ pub(super) fn outcome(intent: &Intent<'_>, row: &Row) -> Result<(), Failure> {
             op_id,
         ));
     }
-    if !allowed || changed == 0 {
+    // The predicate is part of the change's condition: nothing changed means it did not hold.
+    if changed == 0 {
         return Err(reject(
             "denied",
             format!("the write rules do not allow this {operation} on {table}"),

@@ -177,7 +177,7 @@ impl Uploads {
             "insert" => {
                 let mut data = data.clone();
                 data.insert(table.key.clone(), Value::from(intent.op.id.as_str()));
-                let (columns, values) = assignments(table, data.keys(), false);
+                let (columns, values) = assignments(table, data.keys(), None);
                 db.execute(
                     &format!(
                         "INSERT INTO {q} ({columns}) SELECT {values} FROM jsonb_populate_record(NULL::{q}, {}) r",
@@ -191,7 +191,7 @@ impl Uploads {
             // Nothing left to write (the server's values stay): the row is not touched.
             _ if data.is_empty() => 1,
             _ => {
-                let (columns, values) = assignments(table, data.keys(), true);
+                let (columns, values) = assignments(table, data.keys(), Some("t"));
                 if columns.is_empty() {
                     return Ok(notes);
                 }
