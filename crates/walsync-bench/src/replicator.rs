@@ -13,7 +13,7 @@ use walsync_storage::{BucketStore, EmbeddedStore, StoreRead};
 use walsync_sync::request_buckets;
 use walsync_testkit::{Cluster, ClusterOptions};
 
-use super::source::{SCHEMA, WorkloadArgs, pg_recvlogical_run, workloads};
+use super::source::{WorkloadArgs, pg_recvlogical_run, schema, workloads};
 
 #[derive(Debug, Args)]
 pub(crate) struct ReplicatorArgs {
@@ -106,7 +106,7 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<()> {
     let pg_recvlogical = Cluster::program("pg_recvlogical")?;
     let db = cluster.fresh_database().await?;
     let sql = db.connect().await?;
-    sql.batch_execute(SCHEMA).await?;
+    sql.batch_execute(&schema(args.workload.key)).await?;
     sql.batch_execute(
         "CREATE TABLE project_members (id bigserial PRIMARY KEY, project_id bigint NOT NULL, user_id text NOT NULL);
          ALTER PUBLICATION bench ADD TABLE project_members;",

@@ -10,7 +10,7 @@ use walsync_rules::SyncRules;
 use walsync_storage::{BucketStore, EmbeddedStore, StoreRead};
 use walsync_testkit::{Cluster, ClusterOptions};
 
-use super::source::{SCHEMA, insert_rows};
+use super::source::{Key, insert_rows, schema};
 
 #[derive(Debug, Args)]
 pub(crate) struct SnapshotArgs {
@@ -51,9 +51,10 @@ pub(crate) fn run(args: SnapshotArgs) -> anyhow::Result<()> {
         let (elapsed, rss, bytes) = rt.block_on(async {
             let db = cluster.fresh_database().await?;
             let sql = db.connect().await?;
-            sql.batch_execute(SCHEMA).await?;
+            sql.batch_execute(&schema(Key::Bigint)).await?;
             eprintln!("writing {n} rows");
-            sql.batch_execute(&insert_rows("1", &n.to_string())).await?;
+            sql.batch_execute(&insert_rows("1", &n.to_string(), Key::Bigint))
+                .await?;
             let dir = tempfile::Builder::new()
                 .prefix("walsync-bench-")
                 .tempdir()?;

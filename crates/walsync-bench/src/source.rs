@@ -26,6 +26,39 @@ pub(crate) struct WorkloadArgs {
     /// Rows per transaction of workload b.
     #[arg(long, default_value_t = 100)]
     pub rows_per_txn: i64,
+    /// The primary key: `bigint` (serial-like, ascending), `uuid4` (text UUID v4, random, as
+    /// offline-first clients make them) or `uuid7` (text UUID v7, time-ordered).
+    #[arg(long, value_enum, default_value_t = Key::Bigint)]
+    pub key: Key,
+}
+
+/// The primary key of the workloads' table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Key {
+    Bigint,
+    Uuid4,
+    Uuid7,
+}
+
+impl Key {
+    fn sql_type(self) -> &'static str {
+        match self {
+            Key::Bigint => "bigint",
+            Key::Uuid4 | Key::Uuid7 => "text",
+        }
+    }
+
+    /// The key of row `i` (with `k.h`, twelve hex digits rising with `i`, and `k.r`, a random
+    /// UUID, from the insert's lateral `k`).
+    fn value(self) -> &'static str {
+        match self {
+            Key::Bigint => "i",
+            Key::Uuid4 => "k.r",
+            Key::Uuid7 => {
+                "substr(k.h, 1, 8) || '-' || substr(k.h, 9, 4) || '-7' || substr(k.r, 16, 3) || substr(k.r, 19)"
+            }
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -38,22 +71,29 @@ pub(crate) struct SourceArgs {
 }
 
 /// A table shaped like the seed app's `assessment_responses`, about 250 bytes a row as text.
-pub(super) const SCHEMA: &str = "CREATE TABLE assessment_responses (
-    id bigint PRIMARY KEY, assessment_id bigint NOT NULL, project_id bigint NOT NULL,
+pub(super) fn schema(key: Key) -> String {
+    format!(
+        "CREATE TABLE assessment_responses (
+    id {} PRIMARY KEY, assessment_id bigint NOT NULL, project_id bigint NOT NULL,
     question_id text NOT NULL, question_text text, answer text, notes text, priority text,
     answered_by bigint, answered_at timestamptz, created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(), _version bigint NOT NULL DEFAULT 1);
-    CREATE PUBLICATION bench FOR TABLE assessment_responses;";
+    CREATE PUBLICATION bench FOR TABLE assessment_responses;",
+        key.sql_type()
+    )
+}
 
-pub(super) fn insert_rows(from: &str, to: &str) -> String {
+pub(super) fn insert_rows(from: &str, to: &str, key: Key) -> String {
     format!(
         "INSERT INTO assessment_responses (id, assessment_id, project_id, question_id, question_text, answer, notes, \
          priority, answered_by, answered_at) \
-         SELECT i, i / 40, i / 400, 'q-' || lpad((i % 97)::text, 5, '0'), \
+         SELECT {}, i / 40, i / 400, 'q-' || lpad((i % 97)::text, 5, '0'), \
                 'How does the organisation currently manage change across teams and tools? (' || i || ')', \
                 'We run a fortnightly review with the platform team and track outcomes in a shared log.', \
                 'follow up in next session', (ARRAY['low','medium','high'])[1 + i % 3], i % 50, now() \
-         FROM generate_series({from}, {to}) i"
+         FROM generate_series({from}, {to}) i, \
+              LATERAL (SELECT lpad(to_hex(1800000000000 + i), 12, '0') AS h, gen_random_uuid()::text AS r) k",
+        key.value()
     )
 }
 
@@ -69,19 +109,23 @@ pub(super) fn workloads(w: &WorkloadArgs) -> [Workload; 2] {
     let (big_rows, txns, rows_per_txn) = (w.big_rows, w.txns, w.rows_per_txn);
     [
         Workload {
-            name: format!("a: 1 transaction of {big_rows} rows"),
+            name: format!("a: 1 transaction of {big_rows} rows ({:?} keys)", w.key),
             rows: big_rows as u64,
-            sql: insert_rows("1", &big_rows.to_string()),
+            sql: insert_rows("1", &big_rows.to_string(), w.key),
         },
         Workload {
-            name: format!("b: {txns} transactions of {rows_per_txn} rows"),
+            name: format!(
+                "b: {txns} transactions of {rows_per_txn} rows ({:?} keys)",
+                w.key
+            ),
             rows: (txns * rows_per_txn) as u64,
             sql: format!(
                 "DO $$ BEGIN FOR t IN 0..{} LOOP {}; COMMIT; END LOOP; END $$",
                 txns - 1,
                 insert_rows(
                     &format!("{} + t * {rows_per_txn} + 1", 10 * big_rows),
-                    &format!("{} + (t + 1) * {rows_per_txn}", 10 * big_rows)
+                    &format!("{} + (t + 1) * {rows_per_txn}", 10 * big_rows),
+                    w.key
                 )
             ),
         },
@@ -98,7 +142,7 @@ pub(crate) fn run(args: SourceArgs) -> anyhow::Result<()> {
     let version = Command::new(&pg_recvlogical).arg("--version").output()?;
     let db = rt.block_on(cluster.fresh_database())?;
     let sql = rt.block_on(db.connect())?;
-    rt.block_on(sql.batch_execute(SCHEMA))?;
+    rt.block_on(sql.batch_execute(&schema(args.workload.key)))?;
 
     let workloads = workloads(&args.workload);
 

@@ -9,6 +9,7 @@
 
 mod chunk;
 mod compact;
+mod filter;
 mod keys;
 mod migrate;
 mod prune;
@@ -55,7 +56,16 @@ struct Spaces {
 pub struct EmbeddedStore {
     db: SingleWriterTxDatabase,
     s: Spaces,
-    bounds: Mutex<RowKeyBounds>,
+    known: Mutex<KnownKeys>,
+}
+
+/// What the writers know of the keys `rows` holds, beyond the engine: a bound per table and a
+/// filter of every key. Each spares a lookup of a row the store has never seen.
+#[derive(Debug, Default)]
+pub(super) struct KnownKeys {
+    bounds: RowKeyBounds,
+    /// Made by the first writer (and again when full); see [`filter`].
+    filter: Option<std::sync::Arc<filter::RowFilter>>,
 }
 
 /// For each table read or written since the store was opened, a key of `rows` at or above
@@ -110,7 +120,7 @@ impl EmbeddedStore {
         Ok(EmbeddedStore {
             db,
             s: Spaces { row_keys, ..s },
-            bounds: Mutex::new(HashMap::new()),
+            known: Mutex::new(KnownKeys::default()),
         })
     }
 }
@@ -124,8 +134,11 @@ impl BucketStore for EmbeddedStore {
         let checkpoint = read_checkpoint(&tx, &self.s.meta)?;
         // Taken after the write transaction, which admits one writer at a time. A writer that
         // panicked left only raised bounds behind, which are still bounds.
-        let bounds = self.bounds.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(EmbeddedWriter::new(tx, self.s.clone(), bounds, checkpoint))
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if known.filter.as_ref().is_none_or(|f| f.full()) {
+            known.filter = Some(filter::RowFilter::start(&self.db, &self.s.rows));
+        }
+        Ok(EmbeddedWriter::new(tx, self.s.clone(), known, checkpoint))
     }
 
     fn snapshot(&self) -> Result<EmbeddedSnapshot> {

@@ -13,7 +13,7 @@ use super::chunk::put_chunk;
 use super::keys::{RowKeys, key2, schema_id, schema_key};
 use super::record::{encode, engine};
 use super::row::{Placement, RowRecord, names_in};
-use super::{RowKeyBounds, Spaces};
+use super::{KnownKeys, Spaces};
 use crate::model::{Changes, StoreCheckpoint, StoredRow};
 use crate::{Result, StoreWriter};
 use emit::{Pending, key_hash, object_hash};
@@ -22,7 +22,7 @@ use emit::{Pending, key_hash, object_hash};
 pub struct EmbeddedWriter<'a> {
     tx: SingleWriterWriteTx<'a>,
     s: Spaces,
-    bounds: MutexGuard<'a, RowKeyBounds>,
+    known: MutexGuard<'a, KnownKeys>,
     checkpoint: StoreCheckpoint,
     next_op_id: u64,
     /// The buckets this commit adds ops to: their new state and their open chunk.
@@ -54,7 +54,7 @@ impl<'a> EmbeddedWriter<'a> {
     pub(super) fn new(
         tx: SingleWriterWriteTx<'a>,
         s: Spaces,
-        bounds: MutexGuard<'a, RowKeyBounds>,
+        known: MutexGuard<'a, KnownKeys>,
         checkpoint: StoreCheckpoint,
     ) -> EmbeddedWriter<'a> {
         EmbeddedWriter {
@@ -62,7 +62,7 @@ impl<'a> EmbeddedWriter<'a> {
             checkpoint,
             tx,
             s,
-            bounds,
+            known,
             states: HashMap::new(),
             changes: Changes::default(),
             schemas: HashMap::new(),
@@ -75,7 +75,13 @@ impl<'a> EmbeddedWriter<'a> {
 impl EmbeddedWriter<'_> {
     /// The row copy of `table` under `key` (a key of `rows`, from [`RowKeys::key`]).
     pub(super) fn record(&mut self, table: &str, key: &[u8]) -> Result<Option<RowRecord>> {
-        if self.above_bound(table, key) {
+        if self.above_bound(table, key)
+            || self
+                .known
+                .filter
+                .as_ref()
+                .is_some_and(|f| f.surely_absent(key))
+        {
             return Ok(None);
         }
         self.tx
@@ -87,7 +93,7 @@ impl EmbeddedWriter<'_> {
 
     /// Whether `key` is above every key `table` has in `rows` (so it has no record).
     fn above_bound(&mut self, table: &str, key: &[u8]) -> bool {
-        let bound = match self.bounds.get(table) {
+        let bound = match self.known.bounds.get(table) {
             Some(b) => b,
             None => {
                 let last = self
@@ -98,15 +104,19 @@ impl EmbeddedWriter<'_> {
                     .transpose();
                 // Without a bound the lookup decides.
                 let Ok(last) = last else { return false };
-                self.bounds.entry(table.to_owned()).or_insert(last)
+                self.known.bounds.entry(table.to_owned()).or_insert(last)
             }
         };
         bound.as_deref().is_none_or(|b| key > b)
     }
 
-    /// Raises the bound of `table` to `key`, a key this commit writes.
-    fn raise_bound(&mut self, table: &str, key: &[u8]) {
-        match self.bounds.get_mut(table) {
+    /// Notes `key`, a key of `table` this commit adds to `rows`: in the filter, and as the
+    /// table's bound when above it.
+    fn note_key(&mut self, table: &str, key: &[u8]) {
+        if let Some(f) = &self.known.filter {
+            f.add(key);
+        }
+        match self.known.bounds.get_mut(table) {
             Some(Some(b)) if key <= b.as_slice() => {}
             Some(b) => *b = Some(key.to_vec()),
             // Not read yet: the first lookup reads it, this key included.
@@ -153,6 +163,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
     ) -> Result<()> {
         let key = self.s.row_keys.key(table, row_id);
         let old = self.record(table, &key)?;
+        let new_key = old.is_none();
         let (old_placements, old_lookups, copies) = match old {
             Some(r) => (r.placements, r.lookups, r.copies),
             None => (Vec::new(), Vec::new(), 1),
@@ -223,7 +234,9 @@ impl StoreWriter for EmbeddedWriter<'_> {
             copies,
         }
         .to_bytes()?;
-        self.raise_bound(table, &key);
+        if new_key {
+            self.note_key(table, &key);
+        }
         self.tx.insert(&self.s.rows, key, record);
         Ok(())
     }
