@@ -4,7 +4,17 @@
 //! (`pg_logical_emit_message(true, 'walsync', ...)`) written at the time of the request. The
 //! message travels through the replication stream like any transaction, so the store's
 //! position passes it even when nothing else is written; a checkpoint line of the client's
-//! streams then carries it as `write_checkpoint`.
+//! streams then carries it as `write_checkpoint`. Every transaction committed before the
+//! request has its commit record before the message, so the store passes the message only
+//! after them (another transaction committing between the message and its own commit moves
+//! the store past the message, but only after everything before it).
+//!
+//! Uploads answer the WAL flush position read after their own synchronous commit instead
+//! (`walsync-write`), which writes nothing. That does not do here: the client's earlier writes
+//! were committed by other sessions, perhaps asynchronously, so the flush position can still
+//! be before them; and the insert position of a server with nothing more to write can sit
+//! after the header of a WAL page no record fills yet, which the stream would not pass until
+//! something else is written.
 //!
 //! The messages are written over a small pool of connections ([`deadpool`]), each with a
 //! statement timeout, and a request waits for a connection at most as long: a slow or
