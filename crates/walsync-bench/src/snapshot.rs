@@ -17,6 +17,9 @@ pub(crate) struct SnapshotArgs {
     /// Table sizes to copy, one run each.
     #[arg(long, value_delimiter = ',', default_values_t = [1_000_000u64, 3_000_000])]
     rows: Vec<u64>,
+    /// The primary key (`bigint`, `uuid4`, `uuid7`), as for the replication workloads.
+    #[arg(long, value_enum, default_value_t = Key::Bigint)]
+    key: Key,
 }
 
 const RULES: &str = "
@@ -51,9 +54,9 @@ pub(crate) fn run(args: SnapshotArgs) -> anyhow::Result<()> {
         let (elapsed, rss, bytes) = rt.block_on(async {
             let db = cluster.fresh_database().await?;
             let sql = db.connect().await?;
-            sql.batch_execute(&schema(Key::Bigint)).await?;
+            sql.batch_execute(&schema(args.key)).await?;
             eprintln!("writing {n} rows");
-            sql.batch_execute(&insert_rows("1", &n.to_string(), Key::Bigint))
+            sql.batch_execute(&insert_rows("1", &n.to_string(), args.key))
                 .await?;
             let dir = tempfile::Builder::new()
                 .prefix("walsync-bench-")

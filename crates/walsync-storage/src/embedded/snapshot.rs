@@ -1,6 +1,6 @@
 //! Reads on a consistent snapshot.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use fjall::{Readable, SingleWriterTxKeyspace};
 use walsync_types::{LookupKey, RowId};
@@ -87,21 +87,22 @@ impl StoreRead for EmbeddedSnapshot {
         let snap = &self.snap;
         let k = key.encode();
         let prefix_len = k.len() + 1 + 8;
-        let mut by_row: BTreeMap<Vec<u8>, Option<Vec<serde_json::Value>>> = BTreeMap::new();
+        // Each row's latest entry as stored (JSON text, `null` once the row left): entries come
+        // in op id order, so a later one replaces an earlier. Only the winners are decoded.
+        let mut by_row: HashMap<Vec<u8>, fjall::Slice> = HashMap::new();
         for g in snap.range(
             &self.s.lookups,
             lookup_key(&k, 0, "")..lookup_key(&k, at.saturating_add(1), ""),
         ) {
             let (key, v) = g.into_inner().map_err(engine)?;
-            by_row.insert(
-                key[prefix_len.min(key.len())..].to_vec(),
-                decode("lookup", &v)?,
-            );
+            by_row.insert(key[prefix_len.min(key.len())..].to_vec(), v);
         }
-        let mut sets: Vec<Vec<serde_json::Value>> = by_row.into_values().flatten().collect();
-        sets.sort_by_key(|s| serde_json::Value::Array(s.clone()).to_string());
-        sets.dedup();
-        Ok(sets)
+        // Sorted and deduplicated by their text, which is the parameter set's JSON.
+        let mut texts: Vec<fjall::Slice> =
+            by_row.into_values().filter(|v| &v[..] != b"null").collect();
+        texts.sort_unstable_by(|a, b| a[..].cmp(&b[..]));
+        texts.dedup_by(|a, b| a[..] == b[..]);
+        texts.iter().map(|v| decode("lookup", v)).collect()
     }
 
     fn changes(&self, after: u64, up_to: u64) -> Result<Changes> {
