@@ -106,7 +106,8 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<()> {
     let pg_recvlogical = Cluster::program("pg_recvlogical")?;
     let db = cluster.fresh_database().await?;
     let sql = db.connect().await?;
-    sql.batch_execute(&schema(args.workload.key)).await?;
+    sql.batch_execute(&schema(args.workload.key, args.workload.mixed))
+        .await?;
     sql.batch_execute(
         "CREATE TABLE project_members (id bigserial PRIMARY KEY, project_id bigint NOT NULL, user_id text NOT NULL);
          ALTER PUBLICATION bench ADD TABLE project_members;",
@@ -223,7 +224,8 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<()> {
         let user = format!("user{n}");
         sql.batch_execute(&format!(
             "INSERT INTO project_members (project_id, user_id) SELECT {base} + i, '{user}' FROM generate_series(1, {n}) i;
-             INSERT INTO assessment_responses (id, assessment_id, project_id, question_id) SELECT {base} + i, 0, {base} + i, 'q' FROM generate_series(1, {n}) i;"
+             INSERT INTO assessment_responses (id, assessment_id, project_id, question_id) SELECT ({base} + i)::{key}, 0, {base} + i, 'q' FROM generate_series(1, {n}) i;",
+            key = args.workload.key.sql_type()
         ))
         .await?;
         expected_rows += 2 * n as u64;
@@ -252,7 +254,10 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<()> {
         for k in 0..5 {
             let before = store.checkpoint()?.op_id;
             sql.execute(
-                &format!("UPDATE assessment_responses SET answer = 'x{k}' WHERE id = {base} + 1"),
+                &format!(
+                    "UPDATE assessment_responses SET answer = 'x{k}' WHERE id = ({base} + 1)::{}",
+                    args.workload.key.sql_type()
+                ),
                 &[],
             )
             .await?;

@@ -54,9 +54,9 @@ pub(crate) fn run(args: SnapshotArgs) -> anyhow::Result<()> {
         let (elapsed, rss, bytes) = rt.block_on(async {
             let db = cluster.fresh_database().await?;
             let sql = db.connect().await?;
-            sql.batch_execute(&schema(args.key)).await?;
+            sql.batch_execute(&schema(args.key, false)).await?;
             eprintln!("writing {n} rows");
-            sql.batch_execute(&insert_rows("1", &n.to_string(), args.key))
+            sql.batch_execute(&insert_rows("1", &n.to_string(), args.key, false))
                 .await?;
             let dir = tempfile::Builder::new()
                 .prefix("walsync-bench-")

@@ -30,6 +30,11 @@ pub(crate) struct WorkloadArgs {
     /// offline-first clients make them) or `uuid7` (text UUID v7, time-ordered).
     #[arg(long, value_enum, default_value_t = Key::Bigint)]
     pub key: Key,
+    /// Workload b's transactions mix operations as an app's do: of each 100 rows, 40 inserts,
+    /// 50 updates of workload a's rows and 10 deletes of them (the table gets a `seq` column,
+    /// indexed, to find them by).
+    #[arg(long)]
+    pub mixed: bool,
 }
 
 /// The primary key of the workloads' table.
@@ -41,7 +46,7 @@ pub(crate) enum Key {
 }
 
 impl Key {
-    fn sql_type(self) -> &'static str {
+    pub(super) fn sql_type(self) -> &'static str {
         match self {
             Key::Bigint => "bigint",
             Key::Uuid4 | Key::Uuid7 => "text",
@@ -71,26 +76,32 @@ pub(crate) struct SourceArgs {
 }
 
 /// A table shaped like the seed app's `assessment_responses`, about 250 bytes a row as text.
-pub(super) fn schema(key: Key) -> String {
+pub(super) fn schema(key: Key, mixed: bool) -> String {
+    let seq = if mixed {
+        "ALTER TABLE assessment_responses ADD COLUMN seq bigint; CREATE INDEX ON assessment_responses (seq);"
+    } else {
+        ""
+    };
     format!(
         "CREATE TABLE assessment_responses (
     id {} PRIMARY KEY, assessment_id bigint NOT NULL, project_id bigint NOT NULL,
     question_id text NOT NULL, question_text text, answer text, notes text, priority text,
     answered_by bigint, answered_at timestamptz, created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(), _version bigint NOT NULL DEFAULT 1);
-    CREATE PUBLICATION bench FOR TABLE assessment_responses;",
+    {seq} CREATE PUBLICATION bench FOR TABLE assessment_responses;",
         key.sql_type()
     )
 }
 
-pub(super) fn insert_rows(from: &str, to: &str, key: Key) -> String {
+pub(super) fn insert_rows(from: &str, to: &str, key: Key, mixed: bool) -> String {
+    let (seq_col, seq) = if mixed { (", seq", ", i") } else { ("", "") };
     format!(
         "INSERT INTO assessment_responses (id, assessment_id, project_id, question_id, question_text, answer, notes, \
-         priority, answered_by, answered_at) \
+         priority, answered_by, answered_at{seq_col}) \
          SELECT {}, i / 40, i / 400, 'q-' || lpad((i % 97)::text, 5, '0'), \
                 'How does the organisation currently manage change across teams and tools? (' || i || ')', \
                 'We run a fortnightly review with the platform team and track outcomes in a shared log.', \
-                'follow up in next session', (ARRAY['low','medium','high'])[1 + i % 3], i % 50, now() \
+                'follow up in next session', (ARRAY['low','medium','high'])[1 + i % 3], i % 50, now(){seq} \
          FROM generate_series({from}, {to}) i, \
               LATERAL (SELECT lpad(to_hex(1800000000000 + i), 12, '0') AS h, gen_random_uuid()::text AS r) k",
         key.value()
@@ -107,12 +118,39 @@ pub(super) struct Workload {
 /// (b) `txns` transactions of `rows_per_txn` rows, with ids that do not collide.
 pub(super) fn workloads(w: &WorkloadArgs) -> [Workload; 2] {
     let (big_rows, txns, rows_per_txn) = (w.big_rows, w.txns, w.rows_per_txn);
-    [
+    let b = if w.mixed {
+        // Per transaction: 40 inserts, 50 updates walking over the first half of workload a's
+        // rows, 10 deletes walking over its second half (each row deleted once).
+        let (inserts, updates, deletes) = (40, 50, 10);
+        let half = big_rows / 2;
+        assert!(
+            half >= txns * deletes && half > updates,
+            "--mixed needs --big-rows of at least twice 10 x --txns"
+        );
         Workload {
-            name: format!("a: 1 transaction of {big_rows} rows ({:?} keys)", w.key),
-            rows: big_rows as u64,
-            sql: insert_rows("1", &big_rows.to_string(), w.key),
-        },
+            name: format!(
+                "b: {txns} transactions of {inserts} inserts, {updates} updates, {deletes} deletes ({:?} keys)",
+                w.key
+            ),
+            rows: (txns * (inserts + updates + deletes)) as u64,
+            sql: format!(
+                "DO $$ DECLARE u bigint; BEGIN FOR t IN 0..{} LOOP \
+                   {}; \
+                   u := 1 + (t * {updates}) % ({half} - {updates}); \
+                   UPDATE assessment_responses SET answer = 'changed in ' || t, _version = _version + 1 \
+                     WHERE seq BETWEEN u AND u + {updates} - 1; \
+                   DELETE FROM assessment_responses WHERE seq BETWEEN {half} + 1 + t * {deletes} AND {half} + (t + 1) * {deletes}; \
+                   COMMIT; END LOOP; END $$",
+                txns - 1,
+                insert_rows(
+                    &format!("{} + t * {inserts} + 1", 10 * big_rows),
+                    &format!("{} + (t + 1) * {inserts}", 10 * big_rows),
+                    w.key,
+                    true
+                )
+            ),
+        }
+    } else {
         Workload {
             name: format!(
                 "b: {txns} transactions of {rows_per_txn} rows ({:?} keys)",
@@ -125,10 +163,19 @@ pub(super) fn workloads(w: &WorkloadArgs) -> [Workload; 2] {
                 insert_rows(
                     &format!("{} + t * {rows_per_txn} + 1", 10 * big_rows),
                     &format!("{} + (t + 1) * {rows_per_txn}", 10 * big_rows),
-                    w.key
+                    w.key,
+                    false
                 )
             ),
+        }
+    };
+    [
+        Workload {
+            name: format!("a: 1 transaction of {big_rows} rows ({:?} keys)", w.key),
+            rows: big_rows as u64,
+            sql: insert_rows("1", &big_rows.to_string(), w.key, w.mixed),
         },
+        b,
     ]
 }
 
@@ -142,7 +189,7 @@ pub(crate) fn run(args: SourceArgs) -> anyhow::Result<()> {
     let version = Command::new(&pg_recvlogical).arg("--version").output()?;
     let db = rt.block_on(cluster.fresh_database())?;
     let sql = rt.block_on(db.connect())?;
-    rt.block_on(sql.batch_execute(&schema(args.workload.key)))?;
+    rt.block_on(sql.batch_execute(&schema(args.workload.key, args.workload.mixed)))?;
 
     let workloads = workloads(&args.workload);
 
