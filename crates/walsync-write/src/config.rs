@@ -27,12 +27,30 @@ pub enum AuthorizationMode {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TableRule {
+    #[serde(default, deserialize_with = "predicate")]
     pub insert: Option<String>,
+    #[serde(default, deserialize_with = "predicate")]
     pub update: Option<String>,
+    #[serde(default, deserialize_with = "predicate")]
     pub delete: Option<String>,
     /// How a field changed on the server since the client read it is resolved. Without this
     /// section the client's values are written as they come (client wins).
     pub conflicts: Option<ConflictRule>,
+}
+
+/// A predicate's text. `true` or `false` written bare (as an environment variable such as
+/// `WALSYNC__WRITES__TABLES__NOTES__UPDATE=true` reads) is that predicate, not a type error.
+fn predicate<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        Text(String),
+        Bool(bool),
+    }
+    Ok(Option::<Given>::deserialize(d)?.map(|g| match g {
+        Given::Text(t) => t,
+        Given::Bool(b) => b.to_string(),
+    }))
 }
 
 /// What to do with a field that both the client and the server changed since the values the

@@ -267,6 +267,33 @@ mod tests {
         });
     }
 
+    /// A predicate given through the environment as a bare `true` is that predicate.
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn predicates_from_the_environment_may_be_bare_booleans() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("walsync.toml");
+        std::fs::write(
+            &path,
+            "rules = \"r\"\n[postgres]\nurl = \"x\"\n[auth]\nsecret = \"s\"\n[writes]\n",
+        )
+        .expect("write");
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("WALSYNC__WRITES__TABLES__NOTES__UPDATE", "true");
+            jail.set_env("WALSYNC__WRITES__TABLES__NOTES__DELETE", "false");
+            jail.set_env(
+                "WALSYNC__WRITES__TABLES__NOTES__INSERT",
+                "new.owner = auth.user_id()",
+            );
+            let c = Config::load(&path).expect("load");
+            let notes = &c.writes.expect("writes").tables["notes"];
+            assert_eq!(notes.update.as_deref(), Some("true"));
+            assert_eq!(notes.delete.as_deref(), Some("false"));
+            assert_eq!(notes.insert.as_deref(), Some("new.owner = auth.user_id()"));
+            Ok(())
+        });
+    }
+
     #[test]
     fn the_example_config_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/walsync.toml");
