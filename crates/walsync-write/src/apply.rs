@@ -47,9 +47,11 @@ pub struct Uploads {
     /// The statements on walsync's own tables, made once from the configuration.
     pub(crate) sql: Bookkeeping,
     /// The catalog of the writable tables, read once PostgreSQL first answers and again when a
-    /// write finds it out of date (a column renamed or added since); loaded by one request at
-    /// a time.
-    tables: tokio::sync::Mutex<Option<Catalog>>,
+    /// write finds it out of date (a column renamed or added since). Every upload reads it;
+    /// only loading it waits, for `loading`.
+    tables: std::sync::RwLock<Option<Arc<Catalog>>>,
+    /// Held while the catalog is read from PostgreSQL: by one request at a time.
+    loading: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Uploads {
@@ -222,7 +224,8 @@ impl Uploads {
             pool,
             rules,
             sql,
-            tables: tokio::sync::Mutex::new(None),
+            tables: std::sync::RwLock::new(None),
+            loading: tokio::sync::Mutex::new(()),
         })
     }
 

@@ -21,13 +21,17 @@ pub(super) struct Catalog {
 
 impl Uploads {
     pub(crate) async fn catalog(&self) -> Result<Arc<BTreeMap<String, TableInfo>>, WriteError> {
-        let mut held = self.tables.lock().await;
-        if let Some(c) = &*held {
+        if let Some(c) = self.held() {
+            return Ok(c.tables.clone());
+        }
+        let _loading = self.loading.lock().await;
+        // Another request may have loaded it while this one waited.
+        if let Some(c) = self.held() {
             return Ok(c.tables.clone());
         }
         let catalog = self.read_catalog().await?;
         let tables = catalog.tables.clone();
-        *held = Some(catalog);
+        self.hold(catalog);
         Ok(tables)
     }
 
@@ -37,8 +41,8 @@ impl Uploads {
         &self,
         seen: &Arc<BTreeMap<String, TableInfo>>,
     ) -> Option<Arc<BTreeMap<String, TableInfo>>> {
-        let mut held = self.tables.lock().await;
-        let fingerprint = match &*held {
+        let _loading = self.loading.lock().await;
+        let fingerprint = match self.held() {
             Some(c) if !Arc::ptr_eq(&c.tables, seen) => return Some(c.tables.clone()),
             Some(c) => Some(c.fingerprint.clone()),
             None => None,
@@ -53,7 +57,7 @@ impl Uploads {
             Ok(catalog) => {
                 tracing::info!("the catalog of writable tables was read again");
                 let tables = catalog.tables.clone();
-                *held = Some(catalog);
+                self.hold(catalog);
                 Some(tables)
             }
             Err(e) => {
@@ -61,6 +65,17 @@ impl Uploads {
                 None
             }
         }
+    }
+
+    fn held(&self) -> Option<Arc<Catalog>> {
+        self.tables
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn hold(&self, catalog: Catalog) {
+        *self.tables.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(catalog));
     }
 
     async fn read_catalog(&self) -> Result<Catalog, WriteError> {
