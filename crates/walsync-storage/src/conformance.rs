@@ -154,6 +154,37 @@ pub fn run_all<S: BucketStore>(fresh: impl Fn() -> S) {
     compaction_in_bounded_steps_covers_every_bucket(&fresh());
     pruned_history_reads_alike_at_later_checkpoints(&fresh());
     identical_rows_are_copies_of_one(&fresh());
+    many_bucket_states_read_alike(&fresh());
+}
+
+/// Bucket states asked for many at once (a user in thousands of projects; a backend may read
+/// them differently then) equal those asked for one by one, in the order asked, with names
+/// asked twice and names no bucket has.
+pub fn many_bucket_states_read_alike<S: BucketStore>(store: &S) {
+    let mut w = store.writer().expect("writer");
+    for i in 0..1_500i64 {
+        let id = i.to_string();
+        w.upsert_row(
+            "public.t",
+            &row_id(&id),
+            row(i),
+            vec![out(&format!("b{}", i * 7 % 1_500), &id, "{}")],
+            vec![],
+        )
+        .expect("upsert");
+    }
+    w.commit().expect("commit");
+    let mut asked: Vec<String> = (0..1_500).rev().map(|i| format!("b{i}")).collect();
+    asked.extend(["b7", "none", "b0", "a", "zzz"].map(String::from));
+    let many = store.bucket_states(&asked).expect("states");
+    assert_eq!(many.len(), asked.len());
+    for (name, state) in asked.iter().zip(&many) {
+        let one = store
+            .bucket_states(std::slice::from_ref(name))
+            .expect("state")[0];
+        assert_eq!(*state, one, "bucket {name}");
+        assert_eq!(state.is_some(), name.starts_with('b'), "bucket {name}");
+    }
 }
 
 /// A row inserted again while stored (a keyless table's duplicates) is another copy: deletes
