@@ -22,15 +22,48 @@ async fn start(s: &seed::Setup) -> anyhow::Result<Service> {
 
 /// Posts `body` to `/write` as `user`: the status and the JSON answer.
 async fn post(service: &Service, user: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+    post_to(&service.url(), user, body).await
+}
+
+/// [`post`] to the service at `url` (for a task of its own).
+async fn post_to(url: &str, user: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
     walsync_client::install_crypto();
     let resp = reqwest::Client::new()
-        .post(format!("{}/write", service.url()))
+        .post(format!("{url}/write"))
         .bearer_auth(service::token(user))
         .json(body)
         .send()
         .await?;
     let status = resp.status().as_u16();
     Ok((status, resp.json().await?))
+}
+
+/// Waits until some session waits for a lock of `locktype` (an upload held by the test), or
+/// fails once `finished` says the upload ended without waiting, or after 30 s.
+async fn until_a_lock_waits(
+    s: &seed::Setup,
+    locktype: &str,
+    finished: impl Fn() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while s
+        .sql
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = $1 AND NOT granted",
+            &[&locktype],
+        )
+        .await?
+        .get::<_, i64>(0)
+        == 0
+    {
+        anyhow::ensure!(!finished(), "the upload ended without waiting for the lock");
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the upload never waited for the lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    Ok(())
 }
 
 fn tx(tx_id: i64, ops: Vec<Value>) -> Value {
@@ -955,15 +988,7 @@ async fn a_write_checkpoint_is_not_passed_before_its_upload() -> anyhow::Result<
             async move { connector.upload(&request).await }
         });
         // The upload waits at its commit; another transaction commits and reaches the stream.
-        let waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while s.scalar::<i64>(waiting).await? == 0 {
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "the upload never waited"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        until_a_lock_waits(&s, "advisory", || uploading.is_finished()).await?;
         let team: i64 = if transport == Transport::Http {
             990_001
         } else {
@@ -1044,37 +1069,13 @@ async fn ops_racing_another_transaction_see_the_row_it_leaves() -> anyhow::Resul
             patch(1, "assessment_responses", id, data)
         };
         let body = upload("racing", vec![tx(n as i64 + 1, vec![op])]);
-        walsync_client::install_crypto();
         let uploading = tokio::spawn({
             let url = service.url();
-            async move {
-                let resp = reqwest::Client::new()
-                    .post(format!("{url}/write"))
-                    .bearer_auth(service::token("u1"))
-                    .json(&body)
-                    .send()
-                    .await?;
-                anyhow::Ok(resp.json::<Value>().await?)
-            }
+            async move { post_to(&url, "u1", &body).await }
         });
-        let waiting =
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted";
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while s.scalar::<i64>(waiting).await? == 0 {
-            if uploading.is_finished() {
-                anyhow::bail!(
-                    "the upload did not wait for the row: {:?}",
-                    uploading.await?
-                );
-            }
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "the upload never waited for the row"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        until_a_lock_waits(&s, "transactionid", || uploading.is_finished()).await?;
         other.batch_execute("COMMIT").await?;
-        let reply = uploading.await??;
+        let (_, reply) = uploading.await??;
         let result = &reply["results"][0];
         let now = row(&s, "assessment_responses", id).await?;
         match n {

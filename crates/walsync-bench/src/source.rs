@@ -117,57 +117,31 @@ pub(super) struct Workload {
 /// The two workloads every replication benchmark runs: (a) one transaction of `big_rows` rows,
 /// (b) `txns` transactions of `rows_per_txn` rows, with ids that do not collide.
 pub(super) fn workloads(w: &WorkloadArgs) -> [Workload; 2] {
-    let (big_rows, txns, rows_per_txn) = (w.big_rows, w.txns, w.rows_per_txn);
-    let b = if w.mixed {
-        // Per transaction: 40 inserts, 50 updates walking over the first half of workload a's
-        // rows, 10 deletes walking over its second half (each row deleted once).
-        let (inserts, updates, deletes) = (40, 50, 10);
-        let half = big_rows / 2;
+    let (big_rows, txns) = (w.big_rows, w.txns);
+    // Mixed, per transaction: 40 inserts, 50 updates walking over the first half of workload
+    // a's rows, 10 deletes walking over its second half (each row deleted once).
+    let (inserts, updates, deletes) = if w.mixed {
+        (40, 50, 10)
+    } else {
+        (w.rows_per_txn, 0, 0)
+    };
+    let half = big_rows / 2;
+    let (b_name, changes) = if w.mixed {
         assert!(
             half >= txns * deletes && half > updates,
             "--mixed needs --big-rows of at least twice 10 x --txns"
         );
-        Workload {
-            name: format!(
-                "b: {txns} transactions of {inserts} inserts, {updates} updates, {deletes} deletes ({:?} keys)",
-                w.key
+        (
+            format!("{inserts} inserts, {updates} updates, {deletes} deletes"),
+            format!(
+                "u := 1 + (t * {updates}) % ({half} - {updates}); \
+                 UPDATE assessment_responses SET answer = 'changed in ' || t, _version = _version + 1 \
+                   WHERE seq BETWEEN u AND u + {updates} - 1; \
+                 DELETE FROM assessment_responses WHERE seq BETWEEN {half} + 1 + t * {deletes} AND {half} + (t + 1) * {deletes};"
             ),
-            rows: (txns * (inserts + updates + deletes)) as u64,
-            sql: format!(
-                "DO $$ DECLARE u bigint; BEGIN FOR t IN 0..{} LOOP \
-                   {}; \
-                   u := 1 + (t * {updates}) % ({half} - {updates}); \
-                   UPDATE assessment_responses SET answer = 'changed in ' || t, _version = _version + 1 \
-                     WHERE seq BETWEEN u AND u + {updates} - 1; \
-                   DELETE FROM assessment_responses WHERE seq BETWEEN {half} + 1 + t * {deletes} AND {half} + (t + 1) * {deletes}; \
-                   COMMIT; END LOOP; END $$",
-                txns - 1,
-                insert_rows(
-                    &format!("{} + t * {inserts} + 1", 10 * big_rows),
-                    &format!("{} + (t + 1) * {inserts}", 10 * big_rows),
-                    w.key,
-                    true
-                )
-            ),
-        }
+        )
     } else {
-        Workload {
-            name: format!(
-                "b: {txns} transactions of {rows_per_txn} rows ({:?} keys)",
-                w.key
-            ),
-            rows: (txns * rows_per_txn) as u64,
-            sql: format!(
-                "DO $$ BEGIN FOR t IN 0..{} LOOP {}; COMMIT; END LOOP; END $$",
-                txns - 1,
-                insert_rows(
-                    &format!("{} + t * {rows_per_txn} + 1", 10 * big_rows),
-                    &format!("{} + (t + 1) * {rows_per_txn}", 10 * big_rows),
-                    w.key,
-                    false
-                )
-            ),
-        }
+        (format!("{inserts} rows"), String::new())
     };
     [
         Workload {
@@ -175,7 +149,20 @@ pub(super) fn workloads(w: &WorkloadArgs) -> [Workload; 2] {
             rows: big_rows as u64,
             sql: insert_rows("1", &big_rows.to_string(), w.key, w.mixed),
         },
-        b,
+        Workload {
+            name: format!("b: {txns} transactions of {b_name} ({:?} keys)", w.key),
+            rows: (txns * (inserts + updates + deletes)) as u64,
+            sql: format!(
+                "DO $$ DECLARE u bigint; BEGIN FOR t IN 0..{} LOOP {}; {changes} COMMIT; END LOOP; END $$",
+                txns - 1,
+                insert_rows(
+                    &format!("{} + t * {inserts} + 1", 10 * big_rows),
+                    &format!("{} + (t + 1) * {inserts}", 10 * big_rows),
+                    w.key,
+                    w.mixed
+                )
+            ),
+        },
     ]
 }
 

@@ -180,6 +180,16 @@ pub(crate) struct Intent<'t> {
     client_time: Option<Value>,
 }
 
+impl Intent<'_> {
+    /// The row as the JSON parameter of its statement: `data` (the client's values, or what a
+    /// conflict left of them) with the key.
+    fn row(&self, data: &Map<String, Value>) -> String {
+        let mut row = data.clone();
+        row.insert(self.table.key.clone(), Value::from(self.op.id.as_str()));
+        Value::Object(row).to_string()
+    }
+}
+
 impl Uploads {
     /// Parses every predicate: a configuration that cannot work fails here, at start-up.
     pub fn new(config: WriteConfig, pool: PgPool) -> Result<Uploads, WriteError> {
@@ -213,9 +223,10 @@ impl Uploads {
                 },
             );
         }
+        let uploads = format!("{}.uploads", quote_ident(&config.schema));
         let sql = Bookkeeping {
-            claim: Uploads::claim_sql(&config),
-            uploads: format!("{}.uploads", quote_ident(&config.schema)),
+            claim: Uploads::claim_sql(&uploads),
+            uploads,
             conflicts: catalog::quoted_name(&config.conflicts_table),
             rejected: catalog::quoted_name(&config.rejected_table),
         };
@@ -478,11 +489,10 @@ impl Uploads {
     /// transaction received before (applied, rejected, or being applied by another request
     /// right now, which this waits for) fails it on the table's key, and everything sent with
     /// it is rolled back ([`Uploads::received_before`]).
-    fn claim_sql(config: &WriteConfig) -> String {
+    fn claim_sql(uploads: &str) -> String {
         format!(
-            "INSERT INTO {}.uploads (user_id, client_id, tx_key, status, result) \
-             VALUES ($1, $2, $3, 'applied', $4::text::jsonb)",
-            quote_ident(&config.schema)
+            "INSERT INTO {uploads} (user_id, client_id, tx_key, status, result) \
+             VALUES ($1, $2, $3, 'applied', $4::text::jsonb)"
         )
     }
 
@@ -674,16 +684,6 @@ impl Claim<'_> {
 pub(crate) enum Applied {
     Now(u64, Vec<ConflictNote>),
     Before(TxResult),
-}
-
-/// How an op locks the row it finds: an insert or update as PostgreSQL's own `UPDATE` of
-/// columns other than keys does (`FOR NO KEY UPDATE`: inserts of rows that reference it carry
-/// on), a delete fully.
-fn row_lock(op: CrudOp) -> &'static str {
-    match op {
-        CrudOp::Delete => "FOR UPDATE",
-        CrudOp::Put | CrudOp::Patch => "FOR NO KEY UPDATE",
-    }
 }
 
 /// The predicate as a query over `old` ($1) and `new` ($2), with the user id ($3) and the

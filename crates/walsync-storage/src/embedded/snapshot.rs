@@ -23,9 +23,7 @@ impl EmbeddedSnapshot {
     pub(super) fn new(snap: fjall::Snapshot, s: Spaces) -> EmbeddedSnapshot {
         EmbeddedSnapshot { snap, s }
     }
-}
 
-impl EmbeddedSnapshot {
     /// [`StoreRead::bucket_states`] by one range scan merged with the sorted names.
     fn bucket_states_scanned(&self, buckets: &[String]) -> Result<Vec<Option<BucketState>>> {
         let mut order: Vec<usize> = (0..buckets.len()).collect();

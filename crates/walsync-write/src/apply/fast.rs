@@ -1,17 +1,14 @@
-//! One statement per op, where nothing needs deciding in between: the row is locked, the
-//! predicate for what the op turns out to be (insert or update) is evaluated over the row as it
-//! was and as it will be, and the change is made only if it holds — all in one statement, so
-//! one round trip, and the ops of a transaction can go out together (pipelined).
+//! One statement per op, where nothing needs deciding in between: the change carries the
+//! predicate for what the op turns out to be (insert or update) in its own condition, so it is
+//! made only if the predicate holds on the row it changes — one round trip, and the ops of a
+//! transaction can go out together (pipelined). See [`statement`].
 //!
-//! The semantics are the step-by-step path's: every part of one statement sees the data as the
-//! statement found it, so the predicate sees the data as the change finds it; the new row is
-//! the client's values over the current row (`jsonb_populate_record(current, data)`).
-//! Row-level security and conflicts (an op with `old` values or a `_version`, on a table with
-//! conflict rules) take the step-by-step path.
+//! The new row is the client's values over the current row (`jsonb_populate_record(old,
+//! data)`), as on the step-by-step path. Row-level security and conflicts (an op with `old`
+//! values or a `_version`, on a table with conflict rules) take the step-by-step path.
 
 use std::collections::HashMap;
 
-use serde_json::Value;
 use tokio_postgres::types::Type;
 use tokio_postgres::{GenericClient, Row, Statement};
 use walsync_types::{Lsn, quote_ident};
@@ -234,14 +231,7 @@ impl Uploads {
         intents: &[Intent<'_>],
         prepared: &[Statement],
     ) -> Result<(), Failure> {
-        let rows: Vec<String> = intents
-            .iter()
-            .map(|i| {
-                let mut row = i.data.clone();
-                row.insert(i.table.key.clone(), Value::from(i.op.id.as_str()));
-                Value::Object(row).to_string()
-            })
-            .collect();
+        let rows: Vec<String> = intents.iter().map(|i| i.row(&i.data)).collect();
         let claims = writer.claims.to_string();
         let unused: Option<String> = None;
         type Param<'p> = &'p (dyn tokio_postgres::types::ToSql + Sync);

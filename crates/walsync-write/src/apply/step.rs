@@ -10,7 +10,7 @@ use walsync_types::quote_ident;
 
 use super::{
     Failure, Intent, LAST_MODIFIED_AT, LAST_MODIFIED_BY, Uploads, Writer, assignments, check_sql,
-    classify, reject, row_lock,
+    classify, reject,
 };
 use crate::config::AuthorizationMode;
 use crate::session::Session;
@@ -175,15 +175,13 @@ impl Uploads {
                 .await
                 .map_err(fail)?,
             "insert" => {
-                let mut data = data.clone();
-                data.insert(table.key.clone(), Value::from(intent.op.id.as_str()));
-                let (columns, values) = assignments(table, data.keys(), None);
+                let (columns, values) = assignments(table, data.keys().chain([&table.key]), None);
                 db.execute(
                     &format!(
                         "INSERT INTO {q} ({columns}) SELECT {values} FROM jsonb_populate_record(NULL::{q}, {}) r",
                         table.row_json(1)
                     ),
-                    &[&Value::Object(data).to_string()],
+                    &[&intent.row(&data)],
                 )
                 .await
                 .map_err(fail)?
@@ -195,15 +193,13 @@ impl Uploads {
                 if columns.is_empty() {
                     return Ok(notes);
                 }
-                let mut data = data.clone();
-                data.insert(table.key.clone(), Value::from(intent.op.id.as_str()));
                 db.execute(
                     &format!(
                         "UPDATE {q} t SET ({columns}) = (SELECT {values} FROM jsonb_populate_record(NULL::{q}, {}) r) \
                          WHERE t.{k} = {find}",
                         table.row_json(1)
                     ),
-                    &[&Value::Object(data).to_string()],
+                    &[&intent.row(&data)],
                 )
                 .await
                 .map_err(fail)?
@@ -300,5 +296,15 @@ impl Uploads {
             )
             .await?;
         Ok(row.get(0))
+    }
+}
+
+/// How an op locks the row it finds: an insert or update as PostgreSQL's own `UPDATE` of
+/// columns other than keys does (`FOR NO KEY UPDATE`: inserts of rows that reference it carry
+/// on), a delete fully.
+fn row_lock(op: CrudOp) -> &'static str {
+    match op {
+        CrudOp::Delete => "FOR UPDATE",
+        CrudOp::Put | CrudOp::Patch => "FOR NO KEY UPDATE",
     }
 }
