@@ -11,11 +11,16 @@ use walsync_server::ServerConfig;
 
 /// The service with the seed app's write rules.
 async fn start(s: &seed::Setup) -> anyhow::Result<Service> {
+    start_with(s, ServerConfig::default()).await
+}
+
+/// [`start`] with `server`'s settings.
+async fn start_with(s: &seed::Setup, server: ServerConfig) -> anyhow::Result<Service> {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/walsync.toml");
     let writes = walsync::Config::load(&example)?
         .writes
         .ok_or_else(|| anyhow::anyhow!("the example configuration has no [writes]"))?;
-    let mut config = service::config(s, ServerConfig::default());
+    let mut config = service::config(s, server);
     config.writes = Some(writes);
     Ok(Service::start(config).await?)
 }
@@ -49,7 +54,9 @@ async fn until_a_lock_waits(
     while s
         .sql
         .query_one(
-            "SELECT count(*) FROM pg_locks WHERE locktype = $1 AND NOT granted",
+            // A walsender creating its slot waits for open transactions too: not an upload.
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+             WHERE l.locktype = $1 AND NOT l.granted AND a.backend_type = 'client backend'",
             &[&locktype],
         )
         .await?
@@ -1720,5 +1727,98 @@ async fn values_nobody_designed_arrive_exactly_and_compare_without_false_conflic
         "{amount_now}"
     );
     service.stop().await;
+    Ok(())
+}
+
+/// An upload in flight when walsync is told to stop finishes within the shutdown grace and is
+/// answered; one still held when the grace ends is cut off with its connection, and its
+/// client's retry (to the next walsync) is applied exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_in_flight_at_a_stop_finish_or_are_retried_once() -> anyhow::Result<()> {
+    let s = seed::setup().await?;
+    let (other, conn) = tokio_postgres::connect(&s.url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let version = || s.scalar::<i64>("SELECT _version FROM projects WHERE id = 1");
+    let held = |n: i64, description: &str| {
+        upload(
+            "stopping",
+            vec![tx(
+                n,
+                vec![patch(n, "projects", 1, json!({"description": description}))],
+            )],
+        )
+    };
+    for (n, grace) in [(1_i64, 30_u64), (2, 1)] {
+        let service = start_with(
+            &s,
+            ServerConfig {
+                shutdown_timeout_seconds: grace,
+                ..ServerConfig::default()
+            },
+        )
+        .await?;
+        let before = version().await?;
+        other.batch_execute("BEGIN").await?;
+        other
+            .execute("SELECT 1 FROM projects WHERE id = 1 FOR UPDATE", &[])
+            .await?;
+        let body = held(n, &format!("held {n}"));
+        let uploading = tokio::spawn({
+            let url = service.url();
+            let body = body.clone();
+            async move { post_to(&url, "u1", &body).await }
+        });
+        until_a_lock_waits(&s, "transactionid", || uploading.is_finished()).await?;
+        let addr = service.url().trim_start_matches("http://").to_owned();
+        let stopping = tokio::spawn(service.stop());
+        // The listener closes at once: nothing new is taken while the upload finishes.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(&addr).await.is_ok() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "a stopping walsync still takes connections"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        if n == 1 {
+            // Within the grace: the held upload finishes and its client hears the result.
+            other.batch_execute("COMMIT").await?;
+            let (status, reply) = uploading
+                .await?
+                .map_err(|e| anyhow::anyhow!("the upload in flight at a stop: {e:?}"))?;
+            anyhow::ensure!(
+                status == 200 && reply["results"][0]["status"] == "applied",
+                "an upload in flight at a stop: {status} {reply}"
+            );
+            stopping.await?;
+        } else {
+            // Past the grace: the stop returns though the upload still waits, and its client
+            // loses the connection without an answer.
+            tokio::time::timeout(std::time::Duration::from_secs(20), stopping)
+                .await
+                .map_err(|_| anyhow::anyhow!("the stop did not end after its grace"))??;
+            let cut = tokio::time::timeout(std::time::Duration::from_secs(20), uploading)
+                .await
+                .map_err(|_| anyhow::anyhow!("the cut upload's connection stayed open"))??;
+            anyhow::ensure!(cut.is_err(), "a cut upload was answered: {cut:?}");
+            other.batch_execute("COMMIT").await?;
+            // The client retries with the next walsync: applied, and written once.
+            let service = start(&s).await?;
+            let (status, reply) = post(&service, "u1", &body).await?;
+            anyhow::ensure!(
+                status == 200 && reply["results"][0]["status"] == "applied",
+                "the retry of a cut upload: {status} {reply}"
+            );
+            service.stop().await;
+        }
+        anyhow::ensure!(
+            version().await? == before + 1,
+            "upload {n} was written once"
+        );
+        let description: String = s
+            .scalar("SELECT description FROM projects WHERE id = 1")
+            .await?;
+        anyhow::ensure!(description == format!("held {n}"), "{description}");
+    }
     Ok(())
 }

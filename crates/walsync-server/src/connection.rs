@@ -12,6 +12,10 @@
 //!
 //! Shutdown is graceful: the listener closes, each connection finishes the responses in flight
 //! (the sync core ends its streams), and the loop returns when every connection has closed.
+//! The connections are tasks of the loop's own set: when whoever awaits the loop gives up
+//! waiting (`server.shutdown_timeout_seconds`) and drops it, every connection still open is
+//! aborted with it — a request in flight is dropped, so an upload's transaction rolls back
+//! and its client retries it — rather than living on in the runtime.
 
 use std::future::Future;
 
@@ -42,8 +46,11 @@ pub(crate) async fn serve(
         .max_send_buf_size(buffer)
         .enable_connect_protocol();
     let graceful = GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        // Finished connections leave the set as new ones come.
+        while connections.try_join_next().is_some() {}
         let (socket, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -67,7 +74,7 @@ pub(crate) async fn serve(
             .serve_connection_with_upgrades(TokioIo::new(socket), service)
             .into_owned();
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
@@ -75,5 +82,6 @@ pub(crate) async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
+    connections.join_all().await;
     Ok(())
 }
