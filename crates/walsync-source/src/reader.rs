@@ -32,6 +32,10 @@ use crate::snapshot::{self, Emit};
 /// Events per batch handed to the consumer: large enough that the channel costs nothing per
 /// row, small enough to keep a batch around a megabyte.
 const BATCH_EVENTS: usize = 2048;
+/// Bytes of WAL messages per batch, at most about: wide rows (a TOASTed value of a megabyte
+/// each) fill a batch by bytes long before by count, so the channel's batches stay within some
+/// tens of megabytes whatever the rows.
+const BATCH_BYTES: usize = 1 << 20;
 
 pub(crate) type Batch = Result<Vec<SourceEvent>>;
 
@@ -40,11 +44,15 @@ pub(crate) struct Reader {
     pub(crate) out: mpsc::Sender<Batch>,
     pub(crate) durable: Arc<AtomicU64>,
     pub(crate) stop: watch::Receiver<bool>,
+    /// With `stop`: end the session by dropping the connection (see `SourceStream::abandon`).
+    pub(crate) abandon: Arc<std::sync::atomic::AtomicBool>,
     pub(crate) needs_snapshot: bool,
     pub(crate) owns_slot: bool,
     pub(crate) ack: AckState,
     tables: HashMap<u32, Arc<Table>>,
     batch: Vec<SourceEvent>,
+    /// The WAL bytes the events of `batch` came from.
+    batch_bytes: usize,
     /// The open (non-streamed) transaction, and whether it is being skipped as a replay.
     open: Option<(u32, bool)>,
     /// Protocol 2: changes of streamed transactions not yet committed, by top-level xid, each
@@ -84,11 +92,13 @@ impl Reader {
             out,
             durable,
             stop,
+            abandon: Arc::default(),
             needs_snapshot: resume.durable.is_none(),
             owns_slot: resume.owns_slot,
             ack: AckState::new(start),
             tables: HashMap::new(),
             batch: Vec::new(),
+            batch_bytes: 0,
             open: None,
             streamed: HashMap::new(),
             in_stream: None,
@@ -161,7 +171,7 @@ impl Reader {
         if self.batch.is_empty() {
             return Ok(true);
         }
-        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_EVENTS));
+        let batch = self.take_batch();
         Ok(self.out.send(Ok(batch)).await.is_ok())
     }
 
@@ -179,6 +189,8 @@ impl Reader {
         }
         match self.out.try_reserve() {
             Ok(permit) => {
+                // Field by field: the permit borrows `out`.
+                self.batch_bytes = 0;
                 let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_EVENTS));
                 permit.send(Ok(batch));
                 true
@@ -188,9 +200,20 @@ impl Reader {
         }
     }
 
+    /// The batch to hand over, and an empty one in its place.
+    fn take_batch(&mut self) -> Vec<SourceEvent> {
+        self.batch_bytes = 0;
+        std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_EVENTS))
+    }
+
+    /// Whether the batch waits to be handed over before more is read.
+    fn batch_full(&self) -> bool {
+        self.batch.len() >= BATCH_EVENTS || self.batch_bytes >= BATCH_BYTES
+    }
+
     async fn push(&mut self, event: SourceEvent) -> Result<bool> {
         self.batch.push(event);
-        if self.batch.len() >= BATCH_EVENTS {
+        if self.batch_full() {
             return Ok(self.queue());
         }
         Ok(true)
@@ -305,13 +328,13 @@ impl Reader {
         loop {
             // A full batch waits for the consumer; until it is taken no more frames are read
             // (PostgreSQL waits on the socket), but status updates still go out.
-            let backlogged = self.batch.len() >= BATCH_EVENTS;
+            let backlogged = self.batch_full();
             tokio::select! {
                 biased;
                 _ = self.stop.changed() => return self.finish(repl).await,
                 permit = out.reserve(), if !self.batch.is_empty() => {
                     let Ok(permit) = permit else { return Ok(End::ConsumerGone) };
-                    let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_EVENTS));
+                    let batch = self.take_batch();
                     permit.send(Ok(batch));
                 }
                 _ = ticker.tick() => {
@@ -355,7 +378,7 @@ impl Reader {
                             }
                             return Ok(End::ConsumerGone);
                         }
-                        if self.batch.len() >= BATCH_EVENTS {
+                        if self.batch_full() {
                             break;
                         }
                         match repl.next_buffered_copy_data()? {
@@ -370,6 +393,9 @@ impl Reader {
 
     /// The orderly end of a session: report the last durable position, then end the copy.
     async fn finish(&mut self, repl: &mut ReplicationConnection) -> Result<End> {
+        if self.abandon.load(Ordering::Acquire) {
+            return Ok(End::Stopped);
+        }
         self.send_status(repl, false).await?;
         repl.stop_streaming().await?;
         Ok(End::Stopped)
@@ -392,6 +418,7 @@ impl Reader {
 
     /// Handles one frame; `false` when the consumer is gone.
     async fn on_frame(&mut self, repl: &mut ReplicationConnection, payload: Bytes) -> Result<bool> {
+        self.batch_bytes += payload.len();
         match codec::decode_frame(payload)? {
             Frame::Keepalive {
                 wal_end,

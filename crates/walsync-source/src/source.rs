@@ -42,7 +42,9 @@ impl Source {
         let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
         let (stop_tx, stop_rx) = watch::channel(false);
         let durable = Arc::new(AtomicU64::new(resume.durable.map_or(0, |l| l.0)));
-        let reader = Reader::new(config, tx, durable.clone(), stop_rx, resume);
+        let abandon = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut reader = Reader::new(config, tx, durable.clone(), stop_rx, resume);
+        reader.abandon = abandon.clone();
         let thread = std::thread::Builder::new()
             .name("walsync-wal-reader".into())
             .spawn(move || {
@@ -62,6 +64,7 @@ impl Source {
             rx,
             durable,
             stop: stop_tx,
+            abandon,
             thread: Some(thread),
         })
     }
@@ -73,6 +76,8 @@ pub struct SourceStream {
     rx: mpsc::Receiver<Batch>,
     durable: Arc<AtomicU64>,
     stop: watch::Sender<bool>,
+    /// Set by [`SourceStream::abandon`]: the reader drops its connection instead of ending it.
+    abandon: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -118,6 +123,17 @@ impl SourceStream {
         if let Some(t) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
+    }
+}
+
+impl SourceStream {
+    /// Stops without the orderly end: the connection is dropped at once. PostgreSQL sends a
+    /// transaction whole once it began, however long, so an orderly stop in the middle of a
+    /// huge one waits for the rest of it; a consumer that will read it again from its durable
+    /// position needs none of it. What was acknowledged was reported already.
+    pub async fn abandon(self) {
+        self.abandon.store(true, Ordering::Release);
+        self.stop().await;
     }
 }
 
