@@ -70,6 +70,9 @@ impl BucketStore for GatedStore {
     fn writer(&self) -> walsync_storage::Result<Self::Writer<'_>> {
         self.inner.writer()
     }
+    fn staged_writer(&self, budget: usize) -> walsync_storage::Result<Self::Writer<'_>> {
+        self.inner.staged_writer(budget)
+    }
     fn snapshot(&self) -> walsync_storage::Result<Self::Snapshot> {
         self.inner.snapshot()
     }

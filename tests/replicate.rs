@@ -289,3 +289,88 @@ async fn changed_rules_build_the_buckets_anew() -> anyhow::Result<()> {
     task.await??;
     Ok(())
 }
+
+/// Source transactions far beyond the memory budget (a bulk insert, an update of every row, a
+/// membership change beside them, a TRUNCATE) are staged in the store and reach the buckets
+/// whole, with compaction running meanwhile and also when the replicator is cut off right
+/// after the staged commit; the small transactions around them are applied as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_beyond_the_memory_budget_are_staged_whole() -> anyhow::Result<()> {
+    let s = setup().await?;
+    let run = |fail_after: Option<u64>| {
+        let mut c = config(&s);
+        c.memory_budget = 64 << 10;
+        c.fail_after_commits = fail_after;
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let (progress, seen) = tokio::sync::watch::channel(walsync_replicator::Progress::default());
+        let task = tokio::spawn(walsync_replicator::run(
+            c,
+            s.rules.clone(),
+            s.store.clone(),
+            stop_rx,
+            progress,
+        ));
+        (stop, seen, task)
+    };
+    // Compaction runs all along: a writer outgrowing its budget while a compaction step holds
+    // the store cannot become staged where it stands, and reads its transaction again.
+    let compacting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let compactor = {
+        let (store, on) = (s.store.clone(), compacting.clone());
+        std::thread::spawn(move || {
+            let mut steps = 0u64;
+            while on.load(std::sync::atomic::Ordering::Relaxed) {
+                use walsync_storage::BucketStore;
+                store.compact_batch(None, 50).expect("compaction step");
+                steps += 1;
+                // As `walsync serve` does, with a shorter pause.
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            steps
+        })
+    };
+    let (stop, seen, task) = run(None);
+    workload(&s.sql, 5, 100).await?;
+    s.sql
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO assessment_responses (assessment_id, project_id, question_id, answer, notes)
+             SELECT 1 + i % 12, 1 + i % 6, 'bulk-' || i, 'answer ' || i, repeat('n', i % 300)
+             FROM generate_series(1, 3000) i;
+             INSERT INTO project_members (project_id, user_id, role) VALUES (5, 'u1', 'viewer')
+             ON CONFLICT DO NOTHING;
+             COMMIT;
+             UPDATE assessment_responses SET answer = answer || '+', project_id = 1 + (project_id % 6);",
+        )
+        .await?;
+    workload(&s.sql, 9, 50).await?;
+    wait_until_equal(&s).await?;
+    anyhow::ensure!(
+        seen.borrow().staged_transactions >= 2,
+        "the large transactions were staged: {:?}",
+        *seen.borrow()
+    );
+    stop.send(true)?;
+    task.await??;
+    compacting.store(false, std::sync::atomic::Ordering::Relaxed);
+    anyhow::ensure!(compactor.join().map_err(|_| anyhow::anyhow!("compactor"))? > 0);
+    // Cut off right after the staged commit (before its acknowledgement): the transaction is
+    // in the store once, and the next run goes on from it.
+    let (_stop, _seen, task) = run(Some(2));
+    s.sql
+        .batch_execute(
+            "BEGIN; DELETE FROM assessment_responses WHERE id % 3 = 0;
+             TRUNCATE sow_section_approvals; COMMIT;",
+        )
+        .await?;
+    match task.await? {
+        Err(ReplicatorError::Injected(_)) => {}
+        other => anyhow::bail!("the fault did not fire: {other:?}"),
+    }
+    let (stop, _seen, task) = run(None);
+    workload(&s.sql, 13, 50).await?;
+    wait_until_equal(&s).await?;
+    stop.send(true)?;
+    task.await??;
+    Ok(())
+}

@@ -189,6 +189,24 @@ pub async fn wait_until_equal(s: &Setup) -> anyhow::Result<()> {
                 .keys()
                 .filter(|k| got.get(*k) != want.get(*k))
                 .collect();
+            if let Some(b) = missing.first() {
+                let (w, g) = (&want[*b], got.get(*b).cloned().unwrap_or_default());
+                let only_want: Vec<_> = w
+                    .iter()
+                    .filter(|(k, v)| g.get(*k) != Some(*v))
+                    .take(3)
+                    .collect();
+                let only_got: Vec<_> = g
+                    .iter()
+                    .filter(|(k, v)| w.get(*k) != Some(*v))
+                    .take(3)
+                    .collect();
+                eprintln!(
+                    "first differing bucket {b}: postgres {} rows, store {}; only in postgres {only_want:?}; only in the store {only_got:?}",
+                    w.len(),
+                    g.len()
+                );
+            }
             anyhow::bail!("store never matched postgres; differing buckets: {missing:?}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -7,6 +7,7 @@
 
 mod apply;
 mod engines;
+mod memory;
 mod replicator;
 mod snapshot;
 mod source;
@@ -40,6 +41,8 @@ enum Which {
     Replicator(replicator::ReplicatorArgs),
     /// The initial snapshot through the replicator: rows/s and peak memory by table size.
     Snapshot(snapshot::SnapshotArgs),
+    /// Peak memory of the replicator over one huge transaction and a TRUNCATE of its rows.
+    Memory(memory::MemoryArgs),
     /// The sync API: commit-to-client latency, concurrent streams and memory, initial download.
     Sync(sync::SyncArgs),
     /// Uploads through `POST /write` beside the same changes written straight to PostgreSQL;
@@ -60,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         Which::Engines(a) => engines::run(a),
         Which::Replicator(a) => replicator::run(a),
         Which::Snapshot(a) => snapshot::run(a),
+        Which::Memory(a) => memory::run(a),
         Which::Sync(a) => sync::run(a),
         Which::Upload(a) => upload::run(a),
         Which::Serve(a) => walsync::serve::serve(a),

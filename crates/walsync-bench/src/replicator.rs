@@ -46,8 +46,20 @@ pub(super) fn start(
     rules: &Arc<SyncRules>,
     store: &Arc<EmbeddedStore>,
 ) -> anyhow::Result<Running> {
+    start_with(url, slot, rules, store, |_| {})
+}
+
+/// [`start`] with the replicator's configuration changed by `set`.
+pub(super) fn start_with(
+    url: &str,
+    slot: &str,
+    rules: &Arc<SyncRules>,
+    store: &Arc<EmbeddedStore>,
+    set: impl FnOnce(&mut ReplicatorConfig),
+) -> anyhow::Result<Running> {
     let pg: PgConfig = url.parse()?;
-    let config = ReplicatorConfig::new(SourceConfig::new(pg, slot, "bench"));
+    let mut config = ReplicatorConfig::new(SourceConfig::new(pg, slot, "bench"));
+    set(&mut config);
     let (stop, stop_rx) = watch::channel(false);
     let (progress_tx, progress) = watch::channel(Progress::default());
     let task = tokio::spawn(walsync_replicator::run(

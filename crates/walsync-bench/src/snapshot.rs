@@ -22,7 +22,8 @@ pub(crate) struct SnapshotArgs {
     key: Key,
 }
 
-const RULES: &str = "
+/// One bucket per project of the benchmark's `assessment_responses`.
+pub(super) const RULES: &str = "
 bucket_definitions:
   projects:
     parameters: SELECT request.jwt() ->> 'project' AS project_id
@@ -30,16 +31,21 @@ bucket_definitions:
       - SELECT * FROM assessment_responses WHERE project_id = bucket.project_id
 ";
 
-/// Peak resident memory of this process so far (VmHWM), in bytes.
-fn peak_rss() -> u64 {
+/// A memory figure of this process from `/proc/self/status` (`VmHWM:`, `VmRSS:`), in bytes.
+pub(super) fn process_memory(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map_or(0, |kib| kib * 1024)
+}
+
+/// Peak resident memory of this process so far (VmHWM), in bytes.
+fn peak_rss() -> u64 {
+    process_memory("VmHWM:")
 }
 
 pub(crate) fn run(args: SnapshotArgs) -> anyhow::Result<()> {

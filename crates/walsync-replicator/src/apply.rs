@@ -35,6 +35,9 @@ pub struct Applier {
     snapshot_table_rows: HashMap<String, u64>,
     /// Inside a source transaction: storage may not commit now.
     pub(crate) in_transaction: bool,
+    /// The commit position of the source transaction being applied (it names the transaction
+    /// to stage when it outgrows the memory budget).
+    pub(crate) transaction: Option<Lsn>,
 }
 
 impl Applier {
@@ -49,6 +52,7 @@ impl Applier {
             snapshot_rows: 0,
             snapshot_table_rows: HashMap::new(),
             in_transaction: false,
+            transaction: None,
         }
     }
 
@@ -127,8 +131,9 @@ impl Applier {
                 tracing::info!(rows = self.snapshot_rows, lsn = %consistent_point, "snapshot complete");
                 Next::CommitNow
             }
-            SourceEvent::Begin { .. } => {
+            SourceEvent::Begin { commit_lsn, .. } => {
                 self.in_transaction = true;
+                self.transaction = Some(commit_lsn);
                 Next::Continue
             }
             SourceEvent::Change(change) => {
@@ -146,10 +151,12 @@ impl Applier {
                 self.pending_ack = Some(end_lsn);
                 self.pending_txns += 1;
                 self.in_transaction = false;
+                self.transaction = None;
                 Next::Continue
             }
             SourceEvent::Rollback => {
                 self.in_transaction = false;
+                self.transaction = None;
                 Next::Restart
             }
             SourceEvent::Idle { wal_end } => {

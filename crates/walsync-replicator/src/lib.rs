@@ -63,6 +63,10 @@ pub struct ReplicatorConfig {
     pub max_commit_txns: usize,
     /// Row changes per storage commit, at most (a larger source transaction still commits whole).
     pub max_commit_rows: usize,
+    /// Bytes one storage write transaction may hold in memory. A source transaction larger
+    /// than that is staged in the store in steps of about this size and made visible whole at
+    /// its commit.
+    pub memory_budget: usize,
     /// Test hook: fail right after this many storage commits, before acknowledging.
     pub fail_after_commits: Option<u64>,
 }
@@ -71,6 +75,9 @@ pub struct ReplicatorConfig {
 /// while amortising its fsync.
 pub const DEFAULT_MAX_COMMIT_TXNS: usize = 1_000;
 pub const DEFAULT_MAX_COMMIT_ROWS: usize = 50_000;
+/// 64 MiB per storage write transaction: with the engine's own buffers the replicator stays
+/// well within 512 MiB whatever the size of a source transaction.
+pub const DEFAULT_MEMORY_BUDGET: usize = 64 << 20;
 
 impl ReplicatorConfig {
     pub fn new(source: SourceConfig) -> ReplicatorConfig {
@@ -78,6 +85,7 @@ impl ReplicatorConfig {
             source,
             max_commit_txns: DEFAULT_MAX_COMMIT_TXNS,
             max_commit_rows: DEFAULT_MAX_COMMIT_ROWS,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
             fail_after_commits: None,
         }
     }
@@ -93,6 +101,8 @@ pub struct Progress {
     /// Microseconds from the source commit of the newest durable transaction to the moment it
     /// was durable in the store: the replication lag as of the last storage sync.
     pub lag_micros: u64,
+    /// Source transactions that outgrew the memory budget and were staged in the store.
+    pub staged_transactions: u64,
 }
 
 /// Replicates until `stop` turns true or a definite error.
@@ -124,6 +134,8 @@ fn run_blocking<S: BucketStore>(
     progress: watch::Sender<Progress>,
 ) -> Result<()> {
     let mut commits = 0u64;
+    // A source transaction that outgrew the memory budget: applied again, staged.
+    let mut stage: Option<walsync_types::Lsn> = None;
     // Set when the slot was lost: the next session makes it again and copies the data anew.
     let mut rebuild = false;
     // Between attempts to start a session while PostgreSQL cannot be reached.
@@ -197,9 +209,10 @@ fn run_blocking<S: BucketStore>(
             &mut stop,
             &progress,
             &mut commits,
+            &mut stage,
         ) {
             Ok(Restart::Stop) => return Ok(()),
-            Ok(Restart::Again) => {
+            Ok(Restart::Again | Restart::Stage) => {
                 tracing::info!("restarting replication from the stored checkpoint");
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -224,6 +237,9 @@ fn run_blocking<S: BucketStore>(
 enum Restart {
     Stop,
     Again,
+    /// Again, to apply a transaction that outgrew the memory budget in a staged writer: the
+    /// rest of it need not be read first.
+    Stage,
 }
 
 /// Sleeps for `wait` unless asked to stop first; whether it was.
@@ -251,6 +267,7 @@ fn session<S: BucketStore>(
     stop: &mut watch::Receiver<bool>,
     progress: &watch::Sender<Progress>,
     commits: &mut u64,
+    stage: &mut Option<walsync_types::Lsn>,
 ) -> Result<Restart> {
     let failed = std::sync::Mutex::new(None);
     let acker = stream.acker();
@@ -266,13 +283,17 @@ fn session<S: BucketStore>(
             commits,
             config,
         };
-        let out = apply_loop(handle, store, stream, applier, stop, &mut committer);
+        let out = apply_loop(handle, store, stream, applier, stop, &mut committer, stage);
         // Everything committed is made durable and acknowledged before the source stops, so
         // that its last report to PostgreSQL includes it.
         drop(committer.tx.take());
         let _ = syncer.join();
         let (out, stream) = out;
-        handle.block_on(stream.stop());
+        if matches!(out, Ok(Restart::Stage)) {
+            handle.block_on(stream.abandon());
+        } else {
+            handle.block_on(stream.stop());
+        }
         if let Some(e) = failed.lock().ok().and_then(|mut f| f.take()) {
             return Err(ReplicatorError::Storage(e));
         }
@@ -287,6 +308,7 @@ struct Committed {
     txns: usize,
     rows: usize,
     snapshot_rows: u64,
+    staged: bool,
 }
 
 /// Syncs the store after commits (one sync for all commits that queued meanwhile), then
@@ -322,6 +344,7 @@ fn sync_loop<S: BucketStore>(
                 p.transactions += c.txns as u64;
                 p.rows += c.rows as u64;
                 p.snapshot_rows = c.snapshot_rows;
+                p.staged_transactions += u64::from(c.staged);
             }
         });
     }
@@ -336,6 +359,16 @@ struct Committer<'a> {
 
 impl Committer<'_> {
     fn commit<W: StoreWriter>(&mut self, writer: W, applier: &mut Applier) -> Result<()> {
+        self.commit_as(writer, applier, false)
+    }
+
+    /// [`Committer::commit`] of a writer that is `staged` or not.
+    fn commit_as<W: StoreWriter>(
+        &mut self,
+        writer: W,
+        applier: &mut Applier,
+        staged: bool,
+    ) -> Result<()> {
         if let Some(e) = self.failed.lock().ok().and_then(|mut f| f.take()) {
             return Err(ReplicatorError::Storage(e));
         }
@@ -350,6 +383,7 @@ impl Committer<'_> {
             txns: applier.pending_txns,
             rows: applier.pending_rows,
             snapshot_rows: applier.snapshot_rows,
+            staged,
         };
         if let Some(tx) = &self.tx {
             // The syncing thread only ends when this sender is dropped or a sync failed (seen
@@ -370,6 +404,7 @@ fn apply_loop<S: BucketStore>(
     applier: &mut Applier,
     stop: &mut watch::Receiver<bool>,
     committer: &mut Committer<'_>,
+    stage: &mut Option<walsync_types::Lsn>,
 ) -> (Result<Restart>, SourceStream) {
     let mut writer: Option<S::Writer<'_>> = None;
     let out = loop {
@@ -409,13 +444,16 @@ fn apply_loop<S: BucketStore>(
             Some(Err(e)) => break Err(e.into()),
             Some(Ok(events)) => events,
         };
-        match apply_events(store, &mut writer, events, applier, committer) {
+        match apply_events(store, &mut writer, events, applier, committer, stage) {
             Ok(None) => {}
             Ok(Some(restart)) => break Ok(restart),
             Err(e) => break Err(e),
         }
         let full = applier.pending_txns >= committer.config.max_commit_txns
-            || applier.pending_rows >= committer.config.max_commit_rows;
+            || applier.pending_rows >= committer.config.max_commit_rows
+            || writer
+                .as_ref()
+                .is_some_and(|w| w.held_bytes() >= committer.config.memory_budget / 2);
         if full
             && !applier.in_transaction
             && let Some(w) = writer.take()
@@ -430,19 +468,95 @@ fn apply_loop<S: BucketStore>(
 
 /// Applies one batch of events; `Some(Restart::Again)` when the source asked to start over (what
 /// is not committed is forgotten; the source sends it again).
+///
+/// **Memory.** A source transaction is applied under the memory budget: a storage write
+/// transaction that outgrows it while applying one becomes staged where it stands (see
+/// [`StoreWriter::is_staged`]): it writes to the store in steps of about the budget and makes
+/// everything visible whole at its commit, right after that transaction. One that cannot (the
+/// store's compaction held it up) is dropped, the transaction is named in `stage`, and the
+/// session starts over; met again, it gets a staged writer of its own
+/// ([`BucketStore::staged_writer`]).
 fn apply_events<'s, S: BucketStore>(
     store: &'s S,
     writer: &mut Option<S::Writer<'s>>,
     events: Vec<walsync_source::SourceEvent>,
     applier: &mut Applier,
     committer: &mut Committer<'_>,
+    stage: &mut Option<walsync_types::Lsn>,
 ) -> Result<Option<Restart>> {
+    let budget = committer.config.memory_budget;
     for event in events {
+        let staged_begin = matches!(
+            &event,
+            walsync_source::SourceEvent::Begin { commit_lsn, .. } if Some(*commit_lsn) == *stage
+        );
+        if staged_begin {
+            // Between transactions: what is written so far commits first.
+            if let Some(w) = writer.take() {
+                committer.commit(w, applier)?;
+            }
+            tracing::info!(
+                budget_bytes = budget,
+                "a source transaction larger than the memory budget is staged in the store"
+            );
+            *writer = Some(store.staged_writer(budget)?);
+        }
         let w = match writer.as_mut() {
             Some(w) => w,
-            None => writer.insert(store.writer()?),
+            None => {
+                // Given its budget before any write, so that it notes its keys and can become
+                // staged where it stands; held to it only within source transactions (below).
+                let w = writer.insert(store.writer()?);
+                w.set_budget(Some(budget));
+                if !applier.in_transaction {
+                    w.set_budget(None);
+                }
+                w
+            }
         };
-        match applier.apply(w, event)? {
+        let staged_end = matches!(
+            &event,
+            walsync_source::SourceEvent::Commit { commit_lsn, .. } if Some(*commit_lsn) == *stage
+        );
+        let next = match applier.apply(w, event) {
+            Ok(next) => next,
+            // A writer that could not become staged where it stood (compaction held the store).
+            Err(ReplicatorError::Storage(StorageError::OverBudget { .. })) => {
+                drop(writer.take());
+                if applier.transaction.is_none() {
+                    return Ok(Some(Restart::Again));
+                }
+                tracing::info!(
+                    budget_bytes = budget,
+                    "a source transaction outgrew the memory budget: applying it again, staged"
+                );
+                *stage = applier.transaction;
+                return Ok(Some(Restart::Stage));
+            }
+            Err(e) => return Err(e),
+        };
+        // Within a source transaction, an ordinary writer is bounded by the budget (a
+        // snapshot's batches are bounded by the source, and cannot be applied again alone).
+        if !staged_begin && let Some(w) = writer.as_mut() {
+            w.set_budget(applier.in_transaction.then_some(budget));
+        }
+        let became_staged =
+            !applier.in_transaction && writer.as_ref().is_some_and(|w| w.is_staged());
+        match next {
+            apply::Next::Continue if staged_end || became_staged => {
+                // The staged transaction is whole: it commits alone.
+                if staged_end {
+                    *stage = None;
+                } else {
+                    tracing::info!(
+                        budget_bytes = budget,
+                        "a source transaction outgrew the memory budget and was staged in the store"
+                    );
+                }
+                if let Some(w) = writer.take() {
+                    committer.commit_as(w, applier, true)?;
+                }
+            }
             apply::Next::Continue => {}
             apply::Next::CommitNow => {
                 if let Some(w) = writer.take() {

@@ -155,6 +155,7 @@ pub fn run_all<S: BucketStore>(fresh: impl Fn() -> S) {
     pruned_history_reads_alike_at_later_checkpoints(&fresh());
     identical_rows_are_copies_of_one(&fresh());
     many_bucket_states_read_alike(&fresh());
+    staged_writes_equal_unstaged_ones(&fresh(), &fresh(), &fresh());
 }
 
 /// Bucket states asked for many at once (a user in thousands of projects; a backend may read
@@ -1037,4 +1038,218 @@ pub fn snapshots_see_one_checkpoint<S: BucketStore>(store: &S) {
     assert!(snap.lookup(&key("u"), u64::MAX).expect("lookup").is_empty());
     assert_eq!(store.checkpoint().expect("checkpoint"), second);
     assert_eq!(store.ops("a", 0, u64::MAX, 10).expect("ops").len(), 2);
+}
+
+/// Everything a reader can see of a store, for comparing two: the checkpoint, every bucket's
+/// state and ops, the lookups and rows the staged-write workload names, and the changes since
+/// `since`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Seen {
+    checkpoint: crate::StoreCheckpoint,
+    buckets: Vec<(String, Option<crate::BucketState>, Vec<Op>)>,
+    lookups: Vec<Vec<Vec<serde_json::Value>>>,
+    rows: Vec<Option<(Vec<String>, Vec<Value>)>>,
+    changed_buckets: std::collections::BTreeSet<String>,
+    changed_lookups: usize,
+}
+
+impl Seen {
+    /// What readers of buckets see: row copies are the writer's own (the replicator's), and a
+    /// staged writer's steps change them before its commit.
+    pub fn without_rows(self) -> Seen {
+        Seen {
+            rows: Vec::new(),
+            ..self
+        }
+    }
+
+    pub fn read<R: StoreRead + ?Sized>(r: &R, since: u64) -> Seen {
+        let checkpoint = r.checkpoint().expect("checkpoint");
+        let names = r.buckets().expect("buckets");
+        let states = r.bucket_states(&names).expect("states");
+        let buckets = names
+            .into_iter()
+            .zip(states)
+            .map(|(b, st)| {
+                let ops = r.ops(&b, 0, checkpoint.op_id, usize::MAX).expect("ops");
+                (b, st, ops)
+            })
+            .collect();
+        let lookups = (0..STAGED_USERS)
+            .map(|u| {
+                let mut l = r
+                    .lookup(&key(&format!("u{u}")), checkpoint.op_id)
+                    .expect("lookup");
+                l.sort_by_key(|p| p.iter().map(ToString::to_string).collect::<Vec<_>>());
+                l
+            })
+            .collect();
+        let rows = (0..STAGED_ROWS * 2)
+            .flat_map(|i| ["public.t", "public.u"].map(|t| (t, i)))
+            .map(|(t, i)| {
+                r.row(t, &row_id(i.to_string()))
+                    .expect("row")
+                    .map(|sr| (sr.columns.to_vec(), sr.values))
+            })
+            .collect();
+        let changes = r.changes(since, checkpoint.op_id).expect("changes");
+        Seen {
+            checkpoint,
+            buckets,
+            lookups,
+            rows,
+            changed_buckets: changes.buckets.into_iter().collect(),
+            changed_lookups: changes.lookups.len(),
+        }
+    }
+}
+
+const STAGED_ROWS: i64 = 300;
+const STAGED_USERS: i64 = 13;
+
+/// A pseudo-random sequence (xorshift), so that both stores get the same writes.
+struct Dice(u64);
+
+impl Dice {
+    fn roll(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// The rows the staged-write checks start from: `public.t` in buckets by `i % 7`, with a
+/// membership lookup for some, and `public.u` with copies of identical rows.
+pub fn staged_base<S: BucketStore>(store: &S) -> crate::StoreCheckpoint {
+    let mut w = store.writer().expect("writer");
+    for i in 0..STAGED_ROWS {
+        let id = i.to_string();
+        let lookups = if i % 3 == 0 {
+            vec![member(&format!("u{}", i % STAGED_USERS), i % 5)]
+        } else {
+            vec![]
+        };
+        w.upsert_row(
+            "public.t",
+            &row_id(&id),
+            row(i),
+            vec![out(&format!("b{}", i % 7), &id, &format!("{{\"v\":{i}}}"))],
+            lookups,
+        )
+        .expect("upsert");
+        w.insert_row(
+            "public.u",
+            &row_id(&id),
+            row(i),
+            vec![out("u", &id, "{}")],
+            vec![],
+        )
+        .expect("insert");
+    }
+    w.set_position(Lsn(100));
+    w.set_snapshot_complete();
+    w.commit().expect("commit")
+}
+
+/// One large transaction of every kind of write: updates that move rows between buckets
+/// and change their data, objects handed from one row to another (a key swap), deletes,
+/// new rows, lookups added and removed, copies of identical rows added and removed, and a
+/// TRUNCATE; `seed` picks them.
+pub fn staged_workload<W: StoreWriter>(w: &mut W, seed: u64) {
+    let mut d = Dice(seed | 1);
+    for n in 0..STAGED_ROWS * 4 {
+        let i = d.roll((STAGED_ROWS * 2) as u64) as i64;
+        let id = i.to_string();
+        match d.roll(6) {
+            0 | 1 => {
+                let b = d.roll(9);
+                let lookups = if d.roll(2) == 0 {
+                    vec![member(&format!("u{}", d.roll(STAGED_USERS as u64)), n % 5)]
+                } else {
+                    vec![]
+                };
+                w.upsert_row(
+                    "public.t",
+                    &row_id(&id),
+                    row(n),
+                    vec![out(&format!("b{b}"), &id, &format!("{{\"v\":{n}}}"))],
+                    lookups,
+                )
+                .expect("upsert");
+            }
+            2 => w.delete_row("public.t", &row_id(&id)).expect("delete"),
+            3 => {
+                // Row i takes over the object of row i + 1 in its bucket (as a key swap does),
+                // and that row is deleted after.
+                let other = (i + 1).to_string();
+                w.upsert_row(
+                    "public.t",
+                    &row_id(&id),
+                    row(n),
+                    vec![out(&format!("b{}", (i + 1) % 7), &other, "{\"swapped\":1}")],
+                    vec![],
+                )
+                .expect("upsert");
+                w.delete_row("public.t", &row_id(&other)).expect("delete");
+            }
+            4 => w
+                .insert_row(
+                    "public.u",
+                    &row_id(&id),
+                    row(i),
+                    vec![out("u", &id, "{}")],
+                    vec![],
+                )
+                .expect("insert"),
+            _ => w.delete_row("public.u", &row_id(&id)).expect("delete"),
+        }
+        if n == STAGED_ROWS * 2 {
+            w.truncate("public.u").expect("truncate");
+        }
+    }
+    w.set_position(Lsn(200));
+}
+
+/// A staged writer with a tiny budget (so it takes many steps), and an ordinary writer given
+/// that budget before its first write (so it becomes staged where it stands), leave readers
+/// at the last checkpoint until they commit, and then the store holds exactly what an
+/// ordinary writer's same writes leave.
+pub fn staged_writes_equal_unstaged_ones<S: BucketStore>(plain: &S, staged: &S, converted: &S) {
+    let base = staged_base(plain);
+    assert_eq!(staged_base(staged), base);
+    assert_eq!(staged_base(converted), base);
+    let before = Seen::read(staged, base.op_id);
+    let mut w = plain.writer().expect("writer");
+    staged_workload(&mut w, 7);
+    w.commit().expect("commit");
+    for store in [staged, converted] {
+        let mut w = if std::ptr::eq(store, staged) {
+            store.staged_writer(4 << 10).expect("staged writer")
+        } else {
+            let mut w = store.writer().expect("writer");
+            w.set_budget(Some(4 << 10));
+            assert!(!w.is_staged());
+            w
+        };
+        staged_workload(&mut w, 7);
+        assert!(w.is_staged(), "a writer beyond its budget is staged");
+        assert_eq!(
+            Seen::read(store, base.op_id).without_rows(),
+            before.clone().without_rows(),
+            "readers see the last checkpoint while a staged writer writes"
+        );
+        let done = w.commit().expect("commit");
+        assert!(done.op_id > base.op_id);
+        assert_eq!(Seen::read(store, base.op_id), Seen::read(plain, base.op_id));
+    }
+    // And the stores go on as any other: another transaction of each, compared again.
+    for store in [plain, staged, converted] {
+        let mut w = store.writer().expect("writer");
+        staged_workload(&mut w, 11);
+        w.commit().expect("commit");
+    }
+    for store in [staged, converted] {
+        assert_eq!(Seen::read(store, base.op_id), Seen::read(plain, base.op_id));
+    }
 }

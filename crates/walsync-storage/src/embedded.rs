@@ -4,8 +4,9 @@
 //!
 //! Its rooms: `keys` (the byte keys of each keyspace), `record` (the binary record codec),
 //! `chunk` (op records and the chunks that hold them), `row` (row copies), `snapshot` (reads),
-//! `writer` (one write transaction; `writer::emit`, its ops and lookup entries), `compact`,
-//! `prune` (history no reader needs), and `migrate` (stores of earlier versions).
+//! `writer` (one write transaction; `writer::emit`, its ops and lookup entries), `stage` (a
+//! write transaction larger than memory, in steps), `compact`, `prune` (history no reader
+//! needs), and `migrate` (stores of earlier versions).
 
 mod chunk;
 mod compact;
@@ -16,6 +17,7 @@ mod prune;
 mod record;
 mod row;
 mod snapshot;
+mod stage;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -23,6 +25,7 @@ mod writer;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use fjall::{KeyspaceCreateOptions, PersistMode, SingleWriterTxDatabase, SingleWriterTxKeyspace};
 use walsync_types::{LookupKey, RowId};
@@ -37,7 +40,10 @@ pub use writer::EmbeddedWriter;
 use crate::model::{
     BucketState, Changes, CompactBatch, Op, PruneStats, StoreCheckpoint, StoredRow,
 };
-use crate::{BucketStore, Result, StoreRead};
+use crate::{BucketStore, Result, StoreRead, StoreWriter};
+
+/// The largest memtable of a keyspace, in bytes.
+const MEMTABLE_BYTES: u64 = 8 << 20;
 
 /// The keyspaces of the store.
 #[derive(Clone)]
@@ -49,7 +55,51 @@ struct Spaces {
     lookups: SingleWriterTxKeyspace,
     changes: SingleWriterTxKeyspace,
     meta: SingleWriterTxKeyspace,
+    /// What a staged write transaction keeps to be undone (see [`stage`]).
+    stage: SingleWriterTxKeyspace,
     row_keys: RowKeys,
+}
+
+/// The keyspaces a writer changes, by a tag that names each in `stage`'s records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(super) enum Space {
+    OpLog = 1,
+    OpIndex = 2,
+    Rows = 3,
+    Buckets = 4,
+    Lookups = 5,
+    Changes = 6,
+    Meta = 7,
+}
+
+impl Space {
+    fn from_tag(tag: u8) -> Option<Space> {
+        Some(match tag {
+            1 => Space::OpLog,
+            2 => Space::OpIndex,
+            3 => Space::Rows,
+            4 => Space::Buckets,
+            5 => Space::Lookups,
+            6 => Space::Changes,
+            7 => Space::Meta,
+            _ => return None,
+        })
+    }
+}
+
+impl Spaces {
+    fn get(&self, space: Space) -> &SingleWriterTxKeyspace {
+        match space {
+            Space::OpLog => &self.op_log,
+            Space::OpIndex => &self.op_index,
+            Space::Rows => &self.rows,
+            Space::Buckets => &self.buckets,
+            Space::Lookups => &self.lookups,
+            Space::Changes => &self.changes,
+            Space::Meta => &self.meta,
+        }
+    }
 }
 
 /// The embedded store in one directory.
@@ -57,6 +107,11 @@ pub struct EmbeddedStore {
     db: SingleWriterTxDatabase,
     s: Spaces,
     known: Mutex<KnownKeys>,
+    /// Held by a staged writer for its life, and by compaction and pruning for each step.
+    alone: Mutex<()>,
+    /// `stage` may hold records: a staged transaction to undo, or the garbage of one that
+    /// committed. The next writer recovers first.
+    stage_dirty: AtomicBool,
 }
 
 /// What the writers know of the keys `rows` holds, beyond the engine: a bound per table and a
@@ -94,9 +149,14 @@ impl EmbeddedStore {
             .worker_threads(4)
             .open()
             .map_err(engine)?;
+        // Memtables of at most MEMTABLE_BYTES each (the engine's default is 64 MiB per
+        // keyspace, eight of them: what a bulk load wrote stayed in memory, about 1.5 KiB per
+        // row). Set when a keyspace is made: stores made before keep their size.
         let ks = |name: &str| {
-            db.keyspace(name, KeyspaceCreateOptions::default)
-                .map_err(engine)
+            db.keyspace(name, || {
+                KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+            })
+            .map_err(engine)
         };
         let s = Spaces {
             op_log: ks("op_log")?,
@@ -106,6 +166,7 @@ impl EmbeddedStore {
             lookups: ks("lookups")?,
             changes: ks("changes")?,
             meta: ks("meta")?,
+            stage: ks("stage")?,
             row_keys: RowKeys::Text,
         };
         let row_keys = migrate::row_keys(&db, &s)?;
@@ -117,19 +178,28 @@ impl EmbeddedStore {
                 .delete_keyspace(old.inner().clone())
                 .map_err(engine)?;
         }
-        Ok(EmbeddedStore {
+        let store = EmbeddedStore {
             db,
             s: Spaces { row_keys, ..s },
             known: Mutex::new(KnownKeys::default()),
-        })
+            alone: Mutex::new(()),
+            stage_dirty: AtomicBool::new(false),
+        };
+        // A staged transaction a crash interrupted is undone before anyone reads.
+        stage::recover(&store)?;
+        Ok(store)
     }
-}
 
-impl BucketStore for EmbeddedStore {
-    type Writer<'a> = EmbeddedWriter<'a>;
-    type Snapshot = EmbeddedSnapshot;
+    /// Undoes what a staged writer left (if it did), before another writer starts; the caller
+    /// holds `alone`, so that compaction never reads a half-undone store.
+    fn recover_if_dirty(&self, _alone: &std::sync::MutexGuard<'_, ()>) -> Result<()> {
+        if self.stage_dirty.swap(false, Ordering::AcqRel) {
+            stage::recover(self)?;
+        }
+        Ok(())
+    }
 
-    fn writer(&self) -> Result<EmbeddedWriter<'_>> {
+    fn open_writer(&self) -> Result<EmbeddedWriter<'_>> {
         let tx = self.db.write_tx();
         let checkpoint = read_checkpoint(&tx, &self.s.meta)?;
         // Taken after the write transaction, which admits one writer at a time. A writer that
@@ -138,7 +208,48 @@ impl BucketStore for EmbeddedStore {
         if known.filter.as_ref().is_none_or(|f| f.full()) {
             known.filter = Some(filter::RowFilter::start(&self.db, &self.s.rows));
         }
-        Ok(EmbeddedWriter::new(tx, self.s.clone(), known, checkpoint))
+        let home = writer::Home {
+            db: &self.db,
+            alone: &self.alone,
+            dirty: &self.stage_dirty,
+        };
+        Ok(EmbeddedWriter::new(
+            home,
+            tx,
+            self.s.clone(),
+            known,
+            checkpoint,
+        ))
+    }
+
+    fn alone(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.alone.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl BucketStore for EmbeddedStore {
+    type Writer<'a> = EmbeddedWriter<'a>;
+    type Snapshot = EmbeddedSnapshot;
+
+    fn writer(&self) -> Result<EmbeddedWriter<'_>> {
+        if self.stage_dirty.load(Ordering::Acquire) {
+            self.recover_if_dirty(&self.alone())?;
+        }
+        self.open_writer()
+    }
+
+    fn staged_writer(&self, budget: usize) -> Result<EmbeddedWriter<'_>> {
+        let alone = self.alone();
+        self.recover_if_dirty(&alone)?;
+        let mut w = self.open_writer()?;
+        // From here on, whatever happens, the next writer recovers (undoes or tidies) first.
+        self.stage_dirty.store(true, Ordering::Release);
+        w.stage(writer::Staging {
+            _alone: alone,
+            steps: 0,
+        });
+        w.set_budget(Some(budget));
+        Ok(w)
     }
 
     fn snapshot(&self) -> Result<EmbeddedSnapshot> {
@@ -146,10 +257,12 @@ impl BucketStore for EmbeddedStore {
     }
 
     fn compact_batch(&self, after: Option<&str>, max_ops: usize) -> Result<CompactBatch> {
+        let _alone = self.alone();
         compact::compact_batch(&self.db, &self.s, after, max_ops)
     }
 
     fn prune_history(&self, before: u64, max_keys: usize) -> Result<PruneStats> {
+        let _alone = self.alone();
         prune::prune_history(&self.db, &self.s, before, max_keys)
     }
 

@@ -38,6 +38,10 @@ pub enum StorageError {
     Corrupt { what: &'static str, detail: String },
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A writer given a budget ([`StoreWriter::set_budget`]) holds more than it: the caller
+    /// drops it and writes the same again through [`BucketStore::staged_writer`].
+    #[error("the write transaction holds more than its budget of {budget} bytes")]
+    OverBudget { budget: usize },
 }
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
@@ -64,7 +68,8 @@ pub trait StoreRead {
     /// Buckets and lookups changed by commits with `after < op_id <= up_to`.
     fn changes(&self, after: u64, up_to: u64) -> Result<Changes>;
 
-    /// The stored copy of a row, as of the last commit.
+    /// The stored copy of a row, as of the last commit (or the last step of a staged writer:
+    /// row copies are the writer's, no reader of buckets needs them).
     fn row(&self, table: &TableName, row_id: &RowId) -> Result<Option<StoredRow>>;
 }
 
@@ -80,6 +85,12 @@ pub trait BucketStore: StoreRead + Send + Sync {
 
     /// Starts a write transaction.
     fn writer(&self) -> Result<Self::Writer<'_>>;
+
+    /// Starts a write transaction that may grow beyond memory: whenever it holds about
+    /// `budget` bytes it is written to the store as a step, which readers do not see; it
+    /// becomes visible whole at its commit, and a crash or a drop before that undoes every
+    /// step. Nothing else writes meanwhile (compaction and pruning wait).
+    fn staged_writer(&self, budget: usize) -> Result<Self::Writer<'_>>;
 
     /// Opens a read snapshot: every read through it sees the same checkpoint.
     fn snapshot(&self) -> Result<Self::Snapshot>;
@@ -168,6 +179,19 @@ pub trait StoreWriter {
 
     /// Discards everything: used before a new initial snapshot.
     fn clear_all(&mut self) -> Result<()>;
+
+    /// Bounds what this transaction holds in memory: beyond `budget` bytes a staged writer
+    /// takes a step, a writer given its budget before its first write becomes staged, and any
+    /// other write fails with [`StorageError::OverBudget`]. `None`: no bound.
+    fn set_budget(&mut self, budget: Option<usize>);
+
+    /// About how many bytes this transaction holds in memory.
+    fn held_bytes(&self) -> usize;
+
+    /// Whether this writer is staged: made by [`BucketStore::staged_writer`], or an ordinary
+    /// one that outgrew its budget and became staged where it stood (a writer given a budget
+    /// before its first write notes its keys for that).
+    fn is_staged(&self) -> bool;
 
     /// Makes the transaction durable and returns the new checkpoint.
     fn commit(self) -> Result<StoreCheckpoint>;

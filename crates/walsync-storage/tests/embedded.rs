@@ -216,3 +216,63 @@ mod row_key_bounds_property {
         }
     }
 }
+
+/// A staged transaction that never commits — its writer dropped, or the process gone with
+/// its steps in the store — is undone whole: readers never see it, and the store then goes on
+/// exactly as one that never had it.
+#[test]
+fn a_staged_transaction_that_never_commits_is_undone() {
+    let plain = fresh();
+    let base = conformance::staged_base(&plain);
+    let expected = conformance::Seen::read(&plain, base.op_id);
+    // Dropped: undone before the next writer.
+    let dropped = fresh();
+    conformance::staged_base(&dropped);
+    let mut w = dropped.staged_writer(4 << 10).expect("staged writer");
+    conformance::staged_workload(&mut w, 7);
+    drop(w);
+    assert_eq!(
+        conformance::Seen::read(&dropped, base.op_id).without_rows(),
+        expected.without_rows()
+    );
+    let w = dropped.writer().expect("writer");
+    w.commit().expect("commit");
+    // An ordinary writer that became staged where it stood, dropped: the same.
+    let mut w = dropped.writer().expect("writer");
+    w.set_budget(Some(4 << 10));
+    conformance::staged_workload(&mut w, 5);
+    assert!(w.is_staged());
+    drop(w);
+    let w = dropped.writer().expect("writer");
+    w.commit().expect("commit");
+    // Cut off: the steps are in the store's files when it opens again.
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let crashed = EmbeddedStore::open(dir.path()).expect("open");
+        conformance::staged_base(&crashed);
+        let mut w = crashed.staged_writer(4 << 10).expect("staged writer");
+        conformance::staged_workload(&mut w, 7);
+        drop(w);
+        crashed.sync().expect("sync");
+    }
+    let crashed = EmbeddedStore::open(dir.path()).expect("open");
+    // An empty commit on the plain store too, so that both checkpoints match.
+    plain.writer().expect("writer").commit().expect("commit");
+    for store in [&dropped, &crashed] {
+        assert_eq!(
+            conformance::Seen::read(store, base.op_id),
+            conformance::Seen::read(&plain, base.op_id)
+        );
+    }
+    for store in [&plain, &dropped, &crashed] {
+        let mut w = store.writer().expect("writer");
+        conformance::staged_workload(&mut w, 11);
+        w.commit().expect("commit");
+    }
+    for store in [&dropped, &crashed] {
+        assert_eq!(
+            conformance::Seen::read(store, base.op_id),
+            conformance::Seen::read(&plain, base.op_id)
+        );
+    }
+}

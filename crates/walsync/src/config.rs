@@ -124,6 +124,9 @@ pub struct StorageConfig {
     pub compact_batch_ops: usize,
     /// Milliseconds between compaction steps.
     pub compact_pause_ms: u64,
+    /// MiB one storage write transaction holds in memory; a source transaction larger than
+    /// that is staged in the store in steps of about this size (see ARCHITECTURE.md).
+    pub memory_budget_mib: usize,
 }
 
 impl Default for StorageConfig {
@@ -134,6 +137,7 @@ impl Default for StorageConfig {
             compact_interval_seconds: m.compact_interval_seconds,
             compact_batch_ops: m.compact_batch_ops,
             compact_pause_ms: m.compact_pause_ms,
+            memory_budget_mib: walsync_replicator::DEFAULT_MEMORY_BUDGET >> 20,
         }
     }
 }

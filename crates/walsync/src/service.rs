@@ -137,13 +137,10 @@ impl Service {
         let replication_ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let replicator = {
             let ended = replication_ended.clone();
-            let run = walsync_replicator::run(
-                ReplicatorConfig::new(source),
-                rules,
-                store,
-                stop_rx.clone(),
-                progress_tx,
-            );
+            let mut replicator = ReplicatorConfig::new(source);
+            replicator.memory_budget = config.storage.memory_budget_mib.max(1) << 20;
+            let run =
+                walsync_replicator::run(replicator, rules, store, stop_rx.clone(), progress_tx);
             tokio::spawn(
                 async move {
                     let result = run.await;

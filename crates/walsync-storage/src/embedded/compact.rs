@@ -19,6 +19,9 @@ use crate::model::{BucketState, CompactBatch, CompactStats};
 
 /// Buckets listed per step before their ops are read: bounds the listing, not the work.
 const BUCKETS_PER_LISTING: usize = 1024;
+/// Bytes of op chunks a step reads before it takes no further bucket: with `max_ops`, what
+/// bounds a step's memory (a bucket is read whole, however large).
+const STEP_BYTES: u64 = 16 << 20;
 
 pub(super) fn compact_batch(
     db: &SingleWriterTxDatabase,
@@ -43,11 +46,12 @@ pub(super) fn compact_batch(
         .collect::<Result<_>>()?;
     let listed_all = buckets.len() < BUCKETS_PER_LISTING;
     let mut read = 0u64;
+    let mut read_bytes = 0u64;
     let mut last_done: Option<String> = None;
     let total = buckets.len();
     for (n, bucket) in buckets.into_iter().enumerate() {
         // At least one bucket per step, however large.
-        if n > 0 && read >= max_ops as u64 {
+        if n > 0 && (read >= max_ops as u64 || read_bytes >= STEP_BYTES) {
             break;
         }
         // Each op with the key of the chunk it is kept in (see `CHUNK_TAG`).
@@ -59,6 +63,7 @@ pub(super) fn compact_batch(
             .collect::<Result<_>>()?;
         for last in listed {
             let v = get_chunk(&tx, s, last)?;
+            read_bytes += v.len() as u64;
             for (id, rec) in chunk_ops(&v)? {
                 ops.push((id, OpValue::from_bytes(rec)?));
                 home.push(last);

@@ -6,21 +6,69 @@ mod emit;
 use std::collections::HashMap;
 use std::sync::MutexGuard;
 
-use fjall::{PersistMode, Readable, SingleWriterTxKeyspace, SingleWriterWriteTx};
+use fjall::{PersistMode, Readable, SingleWriterTxDatabase, SingleWriterWriteTx};
 use walsync_types::{LookupEntry, Lsn, OpKind, RowId, RowOutput, put_digest};
 
-use super::chunk::put_chunk;
-use super::keys::{RowKeys, key2, schema_id, schema_key};
-use super::record::{encode, engine};
+use super::keys::{RowKeys, key2, op_key, schema_id, schema_key};
+use super::record::{decode, encode, engine};
 use super::row::{Placement, RowRecord, names_in};
-use super::{KnownKeys, Spaces};
+use super::stage::{STAGING, owner_key, state_key, undo_key, undo_value};
+use super::{KnownKeys, Space, Spaces};
 use crate::model::{Changes, StoreCheckpoint, StoredRow};
-use crate::{Result, StoreWriter};
+use crate::{Result, StorageError, StoreWriter};
 use emit::{Pending, key_hash, object_hash};
+
+/// Rows of a table deleted per read of its keys by a TRUNCATE.
+const TRUNCATE_BATCH: usize = 1_000;
+
+/// What each key written costs in memory beyond its bytes (the engine's skip-list entry and
+/// its shared slices, our maps): measured against the process's memory, about 160.
+const ENTRY_OVERHEAD: usize = 160;
+/// Bytes of undo records per commit when a writer becomes staged where it stands.
+const UNDO_BATCH_BYTES: usize = 1 << 20;
+
+/// The engine's write transaction, out of its place only while a staged writer commits a
+/// step and opens the next.
+struct Tx<'a>(Option<SingleWriterWriteTx<'a>>);
+
+impl<'a> std::ops::Deref for Tx<'a> {
+    type Target = SingleWriterWriteTx<'a>;
+    fn deref(&self) -> &Self::Target {
+        match &self.0 {
+            Some(t) => t,
+            None => unreachable!("a writer's transaction is out only within a step"),
+        }
+    }
+}
+
+impl std::ops::DerefMut for Tx<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        match &mut self.0 {
+            Some(t) => t,
+            None => unreachable!("a writer's transaction is out only within a step"),
+        }
+    }
+}
+
+/// Where a writer belongs: what it needs to become staged (see [`super::stage`]).
+#[derive(Clone, Copy)]
+pub(super) struct Home<'a> {
+    pub(super) db: &'a SingleWriterTxDatabase,
+    pub(super) alone: &'a std::sync::Mutex<()>,
+    /// Set once a writer is staged: the next writer recovers first.
+    pub(super) dirty: &'a std::sync::atomic::AtomicBool,
+}
+
+/// A staged writer's means (see [`super::stage`]).
+pub(super) struct Staging<'a> {
+    pub(super) _alone: MutexGuard<'a, ()>,
+    /// Steps committed so far.
+    pub(super) steps: u64,
+}
 
 /// A write transaction on the embedded store.
 pub struct EmbeddedWriter<'a> {
-    tx: SingleWriterWriteTx<'a>,
+    tx: Tx<'a>,
     s: Spaces,
     known: MutexGuard<'a, KnownKeys>,
     checkpoint: StoreCheckpoint,
@@ -40,6 +88,14 @@ pub struct EmbeddedWriter<'a> {
     /// IDENTITY FULL` row), and within one transaction two rows can put the same object: the
     /// one leaving it must not remove what the other just put.
     owners: HashMap<u64, u64>,
+    /// About how many bytes the engine's transaction and our maps hold.
+    held: usize,
+    budget: Option<usize>,
+    home: Home<'a>,
+    staging: Option<Staging<'a>>,
+    /// Every key written since the writer was first given a budget (before any write): what
+    /// it needs to become staged where it stands, when it outgrows the budget.
+    touched: Option<Vec<(Space, Vec<u8>)>>,
 }
 
 impl std::fmt::Debug for EmbeddedWriter<'_> {
@@ -52,6 +108,7 @@ impl std::fmt::Debug for EmbeddedWriter<'_> {
 
 impl<'a> EmbeddedWriter<'a> {
     pub(super) fn new(
+        home: Home<'a>,
         tx: SingleWriterWriteTx<'a>,
         s: Spaces,
         known: MutexGuard<'a, KnownKeys>,
@@ -60,7 +117,7 @@ impl<'a> EmbeddedWriter<'a> {
         EmbeddedWriter {
             next_op_id: checkpoint.op_id + 1,
             checkpoint,
-            tx,
+            tx: Tx(Some(tx)),
             s,
             known,
             states: HashMap::new(),
@@ -68,11 +125,244 @@ impl<'a> EmbeddedWriter<'a> {
             schemas: HashMap::new(),
             last_schema: None,
             owners: HashMap::new(),
+            held: 0,
+            budget: None,
+            home,
+            staging: None,
+            touched: None,
         }
+    }
+
+    /// Makes this writer staged (see [`super::stage`]).
+    pub(super) fn stage(&mut self, staging: Staging<'a>) {
+        self.staging = Some(staging);
     }
 }
 
 impl EmbeddedWriter<'_> {
+    /// Writes `value` under `key` of `space`; a staged writer first records the key's value
+    /// before the transaction.
+    pub(super) fn put(&mut self, space: Space, key: Vec<u8>, value: Vec<u8>) -> Result<()> {
+        self.before_write(space, &key, value.len())?;
+        self.tx.insert(self.s.get(space), key, value);
+        Ok(())
+    }
+
+    /// What every write does first: the undo record (or the key noted, for one to make if the
+    /// writer becomes staged), and the bytes held.
+    fn before_write(&mut self, space: Space, key: &[u8], value_len: usize) -> Result<()> {
+        if let Some(touched) = &mut self.touched {
+            touched.push((space, key.to_vec()));
+            self.held += key.len() + 48;
+        }
+        self.undo(space, key)?;
+        self.held += key.len() + value_len + ENTRY_OVERHEAD;
+        Ok(())
+    }
+
+    /// Removes `key` of `space`, as [`EmbeddedWriter::put`].
+    pub(super) fn del(&mut self, space: Space, key: Vec<u8>) -> Result<()> {
+        self.before_write(space, &key, 0)?;
+        self.tx.remove(self.s.get(space), key);
+        Ok(())
+    }
+
+    /// A staged writer's undo record of `key` of `space`: its value before the transaction.
+    fn undo(&mut self, space: Space, key: &[u8]) -> Result<()> {
+        if self.staging.is_none() {
+            return Ok(());
+        }
+        let k = undo_key(space, key);
+        let before = match space {
+            // Keys under op ids of this transaction (and schemas, written once, when missing)
+            // were not there before it.
+            Space::OpLog | Space::OpIndex | Space::Lookups | Space::Changes | Space::Meta => None,
+            // Written only by the commit, with the checkpoint.
+            Space::Buckets => return Ok(()),
+            // A row copy as it was before its first change in this transaction.
+            Space::Rows => {
+                // A key the filter never saw was never in `rows`, nor touched since.
+                let unseen = self
+                    .known
+                    .filter
+                    .as_ref()
+                    .is_some_and(|f| f.surely_absent(key));
+                if unseen {
+                    None
+                } else if self.tx.get(&self.s.stage, &k).map_err(engine)?.is_some() {
+                    return Ok(());
+                } else {
+                    self.tx.get(&self.s.rows, key).map_err(engine)?
+                }
+            }
+        };
+        let record = undo_value(before.as_deref());
+        self.held += k.len() + record.len() + ENTRY_OVERHEAD;
+        self.tx.insert(&self.s.stage, k, record);
+        Ok(())
+    }
+
+    /// Stores `chunk`, whose last op is `last_id`, as `bucket`'s.
+    pub(super) fn put_chunk(&mut self, bucket: &str, last_id: u64, chunk: Vec<u8>) -> Result<()> {
+        self.put(Space::OpLog, last_id.to_be_bytes().to_vec(), chunk)?;
+        self.put(Space::OpIndex, op_key(bucket, last_id), Vec::new())
+    }
+
+    /// Called where a transaction may be cut (between rows): beyond the budget, a staged
+    /// writer takes a step; one that noted every key it wrote becomes staged where it stands;
+    /// any other fails.
+    fn within_budget(&mut self) -> Result<()> {
+        let Some(budget) = self.budget else {
+            return Ok(());
+        };
+        let held = self.held + self.owners.len() * 24;
+        if held < budget {
+            return Ok(());
+        }
+        if self.staging.is_none() && !self.become_staged()? {
+            return Err(StorageError::OverBudget { budget });
+        }
+        self.step()
+    }
+
+    /// Makes this writer staged where it stands: the undo records of every key it wrote, from
+    /// the store as committed (which is the store before this writer: it holds the only write
+    /// lock). `false` when it cannot: it did not note its keys, or compaction holds the store
+    /// now (taking its lock while holding the write lock must not wait).
+    ///
+    /// The records (and the mark) go to the store beside the transaction, in batches of about
+    /// a megabyte committed before it: the transaction holds none of them, and a crash between
+    /// them and its first step only restores values nothing changed.
+    fn become_staged(&mut self) -> Result<bool> {
+        let Some(touched) = self.touched.take() else {
+            return Ok(false);
+        };
+        let Ok(alone) = self.home.alone.try_lock() else {
+            return Ok(false);
+        };
+        self.home
+            .dirty
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.staging = Some(Staging {
+            _alone: alone,
+            steps: 0,
+        });
+        let db = self.home.db.inner();
+        let stage = self.s.stage.inner();
+        let mut batch = db.batch();
+        batch.insert(self.s.meta.inner(), STAGING, b"1");
+        let mut bytes = 0usize;
+        let before = self.home.db.read_tx();
+        for (space, key) in touched {
+            let value = match space {
+                Space::Rows | Space::Meta => before.get(self.s.get(space), &key).map_err(engine)?,
+                _ => None,
+            };
+            let record = undo_value(value.as_deref());
+            bytes += key.len() + record.len();
+            batch.insert(stage, undo_key(space, &key), record);
+            if bytes >= UNDO_BATCH_BYTES {
+                batch.commit().map_err(engine)?;
+                batch = db.batch();
+                bytes = 0;
+            }
+        }
+        batch.commit().map_err(engine)?;
+        Ok(true)
+    }
+
+    /// Commits what this staged writer holds as a step nobody reads, and opens the next.
+    fn step(&mut self) -> Result<()> {
+        for (b, p) in std::mem::take(&mut self.states) {
+            if !p.chunk.0.is_empty() {
+                self.put_chunk(&b, p.state.last_op_id, p.chunk.0)?;
+            }
+            self.tx
+                .insert(&self.s.stage, state_key(&b), encode(&p.state)?);
+            self.changes.buckets.insert(b);
+        }
+        self.write_changes()?;
+        for (object, owner) in std::mem::take(&mut self.owners) {
+            self.tx
+                .insert(&self.s.stage, owner_key(object), owner.to_be_bytes());
+        }
+        self.tx.insert(&self.s.meta, STAGING, b"1");
+        let Some(staging) = &mut self.staging else {
+            unreachable!("only a staged writer takes steps");
+        };
+        let Some(tx) = self.tx.0.take() else {
+            unreachable!("the transaction is in its place between steps");
+        };
+        tx.durability(Some(PersistMode::Buffer))
+            .commit()
+            .map_err(engine)?;
+        staging.steps += 1;
+        self.tx.0 = Some(self.home.db.write_tx());
+        self.held = 0;
+        Ok(())
+    }
+
+    /// The owner of an object this transaction PUT: in memory, or for a staged writer also
+    /// among those its steps wrote.
+    pub(super) fn owner(&self, object: u64) -> Result<Option<u64>> {
+        if let Some(o) = self.owners.get(&object) {
+            return Ok(Some(*o));
+        }
+        if self.staging.as_ref().is_none_or(|s| s.steps == 0) {
+            return Ok(None);
+        }
+        Ok(self
+            .tx
+            .get(&self.s.stage, owner_key(object))
+            .map_err(engine)?
+            .and_then(|v| <[u8; 8]>::try_from(&*v).ok())
+            .map(u64::from_be_bytes))
+    }
+
+    /// Writes each bucket's open chunk and new state, and notes the bucket as changed; a staged
+    /// writer also the states its steps kept.
+    fn write_states(&mut self) -> Result<()> {
+        if self.staging.as_ref().is_some_and(|s| s.steps > 0) {
+            let kept: Vec<(fjall::Slice, fjall::Slice)> = self
+                .tx
+                .prefix(&self.s.stage, b"s")
+                .map(|g| g.into_inner().map_err(engine))
+                .collect::<Result<_>>()?;
+            for (k, v) in kept {
+                let bucket = String::from_utf8_lossy(&k[1..]).into_owned();
+                if !self.states.contains_key(&bucket) {
+                    self.put(Space::Buckets, bucket.into_bytes(), v.to_vec())?;
+                }
+            }
+        }
+        for (b, p) in std::mem::take(&mut self.states) {
+            if !p.chunk.0.is_empty() {
+                self.put_chunk(&b, p.state.last_op_id, p.chunk.0)?;
+            }
+            self.put(Space::Buckets, b.clone().into_bytes(), encode(&p.state)?)?;
+            self.changes.buckets.insert(b);
+        }
+        Ok(())
+    }
+
+    /// Writes what this transaction changed under its last op id so far, with what an earlier
+    /// step wrote there.
+    fn write_changes(&mut self) -> Result<()> {
+        if self.changes.buckets.is_empty() && self.changes.lookups.is_empty() {
+            return Ok(());
+        }
+        let mut changes = std::mem::take(&mut self.changes);
+        let key = (self.next_op_id - 1).to_be_bytes().to_vec();
+        if self.staging.as_ref().is_some_and(|s| s.steps > 0)
+            && let Some(v) = self.tx.get(&self.s.changes, &key).map_err(engine)?
+        {
+            let earlier: Changes = decode("changes", &v)?;
+            changes.buckets.extend(earlier.buckets);
+            changes.lookups.extend(earlier.lookups);
+        }
+        self.put(Space::Changes, key, encode(&changes)?)
+    }
+
     /// The row copy of `table` under `key` (a key of `rows`, from [`RowKeys::key`]).
     pub(super) fn record(&mut self, table: &str, key: &[u8]) -> Result<Option<RowRecord>> {
         if self.above_bound(table, key)
@@ -124,14 +414,14 @@ impl EmbeddedWriter<'_> {
         }
     }
 
-    fn remove_all(&mut self, space: &SingleWriterTxKeyspace) -> Result<()> {
+    fn remove_all(&mut self, space: Space) -> Result<()> {
         let keys: Vec<_> = self
             .tx
-            .iter(space)
-            .map(|g| g.key().map_err(engine))
+            .iter(self.s.get(space))
+            .map(|g| g.key().map(|k| k.to_vec()).map_err(engine))
             .collect::<Result<_>>()?;
         for k in keys {
-            self.tx.remove(space, k);
+            self.del(space, k)?;
         }
         Ok(())
     }
@@ -145,7 +435,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
         };
         let columns = match self.schemas.get(&rec.s) {
             Some(c) => c.clone(),
-            None => names_in(&self.tx, &self.s.meta, rec.s)?.into(),
+            None => names_in(&*self.tx, &self.s.meta, rec.s)?.into(),
         };
         Ok(Some(StoredRow {
             columns,
@@ -221,8 +511,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
                 .map_err(engine)?
                 .is_none()
             {
-                self.tx
-                    .insert(&self.s.meta, schema_key(s), encode(&&*row.columns)?);
+                self.put(Space::Meta, schema_key(s), encode(&&*row.columns)?)?;
             }
             self.schemas.insert(s, row.columns);
         }
@@ -234,11 +523,13 @@ impl StoreWriter for EmbeddedWriter<'_> {
             copies,
         }
         .to_bytes()?;
+        // Noted after the undo record, which asks the filter whether the key is new.
+        self.before_write(Space::Rows, &key, record.len())?;
         if new_key {
             self.note_key(table, &key);
         }
         self.tx.insert(&self.s.rows, key, record);
-        Ok(())
+        self.within_budget()
     }
 
     fn insert_row(
@@ -254,8 +545,8 @@ impl StoreWriter for EmbeddedWriter<'_> {
             // The same row again: its buckets, data and lookups are the ones stored.
             Some(mut rec) => {
                 rec.copies += 1;
-                self.tx.insert(&self.s.rows, key, rec.to_bytes()?);
-                Ok(())
+                self.put(Space::Rows, key, rec.to_bytes()?)?;
+                self.within_budget()
             }
             None => self.upsert_row(table, row_id, row, outputs, lookups),
         }
@@ -263,24 +554,38 @@ impl StoreWriter for EmbeddedWriter<'_> {
 
     fn delete_row(&mut self, table: &str, row_id: &RowId) -> Result<()> {
         let key = self.s.row_keys.key(table, row_id);
-        self.delete_at(table, key, &RowKeys::label(row_id), false)
+        self.delete_at(table, key, &RowKeys::label(row_id), false)?;
+        self.within_budget()
     }
 
     fn truncate(&mut self, table: &str) -> Result<()> {
+        use std::ops::Bound;
         let prefix = key2(table, b"");
-        let rows: Vec<(Vec<u8>, String)> = self
-            .tx
-            .prefix(&self.s.rows, &prefix)
-            .map(|g| {
-                g.key()
-                    .map(|k| (k.to_vec(), self.s.row_keys.label_of(&k[prefix.len()..])))
-                    .map_err(engine)
-            })
-            .collect::<Result<_>>()?;
-        for (key, label) in rows {
-            self.delete_at(table, key, &label, true)?;
+        // In batches, each read after the last key deleted (not over its tombstones again).
+        let mut from = Bound::Included(prefix.clone());
+        loop {
+            let rows: Vec<(Vec<u8>, String)> = self
+                .tx
+                .range(&self.s.rows, (from.clone(), Bound::Unbounded))
+                .take(TRUNCATE_BATCH)
+                .map(|g| g.key().map(|k| k.to_vec()).map_err(engine))
+                .take_while(|k| k.as_ref().map_or(true, |k| k.starts_with(&prefix)))
+                .map(|k| {
+                    k.map(|k| {
+                        let label = self.s.row_keys.label_of(&k[prefix.len()..]);
+                        (k, label)
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let Some((last, _)) = rows.last() else {
+                return Ok(());
+            };
+            from = Bound::Excluded(last.clone());
+            for (key, label) in rows {
+                self.delete_at(table, key, &label, true)?;
+                self.within_budget()?;
+            }
         }
-        Ok(())
     }
 
     fn set_position(&mut self, lsn: Lsn) {
@@ -303,14 +608,14 @@ impl StoreWriter for EmbeddedWriter<'_> {
 
     fn clear_all(&mut self) -> Result<()> {
         for space in [
-            self.s.op_log.clone(),
-            self.s.op_index.clone(),
-            self.s.rows.clone(),
-            self.s.buckets.clone(),
-            self.s.lookups.clone(),
-            self.s.changes.clone(),
+            Space::OpLog,
+            Space::OpIndex,
+            Space::Rows,
+            Space::Buckets,
+            Space::Lookups,
+            Space::Changes,
         ] {
-            self.remove_all(&space)?;
+            self.remove_all(space)?;
         }
         self.states.clear();
         self.changes = Changes::default();
@@ -320,6 +625,22 @@ impl StoreWriter for EmbeddedWriter<'_> {
         self.checkpoint.snapshot_complete = false;
         self.checkpoint.rebuilt_at = self.next_op_id;
         Ok(())
+    }
+
+    fn set_budget(&mut self, budget: Option<usize>) {
+        // Keys are noted from the first write on, or not at all.
+        if budget.is_some() && self.held == 0 && self.staging.is_none() && self.touched.is_none() {
+            self.touched = Some(Vec::new());
+        }
+        self.budget = budget;
+    }
+
+    fn is_staged(&self) -> bool {
+        self.staging.is_some()
+    }
+
+    fn held_bytes(&self) -> usize {
+        self.held + self.owners.len() * 24
     }
 
     fn commit(self) -> Result<StoreCheckpoint> {
@@ -349,40 +670,33 @@ impl EmbeddedWriter<'_> {
         // One of several identical rows: the others stay, in every bucket.
         if old.copies > 1 && !every_copy {
             old.copies -= 1;
-            self.tx.insert(&self.s.rows, key, old.to_bytes()?);
-            return Ok(());
+            return self.put(Space::Rows, key, old.to_bytes()?);
         }
         for p in &old.placements {
             self.remove_from(p, &key)?;
         }
         self.set_lookups(table, label, &old.lookups, &[])?;
-        self.tx.remove(&self.s.rows, key);
-        Ok(())
+        self.del(Space::Rows, key)
     }
 
     fn finish(mut self, mode: PersistMode) -> Result<StoreCheckpoint> {
-        for (b, p) in std::mem::take(&mut self.states) {
-            self.changes.buckets.insert(b.clone());
-            if !p.chunk.0.is_empty() {
-                put_chunk(&mut self.tx, &self.s, &b, p.state.last_op_id, p.chunk.0);
-            }
-            self.tx
-                .insert(&self.s.buckets, b.into_bytes(), encode(&p.state)?);
-        }
+        self.write_states()?;
+        self.write_changes()?;
         self.checkpoint.op_id = self.next_op_id - 1;
-        if !self.changes.buckets.is_empty() || !self.changes.lookups.is_empty() {
-            self.tx.insert(
-                &self.s.changes,
-                self.checkpoint.op_id.to_be_bytes().to_vec(),
-                encode(&self.changes)?,
-            );
-        }
         self.tx.insert(
             &self.s.meta,
             b"checkpoint".to_vec(),
             encode(&self.checkpoint)?,
         );
-        self.tx.durability(Some(mode)).commit().map_err(engine)?;
+        // A staged transaction is whole from this commit on: its mark goes with it (its
+        // records are garbage the next writer deletes).
+        if self.staging.is_some() {
+            self.tx.remove(&self.s.meta, STAGING);
+        }
+        let Some(tx) = self.tx.0.take() else {
+            unreachable!("the transaction is in its place between steps");
+        };
+        tx.durability(Some(mode)).commit().map_err(engine)?;
         Ok(self.checkpoint)
     }
 }

@@ -6,10 +6,12 @@ use walsync_types::{LookupEntry, OpKind, add_checksums, remove_checksum};
 
 use super::EmbeddedWriter;
 use crate::Result;
-use crate::embedded::chunk::{CHUNK_BYTES, push_op, put_chunk};
+use crate::embedded::Space;
+use crate::embedded::chunk::{CHUNK_BYTES, push_op};
 use crate::embedded::keys::lookup_key;
 use crate::embedded::record::{Writer, decode, encode, engine};
 use crate::embedded::row::Placement;
+use crate::embedded::stage::state_key;
 use crate::model::BucketState;
 
 pub(super) fn object_hash(bucket: &str, object_type: &str, object_id: &str) -> u64 {
@@ -33,8 +35,17 @@ pub(super) struct Pending {
 }
 
 impl EmbeddedWriter<'_> {
-    /// The state of a bucket this commit has not written to yet.
+    /// The state of a bucket this commit has not written to yet (for a staged writer, as its
+    /// last step left it).
     pub(super) fn stored_state(&self, bucket: &str) -> Result<BucketState> {
+        if self.staging.as_ref().is_some_and(|s| s.steps > 0)
+            && let Some(v) = self
+                .tx
+                .get(&self.s.stage, state_key(bucket))
+                .map_err(engine)?
+        {
+            return decode("bucket state", &v);
+        }
         Ok(
             match self
                 .tx
@@ -82,7 +93,7 @@ impl EmbeddedWriter<'_> {
         );
         if p.chunk.0.len() >= CHUNK_BYTES {
             let chunk = std::mem::replace(&mut p.chunk, Writer::with_capacity(1024));
-            put_chunk(&mut self.tx, &self.s, bucket, op_id, chunk.0);
+            self.put_chunk(bucket, op_id, chunk.0)?;
         }
         Ok(())
     }
@@ -91,9 +102,8 @@ impl EmbeddedWriter<'_> {
     /// under `row`, a key of `rows`) put that object in this commit.
     pub(super) fn remove_from(&mut self, p: &Placement, row: &[u8]) -> Result<()> {
         if self
-            .owners
-            .get(&object_hash(&p.bucket, &p.object_type, &p.object_id))
-            .is_some_and(|owner| *owner != key_hash(row))
+            .owner(object_hash(&p.bucket, &p.object_type, &p.object_id))?
+            .is_some_and(|owner| owner != key_hash(row))
         {
             return Ok(());
         }
@@ -126,19 +136,19 @@ impl EmbeddedWriter<'_> {
         let op_id = self.next_op_id;
         self.next_op_id += 1;
         for e in old.iter().filter(|e| !new.contains(e)) {
-            self.tx.insert(
-                &self.s.lookups,
+            self.put(
+                Space::Lookups,
                 lookup_key(&e.key.encode(), op_id, row),
                 b"null".to_vec(),
-            );
+            )?;
             self.changes.lookups.insert(e.key.clone());
         }
         for e in new.iter().filter(|e| !old.contains(e)) {
-            self.tx.insert(
-                &self.s.lookups,
+            self.put(
+                Space::Lookups,
                 lookup_key(&e.key.encode(), op_id, row),
                 encode(&e.parameters)?,
-            );
+            )?;
             self.changes.lookups.insert(e.key.clone());
         }
         Ok(())

@@ -1,0 +1,114 @@
+//! Memory of the replicator on one huge transaction and on a TRUNCATE of the table it filled:
+//! the process's peak resident memory over each (VmHWM, reset before each step), beside its
+//! rate. A storage write transaction larger than `replication.memory_budget` is staged in the
+//! store in bounded steps, so the peak should not grow with the transaction.
+//! `WALSYNC_BENCH_RSS=1` prints the resident memory every half second, to see where it grows.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use walsync_rules::SyncRules;
+use walsync_storage::{EmbeddedStore, StoreRead};
+use walsync_testkit::{Cluster, ClusterOptions};
+
+use super::snapshot::{RULES, process_memory as status};
+use super::source::{Key, insert_rows, schema};
+
+#[derive(Debug, Args)]
+pub(crate) struct MemoryArgs {
+    /// Rows of the one transaction.
+    #[arg(long, default_value_t = 1_000_000)]
+    rows: u64,
+    /// The primary key (`bigint`, `uuid4`, `uuid7`), as for the replication workloads.
+    #[arg(long, value_enum, default_value_t = Key::Uuid4)]
+    key: Key,
+    /// Bytes of one storage write transaction before it is staged, in MiB.
+    #[arg(long, default_value_t = walsync_replicator::DEFAULT_MEMORY_BUDGET >> 20)]
+    budget_mib: usize,
+}
+
+/// Resets the peak resident memory to the current (Linux: `clear_refs` 5).
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+pub(crate) fn run(args: MemoryArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let cluster = Cluster::start(ClusterOptions::default())?;
+    let rules = Arc::new(SyncRules::from_yaml(RULES)?);
+    let budget = args.budget_mib << 20;
+    if std::env::var_os("WALSYNC_BENCH_RSS").is_some() {
+        std::thread::spawn(|| {
+            loop {
+                eprintln!("rss {} MiB", status("VmRSS:") >> 20);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        });
+    }
+    let steps = rt.block_on(async {
+        let db = cluster.fresh_database().await?;
+        let sql = db.connect().await?;
+        sql.batch_execute(&schema(args.key, false)).await?;
+        let dir = tempfile::Builder::new()
+            .prefix("walsync-bench-")
+            .tempdir()?;
+        let store = Arc::new(EmbeddedStore::open(dir.path())?);
+        let mut r = super::replicator::start_with(&db.url, "bench_memory", &rules, &store, |c| {
+            c.memory_budget = budget;
+        })?;
+        while !store.checkpoint()?.snapshot_complete {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut steps = Vec::new();
+        let statements = [
+            (
+                format!("one transaction of {} rows", args.rows),
+                insert_rows("1", &args.rows.to_string(), args.key, false),
+            ),
+            (
+                format!("TRUNCATE of the {} rows", args.rows),
+                "TRUNCATE assessment_responses".to_owned(),
+            ),
+        ];
+        for (name, statement) in statements {
+            let txns = r.progress.borrow().transactions;
+            eprintln!("{name}");
+            reset_peak();
+            let before = status("VmRSS:");
+            let t = Instant::now();
+            sql.batch_execute(&statement).await?;
+            while r.progress.borrow().transactions <= txns {
+                tokio::time::timeout(Duration::from_secs(3600), r.progress.changed()).await??;
+            }
+            let elapsed = t.elapsed();
+            steps.push((name, elapsed, before, status("VmHWM:")));
+        }
+        super::replicator::finish(r).await?;
+        anyhow::Ok(steps)
+    })?;
+    println!(
+        "Memory of one huge transaction and of a TRUNCATE (process VmRSS before, VmHWM during)\n"
+    );
+    println!(
+        "machine: {}; budget per storage write transaction: {} MiB\n",
+        super::machine_facts(),
+        args.budget_mib
+    );
+    println!(
+        "| step | rows/s (from the statement to durable) | rss before | peak during | peak − before |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for (name, t, before, peak) in steps {
+        println!(
+            "| {name} | {:.0} | {} MiB | {} MiB | {} MiB |",
+            args.rows as f64 / t.as_secs_f64(),
+            before >> 20,
+            peak >> 20,
+            peak.saturating_sub(before) >> 20
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! Staged write transactions: a write transaction larger than its memory budget commits to the
+//! engine in steps, invisible to readers until its own commit, and undone whole by a crash or
+//! an abandonment before that.
+//!
+//! - **Invisible**: readers see a checkpoint through its position (`meta`), the bucket states
+//!   (`buckets`) and what lies at or below its op id. A step writes neither: ops, op index,
+//!   lookups and change-log entries all sit under op ids above the checkpoint, which readers
+//!   skip, and the buckets' new states wait in `stage` (`s`, the bucket) until the commit
+//!   writes them to `buckets` with the checkpoint, in one engine commit. (Readers never read
+//!   row copies.) No long-lived engine snapshot is held: one would keep every memtable written
+//!   meanwhile in memory.
+//! - **Undone**: the first time a step changes a row copy, the copy as it was (or its absence)
+//!   goes into `stage` (`u`, the keyspace's tag, the key); keys under the transaction's own op
+//!   ids are recorded as absent before. Each step also marks the store as staging (`meta` key
+//!   [`STAGING`]). [`recover`] puts every recorded value back in bounded batches (each a commit
+//!   of its own, idempotent, so a crash during it only means doing the rest again) and then
+//!   clears the mark; it runs when the store opens and before the next writer, so no writer
+//!   meets a half-written transaction. The commit of the transaction clears the mark in the
+//!   same engine commit as its checkpoint; the records left behind are garbage that [`recover`]
+//!   deletes later.
+//! - **Alone**: compaction and pruning take the store's `alone` lock, which a staged writer
+//!   holds for its whole life: nothing else writes between its steps.
+//!
+//! The objects a staged transaction PUT (`owners`, see the writer) are kept in `stage` too
+//! (`o`, the object's hash), so a transaction of any size holds a bounded part of them in
+//! memory. What its commit holds grows with the buckets it touched, not with its rows.
+
+use fjall::{PersistMode, Readable};
+
+use super::record::engine;
+use super::{EmbeddedStore, Space};
+use crate::Result;
+
+/// The `meta` key that says a staged transaction has steps in the store.
+pub(super) const STAGING: &[u8] = b"staging";
+/// Records of `stage` put back (or deleted) per commit by [`recover`].
+const RECOVER_BATCH: usize = 10_000;
+
+/// The record of `key` of `space` before the staged transaction: its undo key in `stage`.
+pub(super) fn undo_key(space: Space, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 2);
+    k.push(b'u');
+    k.push(space as u8);
+    k.extend_from_slice(key);
+    k
+}
+
+/// The undo value: the key's earlier value, or that it had none.
+pub(super) fn undo_value(before: Option<&[u8]>) -> Vec<u8> {
+    match before {
+        Some(v) => {
+            let mut out = Vec::with_capacity(v.len() + 1);
+            out.push(1);
+            out.extend_from_slice(v);
+            out
+        }
+        None => vec![0],
+    }
+}
+
+/// The key under which a staged transaction keeps the new state of a bucket.
+pub(super) fn state_key(bucket: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(bucket.len() + 1);
+    k.push(b's');
+    k.extend_from_slice(bucket.as_bytes());
+    k
+}
+
+/// The key under which a staged transaction keeps the owner of an object.
+pub(super) fn owner_key(object: u64) -> [u8; 9] {
+    let mut k = [b'o'; 9];
+    k[1..].copy_from_slice(&object.to_be_bytes());
+    k
+}
+
+/// Undoes a staged transaction that did not commit (its mark is set), and deletes the records
+/// of one that did; then readers see the store itself again.
+pub(super) fn recover(store: &EmbeddedStore) -> Result<()> {
+    let s = &store.s;
+    let mut undone = 0usize;
+    loop {
+        let mut tx = store.db.write_tx();
+        let staging = tx.get(&s.meta, STAGING).map_err(engine)?.is_some();
+        let batch: Vec<(fjall::Slice, fjall::Slice)> = tx
+            .iter(&s.stage)
+            .take(RECOVER_BATCH)
+            .map(|g| g.into_inner().map_err(engine))
+            .collect::<Result<_>>()?;
+        if batch.is_empty() {
+            if staging {
+                tx.remove(&s.meta, STAGING);
+                tx.durability(Some(PersistMode::SyncAll))
+                    .commit()
+                    .map_err(engine)?;
+                tracing::warn!(
+                    keys = undone,
+                    "a staged write transaction that never committed was undone"
+                );
+            }
+            break;
+        }
+        for (k, v) in batch {
+            if staging
+                && let [b'u', tag, key @ ..] = &*k
+                && let Some(space) = Space::from_tag(*tag)
+            {
+                let space = s.get(space);
+                match &*v {
+                    [1, before @ ..] => tx.insert(space, key, before),
+                    _ => tx.remove(space, key),
+                }
+                undone += 1;
+            }
+            tx.remove(&s.stage, k);
+        }
+        tx.durability(Some(PersistMode::Buffer))
+            .commit()
+            .map_err(engine)?;
+    }
+    Ok(())
+}
