@@ -557,6 +557,18 @@ fn apply_events<'s, S: BucketStore>(
                     committer.commit_as(w, applier, true)?;
                 }
             }
+            // Between source transactions, a writer holding half its budget commits (checked
+            // per event: one batch of events can hold many transactions).
+            apply::Next::Continue
+                if !applier.in_transaction
+                    && writer
+                        .as_ref()
+                        .is_some_and(|w| w.held_bytes() >= budget / 2) =>
+            {
+                if let Some(w) = writer.take() {
+                    committer.commit(w, applier)?;
+                }
+            }
             apply::Next::Continue => {}
             apply::Next::CommitNow => {
                 if let Some(w) = writer.take() {
