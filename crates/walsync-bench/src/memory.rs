@@ -1,6 +1,6 @@
 //! Memory of the replicator on one huge transaction and on a TRUNCATE of the table it filled:
 //! the process's peak resident memory over each (VmHWM, reset before each step), beside its
-//! rate. A storage write transaction larger than `replication.memory_budget` is staged in the
+//! rate. A storage write transaction larger than `storage.memory_budget_mib` is staged in the
 //! store in bounded steps, so the peak should not grow with the transaction.
 //! `WALSYNC_BENCH_RSS=1` prints the resident memory every half second, to see where it grows.
 
