@@ -33,6 +33,17 @@ fn insert(n: u32) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_values_reach_clients_as_postgresql_prints_them() -> anyhow::Result<()> {
+    hostile_values_arrive(false).await
+}
+
+/// The same values in one source transaction far beyond a 16 KiB memory budget: the storage
+/// writer becomes staged and they arrive exactly the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_values_in_a_staged_transaction_arrive_the_same() -> anyhow::Result<()> {
+    hostile_values_arrive(true).await
+}
+
+async fn hostile_values_arrive(staged: bool) -> anyhow::Result<()> {
     let db = shared().fresh_database().await?;
     let sql = db.connect().await?;
     sql.batch_execute(SCHEMA).await?;
@@ -48,14 +59,34 @@ async fn hostile_values_reach_clients_as_postgresql_prints_them() -> anyhow::Res
         rules: Arc::new(SyncRules::from_yaml(RULES)?),
         dir,
     };
-    let (stop, task) = seed::spawn(&s, seed::config(&s));
-    // Rows in the stream too, some of them in one transaction, and a row after them.
-    for n in 3..6 {
-        s.sql.batch_execute(&insert(n)).await?;
+    let mut config = seed::config(&s);
+    if staged {
+        config.memory_budget = 16 << 10;
     }
-    s.sql
-        .batch_execute(&format!("BEGIN; {}; {}; COMMIT", insert(6), insert(7)))
-        .await?;
+    let (stop, task) = seed::spawn(&s, config);
+    // The rows below come through the stream, not the initial copy.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !s.store.checkpoint()?.snapshot_complete {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no initial copy");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let streamed = if staged {
+        // Sixty rows in one transaction: several times the budget.
+        let rows: Vec<String> = (3..63).map(insert).collect();
+        s.sql
+            .batch_execute(&format!("BEGIN; {}; COMMIT", rows.join("; ")))
+            .await?;
+        60
+    } else {
+        // Rows in the stream too, some of them in one transaction, and a row after them.
+        for n in 3..6 {
+            s.sql.batch_execute(&insert(n)).await?;
+        }
+        s.sql
+            .batch_execute(&format!("BEGIN; {}; {}; COMMIT", insert(6), insert(7)))
+            .await?;
+        5
+    };
     s.sql
         .batch_execute("INSERT INTO docs (id) VALUES ('after')")
         .await?;
@@ -79,7 +110,7 @@ async fn hostile_values_reach_clients_as_postgresql_prints_them() -> anyhow::Res
             (id, serde_json::from_str(&j).expect("json"))
         })
         .collect();
-    assert_eq!(want.len(), 9);
+    assert_eq!(want.len(), 3 + streamed + 1);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let got = loop {
         let got = seed::actual(&s.store);
