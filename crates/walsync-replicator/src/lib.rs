@@ -359,16 +359,7 @@ struct Committer<'a> {
 
 impl Committer<'_> {
     fn commit<W: StoreWriter>(&mut self, writer: W, applier: &mut Applier) -> Result<()> {
-        self.commit_as(writer, applier, false)
-    }
-
-    /// [`Committer::commit`] of a writer that is `staged` or not.
-    fn commit_as<W: StoreWriter>(
-        &mut self,
-        writer: W,
-        applier: &mut Applier,
-        staged: bool,
-    ) -> Result<()> {
+        let staged = writer.is_staged();
         if let Some(e) = self.failed.lock().ok().and_then(|mut f| f.take()) {
             return Err(ReplicatorError::Storage(e));
         }
@@ -450,10 +441,7 @@ fn apply_loop<S: BucketStore>(
             Err(e) => break Err(e),
         }
         let full = applier.pending_txns >= committer.config.max_commit_txns
-            || applier.pending_rows >= committer.config.max_commit_rows
-            || writer
-                .as_ref()
-                .is_some_and(|w| w.held_bytes() >= committer.config.memory_budget / 2);
+            || applier.pending_rows >= committer.config.max_commit_rows;
         if full
             && !applier.in_transaction
             && let Some(w) = writer.take()
@@ -505,15 +493,15 @@ fn apply_events<'s, S: BucketStore>(
             Some(w) => w,
             None => {
                 // Given its budget before any write, so that it notes its keys and can become
-                // staged where it stands; held to it only within source transactions (below).
+                // staged where it stands.
                 let w = writer.insert(store.writer()?);
                 w.set_budget(Some(budget));
-                if !applier.in_transaction {
-                    w.set_budget(None);
-                }
                 w
             }
         };
+        // Held to the budget only within source transactions: a snapshot's batches are
+        // bounded by the source, and cannot be applied again alone.
+        w.set_budget(applier.in_transaction.then_some(budget));
         let staged_end = matches!(
             &event,
             walsync_source::SourceEvent::Commit { commit_lsn, .. } if Some(*commit_lsn) == *stage
@@ -535,15 +523,9 @@ fn apply_events<'s, S: BucketStore>(
             }
             Err(e) => return Err(e),
         };
-        // Within a source transaction, an ordinary writer is bounded by the budget (a
-        // snapshot's batches are bounded by the source, and cannot be applied again alone).
-        if !staged_begin && let Some(w) = writer.as_mut() {
-            w.set_budget(applier.in_transaction.then_some(budget));
-        }
-        let became_staged =
-            !applier.in_transaction && writer.as_ref().is_some_and(|w| w.is_staged());
+        let staged = !applier.in_transaction && writer.as_ref().is_some_and(|w| w.is_staged());
         match next {
-            apply::Next::Continue if staged_end || became_staged => {
+            apply::Next::Continue if staged => {
                 // The staged transaction is whole: it commits alone.
                 if staged_end {
                     *stage = None;
@@ -554,7 +536,7 @@ fn apply_events<'s, S: BucketStore>(
                     );
                 }
                 if let Some(w) = writer.take() {
-                    committer.commit_as(w, applier, true)?;
+                    committer.commit(w, applier)?;
                 }
             }
             // Between source transactions, a writer holding half its budget commits (checked

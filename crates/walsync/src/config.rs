@@ -245,16 +245,20 @@ mod tests {
         assert_eq!(redact_url("host='unterminated password=x"), "***");
     }
 
+    /// `walsync.toml` holding `text`, in a folder of its own (kept while the first is).
+    fn config_file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("walsync.toml");
+        std::fs::write(&path, text).expect("write");
+        (dir, path)
+    }
+
     #[test]
     #[allow(clippy::result_large_err)]
     fn file_then_environment() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("walsync.toml");
-        std::fs::write(
-            &path,
+        let (_dir, path) = config_file(
             "rules = \"rules.yaml\"\n[postgres]\nurl = \"postgres://u:pw@h/db\"\n[auth]\nsecret = \"s3cret\"\naudience = [\"a\"]\n",
-        )
-        .expect("write");
+        );
         figment::Jail::expect_with(|jail| {
             jail.set_env("WALSYNC__SERVER__MAX_CONNECTIONS", "7");
             jail.set_env("WALSYNC__AUTH__SECRET", "from-env");
@@ -275,13 +279,9 @@ mod tests {
     #[test]
     #[allow(clippy::result_large_err)]
     fn predicates_from_the_environment_may_be_bare_booleans() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("walsync.toml");
-        std::fs::write(
-            &path,
+        let (_dir, path) = config_file(
             "rules = \"r\"\n[postgres]\nurl = \"x\"\n[auth]\nsecret = \"s\"\n[writes]\n",
-        )
-        .expect("write");
+        );
         figment::Jail::expect_with(|jail| {
             jail.set_env("WALSYNC__WRITES__TABLES__NOTES__UPDATE", "true");
             jail.set_env("WALSYNC__WRITES__TABLES__NOTES__DELETE", "false");

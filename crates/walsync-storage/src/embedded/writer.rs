@@ -41,6 +41,16 @@ impl<'a> std::ops::Deref for Tx<'a> {
     }
 }
 
+impl<'a> Tx<'a> {
+    /// The transaction, to commit.
+    fn take(&mut self) -> SingleWriterWriteTx<'a> {
+        match self.0.take() {
+            Some(t) => t,
+            None => unreachable!("the transaction is in its place between steps"),
+        }
+    }
+}
+
 impl std::ops::DerefMut for Tx<'_> {
     fn deref_mut(&mut self) -> &mut Self::Target {
         match &mut self.0 {
@@ -182,12 +192,7 @@ impl EmbeddedWriter<'_> {
             // A row copy as it was before its first change in this transaction.
             Space::Rows => {
                 // A key the filter never saw was never in `rows`, nor touched since.
-                let unseen = self
-                    .known
-                    .filter
-                    .as_ref()
-                    .is_some_and(|f| f.surely_absent(key));
-                if unseen {
+                if self.never_held(key) {
                     None
                 } else if self.tx.get(&self.s.stage, &k).map_err(engine)?.is_some() {
                     return Ok(());
@@ -215,8 +220,7 @@ impl EmbeddedWriter<'_> {
         let Some(budget) = self.budget else {
             return Ok(());
         };
-        let held = self.held + self.owners.len() * 24;
-        if held < budget {
+        if self.held_bytes() < budget {
             return Ok(());
         }
         if self.staging.is_none() && !self.become_staged()? {
@@ -273,13 +277,9 @@ impl EmbeddedWriter<'_> {
 
     /// Commits what this staged writer holds as a step nobody reads, and opens the next.
     fn step(&mut self) -> Result<()> {
-        for (b, p) in std::mem::take(&mut self.states) {
-            if !p.chunk.0.is_empty() {
-                self.put_chunk(&b, p.state.last_op_id, p.chunk.0)?;
-            }
+        for (b, state) in self.close_chunks()? {
             self.tx
-                .insert(&self.s.stage, state_key(&b), encode(&p.state)?);
-            self.changes.buckets.insert(b);
+                .insert(&self.s.stage, state_key(&b), encode(&state)?);
         }
         self.write_changes()?;
         for (object, owner) in std::mem::take(&mut self.owners) {
@@ -287,16 +287,14 @@ impl EmbeddedWriter<'_> {
                 .insert(&self.s.stage, owner_key(object), owner.to_be_bytes());
         }
         self.tx.insert(&self.s.meta, STAGING, b"1");
-        let Some(staging) = &mut self.staging else {
-            unreachable!("only a staged writer takes steps");
-        };
-        let Some(tx) = self.tx.0.take() else {
-            unreachable!("the transaction is in its place between steps");
-        };
-        tx.durability(Some(PersistMode::Buffer))
+        self.tx
+            .take()
+            .durability(Some(PersistMode::Buffer))
             .commit()
             .map_err(engine)?;
-        staging.steps += 1;
+        if let Some(staging) = &mut self.staging {
+            staging.steps += 1;
+        }
         self.tx.0 = Some(self.home.db.write_tx());
         self.held = 0;
         Ok(())
@@ -319,8 +317,8 @@ impl EmbeddedWriter<'_> {
             .map(u64::from_be_bytes))
     }
 
-    /// Writes each bucket's open chunk and new state, and notes the bucket as changed; a staged
-    /// writer also the states its steps kept.
+    /// Writes each bucket's open chunk and new state; a staged writer also the states its steps
+    /// kept.
     fn write_states(&mut self) -> Result<()> {
         if self.staging.as_ref().is_some_and(|s| s.steps > 0) {
             let kept: Vec<(fjall::Slice, fjall::Slice)> = self
@@ -335,14 +333,24 @@ impl EmbeddedWriter<'_> {
                 }
             }
         }
+        for (b, state) in self.close_chunks()? {
+            self.put(Space::Buckets, b.into_bytes(), encode(&state)?)?;
+        }
+        Ok(())
+    }
+
+    /// Writes each bucket's open chunk and notes the bucket as changed: the buckets' new
+    /// states, for the caller to keep.
+    fn close_chunks(&mut self) -> Result<Vec<(String, crate::model::BucketState)>> {
+        let mut states = Vec::with_capacity(self.states.len());
         for (b, p) in std::mem::take(&mut self.states) {
             if !p.chunk.0.is_empty() {
                 self.put_chunk(&b, p.state.last_op_id, p.chunk.0)?;
             }
-            self.put(Space::Buckets, b.clone().into_bytes(), encode(&p.state)?)?;
-            self.changes.buckets.insert(b);
+            self.changes.buckets.insert(b.clone());
+            states.push((b, p.state));
         }
-        Ok(())
+        Ok(states)
     }
 
     /// Writes what this transaction changed under its last op id so far, with what an earlier
@@ -363,15 +371,17 @@ impl EmbeddedWriter<'_> {
         self.put(Space::Changes, key, encode(&changes)?)
     }
 
+    /// Whether `rows` never held `key`, by the filter of its keys (no engine read).
+    fn never_held(&self, key: &[u8]) -> bool {
+        self.known
+            .filter
+            .as_ref()
+            .is_some_and(|f| f.surely_absent(key))
+    }
+
     /// The row copy of `table` under `key` (a key of `rows`, from [`RowKeys::key`]).
     pub(super) fn record(&mut self, table: &str, key: &[u8]) -> Result<Option<RowRecord>> {
-        if self.above_bound(table, key)
-            || self
-                .known
-                .filter
-                .as_ref()
-                .is_some_and(|f| f.surely_absent(key))
-        {
+        if self.above_bound(table, key) || self.never_held(key) {
             return Ok(None);
         }
         self.tx
@@ -693,10 +703,11 @@ impl EmbeddedWriter<'_> {
         if self.staging.is_some() {
             self.tx.remove(&self.s.meta, STAGING);
         }
-        let Some(tx) = self.tx.0.take() else {
-            unreachable!("the transaction is in its place between steps");
-        };
-        tx.durability(Some(mode)).commit().map_err(engine)?;
+        self.tx
+            .take()
+            .durability(Some(mode))
+            .commit()
+            .map_err(engine)?;
         Ok(self.checkpoint)
     }
 }
