@@ -4,9 +4,12 @@
 
 use support::seed;
 
+use std::collections::BTreeMap;
+
 use seed::{config, setup, spawn, wait_until_equal, workload};
 use walsync_replicator::ReplicatorError;
 use walsync_storage::StoreRead;
+use walsync_storage::conformance::ClientBucket;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buckets_match_postgres_after_random_changes() -> anyhow::Result<()> {
@@ -128,8 +131,84 @@ async fn toast_truncate_and_schema_changes_reach_the_buckets() -> anyhow::Result
     Ok(())
 }
 
+/// Waits until the store has a position on the current slot, follows `s.rules` and holds what
+/// they select from PostgreSQL.
+async fn until_the_rules_are_followed(s: &seed::Setup) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let cp = s.store.checkpoint()?;
+        if cp.snapshot_complete
+            && cp.lsn.is_some()
+            && cp.rules.as_deref() == Some(s.rules.fingerprint())
+            && seed::actual(&s.store) == seed::expected(s).await?
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the buckets never followed the rules"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Every bucket's client copy, replayed from the store.
+fn clients(s: &seed::Setup) -> BTreeMap<String, ClientBucket> {
+    s.store
+        .buckets()
+        .expect("buckets")
+        .into_iter()
+        .map(|b| {
+            let mut c = ClientBucket::default();
+            c.catch_up(&*s.store, &b);
+            (b, c)
+        })
+        .collect()
+}
+
+/// After a re-copy: each client that held `before` catches up to what the rules select from
+/// PostgreSQL now, with checksums that verify, and the ops it downloads (those after `at`)
+/// are exactly the objects that differ: a PUT for each new or changed one, a REMOVE for each
+/// gone. Returns how many.
+async fn only_the_difference_was_sent(
+    s: &seed::Setup,
+    before: &BTreeMap<String, ClientBucket>,
+    at: u64,
+) -> anyhow::Result<usize> {
+    let want = seed::expected(s).await?;
+    let now = s.store.checkpoint()?;
+    let empty = BTreeMap::new();
+    let mut names: std::collections::BTreeSet<&String> = want.keys().collect();
+    names.extend(before.keys());
+    let (mut sent, mut differ) = (0, 0);
+    for b in names {
+        let want = want.get(b).unwrap_or(&empty);
+        let mut client = before.get(b).cloned().unwrap_or_default();
+        let old = client.rows.clone();
+        differ += want.iter().filter(|(k, v)| old.get(*k) != Some(*v)).count();
+        differ += old.keys().filter(|k| !want.contains_key(*k)).count();
+        sent += s.store.ops(b, at, now.op_id, usize::MAX)?.len();
+        client.catch_up(&*s.store, b);
+        anyhow::ensure!(
+            &client.rows == want,
+            "bucket {b}: a client caught up differs from postgresql"
+        );
+        let state = s.store.bucket_states(std::slice::from_ref(b))?[0].unwrap_or_default();
+        anyhow::ensure!(client.checksum == state.checksum, "bucket {b}: checksum");
+    }
+    anyhow::ensure!(
+        sent == differ,
+        "{sent} ops sent for {differ} objects that differ"
+    );
+    Ok(sent)
+}
+
+/// The slot is lost while walsync is down and the data changes meanwhile. walsync makes the
+/// slot again and copies the tables anew while clients are still served what they hold; the
+/// switch emits ops only for what differs, so a client keeps every op that is still true.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_slot_is_made_again_and_the_buckets_built_anew() -> anyhow::Result<()> {
+async fn a_lost_slot_is_copied_anew_and_clients_download_only_the_difference() -> anyhow::Result<()>
+{
     let s = setup().await?;
     let (stop, task) = spawn(&s, config(&s));
     workload(&s.sql, 31, 150).await?;
@@ -137,20 +216,27 @@ async fn a_lost_slot_is_made_again_and_the_buckets_built_anew() -> anyhow::Resul
     stop.send(true)?;
     task.await??;
     let before = s.store.checkpoint()?;
+    let held = clients(&s);
     // While walsync is down its slot goes (dropped by hand here; max_slot_wal_keep_size does the
     // same) and the data changes: those changes are in no slot any more.
     let slot = config(&s).source.slot;
     s.sql
         .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
         .await?;
-    workload(&s.sql, 37, 150).await?;
+    workload(&s.sql, 37, 40).await?;
     let (stop, task) = spawn(&s, config(&s));
     wait_until_equal(&s).await?;
     let after = s.store.checkpoint()?;
     assert!(after.snapshot_complete);
+    assert_eq!(
+        after.rebuilt_at, before.rebuilt_at,
+        "not rebuilt from nothing"
+    );
+    let sent = only_the_difference_was_sent(&s, &held, before.op_id).await?;
+    let objects: usize = held.values().map(|c| c.rows.len()).sum();
     assert!(
-        after.op_id > before.op_id,
-        "op ids keep growing across the rebuild"
+        sent > 0 && sent < objects / 2,
+        "{sent} ops for {objects} objects"
     );
     // The new slot streams on.
     workload(&s.sql, 41, 60).await?;
@@ -160,30 +246,45 @@ async fn a_lost_slot_is_made_again_and_the_buckets_built_anew() -> anyhow::Resul
     Ok(())
 }
 
-/// A rebuild after a lost slot, stopped at each of its commits in turn (the slot made, each
-/// snapshot batch, the end): whenever the store says its checkpoint is servable it holds what
-/// PostgreSQL holds, and the run after the last interruption converges. Before, a stop right
-/// after the new slot's commit left the store "complete" at the old slot's position, and the next
-/// start streamed on from there: the changes made while the slot was gone were lost.
+/// A re-copy after a lost slot, stopped everywhere in turn (right after the new slot's commit,
+/// in the middle of the copy with steps of it in the store, right after its commit): whenever
+/// the store serves a checkpoint it is the one clients held before or what PostgreSQL holds
+/// now, and the run after the last interruption converges. (Before the re-copy, a stop right
+/// after the new slot's commit left the store "complete" at the old slot's position, and the
+/// next start streamed on from there: the changes made while the slot was gone were lost.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rebuild_interrupted_at_any_commit_loses_nothing() -> anyhow::Result<()> {
+async fn a_rebuild_interrupted_anywhere_loses_nothing() -> anyhow::Result<()> {
     let s = setup().await?;
     let (stop, task) = spawn(&s, config(&s));
     workload(&s.sql, 43, 100).await?;
     wait_until_equal(&s).await?;
     stop.send(true)?;
     task.await??;
+    let old = seed::actual(&s.store);
+    let held = clients(&s);
+    let at = s.store.checkpoint()?.op_id;
     let slot = config(&s).source.slot;
     s.sql
         .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
         .await?;
     workload(&s.sql, 47, 150).await?;
+    let total: i64 = s
+        .scalar("SELECT (SELECT count(*) FROM assessment_responses) + (SELECT count(*) FROM project_members)")
+        .await?;
     let mut interrupted = 0;
-    for after in 1..=8 {
+    let faults = [
+        (Some(1), None),
+        (None, Some(40)),
+        (None, Some(total as u64 / 2)),
+        (Some(2), None),
+    ];
+    for (commits, rows) in faults {
         let mut c = config(&s);
-        // Small batches, so that the snapshot takes several commits.
+        // Small batches and a small budget, so that the copy takes steps.
         c.source.snapshot_batch_rows = 40;
-        c.fail_after_commits = Some(after);
+        c.memory_budget = 16 << 10;
+        c.fail_after_commits = commits;
+        c.fail_after_snapshot_rows = rows;
         let (stop, mut task) = spawn(&s, c);
         // A run that completes the rebuild before its fault is stopped once idle.
         let result = loop {
@@ -195,33 +296,33 @@ async fn a_rebuild_interrupted_at_any_commit_loses_nothing() -> anyhow::Result<(
             }
         };
         match result {
-            Err(ReplicatorError::Injected(_)) => interrupted += 1,
+            Err(ReplicatorError::Injected(_) | ReplicatorError::InjectedInSnapshot(_)) => {
+                interrupted += 1
+            }
             Ok(()) => {}
             Err(e) => return Err(e.into()),
         }
-        if s.store.checkpoint()?.snapshot_complete {
-            let (got, want) = (seed::actual(&s.store), seed::expected(&s).await?);
-            let differing: Vec<&String> = want
-                .keys()
-                .filter(|b| got.get(*b) != want.get(*b))
-                .collect();
-            assert!(
-                got == want,
-                "a servable checkpoint after an interruption at commit {after} differs from postgresql in {differing:?}"
-            );
-        }
+        let cp = s.store.checkpoint()?;
+        assert!(cp.snapshot_complete, "what clients held stays servable");
+        let got = seed::actual(&s.store);
+        assert!(
+            got == old || got == seed::expected(&s).await?,
+            "an interruption ({commits:?} commits, {rows:?} rows) left a checkpoint that is neither the old one nor postgresql's"
+        );
     }
-    assert!(interrupted >= 3, "the faults fired ({interrupted})");
+    assert_eq!(interrupted, faults.len(), "every fault fired");
     let (stop, task) = spawn(&s, config(&s));
     wait_until_equal(&s).await?;
+    only_the_difference_was_sent(&s, &held, at).await?;
     stop.send(true)?;
     task.await??;
     Ok(())
 }
 
 /// The sync rules change while walsync is stopped. A change of layout or comments alone is no
-/// change: nothing is rebuilt. A tightened filter is: the buckets are built anew from a new
-/// snapshot, and rows the new rules no longer select leave them (before, they stayed forever).
+/// change: nothing is rebuilt. A tightened filter is: the tables are copied anew, and rows the
+/// new rules no longer select leave the buckets (before, they stayed forever) by a REMOVE each,
+/// the only ops clients download.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changed_rules_build_the_buckets_anew() -> anyhow::Result<()> {
     let s = setup().await?;
@@ -249,6 +350,8 @@ async fn changed_rules_build_the_buckets_anew() -> anyhow::Result<()> {
         "nothing was rebuilt"
     );
 
+    let held = clients(&s);
+    let at = s.store.checkpoint()?.op_id;
     let from = "SELECT * FROM assessment_responses WHERE project_id = bucket.project_id";
     assert!(seed_rules.contains(from));
     let tightened = seed_rules.replace(from, &format!("{from} AND answer <> 'x'"));
@@ -260,25 +363,14 @@ async fn changed_rules_build_the_buckets_anew() -> anyhow::Result<()> {
         ..s
     };
     let (stop, task) = spawn(&s, config(&s));
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let cp = s.store.checkpoint()?;
-        if cp.snapshot_complete
-            && cp.rules.as_deref() == Some(s.rules.fingerprint())
-            && seed::actual(&s.store) == seed::expected(&s).await?
-        {
-            break;
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the buckets never followed the new rules"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(
-        s.store.checkpoint()?.rebuilt_at > built.rebuilt_at,
-        "rebuilt"
+    until_the_rules_are_followed(&s).await?;
+    assert_eq!(
+        s.store.checkpoint()?.rebuilt_at,
+        built.rebuilt_at,
+        "copied anew, not rebuilt from nothing"
     );
+    let removed = only_the_difference_was_sent(&s, &held, at).await?;
+    assert!(removed > 0, "the responses now filtered out were removed");
     let leaked = seed::actual(&s.store)
         .values()
         .flat_map(|rows| rows.values())
@@ -287,6 +379,117 @@ async fn changed_rules_build_the_buckets_anew() -> anyhow::Result<()> {
     assert_eq!(leaked, 0, "no response the new rules filter out is left");
     stop.send(true)?;
     task.await??;
+    Ok(())
+}
+
+/// The rule changes the re-copy property draws from: a text replaced in the seed rules, and
+/// the membership the new rules give, in SQL.
+const RULE_CHANGES: &[(&str, &str, &str)] = &[
+    // No change: only the slot is lost.
+    (
+        "",
+        "",
+        "SELECT DISTINCT project_id FROM project_members WHERE user_id = $1",
+    ),
+    // A tightened filter.
+    (
+        "SELECT * FROM assessment_responses WHERE project_id = bucket.project_id",
+        "SELECT * FROM assessment_responses WHERE project_id = bucket.project_id AND answer <> 'x'",
+        "SELECT DISTINCT project_id FROM project_members WHERE user_id = $1",
+    ),
+    // A table no longer read.
+    (
+        "      - SELECT * FROM teams WHERE project_id = bucket.project_id\n",
+        "",
+        "SELECT DISTINCT project_id FROM project_members WHERE user_id = $1",
+    ),
+    // Fewer columns of a table.
+    (
+        "SELECT * FROM projects WHERE id = bucket.project_id",
+        "SELECT id, name FROM projects WHERE id = bucket.project_id",
+        "SELECT DISTINCT project_id FROM project_members WHERE user_id = $1",
+    ),
+    // A narrower membership: the buckets' data is the same, the lookups change.
+    (
+        "WHERE user_id = request.user_id()\n",
+        "WHERE user_id = request.user_id() AND role <> 'viewer'\n",
+        "SELECT DISTINCT project_id FROM project_members WHERE user_id = $1 AND role <> 'viewer'",
+    ),
+];
+
+/// Property of the re-copy, over seeds: a store built from a random workload, random changes
+/// while walsync is down, the slot lost or not, one of [`RULE_CHANGES`]. After the switch the
+/// buckets hold what the new rules select from PostgreSQL, each user's buckets are those SQL
+/// gives, and a client of the old checkpoint downloads exactly the objects that differ (so
+/// every unchanged row kept its op).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recopy_after_any_loss_or_rule_change_sends_only_the_difference() -> anyhow::Result<()> {
+    for case in 0..10u64 {
+        let (from, to, members) = RULE_CHANGES[case as usize % RULE_CHANGES.len()];
+        let lost = case % 2 == 0 || from.is_empty();
+        let s = setup().await?;
+        s.sql
+            .batch_execute("INSERT INTO teams (project_id, name) SELECT 1 + i % 6, 'team ' || i FROM generate_series(1, 20) i")
+            .await?;
+        let (stop, task) = spawn(&s, config(&s));
+        workload(&s.sql, case * 7 + 1, 80).await?;
+        wait_until_equal(&s).await?;
+        stop.send(true)?;
+        task.await??;
+        let held = clients(&s);
+        let at = s.store.checkpoint()?.op_id;
+        if lost {
+            s.sql
+                .execute("SELECT pg_drop_replication_slot($1)", &[&s.slot])
+                .await?;
+        }
+        workload(&s.sql, case * 7 + 3, 60).await?;
+        s.sql
+            .batch_execute(&format!(
+                "UPDATE assessment_responses SET answer = 'x' WHERE id % 5 = {}; \
+                 UPDATE teams SET name = 'renamed' WHERE id % 4 = {}",
+                case % 5,
+                case % 4
+            ))
+            .await?;
+        let text = walsync_testkit::seed::RULES.replace(from, to);
+        assert!(from.is_empty() || text != walsync_testkit::seed::RULES);
+        let s = seed::Setup {
+            rules: std::sync::Arc::new(walsync_rules::SyncRules::from_yaml(&text)?),
+            ..s
+        };
+        let (stop, task) = spawn(&s, config(&s));
+        until_the_rules_are_followed(&s)
+            .await
+            .map_err(|e| e.context(format!("case {case}")))?;
+        let cp = s.store.checkpoint()?;
+        for user in walsync_testkit::seed::USERS {
+            let (mut got, lookups) = s.rules.resolve_request(&walsync_rules::RequestContext {
+                user_id: user.to_string(),
+                ..Default::default()
+            });
+            for key in lookups {
+                for params in s.store.lookup(&key, cp.op_id)? {
+                    got.push(walsync_types::bucket_id(&key.definition, &params));
+                }
+            }
+            let got: std::collections::BTreeSet<String> = got.into_iter().collect();
+            let mut want: std::collections::BTreeSet<String> = s
+                .sql
+                .query(members, &[user])
+                .await?
+                .iter()
+                .map(|r| format!("user_projects[{}]", r.get::<_, i64>(0)))
+                .collect();
+            want.insert(format!("me[\"{user}\"]"));
+            assert_eq!(got, want, "case {case}: buckets of {user}");
+        }
+        only_the_difference_was_sent(&s, &held, at)
+            .await
+            .map_err(|e| e.context(format!("case {case}")))?;
+        stop.send(true)?;
+        task.await??;
+    }
     Ok(())
 }
 

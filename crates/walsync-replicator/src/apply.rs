@@ -38,6 +38,23 @@ pub struct Applier {
     /// The commit position of the source transaction being applied (it names the transaction
     /// to stage when it outgrows the memory budget).
     pub(crate) transaction: Option<Lsn>,
+    /// The store serves a checkpoint: a new snapshot is a **re-copy**, applied as one
+    /// transaction of its own ([`StoreWriter::copy_row`]) that readers see whole at its end.
+    /// Else the store is emptied and the copy commits batch by batch.
+    pub(crate) recopy: bool,
+}
+
+/// How a row reaches the store.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    /// Copied by a re-copy.
+    Copied,
+    /// It joins the table under its id (an insert, an initial snapshot, an update that changed
+    /// its id); in a table without a key (`REPLICA IDENTITY FULL`) an identical row may be there
+    /// already, and this is one more copy of it.
+    Joins,
+    /// It replaces the row under its id.
+    Replaces,
 }
 
 impl Applier {
@@ -53,6 +70,7 @@ impl Applier {
             snapshot_table_rows: HashMap::new(),
             in_transaction: false,
             transaction: None,
+            recopy: false,
         }
     }
 
@@ -99,7 +117,14 @@ impl Applier {
                 Next::CommitNow
             }
             SourceEvent::SnapshotBegin { .. } => {
-                w.clear_all()?;
+                if self.recopy {
+                    self.in_transaction = true;
+                    tracing::info!(
+                        "copying the tables anew while clients are served the last checkpoint"
+                    );
+                } else {
+                    w.clear_all()?;
+                }
                 self.snapshot_rows = 0;
                 self.snapshot_table_rows.clear();
                 Next::Continue
@@ -107,8 +132,13 @@ impl Applier {
             SourceEvent::SnapshotTable(_) | SourceEvent::Relation(_) => Next::Continue,
             SourceEvent::SnapshotRows { table, rows } => {
                 let n = rows.len();
+                let arrival = if self.recopy {
+                    Arrival::Copied
+                } else {
+                    Arrival::Joins
+                };
                 for row in rows {
-                    self.upsert(w, &table, row, None, true)?;
+                    self.upsert(w, &table, row, None, arrival)?;
                 }
                 self.snapshot_rows += n as u64;
                 self.pending_rows += n;
@@ -121,9 +151,18 @@ impl Applier {
                     total_rows = self.snapshot_rows,
                     "snapshot progress: rows copied of this table, and of all tables"
                 );
-                Next::CommitNow
+                // A re-copy commits whole, at its end.
+                if self.recopy {
+                    Next::Continue
+                } else {
+                    Next::CommitNow
+                }
             }
             SourceEvent::SnapshotEnd { consistent_point } => {
+                if self.recopy {
+                    w.drop_uncopied()?;
+                    self.in_transaction = false;
+                }
                 w.set_position(consistent_point);
                 w.set_snapshot_complete();
                 w.set_rules(self.rules.fingerprint());
@@ -171,7 +210,7 @@ impl Applier {
 
     fn change<W: StoreWriter>(&mut self, w: &mut W, change: Change) -> Result<()> {
         match change {
-            Change::Insert { table, new } => self.upsert(w, &table, new, None, true),
+            Change::Insert { table, new } => self.upsert(w, &table, new, None, Arrival::Joins),
             Change::Update { table, old, new } => {
                 let info = self.info(&table);
                 if !info.read {
@@ -188,11 +227,13 @@ impl Applier {
                 } else {
                     None
                 };
-                let moved = old_id != new_id;
-                if moved {
+                let arrival = if old_id != new_id {
                     w.delete_row(&name, &old_id)?;
-                }
-                self.upsert(w, &table, new, stored.as_ref(), moved)
+                    Arrival::Joins
+                } else {
+                    Arrival::Replaces
+                };
+                self.upsert(w, &table, new, stored.as_ref(), arrival)
             }
             Change::Delete { table, old } => {
                 let info = self.info(&table);
@@ -218,16 +259,13 @@ impl Applier {
 
     /// Writes a row: its copy, the buckets the rules put it in, its lookups. Unchanged TOAST
     /// values are taken from `stored`.
-    /// `arrives`: the row joins the table under its id (an insert, the snapshot, an update that
-    /// changed its id); in a table without a key (`REPLICA IDENTITY FULL`) an identical row may
-    /// be there already, and this is one more copy of it.
     fn upsert<W: StoreWriter>(
         &mut self,
         w: &mut W,
         table: &Arc<Table>,
         row: Row,
         stored: Option<&StoredRow>,
-        arrives: bool,
+        arrival: Arrival,
     ) -> Result<()> {
         let info = self.info(table);
         if !info.read {
@@ -274,10 +312,13 @@ impl Applier {
             columns: names,
             values: kept,
         };
-        if arrives && table.replica_identity == ReplicaIdentity::Full {
-            w.insert_row(&qualified, &id, copy, outputs, lookups)?;
-        } else {
-            w.upsert_row(&qualified, &id, copy, outputs, lookups)?;
+        let full = table.replica_identity == ReplicaIdentity::Full;
+        match arrival {
+            Arrival::Copied => w.copy_row(&qualified, &id, copy, outputs, lookups)?,
+            Arrival::Joins if full => w.insert_row(&qualified, &id, copy, outputs, lookups)?,
+            Arrival::Joins | Arrival::Replaces => {
+                w.upsert_row(&qualified, &id, copy, outputs, lookups)?
+            }
         }
         Ok(())
     }

@@ -43,6 +43,9 @@ pub enum ReplicatorError {
     /// A fault a test injected between the storage commit and the acknowledgement.
     #[error("injected fault after storage commit {0}")]
     Injected(u64),
+    /// A fault a test injected while a snapshot was being applied.
+    #[error("injected fault after {0} snapshot rows")]
+    InjectedInSnapshot(u64),
     /// The buckets were built with other sync rules, and the slot is not walsync's own, so the
     /// tables cannot be copied anew without a gap.
     #[error(
@@ -69,6 +72,8 @@ pub struct ReplicatorConfig {
     pub memory_budget: usize,
     /// Test hook: fail right after this many storage commits, before acknowledging.
     pub fail_after_commits: Option<u64>,
+    /// Test hook: fail once a snapshot has applied this many rows (before a re-copy commits).
+    pub fail_after_snapshot_rows: Option<u64>,
 }
 
 /// 1,000 small transactions or 50,000 rows keep a storage commit to some tens of milliseconds
@@ -87,6 +92,7 @@ impl ReplicatorConfig {
             max_commit_rows: DEFAULT_MAX_COMMIT_ROWS,
             memory_budget: DEFAULT_MEMORY_BUDGET,
             fail_after_commits: None,
+            fail_after_snapshot_rows: None,
         }
     }
 }
@@ -200,6 +206,7 @@ fn run_blocking<S: BucketStore>(
         };
         rebuild = false;
         let mut applier = Applier::new(rules.clone());
+        applier.recopy = cp.snapshot_complete;
         match session(
             &handle,
             &config,
@@ -478,15 +485,20 @@ fn apply_events<'s, S: BucketStore>(
             &event,
             walsync_source::SourceEvent::Begin { commit_lsn, .. } if Some(*commit_lsn) == *stage
         );
-        if staged_begin {
+        // A re-copy is one transaction, of any size.
+        let recopy_begin =
+            applier.recopy && matches!(&event, walsync_source::SourceEvent::SnapshotBegin { .. });
+        if staged_begin || recopy_begin {
             // Between transactions: what is written so far commits first.
             if let Some(w) = writer.take() {
                 committer.commit(w, applier)?;
             }
-            tracing::info!(
-                budget_bytes = budget,
-                "a source transaction larger than the memory budget is staged in the store"
-            );
+            if staged_begin {
+                tracing::info!(
+                    budget_bytes = budget,
+                    "a source transaction larger than the memory budget is staged in the store"
+                );
+            }
             *writer = Some(store.staged_writer(budget)?);
         }
         let w = match writer.as_mut() {
@@ -506,6 +518,7 @@ fn apply_events<'s, S: BucketStore>(
             &event,
             walsync_source::SourceEvent::Commit { commit_lsn, .. } if Some(*commit_lsn) == *stage
         );
+        let copying = matches!(&event, walsync_source::SourceEvent::SnapshotRows { .. });
         let next = match applier.apply(w, event) {
             Ok(next) => next,
             // A writer that could not become staged where it stood (compaction held the store).
@@ -523,6 +536,12 @@ fn apply_events<'s, S: BucketStore>(
             }
             Err(e) => return Err(e),
         };
+        if let Some(n) = committer.config.fail_after_snapshot_rows
+            && copying
+            && applier.snapshot_rows >= n
+        {
+            return Err(ReplicatorError::InjectedInSnapshot(applier.snapshot_rows));
+        }
         let staged = !applier.in_transaction && writer.as_ref().is_some_and(|w| w.is_staged());
         match next {
             apply::Next::Continue if staged => {

@@ -156,6 +156,7 @@ pub fn run_all<S: BucketStore>(fresh: impl Fn() -> S) {
     identical_rows_are_copies_of_one(&fresh());
     many_bucket_states_read_alike(&fresh());
     staged_writes_equal_unstaged_ones(&fresh(), &fresh(), &fresh());
+    a_recopy_emits_only_what_differs(&fresh(), &fresh(), &fresh());
 }
 
 /// Bucket states asked for many at once (a user in thousands of projects; a backend may read
@@ -967,11 +968,12 @@ pub fn clear_all_starts_over_with_growing_op_ids<S: BucketStore>(store: &S) {
     let first = w.commit().expect("commit");
     assert!(first.snapshot_complete);
     // A new slot (after a lost one) makes the stored position meaningless at once, in the same
-    // commit, however long the new snapshot takes and whether or not it ever finishes.
+    // commit, however long the new snapshot takes and whether or not it ever finishes; what
+    // was servable stays servable meanwhile (the new snapshot is a re-copy).
     let mut w = store.writer().expect("writer");
     w.set_slot_owned("s");
     let remade = w.commit().expect("commit");
-    assert!(!remade.snapshot_complete && remade.lsn.is_none());
+    assert!(remade.snapshot_complete && remade.lsn.is_none());
     assert_eq!(remade.slot_owned.as_deref(), Some("s"));
     let mut w = store.writer().expect("writer");
     w.set_position(Lsn(10));
@@ -1123,7 +1125,15 @@ impl Dice {
 /// membership lookup for some, and `public.u` with copies of identical rows.
 pub fn staged_base<S: BucketStore>(store: &S) -> crate::StoreCheckpoint {
     let mut w = store.writer().expect("writer");
-    for i in 0..STAGED_ROWS {
+    base_rows(&mut w, STAGED_ROWS, false);
+    w.commit().expect("commit")
+}
+
+/// Rows `0..n` of `public.t` in buckets by `i % 7` with a membership lookup for every third,
+/// and of `public.u`; with `more`, two identical copies of every fourth row of `public.u` and
+/// every tenth row in `public.gone` too.
+fn base_rows<W: StoreWriter>(w: &mut W, n: i64, more: bool) {
+    for i in 0..n {
         let id = i.to_string();
         let lookups = if i % 3 == 0 {
             vec![member(&format!("u{}", i % STAGED_USERS), i % 5)]
@@ -1138,18 +1148,29 @@ pub fn staged_base<S: BucketStore>(store: &S) -> crate::StoreCheckpoint {
             lookups,
         )
         .expect("upsert");
-        w.insert_row(
-            "public.u",
-            &row_id(&id),
-            row(i),
-            vec![out("u", &id, "{}")],
-            vec![],
-        )
-        .expect("insert");
+        for _ in 0..1 + u8::from(more && i % 4 == 0) {
+            w.insert_row(
+                "public.u",
+                &row_id(&id),
+                row(i),
+                vec![out("u", &id, "{}")],
+                vec![],
+            )
+            .expect("insert");
+        }
+        if more && i % 10 == 0 {
+            w.upsert_row(
+                "public.gone",
+                &row_id(&id),
+                row(i),
+                vec![out("g", &id, "{}")],
+                vec![],
+            )
+            .expect("upsert");
+        }
     }
     w.set_position(Lsn(100));
     w.set_snapshot_complete();
-    w.commit().expect("commit")
 }
 
 /// One large transaction of every kind of write: updates that move rows between buckets
@@ -1251,5 +1272,180 @@ pub fn staged_writes_equal_unstaged_ones<S: BucketStore>(plain: &S, staged: &S, 
     }
     for store in [staged, converted] {
         assert_eq!(Seen::read(store, base.op_id), Seen::read(plain, base.op_id));
+    }
+}
+
+/// Rows of the re-copy checks' base ([`base_rows`] with more).
+const RECOPY_ROWS: i64 = 400;
+
+/// The tables as a new snapshot finds them: of `public.t` some rows are gone, some changed
+/// their data, their bucket or their lookup, most are unchanged, and there are new ones;
+/// `public.u` holds none, one or two copies of each row; `public.gone` is not read. With
+/// `copy` they are written as a re-copy, else as new rows into an empty store.
+fn recopy_tables<W: StoreWriter>(w: &mut W, copy: bool) {
+    let mut d = Dice(99);
+    let write = |w: &mut W, table: &str, id: &str, v: i64, outputs, lookups| {
+        let r = if copy {
+            w.copy_row(table, &row_id(id), row(v), outputs, lookups)
+        } else {
+            w.insert_row(table, &row_id(id), row(v), outputs, lookups)
+        };
+        r.expect("write");
+    };
+    for i in 0..RECOPY_ROWS + RECOPY_ROWS / 4 {
+        let id = i.to_string();
+        let (mut bucket, mut data) = (i % 7, format!("{{\"v\":{i}}}"));
+        let mut lookups = if i % 3 == 0 {
+            vec![member(&format!("u{}", i % STAGED_USERS), i % 5)]
+        } else {
+            vec![]
+        };
+        match (i < RECOPY_ROWS).then(|| d.roll(8)) {
+            Some(0) => continue,
+            Some(1) => data = format!("{{\"v\":{i},\"changed\":true}}"),
+            Some(2) => bucket = (bucket + 1) % 7,
+            Some(3) => lookups = vec![member(&format!("u{}", (i + 1) % STAGED_USERS), 9)],
+            _ => {}
+        }
+        let outputs = vec![out(&format!("b{bucket}"), &id, &data)];
+        write(w, "public.t", &id, i, outputs, lookups);
+        for _ in 0..d.roll(3) {
+            write(w, "public.u", &id, i, vec![out("u", &id, "{}")], vec![]);
+        }
+    }
+    if copy {
+        w.drop_uncopied().expect("drop uncopied");
+    }
+    w.set_position(Lsn(300));
+    w.set_snapshot_complete();
+}
+
+/// A re-copy (a new snapshot of the tables while the store serves the last checkpoint),
+/// by a staged writer with a tiny budget and by an ordinary one: readers see the last
+/// checkpoint until it commits; then every bucket holds what a store built from the new
+/// snapshot alone holds, with checksums that verify; the ops it added are exactly the
+/// objects that differ (a PUT for each new or changed one, a REMOVE for each gone), so a
+/// client that held the old checkpoint keeps every unchanged op and downloads only those;
+/// lookups follow, and identical rows keep their number of copies.
+pub fn a_recopy_emits_only_what_differs<S: BucketStore>(staged: &S, plain: &S, fresh: &S) {
+    let mut w = fresh.writer().expect("writer");
+    recopy_tables(&mut w, false);
+    w.commit().expect("commit");
+    let names = |s: &S| -> std::collections::BTreeSet<String> {
+        s.buckets().expect("buckets").into_iter().collect()
+    };
+    for store in [staged, plain] {
+        let mut w = store.writer().expect("writer");
+        base_rows(&mut w, RECOPY_ROWS, true);
+        let base = w.commit().expect("commit");
+        let before: BTreeMap<String, ClientBucket> = names(store)
+            .into_iter()
+            .map(|b| {
+                let c = ClientBucket::read(store, &b);
+                (b, c)
+            })
+            .collect();
+        let seen = Seen::read(store, 0).without_rows();
+        let mut w = if std::ptr::eq(store, staged) {
+            store.staged_writer(4 << 10).expect("staged writer")
+        } else {
+            store.writer().expect("writer")
+        };
+        recopy_tables(&mut w, true);
+        assert_eq!(
+            Seen::read(store, 0).without_rows(),
+            seen,
+            "readers see the last checkpoint during a re-copy"
+        );
+        assert_eq!(w.is_staged(), std::ptr::eq(store, staged));
+        let done = w.commit().expect("commit");
+        let buckets = names(store)
+            .union(&names(fresh))
+            .cloned()
+            .collect::<Vec<_>>();
+        let mut expected_ops = 0;
+        let mut added_ops = 0;
+        let mut unchanged = 0;
+        for b in &buckets {
+            let want = ClientBucket::read(fresh, b);
+            let got = ClientBucket::read(store, b);
+            assert_eq!(
+                got.rows, want.rows,
+                "bucket {b} holds what the new snapshot holds"
+            );
+            state_matches_replay(store, b);
+            let old = before.get(b).cloned().unwrap_or_default();
+            expected_ops += want
+                .rows
+                .iter()
+                .filter(|(k, v)| old.rows.get(*k) != Some(*v))
+                .count();
+            expected_ops += old
+                .rows
+                .keys()
+                .filter(|k| !want.rows.contains_key(*k))
+                .count();
+            unchanged += want
+                .rows
+                .iter()
+                .filter(|(k, v)| old.rows.get(*k) == Some(*v))
+                .count();
+            added_ops += store
+                .ops(b, base.op_id, done.op_id, usize::MAX)
+                .expect("ops")
+                .len();
+            let mut client = old;
+            client.catch_up(store, b);
+            assert_eq!(
+                client.rows, want.rows,
+                "a client of the old checkpoint, caught up"
+            );
+            let state = store
+                .bucket_states(std::slice::from_ref(b))
+                .expect("states")[0]
+                .unwrap_or_default();
+            assert_eq!(client.checksum, state.checksum, "and its checksum verifies");
+        }
+        assert!(expected_ops > 0 && unchanged > RECOPY_ROWS as usize / 2);
+        assert_eq!(
+            added_ops, expected_ops,
+            "ops only for the objects that differ"
+        );
+        for u in 0..STAGED_USERS {
+            let sorted = |s: &S, at: u64| {
+                let mut l = s.lookup(&key(&format!("u{u}")), at).expect("lookup");
+                l.sort_by_key(|p| p.iter().map(ToString::to_string).collect::<Vec<_>>());
+                l
+            };
+            assert_eq!(
+                sorted(store, done.op_id),
+                sorted(fresh, u64::MAX),
+                "lookups of u{u}"
+            );
+        }
+        assert!(
+            store
+                .row("public.gone", &row_id("10"))
+                .expect("row")
+                .is_none()
+        );
+    }
+    // Identical rows kept their number of copies: one delete of each leaves those that had two.
+    for store in [staged, plain, fresh] {
+        let mut w = store.writer().expect("writer");
+        for i in 0..RECOPY_ROWS + RECOPY_ROWS / 4 {
+            w.delete_row("public.u", &row_id(i.to_string()))
+                .expect("delete");
+        }
+        w.commit().expect("commit");
+    }
+    let want = ClientBucket::read(fresh, "u").rows;
+    assert!(!want.is_empty());
+    for store in [staged, plain] {
+        assert_eq!(
+            ClientBucket::read(store, "u").rows,
+            want,
+            "copies of identical rows"
+        );
     }
 }

@@ -156,6 +156,26 @@ pub trait StoreWriter {
         lookups: Vec<LookupEntry>,
     ) -> Result<()>;
 
+    /// A row as a new snapshot of its table copies it while the store still serves the last
+    /// checkpoint (a **re-copy**, after a lost slot or a change of the sync rules): as
+    /// `upsert_row`, so a row whose buckets, data and lookups are unchanged emits nothing,
+    /// and the row is marked as copied. The first copy under an id replaces what is stored;
+    /// each further one (identical rows of a table without a key) is one more copy.
+    fn copy_row(
+        &mut self,
+        table: &TableName,
+        row_id: &RowId,
+        values: StoredRow,
+        outputs: Vec<RowOutput>,
+        lookups: Vec<LookupEntry>,
+    ) -> Result<()>;
+
+    /// The end of a re-copy: deletes every stored row that no `copy_row` of this transaction
+    /// named (rows deleted while the slot was gone, tables the rules no longer read), with
+    /// their REMOVEs. Clients then hold exactly what the copy holds, and downloaded only what
+    /// differs.
+    fn drop_uncopied(&mut self) -> Result<()>;
+
     /// The row is gone: REMOVE from each of its buckets, drop its lookups.
     fn delete_row(&mut self, table: &TableName, row_id: &RowId) -> Result<()>;
 
@@ -173,8 +193,9 @@ pub trait StoreWriter {
 
     /// The consumer created the slot `slot` (so it may drop it to start afresh). A new slot
     /// starts at a new position: what the store holds is no longer complete as of any position
-    /// of it, so the checkpoint stops being servable (and its position is forgotten) until the
-    /// new initial snapshot completes. An interruption before that starts over.
+    /// of it, so its position is forgotten until a new snapshot completes (an interruption
+    /// before that starts over). A checkpoint that was servable stays servable meanwhile:
+    /// it is what clients hold, and the new snapshot is a re-copy ([`StoreWriter::copy_row`]).
     fn set_slot_owned(&mut self, slot: &str);
 
     /// Discards everything: used before a new initial snapshot.

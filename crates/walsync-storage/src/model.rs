@@ -34,14 +34,16 @@ pub struct BucketState {
 pub struct StoreCheckpoint {
     /// The last op id written (0: none).
     pub op_id: u64,
-    /// Everything the source sent up to this position is in the store.
+    /// Everything the source sent up to this position is in the store. `None`: no position
+    /// of the current slot yet (a new slot's snapshot has not completed).
     pub lsn: Option<Lsn>,
-    /// The initial snapshot is complete, so the checkpoint may be served.
+    /// The initial snapshot is complete, so the checkpoint may be served (it stays so while
+    /// a re-copy runs: see [`crate::StoreWriter::copy_row`]).
     pub snapshot_complete: bool,
     /// The slot this store's data came from, when walsync created it.
     pub slot_owned: Option<String>,
-    /// The first op id after the store was last emptied (for its initial snapshot, or to
-    /// rebuild after a lost slot). Readers that saw a checkpoint of an earlier value must start
+    /// The first op id after the store was last emptied (for an initial snapshot that starts
+    /// over). Readers that saw a checkpoint of an earlier value must start
     /// over: the change log begins again at this op.
     #[serde(default)]
     pub rebuilt_at: u64,

@@ -230,10 +230,14 @@ impl Hub {
     }
 
     /// Publishes the store's checkpoint if it is new, waking the connections it concerns.
-    pub(crate) fn publish<S: BucketStore>(&self, store: &S) -> Result<(), SyncError> {
+    pub(crate) fn publish<S: BucketStore>(
+        &self,
+        store: &S,
+        servable: impl Fn(&walsync_storage::StoreCheckpoint) -> bool,
+    ) -> Result<(), SyncError> {
         let snap = store.snapshot()?;
         let cp = snap.checkpoint()?;
-        if !cp.snapshot_complete {
+        if !servable(&cp) {
             return Ok(());
         }
         let now = Published {

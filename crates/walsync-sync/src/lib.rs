@@ -176,6 +176,18 @@ impl<S: BucketStore + 'static> SyncCore<S> {
         &self.store
     }
 
+    /// Whether clients may be served `cp`: the initial snapshot is complete, and the buckets
+    /// follow these rules (while the replicator re-copies the tables for changed rules,
+    /// clients keep what they hold, and hear of the difference when it commits). A store that
+    /// names no rules (an earlier version's) is taken as following these.
+    pub(crate) fn servable(&self, cp: &walsync_storage::StoreCheckpoint) -> bool {
+        cp.snapshot_complete
+            && cp
+                .rules
+                .as_deref()
+                .is_none_or(|r| r == self.rules.fingerprint())
+    }
+
     /// Opens a stream for `identity`. The lines arrive on the returned receiver; dropping it
     /// ends the connection.
     pub fn open(self: &Arc<Self>, identity: Identity, request: SyncRequest) -> Lines {
@@ -220,7 +232,7 @@ impl<S: BucketStore + 'static> SyncCore<S> {
             if *stop.borrow() {
                 break;
             }
-            if let Err(e) = self.hub.publish(&*self.store) {
+            if let Err(e) = self.hub.publish(&*self.store, |cp| self.servable(cp)) {
                 tracing::error!(error = %e, "sync hub could not read the store");
             }
             tokio::select! {

@@ -189,7 +189,7 @@ impl<S: BucketStore + 'static> Connection<S> {
         loop {
             let snap = self.core.store.snapshot()?;
             let cp = snap.checkpoint()?;
-            if cp.snapshot_complete {
+            if self.core.servable(&cp) {
                 self.full_checkpoint(&snap, &cp).await?;
                 break;
             }
@@ -200,8 +200,9 @@ impl<S: BucketStore + 'static> Connection<S> {
             self.wait().await?;
             let snap = self.core.store.snapshot()?;
             let cp = snap.checkpoint()?;
-            if !cp.snapshot_complete {
-                // The store is being rebuilt: the client keeps what it has until it completes.
+            if !self.core.servable(&cp) {
+                // The buckets are being built for these rules: the client keeps what it has
+                // until they are.
                 continue;
             }
             if cp.rebuilt_at != self.rebuilt_at {

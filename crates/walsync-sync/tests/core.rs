@@ -309,6 +309,38 @@ async fn a_rebuilt_store_sends_live_streams_a_full_checkpoint() {
     assert!(matches!(&got[0], Line::CheckpointDiff(_)), "{:?}", got[0]);
 }
 
+/// While the store's buckets follow other sync rules (the replicator is copying the tables
+/// anew for these), a client is sent no checkpoint: it keeps what it holds. Once the store
+/// follows these rules, it is served.
+#[tokio::test]
+async fn streams_wait_while_the_buckets_follow_other_rules() {
+    let (_dir, store) = store();
+    put(&store, "notes", r#"mine["u1"]"#, 0, 3);
+    let mut w = store.writer().expect("writer");
+    w.set_rules("the fingerprint of other rules");
+    w.commit().expect("commit");
+    let core = core(store.clone(), SyncConfig::default());
+    let mut lines = core.open(identity("u1"), SyncRequest::default());
+    let waited = tokio::time::timeout(Duration::from_millis(700), async {
+        loop {
+            if let Line::Checkpoint(_) = next(&mut lines).await {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        waited.is_err(),
+        "no checkpoint of buckets built with other rules"
+    );
+    let mut w = store.writer().expect("writer");
+    w.set_rules(SyncRules::from_yaml(RULES).expect("rules").fingerprint());
+    w.commit().expect("commit");
+    core.notify_checkpoint();
+    let got = until_complete(&mut lines).await;
+    assert!(matches!(&got[0], Line::Checkpoint(_)), "{:?}", got[0]);
+}
+
 /// History pruned while a stream has not yet seen it (here: pruned before the hub heard of the
 /// commit): the stream cannot diff from its last checkpoint, so it is sent a full checkpoint
 /// with the data it lacks, not nothing.

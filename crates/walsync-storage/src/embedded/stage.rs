@@ -23,7 +23,7 @@
 //!
 //! The objects a staged transaction PUT (`owners`, see the writer) are kept in `stage` too
 //! (`o`, the object's hash), so a transaction of any size holds a bounded part of them in
-//! memory. What its commit holds grows with the buckets it touched, not with its rows.
+//! memory; so are the row keys a re-copy copied (`c`, the key of `rows`). What its commit holds grows with the buckets it touched, not with its rows.
 
 use fjall::{PersistMode, Readable};
 
@@ -63,6 +63,14 @@ pub(super) fn state_key(bucket: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(bucket.len() + 1);
     k.push(b's');
     k.extend_from_slice(bucket.as_bytes());
+    k
+}
+
+/// The mark of a row key of `rows` a re-copy copied ([`crate::StoreWriter::copy_row`]).
+pub(super) fn copied_key(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(b'c');
+    k.extend_from_slice(key);
     k
 }
 

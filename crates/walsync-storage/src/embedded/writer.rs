@@ -12,7 +12,7 @@ use walsync_types::{LookupEntry, Lsn, OpKind, RowId, RowOutput, put_digest};
 use super::keys::{RowKeys, key2, op_key, schema_id, schema_key};
 use super::record::{decode, encode, engine};
 use super::row::{Placement, RowRecord, names_in};
-use super::stage::{STAGING, owner_key, state_key, undo_key, undo_value};
+use super::stage::{STAGING, copied_key, owner_key, state_key, undo_key, undo_value};
 use super::{KnownKeys, Space, Spaces};
 use crate::model::{Changes, StoreCheckpoint, StoredRow};
 use crate::{Result, StorageError, StoreWriter};
@@ -461,13 +461,211 @@ impl StoreWriter for EmbeddedWriter<'_> {
         outputs: Vec<RowOutput>,
         lookups: Vec<LookupEntry>,
     ) -> Result<()> {
+        self.place(table, row_id, row, outputs, lookups, Some(1))
+    }
+    fn insert_row(
+        &mut self,
+        table: &str,
+        row_id: &RowId,
+        row: StoredRow,
+        outputs: Vec<RowOutput>,
+        lookups: Vec<LookupEntry>,
+    ) -> Result<()> {
+        let key = self.s.row_keys.key(table, row_id);
+        match self.record(table, &key)? {
+            // The same row again: its buckets, data and lookups are the ones stored.
+            Some(mut rec) => {
+                rec.copies += 1;
+                self.put(Space::Rows, key, rec.to_bytes()?)?;
+                self.within_budget()
+            }
+            None => self.upsert_row(table, row_id, row, outputs, lookups),
+        }
+    }
+
+    fn copy_row(
+        &mut self,
+        table: &str,
+        row_id: &RowId,
+        row: StoredRow,
+        outputs: Vec<RowOutput>,
+        lookups: Vec<LookupEntry>,
+    ) -> Result<()> {
+        let key = self.s.row_keys.key(table, row_id);
+        let mark = copied_key(&key);
+        if self.tx.get(&self.s.stage, &mark).map_err(engine)?.is_some() {
+            return self.insert_row(table, row_id, row, outputs, lookups);
+        }
+        // The marks are garbage after the commit (or a drop): the next writer deletes them.
+        self.home
+            .dirty
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.held += mark.len() + ENTRY_OVERHEAD;
+        self.tx.insert(&self.s.stage, mark, []);
+        self.place(table, row_id, row, outputs, lookups, Some(1))
+    }
+
+    fn drop_uncopied(&mut self) -> Result<()> {
+        use std::ops::Bound;
+        // In batches of `rows` (each read after the last key seen), merged with the marks of
+        // the same range.
+        let mut from = Bound::Unbounded;
+        loop {
+            let keys: Vec<Vec<u8>> = self
+                .tx
+                .range::<Vec<u8>, _>(&self.s.rows, (from.clone(), Bound::Unbounded))
+                .take(TRUNCATE_BATCH)
+                .map(|g| g.key().map(|k| k.to_vec()).map_err(engine))
+                .collect::<Result<_>>()?;
+            let (Some(first), Some(last)) = (keys.first(), keys.last()) else {
+                return Ok(());
+            };
+            let copied: std::collections::HashSet<Vec<u8>> = self
+                .tx
+                .range(&self.s.stage, copied_key(first)..=copied_key(last))
+                .map(|g| g.key().map(|k| k[1..].to_vec()).map_err(engine))
+                .collect::<Result<_>>()?;
+            from = Bound::Excluded(last.clone());
+            for key in keys {
+                if copied.contains(&key) {
+                    continue;
+                }
+                let Some(at) = key.iter().position(|b| *b == 0) else {
+                    return Err(StorageError::Corrupt {
+                        what: "row key",
+                        detail: "no table name".into(),
+                    });
+                };
+                let table = String::from_utf8_lossy(&key[..at]).into_owned();
+                let label = self.s.row_keys.label_of(&key[at + 1..]);
+                self.delete_at(&table, key, &label, true)?;
+                self.within_budget()?;
+            }
+        }
+    }
+
+    fn delete_row(&mut self, table: &str, row_id: &RowId) -> Result<()> {
+        let key = self.s.row_keys.key(table, row_id);
+        self.delete_at(table, key, &RowKeys::label(row_id), false)?;
+        self.within_budget()
+    }
+
+    fn truncate(&mut self, table: &str) -> Result<()> {
+        use std::ops::Bound;
+        let prefix = key2(table, b"");
+        // In batches, each read after the last key deleted (not over its tombstones again).
+        let mut from = Bound::Included(prefix.clone());
+        loop {
+            let rows: Vec<(Vec<u8>, String)> = self
+                .tx
+                .range(&self.s.rows, (from.clone(), Bound::Unbounded))
+                .take(TRUNCATE_BATCH)
+                .map(|g| g.key().map(|k| k.to_vec()).map_err(engine))
+                .take_while(|k| k.as_ref().map_or(true, |k| k.starts_with(&prefix)))
+                .map(|k| {
+                    k.map(|k| {
+                        let label = self.s.row_keys.label_of(&k[prefix.len()..]);
+                        (k, label)
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let Some((last, _)) = rows.last() else {
+                return Ok(());
+            };
+            from = Bound::Excluded(last.clone());
+            for (key, label) in rows {
+                self.delete_at(table, key, &label, true)?;
+                self.within_budget()?;
+            }
+        }
+    }
+
+    fn set_position(&mut self, lsn: Lsn) {
+        self.checkpoint.lsn = Some(lsn);
+    }
+
+    fn set_snapshot_complete(&mut self) {
+        self.checkpoint.snapshot_complete = true;
+    }
+
+    fn set_rules(&mut self, fingerprint: &str) {
+        self.checkpoint.rules = Some(fingerprint.to_owned());
+    }
+
+    fn set_slot_owned(&mut self, slot: &str) {
+        self.checkpoint.slot_owned = Some(slot.to_owned());
+        self.checkpoint.lsn = None;
+    }
+
+    fn clear_all(&mut self) -> Result<()> {
+        for space in [
+            Space::OpLog,
+            Space::OpIndex,
+            Space::Rows,
+            Space::Buckets,
+            Space::Lookups,
+            Space::Changes,
+        ] {
+            self.remove_all(space)?;
+        }
+        self.states.clear();
+        self.changes = Changes::default();
+        // Op ids keep growing across a rebuild, so that no client's `after` can name an op of
+        // the new data by accident.
+        self.checkpoint.lsn = None;
+        self.checkpoint.snapshot_complete = false;
+        self.checkpoint.rebuilt_at = self.next_op_id;
+        Ok(())
+    }
+
+    fn set_budget(&mut self, budget: Option<usize>) {
+        // Keys are noted from the first write on, or not at all.
+        if budget.is_some() && self.held == 0 && self.staging.is_none() && self.touched.is_none() {
+            self.touched = Some(Vec::new());
+        }
+        self.budget = budget;
+    }
+
+    fn is_staged(&self) -> bool {
+        self.staging.is_some()
+    }
+
+    fn held_bytes(&self) -> usize {
+        self.held + self.owners.len() * 24
+    }
+
+    fn commit(self) -> Result<StoreCheckpoint> {
+        self.finish(PersistMode::SyncAll)
+    }
+
+    fn commit_deferred(self) -> Result<StoreCheckpoint> {
+        // Written through to the operating system, so that only a machine crash (not a process
+        // crash) can lose it before the sync.
+        self.finish(PersistMode::Buffer)
+    }
+}
+
+impl EmbeddedWriter<'_> {
+    /// Writes the row: PUTs where its data or buckets changed, REMOVEs from buckets it left,
+    /// its lookups, its copy. `copies`: how many identical rows the copy stands for (`None`:
+    /// as stored, or one for a new row).
+    fn place(
+        &mut self,
+        table: &str,
+        row_id: &RowId,
+        row: StoredRow,
+        outputs: Vec<RowOutput>,
+        lookups: Vec<LookupEntry>,
+        copies: Option<u32>,
+    ) -> Result<()> {
         let key = self.s.row_keys.key(table, row_id);
         let old = self.record(table, &key)?;
         let new_key = old.is_none();
-        let (old_placements, old_lookups, copies) = match old {
+        let (old_placements, old_lookups, stored_copies) = match old {
             Some(r) => (r.placements, r.lookups, r.copies),
             None => (Vec::new(), Vec::new(), 1),
         };
+        let copies = copies.unwrap_or(stored_copies);
         let mut placements = Vec::with_capacity(outputs.len());
         for out in outputs {
             let digest = put_digest(&out.object_type, &out.object_id, &out.data);
@@ -540,127 +738,6 @@ impl StoreWriter for EmbeddedWriter<'_> {
         }
         self.tx.insert(&self.s.rows, key, record);
         self.within_budget()
-    }
-
-    fn insert_row(
-        &mut self,
-        table: &str,
-        row_id: &RowId,
-        row: StoredRow,
-        outputs: Vec<RowOutput>,
-        lookups: Vec<LookupEntry>,
-    ) -> Result<()> {
-        let key = self.s.row_keys.key(table, row_id);
-        match self.record(table, &key)? {
-            // The same row again: its buckets, data and lookups are the ones stored.
-            Some(mut rec) => {
-                rec.copies += 1;
-                self.put(Space::Rows, key, rec.to_bytes()?)?;
-                self.within_budget()
-            }
-            None => self.upsert_row(table, row_id, row, outputs, lookups),
-        }
-    }
-
-    fn delete_row(&mut self, table: &str, row_id: &RowId) -> Result<()> {
-        let key = self.s.row_keys.key(table, row_id);
-        self.delete_at(table, key, &RowKeys::label(row_id), false)?;
-        self.within_budget()
-    }
-
-    fn truncate(&mut self, table: &str) -> Result<()> {
-        use std::ops::Bound;
-        let prefix = key2(table, b"");
-        // In batches, each read after the last key deleted (not over its tombstones again).
-        let mut from = Bound::Included(prefix.clone());
-        loop {
-            let rows: Vec<(Vec<u8>, String)> = self
-                .tx
-                .range(&self.s.rows, (from.clone(), Bound::Unbounded))
-                .take(TRUNCATE_BATCH)
-                .map(|g| g.key().map(|k| k.to_vec()).map_err(engine))
-                .take_while(|k| k.as_ref().map_or(true, |k| k.starts_with(&prefix)))
-                .map(|k| {
-                    k.map(|k| {
-                        let label = self.s.row_keys.label_of(&k[prefix.len()..]);
-                        (k, label)
-                    })
-                })
-                .collect::<Result<_>>()?;
-            let Some((last, _)) = rows.last() else {
-                return Ok(());
-            };
-            from = Bound::Excluded(last.clone());
-            for (key, label) in rows {
-                self.delete_at(table, key, &label, true)?;
-                self.within_budget()?;
-            }
-        }
-    }
-
-    fn set_position(&mut self, lsn: Lsn) {
-        self.checkpoint.lsn = Some(lsn);
-    }
-
-    fn set_snapshot_complete(&mut self) {
-        self.checkpoint.snapshot_complete = true;
-    }
-
-    fn set_rules(&mut self, fingerprint: &str) {
-        self.checkpoint.rules = Some(fingerprint.to_owned());
-    }
-
-    fn set_slot_owned(&mut self, slot: &str) {
-        self.checkpoint.slot_owned = Some(slot.to_owned());
-        self.checkpoint.lsn = None;
-        self.checkpoint.snapshot_complete = false;
-    }
-
-    fn clear_all(&mut self) -> Result<()> {
-        for space in [
-            Space::OpLog,
-            Space::OpIndex,
-            Space::Rows,
-            Space::Buckets,
-            Space::Lookups,
-            Space::Changes,
-        ] {
-            self.remove_all(space)?;
-        }
-        self.states.clear();
-        self.changes = Changes::default();
-        // Op ids keep growing across a rebuild, so that no client's `after` can name an op of
-        // the new data by accident.
-        self.checkpoint.lsn = None;
-        self.checkpoint.snapshot_complete = false;
-        self.checkpoint.rebuilt_at = self.next_op_id;
-        Ok(())
-    }
-
-    fn set_budget(&mut self, budget: Option<usize>) {
-        // Keys are noted from the first write on, or not at all.
-        if budget.is_some() && self.held == 0 && self.staging.is_none() && self.touched.is_none() {
-            self.touched = Some(Vec::new());
-        }
-        self.budget = budget;
-    }
-
-    fn is_staged(&self) -> bool {
-        self.staging.is_some()
-    }
-
-    fn held_bytes(&self) -> usize {
-        self.held + self.owners.len() * 24
-    }
-
-    fn commit(self) -> Result<StoreCheckpoint> {
-        self.finish(PersistMode::SyncAll)
-    }
-
-    fn commit_deferred(self) -> Result<StoreCheckpoint> {
-        // Written through to the operating system, so that only a machine crash (not a process
-        // crash) can lose it before the sync.
-        self.finish(PersistMode::Buffer)
     }
 }
 
