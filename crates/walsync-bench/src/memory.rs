@@ -1,6 +1,7 @@
-//! Memory of the replicator on one huge transaction and on a TRUNCATE of the table it filled:
-//! the process's peak resident memory over each (VmHWM, reset before each step), beside its
-//! rate. A storage write transaction larger than `storage.memory_budget_mib` is staged in the
+//! Memory of the replicator on one huge transaction, on a re-copy of the table it filled after
+//! a lost slot (1 % of its rows changed meanwhile) and on a TRUNCATE of it: the process's peak
+//! resident memory over each (VmHWM, reset before each step), beside its rate (and for the
+//! re-copy, the ops it emitted: about one per changed row). A storage write transaction larger than `storage.memory_budget_mib` is staged in the
 //! store in bounded steps, so the peak should not grow with the transaction.
 //! `WALSYNC_BENCH_RSS=1` prints the resident memory every half second, to see where it grows.
 
@@ -56,14 +57,17 @@ pub(crate) fn run(args: MemoryArgs) -> anyhow::Result<()> {
             .prefix("walsync-bench-")
             .tempdir()?;
         let store = Arc::new(EmbeddedStore::open(dir.path())?);
-        let mut r = super::replicator::start_with(&db.url, "bench_memory", &rules, &store, |c| {
-            c.memory_budget = budget;
-        })?;
+        let start = || {
+            super::replicator::start_with(&db.url, "bench_memory", &rules, &store, |c| {
+                c.memory_budget = budget;
+            })
+        };
+        let mut r = start()?;
         while !store.checkpoint()?.snapshot_complete {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let mut steps = Vec::new();
-        let statements = [
+        let (insert, truncate) = (
             (
                 format!("one transaction of {} rows", args.rows),
                 insert_rows("1", &args.rows.to_string(), args.key, false),
@@ -72,8 +76,8 @@ pub(crate) fn run(args: MemoryArgs) -> anyhow::Result<()> {
                 format!("TRUNCATE of the {} rows", args.rows),
                 "TRUNCATE assessment_responses".to_owned(),
             ),
-        ];
-        for (name, statement) in statements {
+        );
+        for (name, statement) in [insert] {
             let txns = r.progress.borrow().transactions;
             eprintln!("{name}");
             reset_peak();
@@ -84,7 +88,52 @@ pub(crate) fn run(args: MemoryArgs) -> anyhow::Result<()> {
                 tokio::time::timeout(Duration::from_secs(3600), r.progress.changed()).await??;
             }
             let elapsed = t.elapsed();
-            steps.push((name, elapsed, before, status("VmHWM:")));
+            steps.push((name, elapsed, before, status("VmHWM:"), None));
+        }
+        // The slot is lost while walsync is stopped and 1 % of the rows change meanwhile: the
+        // tables are copied anew and compared with the store.
+        super::replicator::finish(r).await?;
+        sql.execute("SELECT pg_drop_replication_slot('bench_memory')", &[])
+            .await?;
+        let changed = sql
+            .execute(
+                "UPDATE assessment_responses SET answer = 'changed while the slot was gone' \
+                 WHERE answered_by = 7 AND (assessment_id % 2) = 0",
+                &[],
+            )
+            .await?;
+        let at = store.checkpoint()?.op_id;
+        eprintln!("a re-copy after a lost slot, {changed} rows changed");
+        reset_peak();
+        let before = status("VmRSS:");
+        let t = Instant::now();
+        r = start()?;
+        while r.progress.borrow().snapshot_rows < args.rows {
+            tokio::time::timeout(Duration::from_secs(3600), r.progress.changed()).await??;
+        }
+        let elapsed = t.elapsed();
+        let ops = store.checkpoint()?.op_id - at;
+        steps.push((
+            format!(
+                "re-copy of the {} rows after a lost slot, {changed} changed",
+                args.rows
+            ),
+            elapsed,
+            before,
+            status("VmHWM:"),
+            Some(ops),
+        ));
+        for (name, statement) in [truncate] {
+            let txns = r.progress.borrow().transactions;
+            eprintln!("{name}");
+            reset_peak();
+            let before = status("VmRSS:");
+            let t = Instant::now();
+            sql.batch_execute(&statement).await?;
+            while r.progress.borrow().transactions <= txns {
+                tokio::time::timeout(Duration::from_secs(3600), r.progress.changed()).await??;
+            }
+            steps.push((name, t.elapsed(), before, status("VmHWM:"), None));
         }
         super::replicator::finish(r).await?;
         anyhow::Ok(steps)
@@ -98,16 +147,17 @@ pub(crate) fn run(args: MemoryArgs) -> anyhow::Result<()> {
         args.budget_mib
     );
     println!(
-        "| step | rows/s (from the statement to durable) | rss before | peak during | peak − before |"
+        "| step | rows/s (from the statement or the start to durable) | rss before | peak during | peak − before | ops emitted |"
     );
-    println!("|---|---:|---:|---:|---:|");
-    for (name, t, before, peak) in steps {
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (name, t, before, peak, ops) in steps {
         println!(
-            "| {name} | {:.0} | {} MiB | {} MiB | {} MiB |",
+            "| {name} | {:.0} | {} MiB | {} MiB | {} MiB | {} |",
             args.rows as f64 / t.as_secs_f64(),
             before >> 20,
             peak >> 20,
-            peak.saturating_sub(before) >> 20
+            peak.saturating_sub(before) >> 20,
+            ops.map_or("".to_owned(), |o| o.to_string())
         );
     }
     Ok(())

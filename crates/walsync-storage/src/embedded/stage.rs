@@ -13,17 +13,18 @@
 //!   goes into `stage` (`u`, the keyspace's tag, the key); keys under the transaction's own op
 //!   ids are recorded as absent before. Each step also marks the store as staging (`meta` key
 //!   [`STAGING`]). [`recover`] puts every recorded value back in bounded batches (each a commit
-//!   of its own, idempotent, so a crash during it only means doing the rest again) and then
-//!   clears the mark; it runs when the store opens and before the next writer, so no writer
-//!   meets a half-written transaction. The commit of the transaction clears the mark in the
-//!   same engine commit as its checkpoint; the records left behind are garbage that [`recover`]
-//!   deletes later.
+//!   of its own, idempotent, so a crash during it only means doing the rest again), then clears
+//!   the mark, then the whole `stage` keyspace in one engine operation; it runs when the store
+//!   opens and before the next writer, so no writer meets a half-written transaction. The
+//!   commit of the transaction clears the mark in the same engine commit as its checkpoint;
+//!   the records left behind are garbage that [`recover`] clears later.
 //! - **Alone**: compaction and pruning take the store's `alone` lock, which a staged writer
 //!   holds for its whole life: nothing else writes between its steps.
 //!
 //! The objects a staged transaction PUT (`owners`, see the writer) are kept in `stage` too
 //! (`o`, the object's hash), so a transaction of any size holds a bounded part of them in
-//! memory; so are the row keys a re-copy copied (`c`, the key of `rows`). What its commit holds grows with the buckets it touched, not with its rows.
+//! memory; so are the row keys a re-copy copied (`c`, the key of `rows`). What its commit
+//! holds grows with the buckets it touched, not with its rows.
 
 use fjall::{PersistMode, Readable};
 
@@ -81,49 +82,62 @@ pub(super) fn owner_key(object: u64) -> [u8; 9] {
     k
 }
 
-/// Undoes a staged transaction that did not commit (its mark is set), and deletes the records
-/// of one that did; then readers see the store itself again.
+/// Undoes a staged transaction that did not commit (its mark is set), then clears `stage`
+/// (the records of one that did are garbage, as are a re-copy's marks): readers see the store
+/// itself again. The undo goes in bounded batches, each a commit of its own and idempotent, so
+/// a crash during it only means doing it again; the mark goes only after the last. Clearing
+/// the keyspace is one operation of the engine, however many records it holds.
 pub(super) fn recover(store: &EmbeddedStore) -> Result<()> {
+    use std::ops::Bound;
     let s = &store.s;
-    let mut undone = 0usize;
-    loop {
-        let mut tx = store.db.write_tx();
-        let staging = tx.get(&s.meta, STAGING).map_err(engine)?.is_some();
-        let batch: Vec<(fjall::Slice, fjall::Slice)> = tx
-            .iter(&s.stage)
-            .take(RECOVER_BATCH)
-            .map(|g| g.into_inner().map_err(engine))
-            .collect::<Result<_>>()?;
-        if batch.is_empty() {
-            if staging {
-                tx.remove(&s.meta, STAGING);
-                tx.durability(Some(PersistMode::SyncAll))
-                    .commit()
-                    .map_err(engine)?;
-                tracing::warn!(
-                    keys = undone,
-                    "a staged write transaction that never committed was undone"
-                );
-            }
-            break;
-        }
-        for (k, v) in batch {
-            if staging
-                && let [b'u', tag, key @ ..] = &*k
-                && let Some(space) = Space::from_tag(*tag)
-            {
-                let space = s.get(space);
-                match &*v {
-                    [1, before @ ..] => tx.insert(space, key, before),
-                    _ => tx.remove(space, key),
+    let staging = store
+        .db
+        .read_tx()
+        .get(&s.meta, STAGING)
+        .map_err(engine)?
+        .is_some();
+    if staging {
+        let mut undone = 0usize;
+        let mut from = Bound::Included(b"u".to_vec());
+        loop {
+            let mut tx = store.db.write_tx();
+            let batch: Vec<(fjall::Slice, fjall::Slice)> = tx
+                .range(&s.stage, (from.clone(), Bound::Excluded(b"v".to_vec())))
+                .take(RECOVER_BATCH)
+                .map(|g| g.into_inner().map_err(engine))
+                .collect::<Result<_>>()?;
+            let Some((last, _)) = batch.last() else {
+                break;
+            };
+            from = Bound::Excluded(last.to_vec());
+            for (k, v) in batch {
+                if let [b'u', tag, key @ ..] = &*k
+                    && let Some(space) = Space::from_tag(*tag)
+                {
+                    let space = s.get(space);
+                    match &*v {
+                        [1, before @ ..] => tx.insert(space, key, before),
+                        _ => tx.remove(space, key),
+                    }
+                    undone += 1;
                 }
-                undone += 1;
             }
-            tx.remove(&s.stage, k);
+            tx.durability(Some(PersistMode::Buffer))
+                .commit()
+                .map_err(engine)?;
         }
-        tx.durability(Some(PersistMode::Buffer))
+        let mut tx = store.db.write_tx();
+        tx.remove(&s.meta, STAGING);
+        tx.durability(Some(PersistMode::SyncAll))
             .commit()
             .map_err(engine)?;
+        tracing::warn!(
+            keys = undone,
+            "a staged write transaction that never committed was undone"
+        );
+    }
+    if store.db.read_tx().iter(&s.stage).next().is_some() {
+        s.stage.inner().clear().map_err(engine)?;
     }
     Ok(())
 }

@@ -381,14 +381,17 @@ impl EmbeddedWriter<'_> {
 
     /// The row copy of `table` under `key` (a key of `rows`, from [`RowKeys::key`]).
     pub(super) fn record(&mut self, table: &str, key: &[u8]) -> Result<Option<RowRecord>> {
+        self.record_bytes(table, key)?
+            .map(|v| RowRecord::from_bytes(&v))
+            .transpose()
+    }
+
+    /// [`EmbeddedWriter::record`], as stored.
+    fn record_bytes(&mut self, table: &str, key: &[u8]) -> Result<Option<fjall::Slice>> {
         if self.above_bound(table, key) || self.never_held(key) {
             return Ok(None);
         }
-        self.tx
-            .get(&self.s.rows, key)
-            .map_err(engine)?
-            .map(|v| RowRecord::from_bytes(&v))
-            .transpose()
+        self.tx.get(&self.s.rows, key).map_err(engine)
     }
 
     /// Whether `key` is above every key `table` has in `rows` (so it has no record).
@@ -659,7 +662,8 @@ impl EmbeddedWriter<'_> {
         copies: Option<u32>,
     ) -> Result<()> {
         let key = self.s.row_keys.key(table, row_id);
-        let old = self.record(table, &key)?;
+        let stored = self.record_bytes(table, &key)?;
+        let old = stored.as_deref().map(RowRecord::from_bytes).transpose()?;
         let new_key = old.is_none();
         let (old_placements, old_lookups, stored_copies) = match old {
             Some(r) => (r.placements, r.lookups, r.copies),
@@ -731,6 +735,10 @@ impl EmbeddedWriter<'_> {
             copies,
         }
         .to_bytes()?;
+        // The same row again (most rows of a re-copy): nothing to write.
+        if stored.as_deref() == Some(record.as_slice()) {
+            return Ok(());
+        }
         // Noted after the undo record, which asks the filter whether the key is new.
         self.before_write(Space::Rows, &key, record.len())?;
         if new_key {
