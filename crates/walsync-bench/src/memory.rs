@@ -29,6 +29,26 @@ pub(crate) struct MemoryArgs {
     budget_mib: usize,
 }
 
+/// One step, its statement run by `sql` until the replicator made it durable: its name, time,
+/// the resident memory before and the peak during it.
+async fn measure(
+    name: &str,
+    sql: &tokio_postgres::Client,
+    r: &mut super::replicator::Running,
+    statement: &str,
+) -> anyhow::Result<(String, Duration, u64, u64, Option<u64>)> {
+    let txns = r.progress.borrow().transactions;
+    eprintln!("{name}");
+    reset_peak();
+    let before = status("VmRSS:");
+    let t = Instant::now();
+    sql.batch_execute(statement).await?;
+    while r.progress.borrow().transactions <= txns {
+        tokio::time::timeout(Duration::from_secs(3600), r.progress.changed()).await??;
+    }
+    Ok((name.to_owned(), t.elapsed(), before, status("VmHWM:"), None))
+}
+
 /// Resets the peak resident memory to the current (Linux: `clear_refs` 5).
 fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -67,29 +87,9 @@ pub(crate) fn run(args: MemoryArgs) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let mut steps = Vec::new();
-        let (insert, truncate) = (
-            (
-                format!("one transaction of {} rows", args.rows),
-                insert_rows("1", &args.rows.to_string(), args.key, false),
-            ),
-            (
-                format!("TRUNCATE of the {} rows", args.rows),
-                "TRUNCATE assessment_responses".to_owned(),
-            ),
-        );
-        for (name, statement) in [insert] {
-            let txns = r.progress.borrow().transactions;
-            eprintln!("{name}");
-            reset_peak();
-            let before = status("VmRSS:");
-            let t = Instant::now();
-            sql.batch_execute(&statement).await?;
-            while r.progress.borrow().transactions <= txns {
-                tokio::time::timeout(Duration::from_secs(3600), r.progress.changed()).await??;
-            }
-            let elapsed = t.elapsed();
-            steps.push((name, elapsed, before, status("VmHWM:"), None));
-        }
+        let insert = format!("one transaction of {} rows", args.rows);
+        let statement = insert_rows("1", &args.rows.to_string(), args.key, false);
+        steps.push(measure(&insert, &sql, &mut r, &statement).await?);
         // The slot is lost while walsync is stopped and 1 % of the rows change meanwhile: the
         // tables are copied anew and compared with the store.
         super::replicator::finish(r).await?;
@@ -103,7 +103,11 @@ pub(crate) fn run(args: MemoryArgs) -> anyhow::Result<()> {
             )
             .await?;
         let at = store.checkpoint()?.op_id;
-        eprintln!("a re-copy after a lost slot, {changed} rows changed");
+        let name = format!(
+            "re-copy of the {} rows after a lost slot, {changed} changed",
+            args.rows
+        );
+        eprintln!("{name}");
         reset_peak();
         let before = status("VmRSS:");
         let t = Instant::now();
@@ -113,28 +117,9 @@ pub(crate) fn run(args: MemoryArgs) -> anyhow::Result<()> {
         }
         let elapsed = t.elapsed();
         let ops = store.checkpoint()?.op_id - at;
-        steps.push((
-            format!(
-                "re-copy of the {} rows after a lost slot, {changed} changed",
-                args.rows
-            ),
-            elapsed,
-            before,
-            status("VmHWM:"),
-            Some(ops),
-        ));
-        for (name, statement) in [truncate] {
-            let txns = r.progress.borrow().transactions;
-            eprintln!("{name}");
-            reset_peak();
-            let before = status("VmRSS:");
-            let t = Instant::now();
-            sql.batch_execute(&statement).await?;
-            while r.progress.borrow().transactions <= txns {
-                tokio::time::timeout(Duration::from_secs(3600), r.progress.changed()).await??;
-            }
-            steps.push((name, t.elapsed(), before, status("VmHWM:"), None));
-        }
+        steps.push((name, elapsed, before, status("VmHWM:"), Some(ops)));
+        let truncate = format!("TRUNCATE of the {} rows", args.rows);
+        steps.push(measure(&truncate, &sql, &mut r, "TRUNCATE assessment_responses").await?);
         super::replicator::finish(r).await?;
         anyhow::Ok(steps)
     })?;
