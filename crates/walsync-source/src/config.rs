@@ -49,10 +49,11 @@ pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_RECEIVE_TIMEOUT: Duration = Duration::from_secs(120);
 /// 10,000 rows of a few hundred bytes keep a batch around a few MB.
 pub const DEFAULT_SNAPSHOT_BATCH_ROWS: usize = 10_000;
-/// 8 MiB of text per batch: a batch and its decoded rows, the batches in the channel and the
-/// storage commit each hold a few of these, so the copy of any table stays in tens of MiB
-/// (10,000 rows of 1 MiB each were 10 GiB in one batch).
-pub const DEFAULT_SNAPSHOT_BATCH_BYTES: usize = 8 << 20;
+/// 1 MiB of text per batch, as a streaming batch holds about 1 MiB of WAL: the channel holds up
+/// to 16 batches, and a decoded row takes about three times its text, so the copy in flight
+/// stays around 50 MiB whatever the table (8 MiB batches held ~150 MiB of rows while a
+/// re-copy applied them; 10,000 rows of 1 MiB each were 10 GiB in one batch).
+pub const DEFAULT_SNAPSHOT_BATCH_BYTES: usize = 1 << 20;
 pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(100);
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(30);
 
