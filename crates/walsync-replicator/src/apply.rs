@@ -42,6 +42,15 @@ pub struct Applier {
     /// transaction of its own ([`StoreWriter::copy_row`]) that readers see whole at its end.
     /// Else the store is emptied and the copy commits batch by batch.
     pub(crate) recopy: bool,
+    /// The position of the change being applied in its source transaction (from 0).
+    pub(crate) change_index: usize,
+    /// Changes to skip, by their transaction's commit position and their position in it: each
+    /// made the replicator panic once (see [`crate::ReplicatorConfig`]).
+    pub(crate) skip: std::collections::HashSet<(Lsn, usize)>,
+    /// Rows skipped because evaluating the rules on them panicked, and changes skipped.
+    pub(crate) skipped: u64,
+    /// Test hook (see [`crate::ReplicatorConfig::panic_on_text`]).
+    pub(crate) panic_on_text: Option<String>,
 }
 
 /// How a row reaches the store.
@@ -71,6 +80,10 @@ impl Applier {
             in_transaction: false,
             transaction: None,
             recopy: false,
+            change_index: 0,
+            skip: std::collections::HashSet::new(),
+            skipped: 0,
+            panic_on_text: None,
         }
     }
 
@@ -173,10 +186,22 @@ impl Applier {
             SourceEvent::Begin { commit_lsn, .. } => {
                 self.in_transaction = true;
                 self.transaction = Some(commit_lsn);
+                self.change_index = 0;
                 Next::Continue
             }
             SourceEvent::Change(change) => {
-                self.change(w, change)?;
+                let place = self.transaction.map(|lsn| (lsn, self.change_index));
+                if place.is_some_and(|p| self.skip.contains(&p)) {
+                    tracing::error!(
+                        commit_lsn = %self.transaction.unwrap_or_default(),
+                        index = self.change_index,
+                        "skipping a change that made the replicator panic: it stays out of the buckets"
+                    );
+                    self.skipped += 1;
+                } else {
+                    self.change(w, change)?;
+                }
+                self.change_index += 1;
                 self.pending_rows += 1;
                 Next::Continue
             }
@@ -272,6 +297,61 @@ impl Applier {
             return Ok(());
         }
         let (names, qualified) = (info.names.clone(), info.qualified.clone());
+        // The rules run on values nobody here chose: a panic there skips this row (logged,
+        // counted) instead of stopping replication for everyone, at every restart.
+        let computed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.computed(table, &names, &qualified, row, stored)
+        }));
+        let (id, copy, outputs, lookups) = match computed {
+            Ok(c) => c?,
+            Err(_) => {
+                tracing::error!(
+                    table = %qualified,
+                    "the sync rules panicked on a row: it is skipped and stays out of the buckets"
+                );
+                self.skipped += 1;
+                return Ok(());
+            }
+        };
+        if self.panic_on(&copy.values, "!") {
+            panic!("test hook: a panic after a row's rules");
+        }
+        let full = table.replica_identity == ReplicaIdentity::Full;
+        match arrival {
+            Arrival::Copied => w.copy_row(&qualified, &id, copy, outputs, lookups)?,
+            Arrival::Joins if full => w.insert_row(&qualified, &id, copy, outputs, lookups)?,
+            Arrival::Joins | Arrival::Replaces => {
+                w.upsert_row(&qualified, &id, copy, outputs, lookups)?
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the test hook asks for a panic on a row holding `values`: one holding the
+    /// hook's text followed by `suffix`.
+    fn panic_on(&self, values: &[Value], suffix: &str) -> bool {
+        self.panic_on_text.as_deref().is_some_and(|p| {
+            values
+                .iter()
+                .any(|v| matches!(v, Value::Text(t) if t.strip_suffix(suffix) == Some(p)))
+        })
+    }
+
+    /// What the store is told of a row: its id, its copy, the buckets the rules put it in and
+    /// its lookups.
+    fn computed(
+        &self,
+        table: &Table,
+        names: &Arc<[String]>,
+        qualified: &str,
+        row: Row,
+        stored: Option<&StoredRow>,
+    ) -> Result<(
+        RowId,
+        StoredRow,
+        Vec<walsync_types::RowOutput>,
+        Vec<walsync_types::LookupEntry>,
+    )> {
         let values: Vec<Value> = row
             .into_iter()
             .zip(names.iter())
@@ -279,18 +359,21 @@ impl Applier {
             .map(|(i, (d, name))| match d {
                 Datum::Value(v) => v,
                 Datum::UnchangedToast => stored
-                    .and_then(|s| stored_value(s, &names, i, name))
+                    .and_then(|s| stored_value(s, names, i, name))
                     .unwrap_or_else(|| {
                         tracing::warn!(table = %qualified, column = %name, "unchanged toast value without a stored copy");
                         Value::Null
                     }),
             })
             .collect();
+        if self.panic_on(&values, "") {
+            panic!("test hook: a panic in a row's rules");
+        }
         let id = key_of(table, &values)?;
         let r = RowRef {
             schema: &table.schema,
             table: &table.name,
-            columns: &names,
+            columns: names,
             values: &values,
         };
         let outputs = self.rules.evaluate_row(&r);
@@ -309,18 +392,10 @@ impl Applier {
             })
             .collect();
         let copy = StoredRow {
-            columns: names,
+            columns: names.clone(),
             values: kept,
         };
-        let full = table.replica_identity == ReplicaIdentity::Full;
-        match arrival {
-            Arrival::Copied => w.copy_row(&qualified, &id, copy, outputs, lookups)?,
-            Arrival::Joins if full => w.insert_row(&qualified, &id, copy, outputs, lookups)?,
-            Arrival::Joins | Arrival::Replaces => {
-                w.upsert_row(&qualified, &id, copy, outputs, lookups)?
-            }
-        }
-        Ok(())
+        Ok((id, copy, outputs, lookups))
     }
 }
 

@@ -46,6 +46,10 @@ pub enum ReplicatorError {
     /// A fault a test injected while a snapshot was being applied.
     #[error("injected fault after {0} snapshot rows")]
     InjectedInSnapshot(u64),
+    /// The replicator panicked outside any change of a source transaction (a change that
+    /// panics is skipped instead).
+    #[error("the replicator panicked: {0}")]
+    Panicked(String),
     /// The buckets were built with other sync rules, and the slot is not walsync's own, so the
     /// tables cannot be copied anew without a gap.
     #[error(
@@ -74,6 +78,10 @@ pub struct ReplicatorConfig {
     pub fail_after_commits: Option<u64>,
     /// Test hook: fail once a snapshot has applied this many rows (before a re-copy commits).
     pub fail_after_snapshot_rows: Option<u64>,
+    /// Test hook: applying a row that holds this text panics in the rules' part (the row is
+    /// skipped), and one holding it followed by `!` panics after it was written (the change is
+    /// skipped when its transaction is applied again).
+    pub panic_on_text: Option<String>,
 }
 
 /// 1,000 small transactions or 50,000 rows keep a storage commit to some tens of milliseconds
@@ -93,6 +101,7 @@ impl ReplicatorConfig {
             memory_budget: DEFAULT_MEMORY_BUDGET,
             fail_after_commits: None,
             fail_after_snapshot_rows: None,
+            panic_on_text: None,
         }
     }
 }
@@ -109,6 +118,8 @@ pub struct Progress {
     pub lag_micros: u64,
     /// Source transactions that outgrew the memory budget and were staged in the store.
     pub staged_transactions: u64,
+    /// Rows and changes left out of the buckets because applying them panicked.
+    pub skipped_rows: u64,
 }
 
 /// Replicates until `stop` turns true or a definite error.
@@ -146,6 +157,9 @@ fn run_blocking<S: BucketStore>(
     let mut rebuild = false;
     // Between attempts to start a session while PostgreSQL cannot be reached.
     let mut backoff = config.source.reconnect_min;
+    // Changes that made the replicator panic, skipped when met again, and the rows skipped.
+    let mut skip = std::collections::HashSet::new();
+    let mut skipped = 0;
     // Buckets built with other rules no longer hold what these rules select (a tightened filter
     // would keep leaking rows, a newly named table would have none): they are built anew.
     let cp = store.checkpoint()?;
@@ -207,7 +221,10 @@ fn run_blocking<S: BucketStore>(
         rebuild = false;
         let mut applier = Applier::new(rules.clone());
         applier.recopy = cp.snapshot_complete;
-        match session(
+        applier.skip = std::mem::take(&mut skip);
+        applier.skipped = skipped;
+        applier.panic_on_text = config.panic_on_text.clone();
+        let out = session(
             &handle,
             &config,
             &*store,
@@ -217,7 +234,10 @@ fn run_blocking<S: BucketStore>(
             &progress,
             &mut commits,
             &mut stage,
-        ) {
+        );
+        skip = std::mem::take(&mut applier.skip);
+        skipped = applier.skipped;
+        match out {
             Ok(Restart::Stop) => return Ok(()),
             Ok(Restart::Again | Restart::Stage) => {
                 tracing::info!("restarting replication from the stored checkpoint");
@@ -316,6 +336,7 @@ struct Committed {
     rows: usize,
     snapshot_rows: u64,
     staged: bool,
+    skipped: u64,
 }
 
 /// Syncs the store after commits (one sync for all commits that queued meanwhile), then
@@ -352,6 +373,7 @@ fn sync_loop<S: BucketStore>(
                 p.rows += c.rows as u64;
                 p.snapshot_rows = c.snapshot_rows;
                 p.staged_transactions += u64::from(c.staged);
+                p.skipped_rows = p.skipped_rows.max(c.skipped);
             }
         });
     }
@@ -382,6 +404,7 @@ impl Committer<'_> {
             rows: applier.pending_rows,
             snapshot_rows: applier.snapshot_rows,
             staged,
+            skipped: applier.skipped,
         };
         if let Some(tx) = &self.tx {
             // The syncing thread only ends when this sender is dropped or a sync failed (seen
@@ -519,7 +542,34 @@ fn apply_events<'s, S: BucketStore>(
             walsync_source::SourceEvent::Commit { commit_lsn, .. } if Some(*commit_lsn) == *stage
         );
         let copying = matches!(&event, walsync_source::SourceEvent::SnapshotRows { .. });
-        let next = match applier.apply(w, event) {
+        let change = matches!(&event, walsync_source::SourceEvent::Change(_));
+        let place = applier.transaction.map(|lsn| (lsn, applier.change_index));
+        // A panic while applying a change of a source transaction (the rules' own part is
+        // caught per row, see `Applier`): the writer is dropped (it holds no lock the panic
+        // could poison: the panic stays inside), and the transaction is applied again without
+        // that change, so one bad row cannot stop replication at every restart.
+        let applied =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| applier.apply(w, event)));
+        let applied = match applied {
+            Ok(applied) => applied,
+            Err(panic) => {
+                drop(writer.take());
+                let what = panic_text(&panic);
+                let Some(place) = place.filter(|_| change) else {
+                    tracing::error!(panic = %what, "the replicator panicked");
+                    return Err(ReplicatorError::Panicked(what));
+                };
+                tracing::error!(
+                    panic = %what,
+                    commit_lsn = %place.0,
+                    index = place.1,
+                    "the replicator panicked applying a change: applying its transaction again without it"
+                );
+                applier.skip.insert(place);
+                return Ok(Some(Restart::Again));
+            }
+        };
+        let next = match applied {
             Ok(next) => next,
             // A writer that could not become staged where it stood (compaction held the store).
             Err(ReplicatorError::Storage(StorageError::OverBudget { .. })) => {
@@ -583,4 +633,13 @@ fn apply_events<'s, S: BucketStore>(
         }
     }
     Ok(None)
+}
+
+/// The message of a caught panic.
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
