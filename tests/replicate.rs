@@ -319,6 +319,35 @@ async fn a_rebuild_interrupted_anywhere_loses_nothing() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An initial copy stopped after some of its batches committed leaves ops nobody was served:
+/// the next start re-copies the tables into them (not emptying the store first), and the store
+/// becomes servable only then, equal to PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_initial_copy_is_copied_again_into_what_it_left() -> anyhow::Result<()> {
+    let s = setup().await?;
+    let mut c = config(&s);
+    c.source.snapshot_batch_rows = 40;
+    c.fail_after_snapshot_rows = Some(150);
+    let (_stop, task) = spawn(&s, c);
+    assert!(matches!(
+        task.await?,
+        Err(ReplicatorError::InjectedInSnapshot(_))
+    ));
+    let left = s.store.checkpoint()?;
+    assert!(!left.snapshot_complete && left.op_id > 0, "{left:?}");
+    workload(&s.sql, 67, 60).await?;
+    let (stop, task) = spawn(&s, config(&s));
+    wait_until_equal(&s).await?;
+    assert_eq!(
+        s.store.checkpoint()?.rebuilt_at,
+        left.rebuilt_at,
+        "copied again into what was left, not emptied"
+    );
+    stop.send(true)?;
+    task.await??;
+    Ok(())
+}
+
 /// The sync rules change while walsync is stopped. A change of layout or comments alone is no
 /// change: nothing is rebuilt. A tightened filter is: the tables are copied anew, and rows the
 /// new rules no longer select leave the buckets (before, they stayed forever) by a REMOVE each,

@@ -38,9 +38,9 @@ pub struct Applier {
     /// The commit position of the source transaction being applied (it names the transaction
     /// to stage when it outgrows the memory budget).
     pub(crate) transaction: Option<Lsn>,
-    /// The store serves a checkpoint: a new snapshot is a **re-copy**, applied as one
-    /// transaction of its own ([`StoreWriter::copy_row`]) that readers see whole at its end.
-    /// Else the store is emptied and the copy commits batch by batch.
+    /// The store holds ops: a new snapshot is a **re-copy**, applied as one transaction of its
+    /// own ([`StoreWriter::copy_row`]) that readers see whole at its end. Else (an empty store)
+    /// the copy commits batch by batch.
     pub(crate) recopy: bool,
     /// The position of the change being applied in its source transaction (from 0).
     pub(crate) change_index: usize,

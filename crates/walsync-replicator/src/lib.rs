@@ -220,7 +220,9 @@ fn run_blocking<S: BucketStore>(
         };
         rebuild = false;
         let mut applier = Applier::new(rules.clone());
-        applier.recopy = cp.snapshot_complete;
+        // A store that holds ops (it serves a checkpoint, or an interrupted initial copy left
+        // some) is re-copied: bounded in memory, and clients keep what is still true.
+        applier.recopy = cp.snapshot_complete || cp.op_id > 0;
         applier.skip = std::mem::take(&mut skip);
         applier.skipped = skipped;
         applier.panic_on_text = config.panic_on_text.clone();
