@@ -88,44 +88,72 @@ async fn a_wide_replica_identity_full_row_replicates_like_any_row() -> anyhow::R
 /// Unchanged TOAST after the table changed shape: an update that leaves a TOASTed column alone
 /// sends no value for it, so walsync fills it from its copy of the row, which was written under
 /// the old column names. After a rename, an added and a dropped column, every row still holds
-/// its TOASTed text, checked against PostgreSQL after each step.
+/// its TOASTed text, checked against PostgreSQL after each step; also when every transaction
+/// outgrows a 1 KiB memory budget and is staged (the copies are then read from the store's
+/// steps), and after a re-copy (a lost slot) that rewrites the copies under the new names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unchanged_toast_survives_renamed_added_and_dropped_columns() -> anyhow::Result<()> {
-    let s = setup_with(
-        "CREATE TABLE notes (id text PRIMARY KEY DEFAULT gen_random_uuid()::text, body text, n int, extra text);
-         CREATE PUBLICATION walsync FOR ALL TABLES;
-         INSERT INTO notes (body, n, extra)
-           SELECT (SELECT string_agg(md5(i::text || j::text), '') FROM generate_series(1, 400) j), i, 'e'
-           FROM generate_series(1, 4) i;",
-        "bucket_definitions:\n  everything:\n    data:\n      - SELECT * FROM notes\n",
-    )
-    .await?;
-    let (stop, task) = seed::spawn(&s, seed::config(&s));
-    let query = |cols: &str| {
-        format!(
-            "SELECT 'notes', id, (SELECT json_object_agg(key, value) FROM json_each(to_json(x)) WHERE key IN ({cols}))::text FROM notes x"
+    for budget in [None, Some(1 << 10)] {
+        let s = setup_with(
+            "CREATE TABLE notes (id text PRIMARY KEY DEFAULT gen_random_uuid()::text, body text, n int, extra text);
+             CREATE PUBLICATION walsync FOR ALL TABLES;
+             INSERT INTO notes (body, n, extra)
+               SELECT (SELECT string_agg(md5(i::text || j::text), '') FROM generate_series(1, 400) j), i, 'e'
+               FROM generate_series(1, 4) i;",
+            "bucket_definitions:\n  everything:\n    data:\n      - SELECT * FROM notes\n",
         )
-    };
-    wait_until_bucket_is(&s, "everything[]", &query("'id','body','n','extra'")).await?;
-    for (step, cols) in [
-        (
-            "ALTER TABLE notes RENAME COLUMN body TO content; UPDATE notes SET n = n + 10",
-            "'id','content','n','extra'",
-        ),
-        (
-            "ALTER TABLE notes ADD COLUMN added int DEFAULT 7; UPDATE notes SET n = n + 10",
-            "'id','content','n','extra','added'",
-        ),
-        (
-            "ALTER TABLE notes DROP COLUMN extra; UPDATE notes SET n = n + 10",
-            "'id','content','n','added'",
-        ),
-    ] {
-        s.sql.batch_execute(step).await?;
-        wait_until_bucket_is(&s, "everything[]", &query(cols)).await?;
+        .await?;
+        let config = || {
+            let mut c = seed::config(&s);
+            if let Some(b) = budget {
+                c.memory_budget = b;
+            }
+            c
+        };
+        let (mut stop, mut task) = seed::spawn(&s, config());
+        let query = |cols: &str| {
+            format!(
+                "SELECT 'notes', id, (SELECT json_object_agg(key, value) FROM json_each(to_json(x)) WHERE key IN ({cols}))::text FROM notes x"
+            )
+        };
+        wait_until_bucket_is(&s, "everything[]", &query("'id','body','n','extra'")).await?;
+        for (step, cols) in [
+            (
+                "ALTER TABLE notes RENAME COLUMN body TO content; UPDATE notes SET n = n + 10",
+                "'id','content','n','extra'",
+            ),
+            (
+                "ALTER TABLE notes ADD COLUMN added int DEFAULT 7; UPDATE notes SET n = n + 10",
+                "'id','content','n','extra','added'",
+            ),
+            (
+                "ALTER TABLE notes DROP COLUMN extra; UPDATE notes SET n = n + 10",
+                "'id','content','n','added'",
+            ),
+        ] {
+            s.sql.batch_execute(step).await?;
+            wait_until_bucket_is(&s, "everything[]", &query(cols)).await?;
+        }
+        if budget.is_some() {
+            // The slot is lost: the re-copy writes every copy under today's names, and the
+            // next update's unchanged TOAST comes from those.
+            stop.send(true)?;
+            task.await??;
+            s.sql
+                .execute("SELECT pg_drop_replication_slot($1)", &[&s.slot])
+                .await?;
+            s.sql
+                .batch_execute("ALTER TABLE notes RENAME COLUMN content TO text_of_it")
+                .await?;
+            (stop, task) = seed::spawn(&s, config());
+            let cols = "'id','text_of_it','n','added'";
+            wait_until_bucket_is(&s, "everything[]", &query(cols)).await?;
+            s.sql.batch_execute("UPDATE notes SET n = n + 10").await?;
+            wait_until_bucket_is(&s, "everything[]", &query(cols)).await?;
+        }
+        stop.send(true)?;
+        task.await??;
     }
-    stop.send(true)?;
-    task.await??;
     Ok(())
 }
 

@@ -6,6 +6,7 @@
 #![allow(clippy::print_stdout)]
 
 mod apply;
+mod compaction;
 mod engines;
 mod memory;
 mod replicator;
@@ -41,8 +42,10 @@ enum Which {
     Replicator(replicator::ReplicatorArgs),
     /// The initial snapshot through the replicator: rows/s and peak memory by table size.
     Snapshot(snapshot::SnapshotArgs),
-    /// Peak memory of the replicator over one huge transaction and a TRUNCATE of its rows.
+    /// Peak memory of the replicator over one huge transaction, a re-copy and a TRUNCATE.
     Memory(memory::MemoryArgs),
+    /// The store's size under steady updates, with background compaction and without.
+    Compaction(compaction::CompactionArgs),
     /// The sync API: commit-to-client latency, concurrent streams and memory, initial download.
     Sync(sync::SyncArgs),
     /// Uploads through `POST /write` beside the same changes written straight to PostgreSQL;
@@ -64,6 +67,7 @@ fn main() -> anyhow::Result<()> {
         Which::Replicator(a) => replicator::run(a),
         Which::Snapshot(a) => snapshot::run(a),
         Which::Memory(a) => memory::run(a),
+        Which::Compaction(a) => compaction::run(a),
         Which::Sync(a) => sync::run(a),
         Which::Upload(a) => upload::run(a),
         Which::Serve(a) => walsync::serve::serve(a),
