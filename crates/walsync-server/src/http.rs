@@ -343,7 +343,12 @@ async fn ready<S: BucketStore + 'static>(State(server): State<Arc<Server<S>>>) -
         return ApiError::new(ErrorCode::NotReady, why).into_response();
     }
     match server.core.store().checkpoint() {
-        Ok(cp) if cp.snapshot_complete => (StatusCode::OK, "ready").into_response(),
+        Ok(cp) if server.core.servable(&cp) => (StatusCode::OK, "ready").into_response(),
+        Ok(cp) if cp.snapshot_complete => ApiError::new(
+            ErrorCode::NotReady,
+            "the buckets follow other sync rules: the tables are being copied anew for these",
+        )
+        .into_response(),
         Ok(_) => ApiError::new(ErrorCode::NotReady, "the initial snapshot is still running")
             .into_response(),
         Err(e) => {

@@ -13,6 +13,7 @@ const RULES: &str = "bucket_definitions:\n  me:\n    parameters: SELECT request.
 
 struct Running {
     url: String,
+    store: Arc<EmbeddedStore>,
     _dir: tempfile::TempDir,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -31,7 +32,7 @@ async fn serve_with_database(config: ServerConfig, connect: Connect) -> anyhow::
     let dir = tempfile::tempdir()?;
     let store = Arc::new(EmbeddedStore::open(dir.path())?);
     let rules = Arc::new(walsync_rules::SyncRules::from_yaml(RULES)?);
-    let core = SyncCore::new(store, rules, SyncConfig::default());
+    let core = SyncCore::new(store.clone(), rules, SyncConfig::default());
     let auth = Arc::new(
         Authenticator::new(AuthConfig {
             secret: Some("routes-secret".into()),
@@ -50,6 +51,7 @@ async fn serve_with_database(config: ServerConfig, connect: Connect) -> anyhow::
     }));
     Ok(Running {
         url,
+        store,
         _dir: dir,
         _stop: stop,
     })
@@ -69,6 +71,39 @@ async fn error_of(resp: reqwest::Response) -> anyhow::Result<(u16, String, Strin
             .unwrap_or_default()
             .to_owned(),
     ))
+}
+
+/// Ready only while a checkpoint can be served: not during the initial copy, nor while the
+/// buckets follow other sync rules than the server's (the tables are being copied anew for
+/// these); ready again once they follow them.
+#[tokio::test]
+async fn readiness_follows_what_can_be_served() -> anyhow::Result<()> {
+    use walsync_storage::{BucketStore, StoreWriter};
+    let s = serve().await?;
+    let ready = || async {
+        let resp = reqwest::get(format!("{}/health/ready", s.url)).await?;
+        if resp.status() == 200 {
+            return anyhow::Ok((200, String::new(), String::new()));
+        }
+        error_of(resp).await
+    };
+    let (status, code, message) = ready().await?;
+    assert_eq!((status, code.as_str()), (503, "not_ready"));
+    assert!(message.contains("initial snapshot"), "{message}");
+    let commit = |rules: &str| -> anyhow::Result<()> {
+        let mut w = s.store.writer()?;
+        w.set_snapshot_complete();
+        w.set_rules(rules);
+        w.commit()?;
+        Ok(())
+    };
+    commit("the fingerprint of other rules")?;
+    let (status, _, message) = ready().await?;
+    assert_eq!(status, 503);
+    assert!(message.contains("other sync rules"), "{message}");
+    commit(walsync_rules::SyncRules::from_yaml(RULES)?.fingerprint())?;
+    assert_eq!(ready().await?.0, 200);
+    Ok(())
 }
 
 #[tokio::test]

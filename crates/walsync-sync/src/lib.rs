@@ -180,7 +180,7 @@ impl<S: BucketStore + 'static> SyncCore<S> {
     /// follow these rules (while the replicator re-copies the tables for changed rules,
     /// clients keep what they hold, and hear of the difference when it commits). A store that
     /// names no rules (an earlier version's) is taken as following these.
-    pub(crate) fn servable(&self, cp: &walsync_storage::StoreCheckpoint) -> bool {
+    pub fn servable(&self, cp: &walsync_storage::StoreCheckpoint) -> bool {
         cp.snapshot_complete
             && cp
                 .rules
