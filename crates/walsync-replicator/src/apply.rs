@@ -87,6 +87,11 @@ impl Applier {
         }
     }
 
+    /// The place of the next change: its transaction's commit position and its index in it.
+    pub(crate) fn place(&self) -> Option<(Lsn, usize)> {
+        self.transaction.map(|lsn| (lsn, self.change_index))
+    }
+
     /// The position to acknowledge once what is written is committed.
     pub(crate) fn ack_position(&self) -> Option<Lsn> {
         self.pending_ack
@@ -190,11 +195,10 @@ impl Applier {
                 Next::Continue
             }
             SourceEvent::Change(change) => {
-                let place = self.transaction.map(|lsn| (lsn, self.change_index));
-                if place.is_some_and(|p| self.skip.contains(&p)) {
+                if let Some((lsn, index)) = self.place().filter(|p| self.skip.contains(p)) {
                     tracing::error!(
-                        commit_lsn = %self.transaction.unwrap_or_default(),
-                        index = self.change_index,
+                        commit_lsn = %lsn,
+                        index,
                         "skipping a change that made the replicator panic: it stays out of the buckets"
                     );
                     self.skipped += 1;

@@ -545,7 +545,7 @@ fn apply_events<'s, S: BucketStore>(
         );
         let copying = matches!(&event, walsync_source::SourceEvent::SnapshotRows { .. });
         let change = matches!(&event, walsync_source::SourceEvent::Change(_));
-        let place = applier.transaction.map(|lsn| (lsn, applier.change_index));
+        let place = applier.place();
         // A panic while applying a change of a source transaction (the rules' own part is
         // caught per row, see `Applier`): the writer is dropped (it holds no lock the panic
         // could poison: the panic stays inside), and the transaction is applied again without
