@@ -458,3 +458,53 @@ async fn a_stopped_replicator_makes_the_service_not_ready() -> anyhow::Result<()
     );
     Ok(())
 }
+
+/// PostgreSQL makes a new slot wait for every transaction open when it was asked for, and a
+/// client's transaction may stay open for as long as it likes: a stop meanwhile ends the wait
+/// at once, leaves no half-made slot behind (which the next start would refuse as not
+/// walsync's), and the next start copies and serves everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_ends_a_slot_creation_that_waits_for_open_transactions() -> anyhow::Result<()> {
+    let s = seed::setup().await?;
+    let (other, conn) = tokio_postgres::connect(&s.url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    other.batch_execute("BEGIN; SELECT txid_current()").await?;
+    let service = Service::start(config(&s, ServerConfig::default())).await?;
+    let deadline = std::time::Instant::now() + WAIT;
+    while s
+        .scalar::<i64>(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+             WHERE NOT l.granted AND a.backend_type = 'walsender' AND a.datname = current_database()",
+        )
+        .await?
+        == 0
+    {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the slot creation never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(15), service.stop())
+        .await
+        .map_err(|_| anyhow::anyhow!("the stop waited for the open transaction"))?;
+    other.batch_execute("COMMIT").await?;
+    let slots: i64 = s
+        .sql
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&s.slot],
+        )
+        .await?
+        .get(0);
+    assert_eq!(slots, 0, "a slot the stop interrupted was left behind");
+
+    let service = Service::start(config(&s, ServerConfig::default())).await?;
+    let mut client = SyncClient::new(
+        Connector::new(&service.url(), Transport::Http, &token("u1"))?,
+        "after-stop",
+    );
+    catch_up(&s, &mut client, "u1").await?;
+    service.stop().await;
+    Ok(())
+}

@@ -203,7 +203,17 @@ fn run_blocking<S: BucketStore>(
         // PostgreSQL unreachable (down, restarting, a network partition) is waited out: the
         // replicator tries again with backoff instead of stopping the process, and the slot
         // keeps what it has not acknowledged. Definite errors (pre-flight, auth) still stop it.
-        let stream = match handle.block_on(Source::start(config.source.clone(), resume)) {
+        // The pre-flight waits on PostgreSQL (a connection, the publication): a stop ends it.
+        let started = handle.block_on(async {
+            tokio::select! {
+                started = Source::start(config.source.clone(), resume) => Some(started),
+                _ = stop.wait_for(|s| *s) => None,
+            }
+        });
+        let Some(started) = started else {
+            return Ok(());
+        };
+        let stream = match started {
             Ok(stream) => {
                 backoff = config.source.reconnect_min;
                 stream

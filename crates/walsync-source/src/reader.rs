@@ -63,6 +63,18 @@ pub(crate) struct Reader {
     last_received: Lsn,
     /// The last `Idle` position handed over.
     idle_sent: Lsn,
+    /// A slot this session is making, until the consumer heard of it.
+    new_slot: NewSlot,
+}
+
+/// Where the making of a new slot stands.
+enum NewSlot {
+    /// None under way, or the consumer was told.
+    Reported,
+    /// `CREATE_REPLICATION_SLOT` runs in this server process.
+    Creating(Option<i32>),
+    /// Made; the consumer has not been told.
+    Unreported,
 }
 
 /// How a session ended without error.
@@ -105,6 +117,7 @@ impl Reader {
             skip_before: start,
             last_received: start,
             idle_sent: start,
+            new_slot: NewSlot::Reported,
         }
     }
 
@@ -220,6 +233,64 @@ impl Reader {
     }
 
     async fn session(&mut self) -> Result<End> {
+        // Until streaming starts, PostgreSQL may keep the session waiting for as long as others
+        // like: a new slot waits for every transaction open when it was asked for, the snapshot
+        // for a table's lock. A stop ends the wait (a slot not yet consistent is dropped by
+        // PostgreSQL with its connection); once streaming, `stream` ends in order.
+        let mut stop = self.stop.clone();
+        let opened = tokio::select! {
+            opened = self.open() => Some(opened),
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        self.give_up_unreported_slot().await;
+        let Some(opened) = opened else {
+            return Ok(End::Stopped);
+        };
+        let Some(mut repl) = opened? else {
+            return Ok(End::ConsumerGone);
+        };
+        self.tables.clear();
+        let end = self.stream(&mut repl).await?;
+        let _ = repl.close().await;
+        Ok(end)
+    }
+
+    /// A slot this session began to make and the consumer never heard of (a stop, or the
+    /// consumer gone): its store would not know the slot as walsync's and the next start would
+    /// refuse it, so it is dropped. The server does not notice a closed connection while it
+    /// waits for open transactions, and would keep the slot once made: a creation under way is
+    /// ended by ending its server process. Best effort, logged.
+    async fn give_up_unreported_slot(&mut self) {
+        let undo = match std::mem::replace(&mut self.new_slot, NewSlot::Reported) {
+            NewSlot::Reported => return,
+            other => other,
+        };
+        let slot = self.config.slot.clone();
+        let undone = async {
+            let client = self.config.pg.connect().await?;
+            if let NewSlot::Creating(Some(pid)) = undo {
+                client
+                    .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                    .await?;
+            }
+            // A creation that was ended leaves nothing; one that had finished is dropped.
+            preflight::drop_slot(&client, &slot).await
+        };
+        match tokio::time::timeout(Duration::from_secs(10), undone).await {
+            Ok(Ok(())) => tracing::info!(slot, "gave up the slot a stop interrupted"),
+            Ok(Err(e)) => {
+                tracing::warn!(slot, error = %e, "could not give up the slot a stop interrupted");
+            }
+            Err(_) => tracing::warn!(
+                slot,
+                "could not give up the slot a stop interrupted in time"
+            ),
+        }
+    }
+
+    /// Checks the database, makes the slot and copies the tables when a snapshot is needed, and
+    /// starts streaming; `None` when the consumer went away meanwhile.
+    async fn open(&mut self) -> Result<Option<ReplicationConnection>> {
         let mut client = self.config.pg.connect().await?;
         preflight::check_database(&client, &self.config).await?;
         let slot = self.config.slot.clone();
@@ -238,7 +309,14 @@ impl Reader {
                 }
                 preflight::drop_slot(&client, &slot).await?;
             }
-            let created = repl.create_slot(&slot).await?;
+            self.new_slot = NewSlot::Creating(repl.backend_pid());
+            let created = repl.create_slot(&slot).await;
+            self.new_slot = if created.is_ok() {
+                NewSlot::Unreported
+            } else {
+                NewSlot::Reported
+            };
+            let created = created?;
             self.owns_slot = true;
             tracing::info!(slot, consistent_point = %created.consistent_point, "created replication slot");
             if !self
@@ -248,8 +326,9 @@ impl Reader {
                 })
                 .await?
             {
-                return Ok(End::ConsumerGone);
+                return Ok(None);
             }
+            self.new_slot = NewSlot::Reported;
             let publication = self.config.publication.clone();
             let (batch_rows, batch_bytes) = (
                 self.config.snapshot_batch_rows,
@@ -266,7 +345,7 @@ impl Reader {
             )
             .await?
             {
-                return Ok(End::ConsumerGone);
+                return Ok(None);
             }
             self.needs_snapshot = false;
             self.ack = AckState {
@@ -303,10 +382,7 @@ impl Reader {
         let options = self.config.plugin_options();
         repl.start_replication(&slot, start, &options).await?;
         tracing::info!(slot, start = %start, "streaming");
-        self.tables.clear();
-        let end = self.stream(&mut repl).await?;
-        let _ = repl.close().await;
-        Ok(end)
+        Ok(Some(repl))
     }
 
     fn refresh_durable(&mut self) {

@@ -53,6 +53,8 @@ pub struct ReplicationConnection {
     read: BytesMut,
     write: BytesMut,
     streaming: bool,
+    /// The server process serving this connection (its BackendKeyData).
+    pid: Option<i32>,
 }
 
 impl std::fmt::Debug for ReplicationConnection {
@@ -80,6 +82,7 @@ impl ReplicationConnection {
             read: BytesMut::with_capacity(READ_CHUNK),
             write: BytesMut::with_capacity(1024),
             streaming: false,
+            pid: None,
         };
         conn.startup(config).await?;
         Ok(conn)
@@ -174,9 +177,8 @@ impl ReplicationConnection {
         loop {
             match self.next_message().await? {
                 Message::ReadyForQuery(_) => return Ok(()),
-                Message::ParameterStatus(_)
-                | Message::BackendKeyData(_)
-                | Message::NoticeResponse(_) => {}
+                Message::BackendKeyData(key) => self.pid = Some(key.process_id()),
+                Message::ParameterStatus(_) | Message::NoticeResponse(_) => {}
                 Message::ErrorResponse(body) => return Err(server_error(&body)),
                 other => return Err(unexpected("after authentication", &other)),
             }
@@ -282,6 +284,11 @@ impl ReplicationConnection {
             xlog_pos: parse_lsn(col(2))?,
             dbname: col(3),
         })
+    }
+
+    /// The server process serving this connection, as PostgreSQL announced it.
+    pub fn backend_pid(&self) -> Option<i32> {
+        self.pid
     }
 
     /// Creates a logical slot with pgoutput and exports its snapshot. Waits for transactions
