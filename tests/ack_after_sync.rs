@@ -89,6 +89,9 @@ impl BucketStore for GatedStore {
     fn size_on_disk(&self) -> walsync_storage::Result<u64> {
         self.inner.size_on_disk()
     }
+    fn counts(&self) -> walsync_storage::Result<walsync_storage::StoreCounts> {
+        self.inner.counts()
+    }
     fn sync(&self) -> walsync_storage::Result<()> {
         let mut open = self.open.lock().expect("gate");
         while !*open {

@@ -99,11 +99,16 @@ async fn metrics_move_with_the_workload() -> anyhow::Result<()> {
         value(m, "walsync_slot_active") == 1.0
             && value(m, "walsync_store_size_bytes") > 0.0
             && value(m, "walsync_compaction_runs_total") > 0.0
+            && value(m, "walsync_store_ops") > 0.0
+            // Updated rows leave superseded data for compaction to drop.
+            && value(m, "walsync_compaction_reclaimed_bytes_total") > 0.0
     })
     .await?;
     let grew = |name: &str| value(&after, name) > value(&before, name);
     for name in [
         "walsync_replication_rows_total",
+        "walsync_replication_bytes_total",
+        "walsync_replication_checkpoint_latency_seconds_count",
         "walsync_replication_transactions_total",
         "walsync_replication_storage_commits_total",
         "walsync_sync_lines_sent_total{transport=\"http\"}",
@@ -122,6 +127,9 @@ async fn metrics_move_with_the_workload() -> anyhow::Result<()> {
         ("walsync_sync_streams{transport=\"grpc\"}", 1.0),
         ("walsync_sync_connections", 2.0),
         ("walsync_source_reachable", 1.0),
+        ("walsync_replication_state{state=\"streaming\"}", 1.0),
+        ("walsync_replication_state{state=\"snapshotting\"}", 0.0),
+        ("walsync_snapshot_rows_estimated", 0.0),
         ("walsync_slot_wal_status{status=\"reserved\"}", 1.0),
         ("walsync_slot_wal_status{status=\"lost\"}", 0.0),
     ] {
@@ -183,6 +191,13 @@ async fn metrics_move_with_the_workload() -> anyhow::Result<()> {
     assert_eq!(status["snapshot"]["complete"], true, "{status}");
     assert_eq!(status["streams"], 2, "{status}");
     assert!(status["replication"]["rows"].as_u64() > Some(0), "{status}");
+    assert_eq!(status["replication"]["state"], "streaming", "{status}");
+    assert!(status["store"]["ops"].as_u64() > Some(0), "{status}");
+    assert_eq!(
+        status["store"]["buckets"].as_f64(),
+        Some(value(&after, "walsync_store_buckets")),
+        "{status}"
+    );
     let bin = env!("CARGO_BIN_EXE_walsync-cli");
     let out = std::process::Command::new(bin)
         .args(["status", "--url", &url, "--token", "admin-secret"])
@@ -194,7 +209,9 @@ async fn metrics_move_with_the_workload() -> anyhow::Result<()> {
         "slot         ",
         ": active, wal_status reserved",
         "snapshot     complete",
+        "replication  streaming: ",
         "streams      2",
+        "uploads      ",
     ] {
         assert!(printed.contains(part), "{part:?} missing:\n{printed}");
     }

@@ -110,7 +110,10 @@ fn config(url: &str, dir: &std::path::Path) -> anyhow::Result<Config> {
             ..AuthConfig::default()
         },
         sync: SyncSection::default(),
-        metrics: walsync::telemetry::MetricsSection { poll_seconds: 1 },
+        metrics: walsync::telemetry::MetricsSection {
+            poll_seconds: 1,
+            ..Default::default()
+        },
         wal_guard: Default::default(),
         writes: None,
     })

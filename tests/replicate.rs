@@ -683,3 +683,85 @@ async fn transactions_beyond_the_memory_budget_are_staged_whole() -> anyhow::Res
     task.await??;
     Ok(())
 }
+
+/// The replication's state follows what happens, one change at a time (each is logged, and
+/// gauged in `/metrics`): the initial copy, streaming, a broken connection and its recovery,
+/// a lost slot and the re-copy after it, and transactions slower than the lagging threshold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replication_state_follows_what_happens() -> anyhow::Result<()> {
+    use walsync_replicator::State;
+    let s = setup().await?;
+    let mut config = config(&s);
+    // Every transaction with a source time is slower than this: the first one makes it lag.
+    config.lagging_after = std::time::Duration::ZERO;
+    let slot = config.source.slot.clone();
+    let (stop_tx, task, mut progress) = seed::spawn_watched(&s, config);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(vec![State::Connecting]));
+    let watcher = tokio::spawn({
+        let seen = seen.clone();
+        async move {
+            while progress.changed().await.is_ok() {
+                let state = progress.borrow_and_update().state;
+                let mut seen = seen.lock().expect("seen");
+                if seen.last() != Some(&state) {
+                    seen.push(state);
+                }
+            }
+        }
+    });
+    // Waits until `want` is seen after what an earlier wait found (however briefly it held).
+    let mut cursor = 0;
+    let mut until = async |want: State| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let found = {
+                let seen = seen.lock().expect("seen");
+                seen[cursor..].iter().position(|s| *s == want)
+            };
+            if let Some(at) = found {
+                cursor += at + 1;
+                return anyhow::Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "never {want:?}: {:?}",
+                seen.lock().expect("seen")
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    until(State::Snapshotting).await?;
+    until(State::Streaming).await?;
+    let end_walsender = "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                         WHERE slot_name = $1 AND active_pid IS NOT NULL";
+    s.sql.execute(end_walsender, &[&slot]).await?;
+    until(State::Reconnecting).await?;
+    until(State::Streaming).await?;
+    // The slot goes while the replicator streams (the session that made it: before, that
+    // stopped the replicator with an error instead of copying anew), dropped between two of
+    // its attempts to reconnect.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        s.sql.execute(end_walsender, &[&slot]).await?;
+        if s.sql
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the slot stayed busy");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    until(State::SlotLost).await?;
+    until(State::Rebuilding).await?;
+    until(State::Streaming).await?;
+    workload(&s.sql, 43, 20).await?;
+    until(State::Lagging).await?;
+    wait_until_equal(&s).await?;
+    stop_tx.send(true)?;
+    task.await??;
+    until(State::Stopped).await?;
+    watcher.abort();
+    Ok(())
+}

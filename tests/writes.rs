@@ -1521,6 +1521,21 @@ async fn conflicts_are_decided_field_by_field() -> anyhow::Result<()> {
     .await?;
     anyhow::ensure!(reply["results"][0]["conflicts"].is_null(), "{reply}");
     anyhow::ensure!(field("teams", 80001, "name").await? == "client again");
+
+    // Operators see them counted by outcome (a fixed label set, no ids).
+    let metrics = reqwest::get(format!("{}/metrics", service.url()))
+        .await?
+        .text()
+        .await?;
+    for outcome in ["client", "server", "manual"] {
+        let line = format!("walsync_upload_conflicts_total{{outcome=\"{outcome}\"}} ");
+        anyhow::ensure!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(&line) && !l.ends_with(" 0")),
+            "no {outcome} conflicts counted:\n{metrics}"
+        );
+    }
     service.stop().await;
     Ok(())
 }

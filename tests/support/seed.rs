@@ -220,8 +220,22 @@ pub fn spawn(
     watch::Sender<bool>,
     tokio::task::JoinHandle<Result<(), ReplicatorError>>,
 ) {
+    let (stop, task, _) = spawn_watched(s, config);
+    (stop, task)
+}
+
+/// [`spawn`], with the replicator's progress to watch.
+#[allow(clippy::type_complexity)]
+pub fn spawn_watched(
+    s: &Setup,
+    config: ReplicatorConfig,
+) -> (
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<Result<(), ReplicatorError>>,
+    watch::Receiver<Progress>,
+) {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (progress, _) = watch::channel(Progress::default());
+    let (progress, watched) = watch::channel(Progress::default());
     let task = tokio::spawn(walsync_replicator::run(
         config,
         s.rules.clone(),
@@ -229,7 +243,7 @@ pub fn spawn(
         stop_rx,
         progress,
     ));
-    (stop_tx, task)
+    (stop_tx, task, watched)
 }
 
 /// A fresh database with `schema` (which creates the publication `walsync`) and a store, for

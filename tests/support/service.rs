@@ -44,7 +44,10 @@ pub fn config(s: &seed::Setup, server: ServerConfig) -> Config {
             page_ops: 50,
             ..SyncSection::default()
         },
-        metrics: walsync::telemetry::MetricsSection { poll_seconds: 1 },
+        metrics: walsync::telemetry::MetricsSection {
+            poll_seconds: 1,
+            ..Default::default()
+        },
         wal_guard: Default::default(),
         writes: None,
     }

@@ -192,6 +192,7 @@ fn apply_commits(
             commit_lsn: Lsn(*lsn + 1),
             end_lsn: Lsn(*lsn + 2),
             commit_time: Default::default(),
+            bytes: 0,
         }));
         for event in events {
             let w = match writer.as_mut() {

@@ -26,6 +26,8 @@ pub struct Applier {
     rules: Arc<SyncRules>,
     tables: HashMap<u32, TableInfo>,
     pub(crate) pending_txns: usize,
+    /// Replication bytes of the transactions in the pending storage commit.
+    pub(crate) pending_bytes: u64,
     pub(crate) pending_rows: usize,
     pending_ack: Option<Lsn>,
     /// The source commit time of the newest transaction in the pending storage commit.
@@ -51,6 +53,8 @@ pub struct Applier {
     pub(crate) skipped: u64,
     /// Test hook (see [`crate::ReplicatorConfig::panic_on_text`]).
     pub(crate) panic_on_text: Option<String>,
+    /// Where the replication stands, as the events say.
+    pub(crate) state: crate::State,
 }
 
 /// How a row reaches the store.
@@ -72,6 +76,7 @@ impl Applier {
             rules,
             tables: HashMap::new(),
             pending_txns: 0,
+            pending_bytes: 0,
             pending_rows: 0,
             pending_ack: None,
             pending_commit_time: None,
@@ -84,6 +89,7 @@ impl Applier {
             skip: std::collections::HashSet::new(),
             skipped: 0,
             panic_on_text: None,
+            state: crate::State::Connecting,
         }
     }
 
@@ -99,6 +105,7 @@ impl Applier {
 
     pub(crate) fn committed(&mut self) {
         self.pending_txns = 0;
+        self.pending_bytes = 0;
         self.pending_rows = 0;
         self.pending_ack = None;
         self.pending_commit_time = None;
@@ -135,6 +142,11 @@ impl Applier {
                 Next::CommitNow
             }
             SourceEvent::SnapshotBegin { .. } => {
+                self.state = if self.recopy {
+                    crate::State::Rebuilding
+                } else {
+                    crate::State::Snapshotting
+                };
                 if self.recopy {
                     self.in_transaction = true;
                     tracing::info!(
@@ -212,12 +224,14 @@ impl Applier {
             SourceEvent::Commit {
                 end_lsn,
                 commit_time,
+                bytes,
                 ..
             } => {
                 w.set_position(end_lsn);
                 self.pending_commit_time = Some(commit_time);
                 self.pending_ack = Some(end_lsn);
                 self.pending_txns += 1;
+                self.pending_bytes += bytes;
                 self.in_transaction = false;
                 self.transaction = None;
                 Next::Continue
@@ -232,6 +246,14 @@ impl Applier {
                     w.set_position(wal_end);
                     self.pending_ack = Some(wal_end);
                 }
+                Next::Continue
+            }
+            SourceEvent::Streaming { .. } => {
+                self.state = crate::State::Streaming;
+                Next::Continue
+            }
+            SourceEvent::Reconnecting => {
+                self.state = crate::State::Reconnecting;
                 Next::Continue
             }
         })

@@ -82,6 +82,9 @@ pub struct ReplicatorConfig {
     /// skipped), and one holding it followed by `!` panics after it was written (the change is
     /// skipped when its transaction is applied again).
     pub panic_on_text: Option<String>,
+    /// Streaming counts as lagging while the newest durable transaction took longer than this
+    /// from its source commit.
+    pub lagging_after: Duration,
 }
 
 /// 1,000 small transactions or 50,000 rows keep a storage commit to some tens of milliseconds
@@ -91,6 +94,8 @@ pub const DEFAULT_MAX_COMMIT_ROWS: usize = 50_000;
 /// 64 MiB per storage write transaction: with the engine's own buffers the replicator stays
 /// well within 512 MiB whatever the size of a source transaction.
 pub const DEFAULT_MEMORY_BUDGET: usize = 64 << 20;
+/// See [`ReplicatorConfig::lagging_after`].
+pub const DEFAULT_LAGGING_AFTER: Duration = Duration::from_secs(30);
 
 impl ReplicatorConfig {
     pub fn new(source: SourceConfig) -> ReplicatorConfig {
@@ -102,6 +107,7 @@ impl ReplicatorConfig {
             fail_after_commits: None,
             fail_after_snapshot_rows: None,
             panic_on_text: None,
+            lagging_after: DEFAULT_LAGGING_AFTER,
         }
     }
 }
@@ -111,6 +117,8 @@ impl ReplicatorConfig {
 pub struct Progress {
     pub storage_commits: u64,
     pub transactions: u64,
+    /// Replication bytes (pgoutput messages as received) of the transactions replicated.
+    pub bytes: u64,
     pub rows: u64,
     pub snapshot_rows: u64,
     /// Microseconds from the source commit of the newest durable transaction to the moment it
@@ -120,6 +128,78 @@ pub struct Progress {
     pub staged_transactions: u64,
     /// Rows and changes left out of the buckets because applying them panicked.
     pub skipped_rows: u64,
+    /// Where the replication stands.
+    pub state: State,
+}
+
+/// Where the replication stands, as an operator would ask.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum State {
+    /// Connecting to PostgreSQL and checking it (at start, and after a restart).
+    #[default]
+    Connecting,
+    /// The initial copy of the tables into an empty store.
+    Snapshotting,
+    /// A copy of the tables into a store that holds data (a lost slot, changed rules, an
+    /// interrupted copy): clients are served the last checkpoint meanwhile.
+    Rebuilding,
+    /// PostgreSQL streams the slot's changes.
+    Streaming,
+    /// Streaming, but the newest durable transaction committed on the source longer ago than
+    /// [`ReplicatorConfig::lagging_after`] before it was durable here.
+    Lagging,
+    /// The connection broke or PostgreSQL cannot be reached: trying again with backoff.
+    Reconnecting,
+    /// The slot walsync made is gone or invalidated: it is made again and the tables copied anew.
+    SlotLost,
+    /// The replicator stopped (asked to, or by a definite error).
+    Stopped,
+}
+
+impl State {
+    pub const ALL: [State; 8] = [
+        State::Connecting,
+        State::Snapshotting,
+        State::Rebuilding,
+        State::Streaming,
+        State::Lagging,
+        State::Reconnecting,
+        State::SlotLost,
+        State::Stopped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Connecting => "connecting",
+            State::Snapshotting => "snapshotting",
+            State::Rebuilding => "rebuilding",
+            State::Streaming => "streaming",
+            State::Lagging => "lagging",
+            State::Reconnecting => "reconnecting",
+            State::SlotLost => "slot_lost",
+            State::Stopped => "stopped",
+        }
+    }
+}
+
+/// Publishes a new state, with one log line for each change.
+fn set_state(progress: &watch::Sender<Progress>, state: State) {
+    progress.send_if_modified(|p| transition(p, state));
+}
+
+/// Moves `p` to `state`; whether that is a change (logged).
+fn transition(p: &mut Progress, state: State) -> bool {
+    let before = std::mem::replace(&mut p.state, state);
+    if before != state {
+        tracing::info!(
+            state = state.as_str(),
+            previous = before.as_str(),
+            lag_seconds = p.lag_micros as f64 / 1e6,
+            snapshot_rows = p.snapshot_rows,
+            "replication state"
+        );
+    }
+    before != state
 }
 
 /// Replicates until `stop` turns true or a definite error.
@@ -134,7 +214,9 @@ pub async fn run<S: BucketStore + 'static>(
     let span = tracing::info_span!("walsync-apply");
     tokio::task::spawn_blocking(move || {
         let _named = span.enter();
-        run_blocking(handle, config, rules, store, stop, progress)
+        let out = run_blocking(handle, config, rules, store, stop, &progress);
+        set_state(&progress, State::Stopped);
+        out
     })
     .await
     .map_err(|e| {
@@ -148,7 +230,7 @@ fn run_blocking<S: BucketStore>(
     rules: Arc<SyncRules>,
     store: Arc<S>,
     mut stop: watch::Receiver<bool>,
-    progress: watch::Sender<Progress>,
+    progress: &watch::Sender<Progress>,
 ) -> Result<()> {
     let mut commits = 0u64;
     // A source transaction that outgrew the memory budget: applied again, staged.
@@ -219,6 +301,7 @@ fn run_blocking<S: BucketStore>(
                 stream
             }
             Err(e) if e.is_transient() => {
+                set_state(progress, State::Reconnecting);
                 tracing::warn!(error = %e, retry_in = ?backoff, "cannot start replication; trying again");
                 if wait_or_stop(&handle, &mut stop, backoff) {
                     return Ok(());
@@ -243,12 +326,15 @@ fn run_blocking<S: BucketStore>(
             stream,
             &mut applier,
             &mut stop,
-            &progress,
+            progress,
             &mut commits,
             &mut stage,
         );
         skip = std::mem::take(&mut applier.skip);
         skipped = applier.skipped;
+        // Read again: this session may have made the slot (a first start, a rebuild).
+        let owns_slot = owns_slot
+            || store.checkpoint()?.slot_owned.as_deref() == Some(config.source.slot.as_str());
         match out {
             Ok(Restart::Stop) => return Ok(()),
             Ok(Restart::Again | Restart::Stage) => {
@@ -257,10 +343,11 @@ fn run_blocking<S: BucketStore>(
             }
             // A slot walsync made is gone or can no longer serve the stored position (dropped,
             // or invalidated by max_slot_wal_keep_size): the changes in between are lost, so the
-            // buckets are built anew from a fresh slot and snapshot. Op ids keep growing, so
-            // clients see new ops and checksums and download again. A slot walsync did not
-            // make is left to the operator.
+            // buckets are built anew from a fresh slot and snapshot, compared row by row with
+            // what the store holds, so clients download only what differs. A slot walsync did
+            // not make is left to the operator.
             Err(ReplicatorError::Source(SourceError::SlotLost { slot, reason })) if owns_slot => {
+                set_state(progress, State::SlotLost);
                 tracing::error!(
                     slot,
                     reason,
@@ -314,13 +401,16 @@ fn session<S: BucketStore>(
         let (tx, rx) = std::sync::mpsc::channel::<Committed>();
         let syncer = std::thread::Builder::new()
             .name("walsync-fsync".into())
-            .spawn_scoped(scope, || sync_loop(store, rx, &acker, progress, &failed))
+            .spawn_scoped(scope, || {
+                sync_loop(store, rx, &acker, progress, &failed, config.lagging_after)
+            })
             .map_err(StorageError::Io)?;
         let mut committer = Committer {
             tx: Some(tx),
             failed: &failed,
             commits,
             config,
+            progress,
         };
         let out = apply_loop(handle, store, stream, applier, stop, &mut committer, stage);
         // Everything committed is made durable and acknowledged before the source stops, so
@@ -345,6 +435,7 @@ struct Committed {
     ack: Option<walsync_types::Lsn>,
     commit_time: Option<walsync_types::PgTimestamp>,
     txns: usize,
+    bytes: u64,
     rows: usize,
     snapshot_rows: u64,
     staged: bool,
@@ -359,6 +450,7 @@ fn sync_loop<S: BucketStore>(
     acker: &walsync_source::Acker,
     progress: &watch::Sender<Progress>,
     failed: &std::sync::Mutex<Option<StorageError>>,
+    lagging_after: Duration,
 ) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -379,9 +471,21 @@ fn sync_loop<S: BucketStore>(
                 p.lag_micros =
                     u64::try_from(walsync_types::PgTimestamp::now().0 - t.0).unwrap_or(0);
             }
+            // A commit without a source time moved the position while idle: caught up.
+            let lagging = newest.is_some() && p.lag_micros > lagging_after.as_micros() as u64;
+            match p.state {
+                State::Streaming if lagging => {
+                    transition(p, State::Lagging);
+                }
+                State::Lagging if !lagging => {
+                    transition(p, State::Streaming);
+                }
+                _ => {}
+            }
             for c in &batch {
                 p.storage_commits += 1;
                 p.transactions += c.txns as u64;
+                p.bytes += c.bytes;
                 p.rows += c.rows as u64;
                 p.snapshot_rows = c.snapshot_rows;
                 p.staged_transactions += u64::from(c.staged);
@@ -396,6 +500,7 @@ struct Committer<'a> {
     failed: &'a std::sync::Mutex<Option<StorageError>>,
     commits: &'a mut u64,
     config: &'a ReplicatorConfig,
+    progress: &'a watch::Sender<Progress>,
 }
 
 impl Committer<'_> {
@@ -413,6 +518,7 @@ impl Committer<'_> {
             ack: applier.ack_position(),
             commit_time: applier.pending_commit_time,
             txns: applier.pending_txns,
+            bytes: applier.pending_bytes,
             rows: applier.pending_rows,
             snapshot_rows: applier.snapshot_rows,
             staged,
@@ -440,6 +546,7 @@ fn apply_loop<S: BucketStore>(
     stage: &mut Option<walsync_types::Lsn>,
 ) -> (Result<Restart>, SourceStream) {
     let mut writer: Option<S::Writer<'_>> = None;
+    let mut published = None;
     let out = loop {
         // Wait for the next batch (or a stop), unless a commit is pending and nothing is ready.
         let batch = match stream.try_next_batch() {
@@ -477,7 +584,13 @@ fn apply_loop<S: BucketStore>(
             Some(Err(e)) => break Err(e.into()),
             Some(Ok(events)) => events,
         };
-        match apply_events(store, &mut writer, events, applier, committer, stage) {
+        let out = apply_events(store, &mut writer, events, applier, committer, stage);
+        // Published when the events change it (the syncer moves streaming to lagging and back).
+        if published != Some(applier.state) {
+            set_state(committer.progress, applier.state);
+            published = Some(applier.state);
+        }
+        match out {
             Ok(None) => {}
             Ok(Some(restart)) => break Ok(restart),
             Err(e) => break Err(e),

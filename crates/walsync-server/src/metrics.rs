@@ -11,6 +11,33 @@ pub const AUTH_FAILURES: &str = "walsync_auth_failures_total";
 pub const WRITE_CHECKPOINTS: &str = "walsync_write_checkpoints_total";
 pub const ADMISSION_REFUSED: &str = "walsync_admission_refused_total";
 pub const UPLOADS: &str = "walsync_upload_transactions_total";
+pub const CONFLICTS: &str = "walsync_upload_conflicts_total";
+
+/// Conflict outcomes: the label set of [`CONFLICTS`].
+const CONFLICT_OUTCOMES: &[&str] = &["client", "server", "manual"];
+
+/// Uploaded transactions and conflicts since the process started, for `walsync status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UploadTotals {
+    pub applied: u64,
+    pub rejected: u64,
+    pub denied: u64,
+    pub retryable: u64,
+    pub conflicts: u64,
+}
+
+static TOTALS: std::sync::Mutex<UploadTotals> = std::sync::Mutex::new(UploadTotals {
+    applied: 0,
+    rejected: 0,
+    denied: 0,
+    retryable: 0,
+    conflicts: 0,
+});
+
+/// See [`UploadTotals`].
+pub fn upload_totals() -> UploadTotals {
+    TOTALS.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
 
 /// Describes the server's metrics (their help text); call once after installing a recorder.
 pub fn describe() {
@@ -32,6 +59,10 @@ pub fn describe() {
     describe_counter!(
         UPLOADS,
         "uploaded client transactions, by status (applied, rejected, retryable) and code (denied, invalid, not_found, constraint_violation, invalid_value, rejected_by_database, database_error, database_unavailable, not_attempted; none when applied)"
+    );
+    describe_counter!(
+        CONFLICTS,
+        "fields of applied uploads that the server had changed too, by outcome (client, server, manual)"
     );
     describe_counter!(
         ADMISSION_REFUSED,
@@ -76,8 +107,24 @@ pub(crate) fn refused(code: crate::ErrorCode) {
 
 /// Counts an upload's transactions by status and code (a fixed set).
 pub(crate) fn upload(reply: &walsync_write::UploadReply) {
+    let mut totals = TOTALS.lock().unwrap_or_else(|p| p.into_inner());
     for r in &reply.results {
         let code = r.code.clone().unwrap_or_else(|| "none".into());
+        match r.status {
+            walsync_write::Status::Applied => totals.applied += 1,
+            walsync_write::Status::Rejected => totals.rejected += 1,
+            walsync_write::Status::Retryable => totals.retryable += 1,
+        }
+        totals.denied += u64::from(code == "denied");
         counter!(UPLOADS, "status" => r.status.as_str(), "code" => code).increment(1);
+        for c in &r.conflicts {
+            let outcome = CONFLICT_OUTCOMES
+                .iter()
+                .find(|o| **o == c.outcome)
+                .copied()
+                .unwrap_or("other");
+            counter!(CONFLICTS, "outcome" => outcome).increment(1);
+            totals.conflicts += 1;
+        }
     }
 }

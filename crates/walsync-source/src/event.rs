@@ -181,6 +181,9 @@ pub enum SourceEvent {
         commit_lsn: Lsn,
         end_lsn: Lsn,
         commit_time: PgTimestamp,
+        /// Replication bytes received since the previous commit handed over (this transaction's
+        /// pgoutput messages, with whatever came between): for counting, not for order.
+        bytes: u64,
     },
     Rollback,
     /// The server has decoded the WAL up to `wal_end` and owes nothing before it (a keepalive
@@ -188,6 +191,14 @@ pub enum SourceEvent {
     Idle {
         wal_end: Lsn,
     },
+    /// PostgreSQL streams the slot's changes from `start` (after the snapshot, when one was
+    /// needed): the replication is live. Says nothing about data.
+    Streaming {
+        start: Lsn,
+    },
+    /// The connection broke (the reason was logged); the reader connects again with backoff and
+    /// resumes from what is durable. Says nothing about data.
+    Reconnecting,
 }
 
 #[cfg(test)]

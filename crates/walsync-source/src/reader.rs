@@ -65,6 +65,8 @@ pub(crate) struct Reader {
     idle_sent: Lsn,
     /// A slot this session is making, until the consumer heard of it.
     new_slot: NewSlot,
+    /// Replication bytes received since the last commit handed over.
+    bytes_since_commit: u64,
 }
 
 /// Where the making of a new slot stands.
@@ -118,6 +120,7 @@ impl Reader {
             last_received: start,
             idle_sent: start,
             new_slot: NewSlot::Reported,
+            bytes_since_commit: 0,
         }
     }
 
@@ -152,6 +155,8 @@ impl Reader {
         }
     }
 
+    /// After a broken connection: withdraws the cut-off transaction and says the reader
+    /// reconnects.
     async fn withdraw_open_transaction(&mut self) -> Result<()> {
         let had_open = matches!(self.open.take(), Some((_, false)));
         // Committed transactions still waiting for room in the channel count as emitted: they
@@ -169,6 +174,7 @@ impl Reader {
         if had_open {
             self.batch.push(SourceEvent::Rollback);
         }
+        self.batch.push(SourceEvent::Reconnecting);
         if !self.flush_batch().await? {
             return Err(SourceError::Closed);
         }
@@ -381,7 +387,9 @@ impl Reader {
         let start = self.ack.flush_position();
         let options = self.config.plugin_options();
         repl.start_replication(&slot, start, &options).await?;
-        tracing::info!(slot, start = %start, "streaming");
+        tracing::debug!(slot, start = %start, "streaming");
+        // Handed over with the first batch the stream loop sends.
+        self.batch.push(SourceEvent::Streaming { start });
         Ok(Some(repl))
     }
 
@@ -495,6 +503,7 @@ impl Reader {
     /// Handles one frame; `false` when the consumer is gone.
     async fn on_frame(&mut self, repl: &mut ReplicationConnection, payload: Bytes) -> Result<bool> {
         self.batch_bytes += payload.len();
+        self.bytes_since_commit += payload.len() as u64;
         match codec::decode_frame(payload)? {
             Frame::Keepalive {
                 wal_end,
@@ -711,6 +720,7 @@ impl Reader {
             commit_lsn,
             end_lsn,
             commit_time,
+            bytes: std::mem::take(&mut self.bytes_since_commit),
         });
         self.ack.on_emitted(end_lsn);
         Ok(self.queue())

@@ -915,10 +915,31 @@ pub fn compaction_keeps_checksums_and_rows<S: BucketStore>(store: &S) {
     let states_before = store
         .bucket_states(&buckets.map(String::from))
         .expect("states");
+    let ops_kept = |store: &S| -> u64 {
+        buckets
+            .iter()
+            .map(|b| store.ops(b, 0, u64::MAX, 10_000).expect("ops").len() as u64)
+            .sum()
+    };
+    let counts = store.counts().expect("counts");
+    assert_eq!(
+        (counts.ops, counts.buckets),
+        (ops_kept(store), 3),
+        "the counts are the ops a client can read"
+    );
     let stats = store.compact().expect("compact");
     assert!(
         stats.moved + stats.cleared > 0,
         "the jumble had something to compact"
+    );
+    assert!(
+        stats.reclaimed_bytes > 0,
+        "dropping superseded data reclaims bytes"
+    );
+    assert_eq!(
+        store.counts().expect("counts").ops,
+        ops_kept(store),
+        "the counts follow compaction"
     );
     let states_after = store
         .bucket_states(&buckets.map(String::from))

@@ -27,18 +27,20 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use fjall::{KeyspaceCreateOptions, PersistMode, SingleWriterTxDatabase, SingleWriterTxKeyspace};
+use fjall::{
+    KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace,
+};
 use walsync_types::{LookupKey, RowId};
 
 use keys::RowKeys;
-use record::engine;
+use record::{decode, engine};
 use snapshot::read_checkpoint;
 
 pub use snapshot::EmbeddedSnapshot;
 pub use writer::EmbeddedWriter;
 
 use crate::model::{
-    BucketState, Changes, CompactBatch, Op, PruneStats, StoreCheckpoint, StoredRow,
+    BucketState, Changes, CompactBatch, Op, PruneStats, StoreCheckpoint, StoreCounts, StoredRow,
 };
 use crate::{BucketStore, Result, StoreRead, StoreWriter};
 
@@ -269,6 +271,21 @@ impl BucketStore for EmbeddedStore {
 
     fn size_on_disk(&self) -> Result<u64> {
         self.db.disk_space().map_err(engine)
+    }
+
+    fn counts(&self) -> Result<StoreCounts> {
+        let snap = self.db.read_tx();
+        let mut counts = StoreCounts {
+            rows: self.s.rows.approximate_len() as u64,
+            ..StoreCounts::default()
+        };
+        for g in snap.iter(&self.s.buckets) {
+            let (_, v) = g.into_inner().map_err(engine)?;
+            let state: BucketState = decode("bucket state", &v)?;
+            counts.ops += state.count;
+            counts.buckets += 1;
+        }
+        Ok(counts)
     }
 
     fn sync(&self) -> Result<()> {

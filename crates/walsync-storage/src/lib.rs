@@ -24,8 +24,8 @@ pub mod conformance;
 
 pub use embedded::{EmbeddedSnapshot, EmbeddedStore, EmbeddedWriter};
 pub use model::{
-    BucketState, Changes, CompactBatch, CompactStats, Op, PruneStats, StoreCheckpoint, StoredRow,
-    TableName,
+    BucketState, Changes, CompactBatch, CompactStats, Op, PruneStats, StoreCheckpoint, StoreCounts,
+    StoredRow, TableName,
 };
 
 use walsync_types::{LookupEntry, LookupKey, Lsn, RowId, RowOutput};
@@ -104,6 +104,7 @@ pub trait BucketStore: StoreRead + Send + Sync {
             let step = self.compact_batch(after.as_deref(), usize::MAX)?;
             total.moved += step.stats.moved;
             total.cleared += step.stats.cleared;
+            total.reclaimed_bytes += step.stats.reclaimed_bytes;
             match step.next {
                 Some(next) => after = Some(next),
                 None => return Ok(total),
@@ -124,6 +125,9 @@ pub trait BucketStore: StoreRead + Send + Sync {
 
     /// Bytes the store occupies on disk.
     fn size_on_disk(&self) -> Result<u64>;
+
+    /// How many ops, buckets and rows the store holds: reads one small entry per bucket.
+    fn counts(&self) -> Result<StoreCounts>;
 
     /// Makes every commit so far durable (see [`StoreWriter::commit_deferred`]).
     fn sync(&self) -> Result<()>;

@@ -77,6 +77,21 @@ pub struct Changes {
 pub struct CompactStats {
     pub moved: u64,
     pub cleared: u64,
+    /// Bytes by which the rewritten op chunks shrank (superseded data dropped, runs merged);
+    /// the engine frees them on disk as it compacts its own files.
+    pub reclaimed_bytes: u64,
+}
+
+/// What the store holds ([`crate::BucketStore::counts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreCounts {
+    /// Ops kept in all buckets (exact: the buckets' own counts, summed).
+    pub ops: u64,
+    /// Buckets (exact).
+    pub buckets: u64,
+    /// Source rows (approximate: from the engine's metadata, deleted rows its own compaction
+    /// has not yet dropped still count).
+    pub rows: u64,
 }
 
 /// One bounded step of compaction ([`crate::BucketStore::compact_batch`]).

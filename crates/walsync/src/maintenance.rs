@@ -54,6 +54,7 @@ pub fn pass<S: BucketStore>(
         out.steps += 1;
         out.compacted.moved += step.stats.moved;
         out.compacted.cleared += step.stats.cleared;
+        out.compacted.reclaimed_bytes += step.stats.reclaimed_bytes;
         match step.next {
             Some(next) => after = Some(next),
             None => break,

@@ -102,6 +102,7 @@ impl Service {
             tokio::spawn(
                 async move {
                     let mut before = Progress::default();
+                    crate::telemetry::record_state(before.state);
                     while progress.changed().await.is_ok() {
                         core.notify_checkpoint();
                         let now = progress.borrow_and_update().clone();
@@ -139,6 +140,7 @@ impl Service {
             let ended = replication_ended.clone();
             let mut replicator = ReplicatorConfig::new(source);
             replicator.memory_budget = config.storage.memory_budget_mib.max(1) << 20;
+            replicator.lagging_after = Duration::from_secs(config.metrics.lagging_seconds);
             let run =
                 walsync_replicator::run(replicator, rules, store, stop_rx.clone(), progress_tx);
             tokio::spawn(

@@ -95,10 +95,19 @@ pub fn render(url: &str, s: &Status, now: u64) -> String {
         None => "  slot         none (not created yet, or lost)".to_owned(),
     });
     out.push(format!(
-        "  replication  {} rows in {} transactions; lag {:.3} s",
-        s.replication.rows, s.replication.transactions, s.replication.lag_seconds
+        "  replication  {}: {} rows in {} transactions ({}); lag {:.3} s",
+        if s.replication.state.is_empty() {
+            "unknown"
+        } else {
+            s.replication.state.as_str()
+        },
+        s.replication.rows,
+        s.replication.transactions,
+        bytes(s.replication.bytes),
+        s.replication.lag_seconds
     ));
-    out.push(if s.snapshot.complete {
+    let copying = matches!(s.replication.state.as_str(), "snapshotting" | "rebuilding");
+    out.push(if s.snapshot.complete && !copying {
         format!(
             "  snapshot     complete ({} rows copied)",
             s.snapshot.rows_copied
@@ -117,10 +126,31 @@ pub fn render(url: &str, s: &Status, now: u64) -> String {
         }
     });
     out.push(format!(
-        "  store        {} on disk",
-        bytes(s.store_size_bytes)
+        "  store        {} on disk; {} ops in {} buckets, ~{} rows",
+        bytes(s.store_size_bytes),
+        s.store.ops,
+        s.store.buckets,
+        s.store.rows
     ));
     out.push(format!("  streams      {}", s.streams));
+    let u = &s.uploads;
+    out.push(format!(
+        "  uploads      {} applied, {} rejected ({} denied), {} to retry; {} conflicts",
+        u.applied, u.rejected, u.denied, u.retryable, u.conflicts
+    ));
+    if s.recent_problems.is_empty() {
+        out.push("  problems     none logged".to_owned());
+    } else {
+        out.push("  problems     (newest last)".to_owned());
+        for p in &s.recent_problems {
+            out.push(format!(
+                "    {} s ago {}: {}",
+                now.saturating_sub(p.at),
+                p.level,
+                p.message
+            ));
+        }
+    }
     out.join("\n")
 }
 
@@ -213,17 +243,36 @@ mod tests {
                 safe_wal_size_bytes: None,
             }),
             replication: ReplicationStatus {
+                state: "rebuilding".into(),
                 rows: 1200,
                 transactions: 40,
+                bytes: 2048,
                 lag_seconds: 0.004,
             },
             snapshot: SnapshotStatus {
-                complete: false,
+                complete: true,
                 rows_copied: 250,
                 rows_estimated: Some(1000),
             },
             store_size_bytes: 1536,
+            store: crate::telemetry::StoreStatus {
+                ops: 90,
+                buckets: 4,
+                rows: 80,
+            },
             streams: 3,
+            uploads: walsync_server::metrics::UploadTotals {
+                applied: 7,
+                rejected: 2,
+                denied: 1,
+                retryable: 0,
+                conflicts: 3,
+            },
+            recent_problems: vec![crate::telemetry::Problem {
+                at: 90,
+                level: "warn".into(),
+                message: "replication interrupted, reconnecting error=closed".into(),
+            }],
         };
         let text = render("http://x", &s, 102);
         assert!(text.contains("(read 2 s ago)"), "{text}");
@@ -235,7 +284,22 @@ mod tests {
             text.contains("[########----------------------] 250 of ~1000 rows"),
             "{text}"
         );
-        assert!(text.contains("store        1.5 KiB on disk"), "{text}");
+        assert!(
+            text.contains("replication  rebuilding: 1200 rows in 40 transactions (2.0 KiB)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("store        1.5 KiB on disk; 90 ops in 4 buckets, ~80 rows"),
+            "{text}"
+        );
         assert!(text.contains("streams      3"), "{text}");
+        assert!(
+            text.contains("uploads      7 applied, 2 rejected (1 denied), 0 to retry; 3 conflicts"),
+            "{text}"
+        );
+        assert!(
+            text.contains("12 s ago warn: replication interrupted, reconnecting"),
+            "{text}"
+        );
     }
 }

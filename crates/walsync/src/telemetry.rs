@@ -19,6 +19,14 @@ use walsync_storage::{BucketStore, EmbeddedStore, StoreRead};
 use walsync_sync::SyncCore;
 
 pub const ROWS: &str = "walsync_replication_rows_total";
+pub const BYTES: &str = "walsync_replication_bytes_total";
+pub const STATE: &str = "walsync_replication_state";
+pub const CHECKPOINT_LATENCY: &str = "walsync_replication_checkpoint_latency_seconds";
+pub const SNAPSHOT_ESTIMATE: &str = "walsync_snapshot_rows_estimated";
+pub const STORE_OPS: &str = "walsync_store_ops";
+pub const STORE_BUCKETS: &str = "walsync_store_buckets";
+pub const STORE_ROWS: &str = "walsync_store_rows";
+pub const COMPACTION_RECLAIMED: &str = "walsync_compaction_reclaimed_bytes_total";
 pub const TRANSACTIONS: &str = "walsync_replication_transactions_total";
 pub const STORAGE_COMMITS: &str = "walsync_replication_storage_commits_total";
 pub const SNAPSHOT_ROWS: &str = "walsync_snapshot_rows_total";
@@ -53,8 +61,32 @@ pub struct Status {
     pub replication: ReplicationStatus,
     pub snapshot: SnapshotStatus,
     pub store_size_bytes: u64,
+    #[serde(default)]
+    pub store: StoreStatus,
     /// Streams the sync core follows.
     pub streams: usize,
+    #[serde(default)]
+    pub uploads: walsync_server::metrics::UploadTotals,
+    /// The last warnings and errors logged, newest last.
+    #[serde(default)]
+    pub recent_problems: Vec<Problem>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StoreStatus {
+    pub ops: u64,
+    pub buckets: u64,
+    /// Approximate.
+    pub rows: u64,
+}
+
+/// A warning or error line, as logged.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Problem {
+    /// Unix seconds.
+    pub at: u64,
+    pub level: String,
+    pub message: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -70,8 +102,14 @@ pub struct SlotStatus {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ReplicationStatus {
+    /// `connecting`, `snapshotting`, `rebuilding`, `streaming`, `lagging`, `reconnecting`,
+    /// `slot_lost` or `stopped`.
+    #[serde(default)]
+    pub state: String,
     pub rows: u64,
     pub transactions: u64,
+    #[serde(default)]
+    pub bytes: u64,
     pub lag_seconds: f64,
 }
 
@@ -98,11 +136,17 @@ fn update(status: &SharedStatus, f: impl FnOnce(&mut Status)) {
 pub struct MetricsSection {
     /// Seconds between reads of the slot's health and the store's size.
     pub poll_seconds: u64,
+    /// Streaming counts as lagging (state `lagging`) while transactions take longer than this
+    /// from their source commit to durable in the store.
+    pub lagging_seconds: u64,
 }
 
 impl Default for MetricsSection {
     fn default() -> MetricsSection {
-        MetricsSection { poll_seconds: 10 }
+        MetricsSection {
+            poll_seconds: 10,
+            lagging_seconds: 30,
+        }
     }
 }
 
@@ -131,6 +175,35 @@ fn describe() {
     walsync_server::metrics::describe();
     crate::wal_guard::describe();
     describe_counter!(ROWS, "row changes replicated and durable in the store");
+    describe_counter!(
+        BYTES,
+        metrics::Unit::Bytes,
+        "replication bytes (pgoutput messages as received) of the transactions replicated"
+    );
+    describe_gauge!(
+        STATE,
+        "1 for the replication's state (connecting, snapshotting, rebuilding, streaming, lagging, reconnecting, slot_lost, stopped), 0 for the others"
+    );
+    metrics::describe_histogram!(
+        CHECKPOINT_LATENCY,
+        metrics::Unit::Seconds,
+        "source commit to the checkpoint that holds it (durable in the store, served to clients), per storage sync"
+    );
+    describe_gauge!(
+        SNAPSHOT_ESTIMATE,
+        "PostgreSQL's estimate of the rows a running snapshot copies (0 when none runs)"
+    );
+    describe_gauge!(STORE_OPS, "ops kept in all buckets");
+    describe_gauge!(STORE_BUCKETS, "buckets in the store");
+    describe_gauge!(
+        STORE_ROWS,
+        "source rows in the store (approximate: deleted rows count until the engine compacts)"
+    );
+    describe_counter!(
+        COMPACTION_RECLAIMED,
+        metrics::Unit::Bytes,
+        "bytes by which compaction shrank the op log (freed on disk as the engine compacts its files)"
+    );
     describe_counter!(
         TRANSACTIONS,
         "source transactions replicated and durable in the store"
@@ -197,17 +270,34 @@ fn describe() {
 pub(crate) fn record_progress(status: &SharedStatus, before: &Progress, now: &Progress) {
     update(status, |s| {
         s.replication = ReplicationStatus {
+            state: now.state.as_str().to_owned(),
             rows: now.rows,
             transactions: now.transactions,
+            bytes: now.bytes,
             lag_seconds: now.lag_micros as f64 / 1e6,
         };
         s.snapshot.rows_copied = now.snapshot_rows;
     });
+    if before.state != now.state {
+        record_state(now.state);
+    }
+    if now.storage_commits > before.storage_commits && now.transactions > before.transactions {
+        metrics::histogram!(CHECKPOINT_LATENCY).record(now.lag_micros as f64 / 1e6);
+    }
+    counter!(BYTES).increment(now.bytes.saturating_sub(before.bytes));
     counter!(ROWS).increment(now.rows.saturating_sub(before.rows));
     counter!(TRANSACTIONS).increment(now.transactions.saturating_sub(before.transactions));
     counter!(STORAGE_COMMITS).increment(now.storage_commits.saturating_sub(before.storage_commits));
     counter!(SNAPSHOT_ROWS).absolute(now.snapshot_rows);
     gauge!(LAG_SECONDS).set(now.lag_micros as f64 / 1e6);
+}
+
+/// Sets the state gauges (at start, and at each change).
+pub(crate) fn record_state(now: walsync_replicator::State) {
+    for state in walsync_replicator::State::ALL {
+        let on = state == now;
+        gauge!(STATE, "state" => state.as_str()).set(if on { 1.0 } else { 0.0 });
+    }
 }
 
 /// Counts one compaction pass.
@@ -217,6 +307,7 @@ pub(crate) fn record_compaction(pass: &crate::maintenance::Pass, took: Duration)
     counter!(COMPACTION_OPS, "kind" => "cleared").increment(pass.compacted.cleared);
     counter!(COMPACTION_PRUNED, "what" => "changes").increment(pass.pruned_changes);
     counter!(COMPACTION_PRUNED, "what" => "lookups").increment(pass.pruned_lookups);
+    counter!(COMPACTION_RECLAIMED).increment(pass.compacted.reclaimed_bytes);
     metrics::histogram!(COMPACTION_SECONDS).record(took.as_secs_f64());
 }
 
@@ -269,6 +360,7 @@ pub(crate) async fn monitor(
                     } else {
                         estimate_rows(c, &tables).await.ok()
                     };
+                    gauge!(SNAPSHOT_ESTIMATE).set(estimate.unwrap_or(0) as f64);
                     update(&status, |s| {
                         s.slot = slot_status;
                         s.snapshot.rows_estimated = estimate;
@@ -296,8 +388,34 @@ pub(crate) async fn monitor(
                 None
             }
         };
+        let counts = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.counts()).await
+        };
+        let counts = match counts {
+            Ok(Ok(c)) => {
+                gauge!(STORE_OPS).set(c.ops as f64);
+                gauge!(STORE_BUCKETS).set(c.buckets as f64);
+                gauge!(STORE_ROWS).set(c.rows as f64);
+                Some(c)
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "could not count the store's ops");
+                None
+            }
+            Err(_) => None,
+        };
         let stats = core.stats();
         update(&status, |s| {
+            if let Some(c) = counts {
+                s.store = StoreStatus {
+                    ops: c.ops,
+                    buckets: c.buckets,
+                    rows: c.rows,
+                };
+            }
+            s.uploads = walsync_server::metrics::upload_totals();
+            s.recent_problems = recent_problems();
             s.version = env!("CARGO_PKG_VERSION").to_owned();
             s.checked_at = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -377,4 +495,75 @@ async fn read_slot(
         retained_wal_bytes: retained.unwrap_or(0.0).max(0.0) as u64,
         safe_wal_size_bytes: safe.map(|s| s as i64),
     }))
+}
+
+/// Warnings and errors kept for `walsync status`.
+const PROBLEMS_KEPT: usize = 10;
+
+fn problems() -> &'static std::sync::Mutex<std::collections::VecDeque<Problem>> {
+    static PROBLEMS: OnceLock<std::sync::Mutex<std::collections::VecDeque<Problem>>> =
+        OnceLock::new();
+    PROBLEMS.get_or_init(Default::default)
+}
+
+/// The last warnings and errors logged (by a process that installed [`ProblemLayer`]).
+pub fn recent_problems() -> Vec<Problem> {
+    let kept = problems().lock().unwrap_or_else(|p| p.into_inner());
+    kept.iter().cloned().collect()
+}
+
+/// A tracing layer that keeps the last warning and error lines (message and fields: by the
+/// house rule they hold no row values) for `walsync status`.
+#[derive(Debug, Default)]
+pub struct ProblemLayer;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ProblemLayer {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let level = *event.metadata().level();
+        if level > tracing::Level::WARN {
+            return;
+        }
+        let mut text = ProblemText::default();
+        event.record(&mut text);
+        let problem = Problem {
+            at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            level: level.as_str().to_lowercase(),
+            message: text.0,
+        };
+        let mut kept = problems().lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() == PROBLEMS_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back(problem);
+    }
+}
+
+/// An event's message, then its fields as `name=value`.
+#[derive(Default)]
+struct ProblemText(String);
+
+impl tracing::field::Visit for ProblemText {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write;
+        if field.name() == "message" {
+            let fields = std::mem::take(&mut self.0);
+            let _ = write!(self.0, "{value:?}{fields}");
+        } else {
+            let _ = write!(self.0, " {}={value:?}", field.name());
+        }
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.0 = format!("{value}{}", self.0);
+        } else {
+            self.0.push_str(&format!(" {}={value}", field.name()));
+        }
+    }
 }

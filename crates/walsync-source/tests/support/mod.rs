@@ -124,7 +124,9 @@ impl Collector {
                 }
                 SourceEvent::SlotCreated { .. }
                 | SourceEvent::SnapshotTable(_)
-                | SourceEvent::Idle { .. } => {}
+                | SourceEvent::Idle { .. }
+                | SourceEvent::Streaming { .. }
+                | SourceEvent::Reconnecting => {}
             }
         }
     }

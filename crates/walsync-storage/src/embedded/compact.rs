@@ -57,6 +57,8 @@ pub(super) fn compact_batch(
         // Each op with the key of the chunk it is kept in (see `CHUNK_TAG`).
         let mut ops: Vec<(u64, OpValue)> = Vec::new();
         let mut home: Vec<u64> = Vec::new();
+        // The size of each chunk as read, by its key.
+        let mut sizes: HashMap<u64, usize> = HashMap::new();
         let listed: Vec<u64> = tx
             .range(&s.op_index, op_key(&bucket, 0)..=op_key(&bucket, u64::MAX))
             .map(|g| g.key().map(|k| op_id_of(&k)).map_err(engine))
@@ -64,6 +66,7 @@ pub(super) fn compact_batch(
         for last in listed {
             let v = get_chunk(&tx, s, last)?;
             read_bytes += v.len() as u64;
+            sizes.insert(last, v.len());
             for (id, rec) in chunk_ops(&v)? {
                 ops.push((id, OpValue::from_bytes(rec)?));
                 home.push(last);
@@ -128,9 +131,16 @@ pub(super) fn compact_batch(
             }
         }
         for h in touched {
+            let before = sizes.get(&h).copied().unwrap_or(0);
             match chunks.remove(&h) {
-                Some(chunk) => put_chunk(&mut tx, s, &bucket, h, chunk.0),
-                None => remove_chunk(&mut tx, s, &bucket, h),
+                Some(chunk) => {
+                    stats.reclaimed_bytes += before.saturating_sub(chunk.0.len()) as u64;
+                    put_chunk(&mut tx, s, &bucket, h, chunk.0);
+                }
+                None => {
+                    stats.reclaimed_bytes += before as u64;
+                    remove_chunk(&mut tx, s, &bucket, h);
+                }
             }
         }
         let mut state: BucketState = match tx.get(&s.buckets, bucket.as_bytes()).map_err(engine)? {
