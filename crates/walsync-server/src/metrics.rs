@@ -68,6 +68,44 @@ pub fn describe() {
         ADMISSION_REFUSED,
         "streams refused by admission, by reason (too_many_connections, too_many_streams)"
     );
+    // Series of fixed label sets exist from the start at 0, so that a rate or an alert over
+    // them reads 0 rather than nothing before the first event.
+    for reason in [
+        "missing",
+        "scheme",
+        "invalid",
+        "algorithm",
+        "no_key",
+        "lifetime",
+        "subject",
+        "admin",
+    ] {
+        counter!(AUTH_FAILURES, "reason" => reason).increment(0);
+    }
+    for outcome in ["created", "rate_limited", "unavailable"] {
+        counter!(WRITE_CHECKPOINTS, "outcome" => outcome).increment(0);
+    }
+    for code in [
+        crate::ErrorCode::TooManyConnections,
+        crate::ErrorCode::TooManyStreams,
+    ] {
+        counter!(ADMISSION_REFUSED, "reason" => code.as_str()).increment(0);
+    }
+    for (status, code) in [
+        ("applied", "none"),
+        ("rejected", "denied"),
+        ("retryable", "database_unavailable"),
+    ] {
+        counter!(UPLOADS, "status" => status, "code" => code).increment(0);
+    }
+    for outcome in CONFLICT_OUTCOMES {
+        counter!(CONFLICTS, "outcome" => *outcome).increment(0);
+    }
+    for transport in ["http", "grpc"] {
+        gauge!(STREAMS, "transport" => transport).increment(0.0);
+        counter!(LINES, "transport" => transport).increment(0);
+        counter!(BYTES, "transport" => transport).increment(0);
+    }
 }
 
 /// An open stream, counted in [`STREAMS`] while it lives.

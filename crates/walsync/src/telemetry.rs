@@ -264,6 +264,24 @@ fn describe() {
         metrics::Unit::Seconds,
         "the duration of a compaction pass, pauses included"
     );
+    // Counters exist from the start at 0 (a rate or an alert over them reads 0, not nothing).
+    for name in [
+        ROWS,
+        BYTES,
+        TRANSACTIONS,
+        STORAGE_COMMITS,
+        COMPACTION_RUNS,
+        COMPACTION_FAILURES,
+        COMPACTION_RECLAIMED,
+    ] {
+        counter!(name).increment(0);
+    }
+    for kind in ["moved", "cleared"] {
+        counter!(COMPACTION_OPS, "kind" => kind).increment(0);
+    }
+    for what in ["changes", "lookups"] {
+        counter!(COMPACTION_PRUNED, "what" => what).increment(0);
+    }
 }
 
 /// Counts replication progress as the replicator reports it.

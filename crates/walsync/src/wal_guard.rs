@@ -74,6 +74,7 @@ pub(crate) fn describe() {
         DROPS,
         "slots the WAL guard gave up to protect the primary's disk"
     );
+    counter!(DROPS).increment(0);
 }
 
 /// Applies the guard to one reading of the slot; `warned` carries whether the last reading
