@@ -193,38 +193,7 @@ impl Connector {
             .await
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         let resp = check_http(resp).await?;
-        let max = self.max_line_bytes;
-        let mut body = resp.bytes_stream();
-        let lines = async_lines(move |tx| async move {
-            let mut buf = BytesMut::new();
-            while let Some(chunk) = body.next().await {
-                let chunk = match chunk {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let _ = tx.send(Err(ClientError::Transport(e.to_string()))).await;
-                        return;
-                    }
-                };
-                buf.extend_from_slice(&chunk);
-                while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                    let line = buf.split_to(pos + 1);
-                    let parsed = serde_json::from_slice::<Line>(&line[..pos])
-                        .map_err(|e| ClientError::Protocol(format!("bad line: {e}")));
-                    if tx.send(parsed).await.is_err() {
-                        return;
-                    }
-                }
-                if buf.len() > max {
-                    let _ = tx
-                        .send(Err(ClientError::Protocol(format!(
-                            "a line longer than {max} bytes"
-                        ))))
-                        .await;
-                    return;
-                }
-            }
-        });
-        Ok(lines)
+        Ok(ndjson(resp, self.max_line_bytes, |_: &Line| true))
     }
 
     async fn grpc(
@@ -251,6 +220,59 @@ impl Connector {
         Ok(req)
     }
 
+    /// Presence over gRPC: one bidirectional stream for this client's actions and the events
+    /// of the rooms it watches.
+    pub async fn presence(&self) -> Result<PresenceSession, ClientError> {
+        let mut client = self.grpc().await?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::PresenceAction>(64);
+        let outbound =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|a| (a, rx)) },
+            );
+        let resp = client
+            .presence(self.grpc_request(outbound)?)
+            .await
+            .map_err(grpc_error)?;
+        Ok(PresenceSession {
+            tx,
+            events: resp.into_inner(),
+        })
+    }
+
+    /// One presence action over HTTP (`POST /presence`), e.g.
+    /// `{"action": "join", "client_id": "tab", "room": "user_projects[1]", "state": {...}}`.
+    pub async fn presence_post(&self, action: &serde_json::Value) -> Result<(), ClientError> {
+        let resp = self
+            .http
+            .post(format!("{}/presence", self.base_url))
+            .bearer_auth(&self.token)
+            .json(action)
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        check_http(resp).await.map(|_| ())
+    }
+
+    /// Watches a presence room over HTTP (`GET /presence/stream?room=`, NDJSON): its events as
+    /// JSON, keepalives left out.
+    pub async fn presence_watch(&self, room: &str) -> Result<PresenceEvents, ClientError> {
+        let resp = self
+            .http
+            .get(format!("{}/presence/stream", self.base_url))
+            .query(&[("room", room)])
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let resp = check_http(resp).await?;
+        Ok(PresenceEvents(ndjson(
+            resp,
+            self.max_line_bytes,
+            |event: &serde_json::Value| event["type"] != "keepalive",
+        )))
+    }
+
     async fn open_grpc(&self, request: SyncRequest) -> Result<LineStream, ClientError> {
         let mut client = self.grpc().await?;
         let resp = client
@@ -262,6 +284,64 @@ impl Connector {
             Err(status) => Err(grpc_error(status)),
         });
         Ok(Box::pin(stream))
+    }
+}
+
+/// A presence room's events (JSON objects, docs/protocol.md) over HTTP.
+pub struct PresenceEvents(
+    Pin<Box<dyn Stream<Item = Result<serde_json::Value, ClientError>> + Send>>,
+);
+
+impl std::fmt::Debug for PresenceEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PresenceEvents").finish_non_exhaustive()
+    }
+}
+
+impl PresenceEvents {
+    /// The next event; `None` once the watch ended.
+    pub async fn next(&mut self) -> Option<Result<serde_json::Value, ClientError>> {
+        self.0.next().await
+    }
+}
+
+/// A presence stream over gRPC.
+#[derive(Debug)]
+pub struct PresenceSession {
+    tx: tokio::sync::mpsc::Sender<pb::PresenceAction>,
+    events: tonic::Streaming<pb::PresenceEvent>,
+}
+
+impl PresenceSession {
+    /// Sends one action: `join`, `update`, `leave`, `message`, `heartbeat`, `watch` or `unwatch`.
+    pub async fn send(
+        &self,
+        action: &str,
+        client_id: &str,
+        room: &str,
+        state: Option<&serde_json::Value>,
+        data: Option<&serde_json::Value>,
+    ) -> Result<(), ClientError> {
+        let a = pb::PresenceAction {
+            action: action.to_owned(),
+            client_id: client_id.to_owned(),
+            room: room.to_owned(),
+            state_json: state.map(ToString::to_string).unwrap_or_default(),
+            data_json: data.map(ToString::to_string).unwrap_or_default(),
+        };
+        self.tx.send(a).await.map_err(|_| ClientError::Ended)
+    }
+
+    /// The next event as JSON (an `error` event for a refused action); `None` once the stream
+    /// ended.
+    pub async fn next(&mut self) -> Option<Result<serde_json::Value, ClientError>> {
+        match self.events.message().await {
+            Ok(Some(e)) => Some(
+                serde_json::from_str(&e.json).map_err(|e| ClientError::Protocol(e.to_string())),
+            ),
+            Ok(None) => None,
+            Err(status) => Some(Err(grpc_error(status))),
+        }
     }
 }
 
@@ -296,10 +376,54 @@ async fn check_http(resp: reqwest::Response) -> Result<reqwest::Response, Client
     })
 }
 
+/// The NDJSON lines of `resp` as `T`, those `keep` keeps; a line longer than `max` bytes ends
+/// the stream with an error.
+fn ndjson<T: serde::de::DeserializeOwned + Send + 'static>(
+    resp: reqwest::Response,
+    max: usize,
+    keep: fn(&T) -> bool,
+) -> Pin<Box<dyn Stream<Item = Result<T, ClientError>> + Send>> {
+    let mut body = resp.bytes_stream();
+    async_lines(move |tx| async move {
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = tx.send(Err(ClientError::Transport(e.to_string()))).await;
+                    return;
+                }
+            };
+            buf.extend_from_slice(&chunk);
+            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let line = buf.split_to(pos + 1);
+                let parsed = serde_json::from_slice::<T>(&line[..pos])
+                    .map_err(|e| ClientError::Protocol(format!("bad line: {e}")));
+                if parsed.as_ref().is_ok_and(|v| !keep(v)) {
+                    continue;
+                }
+                if tx.send(parsed).await.is_err() {
+                    return;
+                }
+            }
+            if buf.len() > max {
+                let _ = tx
+                    .send(Err(ClientError::Protocol(format!(
+                        "a line longer than {max} bytes"
+                    ))))
+                    .await;
+                return;
+            }
+        }
+    })
+}
+
 /// A stream fed by a task through a small channel.
-fn async_lines<F, Fut>(f: F) -> LineStream
+fn async_lines<T: Send + 'static, F, Fut>(
+    f: F,
+) -> Pin<Box<dyn Stream<Item = Result<T, ClientError>> + Send>>
 where
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<Line, ClientError>>) -> Fut,
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<T, ClientError>>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);

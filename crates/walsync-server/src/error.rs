@@ -15,6 +15,8 @@ pub enum ErrorCode {
     BadRequest,
     /// No token, or one that does not verify.
     Unauthenticated,
+    /// The token verifies but does not give access to what was asked (a presence room).
+    Forbidden,
     /// No such path.
     NotFound,
     /// The path exists, not with this method.
@@ -55,6 +57,7 @@ impl ErrorCode {
                 StatusCode::UNAUTHORIZED,
                 Code::Unauthenticated,
             ),
+            ErrorCode::Forbidden => ("forbidden", StatusCode::FORBIDDEN, Code::PermissionDenied),
             ErrorCode::NotFound => ("not_found", StatusCode::NOT_FOUND, Code::NotFound),
             ErrorCode::MethodNotAllowed => (
                 "method_not_allowed",
@@ -198,6 +201,7 @@ mod tests {
         let all = [
             (ErrorCode::BadRequest, 400, Code::InvalidArgument),
             (ErrorCode::Unauthenticated, 401, Code::Unauthenticated),
+            (ErrorCode::Forbidden, 403, Code::PermissionDenied),
             (ErrorCode::NotFound, 404, Code::NotFound),
             (ErrorCode::MethodNotAllowed, 405, Code::Unimplemented),
             (ErrorCode::PayloadTooLarge, 413, Code::InvalidArgument),

@@ -94,6 +94,24 @@ type LineStream = Pin<Box<dyn Stream<Item = Result<pb::SyncLine, Status>> + Send
 #[tonic::async_trait]
 impl<S: BucketStore + 'static> pb::sync_server::Sync for GrpcSync<S> {
     type SyncStream = LineStream;
+    type PresenceStream = crate::presence::EventStream;
+
+    async fn presence(
+        &self,
+        req: Request<tonic::Streaming<pb::PresenceAction>>,
+    ) -> Result<Response<Self::PresenceStream>, Status> {
+        let identity = identity_of(&req)?;
+        let permit = match self.server.admission.admit(&identity.user_id) {
+            Ok(p) => p,
+            Err(r) => return Err(refused_status(r)),
+        };
+        Ok(Response::new(crate::presence::grpc(
+            self.server.core.clone(),
+            identity,
+            req.into_inner(),
+            permit,
+        )))
+    }
 
     async fn sync(
         &self,

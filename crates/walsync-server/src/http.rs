@@ -73,6 +73,8 @@ pub(crate) fn router<S: BucketStore + 'static>(server: Arc<Server<S>>) -> Router
         .route("/sync/stream", post(sync_stream::<S>))
         .route("/write-checkpoint2.json", get(write_checkpoint::<S>))
         .route("/write", post(upload::<S>))
+        .route("/presence", post(crate::presence::post::<S>))
+        .route("/presence/stream", get(crate::presence::stream::<S>))
         .route("/health/live", get(|| async { "ok" }))
         .route("/health/ready", get(ready::<S>))
         .route("/metrics", get(metrics_text::<S>))
@@ -104,7 +106,7 @@ pub(crate) fn cors(origins: &[String]) -> CorsLayer {
         ])
 }
 
-async fn authenticate<S: BucketStore + 'static>(
+pub(crate) async fn authenticate<S: BucketStore + 'static>(
     server: &Server<S>,
     headers: &HeaderMap,
 ) -> Result<Identity, ApiError> {
@@ -118,7 +120,7 @@ async fn authenticate<S: BucketStore + 'static>(
     })
 }
 
-fn refused(r: crate::admission::Refused) -> Response {
+pub(crate) fn refused(r: crate::admission::Refused) -> Response {
     crate::metrics::refused(r.error.code);
     let mut resp = r.error.into_response();
     if let Ok(v) = HeaderValue::from_str(&r.retry_after_seconds.to_string()) {
@@ -190,7 +192,7 @@ async fn sync_stream<S: BucketStore + 'static>(
 
 /// Reads a request body of at most `server.max_request_bytes` within
 /// `server.request_timeout_seconds` (a client that sends it slowly holds nothing for long).
-async fn read_body<S: BucketStore + 'static>(
+pub(crate) async fn read_body<S: BucketStore + 'static>(
     server: &Server<S>,
     body: Body,
 ) -> Result<Bytes, ApiError> {

@@ -6,6 +6,9 @@
 //! - `POST /write`: the client's CRUD transactions, applied by [`walsync_write::Uploads`] when
 //!   the application gave it (404 `not_found` otherwise); `walsync.v1.Sync/Upload` the same
 //!   over gRPC;
+//! - `POST /presence` (join, update, leave, message, heartbeat) and `GET /presence/stream?room=`
+//!   (NDJSON, or Server-Sent Events): presence in rooms the token's buckets give, and
+//!   `walsync.v1.Sync/Presence`, one bidirectional gRPC stream of actions and events;
 //! - `walsync.v1.Sync/Sync` and `/WriteCheckpoint` over gRPC (HTTP/2) and grpc-web (HTTP/1.1);
 //! - `GET /health/live`, `GET /health/ready`, `GET /metrics` (Prometheus text, when the
 //!   application installed a recorder), `GET /admin/status` (JSON, to `server.admin_token`).
@@ -23,6 +26,7 @@ mod error;
 mod grpc;
 mod http;
 pub mod metrics;
+mod presence;
 mod upload;
 mod write_checkpoint;
 

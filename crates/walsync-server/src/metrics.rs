@@ -41,7 +41,10 @@ pub fn upload_totals() -> UploadTotals {
 
 /// Describes the server's metrics (their help text); call once after installing a recorder.
 pub fn describe() {
-    describe_gauge!(STREAMS, "open sync streams, by transport (http, grpc)");
+    describe_gauge!(
+        STREAMS,
+        "open streams, by transport (http, grpc; presence: presence watchers over either)"
+    );
     describe_counter!(LINES, "sync lines sent to clients, by transport");
     describe_counter!(
         BYTES,
@@ -101,7 +104,7 @@ pub fn describe() {
     for outcome in CONFLICT_OUTCOMES {
         counter!(CONFLICTS, "outcome" => *outcome).increment(0);
     }
-    for transport in ["http", "grpc"] {
+    for transport in ["http", "grpc", "presence"] {
         gauge!(STREAMS, "transport" => transport).increment(0.0);
         counter!(LINES, "transport" => transport).increment(0);
         counter!(BYTES, "transport" => transport).increment(0);

@@ -32,6 +32,7 @@
 //! client never holds up the others or grows memory.
 
 mod hub;
+mod presence;
 mod resolve;
 mod stream;
 
@@ -44,6 +45,9 @@ use walsync_rules::SyncRules;
 use walsync_storage::{BucketStore, StorageError};
 
 pub use hub::HubStats;
+pub use presence::{
+    PresenceConfig, PresenceError, PresenceEvent, PresenceStats, PresenceWatch, TooFarBehind,
+};
 pub use resolve::request_buckets;
 
 #[derive(Debug, thiserror::Error)]
@@ -76,8 +80,10 @@ pub struct SyncConfig {
     pub token_refresh_lead: Duration,
     /// A connection whose buffer stays full this long is closed.
     pub stall_timeout: Duration,
-    /// How often the hub looks for a new checkpoint when nobody tells it.
+    /// How often the hub looks for a new checkpoint when nobody tells it (and silent presence
+    /// members are swept).
     pub poll_interval: Duration,
+    pub presence: PresenceConfig,
 }
 
 impl Default for SyncConfig {
@@ -93,6 +99,7 @@ impl Default for SyncConfig {
             token_refresh_lead: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
+            presence: PresenceConfig::default(),
         }
     }
 }
@@ -151,6 +158,7 @@ pub struct SyncCore<S: BucketStore> {
     pub(crate) rules: Arc<SyncRules>,
     pub(crate) config: SyncConfig,
     pub(crate) hub: hub::Hub,
+    pub(crate) presence: presence::Presence,
 }
 
 impl<S: BucketStore> std::fmt::Debug for SyncCore<S> {
@@ -169,11 +177,16 @@ impl<S: BucketStore + 'static> SyncCore<S> {
             rules,
             config,
             hub: hub::Hub::default(),
+            presence: presence::Presence::default(),
         })
     }
 
     pub fn store(&self) -> &Arc<S> {
         &self.store
+    }
+
+    pub fn config(&self) -> &SyncConfig {
+        &self.config
     }
 
     /// Whether clients may be served `cp`: the initial snapshot is complete, and the buckets
@@ -235,6 +248,7 @@ impl<S: BucketStore + 'static> SyncCore<S> {
             if let Err(e) = self.hub.publish(&*self.store, |cp| self.servable(cp)) {
                 tracing::error!(error = %e, "sync hub could not read the store");
             }
+            self.presence_sweep();
             tokio::select! {
                 _ = self.hub.poked() => {}
                 _ = tokio::time::sleep(self.config.poll_interval) => {}
@@ -242,5 +256,6 @@ impl<S: BucketStore + 'static> SyncCore<S> {
             }
         }
         self.hub.shutdown();
+        self.presence_shutdown();
     }
 }

@@ -161,6 +161,34 @@ pub struct SyncSection {
     pub keepalive_seconds: u64,
     pub token_refresh_lead_seconds: u64,
     pub stall_timeout_seconds: u64,
+    pub presence: PresenceSection,
+}
+
+/// `[sync.presence]`: the limits of presence rooms.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceSection {
+    /// A member silent this long (no update, message or heartbeat) leaves.
+    pub timeout_seconds: u64,
+    pub max_state_bytes: usize,
+    pub max_message_bytes: usize,
+    /// Rooms one client may be in at once.
+    pub max_rooms: usize,
+    /// Joins, updates and messages per client and second (bursts of twice that).
+    pub rate_per_second: u32,
+}
+
+impl Default for PresenceSection {
+    fn default() -> PresenceSection {
+        let d = walsync_sync::PresenceConfig::default();
+        PresenceSection {
+            timeout_seconds: d.timeout.as_secs(),
+            max_state_bytes: d.max_state_bytes,
+            max_message_bytes: d.max_message_bytes,
+            max_rooms: d.max_rooms,
+            rate_per_second: d.rate_per_second,
+        }
+    }
 }
 
 impl Default for SyncSection {
@@ -173,6 +201,7 @@ impl Default for SyncSection {
             keepalive_seconds: d.keepalive.as_secs(),
             token_refresh_lead_seconds: d.token_refresh_lead.as_secs(),
             stall_timeout_seconds: d.stall_timeout.as_secs(),
+            presence: PresenceSection::default(),
         }
     }
 }
@@ -187,6 +216,14 @@ impl SyncSection {
             token_refresh_lead: Duration::from_secs(self.token_refresh_lead_seconds),
             stall_timeout: Duration::from_secs(self.stall_timeout_seconds.max(1)),
             max_line_bytes,
+            presence: walsync_sync::PresenceConfig {
+                timeout: Duration::from_secs(self.presence.timeout_seconds.max(1)),
+                max_state_bytes: self.presence.max_state_bytes,
+                max_message_bytes: self.presence.max_message_bytes,
+                max_rooms: self.presence.max_rooms,
+                rate_per_second: self.presence.rate_per_second.max(1),
+                ..walsync_sync::PresenceConfig::default()
+            },
             ..walsync_sync::SyncConfig::default()
         }
     }
