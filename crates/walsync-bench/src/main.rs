@@ -9,6 +9,7 @@ mod apply;
 mod compaction;
 mod engines;
 mod memory;
+mod presence;
 mod replicator;
 mod snapshot;
 mod source;
@@ -48,6 +49,9 @@ enum Which {
     Compaction(compaction::CompactionArgs),
     /// The sync API: commit-to-client latency, concurrent streams and memory, initial download.
     Sync(sync::SyncArgs),
+    /// Presence fan-out: users in rooms over gRPC, messages delivered per second and their
+    /// latency.
+    Presence(presence::PresenceArgs),
     /// Uploads through `POST /write` beside the same changes written straight to PostgreSQL;
     /// the time from an upload's reply to the writer's own stream holding it.
     Upload(upload::UploadArgs),
@@ -69,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         Which::Memory(a) => memory::run(a),
         Which::Compaction(a) => compaction::run(a),
         Which::Sync(a) => sync::run(a),
+        Which::Presence(a) => presence::run(a),
         Which::Upload(a) => upload::run(a),
         Which::Serve(a) => walsync::serve::serve(a),
     }

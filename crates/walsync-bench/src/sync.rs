@@ -58,9 +58,9 @@ const RULES: &str = "bucket_definitions:
       - SELECT * FROM items WHERE project_id = bucket.project_id
 ";
 
-struct ServerProcess {
+pub(crate) struct ServerProcess {
     child: Child,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl Drop for ServerProcess {
@@ -71,7 +71,7 @@ impl Drop for ServerProcess {
 }
 
 impl ServerProcess {
-    fn rss_kib(&self) -> u64 {
+    pub(crate) fn rss_kib(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .ok()
             .and_then(|s| {
@@ -84,7 +84,7 @@ impl ServerProcess {
     }
 }
 
-fn start_server(dir: &Path, pg_url: &str) -> anyhow::Result<ServerProcess> {
+pub(crate) fn start_server(dir: &Path, pg_url: &str) -> anyhow::Result<ServerProcess> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -144,7 +144,10 @@ async fn wait_replicated(sql: &tokio_postgres::Client) -> anyhow::Result<()> {
     }
 }
 
-async fn channels(url: &str, n: usize) -> anyhow::Result<Vec<tonic::transport::Channel>> {
+pub(crate) async fn channels(
+    url: &str,
+    n: usize,
+) -> anyhow::Result<Vec<tonic::transport::Channel>> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         out.push(
@@ -156,7 +159,7 @@ async fn channels(url: &str, n: usize) -> anyhow::Result<Vec<tonic::transport::C
     Ok(out)
 }
 
-fn token(user: &str) -> anyhow::Result<String> {
+pub(crate) fn token(user: &str) -> anyhow::Result<String> {
     Ok(mint_hs256(SECRET, user, None, Duration::from_secs(7200))?)
 }
 
@@ -171,7 +174,7 @@ async fn open(
     Ok(client.sync(req).await?.into_inner())
 }
 
-fn percentile(sorted: &[u64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
