@@ -192,16 +192,31 @@ impl Service {
             let s = status.read().unwrap_or_else(|p| p.into_inner()).clone();
             serde_json::to_value(s).unwrap_or_default()
         }));
-        // While PostgreSQL does not answer, the replicator waits for it with backoff and the
-        // streams serve what the store holds; the process says it is not ready.
+        // While PostgreSQL does not answer, or the source does not stream, the replicator waits
+        // for it with backoff and the streams serve what the store holds; the process says it
+        // is not ready. (A re-copy while the last checkpoint is served counts as streaming.)
+        let state = progress.clone();
         server.set_readiness(Arc::new(move || {
             use std::sync::atomic::Ordering::Relaxed;
+            use walsync_replicator::State;
             if replication_ended.load(Relaxed) {
-                Err("replication has stopped; the log says why".into())
-            } else if !reachable.load(Relaxed) {
-                Err("postgres is not reachable; replication resumes when it is".into())
-            } else {
-                Ok(())
+                return Err("replication has stopped; the log says why".into());
+            }
+            if !reachable.load(Relaxed) {
+                return Err("postgres is not reachable; replication resumes when it is".into());
+            }
+            match state.borrow().state {
+                State::Connecting | State::Reconnecting => {
+                    Err("replication is connecting to postgres".into())
+                }
+                State::SlotLost => Err(
+                    "the replication slot was lost; it is made again and the tables copied anew"
+                        .into(),
+                ),
+                State::Stopped => Err("replication has stopped; the log says why".into()),
+                State::Snapshotting | State::Rebuilding | State::Streaming | State::Lagging => {
+                    Ok(())
+                }
             }
         }));
         tracing::info!(%addr, "walsync is serving http, grpc, grpc-web and /metrics");

@@ -35,28 +35,69 @@ pub struct StatusArgs {
 
 /// Bytes in binary units, for people.
 fn bytes(n: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < units.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", units[i])
+    indicatif::BinaryBytes(n).to_string()
+}
+
+/// A terminal that keeps what is drawn on it, so that indicatif draws a bar into a line.
+#[derive(Debug, Default, Clone)]
+struct Drawn(std::sync::Arc<std::sync::Mutex<String>>);
+
+impl Drawn {
+    fn text(&self) -> String {
+        self.0.lock().map(|t| t.clone()).unwrap_or_default()
     }
 }
 
-/// A bar of `width` cells, `done` of `total` filled.
+impl indicatif::TermLike for Drawn {
+    fn width(&self) -> u16 {
+        120
+    }
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.write_str(s)
+    }
+    /// Keeps the last line drawn (indicatif pads it with blanks after).
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        if let Ok(mut t) = self.0.lock()
+            && !s.trim().is_empty()
+        {
+            s.clone_into(&mut t);
+        }
+        Ok(())
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `done` of `total` as an indicatif bar of `width` cells, with the counts.
 fn bar(done: u64, total: u64, width: usize) -> String {
-    let filled = if total == 0 {
-        width
-    } else {
-        ((done.min(total) as f64 / total as f64) * width as f64).round() as usize
-    };
-    format!("[{}{}]", "#".repeat(filled), "-".repeat(width - filled))
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    let drawn = Drawn::default();
+    let target = ProgressDrawTarget::term_like(Box::new(drawn.clone()));
+    let pb = ProgressBar::with_draw_target(Some(total.max(done)), target);
+    if let Ok(style) = ProgressStyle::with_template(&format!(
+        "[{{bar:{width}}}] {{pos}} of ~{{len}} rows ({{percent}} %)"
+    )) {
+        pb.set_style(style.progress_chars("#>-"));
+    }
+    pb.set_position(done);
+    pb.abandon();
+    drawn.text().trim_end().to_owned()
 }
 
 /// The status as lines for a person.
@@ -76,12 +117,20 @@ pub fn render(url: &str, s: &Status, now: u64) -> String {
     ));
     out.push(match &s.slot {
         Some(slot) => format!(
-            "  slot         {}: {}, wal_status {}; lag {}; retains {} of WAL{}",
+            "  slot         {}: {}, wal_status {}; lag {}; retains {} of WAL{}{}",
             slot.name,
             if slot.active { "active" } else { "inactive" },
             slot.wal_status.as_deref().unwrap_or("unknown"),
             bytes(slot.lag_bytes),
             bytes(slot.retained_wal_bytes),
+            match slot.wal_budget_bytes {
+                Some(budget) => format!(
+                    ", {:.0} % of its {} budget",
+                    slot.retained_wal_bytes as f64 * 100.0 / budget.max(1) as f64,
+                    bytes(budget)
+                ),
+                None => String::new(),
+            },
             match slot.safe_wal_size_bytes {
                 Some(safe) if safe <= 0 =>
                     " — AT ITS LIMIT: the slot is about to be lost".to_owned(),
@@ -114,11 +163,7 @@ pub fn render(url: &str, s: &Status, now: u64) -> String {
         )
     } else {
         match s.snapshot.rows_estimated {
-            Some(total) => format!(
-                "  snapshot     {} {} of ~{total} rows",
-                bar(s.snapshot.rows_copied, total, 30),
-                s.snapshot.rows_copied
-            ),
+            Some(total) => format!("  snapshot     {}", bar(s.snapshot.rows_copied, total, 30)),
             None => format!(
                 "  snapshot     running: {} rows copied",
                 s.snapshot.rows_copied
@@ -241,6 +286,7 @@ mod tests {
                 lag_bytes: 0,
                 retained_wal_bytes: 3 << 20,
                 safe_wal_size_bytes: None,
+                wal_budget_bytes: Some(12 << 20),
             }),
             replication: ReplicationStatus {
                 state: "rebuilding".into(),
@@ -277,19 +323,21 @@ mod tests {
         let text = render("http://x", &s, 102);
         assert!(text.contains("(read 2 s ago)"), "{text}");
         assert!(
-            text.contains("walsync: active, wal_status reserved; lag 0 B; retains 3.0 MiB"),
+            text.contains(
+                "walsync: active, wal_status reserved; lag 0 B; retains 3.00 MiB of WAL, 25 % of its 12.00 MiB budget"
+            ),
             "{text}"
         );
         assert!(
-            text.contains("[########----------------------] 250 of ~1000 rows"),
+            text.contains("snapshot     [#######>----------------------] 250 of ~1000 rows (25 %)"),
             "{text}"
         );
         assert!(
-            text.contains("replication  rebuilding: 1200 rows in 40 transactions (2.0 KiB)"),
+            text.contains("replication  rebuilding: 1200 rows in 40 transactions (2.00 KiB)"),
             "{text}"
         );
         assert!(
-            text.contains("store        1.5 KiB on disk; 90 ops in 4 buckets, ~80 rows"),
+            text.contains("store        1.50 KiB on disk; 90 ops in 4 buckets, ~80 rows"),
             "{text}"
         );
         assert!(text.contains("streams      3"), "{text}");

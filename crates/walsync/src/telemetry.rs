@@ -98,6 +98,9 @@ pub struct SlotStatus {
     pub retained_wal_bytes: u64,
     /// `None`: the server sets no `max_slot_wal_keep_size` (the slot may retain any amount).
     pub safe_wal_size_bytes: Option<i64>,
+    /// The WAL guard's budget (`wal_guard.budget_bytes`), if one is set.
+    #[serde(default)]
+    pub wal_budget_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -380,7 +383,10 @@ pub(crate) async fn monitor(
                     };
                     gauge!(SNAPSHOT_ESTIMATE).set(estimate.unwrap_or(0) as f64);
                     update(&status, |s| {
-                        s.slot = slot_status;
+                        s.slot = slot_status.map(|slot| SlotStatus {
+                            wal_budget_bytes: guard.budget_bytes,
+                            ..slot
+                        });
                         s.snapshot.rows_estimated = estimate;
                     });
                     true
@@ -512,6 +518,7 @@ async fn read_slot(
         lag_bytes: lag.unwrap_or(0.0).max(0.0) as u64,
         retained_wal_bytes: retained.unwrap_or(0.0).max(0.0) as u64,
         safe_wal_size_bytes: safe.map(|s| s as i64),
+        wal_budget_bytes: None,
     }))
 }
 
