@@ -220,7 +220,7 @@ async fn the_dashboard_and_the_alerts_read_only_what_walsync_exports() -> anyhow
         .env("WALSYNC__METRICS__POLL_SECONDS", "1")
         .env("WALSYNC_LOG_FORMAT", "json")
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(std::fs::File::create(dir.path().join("log.jsonl"))?)
         .spawn()?;
     let _child = Killed(child);
     wait_ready(port).await?;
@@ -256,6 +256,23 @@ async fn the_dashboard_and_the_alerts_read_only_what_walsync_exports() -> anyhow
         "the dashboard or the alerts read what walsync does not export: {missing:?}"
     );
     assert!(wanted.len() > 25, "only {} metrics read", wanted.len());
+
+    // The log: one JSON object a line, and a line for each change of the replication's state.
+    let log = std::fs::read_to_string(dir.path().join("log.jsonl"))?;
+    let lines: Vec<Value> = log
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("a log line is not JSON: {e}\n{log}"))?;
+    let states: Vec<&str> = lines
+        .iter()
+        .filter(|l| l["fields"]["message"] == "replication state")
+        .filter_map(|l| l["fields"]["state"].as_str())
+        .collect();
+    assert!(
+        states.starts_with(&["snapshotting", "streaming"]),
+        "replication states logged: {states:?}\n{log}"
+    );
     if own_cluster {
         s.sql
             .batch_execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
