@@ -1,0 +1,305 @@
+//! The whole `walsync serve` process SIGKILLed at random moments (during the initial snapshot,
+//! mid-transaction, mid-upload) while the application writes a mixed workload (inserts,
+//! updates, deletes, membership changes, moves between projects), a writer uploads through
+//! `POST /write`, and clients over both transports stream, each reconnecting with what it holds
+//! after every kill. After each kill PostgreSQL's `confirmed_flush_lsn` is at most what the
+//! store had made durable; at the end every client holds exactly what the rules select from
+//! PostgreSQL for its user (the clients check every checkpoint's checksums and that no op comes
+//! at or below what they hold), and every upload is written exactly once.
+//!
+//! 20 kills in the test command; `WALSYNC_CRASH_KILLS=200 cargo test -p walsync-tests --test
+//! crash` for the long variant.
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use support::process::{Killed, free_port, wait_ready};
+use support::{seed, service};
+use walsync_client::{ClientError, Connector, SyncClient, Transport};
+use walsync_storage::{EmbeddedStore, StoreRead};
+
+const SECRET: &str = "crash-secret";
+
+fn token(user: &str) -> anyhow::Result<String> {
+    Ok(walsync_server::mint_hs256(
+        SECRET,
+        user,
+        Some("walsync"),
+        Duration::from_secs(3600),
+    )?)
+}
+
+/// A `walsync serve` child with the example configuration (uploads included).
+fn serve(
+    s: &seed::Setup,
+    data: &std::path::Path,
+    port: u16,
+    log: &std::fs::File,
+) -> anyhow::Result<Killed> {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/walsync.toml");
+    let child = Command::new(env!("CARGO_BIN_EXE_walsync-cli"))
+        .args(["serve", "--config"])
+        .arg(&example)
+        .env("WALSYNC__POSTGRES__URL", &s.url)
+        .env("WALSYNC__POSTGRES__SLOT", &s.slot)
+        .env("WALSYNC__POSTGRES__CREATE_PUBLICATION", "false")
+        .env("WALSYNC__STORAGE__DIR", data)
+        .env("WALSYNC__STORAGE__COMPACT_INTERVAL_SECONDS", "1")
+        .env("WALSYNC__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env("WALSYNC__AUTH__SECRET", SECRET)
+        .env("RUST_LOG", "walsync=info")
+        .stdout(Stdio::null())
+        .stderr(log.try_clone()?)
+        .spawn()?;
+    Ok(Killed(child))
+}
+
+/// Follows the stream, reconnecting with what the client holds whenever it breaks (the server
+/// starting, killed, not ready yet), until `stop`. A checksum failure or an op at or below what
+/// the client holds is a failure of walsync, returned as such.
+async fn follow(
+    mut client: SyncClient,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> (SyncClient, Option<String>) {
+    loop {
+        let broke = tokio::select! {
+            e = client.next_event() => match e {
+                Ok(_) => false,
+                Err(e @ (ClientError::ChecksumMismatch { .. } | ClientError::Protocol(_))) => {
+                    return (client, Some(e.to_string()));
+                }
+                Err(_) => true,
+            },
+            _ = stop.wait_for(|s| *s) => return (client, None),
+        };
+        if broke {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = stop.wait_for(|s| *s) => return (client, None),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_killed_at_random_moments_loses_nothing_and_repeats_nothing() -> anyhow::Result<()> {
+    let kills: usize = std::env::var("WALSYNC_CRASH_KILLS")
+        .ok()
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(20);
+    let s = seed::setup().await?;
+    // A writer of its own, owner of a project nobody else's changes touch.
+    s.sql
+        .batch_execute(
+            "INSERT INTO projects (id, name) VALUES (7, 'uploads');
+             INSERT INTO project_members (project_id, user_id, role) VALUES (7, 'w1', 'owner');
+             CREATE FUNCTION keep_w1() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN IF OLD.user_id = 'w1' THEN RETURN NULL; END IF; RETURN OLD; END $$;
+             CREATE TRIGGER keep_w1 BEFORE DELETE ON project_members
+               FOR EACH ROW EXECUTE FUNCTION keep_w1();",
+        )
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("store");
+    let log = std::fs::File::create(dir.path().join("serve.log"))?;
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}");
+    walsync_client::install_crypto();
+
+    // The application: a mixed workload for the whole run.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let work = {
+        let db = s.url.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let (sql, conn) = tokio_postgres::connect(&db, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            let mut round = 1;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                seed::workload(&sql, 97 + round, 20).await?;
+                round += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            anyhow::Ok(round)
+        })
+    };
+    // The writer: one upload after another, each retried (same transaction id) until answered.
+    let uploads = {
+        let url = url.clone();
+        let done = done.clone();
+        let token = token("w1")?;
+        tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()?;
+            let mut sent = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                sent += 1;
+                let body = json!({"client_id": "writer", "batch": [{"tx_id": sent, "ops": [
+                    {"op_id": sent, "op": "PUT", "type": "teams", "id": (1_000_000 + sent).to_string(),
+                     "data": {"project_id": 7, "name": format!("team {sent}")}}]}]});
+                loop {
+                    let answer = http
+                        .post(format!("{url}/write"))
+                        .bearer_auth(&token)
+                        .json(&body)
+                        .send()
+                        .await;
+                    if let Ok(r) = answer
+                        && r.status().is_success()
+                    {
+                        let reply: serde_json::Value = r.json().await?;
+                        match reply["results"][0]["status"].as_str() {
+                            Some("applied") => break,
+                            Some("rejected") => anyhow::bail!("upload {sent} rejected: {reply}"),
+                            _ => {}
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            anyhow::Ok(sent)
+        })
+    };
+
+    // Clients over both transports; the writer's own too.
+    let mut clients: Vec<(String, SyncClient)> = Vec::new();
+    for (i, user) in ["u1", "u2", "u3", "u4", "w1"].into_iter().enumerate() {
+        let transport = if i % 2 == 0 {
+            Transport::Http
+        } else {
+            Transport::Grpc
+        };
+        let connector = Connector::new(&url, transport, &token(user)?)?;
+        clients.push((
+            user.to_owned(),
+            SyncClient::new(connector, &format!("c{i}")),
+        ));
+    }
+
+    let mut seed_rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = |n: u64| {
+        seed_rng ^= seed_rng << 13;
+        seed_rng ^= seed_rng >> 7;
+        seed_rng ^= seed_rng << 17;
+        seed_rng % n
+    };
+    let mut killed = 0;
+    for life in 0..kills {
+        let mut server = serve(&s, &data, port, &log)?;
+        // The first lives die during the initial snapshot or right after it; later ones after
+        // some streaming, uploading and compacting.
+        let wait = if life < 2 {
+            50 + next(150)
+        } else {
+            100 + next(1400)
+        };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let followers: Vec<_> = clients
+            .drain(..)
+            .map(|(user, c)| {
+                let stop = stop_rx.clone();
+                tokio::spawn(async move {
+                    // Until the server answers, keep trying to connect.
+                    let (c, failure) = follow(c, stop).await;
+                    (user, c, failure)
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        if server.0.try_wait()?.is_none() {
+            server.0.kill()?;
+            killed += 1;
+        }
+        server.0.wait()?;
+        stop_tx.send(true)?;
+        for f in followers {
+            let (user, c, failure) = f.await?;
+            if let Some(failure) = failure {
+                anyhow::bail!("{user}'s client after life {life}: {failure}");
+            }
+            clients.push((user, c));
+        }
+        // The ack rule across the kill: the slot never passed what the store made durable.
+        let store = EmbeddedStore::open(&data)?;
+        if let Some(durable) = store.checkpoint()?.lsn {
+            let confirmed: Option<String> = s
+                .sql
+                .query_one(
+                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&s.slot],
+                )
+                .await?
+                .get(0);
+            let confirmed: walsync_types::Lsn = confirmed.unwrap_or_default().parse()?;
+            anyhow::ensure!(
+                confirmed <= durable,
+                "life {life}: the slot confirmed {confirmed} past the store's durable {durable}"
+            );
+        }
+    }
+    assert!(
+        killed >= kills * 3 / 4,
+        "the server was running when killed ({killed} of {kills})"
+    );
+
+    // Stop writing; one last life that is not killed.
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = work.await??;
+    let server = serve(&s, &data, port, &log)?;
+    let ready = wait_ready(port).await;
+    let uploaded = uploads.await??;
+    if let Err(e) = ready {
+        eprintln!("{}", std::fs::read_to_string(dir.path().join("serve.log"))?);
+        return Err(e);
+    }
+    for (user, client) in &mut clients {
+        let want = service::expected_for(&s, user).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let reached = loop {
+            // A stream opened before the last kill breaks first: reconnect.
+            match client
+                .until(Duration::from_secs(60), |st| st.rows() == want)
+                .await
+            {
+                Ok(()) => break Ok(()),
+                Err(e @ (ClientError::ChecksumMismatch { .. } | ClientError::Protocol(_))) => {
+                    anyhow::bail!("{user}'s client: {e}")
+                }
+                Err(e) if tokio::time::Instant::now() > deadline => break Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        if let Err(e) = reached {
+            let got = client.state().rows();
+            let missing = want.keys().filter(|k| got.get(*k) != want.get(*k)).count();
+            let extra = got.keys().filter(|k| !want.contains_key(*k)).count();
+            anyhow::bail!(
+                "{user} never converged: {e}; {missing} rows missing or different, {extra} extra"
+            );
+        }
+    }
+    // Every upload written once: as many rows as uploads, none updated by a repeat.
+    let (rows, repeated): (i64, i64) = {
+        let r = s
+            .sql
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE _version <> 1) FROM teams WHERE id > 1000000",
+                &[],
+            )
+            .await?;
+        (r.get(0), r.get(1))
+    };
+    let connects: Vec<u64> = clients.iter().map(|(_, c)| c.connects).collect();
+    eprintln!(
+        "{killed} kills; {rounds} workload rounds; {uploaded} uploads; client connects {connects:?}"
+    );
+    assert!(uploaded > 0 && connects.iter().all(|c| *c > 1));
+    assert_eq!(rows as u64, uploaded, "every upload written");
+    assert_eq!(repeated, 0, "no upload written twice");
+    drop(server);
+    Ok(())
+}
