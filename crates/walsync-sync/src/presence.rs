@@ -213,6 +213,8 @@ struct Registry {
 #[derive(Default)]
 pub(crate) struct Presence {
     registry: Mutex<Registry>,
+    /// When silent members were last looked for (the hub's loop turns at every checkpoint).
+    swept: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Presence {
@@ -642,8 +644,20 @@ impl<S: BucketStore + 'static> SyncCore<S> {
         }
     }
 
-    /// Members silent longer than the timeout leave (called by [`SyncCore::run`]).
+    /// Members silent longer than the timeout leave (called by [`SyncCore::run`], at every
+    /// checkpoint; looks at most about once a second).
     pub(crate) fn presence_sweep(&self) {
+        {
+            let mut swept = self
+                .presence
+                .swept
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if swept.is_some_and(|at| at.elapsed() < Duration::from_millis(900)) {
+                return;
+            }
+            *swept = Some(Instant::now());
+        }
         let timeout = self.config.presence.timeout;
         let mut reg = self.presence.lock();
         let silent: Vec<ClientKey> = reg
