@@ -508,3 +508,50 @@ async fn a_stop_ends_a_slot_creation_that_waits_for_open_transactions() -> anyho
     service.stop().await;
     Ok(())
 }
+
+/// `/health/ready` follows the replication: while the source's connection keeps breaking (its
+/// walsender ended again and again) the process says it is not ready, and why; once it streams
+/// again it is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_replication_state() -> anyhow::Result<()> {
+    let s = seed::setup().await?;
+    let service = Service::start(config(&s, ServerConfig::default())).await?;
+    walsync_client::install_crypto();
+    let ready = format!("{}/health/ready", service.url());
+    let until_ready = || async {
+        let deadline = std::time::Instant::now() + WAIT;
+        while !reqwest::get(&ready).await?.status().is_success() {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "never ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::Ok(())
+    };
+    until_ready().await?;
+    let deadline = std::time::Instant::now() + WAIT;
+    let why = loop {
+        s.sql
+            .execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                 WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                &[&s.slot],
+            )
+            .await?;
+        let resp = reqwest::get(&ready).await?;
+        if resp.status().as_u16() == 503 {
+            let body: serde_json::Value = resp.json().await?;
+            break body["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "ready throughout a replication that kept breaking"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(why.contains("connecting"), "{why}");
+    until_ready().await?;
+    service.stop().await;
+    Ok(())
+}
