@@ -181,12 +181,18 @@ async fn sync_stream<S: BucketStore + 'static>(
             Err(e) => Err(std::io::Error::other(e.to_string())),
         }
     });
+    ndjson(Body::from_stream(stream))
+}
+
+/// A streamed NDJSON answer: not cached, not buffered by proxies that honour
+/// `X-Accel-Buffering`.
+pub(crate) fn ndjson(body: Body) -> Response {
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .header(header::CACHE_CONTROL, "no-cache")
         .header("x-accel-buffering", "no")
-        .body(Body::from_stream(stream))
+        .body(body)
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 

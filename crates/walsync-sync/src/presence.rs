@@ -374,8 +374,39 @@ impl<S: BucketStore + 'static> Drop for PresenceWatch<S> {
     }
 }
 
-fn json_size(v: &Value) -> usize {
-    serde_json::to_string(v).map_or(usize::MAX, |s| s.len())
+/// `v` as JSON within `limit` bytes, or why not.
+fn within(what: &'static str, v: &Value, limit: usize) -> Result<(), PresenceError> {
+    let size = serde_json::to_string(v).map_or(usize::MAX, |s| s.len());
+    if size > limit {
+        return Err(PresenceError::TooLarge { what, size, limit });
+    }
+    Ok(())
+}
+
+impl Client {
+    /// The lookups of every room the client is in: what its membership hangs on.
+    fn lookups(&self) -> Vec<LookupKey> {
+        self.rooms.values().flatten().cloned().collect()
+    }
+}
+
+impl Registry {
+    /// Sets `key`'s state in `room` and tells the room (a join or an update).
+    fn put_member(&mut self, room: &str, key: &ClientKey, state: Value, backlog: usize) {
+        let r = self.room(room, backlog);
+        let joined = r.members.insert(key.clone(), state).is_none();
+        let member = MemberJson {
+            user_id: &key.0,
+            client_id: &key.1,
+            state: &r.members[key],
+        };
+        let event = if joined {
+            EventJson::Join { room, member }
+        } else {
+            EventJson::Update { room, member }
+        };
+        let _ = r.events.send(event.encode());
+    }
 }
 
 impl<S: BucketStore + 'static> SyncCore<S> {
@@ -439,6 +470,15 @@ impl<S: BucketStore + 'static> SyncCore<S> {
         Ok(())
     }
 
+    fn check_state(&self, state: &Value) -> Result<(), PresenceError> {
+        if !(state.is_object() || state.is_null()) {
+            return Err(PresenceError::Invalid(
+                "a member's state is a JSON object".into(),
+            ));
+        }
+        within("the state", state, self.config.presence.max_state_bytes)
+    }
+
     /// `client_id` of `identity` joins `room` with `state` (a JSON object), or updates its
     /// state there if it is in already.
     pub fn presence_join(
@@ -448,19 +488,7 @@ impl<S: BucketStore + 'static> SyncCore<S> {
         room: &str,
         state: Value,
     ) -> Result<(), PresenceError> {
-        if !(state.is_object() || state.is_null()) {
-            return Err(PresenceError::Invalid(
-                "a member's state is a JSON object".into(),
-            ));
-        }
-        let size = json_size(&state);
-        if size > self.config.presence.max_state_bytes {
-            return Err(PresenceError::TooLarge {
-                what: "the state",
-                size,
-                limit: self.config.presence.max_state_bytes,
-            });
-        }
+        self.check_state(&state)?;
         let (lookups, at) = self.room_lookups(identity, room)?;
         let key: ClientKey = (identity.user_id.clone(), client_id.to_owned());
         let mut reg = self.presence.lock();
@@ -497,44 +525,33 @@ impl<S: BucketStore + 'static> SyncCore<S> {
         }
         self.spend(client)?;
         client.rooms.insert(room.to_owned(), lookups);
-        let all: Vec<LookupKey> = client.rooms.values().flatten().cloned().collect();
-        self.listen(client.hub_id, &client.notify, all, at);
-        let r = reg.room(room, self.config.presence.watcher_backlog);
-        let joined = r.members.insert(key.clone(), state).is_none();
-        let state = &r.members[&key];
-        let member = MemberJson {
-            user_id: &key.0,
-            client_id: &key.1,
-            state,
-        };
-        let event = if joined {
-            EventJson::Join { room, member }
-        } else {
-            EventJson::Update { room, member }
-        };
-        let _ = r.events.send(event.encode());
+        self.listen(client.hub_id, &client.notify, client.lookups(), at);
+        reg.put_member(room, &key, state, self.config.presence.watcher_backlog);
         Ok(())
     }
 
-    /// A member's new state in `room`.
+    /// A member's new state in `room`. Its access was checked when it joined and is checked
+    /// again whenever its membership changes: an update reads nothing of the store.
     pub fn presence_update(
-        self: &Arc<Self>,
+        &self,
         identity: &Identity,
         client_id: &str,
         room: &str,
         state: Value,
     ) -> Result<(), PresenceError> {
+        self.check_state(&state)?;
         let key: ClientKey = (identity.user_id.clone(), client_id.to_owned());
-        if !self
-            .presence
-            .lock()
+        let mut reg = self.presence.lock();
+        let Some(client) = reg
             .clients
-            .get(&key)
-            .is_some_and(|c| c.rooms.contains_key(room))
-        {
+            .get_mut(&key)
+            .filter(|c| c.rooms.contains_key(room))
+        else {
             return Err(PresenceError::NotJoined(room.to_owned()));
-        }
-        self.presence_join(identity, client_id, room, state)
+        };
+        self.spend(client)?;
+        reg.put_member(room, &key, state, self.config.presence.watcher_backlog);
+        Ok(())
     }
 
     /// A member leaves `room`.
@@ -554,9 +571,9 @@ impl<S: BucketStore + 'static> SyncCore<S> {
             return Err(PresenceError::NotJoined(room.to_owned()));
         }
         client.last_seen = Instant::now();
-        let all: Vec<LookupKey> = client.rooms.values().flatten().cloned().collect();
         let empty = client.rooms.is_empty();
-        self.hub.subscribe(client.hub_id, Vec::new(), all);
+        self.hub
+            .subscribe(client.hub_id, Vec::new(), client.lookups());
         reg.remove_member(room, &key, Reason::Left);
         if empty {
             self.forget_client(reg, &key);
@@ -572,14 +589,7 @@ impl<S: BucketStore + 'static> SyncCore<S> {
         room: &str,
         data: &Value,
     ) -> Result<(), PresenceError> {
-        let size = json_size(data);
-        if size > self.config.presence.max_message_bytes {
-            return Err(PresenceError::TooLarge {
-                what: "the message",
-                size,
-                limit: self.config.presence.max_message_bytes,
-            });
-        }
+        within("the message", data, self.config.presence.max_message_bytes)?;
         let key: ClientKey = (identity.user_id.clone(), client_id.to_owned());
         let mut reg = self.presence.lock();
         let Some(client) = reg.clients.get_mut(&key) else {
@@ -712,9 +722,8 @@ impl<S: BucketStore + 'static> SyncCore<S> {
                 *l = lookups;
             }
         }
-        let all: Vec<LookupKey> = client.rooms.values().flatten().cloned().collect();
         let empty = client.rooms.is_empty();
-        self.listen(client.hub_id, &client.notify, all, at);
+        self.listen(client.hub_id, &client.notify, client.lookups(), at);
         for room in &lost {
             reg.remove_member(room, key, Reason::Membership);
         }
