@@ -7,15 +7,20 @@
 //! `WALSYNC_TEST_PG_URL` is set, that server is used instead. A watchdog process stops the cluster
 //! and removes its directory when the process that started it exits, however it exits.
 //!
+//! [`FaultProxy`] sits between two parts of a test (walsync and PostgreSQL, clients and walsync)
+//! and delays, throttles, partitions, half-opens or cuts their connections on demand.
+//!
 //! Authentication: the superuser `postgres` logs in without a password over loopback; every other
 //! role must give its password (SCRAM-SHA-256 or MD5, as the role's password is stored).
 
 mod binaries;
 mod cluster;
+mod proxy;
 pub mod seed;
 mod tls;
 
 pub use cluster::{Cluster, ClusterOptions, TestDatabase, shared};
+pub use proxy::{Fault, FaultProxy};
 pub use tls::TestCertificates;
 
 /// Why a throwaway cluster could not be had.
