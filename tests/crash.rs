@@ -10,78 +10,16 @@
 //! 20 kills in the test command; `WALSYNC_CRASH_KILLS=200 cargo test -p walsync-tests --test
 //! crash` for the long variant.
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use support::process::{Killed, free_port, wait_ready};
-use support::{seed, service};
-use walsync_client::{ClientError, Connector, SyncClient, Transport};
+use support::process::{free_port, serve, token, wait_ready};
+use support::{converge, seed};
+use walsync_client::{Connector, SyncClient, Transport};
 use walsync_storage::{EmbeddedStore, StoreRead};
 
-const SECRET: &str = "crash-secret";
-
-fn token(user: &str) -> anyhow::Result<String> {
-    Ok(walsync_server::mint_hs256(
-        SECRET,
-        user,
-        Some("walsync"),
-        Duration::from_secs(3600),
-    )?)
-}
-
-/// A `walsync serve` child with the example configuration (uploads included).
-fn serve(
-    s: &seed::Setup,
-    data: &std::path::Path,
-    port: u16,
-    log: &std::fs::File,
-) -> anyhow::Result<Killed> {
-    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/walsync.toml");
-    let child = Command::new(env!("CARGO_BIN_EXE_walsync-cli"))
-        .args(["serve", "--config"])
-        .arg(&example)
-        .env("WALSYNC__POSTGRES__URL", &s.url)
-        .env("WALSYNC__POSTGRES__SLOT", &s.slot)
-        .env("WALSYNC__POSTGRES__CREATE_PUBLICATION", "false")
-        .env("WALSYNC__STORAGE__DIR", data)
-        .env("WALSYNC__STORAGE__COMPACT_INTERVAL_SECONDS", "1")
-        .env("WALSYNC__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .env("WALSYNC__AUTH__SECRET", SECRET)
-        .env("RUST_LOG", "walsync=info")
-        .stdout(Stdio::null())
-        .stderr(log.try_clone()?)
-        .spawn()?;
-    Ok(Killed(child))
-}
-
-/// Follows the stream, reconnecting with what the client holds whenever it breaks (the server
-/// starting, killed, not ready yet), until `stop`. A checksum failure or an op at or below what
-/// the client holds is a failure of walsync, returned as such.
-async fn follow(
-    mut client: SyncClient,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> (SyncClient, Option<String>) {
-    loop {
-        let broke = tokio::select! {
-            e = client.next_event() => match e {
-                Ok(_) => false,
-                Err(e @ (ClientError::ChecksumMismatch { .. } | ClientError::Protocol(_))) => {
-                    return (client, Some(e.to_string()));
-                }
-                Err(_) => true,
-            },
-            _ = stop.wait_for(|s| *s) => return (client, None),
-        };
-        if broke {
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_millis(50)) => {}
-                _ = stop.wait_for(|s| *s) => return (client, None),
-            }
-        }
-    }
-}
+const BIN: &str = env!("CARGO_BIN_EXE_walsync-cli");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_killed_at_random_moments_loses_nothing_and_repeats_nothing() -> anyhow::Result<()> {
@@ -189,7 +127,7 @@ async fn serve_killed_at_random_moments_loses_nothing_and_repeats_nothing() -> a
     };
     let mut killed = 0;
     for life in 0..kills {
-        let mut server = serve(&s, &data, port, &log)?;
+        let mut server = serve(BIN, &s, &data, port, &log, &[])?;
         // The first lives die during the initial snapshot or right after it; later ones after
         // some streaming, uploading and compacting.
         let wait = if life < 2 {
@@ -204,7 +142,7 @@ async fn serve_killed_at_random_moments_loses_nothing_and_repeats_nothing() -> a
                 let stop = stop_rx.clone();
                 tokio::spawn(async move {
                     // Until the server answers, keep trying to connect.
-                    let (c, failure) = follow(c, stop).await;
+                    let (c, failure) = converge::follow(c, stop, None).await;
                     (user, c, failure)
                 })
             })
@@ -249,39 +187,14 @@ async fn serve_killed_at_random_moments_loses_nothing_and_repeats_nothing() -> a
     // Stop writing; one last life that is not killed.
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let rounds = work.await??;
-    let server = serve(&s, &data, port, &log)?;
+    let server = serve(BIN, &s, &data, port, &log, &[])?;
     let ready = wait_ready(port).await;
     let uploaded = uploads.await??;
     if let Err(e) = ready {
         eprintln!("{}", std::fs::read_to_string(dir.path().join("serve.log"))?);
         return Err(e);
     }
-    for (user, client) in &mut clients {
-        let want = service::expected_for(&s, user).await?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        let reached = loop {
-            // A stream opened before the last kill breaks first: reconnect.
-            match client
-                .until(Duration::from_secs(60), |st| st.rows() == want)
-                .await
-            {
-                Ok(()) => break Ok(()),
-                Err(e @ (ClientError::ChecksumMismatch { .. } | ClientError::Protocol(_))) => {
-                    anyhow::bail!("{user}'s client: {e}")
-                }
-                Err(e) if tokio::time::Instant::now() > deadline => break Err(e),
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        };
-        if let Err(e) = reached {
-            let got = client.state().rows();
-            let missing = want.keys().filter(|k| got.get(*k) != want.get(*k)).count();
-            let extra = got.keys().filter(|k| !want.contains_key(*k)).count();
-            anyhow::bail!(
-                "{user} never converged: {e}; {missing} rows missing or different, {extra} extra"
-            );
-        }
-    }
+    converge::converged(&s, &mut clients, Duration::from_secs(60)).await?;
     // Every upload written once: as many rows as uploads, none updated by a repeat.
     let (rows, repeated): (i64, i64) = {
         let r = s

@@ -91,10 +91,8 @@ async fn streams_survive_a_postgres_outage() -> anyhow::Result<()> {
 fn config(url: &str, dir: &std::path::Path) -> anyhow::Result<Config> {
     Ok(Config {
         postgres: PostgresConfig {
-            url: url.to_owned(),
             slot: "outage".into(),
-            publication: "walsync".into(),
-            create_publication: false,
+            ..PostgresConfig::new(url)
         },
         rules: RULES.into(),
         storage: StorageConfig {

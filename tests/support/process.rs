@@ -1,8 +1,54 @@
 //! `walsync serve` as a child process: killed when dropped, waited for until ready, its memory
 //! read from `/proc`.
 
-use std::process::Child;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::seed;
+
+/// The secret of [`serve`]'s tokens.
+const SECRET: &str = "serve-secret";
+
+/// A token of [`serve`]'s for `user`.
+pub fn token(user: &str) -> anyhow::Result<String> {
+    Ok(walsync_server::mint_hs256(
+        SECRET,
+        user,
+        Some("walsync"),
+        Duration::from_secs(3600),
+    )?)
+}
+
+/// A `walsync serve` child (of `bin`: `env!("CARGO_BIN_EXE_walsync-cli")` in a test) with the example configuration (uploads included) on the test's
+/// database, its store in `data`, listening on `port`, its log appended to `log`; `env` sets
+/// more of the configuration (`WALSYNC__SECTION__KEY`).
+pub fn serve(
+    bin: &str,
+    s: &seed::Setup,
+    data: &Path,
+    port: u16,
+    log: &std::fs::File,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Killed> {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/walsync.toml");
+    let child = Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(&example)
+        .env("WALSYNC__POSTGRES__URL", &s.url)
+        .env("WALSYNC__POSTGRES__SLOT", &s.slot)
+        .env("WALSYNC__POSTGRES__CREATE_PUBLICATION", "false")
+        .env("WALSYNC__STORAGE__DIR", data)
+        .env("WALSYNC__STORAGE__COMPACT_INTERVAL_SECONDS", "1")
+        .env("WALSYNC__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env("WALSYNC__AUTH__SECRET", SECRET)
+        .env("RUST_LOG", "walsync=info")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(log.try_clone()?)
+        .spawn()?;
+    Ok(Killed(child))
+}
 
 /// A child process killed (and reaped) when dropped, so that a failing test leaves none behind.
 #[derive(Debug)]

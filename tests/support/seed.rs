@@ -77,16 +77,22 @@ pub fn config(s: &Setup) -> ReplicatorConfig {
 pub async fn expected(
     s: &Setup,
 ) -> anyhow::Result<BTreeMap<String, BTreeMap<(String, String), String>>> {
+    expected_in(&s.sql, &s.rules).await
+}
+
+/// [`expected`], read through `sql` (in whatever transaction it has open).
+pub async fn expected_in(
+    sql: &Client,
+    rules: &SyncRules,
+) -> anyhow::Result<BTreeMap<String, BTreeMap<(String, String), String>>> {
     let mut out: BTreeMap<String, BTreeMap<(String, String), String>> = BTreeMap::new();
     for table in TABLES {
-        let cols = s
-            .sql
+        let cols = sql
             .query("SELECT attname::text, atttypid FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum", &[&table.to_string()])
             .await?;
         let names: Vec<String> = cols.iter().map(|r| r.get(0)).collect();
         let types: Vec<u32> = cols.iter().map(|r| r.get(1)).collect();
-        for msg in s
-            .sql
+        for msg in sql
             .simple_query(&format!("SET TIME ZONE 'UTC'; SELECT * FROM {table}"))
             .await?
         {
@@ -104,7 +110,7 @@ pub async fn expected(
                     columns: &names,
                     values: &values,
                 };
-                for o in s.rules.evaluate_row(&row) {
+                for o in rules.evaluate_row(&row) {
                     out.entry(o.bucket)
                         .or_default()
                         .insert((o.object_type, o.object_id), o.data);

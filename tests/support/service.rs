@@ -18,10 +18,8 @@ pub type Rows = BTreeMap<(String, String), String>;
 pub fn config(s: &seed::Setup, server: ServerConfig) -> Config {
     Config {
         postgres: PostgresConfig {
-            url: s.url.clone(),
             slot: s.slot.clone(),
-            publication: "walsync".into(),
-            create_publication: false,
+            ..PostgresConfig::new(s.url.clone())
         },
         rules: seed::RULES_PATH.into(),
         storage: StorageConfig {

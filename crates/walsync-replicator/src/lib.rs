@@ -85,6 +85,9 @@ pub struct ReplicatorConfig {
     /// Streaming counts as lagging while the newest durable transaction took longer than this
     /// from its source commit.
     pub lagging_after: Duration,
+    /// Bytes the store's filesystem keeps free: below it the replicator writes nothing (state
+    /// [`State::DiskFull`]) until space is freed.
+    pub min_free_bytes: u64,
 }
 
 /// 1,000 small transactions or 50,000 rows keep a storage commit to some tens of milliseconds
@@ -96,6 +99,12 @@ pub const DEFAULT_MAX_COMMIT_ROWS: usize = 50_000;
 pub const DEFAULT_MEMORY_BUDGET: usize = 64 << 20;
 /// See [`ReplicatorConfig::lagging_after`].
 pub const DEFAULT_LAGGING_AFTER: Duration = Duration::from_secs(30);
+/// 512 MiB free at least: room for the engine's own work past the replicator's last look (a
+/// commit of at most the memory budget, memtable flushes, a compaction's new tables written
+/// before the old ones go), so that the engine never meets a full disk itself.
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 512 << 20;
+/// How often a replicator paused for space looks whether it was freed.
+const SPACE_POLL: Duration = Duration::from_secs(1);
 
 impl ReplicatorConfig {
     pub fn new(source: SourceConfig) -> ReplicatorConfig {
@@ -108,6 +117,7 @@ impl ReplicatorConfig {
             fail_after_snapshot_rows: None,
             panic_on_text: None,
             lagging_after: DEFAULT_LAGGING_AFTER,
+            min_free_bytes: DEFAULT_MIN_FREE_BYTES,
         }
     }
 }
@@ -152,12 +162,15 @@ pub enum State {
     Reconnecting,
     /// The slot walsync made is gone or invalidated: it is made again and the tables copied anew.
     SlotLost,
+    /// The store's disk has less free space than its reserve: nothing is written (or
+    /// acknowledged) until space is freed, then the slot is read again from the stored position.
+    DiskFull,
     /// The replicator stopped (asked to, or by a definite error).
     Stopped,
 }
 
 impl State {
-    pub const ALL: [State; 8] = [
+    pub const ALL: [State; 9] = [
         State::Connecting,
         State::Snapshotting,
         State::Rebuilding,
@@ -165,6 +178,7 @@ impl State {
         State::Lagging,
         State::Reconnecting,
         State::SlotLost,
+        State::DiskFull,
         State::Stopped,
     ];
 
@@ -177,6 +191,7 @@ impl State {
             State::Lagging => "lagging",
             State::Reconnecting => "reconnecting",
             State::SlotLost => "slot_lost",
+            State::DiskFull => "disk_full",
             State::Stopped => "stopped",
         }
     }
@@ -354,6 +369,25 @@ fn run_blocking<S: BucketStore>(
                     "replication slot lost: making it again and copying the data anew"
                 );
                 rebuild = true;
+            }
+            // A nearly full disk is waited out; the next session reads the slot from the
+            // stored position (a rebuild under way goes on, an interrupted copy is copied again).
+            Err(ReplicatorError::Storage(StorageError::NoSpace { free, reserve })) => {
+                set_state(progress, State::DiskFull);
+                tracing::error!(
+                    free,
+                    reserve,
+                    "the store's disk is nearly full: replication paused until space is freed"
+                );
+                loop {
+                    if wait_or_stop(&handle, &mut stop, SPACE_POLL) {
+                        return Ok(());
+                    }
+                    if walsync_storage::check_space(&*store, config.min_free_bytes).is_ok() {
+                        break;
+                    }
+                }
+                tracing::info!("space freed on the store's disk: replication resumes");
             }
             Err(e) => return Err(e),
         }
@@ -584,6 +618,11 @@ fn apply_loop<S: BucketStore>(
             Some(Err(e)) => break Err(e.into()),
             Some(Ok(events)) => events,
         };
+        // Nothing is written on a nearly full disk: the session ends with what it committed
+        // (uncommitted writes were not acknowledged, the slot sends them again).
+        if let Err(e) = walsync_storage::check_space(store, committer.config.min_free_bytes) {
+            break Err(e.into());
+        }
         let out = apply_events(store, &mut writer, events, applier, committer, stage);
         // Published when the events change it (the syncer moves streaming to lagging and back).
         if published != Some(applier.state) {

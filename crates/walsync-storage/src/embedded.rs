@@ -116,6 +116,8 @@ pub struct EmbeddedStore {
     /// `stage` may hold records: a staged transaction to undo, or the garbage of one that
     /// committed. The next writer recovers first.
     stage_dirty: AtomicBool,
+    /// The store's directory, whose filesystem's free space the writers watch.
+    dir: std::path::PathBuf,
 }
 
 /// What the writers know of the keys `rows` holds, beyond the engine: a bound per table and a
@@ -201,6 +203,7 @@ impl EmbeddedStore {
             known: Mutex::new(KnownKeys::default()),
             alone: Mutex::new(()),
             stage_dirty: AtomicBool::new(false),
+            dir: dir.to_owned(),
         };
         // A staged transaction a crash interrupted is undone before anyone reads.
         stage::recover(&store)?;
@@ -253,6 +256,11 @@ impl BucketStore for EmbeddedStore {
             self.recover_if_dirty(&self.alone())?;
         }
         self.open_writer()
+    }
+
+    fn free_bytes(&self) -> Option<u64> {
+        let fs = rustix::fs::statvfs(&self.dir).ok()?;
+        Some(fs.f_bavail.saturating_mul(fs.f_frsize))
     }
 
     fn staged_writer(&self, budget: usize) -> Result<EmbeddedWriter<'_>> {

@@ -42,9 +42,33 @@ pub enum StorageError {
     /// drops it and writes the same again through [`BucketStore::staged_writer`].
     #[error("the write transaction holds more than its budget of {budget} bytes")]
     OverBudget { budget: usize },
+    /// The store's filesystem has less free space than the writers' reserve: nothing more is
+    /// written until there is (what was acknowledged stays, the rest waits in the slot).
+    #[error(
+        "no space left for the store: {free} bytes free, below the reserve of {reserve} bytes; \
+         replication waits until space is freed"
+    )]
+    NoSpace { free: u64, reserve: u64 },
+    /// A write failed in the engine (a full disk, an I/O error), which then refuses every later
+    /// write: walsync must be restarted, and loses nothing acknowledged when it is.
+    #[error(
+        "the store stopped writing after a failed write (is its disk full?); restart walsync once \
+         the cause is fixed: nothing acknowledged is lost"
+    )]
+    Halted,
 }
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// [`StorageError::NoSpace`] when `store`'s filesystem has less than `reserve` bytes free: the
+/// writers (the replicator, compaction) look before they write, so that the engine never meets
+/// a full disk, after which it would refuse every write ([`StorageError::Halted`]).
+pub fn check_space<S: BucketStore + ?Sized>(store: &S, reserve: u64) -> Result<()> {
+    match store.free_bytes() {
+        Some(free) if free < reserve => Err(StorageError::NoSpace { free, reserve }),
+        _ => Ok(()),
+    }
+}
 
 /// Reads of a bucket store. On a [`BucketStore`] each call sees the last committed checkpoint
 /// by itself; on a [`StoreRead`] snapshot every call sees the same one, so a checkpoint, its
@@ -91,6 +115,12 @@ pub trait BucketStore: StoreRead + Send + Sync {
     /// becomes visible whole at its commit, and a crash or a drop before that undoes every
     /// step. Nothing else writes meanwhile (compaction and pruning wait).
     fn staged_writer(&self, budget: usize) -> Result<Self::Writer<'_>>;
+
+    /// Bytes free (to an unprivileged writer) on the store's filesystem, or `None` when the
+    /// store keeps no files of its own.
+    fn free_bytes(&self) -> Option<u64> {
+        None
+    }
 
     /// Opens a read snapshot: every read through it sees the same checkpoint.
     fn snapshot(&self) -> Result<Self::Snapshot>;

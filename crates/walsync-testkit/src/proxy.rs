@@ -226,7 +226,11 @@ async fn pump(
     let writer = async move {
         while let Some((read_at, chunk)) = rx.recv().await {
             // Whatever was read before a partition waits for it to heal.
-            let Ok(f) = writer_fault.wait_for(|f| *f != Fault::BlackHole).await.map(|f| *f) else {
+            let Ok(f) = writer_fault
+                .wait_for(|f| *f != Fault::BlackHole)
+                .await
+                .map(|f| *f)
+            else {
                 return;
             };
             if let Fault::Delay(d) = f {

@@ -54,7 +54,10 @@ async fn delay_and_bandwidth_shape_the_bytes() -> anyhow::Result<()> {
     round_trip(&mut s, b"hello").await?;
     proxy.set(Fault::Delay(Duration::from_millis(100)));
     let took = round_trip(&mut s, b"slow").await?;
-    assert!(took >= Duration::from_millis(200), "two legs of 100 ms: {took:?}");
+    assert!(
+        took >= Duration::from_millis(200),
+        "two legs of 100 ms: {took:?}"
+    );
     // 64 KiB at 64 KiB/s each way: about a second there and another back, pipelined.
     proxy.set(Fault::Bandwidth(64 * 1024));
     let took = round_trip(&mut s, &vec![7u8; 64 * 1024]).await?;

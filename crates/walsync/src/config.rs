@@ -45,10 +45,32 @@ pub struct PostgresConfig {
     /// Create the publication (for the rules' tables) when it is missing.
     #[serde(default)]
     pub create_publication: bool,
+    /// The replication connection is taken for dead after this long without a message from
+    /// PostgreSQL (walsync asks for a keepalive at half of it), and made anew. Shorter notices a
+    /// vanished server or network sooner.
+    #[serde(default = "default_receive_timeout_seconds")]
+    pub receive_timeout_seconds: u64,
 }
 
 fn default_slot() -> String {
     "walsync".into()
+}
+
+fn default_receive_timeout_seconds() -> u64 {
+    walsync_source::DEFAULT_RECEIVE_TIMEOUT.as_secs()
+}
+
+impl PostgresConfig {
+    /// The configuration with defaults for everything but where PostgreSQL is.
+    pub fn new(url: impl Into<String>) -> PostgresConfig {
+        PostgresConfig {
+            url: url.into(),
+            slot: default_slot(),
+            publication: default_slot(),
+            create_publication: false,
+            receive_timeout_seconds: default_receive_timeout_seconds(),
+        }
+    }
 }
 
 impl std::fmt::Debug for PostgresConfig {
@@ -58,6 +80,7 @@ impl std::fmt::Debug for PostgresConfig {
             .field("slot", &self.slot)
             .field("publication", &self.publication)
             .field("create_publication", &self.create_publication)
+            .field("receive_timeout_seconds", &self.receive_timeout_seconds)
             .finish()
     }
 }
@@ -127,6 +150,10 @@ pub struct StorageConfig {
     /// MiB one storage write transaction holds in memory; a source transaction larger than
     /// that is staged in the store in steps of about this size (see ARCHITECTURE.md).
     pub memory_budget_mib: usize,
+    /// MiB the store's filesystem keeps free: below it, replication and compaction pause with
+    /// a clear error (the engine stops for good when a write meets a full disk) and resume
+    /// once space is freed.
+    pub min_free_mib: u64,
 }
 
 impl Default for StorageConfig {
@@ -138,6 +165,7 @@ impl Default for StorageConfig {
             compact_batch_ops: m.compact_batch_ops,
             compact_pause_ms: m.compact_pause_ms,
             memory_budget_mib: walsync_replicator::DEFAULT_MEMORY_BUDGET >> 20,
+            min_free_mib: walsync_replicator::DEFAULT_MIN_FREE_BYTES >> 20,
         }
     }
 }
@@ -148,6 +176,7 @@ impl StorageConfig {
             compact_interval_seconds: self.compact_interval_seconds,
             compact_batch_ops: self.compact_batch_ops,
             compact_pause_ms: self.compact_pause_ms,
+            min_free_bytes: self.min_free_mib << 20,
         }
     }
 }

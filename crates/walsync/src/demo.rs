@@ -84,10 +84,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     };
     let config = Config {
         postgres: PostgresConfig {
-            url: db.url.clone(),
             slot: "walsync_demo".into(),
-            publication: "walsync".into(),
             create_publication: true,
+            ..PostgresConfig::new(db.url.clone())
         },
         rules: rules_path,
         storage: StorageConfig {

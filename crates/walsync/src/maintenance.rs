@@ -18,6 +18,8 @@ pub struct MaintenanceConfig {
     pub compact_batch_ops: usize,
     /// Pause between steps, in milliseconds, so that the replicator's commits come in between.
     pub compact_pause_ms: u64,
+    /// Bytes the store's filesystem keeps free: a step does not start below it.
+    pub min_free_bytes: u64,
 }
 
 impl Default for MaintenanceConfig {
@@ -26,6 +28,7 @@ impl Default for MaintenanceConfig {
             compact_interval_seconds: 600,
             compact_batch_ops: 20_000,
             compact_pause_ms: 20,
+            min_free_bytes: walsync_replicator::DEFAULT_MIN_FREE_BYTES,
         }
     }
 }
@@ -50,6 +53,7 @@ pub fn pass<S: BucketStore>(
     let mut out = Pass::default();
     let mut after: Option<String> = None;
     loop {
+        walsync_storage::check_space(store, config.min_free_bytes)?;
         let step = store.compact_batch(after.as_deref(), config.compact_batch_ops.max(1))?;
         out.steps += 1;
         out.compacted.moved += step.stats.moved;
@@ -63,6 +67,7 @@ pub fn pass<S: BucketStore>(
     }
     if prune_before > 0 {
         loop {
+            walsync_storage::check_space(store, config.min_free_bytes)?;
             let step = store.prune_history(prune_before, config.compact_batch_ops.max(1))?;
             out.steps += 1;
             out.pruned_changes += step.changes;

@@ -27,7 +27,13 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut service = Service::start(config).await?;
         tokio::select! {
-            r = service.wait() => r.context("replication stopped")?,
+            r = service.wait() => {
+                // Logged as well as returned, so that a JSON log says why the process ended.
+                if let Err(e) = &r {
+                    tracing::error!(error = %e, "replication stopped: walsync exits");
+                }
+                r.context("replication stopped")?
+            }
             _ = crate::replicate::shutdown_signal() => tracing::info!("stopping"),
         }
         service.stop().await;

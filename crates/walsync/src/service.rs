@@ -75,6 +75,8 @@ impl Service {
             config.postgres.publication.clone(),
         );
         source.required_tables = rules.qualified_tables();
+        source.receive_timeout =
+            Duration::from_secs(config.postgres.receive_timeout_seconds.max(1));
         if config.postgres.create_publication {
             source.create_publication = Some(PublicationScope::Tables(rules.qualified_tables()));
         }
@@ -140,6 +142,7 @@ impl Service {
             let ended = replication_ended.clone();
             let mut replicator = ReplicatorConfig::new(source);
             replicator.memory_budget = config.storage.memory_budget_mib.max(1) << 20;
+            replicator.min_free_bytes = config.storage.min_free_mib << 20;
             replicator.lagging_after = Duration::from_secs(config.metrics.lagging_seconds);
             let run =
                 walsync_replicator::run(replicator, rules, store, stop_rx.clone(), progress_tx);
@@ -212,6 +215,9 @@ impl Service {
                 State::SlotLost => Err(
                     "the replication slot was lost; it is made again and the tables copied anew"
                         .into(),
+                ),
+                State::DiskFull => Err(
+                    "no space left for the store: replication waits until space is freed".into(),
                 ),
                 State::Stopped => Err("replication has stopped; the log says why".into()),
                 State::Snapshotting | State::Rebuilding | State::Streaming | State::Lagging => {

@@ -187,8 +187,19 @@ pub(super) fn read_lookups(r: &mut Reader<'_>) -> Result<Vec<LookupEntry>> {
     serde_json::from_slice(b).map_err(|e| corrupt("row", &e.to_string()))
 }
 
-pub(super) fn engine(e: impl std::fmt::Display) -> StorageError {
-    StorageError::Engine(e.to_string())
+/// An engine failure as a [`StorageError`]. A write the engine could not make (a full disk
+/// above all) leaves fjall refusing every later write ("poisoned": its journal may hold a torn
+/// record): that is [`StorageError::Halted`], which only reopening the store (restarting
+/// walsync) ends, replaying the journal up to its last whole record.
+pub(super) fn engine<E: std::fmt::Display + 'static>(e: E) -> StorageError {
+    let any: &dyn std::any::Any = &e;
+    match any.downcast_ref::<fjall::Error>() {
+        Some(fjall::Error::Poisoned) => StorageError::Halted,
+        Some(fjall::Error::Io(io)) if io.kind() == std::io::ErrorKind::StorageFull => {
+            StorageError::Halted
+        }
+        _ => StorageError::Engine(e.to_string()),
+    }
 }
 
 pub(super) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
