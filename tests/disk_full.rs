@@ -78,26 +78,6 @@ fn fill(dir: &Path, leave: u64) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-async fn ready(url: &str) -> anyhow::Result<(u16, String)> {
-    let r = reqwest::get(format!("{url}/health/ready")).await?;
-    Ok((r.status().as_u16(), r.text().await?))
-}
-
-async fn until_ready_is(url: &str, want: u16, wait: Duration) -> anyhow::Result<String> {
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        let (status, body) = ready(url).await?;
-        if status == want {
-            return Ok(body);
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "/health/ready never answered {want} (last {status}: {body})"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_stops_replication_clearly_and_loses_nothing() -> anyhow::Result<()> {
     let Some(disk) = Tmpfs::mount("96m")? else {
@@ -125,7 +105,7 @@ async fn a_full_disk_stops_replication_clearly_and_loses_nothing() -> anyhow::Re
         ));
     }
     converge::converged(&s, &mut clients, service::WAIT).await?;
-    until_ready_is(&url, 200, service::WAIT).await?;
+    service::until_ready_is(&url, 200, service::WAIT).await?;
 
     // Something else fills the disk to below walsync's reserve; the application goes on
     // writing, rows large enough that the store must write them out.
@@ -138,7 +118,7 @@ async fn a_full_disk_stops_replication_clearly_and_loses_nothing() -> anyhow::Re
             .await?;
         seed::workload(&s.sql, 500 + round, 20).await?;
     }
-    let refused = until_ready_is(&url, 503, Duration::from_secs(60)).await?;
+    let refused = service::until_ready_is(&url, 503, Duration::from_secs(60)).await?;
     eprintln!("not ready while the disk is full: {refused}");
     assert!(
         refused.contains("space"),
@@ -150,7 +130,7 @@ async fn a_full_disk_stops_replication_clearly_and_loses_nothing() -> anyhow::Re
 
     // Space returns: walsync carries on by itself.
     std::fs::remove_file(&filler)?;
-    until_ready_is(&url, 200, Duration::from_secs(120)).await?;
+    service::until_ready_is(&url, 200, Duration::from_secs(120)).await?;
     seed::workload(&s.sql, 999, 30).await?;
     converge::converged(&s, &mut clients, Duration::from_secs(60)).await?;
     service.stop().await;

@@ -235,6 +235,43 @@ async fn bad_requests_get_clear_errors() -> anyhow::Result<()> {
         code(post(Some(good.clone()), "x".repeat(4096)).await?).await,
         (413, "payload_too_large".into())
     );
+    // Deeply nested JSON, bytes that are not UTF-8, a JSON string holding a lone surrogate.
+    for body in [
+        format!("{}{}", "[".repeat(500), "]".repeat(500)),
+        format!(
+            "{{\"parameters\": {}{}}}",
+            "{\"a\":".repeat(100),
+            "1}".repeat(100)
+        ),
+        "{\"client_id\": \"\\ud83d\"}".to_owned(),
+    ] {
+        let (status, code) = code(post(Some(good.clone()), body).await?).await;
+        assert_eq!(status, 400, "{code}");
+    }
+    let binary = http
+        .post(format!("{url}/sync/stream"))
+        .header("authorization", good.clone())
+        .body(vec![0xffu8, 0xfe, b'{', b'}'])
+        .send()
+        .await?;
+    assert_eq!(code(binary).await, (400, "bad_request".into()));
+    // A token too large to be real is refused as such; a header larger than the server takes
+    // at all ends the request, and the server goes on.
+    let fat = format!("Bearer {}", "a".repeat(20 * 1024));
+    assert_eq!(
+        code(post(Some(fat), "{}".into()).await?).await,
+        (401, "unauthenticated".into())
+    );
+    let huge = format!("Bearer {}", "a".repeat(1 << 20));
+    if let Ok(r) = post(Some(huge), "{}".into()).await {
+        assert!(
+            r.status().is_client_error(),
+            "a 1 MiB header got {}",
+            r.status()
+        );
+    }
+    let live = http.get(format!("{url}/health/live")).send().await?;
+    assert!(live.status().is_success(), "the server stays up");
     // The connection limit: one stream open, the next is told to come back later.
     let first = post(Some(good.clone()), "{}".into()).await?;
     assert_eq!(first.status().as_u16(), 200);

@@ -134,12 +134,14 @@ pub async fn follow(
 }
 
 /// Source transactions a test writes as groups of rows that must be seen whole: rows of
-/// `object_type` whose data has `field` set to a group's tag, `size` rows a group. A client that
-/// holds some but not all of a group's rows applied part of a transaction.
+/// `object_type` whose data has `field` set to a group's tag (a text starting with `prefix`),
+/// `size` rows a group, all in one bucket. A client that holds some but not all of a group's
+/// rows applied part of a transaction.
 #[derive(Debug, Clone)]
 pub struct Atomic {
-    pub object_type: String,
-    pub field: String,
+    pub object_type: &'static str,
+    pub field: &'static str,
+    pub prefix: &'static str,
     pub size: usize,
 }
 
@@ -151,7 +153,9 @@ impl Atomic {
                 continue;
             }
             let v: serde_json::Value = serde_json::from_str(&data).unwrap_or_default();
-            if let Some(tag) = v.get(&self.field).and_then(|t| t.as_str()) {
+            if let Some(tag) = v.get(self.field).and_then(|t| t.as_str())
+                && tag.starts_with(self.prefix)
+            {
                 *groups.entry(tag.to_owned()).or_default() += 1;
             }
         }
@@ -162,5 +166,44 @@ impl Atomic {
             )),
             None => Ok(()),
         }
+    }
+}
+
+/// Clients followed in the background ([`follow`]) until [`Followers::end`].
+#[allow(missing_debug_implementations)]
+pub struct Followers {
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<(String, SyncClient, Option<String>)>>,
+}
+
+impl Followers {
+    pub fn start(clients: Vec<(String, SyncClient)>, atomic: Option<Atomic>) -> Followers {
+        let (stop, stopped) = watch::channel(false);
+        let tasks = clients
+            .into_iter()
+            .map(|(user, c)| {
+                let stopped = stopped.clone();
+                let atomic = atomic.clone();
+                tokio::spawn(async move {
+                    let (c, failure) = follow(c, stopped, atomic).await;
+                    (user, c, failure)
+                })
+            })
+            .collect();
+        Followers { stop, tasks }
+    }
+
+    /// Stops following; the clients back, or the first failure of walsync one of them saw.
+    pub async fn end(self) -> anyhow::Result<Vec<(String, SyncClient)>> {
+        self.stop.send_replace(true);
+        let mut out = Vec::new();
+        for task in self.tasks {
+            let (user, c, failure) = task.await?;
+            if let Some(failure) = failure {
+                anyhow::bail!("{user}'s client: {failure}");
+            }
+            out.push((user, c));
+        }
+        Ok(out)
     }
 }

@@ -30,6 +30,14 @@ pub struct Setup {
 }
 
 impl Setup {
+    /// A new connection for [`Setup::sql`] (after PostgreSQL restarted).
+    pub async fn reconnect(&mut self) -> anyhow::Result<()> {
+        let (sql, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        self.sql = sql;
+        Ok(())
+    }
+
     /// The one value `query` selects from the test database.
     pub async fn scalar<T: tokio_postgres::types::FromSqlOwned>(
         &self,
@@ -40,11 +48,15 @@ impl Setup {
 }
 
 pub async fn setup() -> anyhow::Result<Setup> {
+    setup_in(&shared().fresh_database().await?).await
+}
+
+/// [`setup`] in `db` (of a cluster of the test's own).
+pub async fn setup_in(db: &walsync_testkit::TestDatabase) -> anyhow::Result<Setup> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    let db = shared().fresh_database().await?;
     let sql = db.connect().await?;
     sql.batch_execute(SCHEMA).await?;
     sql.batch_execute("CREATE PUBLICATION walsync FOR ALL TABLES")
@@ -307,4 +319,56 @@ pub async fn wait_until_bucket_is(s: &Setup, bucket: &str, query: &str) -> anyho
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Rows of one source transaction the [`application`] writes: `GROUP` teams of one project.
+pub const GROUP: usize = 40;
+
+/// The application under test: the seed workload in rounds and, after each, one transaction of
+/// [`GROUP`] teams in one project tagged `tx-<attempt>` in `_last_modified_by` (see
+/// `converge::Atomic`), until `done`; returns the rounds written. A round that fails (PostgreSQL
+/// restarting) is tried again on a new connection.
+pub fn application(
+    url: String,
+    done: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<anyhow::Result<u64>> {
+    tokio::spawn(async move {
+        let mut round = 0u64;
+        // Each attempt tags its group anew: a commit whose answer was lost is not tried again
+        // under the same tag.
+        let mut attempt = 0u64;
+        let mut sql: Option<Client> = None;
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            let client = match sql.take() {
+                Some(c) if !c.is_closed() => c,
+                _ => match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                    Ok((c, conn)) => {
+                        tokio::spawn(conn);
+                        c
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            attempt += 1;
+            let step = async {
+                workload(&client, 7919 + round, 10).await?;
+                client
+                    .batch_execute(&format!(
+                        "INSERT INTO teams (project_id, name, _last_modified_by)
+                         SELECT {}, 'member ' || i, 'tx-{attempt}' FROM generate_series(1, {GROUP}) i",
+                        1 + attempt % 6
+                    ))
+                    .await
+            };
+            if step.await.is_ok() {
+                round += 1;
+                sql = Some(client);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(round)
+    })
 }

@@ -67,3 +67,26 @@ pub async fn expected_for(s: &seed::Setup, user: &str) -> anyhow::Result<Rows> {
     }
     Ok(out)
 }
+
+/// Waits until `/health/ready` of the server at `url` answers `want`, for at most `wait`;
+/// returns its body.
+pub async fn until_ready_is(url: &str, want: u16, wait: Duration) -> anyhow::Result<String> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    loop {
+        let (status, body) = match http.get(format!("{url}/health/ready")).send().await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(e) => (0, e.to_string()),
+        };
+        if status == want {
+            return Ok(body);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "/health/ready never answered {want} (last {status}: {body})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -228,6 +228,11 @@ fn check_jwks_url(url: &str) -> Result<(), KeyLoadError> {
     }
 }
 
+/// Longest token accepted: 16 KiB. Identity providers' tokens are a few KiB at most (a token
+/// carrying many claims, such as group lists, stays under 8 KiB), and HTTP servers commonly cap
+/// a header at 8-16 KiB.
+const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
 fn algorithm_of(jwk: &Jwk) -> Option<Algorithm> {
     let name = serde_json::to_value(jwk.common.key_algorithm?).ok()?;
     serde_json::from_value(name).ok()
@@ -451,6 +456,13 @@ impl Inner {
     }
 
     fn check(&self, token: &str) -> Result<Identity, AuthError> {
+        // Refused before any parsing: no identity provider's token comes near this.
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::Invalid(format!(
+                "token of {} bytes; at most {MAX_TOKEN_BYTES} are accepted",
+                token.len()
+            )));
+        }
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
         let alg = header.alg;

@@ -791,3 +791,61 @@ async fn a_failing_identity_provider_is_retried_and_cached_keys_serve_meanwhile(
     }
     panic!("the rotated key was never taken");
 }
+
+/// Key confusion (an HS256 token keyed with an asymmetric key's public material, naming that
+/// key), algorithms the key does not have, and tokens too large to be real: all refused.
+#[tokio::test]
+async fn confused_and_oversized_tokens_are_refused() {
+    let auth = Authenticator::new(jwks_file_config()).await.expect("keys");
+    let c = claims("u1", "walsync", 600);
+    let jwks: serde_json::Value = serde_json::from_slice(&pem("jwks.json")).expect("jwks fixture");
+    let rsa_jwk = jwks["keys"]
+        .as_array()
+        .and_then(|k| k.iter().find(|k| k["kid"] == "rsa-1"))
+        .expect("rsa-1")
+        .clone();
+    let n = rsa_jwk["n"].as_str().expect("n").to_owned();
+    // Whatever an attacker could take for the RSA key's bytes, as an HMAC secret.
+    for secret in [
+        rsa_jwk.to_string().into_bytes(),
+        jwks.to_string().into_bytes(),
+        n.clone().into_bytes(),
+        pem("rsa.pem"),
+    ] {
+        for alg in [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512] {
+            let forged = sign(alg, Some("rsa-1"), &EncodingKey::from_secret(&secret), &c);
+            assert!(
+                auth.authenticate(&forged).await.is_err(),
+                "{alg:?} keyed with the rsa key's material was accepted"
+            );
+        }
+    }
+    // An EC key's kid on an RSA signature, an RSA kid on an EdDSA one.
+    let rsa = EncodingKey::from_rsa_pem(&pem("rsa.pem")).expect("rsa");
+    let ed = EncodingKey::from_ed_pem(&pem("ed25519.pem")).expect("ed");
+    for token in [
+        sign(Algorithm::RS256, Some("ec256"), &rsa, &c),
+        sign(Algorithm::EdDSA, Some("rsa-1"), &ed, &c),
+        sign(Algorithm::PS256, Some("rsa-1"), &rsa, &c),
+    ] {
+        assert!(auth.authenticate(&token).await.is_err());
+    }
+    // Too large to be real, however well formed: refused before it is parsed.
+    let mut fat = c.clone();
+    fat["padding"] = serde_json::Value::String("x".repeat(64 * 1024));
+    let fat = sign(Algorithm::RS256, Some("rsa-1"), &rsa, &fat);
+    match auth.authenticate(&fat).await {
+        Err(AuthError::Invalid(why)) => assert!(why.contains("at most"), "{why}"),
+        other => panic!("a 64 KiB token: {other:?}"),
+    }
+    // A header nested deeply, and one that is not JSON.
+    use base64_helper::b64;
+    let deep = format!(
+        "{}.{}.c2ln",
+        b64(format!("{}{}", "[".repeat(5000), "]".repeat(5000)).as_bytes()),
+        b64(c.to_string().as_bytes())
+    );
+    assert!(auth.authenticate(&deep).await.is_err());
+    let binary = format!("{}.{}.c2ln", b64(&[0xff, 0xfe, 0x00]), b64(b"{}"));
+    assert!(auth.authenticate(&binary).await.is_err());
+}
