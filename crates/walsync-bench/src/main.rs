@@ -5,6 +5,7 @@
 // A command-line program: printing to stdout is its job.
 #![allow(clippy::print_stdout)]
 
+mod all;
 mod apply;
 mod compaction;
 mod engines;
@@ -13,6 +14,7 @@ mod presence;
 mod replicator;
 mod snapshot;
 mod source;
+mod summary;
 mod sync;
 mod upload;
 
@@ -33,6 +35,9 @@ struct BenchArgs {
 
 #[derive(Debug, Subcommand)]
 enum Which {
+    /// Every benchmark with a published figure, beside its in-run baseline, at sizes that fit
+    /// one sitting; then one summary table (the one that opens docs/benchmarks.md).
+    All(all::AllArgs),
     /// WAL decode-and-emit throughput of walsync-source beside pg_recvlogical.
     Source(source::SourceArgs),
     /// The replicator's own work (rules and store) on decoded changes, without PostgreSQL.
@@ -68,13 +73,14 @@ fn main() -> anyhow::Result<()> {
         Which::Source(a) => source::run(a),
         Which::Apply(a) => apply::run(a),
         Which::Engines(a) => engines::run(a),
-        Which::Replicator(a) => replicator::run(a),
-        Which::Snapshot(a) => snapshot::run(a),
-        Which::Memory(a) => memory::run(a),
+        Which::All(a) => all::run(a).map(drop),
+        Which::Replicator(a) => replicator::run(a).map(drop),
+        Which::Snapshot(a) => snapshot::run(a).map(drop),
+        Which::Memory(a) => memory::run(a).map(drop),
         Which::Compaction(a) => compaction::run(a),
-        Which::Sync(a) => sync::run(a),
+        Which::Sync(a) => sync::run(a).map(drop),
         Which::Presence(a) => presence::run(a),
-        Which::Upload(a) => upload::run(a),
+        Which::Upload(a) => upload::run(a).map(drop),
         Which::Serve(a) => walsync::serve::serve(a),
     }
 }

@@ -15,6 +15,7 @@ use walsync_testkit::{Cluster, ClusterOptions};
 
 use super::snapshot::{RULES, process_memory as status};
 use super::source::{Key, insert_rows, schema};
+use super::summary::Summary;
 
 #[derive(Debug, Args)]
 pub(crate) struct MemoryArgs {
@@ -54,7 +55,7 @@ fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-pub(crate) fn run(args: MemoryArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: MemoryArgs) -> anyhow::Result<Summary> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -135,7 +136,14 @@ pub(crate) fn run(args: MemoryArgs) -> anyhow::Result<()> {
         "| step | rows/s (from the statement or the start to durable) | rss before | peak during | peak − before | ops emitted |"
     );
     println!("|---|---:|---:|---:|---:|---:|");
+    let mut summary = Summary::default();
     for (name, t, before, peak, ops) in steps {
+        summary.add(
+            format!("memory: {name} ({:?} keys), peak", args.key),
+            format!("{} MiB", peak >> 20),
+            "",
+            None,
+        );
         println!(
             "| {name} | {:.0} | {} MiB | {} MiB | {} MiB | {} |",
             args.rows as f64 / t.as_secs_f64(),
@@ -145,5 +153,5 @@ pub(crate) fn run(args: MemoryArgs) -> anyhow::Result<()> {
             ops.map_or("".to_owned(), |o| o.to_string())
         );
     }
-    Ok(())
+    Ok(summary)
 }

@@ -14,6 +14,7 @@ use walsync_sync::request_buckets;
 use walsync_testkit::{Cluster, ClusterOptions};
 
 use super::source::{WorkloadArgs, pg_recvlogical_run, schema, workloads};
+use super::summary::Summary;
 
 #[derive(Debug, Args)]
 pub(crate) struct ReplicatorArgs {
@@ -106,14 +107,15 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-pub(crate) fn run(args: ReplicatorArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: ReplicatorArgs) -> anyhow::Result<Summary> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(run_async(args))
 }
 
-async fn run_async(args: ReplicatorArgs) -> anyhow::Result<()> {
+async fn run_async(args: ReplicatorArgs) -> anyhow::Result<Summary> {
+    let mut summary = Summary::default();
     let cluster = Cluster::start(ClusterOptions::default())?;
     let pg_recvlogical = Cluster::program("pg_recvlogical")?;
     let db = cluster.fresh_database().await?;
@@ -319,6 +321,12 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<()> {
         let mut sorted = ratios;
         sorted.sort_by(f64::total_cmp);
         let ratio = sorted[sorted.len() / 2];
+        summary.add(
+            format!("replication: {}", t.name),
+            super::summary::rate(o, "rows"),
+            format!("{} (pg_recvlogical)", super::summary::rate(p, "rows")),
+            Some(ratio),
+        );
         println!(
             "| {} | {} | {p:.0} | {o:.0} | {ratio:.2}× | {} | {:.0} | {:.0} MiB | {} |",
             t.name,
@@ -335,11 +343,21 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<()> {
     );
     println!("|---:|---:|---:|");
     for (n, full, inc) in checkpoints {
+        summary.add(
+            format!("checkpoint for a user of {n} buckets: full / after one change"),
+            format!(
+                "{:.1} ms / {:.2} ms",
+                full.as_secs_f64() * 1e3,
+                inc.as_secs_f64() * 1e3
+            ),
+            "",
+            None,
+        );
         println!(
             "| {n} | {:.1} ms | {:.3} ms |",
             full.as_secs_f64() * 1e3,
             inc.as_secs_f64() * 1e3
         );
     }
-    Ok(())
+    Ok(summary)
 }

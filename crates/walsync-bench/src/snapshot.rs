@@ -11,6 +11,7 @@ use walsync_storage::{BucketStore, EmbeddedStore, StoreRead};
 use walsync_testkit::{Cluster, ClusterOptions};
 
 use super::source::{Key, insert_rows, schema};
+use super::summary::{Summary, rate};
 
 #[derive(Debug, Args)]
 pub(crate) struct SnapshotArgs {
@@ -48,7 +49,22 @@ fn peak_rss() -> u64 {
     process_memory("VmHWM:")
 }
 
-pub(crate) fn run(args: SnapshotArgs) -> anyhow::Result<()> {
+/// The baseline: the table's rows read out of PostgreSQL by `COPY ... TO STDOUT` and dropped,
+/// as fast as PostgreSQL hands a table over.
+async fn copy_out(sql: &tokio_postgres::Client) -> anyhow::Result<Duration> {
+    use futures_util::StreamExt;
+    let t = Instant::now();
+    let stream = sql.copy_out("COPY assessment_responses TO STDOUT").await?;
+    let mut stream = std::pin::pin!(stream);
+    let mut bytes = 0usize;
+    while let Some(chunk) = stream.next().await {
+        bytes += chunk?.len();
+    }
+    std::hint::black_box(bytes);
+    Ok(t.elapsed())
+}
+
+pub(crate) fn run(args: SnapshotArgs) -> anyhow::Result<Summary> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -57,13 +73,15 @@ pub(crate) fn run(args: SnapshotArgs) -> anyhow::Result<()> {
     let mut results = Vec::new();
     let baseline = peak_rss();
     for n in args.rows {
-        let (elapsed, rss, bytes) = rt.block_on(async {
+        let (elapsed, rss, bytes, copy) = rt.block_on(async {
             let db = cluster.fresh_database().await?;
             let sql = db.connect().await?;
             sql.batch_execute(&schema(args.key, false)).await?;
             eprintln!("writing {n} rows");
             sql.batch_execute(&insert_rows("1", &n.to_string(), args.key, false))
                 .await?;
+            super::source::settle(&sql).await?;
+            let copy = copy_out(&sql).await?;
             let dir = tempfile::Builder::new()
                 .prefix("walsync-bench-")
                 .tempdir()?;
@@ -82,9 +100,9 @@ pub(crate) fn run(args: SnapshotArgs) -> anyhow::Result<()> {
             super::replicator::finish(r).await?;
             sql.execute("SELECT pg_drop_replication_slot('bench_snapshot')", &[])
                 .await?;
-            anyhow::Ok((elapsed, peak_rss(), store.size_on_disk()?))
+            anyhow::Ok((elapsed, peak_rss(), store.size_on_disk()?, copy))
         })?;
-        results.push((n, elapsed, rss, bytes));
+        results.push((n, elapsed, rss, bytes, copy));
     }
     println!(
         "Initial snapshot through the replicator (peak memory is the process's VmHWM, cumulative)\n"
@@ -94,15 +112,28 @@ pub(crate) fn run(args: SnapshotArgs) -> anyhow::Result<()> {
         super::machine_facts(),
         baseline / 1048576
     );
-    println!("| table rows | rows/s | process peak memory after the run | store on disk |");
-    println!("|---:|---:|---:|---:|");
-    for (n, t, rss, bytes) in results {
+    println!(
+        "| table rows | rows/s | COPY TO STDOUT rows/s | ratio | process peak memory after the run | store on disk |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
+    let mut summary = Summary::default();
+    for (n, t, rss, bytes, copy) in results {
+        let (ours, theirs) = (n as f64 / t.as_secs_f64(), n as f64 / copy.as_secs_f64());
         println!(
-            "| {n} | {:.0} | {} MiB | {} MiB |",
-            n as f64 / t.as_secs_f64(),
+            "| {n} | {ours:.0} | {theirs:.0} | {:.2}× | {} MiB | {} MiB |",
+            ours / theirs,
             rss / 1048576,
             bytes / 1048576
         );
+        summary.add(
+            format!(
+                "initial snapshot of {n} rows ({:?} keys), peak memory",
+                args.key
+            ),
+            format!("{}, {} MiB", rate(ours, "rows"), rss / 1048576),
+            format!("{} (COPY TO STDOUT)", rate(theirs, "rows")),
+            Some(ours / theirs),
+        );
     }
-    Ok(())
+    Ok(summary)
 }

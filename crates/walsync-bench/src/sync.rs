@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
+
+use super::summary::Summary;
 use futures_util::StreamExt;
 use tokio::sync::Mutex;
 use walsync_protocol::{Line, OpKind, SyncRequest, pb};
@@ -182,14 +184,15 @@ pub(crate) fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-pub(crate) fn run(args: SyncArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: SyncArgs) -> anyhow::Result<Summary> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(bench(args))
 }
 
-async fn bench(args: SyncArgs) -> anyhow::Result<()> {
+async fn bench(args: SyncArgs) -> anyhow::Result<Summary> {
+    let mut summary = Summary::default();
     // A durable, synchronously committing server, as in production: with the test clusters'
     // `synchronous_commit = off`, WAL reaches the walsender only at the WAL writer's next flush
     // (up to `wal_writer_delay`, 200 ms), which would dominate commit-to-client latency.
@@ -233,6 +236,12 @@ async fn bench(args: SyncArgs) -> anyhow::Result<()> {
         for &clients in &args.clients {
             let (samples, p50, p99, max) =
                 latency(&server, &sql, &args, transport, clients).await?;
+            summary.add(
+                format!("commit to client, {transport}, {clients} clients (p50 / p99 / max)"),
+                format!("{p50:.1} / {p99:.1} / {max:.1} ms"),
+                "",
+                None,
+            );
             println!(
                 "| {transport} | {clients} | {} | {} | {samples} | {p50:.2} | {p99:.2} | {max:.2} |",
                 args.projects, args.updates
@@ -243,6 +252,15 @@ async fn bench(args: SyncArgs) -> anyhow::Result<()> {
     println!("\n| idle streams held | connections | server RSS before | after | per stream |");
     println!("|---:|---:|---:|---:|---:|");
     let (held, conns, before, after) = idle_streams(&server, &args).await?;
+    summary.add(
+        format!("idle streams held by one process ({conns} connections)"),
+        format!(
+            "{held}, {:.1} KiB each",
+            (after.saturating_sub(before)) as f64 / held.max(1) as f64
+        ),
+        "",
+        None,
+    );
     println!(
         "| {held} | {conns} | {:.0} MiB | {:.0} MiB | {:.1} KiB |",
         before as f64 / 1024.0,
@@ -268,6 +286,12 @@ async fn bench(args: SyncArgs) -> anyhow::Result<()> {
         runs.sort_by(|a, b| a.1.total_cmp(&b.1));
         let (ops, secs) = runs[1];
         let rate = |r: &(usize, f64)| r.0 as f64 / r.1;
+        summary.add(
+            format!("initial download of {ops} ops, {transport}"),
+            super::summary::rate(rate(&runs[1]), "ops"),
+            "",
+            None,
+        );
         println!(
             "| {transport} | {ops} | {} | {secs:.2} | {:.0} | {:.0}–{:.0} |",
             runs.len(),
@@ -276,7 +300,7 @@ async fn bench(args: SyncArgs) -> anyhow::Result<()> {
             rate(&runs[0])
         );
     }
-    Ok(())
+    Ok(summary)
 }
 
 type Lines = std::pin::Pin<Box<dyn futures_util::Stream<Item = Line> + Send>>;

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
+
+use super::summary::{Summary, rate};
 use serde_json::json;
 use walsync_client::{Connector, SyncClient, Transport};
 use walsync_protocol::upload::{Status, UploadReply, UploadRequest};
@@ -41,7 +43,7 @@ const SECRET: &str = "bench-secret";
 /// Answers per writer's project.
 const ANSWERS: usize = 50;
 
-pub(crate) fn run(args: UploadArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: UploadArgs) -> anyhow::Result<Summary> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -57,7 +59,7 @@ fn token(user: &str) -> anyhow::Result<String> {
     )?)
 }
 
-async fn bench(args: UploadArgs) -> anyhow::Result<()> {
+async fn bench(args: UploadArgs) -> anyhow::Result<Summary> {
     // Durable, synchronous commits, as in production, for both sides.
     let cluster = Cluster::start(ClusterOptions {
         settings: vec![
@@ -217,7 +219,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-async fn measure(args: &UploadArgs, url: &str, pg_url: &str) -> anyhow::Result<()> {
+async fn measure(args: &UploadArgs, url: &str, pg_url: &str) -> anyhow::Result<Summary> {
+    let mut summary = Summary::default();
     crate::sync::wait_ready(url).await?;
     println!(
         "walsync-bench upload: {} ({} writers, {} transactions each per run, {} runs; server: `walsync serve` child process; synchronous_commit on)\n",
@@ -249,6 +252,15 @@ async fn measure(args: &UploadArgs, url: &str, pg_url: &str) -> anyhow::Result<(
             ratios.push(w / d);
         }
         let per_run: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        summary.add(
+            format!("uploads, {} writers, {ops} ops a transaction", args.writers),
+            rate(median(ours.clone()), "tx"),
+            format!(
+                "{} (direct to PostgreSQL)",
+                rate(median(theirs.clone()), "tx")
+            ),
+            Some(median(ratios.clone())),
+        );
         println!(
             "| {ops} | {:.0} | {:.0} | {:.2} | {} |",
             median(ours),
@@ -288,6 +300,12 @@ async fn measure(args: &UploadArgs, url: &str, pg_url: &str) -> anyhow::Result<(
     }
     samples.sort_unstable();
     let at = |p: f64| samples[((samples.len() as f64 - 1.0) * p).round() as usize] as f64 / 1000.0;
+    summary.add(
+        "upload reply to the writer's own stream (p50 / p99)",
+        format!("{:.1} / {:.1} ms", at(0.5), at(0.99)),
+        "",
+        None,
+    );
     println!("\n| reply to own stream | samples | p50 ms | p99 ms | max ms |");
     println!("|---|---:|---:|---:|---:|");
     println!(
@@ -297,5 +315,5 @@ async fn measure(args: &UploadArgs, url: &str, pg_url: &str) -> anyhow::Result<(
         at(0.99),
         at(1.0)
     );
-    Ok(())
+    Ok(summary)
 }
