@@ -1,5 +1,5 @@
 //! The whole `walsync serve` process SIGKILLed at random moments (during the initial snapshot,
-//! mid-transaction, mid-upload) while the application writes a mixed workload (inserts,
+//! during rebuilds after the slot was lost, mid-transaction, mid-upload) while the application writes a mixed workload (inserts,
 //! updates, deletes, membership changes, moves between projects), a writer uploads through
 //! `POST /write`, and clients over both transports stream, each reconnecting with what it holds
 //! after every kill. After each kill PostgreSQL's `confirmed_flush_lsn` is at most what the
@@ -126,6 +126,7 @@ async fn serve_killed_at_random_moments_loses_nothing_and_repeats_nothing() -> a
         seed_rng % n
     };
     let mut killed = 0;
+    let mut rebuilds = 0;
     for life in 0..kills {
         let mut server = serve(BIN, &s, &data, port, &log, &[])?;
         // The first lives die during the initial snapshot or right after it; later ones after
@@ -162,21 +163,30 @@ async fn serve_killed_at_random_moments_loses_nothing_and_repeats_nothing() -> a
             clients.push((user, c));
         }
         // The ack rule across the kill: the slot never passed what the store made durable.
+        // (During a rebuild the store holds no position of the new slot yet, and a slot may
+        // not exist at all.)
         let store = EmbeddedStore::open(&data)?;
-        if let Some(durable) = store.checkpoint()?.lsn {
-            let confirmed: Option<String> = s
-                .sql
-                .query_one(
-                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&s.slot],
-                )
-                .await?
-                .get(0);
+        let slot = s
+            .sql
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&s.slot],
+            )
+            .await?;
+        if let (Some(durable), Some(slot)) = (store.checkpoint()?.lsn, slot) {
+            let confirmed: Option<String> = slot.get(0);
             let confirmed: walsync_types::Lsn = confirmed.unwrap_or_default().parse()?;
             anyhow::ensure!(
                 confirmed <= durable,
                 "life {life}: the slot confirmed {confirmed} past the store's durable {durable}"
             );
+        }
+        drop(store);
+        // Now and then the slot is lost while walsync is down: the next lives rebuild (a new
+        // slot, the tables copied anew into what the store holds) and are killed meanwhile.
+        if life % 7 == 4 {
+            drop_slot(&s).await?;
+            rebuilds += 1;
         }
     }
     assert!(
@@ -208,11 +218,42 @@ async fn serve_killed_at_random_moments_loses_nothing_and_repeats_nothing() -> a
     };
     let connects: Vec<u64> = clients.iter().map(|(_, c)| c.connects).collect();
     eprintln!(
-        "{killed} kills; {rounds} workload rounds; {uploaded} uploads; client connects {connects:?}"
+        "{killed} kills; {rebuilds} slots lost; {rounds} workload rounds; {uploaded} uploads; client connects {connects:?}"
     );
     assert!(uploaded > 0 && connects.iter().all(|c| *c > 1));
     assert_eq!(rows as u64, uploaded, "every upload written");
     assert_eq!(repeated, 0, "no upload written twice");
     drop(server);
     Ok(())
+}
+
+/// Drops the test's slot once its walsender (of a killed server) has let it go.
+async fn drop_slot(s: &seed::Setup) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let dropped = s
+            .sql
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                 WHERE slot_name = $1 AND NOT active",
+                &[&s.slot],
+            )
+            .await?;
+        let left: i64 = s
+            .sql
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&s.slot],
+            )
+            .await?
+            .get(0);
+        if dropped > 0 || left == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the killed server's walsender never let the slot go"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
