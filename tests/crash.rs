@@ -48,21 +48,7 @@ async fn serve_killed_at_random_moments_loses_nothing_and_repeats_nothing() -> a
 
     // The application: a mixed workload for the whole run.
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let work = {
-        let db = s.url.clone();
-        let done = done.clone();
-        tokio::spawn(async move {
-            let (sql, conn) = tokio_postgres::connect(&db, tokio_postgres::NoTls).await?;
-            tokio::spawn(conn);
-            let mut round = 1;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                seed::workload(&sql, 97 + round, 20).await?;
-                round += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            anyhow::Ok(round)
-        })
-    };
+    let work = seed::application(s.url.clone(), done.clone());
     // The writer: one upload after another, each retried (same transaction id) until answered.
     let uploads = {
         let url = url.clone();
@@ -143,7 +129,7 @@ async fn serve_killed_at_random_moments_loses_nothing_and_repeats_nothing() -> a
                 let stop = stop_rx.clone();
                 tokio::spawn(async move {
                     // Until the server answers, keep trying to connect.
-                    let (c, failure) = converge::follow(c, stop, None).await;
+                    let (c, failure) = converge::follow(c, stop, Some(converge::APPLICATION)).await;
                     (user, c, failure)
                 })
             })

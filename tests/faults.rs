@@ -15,13 +15,7 @@ use walsync_client::{Connector, SyncClient, Transport};
 use walsync_server::ServerConfig;
 use walsync_testkit::{Cluster, ClusterOptions, Fault, FaultProxy};
 
-/// A transaction of the application's, seen whole or not at all.
-const TEAMS: Atomic = Atomic {
-    object_type: "teams",
-    field: "_last_modified_by",
-    prefix: "tx-",
-    size: seed::GROUP,
-};
+use converge::APPLICATION as TEAMS;
 
 /// How long the partition between walsync and PostgreSQL lasts (`WALSYNC_PARTITION_SECONDS`).
 fn partition() -> Duration {

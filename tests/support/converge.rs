@@ -145,6 +145,14 @@ pub struct Atomic {
     pub size: usize,
 }
 
+/// The transactions [`seed::application`] writes, seen whole or not at all.
+pub const APPLICATION: Atomic = Atomic {
+    object_type: "teams",
+    field: "_last_modified_by",
+    prefix: "tx-",
+    size: seed::GROUP,
+};
+
 impl Atomic {
     pub fn holds(&self, state: &ClientState) -> Result<(), String> {
         let mut groups: BTreeMap<String, usize> = BTreeMap::new();

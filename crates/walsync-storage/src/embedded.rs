@@ -142,6 +142,26 @@ impl std::fmt::Debug for EmbeddedStore {
     }
 }
 
+/// fjall makes a new database in steps (its lock file, the journal `0.jnl`, then its `version`
+/// marker, written and synced last) and takes a directory without the marker for a new one, so
+/// it fails at once on the journal an interrupted attempt left ("File exists"): a process killed
+/// while its store was first made could never open it again. Such a directory never held data
+/// (the database is usable only once the marker is written), so it is removed and made anew.
+fn discard_unfinished_creation(path: &Path) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let complete = std::fs::metadata(path.join("version")).is_ok_and(|m| m.len() > 0);
+    if !complete {
+        tracing::warn!(
+            path = %path.display(),
+            "the store was left half made by an interrupted first start: making it anew"
+        );
+        std::fs::remove_dir_all(path)?;
+    }
+    Ok(())
+}
+
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<EmbeddedStore> {
@@ -151,7 +171,9 @@ impl EmbeddedStore {
         // other workers are all busy compacting it takes the request again at once, spinning a
         // core. With two workers (the default on two cores) that was half of the store's CPU
         // time during a long write; with three others to take the request it rarely happens.
-        let db = SingleWriterTxDatabase::builder(dir.join("walsync.fjall"))
+        let engine_dir = dir.join("walsync.fjall");
+        discard_unfinished_creation(&engine_dir)?;
+        let db = SingleWriterTxDatabase::builder(engine_dir)
             .worker_threads(4)
             .open()
             .map_err(engine)?;
