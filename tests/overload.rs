@@ -16,11 +16,26 @@ use tokio::sync::Semaphore;
 
 const BIN: &str = env!("CARGO_BIN_EXE_walsync-cli");
 
+/// The storm's size: `WALSYNC_STORM_CLIENTS` (10,000), fewer only where this process may not
+/// open that many sockets (its open-file limit, which the server inherits), saying so.
 fn storm_size() -> usize {
-    std::env::var("WALSYNC_STORM_CLIENTS")
+    let wanted = std::env::var("WALSYNC_STORM_CLIENTS")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(10_000)
+        .unwrap_or(10_000);
+    let limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3)?.parse::<usize>().ok())
+        })
+        .unwrap_or(usize::MAX);
+    let room = limit.saturating_sub(1_000);
+    if room < wanted {
+        eprintln!("a storm of {room} clients, not {wanted}: the open-file limit is {limit}");
+    }
+    wanted.min(room)
 }
 
 /// What a client got when it asked for a stream.
