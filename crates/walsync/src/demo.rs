@@ -32,6 +32,13 @@ pub(crate) struct DemoArgs {
     /// Where the sync API listens (another free port is taken when this one is busy).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
+    /// Also serve the web app built in this folder (`examples/assessment-web/dist`, after `npm
+    /// ci && npm run build` there) with a token for each interviewer, and print its URLs.
+    #[arg(long)]
+    web: Option<std::path::PathBuf>,
+    /// Where the web app is served (another free port when this one is busy).
+    #[arg(long, default_value = "127.0.0.1:5173")]
+    web_listen: String,
 }
 
 const USERS: &[&str] = &["ada", "grace", "linus"];
@@ -131,6 +138,19 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         "\ninterviewers {USERS:?} start editing through walsync's upload; each checkpoint line is what one user's client (over HTTP or gRPC) applies, each upload line what walsync answered.\n"
     );
 
+    if let Some(web) = &args.web {
+        let mut tokens = serde_json::Map::new();
+        for user in USERS {
+            tokens.insert((*user).into(), token_for(user)?.into());
+        }
+        let config = serde_json::json!({"endpoint": url, "tokens": tokens});
+        let (addr, _task) = crate::web::serve_app(web, &args.web_listen, config).await?;
+        println!("the web app, one window per interviewer (ada and grace share project 1):");
+        for user in USERS {
+            println!("  http://{addr}/?user={user}");
+        }
+        println!();
+    }
     let (events_tx, mut events) = tokio::sync::mpsc::channel::<String>(64);
     let writer = tokio::spawn(interviewers(db.url.clone(), url.clone(), events_tx.clone()));
     let mut clients = Vec::new();

@@ -13,6 +13,7 @@ mod service;
 pub mod status;
 pub mod telemetry;
 pub mod wal_guard;
+pub mod web;
 pub mod writes;
 
 pub use config::Config;
