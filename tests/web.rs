@@ -78,8 +78,21 @@ fn build_app() -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((app, dist))
 }
 
-/// Runs `sql` (one value, as text) until it equals `want` (when given), for at most 30 s.
-async fn answer(s: &seed::Setup, ask: &Value) -> Value {
+/// Runs `sql` (one value, as text) until it equals `want` (when given), for at most 30 s; or
+/// reads `metric` from walsync's `/metrics` (summed over its labels).
+async fn answer(s: &seed::Setup, url: &str, ask: &Value) -> Value {
+    if let Some(metric) = ask["metric"].as_str() {
+        let text = match reqwest::get(format!("{url}/metrics")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(e) => return json!({"error": e.to_string()}),
+        };
+        let sum: f64 = text
+            .lines()
+            .filter(|l| l.starts_with(metric) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        return json!({"ok": true, "value": sum.to_string()});
+    }
     let sql = ask["sql"].as_str().unwrap_or_default();
     let want = ask["want"].as_str();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -116,6 +129,7 @@ async fn two_interviewers_in_chromium_sync_edit_conflict_and_see_each_other() ->
         eprintln!("skipped: `node` is not installed, so the browser test cannot run");
         return Ok(());
     }
+    walsync_client::install_crypto();
     let (app, dist) = build_app()?;
     let s = seed::setup().await?;
     // u2 owns project 2; u1 may answer there but not edit the project itself.
@@ -144,6 +158,7 @@ async fn two_interviewers_in_chromium_sync_edit_conflict_and_see_each_other() ->
     let assessment: i64 = s
         .scalar("SELECT min(id) FROM assessments WHERE project_id = 2")
         .await?;
+    let url = service.url();
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("assessment-web-shots");
     let _ = std::fs::remove_dir_all(&shots);
 
@@ -170,7 +185,7 @@ async fn two_interviewers_in_chromium_sync_edit_conflict_and_see_each_other() ->
             let message: Value = serde_json::from_str(&line)
                 .with_context(|| format!("a line of the script: {line}"))?;
             if let Some(ask) = message.get("ask") {
-                let reply = answer(&s, ask).await;
+                let reply = answer(&s, &url, ask).await;
                 to_script.write_all(format!("{reply}\n").as_bytes()).await?;
             } else if let Some(step) = message.get("step") {
                 eprintln!("passed: {step} ({} ms)", message["ms"]);

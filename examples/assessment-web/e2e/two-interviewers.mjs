@@ -108,14 +108,18 @@ try {
     });
   }, { project: PROJECT, assessment: ASSESSMENT });
 
+  const sent = async () => Number((await ask({ what: 'bytes walsync sent', metric: 'walsync_sync_bytes_sent_total' })).value);
+  const before = await sent();
   for (const p of [owner, viewer]) {
     await p.page.goto(`${APP}/?user=${p.user}`);
   }
+  let initial;
   await step('both-online', { owner: owner.page, viewer: viewer.page }, async () => {
     for (const p of [owner, viewer]) {
       await until(`${p.user} online`, async () => (await status(p)) === 'online');
       await choose(p);
     }
+    initial = (await sent()) - before;
   });
 
   await step('dexie-records-migrated-once', { viewer: viewer.page }, async () => {
@@ -191,8 +195,15 @@ try {
     await choose(viewer);
     await until('the viewer shows the merged answer offline', async () =>
       (await answer(viewer, id)) === 'answer from the owner / offline answer from the viewer');
+    // Back online it resumes from what it holds: walsync sends a checkpoint, not the data again
+    // (the first download of both interviewers' data is the yardstick).
+    const resumed = await sent();
     await viewer.page.click('[data-testid=offline]');
     await until('the viewer online', async () => (await status(viewer)) === 'online');
+    await until('the viewer synced', async () => (await viewer.page.getAttribute('[data-testid=status]', 'data-synced')) === 'yes');
+    const again = (await sent()) - resumed;
+    say({ measured: 'bytes sent to resume, against both first downloads', resume: again, first: initial });
+    if (!(again * 4 < initial)) throw new Error(`resuming sent ${again} bytes; both first downloads took ${initial}`);
   });
 
   await step('removed-from-the-project', { owner: owner.page, viewer: viewer.page }, async () => {

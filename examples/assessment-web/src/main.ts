@@ -104,6 +104,7 @@ async function main() {
     const last = s.lastSyncedAt ? s.lastSyncedAt.toLocaleTimeString() : 'never';
     $('status').textContent = `${state} · ${pending} pending upload${pending === 1 ? '' : 's'} · last synced ${last}`;
     $('status').dataset.state = state;
+    $('status').dataset.synced = online && s.connected && !s.dataFlowStatus.downloading && s.hasSynced ? 'yes' : 'no';
     $('status').dataset.pending = String(pending);
   };
   db.registerListener({ statusChanged: (s) => void showStatus(s) });
