@@ -47,13 +47,29 @@ enum Answer {
     Refused { code: String, retry_after: u64 },
 }
 
+/// Transport errors (a connection reset while the machine takes thousands of connections at
+/// once) that clients retried, as a client does; counted and reported.
+static RETRIED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 async fn open(http: &reqwest::Client, url: &str, token: &str) -> anyhow::Result<Answer> {
-    let mut r = http
-        .post(format!("{url}/sync/stream"))
-        .bearer_auth(token)
-        .json(&json!({"client_id": "storm"}))
-        .send()
-        .await?;
+    let mut tries = 0;
+    let mut r = loop {
+        let sent = http
+            .post(format!("{url}/sync/stream"))
+            .bearer_auth(token)
+            .json(&json!({"client_id": "storm"}))
+            .send()
+            .await;
+        match sent {
+            Ok(r) => break r,
+            Err(e) if tries < 5 && (e.is_connect() || e.is_request()) => {
+                tries += 1;
+                RETRIED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     match r.status().as_u16() {
         200 => {
             // The first checkpoint line arrives.
@@ -154,6 +170,10 @@ async fn a_reconnect_storm_is_admitted_up_to_the_limit_and_the_rest_come_back_la
         idle_kib / 1024,
         peak_kib / 1024,
         (peak_kib.saturating_sub(idle_kib)) / admitted.len().max(1) as u64
+    );
+    eprintln!(
+        "{} requests retried after a transport error",
+        RETRIED.load(std::sync::atomic::Ordering::Relaxed)
     );
     assert_eq!(admitted.len(), limit, "admitted exactly up to the limit");
     assert_eq!(refused.len(), clients - limit);
