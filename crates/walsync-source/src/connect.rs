@@ -221,8 +221,19 @@ impl PgConfig {
     }
 
     /// An ordinary SQL connection (for the snapshot, pre-flight checks and slot management).
-    /// The connection task runs until the returned client is dropped.
+    /// The connection task runs until the returned client is dropped. The whole login, not only
+    /// the socket's connection (all that `connect_timeout` bounds in tokio-postgres), must finish
+    /// within the connect timeout: a server that takes the connection and never answers (a
+    /// half-open connection, a hung host behind a proxy) would otherwise hold the caller, and
+    /// replication with it, forever.
     pub async fn connect(&self) -> Result<Client> {
+        let timeout = self.connect_timeout();
+        tokio::time::timeout(timeout, self.connect_inner())
+            .await
+            .map_err(|_| SourceError::Timeout(timeout))?
+    }
+
+    async fn connect_inner(&self) -> Result<Client> {
         let mut pg = self.pg.clone();
         if pg.get_application_name().is_none() {
             pg.application_name("walsync");

@@ -369,3 +369,40 @@ async fn tls_only_cluster_with_verify_full() -> anyhow::Result<()> {
 fn bad_url(base: &str, ca: &std::path::Path) -> String {
     format!("{base}?sslmode=verify-full&sslrootcert={}", ca.display())
 }
+
+/// A server that takes the connection and never answers (half-open, a hung host behind a
+/// proxy): logging in gives up after the connect timeout with an error to retry, on both kinds
+/// of connection, instead of waiting forever.
+#[tokio::test]
+async fn a_server_that_never_answers_is_given_up_after_the_connect_timeout() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let held = tokio::spawn(async move {
+        let mut silent = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            silent.push(socket);
+        }
+    });
+    let pg: PgConfig =
+        format!("postgres://walsync@127.0.0.1:{port}/app?connect_timeout=1").parse()?;
+    let started = std::time::Instant::now();
+    // (Bounded here too, so that a regression fails rather than hangs.)
+    let sql = tokio::time::timeout(std::time::Duration::from_secs(30), pg.connect())
+        .await
+        .map_err(|_| anyhow::anyhow!("an ordinary connection waited 30 s for a silent server"))?;
+    assert!(
+        matches!(sql, Err(SourceError::Timeout(_))),
+        "an ordinary connection: {:?}",
+        sql.err()
+    );
+    let replication = ReplicationConnection::connect(&pg).await;
+    assert!(
+        matches!(replication, Err(SourceError::Timeout(_))),
+        "a replication connection: {:?}",
+        replication.err()
+    );
+    assert!(sql.is_err_and(|e| e.is_transient()));
+    eprintln!("both gave up in {:?}", started.elapsed());
+    held.abort();
+    Ok(())
+}
