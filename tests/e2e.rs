@@ -592,3 +592,83 @@ async fn readiness_follows_the_replication_state() -> anyhow::Result<()> {
     service.stop().await;
     Ok(())
 }
+
+/// Reads a sync response as `content_type` says until its first complete checkpoint: its lines.
+async fn lines_until_complete(
+    mut response: reqwest::Response,
+) -> anyhow::Result<Vec<walsync_protocol::Line>> {
+    use walsync_protocol::Line;
+    let bson = response.headers()["content-type"] == walsync_protocol::BSON_STREAM;
+    let mut buffer: Vec<u8> = Vec::new();
+    let mut lines = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        buffer.extend_from_slice(&chunk);
+        loop {
+            let taken = if bson {
+                if buffer.len() < 4 {
+                    break;
+                }
+                let length = u32::from_le_bytes(buffer[..4].try_into()?) as usize;
+                if buffer.len() < length {
+                    break;
+                }
+                let document: Vec<u8> = buffer.drain(..length).collect();
+                Line::from_bson(&document)?
+            } else {
+                let Some(end) = buffer.iter().position(|b| *b == b'\n') else {
+                    break;
+                };
+                let line: Vec<u8> = buffer.drain(..=end).collect();
+                serde_json::from_slice(&line)?
+            };
+            let complete = matches!(taken, Line::CheckpointComplete(_));
+            lines.push(taken);
+            if complete {
+                return Ok(lines);
+            }
+        }
+    }
+    anyhow::bail!("the stream ended before a checkpoint completed")
+}
+
+/// PowerSync's clients ask for BSON (`application/vnd.powersync.bson-stream;q=0.9,
+/// application/x-ndjson;q=0.8`): they get BSON documents carrying the same lines, value for value,
+/// as the NDJSON lines others get.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bson_streams_carry_the_same_lines_as_ndjson() -> anyhow::Result<()> {
+    let s = seed::setup().await?;
+    let service = Service::start(config(&s, ServerConfig::default())).await?;
+    let url = service.url();
+    walsync_client::install_crypto();
+    let mut client = SyncClient::new(Connector::new(&url, Transport::Http, &token("u1"))?, "c");
+    catch_up(&s, &mut client, "u1").await?;
+    let http = reqwest::Client::new();
+    let ask = |accept: &'static str| {
+        http.post(format!("{url}/sync/stream"))
+            .bearer_auth(token("u1"))
+            .header("accept", accept)
+            .json(&serde_json::json!({"client_id": "c", "raw_data": true}))
+            .send()
+    };
+    let ndjson = ask("application/x-ndjson").await?;
+    assert_eq!(ndjson.headers()["content-type"], walsync_protocol::NDJSON);
+    let bson =
+        ask("application/vnd.powersync.bson-stream;q=0.9,application/x-ndjson;q=0.8").await?;
+    assert_eq!(
+        bson.headers()["content-type"],
+        walsync_protocol::BSON_STREAM
+    );
+    let (from_json, from_bson) = (
+        lines_until_complete(ndjson).await?,
+        lines_until_complete(bson).await?,
+    );
+    assert!(
+        from_json
+            .iter()
+            .any(|l| matches!(l, walsync_protocol::Line::Data(_))),
+        "the first checkpoint carries data"
+    );
+    assert_eq!(from_bson, from_json);
+    service.stop().await;
+    Ok(())
+}

@@ -181,6 +181,53 @@ impl Line {
         out.push(b'\n');
         out
     }
+
+    /// The line as one BSON document (for `application/vnd.powersync.bson-stream`): the same
+    /// fields and values as its NDJSON line (op ids stay decimal strings, a row's data stays its
+    /// JSON text), each document prefixed by its length as BSON is, so the stream needs no
+    /// separator.
+    pub fn to_bson(&self) -> Vec<u8> {
+        bson::serialize_to_vec(self).unwrap_or_default()
+    }
+
+    /// A line from one BSON document of a BSON stream.
+    pub fn from_bson(document: &[u8]) -> Result<Line, InvalidLine> {
+        bson::deserialize_from_slice(document).map_err(|_| InvalidLine("not a sync line in BSON"))
+    }
+}
+
+/// The response encodings of the sync stream.
+pub const NDJSON: &str = "application/x-ndjson";
+pub const BSON_STREAM: &str = "application/vnd.powersync.bson-stream";
+
+/// Whether an `Accept` header prefers the BSON stream to NDJSON (PowerSync's clients send
+/// `application/vnd.powersync.bson-stream;q=0.9,application/x-ndjson;q=0.8`). Without the BSON
+/// type, or with NDJSON weighted at least as high, the answer is NDJSON.
+pub fn prefers_bson(accept: &str) -> bool {
+    let weight = |wanted: &str| {
+        accept
+            .split(',')
+            .filter_map(|range| {
+                let mut parts = range.split(';');
+                let media = parts.next()?.trim();
+                if !media.eq_ignore_ascii_case(wanted) {
+                    return None;
+                }
+                let q = parts
+                    .filter_map(|p| p.trim().strip_prefix("q="))
+                    .find_map(|q| q.trim().parse::<f32>().ok())
+                    .unwrap_or(1.0);
+                Some(q)
+            })
+            .fold(None, |best: Option<f32>, q| {
+                Some(best.map_or(q, |b| b.max(q)))
+            })
+    };
+    match (weight(BSON_STREAM), weight(NDJSON)) {
+        (Some(b), Some(n)) => b > 0.0 && b > n,
+        (Some(b), None) => b > 0.0,
+        _ => false,
+    }
 }
 
 /// Op ids travel as decimal strings in JSON (they may exceed 2^53); numbers are accepted too.
@@ -524,5 +571,95 @@ mod tests {
             ..Default::default()
         };
         assert!(SyncRequest::try_from(bad).is_err());
+    }
+}
+
+#[cfg(test)]
+mod bson_tests {
+    use super::*;
+
+    #[test]
+    fn the_accept_header_picks_bson_only_when_preferred() {
+        assert!(prefers_bson(
+            "application/vnd.powersync.bson-stream;q=0.9,application/x-ndjson;q=0.8"
+        ));
+        assert!(prefers_bson("application/vnd.powersync.bson-stream"));
+        assert!(!prefers_bson("application/x-ndjson"));
+        assert!(!prefers_bson(""));
+        assert!(!prefers_bson("*/*"));
+        assert!(!prefers_bson(
+            "application/vnd.powersync.bson-stream;q=0.5, application/x-ndjson"
+        ));
+        assert!(!prefers_bson("application/vnd.powersync.bson-stream;q=0"));
+    }
+
+    /// Every kind of line means the same in BSON as in JSON: decoded back it is the same line,
+    /// and as JSON the same document (op ids as strings, data as text, big counts and checksums).
+    #[test]
+    fn lines_in_bson_equal_their_json() {
+        let lines = [
+            Line::Checkpoint(Checkpoint {
+                last_op_id: u64::MAX >> 1,
+                write_checkpoint: Some(7),
+                buckets: vec![BucketChecksum {
+                    bucket: "user_projects[\"ü\"]".into(),
+                    checksum: u32::MAX,
+                    count: 1 << 40,
+                    priority: 3,
+                }],
+            }),
+            Line::CheckpointDiff(CheckpointDiff {
+                last_op_id: 9,
+                write_checkpoint: None,
+                updated_buckets: vec![],
+                removed_buckets: vec!["gone".into()],
+            }),
+            Line::Data(DataPage {
+                bucket: "b".into(),
+                data: vec![
+                    OpLine {
+                        op_id: 12,
+                        op: OpKind::Put,
+                        object_type: Some("t".into()),
+                        object_id: Some("1".into()),
+                        subkey: None,
+                        data: Some(r#"{"n": 12345678901234567890123, "s": "\ud83d\ude00"}"#.into()),
+                        checksum: 4_000_000_000,
+                    },
+                    OpLine {
+                        op_id: 13,
+                        op: OpKind::Remove,
+                        object_type: Some("t".into()),
+                        object_id: Some("2".into()),
+                        subkey: None,
+                        data: None,
+                        checksum: 1,
+                    },
+                ],
+                has_more: true,
+                after: 11,
+                next_after: 13,
+            }),
+            Line::CheckpointComplete(CheckpointComplete { last_op_id: 9 }),
+            Line::PartialCheckpointComplete(PartialCheckpointComplete {
+                last_op_id: 9,
+                priority: 1,
+            }),
+            Line::TokenExpiresIn(-5),
+        ];
+        for line in lines {
+            let bson = line.to_bson();
+            assert_eq!(
+                u32::from_le_bytes(bson[..4].try_into().expect("length")) as usize,
+                bson.len(),
+                "a document carries its length"
+            );
+            assert_eq!(Line::from_bson(&bson).expect("decodes"), line);
+            let as_json: serde_json::Value =
+                serde_json::from_slice(&line.to_ndjson()).expect("json");
+            let document: serde_json::Value =
+                bson::deserialize_from_slice(&bson).expect("a document");
+            assert_eq!(document, as_json, "{line:?}");
+        }
     }
 }

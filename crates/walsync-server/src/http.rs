@@ -157,6 +157,11 @@ async fn sync_stream<S: BucketStore + 'static>(
             }
         }
     };
+    // PowerSync's clients prefer BSON documents to NDJSON lines; others get NDJSON.
+    let bson = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(walsync_protocol::prefers_bson);
     let lines = server.core.open(identity, request);
     // A shutdown ends the body cleanly (the client reconnects elsewhere or later, with `after`),
     // rather than aborting it mid-chunk.
@@ -168,7 +173,11 @@ async fn sync_stream<S: BucketStore + 'static>(
         let _held = &permit;
         match item {
             Ok(line) => {
-                let bytes = Bytes::from(line.to_ndjson());
+                let bytes = Bytes::from(if bson {
+                    line.to_bson()
+                } else {
+                    line.to_ndjson()
+                });
                 open.sent(bytes.len());
                 Ok(bytes)
             }
@@ -181,15 +190,25 @@ async fn sync_stream<S: BucketStore + 'static>(
             Err(e) => Err(std::io::Error::other(e.to_string())),
         }
     });
-    ndjson(Body::from_stream(stream))
+    let body = Body::from_stream(stream);
+    if bson {
+        streamed(body, walsync_protocol::BSON_STREAM)
+    } else {
+        ndjson(body)
+    }
 }
 
 /// A streamed NDJSON answer: not cached, not buffered by proxies that honour
 /// `X-Accel-Buffering`.
 pub(crate) fn ndjson(body: Body) -> Response {
+    streamed(body, walsync_protocol::NDJSON)
+}
+
+/// A streamed answer of `content_type`, not cached, not buffered by proxies.
+fn streamed(body: Body, content_type: &'static str) -> Response {
     Response::builder()
         .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .header(header::CONTENT_TYPE, content_type)
         .header(header::CACHE_CONTROL, "no-cache")
         .header("x-accel-buffering", "no")
         .body(body)

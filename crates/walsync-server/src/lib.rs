@@ -1,7 +1,8 @@
 //! The sync API: one port for the PowerSync-compatible HTTP stream, gRPC and grpc-web, all
 //! behind one [`walsync_sync::SyncCore`].
 //!
-//! - `POST /sync/stream`: NDJSON lines (`application/x-ndjson`, `X-Accel-Buffering: no`);
+//! - `POST /sync/stream`: NDJSON lines (`application/x-ndjson`, `X-Accel-Buffering: no`), or
+//!   BSON documents (`application/vnd.powersync.bson-stream`) when the `Accept` header prefers them;
 //! - `GET /write-checkpoint2.json?client_id=`: `{"data":{"write_checkpoint":"N"}}`;
 //! - `POST /write`: the client's CRUD transactions, applied by [`walsync_write::Uploads`] when
 //!   the application gave it (404 `not_found` otherwise); `walsync.v1.Sync/Upload` the same
