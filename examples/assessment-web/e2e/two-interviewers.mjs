@@ -120,6 +120,12 @@ try {
       await choose(p);
     }
     initial = (await sent()) - before;
+    // The project's assessments head their responses.
+    const groups = await ask({ what: 'assessments with responses', sql: `SELECT count(DISTINCT assessment_id)::text FROM assessment_responses WHERE project_id = ${PROJECT}` });
+    for (const p of [owner, viewer]) {
+      await until(`${p.user} shows the project's assessments`, async () =>
+        String(await p.page.locator('tr.assessment').count()) === groups.value);
+    }
   });
 
   await step('dexie-records-migrated-once', { viewer: viewer.page }, async () => {

@@ -150,17 +150,42 @@ function showProject(db: AbstractPowerSyncDatabase, projectId: string): () => vo
     }),
   );
 
+  // The project's assessments, each with its responses under it.
   const body = $('responses').querySelector('tbody')!;
   body.replaceChildren();
   const inputs = new Map<string, HTMLInputElement>();
+  const headers = new Map<string, HTMLTableRowElement>();
+  type Row = {
+    id: string; question_id: string; question_text: string | null; answer: string | null;
+    assessment_id: string | null; phase: string | null; tier: string | null;
+  };
   stops.push(
     watch(
       db,
-      'SELECT id, question_id, question_text, answer FROM assessment_responses WHERE project_id = ? ORDER BY CAST(id AS INTEGER)',
+      `SELECT r.id, r.question_id, r.question_text, r.answer, r.assessment_id, a.phase, a.tier
+         FROM assessment_responses r LEFT JOIN assessments a ON a.id = r.assessment_id
+        WHERE r.project_id = ? ORDER BY CAST(r.assessment_id AS INTEGER), CAST(r.id AS INTEGER)`,
       [projectId],
-      (rows: { id: string; question_id: string; question_text: string | null; answer: string | null }[]) => {
+      (rows: Row[]) => {
+        const order: HTMLTableRowElement[] = [];
         const seen = new Set<string>();
+        const seenHeaders = new Set<string>();
         for (const r of rows) {
+          const group = r.assessment_id ?? '';
+          if (!seenHeaders.has(group)) {
+            seenHeaders.add(group);
+            let header = headers.get(group);
+            if (!header) {
+              header = document.createElement('tr');
+              header.className = 'assessment';
+              header.dataset.testid = `assessment-${group}`;
+              headers.set(group, header);
+            }
+            header.innerHTML = '<th colspan="3"></th>';
+            header.querySelector('th')!.textContent =
+              `Assessment ${group}` + [r.phase, r.tier].filter(Boolean).map((t) => ` · ${t}`).join('');
+            order.push(header);
+          }
           seen.add(r.id);
           let input = inputs.get(r.id);
           if (!input) {
@@ -183,9 +208,9 @@ function showProject(db: AbstractPowerSyncDatabase, projectId: string): () => vo
             who.className = 'who';
             who.dataset.testid = `here-${r.id}`;
             tr.append(q, a, who);
-            body.append(tr);
             inputs.set(r.id, field);
           }
+          order.push(input.closest('tr')!);
           if (document.activeElement !== input) input.value = r.answer ?? '';
         }
         for (const [id, input] of inputs) {
@@ -194,6 +219,16 @@ function showProject(db: AbstractPowerSyncDatabase, projectId: string): () => vo
             inputs.delete(id);
           }
         }
+        for (const [group, header] of headers) {
+          if (!seenHeaders.has(group)) {
+            header.remove();
+            headers.delete(group);
+          }
+        }
+        // Rows move only when the order changed (an assessment moved, a response came or
+        // went), so that the field being typed in keeps its focus otherwise.
+        const same = order.length === body.children.length && order.every((tr, i) => body.children[i] === tr);
+        if (!same) body.replaceChildren(...order);
         presence.render();
       },
     ),
@@ -204,19 +239,24 @@ function showProject(db: AbstractPowerSyncDatabase, projectId: string): () => vo
   stops.push(
     watch(
       db,
-      `SELECT c.id, c.row_id, c.user_id, c.client_value, c.server_value, r.answer
+      `SELECT c.id, c.row_id, c.user_id, c.client_value, c.server_value, r.answer,
+              coalesce(r.question_text, r.question_id) AS question
          FROM write_conflicts c LEFT JOIN assessment_responses r ON r.id = c.row_id
         WHERE c.scope = ? AND c.resolution IS NULL AND c.table_name = 'assessment_responses' ORDER BY c.created_at`,
       [projectId],
-      (rows: { id: string; row_id: string; user_id: string; client_value: string; server_value: string; answer: string }[]) => {
+      (rows: {
+        id: string; row_id: string; user_id: string; client_value: string; server_value: string;
+        answer: string; question: string | null;
+      }[]) => {
         $('conflicts').replaceChildren(
           ...rows.map((c) => {
             const li = document.createElement('li');
             li.className = 'conflict';
             li.dataset.testid = `conflict-${c.row_id}`;
             const mine = c.user_id === user ? 'your version' : `${c.user_id}'s version`;
-            li.innerHTML = `<div>Answer ${c.row_id}</div><div><b>${mine}:</b> <span class="client"></span></div>
+            li.innerHTML = `<div class="question"></div><div><b>${mine}:</b> <span class="client"></span></div>
               <div><b>server version:</b> <span class="server"></span></div>`;
+            li.querySelector('.question')!.textContent = `Answer to ${c.question ?? c.row_id}`;
             li.querySelector('.client')!.textContent = c.client_value;
             li.querySelector('.server')!.textContent = c.answer ?? c.server_value;
             const resolve = (value: string, how: string) =>
