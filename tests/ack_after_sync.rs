@@ -48,12 +48,8 @@ impl StoreRead for GatedStore {
     ) -> walsync_storage::Result<Vec<Op>> {
         self.inner.ops(b, after, up_to, limit)
     }
-    fn lookup(
-        &self,
-        k: &LookupKey,
-        at: u64,
-    ) -> walsync_storage::Result<Vec<Vec<serde_json::Value>>> {
-        self.inner.lookup(k, at)
+    fn lookup_texts(&self, k: &LookupKey, at: u64) -> walsync_storage::Result<Vec<String>> {
+        self.inner.lookup_texts(k, at)
     }
     fn changes(&self, after: u64, up_to: u64) -> walsync_storage::Result<Changes> {
         self.inner.changes(after, up_to)

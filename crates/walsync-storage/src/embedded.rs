@@ -354,8 +354,8 @@ impl StoreRead for EmbeddedStore {
         self.snapshot()?.ops(bucket, after, up_to, limit)
     }
 
-    fn lookup(&self, key: &LookupKey, at: u64) -> Result<Vec<Vec<serde_json::Value>>> {
-        self.snapshot()?.lookup(key, at)
+    fn lookup_texts(&self, key: &LookupKey, at: u64) -> Result<Vec<String>> {
+        self.snapshot()?.lookup_texts(key, at)
     }
 
     fn changes(&self, after: u64, up_to: u64) -> Result<Changes> {

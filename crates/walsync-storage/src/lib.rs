@@ -86,8 +86,24 @@ pub trait StoreRead {
     /// Ops of `bucket` with `after < op_id <= up_to`, in order, at most `limit`.
     fn ops(&self, bucket: &str, after: u64, up_to: u64, limit: usize) -> Result<Vec<Op>>;
 
-    /// The parameter sets the lookup names as of checkpoint `at`.
-    fn lookup(&self, key: &LookupKey, at: u64) -> Result<Vec<Vec<serde_json::Value>>>;
+    /// The parameter sets the lookup names as of checkpoint `at`, each as the JSON text of its
+    /// array (the text a bucket id carries after its definition's name), sorted and without
+    /// repeats. A user's checkpoint builds tens of thousands of bucket ids from these; the text
+    /// spares decoding each set only to encode it again.
+    fn lookup_texts(&self, key: &LookupKey, at: u64) -> Result<Vec<String>>;
+
+    /// [`StoreRead::lookup_texts`], decoded.
+    fn lookup(&self, key: &LookupKey, at: u64) -> Result<Vec<Vec<serde_json::Value>>> {
+        self.lookup_texts(key, at)?
+            .iter()
+            .map(|t| {
+                serde_json::from_str(t).map_err(|e| StorageError::Corrupt {
+                    what: "lookup",
+                    detail: e.to_string(),
+                })
+            })
+            .collect()
+    }
 
     /// Buckets and lookups changed by commits with `after < op_id <= up_to`.
     fn changes(&self, after: u64, up_to: u64) -> Result<Changes>;

@@ -4,7 +4,7 @@
 
 use walsync_rules::{RequestContext, SyncRules};
 use walsync_storage::{Result, StoreRead};
-use walsync_types::{LookupKey, bucket_id};
+use walsync_types::{LookupKey, bucket_id_of_text};
 
 /// The request's buckets at checkpoint `at` (sorted, without repeats), and the lookup keys they
 /// were found under (a change to one of those can change the bucket set).
@@ -16,8 +16,8 @@ pub fn request_buckets<S: StoreRead + ?Sized>(
 ) -> Result<(Vec<String>, Vec<LookupKey>)> {
     let (mut buckets, lookups) = rules.resolve_request(request);
     for key in &lookups {
-        for params in store.lookup(key, at)? {
-            buckets.push(bucket_id(&key.definition, &params));
+        for params in store.lookup_texts(key, at)? {
+            buckets.push(bucket_id_of_text(&key.definition, &params));
         }
     }
     buckets.sort();

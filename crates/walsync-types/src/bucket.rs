@@ -36,6 +36,40 @@ pub struct RowOutput {
 }
 
 /// A bucket id: `<definition>[<JSON array of parameter values>]`.
+/// The bucket id of a parameter set given as the JSON text of its array (as the store keeps
+/// it, written by serde_json from the set): the same as [`bucket_id`] of the decoded set.
+pub fn bucket_id_of_text(definition: &str, parameters: &str) -> String {
+    let mut id = String::with_capacity(definition.len() + parameters.len());
+    id.push_str(definition);
+    id.push_str(parameters);
+    id
+}
+
+#[cfg(test)]
+mod bucket_id_tests {
+    /// The text the store keeps (serde_json's encoding of the set) gives the same bucket id as
+    /// the decoded set, for the values parameters take.
+    #[test]
+    fn a_set_and_its_stored_text_name_the_same_bucket() {
+        let sets = [
+            serde_json::json!([]),
+            serde_json::json!([1, -7, 12345678901234_i64]),
+            serde_json::json!(["u1", "ü\"\\/\n\u{0001}😀", null, true]),
+            serde_json::json!([1.5, 1e-7, 0.1]),
+            serde_json::json!([{"b": 1, "a": [2]}]),
+        ];
+        for set in sets {
+            let values = set.as_array().expect("array").clone();
+            let text = serde_json::to_string(&values).expect("text");
+            assert_eq!(
+                super::bucket_id_of_text("def", &text),
+                super::bucket_id("def", &values),
+                "{text}"
+            );
+        }
+    }
+}
+
 pub fn bucket_id(definition: &str, parameters: &[serde_json::Value]) -> String {
     format!(
         "{definition}{}",

@@ -1,14 +1,12 @@
 //! Reads on a consistent snapshot.
 
-use std::collections::HashMap;
-
 use fjall::{Readable, SingleWriterTxKeyspace};
 use walsync_types::{LookupKey, RowId};
 
 use super::Spaces;
 use super::chunk::{OpValue, chunk_ops, get_chunk, op_from};
 use super::keys::{lookup_key, op_id_of, op_key};
-use super::record::{decode, engine};
+use super::record::{corrupt, decode, engine};
 use super::row::{RowRecord, names_in};
 use crate::model::{BucketState, Changes, Op, StoreCheckpoint, StoredRow};
 use crate::{Result, StoreRead};
@@ -122,26 +120,40 @@ impl StoreRead for EmbeddedSnapshot {
         Ok(out)
     }
 
-    fn lookup(&self, key: &LookupKey, at: u64) -> Result<Vec<Vec<serde_json::Value>>> {
+    fn lookup_texts(&self, key: &LookupKey, at: u64) -> Result<Vec<String>> {
         let snap = &self.snap;
         let k = key.encode();
         let prefix_len = k.len() + 1 + 8;
         // Each row's latest entry as stored (JSON text, `null` once the row left): entries come
-        // in op id order, so a later one replaces an earlier. Only the winners are decoded.
-        let mut by_row: HashMap<Vec<u8>, fjall::Slice> = HashMap::new();
+        // in op id order, so of a row's entries the last one counts. A stable sort by row keeps
+        // that order within a row, with no key copied.
+        let mut entries: Vec<(fjall::Slice, fjall::Slice)> = Vec::new();
         for g in snap.range(
             &self.s.lookups,
             lookup_key(&k, 0, "")..lookup_key(&k, at.saturating_add(1), ""),
         ) {
-            let (key, v) = g.into_inner().map_err(engine)?;
-            by_row.insert(key[prefix_len.min(key.len())..].to_vec(), v);
+            entries.push(g.into_inner().map_err(engine)?);
+        }
+        fn row_of(key: &[u8], prefix_len: usize) -> &[u8] {
+            &key[prefix_len.min(key.len())..]
+        }
+        entries.sort_by(|a, b| row_of(&a.0, prefix_len).cmp(row_of(&b.0, prefix_len)));
+        let mut texts: Vec<&[u8]> = Vec::with_capacity(entries.len());
+        for (i, (key, value)) in entries.iter().enumerate() {
+            let last_of_row = entries
+                .get(i + 1)
+                .is_none_or(|(next, _)| row_of(next, prefix_len) != row_of(key, prefix_len));
+            if last_of_row && &value[..] != b"null" {
+                texts.push(&value[..]);
+            }
         }
         // Sorted and deduplicated by their text, which is the parameter set's JSON.
-        let mut texts: Vec<fjall::Slice> =
-            by_row.into_values().filter(|v| &v[..] != b"null").collect();
-        texts.sort_unstable_by(|a, b| a[..].cmp(&b[..]));
-        texts.dedup_by(|a, b| a[..] == b[..]);
-        texts.iter().map(|v| decode("lookup", v)).collect()
+        texts.sort_unstable();
+        texts.dedup();
+        texts
+            .into_iter()
+            .map(|v| String::from_utf8(v.to_vec()).map_err(|_| corrupt("lookup", "not utf-8 text")))
+            .collect()
     }
 
     fn changes(&self, after: u64, up_to: u64) -> Result<Changes> {
