@@ -15,9 +15,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::process::{free_port, serve, token, wait_ready};
-use support::{converge, seed};
+use support::{converge, seed, service};
 use walsync_client::{Connector, SyncClient, Transport};
-use walsync_storage::{EmbeddedStore, StoreRead};
 
 const BIN: &str = env!("CARGO_BIN_EXE_walsync-cli");
 
@@ -122,52 +121,22 @@ async fn serve_killed_at_random_moments_loses_nothing_and_repeats_nothing() -> a
         } else {
             100 + next(1400)
         };
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let followers: Vec<_> = clients
-            .drain(..)
-            .map(|(user, c)| {
-                let stop = stop_rx.clone();
-                tokio::spawn(async move {
-                    // Until the server answers, keep trying to connect.
-                    let (c, failure) = converge::follow(c, stop, Some(converge::APPLICATION)).await;
-                    (user, c, failure)
-                })
-            })
-            .collect();
+        // Until the server answers, the clients keep trying to connect.
+        let followers = converge::Followers::start(clients, Some(converge::APPLICATION));
         tokio::time::sleep(Duration::from_millis(wait)).await;
         if server.0.try_wait()?.is_none() {
             server.0.kill()?;
             killed += 1;
         }
         server.0.wait()?;
-        stop_tx.send(true)?;
-        for f in followers {
-            let (user, c, failure) = f.await?;
-            if let Some(failure) = failure {
-                anyhow::bail!("{user}'s client after life {life}: {failure}");
-            }
-            clients.push((user, c));
-        }
+        clients = followers
+            .end()
+            .await
+            .map_err(|e| anyhow::anyhow!("after life {life}: {e}"))?;
         // The ack rule across the kill: the slot never passed what the store made durable.
-        // (During a rebuild the store holds no position of the new slot yet, and a slot may
-        // not exist at all.)
-        let store = EmbeddedStore::open(&data)?;
-        let slot = s
-            .sql
-            .query_opt(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                &[&s.slot],
-            )
-            .await?;
-        if let (Some(durable), Some(slot)) = (store.checkpoint()?.lsn, slot) {
-            let confirmed: Option<String> = slot.get(0);
-            let confirmed: walsync_types::Lsn = confirmed.unwrap_or_default().parse()?;
-            anyhow::ensure!(
-                confirmed <= durable,
-                "life {life}: the slot confirmed {confirmed} past the store's durable {durable}"
-            );
-        }
-        drop(store);
+        service::ack_rule_held(&s, &data)
+            .await
+            .map_err(|e| anyhow::anyhow!("life {life}: {e}"))?;
         // Now and then the slot is lost while walsync is down: the next lives rebuild (a new
         // slot, the tables copied anew into what the store holds) and are killed meanwhile.
         if life % 7 == 4 {

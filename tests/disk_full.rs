@@ -16,7 +16,6 @@ use support::{converge, seed, service};
 use walsync::Service;
 use walsync_client::{Connector, SyncClient, Transport};
 use walsync_server::ServerConfig;
-use walsync_storage::{EmbeddedStore, StoreRead};
 
 const BIN: &str = env!("CARGO_BIN_EXE_walsync-cli");
 
@@ -134,30 +133,9 @@ async fn a_full_disk_stops_replication_clearly_and_loses_nothing() -> anyhow::Re
     seed::workload(&s.sql, 999, 30).await?;
     converge::converged(&s, &mut clients, Duration::from_secs(60)).await?;
     service.stop().await;
-    ack_rule_held(&s, &disk.path.join("store")).await
+    service::ack_rule_held(&s, &disk.path.join("store")).await
 }
 
-/// The slot never confirmed more than the store in `data` made durable.
-async fn ack_rule_held(s: &seed::Setup, data: &Path) -> anyhow::Result<()> {
-    let store = EmbeddedStore::open(data)?;
-    let durable = store.checkpoint()?.lsn.unwrap_or_default();
-    let confirmed: String = s
-        .scalar(&format!(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = '{}'",
-            s.slot
-        ))
-        .await?;
-    let confirmed: walsync_types::Lsn = confirmed.parse()?;
-    assert!(
-        confirmed <= durable,
-        "the slot confirmed {confirmed} past the store's durable {durable}"
-    );
-    Ok(())
-}
-
-/// With the reserve turned off, a write meets the full disk itself: the engine refuses every
-/// write after it, so `walsync serve` exits with an error that says what to do (a supervisor
-/// restarts it); started again once space is freed, it loses nothing and repeats nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_that_meets_a_full_disk_stops_the_process_and_a_restart_loses_nothing()
 -> anyhow::Result<()> {
@@ -213,7 +191,7 @@ async fn a_write_that_meets_a_full_disk_stops_the_process_and_a_restart_loses_no
     );
 
     std::fs::remove_file(&filler)?;
-    ack_rule_held(&s, &data).await?;
+    service::ack_rule_held(&s, &data).await?;
     let _server = serve(BIN, &s, &data, port, &log, &no_reserve)?;
     wait_ready(port).await?;
     seed::workload(&s.sql, 4242, 30).await?;

@@ -191,15 +191,7 @@ async fn clients_behind_a_bad_network_converge_and_others_keep_up() -> anyhow::R
     // The clients behind the proxy vanish: the server sees their connections end and lets
     // their streams go.
     let far_clients = far.end().await?;
-    let streams = || async {
-        let text = reqwest::get(format!("{url}/metrics")).await?.text().await?;
-        let n = text
-            .lines()
-            .find_map(|l| l.strip_prefix("walsync_sync_connections "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(-1.0);
-        anyhow::Ok(n)
-    };
+    let streams = || service::metric(&url, "walsync_sync_connections");
     // The near clients' four streams are open; the far clients open theirs.
     let far = Followers::start(far_clients, Some(TEAMS));
     until("the far clients stream again", service::WAIT, async || {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::process::{free_port, rss_kib, serve, token, wait_ready};
-use support::seed;
+use support::{seed, service};
 use tokio::sync::Semaphore;
 
 const BIN: &str = env!("CARGO_BIN_EXE_walsync-cli");
@@ -99,15 +99,6 @@ async fn open(http: &reqwest::Client, url: &str, token: &str) -> anyhow::Result<
     }
 }
 
-async fn streams_open(url: &str) -> anyhow::Result<f64> {
-    let text = reqwest::get(format!("{url}/metrics")).await?.text().await?;
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix("walsync_sync_connections "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(-1.0))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_storm_is_admitted_up_to_the_limit_and_the_rest_come_back_later()
 -> anyhow::Result<()> {
@@ -187,7 +178,7 @@ async fn a_reconnect_storm_is_admitted_up_to_the_limit_and_the_rest_come_back_la
     // The first wave leaves; the server lets every stream go by itself.
     drop(admitted);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while streams_open(&url).await? != 0.0 {
+    while service::metric(&url, "walsync_sync_connections").await? != 0.0 {
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
             "streams stayed open after their clients left"

@@ -3,6 +3,7 @@
 //! the initial sync, after live changes, after a membership removal and after a reconnect.
 //! Skipped, with a message, only where `node` is absent.
 
+use support::process::node_available;
 use support::seed;
 
 use support::service;
@@ -50,14 +51,6 @@ const COLUMNS: &[(&str, &[&str])] = &[
         &["client_id", "tx_key", "code", "message", "op_id"],
     ),
 ];
-
-fn node_available() -> bool {
-    std::process::Command::new("node")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
 
 /// Installs the pinned client into a scratch folder under the target directory (once per
 /// binary: the tests of this file run in parallel and must not run npm into one folder twice).

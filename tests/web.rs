@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::{Value, json};
+use support::process::node_available;
 use support::{seed, service};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use walsync::Service;
@@ -25,13 +26,6 @@ fn chromium() -> Option<PathBuf> {
         .into_iter()
         .map(PathBuf::from)
         .find(|p| p.exists())
-}
-
-fn node_available() -> bool {
-    std::process::Command::new("node")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 fn run(dir: &Path, program: &str, args: &[&str]) -> anyhow::Result<()> {
@@ -82,16 +76,10 @@ fn build_app() -> anyhow::Result<(PathBuf, PathBuf)> {
 /// reads `metric` from walsync's `/metrics` (summed over its labels).
 async fn answer(s: &seed::Setup, url: &str, ask: &Value) -> Value {
     if let Some(metric) = ask["metric"].as_str() {
-        let text = match reqwest::get(format!("{url}/metrics")).await {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(e) => return json!({"error": e.to_string()}),
+        return match service::metric(url, metric).await {
+            Ok(sum) => json!({"ok": true, "value": sum.to_string()}),
+            Err(e) => json!({"error": e.to_string()}),
         };
-        let sum: f64 = text
-            .lines()
-            .filter(|l| l.starts_with(metric) && !l.starts_with('#'))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
-        return json!({"ok": true, "value": sum.to_string()});
     }
     let sql = ask["sql"].as_str().unwrap_or_default();
     let want = ask["want"].as_str();

@@ -90,3 +90,42 @@ pub async fn until_ready_is(url: &str, want: u16, wait: Duration) -> anyhow::Res
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The sum of metric `name`'s samples (over all its labels) at the server at `url`.
+pub async fn metric(url: &str, name: &str) -> anyhow::Result<f64> {
+    let text = reqwest::get(format!("{url}/metrics")).await?.text().await?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// The ack rule, read after the fact: the slot never confirmed more than the store in `data`
+/// made durable. (Nothing to compare while the slot is gone or the store holds no position of
+/// it yet, as during a rebuild.)
+pub async fn ack_rule_held(s: &seed::Setup, data: &std::path::Path) -> anyhow::Result<()> {
+    use walsync_storage::StoreRead;
+    let store = walsync_storage::EmbeddedStore::open(data)?;
+    let slot = s
+        .sql
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&s.slot],
+        )
+        .await?;
+    if let (Some(durable), Some(slot)) = (store.checkpoint()?.lsn, slot) {
+        let confirmed: walsync_types::Lsn = slot
+            .get::<_, Option<String>>(0)
+            .unwrap_or_default()
+            .parse()?;
+        anyhow::ensure!(
+            confirmed <= durable,
+            "the slot confirmed {confirmed} past the store's durable {durable}"
+        );
+    }
+    Ok(())
+}

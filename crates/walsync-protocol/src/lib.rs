@@ -219,9 +219,7 @@ pub fn prefers_bson(accept: &str) -> bool {
                     .unwrap_or(1.0);
                 Some(q)
             })
-            .fold(None, |best: Option<f32>, q| {
-                Some(best.map_or(q, |b| b.max(q)))
-            })
+            .reduce(f32::max)
     };
     match (weight(BSON_STREAM), weight(NDJSON)) {
         (Some(b), Some(n)) => b > 0.0 && b > n,

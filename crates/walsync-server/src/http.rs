@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use walsync_protocol::{
-    ErrorBody, ErrorDetail, SyncRequest, WriteCheckpointData, WriteCheckpointResponse,
+    ErrorBody, ErrorDetail, Line, SyncRequest, WriteCheckpointData, WriteCheckpointResponse,
 };
 use walsync_storage::BucketStore;
 use walsync_sync::{Identity, SyncError};
@@ -158,10 +158,15 @@ async fn sync_stream<S: BucketStore + 'static>(
         }
     };
     // PowerSync's clients prefer BSON documents to NDJSON lines; others get NDJSON.
-    let bson = headers
+    let (encode, content_type): (fn(&Line) -> Vec<u8>, _) = if headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(walsync_protocol::prefers_bson);
+        .is_some_and(walsync_protocol::prefers_bson)
+    {
+        (Line::to_bson, walsync_protocol::BSON_STREAM)
+    } else {
+        (Line::to_ndjson, walsync_protocol::NDJSON)
+    };
     let lines = server.core.open(identity, request);
     // A shutdown ends the body cleanly (the client reconnects elsewhere or later, with `after`),
     // rather than aborting it mid-chunk.
@@ -173,11 +178,7 @@ async fn sync_stream<S: BucketStore + 'static>(
         let _held = &permit;
         match item {
             Ok(line) => {
-                let bytes = Bytes::from(if bson {
-                    line.to_bson()
-                } else {
-                    line.to_ndjson()
-                });
+                let bytes = Bytes::from(encode(&line));
                 open.sent(bytes.len());
                 Ok(bytes)
             }
@@ -190,12 +191,7 @@ async fn sync_stream<S: BucketStore + 'static>(
             Err(e) => Err(std::io::Error::other(e.to_string())),
         }
     });
-    let body = Body::from_stream(stream);
-    if bson {
-        streamed(body, walsync_protocol::BSON_STREAM)
-    } else {
-        ndjson(body)
-    }
+    streamed(Body::from_stream(stream), content_type)
 }
 
 /// A streamed NDJSON answer: not cached, not buffered by proxies that honour

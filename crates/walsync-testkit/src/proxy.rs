@@ -94,10 +94,6 @@ impl FaultProxy {
         self.fault.send_replace(fault);
     }
 
-    pub fn fault(&self) -> Fault {
-        *self.fault.borrow()
-    }
-
     /// Resets every open connection; new ones are forwarded as before.
     pub fn cut(&self) {
         self.cuts.send_modify(|n| *n += 1);
