@@ -213,6 +213,27 @@ async fn rules_check_names_every_problem_and_serve_refuses_them() -> anyhow::Res
     let (ok, printed) = check(seed_rules, &["--postgres", &s.url])?;
     assert!(ok && printed.contains("fit the database"), "{printed}");
 
+    // The same app as Sync Streams fits too; a stream's problem names the stream and its own
+    // query, not what it compiles into.
+    let streams = std::path::Path::new(seed::RULES_PATH).with_file_name("sync_streams.yaml");
+    let (ok, printed) = check(&streams, &["--postgres", &s.url])?;
+    assert!(
+        ok && printed.contains("3 streams compile and fit the database"),
+        "{printed}"
+    );
+    let bad_stream = s.dir.path().join("bad_streams.yaml");
+    std::fs::write(
+        &bad_stream,
+        "streams:\n  s:\n    query: SELECT id, Titel FROM projects WHERE id IN (SELECT project_id FROM project_members WHERE user_id = auth.user_id())\n",
+    )?;
+    let (ok, printed) = check(&bad_stream, &["--postgres", &s.url])?;
+    assert!(!ok, "{printed}");
+    assert!(
+        printed.starts_with("stream \"s\", query 1 `SELECT id, Titel FROM projects WHERE")
+            && printed.contains("titel"),
+        "{printed}"
+    );
+
     // A publication without the rules' tables: each query over a missing table says so.
     s.sql
         .batch_execute("CREATE PUBLICATION partial FOR TABLE projects")

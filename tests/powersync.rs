@@ -467,3 +467,137 @@ async fn two_clients_editing_one_answer_leave_a_manual_conflict() -> anyhow::Res
     service.stop().await;
     Ok(())
 }
+
+/// Sync Streams over the seed's tables: the user's projects by default, and one project's
+/// responses per subscription, checked by membership.
+const STREAM_PROJECTS: &str = "SELECT * FROM projects WHERE id IN (SELECT project_id FROM project_members WHERE user_id = auth.user_id())";
+const STREAM_RESPONSES: &str = "SELECT * FROM assessment_responses WHERE project_id = subscription.parameter('project') AND project_id IN (SELECT project_id FROM project_members WHERE user_id = auth.user_id())";
+
+/// What PostgreSQL returns for the streams as `user` subscribed to `projects`, in the
+/// client's column form: the stream queries themselves, with the request's values put in.
+async fn stream_tables(s: &seed::Setup, user: &str, projects: &[i64]) -> anyhow::Result<Tables> {
+    let mut out: Tables = COLUMNS
+        .iter()
+        .map(|(t, _)| ((*t).to_owned(), BTreeMap::new()))
+        .collect();
+    let as_user = |q: &str| q.replace("auth.user_id()", &format!("'{user}'"));
+    let mut queries = vec![("projects", as_user(STREAM_PROJECTS))];
+    for p in projects {
+        queries.push((
+            "assessment_responses",
+            as_user(STREAM_RESPONSES).replace("subscription.parameter('project')", &p.to_string()),
+        ));
+    }
+    for (table, query) in queries {
+        let cols = COLUMNS
+            .iter()
+            .find(|(t, _)| *t == table)
+            .map(|(_, c)| *c)
+            .unwrap_or(&[]);
+        let select: Vec<String> = cols.iter().map(|c| format!("q.{c}::text")).collect();
+        let rows = s
+            .sql
+            .query(
+                &format!("SELECT q.id::text, {} FROM ({query}) q", select.join(", ")),
+                &[],
+            )
+            .await?;
+        for r in rows {
+            let values = cols
+                .iter()
+                .enumerate()
+                .map(|(i, c)| ((*c).to_owned(), r.get::<_, Option<String>>(i + 1)))
+                .collect();
+            out.entry(table.to_owned())
+                .or_default()
+                .insert(r.get(0), values);
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_powersync_node_client_subscribes_to_streams_with_parameters() -> anyhow::Result<()> {
+    if !node_available() {
+        eprintln!("skipped: `node` is not installed, so the PowerSync client test cannot run");
+        return Ok(());
+    }
+    let dir = install_client()?;
+    let s = seed::setup().await?;
+    let rules = s.dir.path().join("streams.yaml");
+    std::fs::write(
+        &rules,
+        format!(
+            "config:\n  edition: 3\nstreams:\n  my_projects:\n    auto_subscribe: true\n    query: {STREAM_PROJECTS}\n  project_responses:\n    query: {STREAM_RESPONSES}\n"
+        ),
+    )?;
+    let mut config = service::config(&s, ServerConfig::default());
+    config.rules = rules;
+    let service = Service::start(config).await?;
+    let db = s.dir.path().join("powersync-streams-u1.db");
+    let mut client = NodeClient::start(&dir, &service.url(), &service::token("u1"), &db).await?;
+
+    // Only the default stream until the app subscribes.
+    client
+        .until(&stream_tables(&s, "u1", &[]).await?, "the default stream")
+        .await?;
+    let members: Vec<i64> = s
+        .sql
+        .query(
+            "SELECT project_id FROM project_members WHERE user_id = 'u1' ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let stranger: i64 = s
+        .scalar("SELECT min(id) FROM projects WHERE id NOT IN (SELECT project_id FROM project_members WHERE user_id = 'u1')")
+        .await?;
+    let (a, b) = (members[0], members[1]);
+    let subscribe = |p: i64| {
+        format!(
+            "subscribe {}",
+            serde_json::json!({"stream": "project_responses", "params": {"project": p}, "ttl": 1})
+        )
+    };
+    client.send(&subscribe(a)).await?;
+    let want = stream_tables(&s, "u1", &[a]).await?;
+    assert!(!want["assessment_responses"].is_empty());
+    client.until(&want, "one subscription").await?;
+
+    // A second subscription with other parameters, and one for a project u1 is not in.
+    client.send(&subscribe(b)).await?;
+    client.send(&subscribe(stranger)).await?;
+    client
+        .until(
+            &stream_tables(&s, "u1", &[a, b]).await?,
+            "two subscriptions",
+        )
+        .await?;
+
+    // Live: a response of project a changes, u1 leaves project b.
+    s.sql
+        .batch_execute(&format!(
+            "UPDATE assessment_responses SET answer = 'streamed' WHERE project_id = {a};
+             DELETE FROM project_members WHERE project_id = {b} AND user_id = 'u1';"
+        ))
+        .await?;
+    client
+        .until(&stream_tables(&s, "u1", &[a]).await?, "live changes")
+        .await?;
+
+    // Unsubscribed (a ttl of one second): project a's responses leave the client.
+    client
+        .send(&format!(
+            "unsubscribe {}",
+            serde_json::json!({"stream": "project_responses", "params": {"project": a}})
+        ))
+        .await?;
+    client
+        .until(&stream_tables(&s, "u1", &[]).await?, "after unsubscribing")
+        .await?;
+    client.send("exit").await?;
+    let _ = client.child.wait().await;
+    Ok(())
+}

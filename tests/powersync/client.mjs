@@ -2,7 +2,8 @@
 // Usage: node client.mjs <endpoint> <token> <database file>
 // Prints one JSON line {"state": {...}} whenever the synced tables change; reads commands on
 // stdin: "disconnect", "connect", "reconnect", "exec {sql, params}" (a local write, uploaded by
-// uploadData), "internals" and "exit".
+// uploadData), "subscribe {stream, params, priority, ttl}" and "unsubscribe {stream, params}"
+// (Sync Streams), "streams" (the SDK's view of them), "internals" and "exit".
 import { PowerSyncDatabase, Schema, Table, column } from '@powersync/node';
 import * as path from 'node:path';
 import * as readline from 'node:readline';
@@ -97,6 +98,7 @@ db.registerListener({
 });
 await db.connect(connector);
 
+const subscriptions = new Map();
 let last = '';
 let stopping = false;
 const rl = readline.createInterface({ input: process.stdin });
@@ -112,6 +114,30 @@ rl.on('line', async (line) => {
       await db.disconnect();
       await db.connect(connector);
       say({ reconnected: true });
+    } else if (line.startsWith('subscribe ')) {
+      // A Sync Streams subscription: {stream, params, priority, ttl}; kept until unsubscribed.
+      const { stream, params, priority, ttl } = JSON.parse(line.slice(10));
+      const sub = await db.syncStream(stream, params ?? undefined).subscribe({ priority, ttl });
+      subscriptions.set(JSON.stringify([stream, params ?? null]), sub);
+      say({ subscribed: stream, params: params ?? null });
+      sub.waitForFirstSync().then(() => say({ first_sync: stream, params: params ?? null }));
+    } else if (line.startsWith('unsubscribe ')) {
+      const { stream, params } = JSON.parse(line.slice(12));
+      const key = JSON.stringify([stream, params ?? null]);
+      subscriptions.get(key)?.unsubscribe();
+      subscriptions.delete(key);
+      say({ unsubscribed: stream, params: params ?? null });
+    } else if (line === 'streams') {
+      // What the SDK knows of its streams (from the service's checkpoint lines).
+      const streams = (db.currentStatus.syncStreams ?? []).map((s) => ({
+        name: s.subscription.name,
+        parameters: s.subscription.parameters,
+        active: s.subscription.active,
+        is_default: s.subscription.isDefault,
+        explicit: s.subscription.hasExplicitSubscription,
+        synced: s.subscription.hasSynced,
+      }));
+      say({ streams });
     } else if (line.startsWith('exec ')) {
       // A local write, as the app makes it: uploaded by uploadData.
       const { sql, params } = JSON.parse(line.slice(5));

@@ -254,7 +254,16 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<Summary> {
         for _ in 0..5 {
             let t = Instant::now();
             let at = store.checkpoint()?.op_id;
-            buckets = request_buckets(&*store, &rules, &request, at)?.0;
+            buckets = request_buckets(
+                &*store,
+                &rules,
+                &request,
+                &walsync_rules::StreamRequest::default(),
+                at,
+            )?
+            .buckets
+            .into_keys()
+            .collect();
             resolving.push(t.elapsed());
             let states = store.bucket_states(&buckets)?;
             std::hint::black_box(states);

@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures_util::{Stream, StreamExt};
 use walsync_protocol::upload::{UploadReply, UploadRequest};
-use walsync_protocol::{ErrorBody, Line, SyncRequest, WriteCheckpointResponse, pb};
+use walsync_protocol::{ErrorBody, Line, StreamsRequest, SyncRequest, WriteCheckpointResponse, pb};
 
 pub use state::{ClientState, Event, LocalBucket};
 
@@ -439,6 +439,8 @@ pub struct SyncClient {
     connector: Connector,
     client_id: String,
     parameters: serde_json::Map<String, serde_json::Value>,
+    /// Sync Streams subscriptions (`None`: the default streams, as a client unaware of streams).
+    streams: Option<StreamsRequest>,
     state: ClientState,
     stream: Option<LineStream>,
     /// Streams opened so far (1 after the first connect).
@@ -461,6 +463,7 @@ impl SyncClient {
             connector,
             client_id: client_id.to_owned(),
             parameters: serde_json::Map::new(),
+            streams: None,
             state: ClientState::new(),
             stream: None,
             connects: 0,
@@ -471,6 +474,14 @@ impl SyncClient {
     pub fn with_parameters(mut self, p: serde_json::Map<String, serde_json::Value>) -> SyncClient {
         self.parameters = p;
         self
+    }
+
+    /// Sync Streams: whether the default streams are included and the subscriptions, sent with
+    /// the next (re)connect. Changing them reconnects: the next checkpoint has the new bucket
+    /// set, and buckets no longer selected are dropped.
+    pub fn set_streams(&mut self, streams: StreamsRequest) {
+        self.streams = Some(streams);
+        self.stream = None;
     }
 
     pub fn state(&self) -> &ClientState {
@@ -505,6 +516,7 @@ impl SyncClient {
             raw_data: Some(true),
             include_checksum: Some(true),
             binary_data: Some(false),
+            streams: self.streams.clone(),
         }
     }
 

@@ -280,9 +280,11 @@ mod tests {
 
     fn checkpoint(last: u64, checksum: u32) -> Line {
         Line::Checkpoint(Checkpoint {
+            streams: Vec::new(),
             last_op_id: last,
             write_checkpoint: Some(7),
             buckets: vec![BucketChecksum {
+                subscriptions: Vec::new(),
                 bucket: "b".into(),
                 checksum,
                 count: 1,

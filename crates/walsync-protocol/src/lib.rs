@@ -10,7 +10,7 @@
 //! checked in the other.
 
 use serde::{Deserialize, Serialize};
-pub use walsync_types::OpKind;
+pub use walsync_types::{BucketReason, OpKind, StreamDescription, StreamError};
 
 /// The generated protobuf messages and gRPC service of `proto/walsync/v1/sync.proto`.
 #[allow(missing_debug_implementations, unused_qualifications, clippy::all)]
@@ -38,6 +38,30 @@ pub struct SyncRequest {
     pub include_checksum: Option<bool>,
     /// Accepted for compatibility; NDJSON is always sent.
     pub binary_data: Option<bool>,
+    /// Sync Streams: whether the default streams are included, and the streams the client
+    /// subscribed to. Absent: the default streams.
+    pub streams: Option<StreamsRequest>,
+}
+
+/// The `streams` object of a sync request (PowerSync's Sync Streams).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StreamsRequest {
+    /// Absent or null: true.
+    #[serde(default)]
+    pub include_defaults: Option<bool>,
+    #[serde(default)]
+    pub subscriptions: Vec<RequestedSubscription>,
+}
+
+/// One subscription as the client sends it; its parameters and priority are checked per
+/// subscription (a bad one is reported on its stream and fails nothing else).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RequestedSubscription {
+    pub stream: String,
+    #[serde(default)]
+    pub parameters: serde_json::Value,
+    #[serde(default)]
+    pub override_priority: serde_json::Value,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +91,9 @@ pub struct Checkpoint {
     #[serde(with = "opt_op_id", default, skip_serializing_if = "Option::is_none")]
     pub write_checkpoint: Option<u64>,
     pub buckets: Vec<BucketChecksum>,
+    /// The streams the request involves, with the subscriptions that could not be resolved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub streams: Vec<StreamDescription>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +114,9 @@ pub struct BucketChecksum {
     pub count: u64,
     #[serde(default = "default_priority")]
     pub priority: u32,
+    /// Why the client holds the bucket (streams only; empty for bucket definitions).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subscriptions: Vec<BucketReason>,
 }
 
 fn default_priority() -> u32 {
@@ -275,6 +305,20 @@ fn checksums_to_pb(v: Vec<BucketChecksum>) -> Vec<pb::BucketChecksum> {
             checksum: b.checksum,
             count: b.count,
             priority: b.priority,
+            subscriptions: b
+                .subscriptions
+                .into_iter()
+                .map(|r| pb::BucketReason {
+                    reason: Some(match r {
+                        BucketReason::Default { default } => {
+                            pb::bucket_reason::Reason::DefaultStream(default)
+                        }
+                        BucketReason::Subscription { sub } => {
+                            pb::bucket_reason::Reason::Subscription(sub)
+                        }
+                    }),
+                })
+                .collect(),
         })
         .collect()
 }
@@ -286,6 +330,18 @@ fn checksums_from_pb(v: Vec<pb::BucketChecksum>) -> Vec<BucketChecksum> {
             checksum: b.checksum,
             count: b.count,
             priority: b.priority,
+            subscriptions: b
+                .subscriptions
+                .into_iter()
+                .filter_map(|r| match r.reason? {
+                    pb::bucket_reason::Reason::DefaultStream(default) => {
+                        Some(BucketReason::Default { default })
+                    }
+                    pb::bucket_reason::Reason::Subscription(sub) => {
+                        Some(BucketReason::Subscription { sub })
+                    }
+                })
+                .collect(),
         })
         .collect()
 }
@@ -309,6 +365,22 @@ impl From<Line> for pb::SyncLine {
                 last_op_id: c.last_op_id,
                 write_checkpoint: c.write_checkpoint,
                 buckets: checksums_to_pb(c.buckets),
+                streams: c
+                    .streams
+                    .into_iter()
+                    .map(|s| pb::StreamDescription {
+                        name: s.name,
+                        is_default: s.is_default,
+                        errors: s
+                            .errors
+                            .into_iter()
+                            .map(|e| pb::StreamError {
+                                subscription: e.subscription,
+                                message: e.message,
+                            })
+                            .collect(),
+                    })
+                    .collect(),
             }),
             Line::CheckpointDiff(c) => L::CheckpointDiff(pb::CheckpointDiff {
                 last_op_id: c.last_op_id,
@@ -364,6 +436,22 @@ impl TryFrom<pb::SyncLine> for Line {
                 last_op_id: c.last_op_id,
                 write_checkpoint: c.write_checkpoint,
                 buckets: checksums_from_pb(c.buckets),
+                streams: c
+                    .streams
+                    .into_iter()
+                    .map(|s| StreamDescription {
+                        name: s.name,
+                        is_default: s.is_default,
+                        errors: s
+                            .errors
+                            .into_iter()
+                            .map(|e| StreamError {
+                                subscription: e.subscription,
+                                message: e.message,
+                            })
+                            .collect(),
+                    })
+                    .collect(),
             }),
             L::CheckpointDiff(c) => Line::CheckpointDiff(CheckpointDiff {
                 last_op_id: c.last_op_id,
@@ -436,6 +524,25 @@ impl From<SyncRequest> for pb::SyncRequest {
             } else {
                 serde_json::Value::Object(r.parameters).to_string()
             },
+            streams: r.streams.map(|s| pb::StreamsRequest {
+                include_defaults: s.include_defaults,
+                subscriptions: s
+                    .subscriptions
+                    .into_iter()
+                    .map(|sub| pb::StreamSubscription {
+                        stream: sub.stream,
+                        parameters_json: if sub.parameters.is_null() {
+                            String::new()
+                        } else {
+                            sub.parameters.to_string()
+                        },
+                        override_priority: sub
+                            .override_priority
+                            .as_u64()
+                            .and_then(|p| u32::try_from(p).ok()),
+                    })
+                    .collect(),
+            }),
         }
     }
 }
@@ -463,6 +570,31 @@ impl TryFrom<pb::SyncRequest> for SyncRequest {
                 .collect(),
             client_id: non_empty(r.client_id),
             parameters,
+            streams: match r.streams {
+                None => None,
+                Some(s) => Some(StreamsRequest {
+                    include_defaults: s.include_defaults,
+                    subscriptions: s
+                        .subscriptions
+                        .into_iter()
+                        .map(|sub| {
+                            Ok(RequestedSubscription {
+                                stream: sub.stream,
+                                parameters: if sub.parameters_json.is_empty() {
+                                    serde_json::Value::Null
+                                } else {
+                                    serde_json::from_str(&sub.parameters_json).map_err(|_| {
+                                        InvalidLine("a subscription's parameters_json is not json")
+                                    })?
+                                },
+                                override_priority: sub
+                                    .override_priority
+                                    .map_or(serde_json::Value::Null, serde_json::Value::from),
+                            })
+                        })
+                        .collect::<Result<_, InvalidLine>>()?,
+                }),
+            },
             ..SyncRequest::default()
         })
     }
@@ -475,9 +607,11 @@ mod tests {
     fn sample_lines() -> Vec<Line> {
         vec![
             Line::Checkpoint(Checkpoint {
+                streams: Vec::new(),
                 last_op_id: 12,
                 write_checkpoint: Some(u64::MAX),
                 buckets: vec![BucketChecksum {
+                    subscriptions: Vec::new(),
                     bucket: "p[1]".into(),
                     checksum: 2871785649,
                     count: 3,
@@ -597,9 +731,11 @@ mod bson_tests {
     fn lines_in_bson_equal_their_json() {
         let lines = [
             Line::Checkpoint(Checkpoint {
+                streams: Vec::new(),
                 last_op_id: u64::MAX >> 1,
                 write_checkpoint: Some(7),
                 buckets: vec![BucketChecksum {
+                    subscriptions: Vec::new(),
                     bucket: "user_projects[\"ü\"]".into(),
                     checksum: u32::MAX,
                     count: 1 << 40,

@@ -1,9 +1,9 @@
 //! SQL (parsed by sqlparser) to compiled queries, with errors that name the offending part.
 
 use sqlparser::ast::{
-    BinaryOperator, CastKind, DataType, Expr, FunctionArguments, GroupByExpr, Ident, InTarget,
-    ObjectNamePart, Query, Select, SelectItem, SetExpr, Statement, TableFactor, UnaryOperator,
-    Value as SqlValue,
+    BinaryOperator, CastKind, DataType, Expr, FunctionArg, FunctionArgExpr, FunctionArguments,
+    GroupByExpr, Ident, InTarget, ObjectNamePart, Query, Select, SelectItem, SetExpr, Statement,
+    TableFactor, UnaryOperator, Value as SqlValue,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -139,7 +139,7 @@ pub(crate) fn compile(sql: &str, role: Role) -> Result<Compiled, String> {
     })
 }
 
-fn plain_select(query: &Query) -> Result<&Select, String> {
+pub(crate) fn plain_select(query: &Query) -> Result<&Select, String> {
     if query.with.is_some() || query.order_by.is_some() || query.limit_clause.is_some() {
         return Err("WITH, ORDER BY, LIMIT and OFFSET are not supported".into());
     }
@@ -253,7 +253,54 @@ impl Compiler {
                 // `x = ANY(array_column)`, PostgreSQL's spelling of membership.
                 Filter::InArray(self.operand(left)?, self.known(right, e)?)
             }
+            // A boolean column alone: `WHERE active`.
+            Expr::Identifier(_) | Expr::CompoundIdentifier(_) => {
+                Filter::Eq(self.known(e, e)?, Operand::Literal(Value::Bool(true)))
+            }
+            Expr::UnaryOp {
+                op: UnaryOperator::Not,
+                expr,
+            } => self.negated(expr, e)?,
             other => return Err(format!("unsupported condition `{other}`")),
+        })
+    }
+
+    /// `NOT x` where SQL's three values allow it as a plain filter: `NOT column` (false, not
+    /// null), `NOT (a = b)`, `NOT (x IN (…))`, `NOT (x IS [NOT] NULL)`.
+    fn negated(&mut self, inner: &Expr, whole: &Expr) -> Result<Filter, String> {
+        Ok(match inner {
+            Expr::Nested(x) => self.negated(x, whole)?,
+            Expr::Identifier(_) | Expr::CompoundIdentifier(_) => Filter::Eq(
+                self.known(inner, whole)?,
+                Operand::Literal(Value::Bool(false)),
+            ),
+            Expr::BinaryOp {
+                left,
+                op: BinaryOperator::Eq,
+                right,
+            } => Filter::NotEq(self.known(left, whole)?, self.known(right, whole)?),
+            Expr::IsNull(x) => Filter::IsNull {
+                operand: self.known(x, whole)?,
+                negated: true,
+            },
+            Expr::IsNotNull(x) => Filter::IsNull {
+                operand: self.known(x, whole)?,
+                negated: false,
+            },
+            Expr::In {
+                expr,
+                target: InTarget::List(list),
+                negated,
+                ..
+            } => Filter::InList {
+                operand: self.known(expr, whole)?,
+                list: list
+                    .iter()
+                    .map(|i| self.known(i, whole))
+                    .collect::<Result<_, _>>()?,
+                negated: !*negated,
+            },
+            _ => return Err(format!("unsupported condition `{whole}`")),
         })
     }
 
@@ -345,9 +392,6 @@ impl Compiler {
                         JsonKey::Field(f) => f.clone(),
                         JsonKey::Index(i) => i.to_string(),
                     };
-                    if request == "param" {
-                        self.untrusted = true;
-                    }
                     return Ok(Operand::Unknown(format!(
                         "{request}{}:{name}",
                         if as_text { "" } else { "->" }
@@ -358,6 +402,9 @@ impl Compiler {
                     key,
                     as_text,
                 }
+            }
+            Expr::Function(f) if self.request_value(f)?.is_some() => {
+                Operand::Unknown(self.request_value(f)?.unwrap_or_default())
             }
             Expr::Function(f) => match self.request_object(e)? {
                 Some("user_id") => Operand::Unknown("request.user_id()".into()),
@@ -372,30 +419,98 @@ impl Compiler {
         })
     }
 
-    /// `request.jwt()` → "jwt", `request.parameters()` → "param", `request.user_id()` →
-    /// "user_id"; errors for request functions in data queries.
-    fn request_object(&self, e: &Expr) -> Result<Option<&'static str>, String> {
+    /// `request.jwt()` and `auth.parameters()` → "jwt", `request.parameters()` and
+    /// `connection.parameters()` → "param", `subscription.parameters()` → "sub" (a stream
+    /// subscription's own parameters), `request.user_id()` and `auth.user_id()` → "user_id";
+    /// errors for request functions in data queries.
+    fn request_object(&mut self, e: &Expr) -> Result<Option<&'static str>, String> {
         let Expr::Function(f) = e else {
             return Ok(None);
         };
-        let parts: Vec<String> = f.name.0.iter().map(|p| p.to_string()).collect();
-        let ["request", name] = parts.iter().map(String::as_str).collect::<Vec<_>>()[..] else {
+        let Some((namespace, name)) = request_function(f) else {
             return Ok(None);
         };
         if !matches!(&f.args, FunctionArguments::List(l) if l.args.is_empty()) {
             return Err(format!("`{f}` takes no arguments"));
         }
+        self.data_role_refuses(f)?;
+        let object = match (namespace.as_str(), name.as_str()) {
+            ("request" | "auth", "user_id") => "user_id",
+            ("request", "jwt") | ("auth", "parameters") => "jwt",
+            ("request" | "connection", "parameters") => "param",
+            ("subscription", "parameters") => "sub",
+            _ => return Err(format!("unknown request function `{f}`")),
+        };
+        if matches!(object, "param" | "sub") {
+            self.untrusted = true;
+        }
+        Ok(Some(object))
+    }
+
+    /// `auth.parameter('k')` (a claim of the token), `connection.parameter('k')` (the client's
+    /// connection parameters) and `subscription.parameter('k')` (a stream subscription's): the
+    /// unknown each names, as `->> 'k'` on the matching object would.
+    fn request_value(&mut self, f: &sqlparser::ast::Function) -> Result<Option<String>, String> {
+        let Some((namespace, name)) = request_function(f) else {
+            return Ok(None);
+        };
+        let object = match (namespace.as_str(), name.as_str()) {
+            ("auth", "parameter") => "jwt",
+            ("connection", "parameter") => "param",
+            ("subscription", "parameter") => "sub",
+            _ => return Ok(None),
+        };
+        self.data_role_refuses(f)?;
+        let key = match &f.args {
+            FunctionArguments::List(l) => match l.args.as_slice() {
+                [FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v)))] => match &v.value {
+                    SqlValue::SingleQuotedString(k) => Some(k.clone()),
+                    _ => None,
+                },
+                _ => None,
+            },
+            _ => None,
+        };
+        let Some(key) = key else {
+            return Err(format!(
+                "`{f}` takes one string literal, the parameter's name"
+            ));
+        };
+        if object != "jwt" {
+            self.untrusted = true;
+        }
+        Ok(Some(format!("{object}:{key}")))
+    }
+
+    fn data_role_refuses(&self, f: &sqlparser::ast::Function) -> Result<(), String> {
         if self.role == Role::Data {
             return Err(format!(
                 "`{f}`: data queries may use only bucket parameters; put request values in the parameter query"
             ));
         }
-        Ok(Some(match name {
-            "user_id" => "user_id",
-            "jwt" => "jwt",
-            "parameters" => "param",
-            other => return Err(format!("unknown request function `request.{other}()`")),
-        }))
+        Ok(())
+    }
+}
+
+/// A function of the request's namespaces (`request`, `auth`, `connection`, `subscription`),
+/// as `(namespace, name)` in lower case.
+pub(crate) fn request_function(f: &sqlparser::ast::Function) -> Option<(String, String)> {
+    let parts: Vec<String> = f
+        .name
+        .0
+        .iter()
+        .map(|p| p.to_string().to_lowercase())
+        .collect();
+    match parts.as_slice() {
+        [ns, name]
+            if matches!(
+                ns.as_str(),
+                "request" | "auth" | "connection" | "subscription"
+            ) =>
+        {
+            Some((ns.clone(), name.clone()))
+        }
+        _ => None,
     }
 }
 

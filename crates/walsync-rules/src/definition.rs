@@ -8,6 +8,7 @@ use crate::RulesError;
 use crate::compile::{Item, Role, TableMatch, compile};
 use crate::expr::{Cast, Filter, Operand};
 use crate::reads::{QueryRead, bound_columns};
+use crate::streams::{Stream, StreamYaml, compile_query};
 
 /// Compiled sync rules.
 #[derive(Debug, Clone)]
@@ -18,9 +19,17 @@ pub struct SyncRules {
     tables: BTreeSet<(String, String)>,
     /// See [`SyncRules::fingerprint`].
     fingerprint: String,
+    /// The Sync Streams, each compiled into definitions (`BucketDefinition::stream`).
+    streams: Vec<Stream>,
 }
 
 impl BucketDefinition {
+    /// The index into [`SyncRules::streams`] of the stream this definition was compiled from;
+    /// `None` for one of `bucket_definitions`.
+    pub fn stream(&self) -> Option<usize> {
+        self.stream
+    }
+
     /// The type bucket parameter `name` has whatever the data (`text`, `integer`, `real`), when
     /// a parameter query declares it.
     pub fn parameter_type(&self, name: &str) -> Option<&'static str> {
@@ -53,6 +62,9 @@ pub struct BucketDefinition {
     pub(crate) data_queries: Vec<DataQuery>,
     /// What its queries over tables read, for checks against a database.
     pub(crate) reads: Vec<QueryRead>,
+    /// The stream it was compiled from (an index into [`SyncRules::streams`]); `None` for a
+    /// bucket definition of `bucket_definitions`.
+    pub(crate) stream: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -82,7 +94,25 @@ pub(crate) struct DataQuery {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RulesFile {
+    #[serde(default)]
     bucket_definitions: BTreeMap<String, DefinitionYaml>,
+    #[serde(default)]
+    streams: BTreeMap<String, StreamYaml>,
+    /// CTEs every stream can use (a stream's own `with` takes precedence).
+    #[serde(default)]
+    with: BTreeMap<String, String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    config: Option<ConfigYaml>,
+}
+
+/// PowerSync's `config:` block; the edition is accepted (walsync reads every edition's syntax).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigYaml {
+    #[serde(default)]
+    #[allow(dead_code)]
+    edition: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -112,10 +142,27 @@ impl SyncRules {
     pub fn from_yaml(text: &str) -> Result<SyncRules, RulesError> {
         let file: RulesFile =
             serde_yaml_ng::from_str(text).map_err(|e| RulesError::Yaml(e.to_string()))?;
+        if file.bucket_definitions.is_empty() && file.streams.is_empty() {
+            return Err(RulesError::Yaml(
+                "the rules define neither bucket_definitions nor streams".into(),
+            ));
+        }
         let mut definitions = Vec::new();
         let mut warnings = Vec::new();
         for (name, def) in file.bucket_definitions {
             definitions.push(definition(&name, def, &mut warnings)?);
+        }
+        let global: BTreeMap<String, String> = file
+            .with
+            .into_iter()
+            .map(|(k, v)| (k.to_lowercase(), v))
+            .collect();
+        let mut streams = Vec::new();
+        for (name, yaml) in file.streams {
+            let index = streams.len();
+            let (stream, defs) = stream(&name, yaml, &global, index, &definitions, &mut warnings)?;
+            streams.push(stream);
+            definitions.extend(defs);
         }
         let mut tables = BTreeSet::new();
         for d in &definitions {
@@ -131,7 +178,13 @@ impl SyncRules {
             warnings,
             tables,
             fingerprint: fingerprint(text)?,
+            streams,
         })
+    }
+
+    /// The Sync Streams, in name order.
+    pub fn streams(&self) -> &[Stream] {
+        &self.streams
     }
 
     /// Names what the rules say, not how the file says it: the same for rules that differ only
@@ -201,6 +254,7 @@ fn definition(
         table_queries: Vec::new(),
         data_queries: Vec::new(),
         reads: Vec::new(),
+        stream: None,
     };
     for (i, sql) in parameter_sql.iter().enumerate() {
         let err = |message: String| RulesError::Query {
@@ -377,6 +431,115 @@ fn definition(
         });
     }
     Ok(out)
+}
+
+/// One stream: its queries compiled into bucket definitions (named after the stream, with
+/// `|k` when it has several), each checked as a definition is.
+fn stream(
+    name: &str,
+    yaml: StreamYaml,
+    global: &BTreeMap<String, String>,
+    index: usize,
+    existing: &[BucketDefinition],
+    warnings: &mut Vec<String>,
+) -> Result<(Stream, Vec<BucketDefinition>), RulesError> {
+    let whole = |message: String| RulesError::Stream {
+        stream: name.into(),
+        query: "definition".into(),
+        sql: String::new(),
+        message,
+    };
+    if existing.iter().any(|d| d.name == name) {
+        return Err(whole("has the name of a bucket definition".into()));
+    }
+    if name.contains(['[', '|']) {
+        return Err(whole("a stream's name cannot contain `[` or `|`".into()));
+    }
+    let priority = yaml.priority.unwrap_or(DEFAULT_PRIORITY);
+    if priority > 3 {
+        return Err(whole(format!("priority {priority} is not 0 to 3")));
+    }
+    let queries: Vec<String> = match (yaml.query, yaml.queries.is_empty()) {
+        (Some(q), true) => vec![q],
+        (None, false) => yaml.queries,
+        (Some(_), false) => return Err(whole("has both `query` and `queries`: use one".into())),
+        (None, true) => return Err(whole("has no `query`".into())),
+    };
+    let mut ctes = global.clone();
+    ctes.extend(yaml.with.into_iter().map(|(k, v)| (k.to_lowercase(), v)));
+    let mut compiled = Vec::new();
+    for (i, sql) in queries.iter().enumerate() {
+        let label = format!("query {}", i + 1);
+        let variants = compile_query(sql, &ctes).map_err(|message| RulesError::Stream {
+            stream: name.into(),
+            query: label.clone(),
+            sql: sql.clone(),
+            message,
+        })?;
+        for v in variants {
+            compiled.push((label.clone(), sql.clone(), v));
+        }
+    }
+    let several = compiled.len() > 1;
+    let mut defs = Vec::new();
+    for (k, (label, sql, v)) in compiled.into_iter().enumerate() {
+        if v.unauthorized && !yaml.accept_potentially_dangerous_queries {
+            warnings.push(format!(
+                "stream {name:?}, {label}: uses subscription or connection parameters and no value of the token: \
+                 any user can ask for any value. Check access in the query (e.g. `AND project_id IN (SELECT \
+                 project_id FROM members WHERE user_id = auth.user_id())`), or set \
+                 accept_potentially_dangerous_queries: true once that is intended"
+            ));
+        }
+        let def_name = if several {
+            format!("{name}|{k}")
+        } else {
+            name.to_owned()
+        };
+        let generated = DefinitionYaml {
+            parameters: Some(OneOrMany::Many(v.parameters)),
+            data: vec![v.data],
+            priority: Some(priority),
+            accept_potentially_dangerous_queries: true,
+        };
+        let mut def = definition(&def_name, generated, &mut Vec::new()).map_err(|e| match e {
+            RulesError::Query {
+                sql: compiled,
+                message,
+                ..
+            } => RulesError::Stream {
+                stream: name.into(),
+                query: label.clone(),
+                sql: sql.clone(),
+                message: format!("{message} (in its compiled form `{compiled}`)"),
+            },
+            RulesError::Definition { message, .. } | RulesError::Yaml(message) => {
+                RulesError::Stream {
+                    stream: name.into(),
+                    query: label.clone(),
+                    sql: sql.clone(),
+                    message,
+                }
+            }
+            other => other,
+        })?;
+        def.stream = Some(index);
+        // Checks against a database name the stream's own query.
+        for read in &mut def.reads {
+            read.origin = format!("stream {name:?}");
+            read.query = label.clone();
+            read.sql = sql.clone();
+        }
+        defs.push(def);
+    }
+    Ok((
+        Stream {
+            name: name.to_owned(),
+            auto_subscribe: yaml.auto_subscribe,
+            priority,
+        },
+        defs,
+    ))
 }
 
 /// The version of what rules mean, beyond their text: raised whenever the same rules start to

@@ -1,11 +1,60 @@
 //! Evaluating compiled rules: rows to bucket outputs and lookup entries, requests to buckets.
 
-use walsync_types::{LookupEntry, LookupKey, RowOutput, Value, bucket_id};
+use walsync_types::{
+    BucketReason, LookupEntry, LookupKey, RowOutput, StreamDescription, StreamError, Value,
+    bucket_id,
+};
 
 use crate::compile::Item;
 use crate::definition::{BucketDefinition, SyncRules};
 use crate::expr::{Binding, Cast, canonical, cast_value};
 use crate::row::RowRef;
+
+/// What a client asks for beside the bucket definitions: PowerSync's `streams` object of a
+/// sync request.
+#[derive(Debug, Clone)]
+pub struct StreamRequest {
+    /// Whether the streams marked `auto_subscribe` are included.
+    pub include_defaults: bool,
+    pub subscriptions: Vec<Subscription>,
+}
+
+impl Default for StreamRequest {
+    fn default() -> StreamRequest {
+        StreamRequest {
+            include_defaults: true,
+            subscriptions: Vec::new(),
+        }
+    }
+}
+
+/// One explicit subscription, as the client sent it (checked by [`SyncRules::select`]).
+#[derive(Debug, Clone, Default)]
+pub struct Subscription {
+    pub stream: String,
+    /// An object of the subscription's parameters, or null.
+    pub parameters: serde_json::Value,
+    /// A priority from 0 to 3 replacing the stream's, or null.
+    pub override_priority: serde_json::Value,
+}
+
+/// A request's selection: the streams it involves and, per reason, the buckets that follow
+/// from the request alone and the lookup keys whose stored entries name the rest.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    pub streams: Vec<StreamDescription>,
+    pub parts: Vec<SelectionPart>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SelectionPart {
+    /// `None` for the bucket definitions of `bucket_definitions`.
+    pub reason: Option<BucketReason>,
+    /// The subscription's priority override, if any.
+    pub priority: Option<u8>,
+    pub buckets: Vec<String>,
+    pub lookups: Vec<LookupKey>,
+}
 
 /// What a request brings: the authenticated user, the token's claims, and the client's own
 /// (untrusted) parameters.
@@ -14,6 +63,9 @@ pub struct RequestContext {
     pub user_id: String,
     pub claims: serde_json::Value,
     pub parameters: serde_json::Value,
+    /// The parameters of the stream subscription being resolved (`subscription.parameter()`;
+    /// untrusted); null outside one.
+    pub subscription: serde_json::Value,
 }
 
 impl RequestContext {
@@ -36,6 +88,8 @@ impl RequestContext {
             "jwt->" => json(self.claims.get(key), false),
             "param" => json(self.parameters.get(key), true),
             "param->" => json(self.parameters.get(key), false),
+            "sub" => json(self.subscription.get(key), true),
+            "sub->" => json(self.subscription.get(key), false),
             "token" => json(self.claims.get("parameters").and_then(|p| p.get(key)), true),
             _ => Value::Null,
         }
@@ -267,11 +321,152 @@ impl SyncRules {
     }
 
     /// A request's buckets that follow from the request alone, and the lookup keys whose stored
-    /// entries name the rest.
+    /// entries name the rest: the bucket definitions and the streams a client gets without
+    /// subscribing ([`SyncRules::select`] with no subscriptions).
     pub fn resolve_request(&self, request: &RequestContext) -> (Vec<String>, Vec<LookupKey>) {
+        let selection = self.select(request, &StreamRequest::default());
         let mut buckets = Vec::new();
         let mut lookups = Vec::new();
-        for def in &self.definitions {
+        for part in selection.parts {
+            buckets.extend(part.buckets);
+            lookups.extend(part.lookups);
+        }
+        buckets.sort();
+        buckets.dedup();
+        (buckets, lookups)
+    }
+
+    /// What a request selects: the bucket definitions, the streams it gets by default (unless
+    /// it declines them) and its explicit subscriptions, each part with its static buckets and
+    /// lookup keys. A subscription that cannot be resolved (an unknown stream, parameters that
+    /// are not an object, a priority out of range) is reported on its stream and selects
+    /// nothing; the others are unaffected.
+    pub fn select(&self, request: &RequestContext, wanted: &StreamRequest) -> Selection {
+        let mut selection = Selection::default();
+        let definitions =
+            |stream: Option<usize>| self.definitions.iter().filter(move |d| d.stream == stream);
+        let base = RequestContext {
+            subscription: serde_json::Value::Null,
+            ..request.clone()
+        };
+        let (buckets, lookups) = self.resolve_definitions(&base, definitions(None));
+        selection.parts.push(SelectionPart {
+            reason: None,
+            priority: None,
+            buckets,
+            lookups,
+        });
+        let status_of = |selection: &mut Selection, index: usize| -> usize {
+            let stream = &self.streams()[index];
+            match selection.streams.iter().position(|s| s.name == stream.name) {
+                Some(i) => i,
+                None => {
+                    selection.streams.push(StreamDescription {
+                        name: stream.name.clone(),
+                        is_default: stream.auto_subscribe,
+                        errors: Vec::new(),
+                    });
+                    selection.streams.len() - 1
+                }
+            }
+        };
+        if wanted.include_defaults {
+            for (index, stream) in self.streams().iter().enumerate() {
+                if !stream.auto_subscribe {
+                    continue;
+                }
+                let status = status_of(&mut selection, index);
+                let (buckets, lookups) = self.resolve_definitions(&base, definitions(Some(index)));
+                selection.parts.push(SelectionPart {
+                    reason: Some(BucketReason::Default {
+                        default: status as u32,
+                    }),
+                    priority: None,
+                    buckets,
+                    lookups,
+                });
+            }
+        }
+        for (i, sub) in wanted.subscriptions.iter().enumerate() {
+            let Some(index) = self.streams().iter().position(|s| s.name == sub.stream) else {
+                let status = match selection.streams.iter().position(|s| s.name == sub.stream) {
+                    Some(p) => p,
+                    None => {
+                        selection.streams.push(StreamDescription {
+                            name: sub.stream.clone(),
+                            is_default: false,
+                            errors: Vec::new(),
+                        });
+                        selection.streams.len() - 1
+                    }
+                };
+                selection.streams[status].errors.push(StreamError {
+                    subscription: Some(i as u32),
+                    message: format!("there is no stream named {:?}", sub.stream),
+                });
+                continue;
+            };
+            let status = status_of(&mut selection, index);
+            let fail = |selection: &mut Selection, message: String| {
+                selection.streams[status].errors.push(StreamError {
+                    subscription: Some(i as u32),
+                    message,
+                });
+            };
+            if !matches!(
+                sub.parameters,
+                serde_json::Value::Null | serde_json::Value::Object(_)
+            ) {
+                fail(
+                    &mut selection,
+                    "subscription parameters must be an object".into(),
+                );
+                continue;
+            }
+            let priority = match &sub.override_priority {
+                serde_json::Value::Null => None,
+                serde_json::Value::Number(n) => match n.as_u64() {
+                    Some(p @ 0..=3) => Some(p as u8),
+                    _ => {
+                        fail(
+                            &mut selection,
+                            format!("override_priority {n} is not 0 to 3"),
+                        );
+                        continue;
+                    }
+                },
+                other => {
+                    fail(
+                        &mut selection,
+                        format!("override_priority {other} is not a number from 0 to 3"),
+                    );
+                    continue;
+                }
+            };
+            let context = RequestContext {
+                subscription: sub.parameters.clone(),
+                ..base.clone()
+            };
+            let (buckets, lookups) = self.resolve_definitions(&context, definitions(Some(index)));
+            selection.parts.push(SelectionPart {
+                reason: Some(BucketReason::Subscription { sub: i as u32 }),
+                priority,
+                buckets,
+                lookups,
+            });
+        }
+        selection
+    }
+
+    /// The static buckets and lookup keys of `definitions` for one request.
+    fn resolve_definitions<'d>(
+        &self,
+        request: &RequestContext,
+        definitions: impl Iterator<Item = &'d BucketDefinition>,
+    ) -> (Vec<String>, Vec<LookupKey>) {
+        let mut buckets = Vec::new();
+        let mut lookups = Vec::new();
+        for def in definitions {
             if def.static_queries.is_empty() && def.table_queries.is_empty() {
                 buckets.push(bucket_id(&def.name, &[]));
             }

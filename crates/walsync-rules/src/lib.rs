@@ -18,12 +18,14 @@ mod eval;
 mod expr;
 mod reads;
 mod row;
+mod streams;
 
 pub use definition::{BucketDefinition, SyncRules};
-pub use eval::RequestContext;
+pub use eval::{RequestContext, Selection, SelectionPart, StreamRequest, Subscription};
 pub use expr::canonical;
 pub use reads::QueryRead;
 pub use row::RowRef;
+pub use streams::Stream;
 
 /// A problem with the rules, pointing at the definition, the query and the offending part.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,4 +41,11 @@ pub enum RulesError {
     },
     #[error("bucket definition {definition:?}: {message}")]
     Definition { definition: String, message: String },
+    #[error("stream {stream:?}, {query} `{sql}`: {message}")]
+    Stream {
+        stream: String,
+        query: String,
+        sql: String,
+        message: String,
+    },
 }

@@ -11,8 +11,11 @@ use crate::expr::{Filter, Operand};
 /// One query's reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueryRead {
+    /// The bucket definition the query compiled into (a stream's have names of their own).
     pub definition: String,
-    /// `parameter query N` or `data query N`.
+    /// Where the query is written, as errors name it: `bucket definition "x"` or `stream "s"`.
+    pub origin: String,
+    /// `parameter query N` or `data query N` (a stream's: `query N`).
     pub query: String,
     pub sql: String,
     pub schema: String,
@@ -39,6 +42,7 @@ impl QueryRead {
         filter_columns(filter, &mut columns);
         QueryRead {
             definition: definition.to_owned(),
+            origin: format!("bucket definition {definition:?}"),
             query,
             sql: sql.to_owned(),
             schema: table.schema.clone(),

@@ -26,6 +26,7 @@ fn request(user: &str) -> RequestContext {
         user_id: user.into(),
         claims: json!({"sub": user, "role": "admin", "parameters": {"org": "acme"}}),
         parameters: json!({"team": "blue"}),
+        ..Default::default()
     }
 }
 
@@ -556,6 +557,7 @@ fn one_value_of_different_types_makes_one_bucket() {
         user_id: "42".into(),
         claims: json!({"sub": "42", "org": "7"}),
         parameters: json!({}),
+        ..Default::default()
     };
     let (buckets, _) = rules.resolve_request(&request);
     assert_eq!(buckets, ["by_org[7]", r#"by_user["42"]"#]);

@@ -48,7 +48,7 @@ pub use hub::HubStats;
 pub use presence::{
     PresenceConfig, PresenceError, PresenceEvent, PresenceStats, PresenceWatch, TooFarBehind,
 };
-pub use resolve::request_buckets;
+pub use resolve::{Placement, Resolved, request_buckets};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {

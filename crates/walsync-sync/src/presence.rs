@@ -415,6 +415,7 @@ impl<S: BucketStore + 'static> SyncCore<S> {
             user_id: identity.user_id.clone(),
             claims: identity.claims.clone(),
             parameters: Value::Object(serde_json::Map::new()),
+            ..Default::default()
         }
     }
 
@@ -433,16 +434,18 @@ impl<S: BucketStore + 'static> SyncCore<S> {
             return Err(PresenceError::NotReady);
         }
         let snap = self.store.snapshot()?;
-        let (buckets, lookups) = request_buckets(
+        // Rooms are the buckets a user holds without subscribing.
+        let resolved = request_buckets(
             &snap,
             &self.rules,
             &Self::context(identity),
+            &walsync_rules::StreamRequest::default(),
             published.op_id,
         )?;
-        if buckets.binary_search_by(|b| b.as_str().cmp(room)).is_err() {
+        if !resolved.buckets.contains_key(room) {
             return Err(PresenceError::Forbidden(room.to_owned()));
         }
-        Ok((lookups, published.op_id))
+        Ok((resolved.lookups, published.op_id))
     }
 
     /// Listens under `lookups` for hub registration `id`; a checkpoint published since `at`

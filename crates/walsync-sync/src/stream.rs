@@ -7,14 +7,14 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::Instant;
 use walsync_protocol::{
-    BucketChecksum, Checkpoint, CheckpointComplete, CheckpointDiff, DataPage, Line, OpKind, OpLine,
-    PartialCheckpointComplete, SyncRequest,
+    BucketChecksum, BucketReason, Checkpoint, CheckpointComplete, CheckpointDiff, DataPage, Line,
+    OpKind, OpLine, PartialCheckpointComplete, SyncRequest,
 };
-use walsync_rules::RequestContext;
+use walsync_rules::{RequestContext, StreamRequest, Subscription};
 use walsync_storage::{BucketStore, Op, StoreCheckpoint, StoreRead};
 use walsync_types::LookupKey;
 
-use crate::{Buffered, Identity, SyncCore, SyncError, request_buckets};
+use crate::{Buffered, Identity, Resolved, SyncCore, SyncError, request_buckets};
 
 /// Why a connection ends.
 enum Stop {
@@ -40,11 +40,13 @@ impl From<walsync_storage::StorageError> for Stop {
 type Flow<T = ()> = Result<T, Stop>;
 
 /// A bucket the client holds, as of the last checkpoint sent.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Held {
     /// The last op id sent (or the client's own `after`).
     after: u64,
     priority: u32,
+    /// Why the client holds it (empty for a bucket definition's bucket: no allocation).
+    reasons: Vec<BucketReason>,
 }
 
 pub(crate) struct Connection<S: BucketStore> {
@@ -53,6 +55,8 @@ pub(crate) struct Connection<S: BucketStore> {
     /// The client's own id (empty when it named none): write checkpoints are per client.
     client_id: String,
     context: RequestContext,
+    /// The streams the client asked for (by default, the default ones).
+    wanted: StreamRequest,
     requested: HashMap<String, u64>,
     tx: mpsc::Sender<Result<Buffered, SyncError>>,
     /// The bytes of the connection's buffer not taken by lines waiting in it.
@@ -131,6 +135,7 @@ impl<S: BucketStore + 'static> Connection<S> {
             user_id: identity.user_id.clone(),
             claims: identity.claims.clone(),
             parameters: serde_json::Value::Object(request.parameters),
+            ..Default::default()
         };
         let expires = identity.expires_at.map(|at| {
             Instant::now()
@@ -150,6 +155,21 @@ impl<S: BucketStore + 'static> Connection<S> {
             identity,
             client_id: request.client_id.unwrap_or_default(),
             context,
+            wanted: match request.streams {
+                None => StreamRequest::default(),
+                Some(s) => StreamRequest {
+                    include_defaults: s.include_defaults.unwrap_or(true),
+                    subscriptions: s
+                        .subscriptions
+                        .into_iter()
+                        .map(|sub| Subscription {
+                            stream: sub.stream,
+                            parameters: sub.parameters,
+                            override_priority: sub.override_priority,
+                        })
+                        .collect(),
+                },
+            },
             requested: request
                 .buckets
                 .into_iter()
@@ -305,21 +325,18 @@ impl<S: BucketStore + 'static> Connection<S> {
         }
     }
 
-    /// The buckets of this connection at checkpoint `at` (sorted), and the lookups they came
-    /// from.
-    fn resolve(&self, snap: &S::Snapshot, at: u64) -> Flow<(Vec<String>, Vec<LookupKey>)> {
-        Ok(request_buckets(snap, &self.core.rules, &self.context, at)?)
+    /// The buckets of this connection at checkpoint `at`, and the lookups they came from.
+    fn resolve(&self, snap: &S::Snapshot, at: u64) -> Flow<Resolved> {
+        Ok(request_buckets(
+            snap,
+            &self.core.rules,
+            &self.context,
+            &self.wanted,
+            at,
+        )?)
     }
 
-    fn priority_of(&self, bucket: &str) -> u32 {
-        self.core
-            .rules
-            .definition_of(bucket)
-            .map_or(walsync_protocol::DEFAULT_PRIORITY, |d| {
-                u32::from(d.priority)
-            })
-    }
-
+    /// The checksums of held `buckets` (sorted), with their priorities and reasons.
     fn checksums(&self, snap: &S::Snapshot, buckets: &[String]) -> Flow<Vec<BucketChecksum>> {
         let states = snap.bucket_states(buckets)?;
         Ok(buckets
@@ -327,11 +344,13 @@ impl<S: BucketStore + 'static> Connection<S> {
             .zip(states)
             .map(|(b, s)| {
                 let s = s.unwrap_or_default();
+                let held = self.held.get(b);
                 BucketChecksum {
                     bucket: b.clone(),
                     checksum: s.checksum,
                     count: s.count,
-                    priority: self.priority_of(b),
+                    priority: held.map_or(walsync_protocol::DEFAULT_PRIORITY, |h| h.priority),
+                    subscriptions: held.map(|h| h.reasons.clone()).unwrap_or_default(),
                 }
             })
             .collect())
@@ -365,25 +384,29 @@ impl<S: BucketStore + 'static> Connection<S> {
     async fn full_checkpoint(&mut self, snap: &S::Snapshot, cp: &StoreCheckpoint) -> Flow {
         let (at, lsn) = (cp.op_id, cp.lsn.map(|l| l.0));
         self.rebuilt_at = cp.rebuilt_at;
-        let (names, lookups) = self.resolve(snap, at)?;
-        let checksums = self.checksums(snap, &names)?;
-        self.held = checksums
+        let resolved = self.resolve(snap, at)?;
+        self.held = resolved
+            .buckets
             .iter()
-            .map(|c| {
+            .map(|(b, p)| {
                 // What the client holds: what this stream sent it, else what it asked for.
-                let after = match self.held.get(&c.bucket) {
+                let after = match self.held.get(b) {
                     Some(h) => h.after,
-                    None => self.requested.get(&c.bucket).copied().unwrap_or(0),
+                    None => self.requested.get(b).copied().unwrap_or(0),
                 };
                 (
-                    c.bucket.clone(),
+                    b.clone(),
                     Held {
                         after,
-                        priority: c.priority,
+                        priority: p.priority,
+                        reasons: p.reasons.clone(),
                     },
                 )
             })
             .collect();
+        let names: Vec<String> = self.held.keys().cloned().collect();
+        let checksums = self.checksums(snap, &names)?;
+        let lookups = resolved.lookups;
         self.lookups = lookups.clone();
         // Listen before sending data: changes during a long download are not missed.
         self.listen(names.clone(), lookups, at);
@@ -392,6 +415,7 @@ impl<S: BucketStore + 'static> Connection<S> {
             last_op_id: at,
             write_checkpoint,
             buckets: checksums,
+            streams: resolved.streams,
         }))
         .await?;
         self.send_data(snap, names, at).await?;
@@ -414,25 +438,41 @@ impl<S: BucketStore + 'static> Connection<S> {
         let mut removed: Vec<String> = Vec::new();
         let mut relisten = false;
         if self.lookups.iter().any(|l| changes.lookups.contains(l)) {
-            let (now, lookups) = self.resolve(snap, at)?;
-            for b in &now {
-                if !self.held.contains_key(b) {
-                    updated.insert(b.clone());
-                    let priority = self.priority_of(b);
-                    self.held.insert(b.clone(), Held { after: 0, priority });
+            let now = self.resolve(snap, at)?;
+            for (b, p) in &now.buckets {
+                match self.held.get_mut(b) {
+                    Some(h) => {
+                        // Still held; it may be held for other reasons now.
+                        if h.reasons != p.reasons || h.priority != p.priority {
+                            h.reasons = p.reasons.clone();
+                            h.priority = p.priority;
+                            updated.insert(b.clone());
+                        }
+                    }
+                    None => {
+                        updated.insert(b.clone());
+                        self.held.insert(
+                            b.clone(),
+                            Held {
+                                after: 0,
+                                priority: p.priority,
+                                reasons: p.reasons.clone(),
+                            },
+                        );
+                    }
                 }
             }
             removed = self
                 .held
                 .keys()
-                .filter(|b| now.binary_search(b).is_err())
+                .filter(|b| !now.buckets.contains_key(*b))
                 .cloned()
                 .collect();
             for b in &removed {
                 self.held.remove(b);
                 updated.remove(b);
             }
-            self.lookups = lookups;
+            self.lookups = now.lookups;
             relisten = true;
         }
         let write_checkpoint = self.write_checkpoint(lsn, false);

@@ -130,3 +130,60 @@ mod tests {
         }
     }
 }
+
+/// A stream a sync request involves, as a checkpoint line describes it (PowerSync's Sync
+/// Streams): its name, whether clients get it without subscribing, and the subscriptions to it
+/// that could not be resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamDescription {
+    pub name: String,
+    /// Whether clients get the stream without subscribing (also when one subscribed).
+    pub is_default: bool,
+    pub errors: Vec<StreamError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamError {
+    /// The subscription's index in the request; `None` (`"default"` in JSON) for the default
+    /// subscription.
+    #[serde(with = "subscription_ref")]
+    pub subscription: Option<u32>,
+    pub message: String,
+}
+
+/// Why a bucket is in a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BucketReason {
+    /// A default stream: the index into the checkpoint's `streams`.
+    Default { default: u32 },
+    /// An explicit subscription: the index into the request's subscriptions.
+    Subscription { sub: u32 },
+}
+
+/// `"default"` or the subscription's index.
+mod subscription_ref {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Ref {
+        Index(u32),
+        Name(String),
+    }
+
+    pub(crate) fn serialize<S: Serializer>(v: &Option<u32>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(i) => Ref::Index(*i),
+            None => Ref::Name("default".into()),
+        }
+        .serialize(s)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        Ok(match Ref::deserialize(d)? {
+            Ref::Index(i) => Some(i),
+            Ref::Name(_) => None,
+        })
+    }
+}

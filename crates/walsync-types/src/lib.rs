@@ -9,7 +9,10 @@ mod lsn;
 mod row_id;
 mod value;
 
-pub use bucket::{LookupEntry, LookupKey, OpKind, RowOutput, bucket_id, bucket_id_of_text};
+pub use bucket::{
+    BucketReason, LookupEntry, LookupKey, OpKind, RowOutput, StreamDescription, StreamError,
+    bucket_id, bucket_id_of_text,
+};
 pub use checksum::{PutDigest, add_checksums, put_checksum, put_digest, remove_checksum};
 pub use lsn::{Lsn, ParseLsnError};
 pub use row_id::RowId;

@@ -18,7 +18,8 @@ use walsync_rules::{QueryRead, SyncRules};
 /// One thing wrong, pointing at the definition, the query and the offending part.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    pub definition: String,
+    /// Where the query is written: `bucket definition "x"` or `stream "s"`.
+    pub origin: String,
     pub query: String,
     pub sql: String,
     pub message: String,
@@ -28,8 +29,8 @@ impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "bucket definition {:?}, {} `{}`: {}",
-            self.definition, self.query, self.sql, self.message
+            "{}, {} `{}`: {}",
+            self.origin, self.query, self.sql, self.message
         )
     }
 }
@@ -85,7 +86,7 @@ pub async fn check_database(
 ) -> Result<Vec<Problem>, tokio_postgres::Error> {
     let mut problems = Vec::new();
     let problem = |r: &QueryRead, message: String| Problem {
-        definition: r.definition.clone(),
+        origin: r.origin.clone(),
         query: r.query.clone(),
         sql: r.sql.clone(),
         message,
@@ -235,9 +236,9 @@ pub fn run(args: RulesArgs) -> anyhow::Result<()> {
     }
     let Some(url) = &args.postgres else {
         println!(
-            "{}: {} bucket definitions compile (give --postgres to check them against a database)",
+            "{}: {} compile (give --postgres to check them against a database)",
             args.file.display(),
-            rules.definitions().len()
+            counted(&rules)
         );
         return Ok(());
     };
@@ -277,9 +278,29 @@ pub fn run(args: RulesArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "{}: {} bucket definitions compile and fit the database",
+        "{}: {} compile and fit the database",
         args.file.display(),
-        rules.definitions().len()
+        counted(&rules)
     );
     Ok(())
+}
+
+/// "2 bucket definitions", "3 streams", or both.
+fn counted(rules: &SyncRules) -> String {
+    let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+    let streams = rules.streams().len();
+    let definitions = rules
+        .definitions()
+        .iter()
+        .filter(|d| d.stream().is_none())
+        .count();
+    match (definitions, streams) {
+        (d, 0) => plural(d, "bucket definition"),
+        (0, s) => plural(s, "stream"),
+        (d, s) => format!(
+            "{} and {}",
+            plural(d, "bucket definition"),
+            plural(s, "stream")
+        ),
+    }
 }

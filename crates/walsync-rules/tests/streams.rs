@@ -1,0 +1,391 @@
+//! Sync Streams: each supported form routes rows and resolves subscriptions as the stream's SQL
+//! means, through the same lookups as bucket definitions; errors name the stream, the query and
+//! the part. (Checked against PostgreSQL itself in the whole-system test `tests/streams.rs`.)
+
+use std::collections::BTreeSet;
+
+use serde_json::{Value as Json, json};
+use walsync_rules::{RequestContext, RowRef, RulesError, StreamRequest, Subscription, SyncRules};
+use walsync_types::{BucketReason, StreamError, Value};
+
+const RULES: &str = r#"
+config:
+  edition: 3
+with:
+  my_projects: SELECT project_id FROM project_members WHERE user_id = auth.user_id()
+streams:
+  projects:
+    auto_subscribe: true
+    priority: 1
+    query: SELECT * FROM projects WHERE id IN my_projects
+  own_notes:
+    auto_subscribe: true
+    query: SELECT id, body AS text FROM notes WHERE owner = auth.user_id()
+  responses:
+    query: |
+      SELECT * FROM responses
+      WHERE project_id = subscription.parameter('project_id')
+        AND project_id IN (SELECT project_id FROM project_members WHERE user_id = auth.user_id())
+        AND NOT deleted
+  by_join:
+    query: |
+      SELECT r.* FROM responses r JOIN project_members m ON r.project_id = m.project_id
+      WHERE m.user_id = auth.user_id() AND m.role = 'owner'
+  tagged:
+    query: SELECT * FROM notes WHERE subscription.parameter('tag') = ANY(tags) OR owner = auth.parameter('team')
+  admin_all:
+    query: SELECT * FROM notes WHERE auth.parameter('role') = 'admin'
+  org_data:
+    with:
+      orgs: SELECT org_id FROM org_members WHERE user_id = auth.user_id()
+    queries:
+      - SELECT * FROM repos WHERE org_id IN orgs
+      - SELECT * FROM settings WHERE org_id IN (SELECT org_id FROM orgs)
+"#;
+
+struct Row {
+    table: &'static str,
+    columns: Vec<String>,
+    values: Vec<Value>,
+}
+
+fn row(table: &'static str, pairs: &[(&str, Value)]) -> Row {
+    Row {
+        table,
+        columns: pairs.iter().map(|(c, _)| c.to_string()).collect(),
+        values: pairs.iter().map(|(_, v)| v.clone()).collect(),
+    }
+}
+
+impl Row {
+    fn r(&self) -> RowRef<'_> {
+        RowRef {
+            schema: "public",
+            table: self.table,
+            columns: &self.columns,
+            values: &self.values,
+        }
+    }
+}
+
+fn t(s: &str) -> Value {
+    Value::Text(s.into())
+}
+
+fn data() -> Vec<Row> {
+    let member = |id: i64, p: i64, u: &str, role: &str| {
+        row(
+            "project_members",
+            &[
+                ("id", Value::Int(id)),
+                ("project_id", Value::Int(p)),
+                ("user_id", t(u)),
+                ("role", t(role)),
+            ],
+        )
+    };
+    let response = |id: &str, p: i64, deleted: bool| {
+        row(
+            "responses",
+            &[
+                ("id", t(id)),
+                ("project_id", Value::Int(p)),
+                ("deleted", Value::Bool(deleted)),
+            ],
+        )
+    };
+    let note = |id: &str, owner: &str, tags: &[&str]| {
+        row(
+            "notes",
+            &[
+                ("id", t(id)),
+                ("owner", t(owner)),
+                ("body", t("héllo \"quoted\"")),
+                ("tags", Value::Array(tags.iter().map(|s| t(s)).collect())),
+            ],
+        )
+    };
+    vec![
+        row("projects", &[("id", Value::Int(1)), ("name", t("one"))]),
+        row("projects", &[("id", Value::Int(2)), ("name", t("two"))]),
+        member(10, 1, "u1", "owner"),
+        member(11, 2, "u2", "viewer"),
+        member(12, 2, "u1", "viewer"),
+        response("0f8e-a", 1, false),
+        response("0f8e-b", 1, true),
+        response("0f8e-c", 2, false),
+        note("n1", "u1", &["red", "blue"]),
+        note("n2", "u2", &["blue"]),
+        note("n3", "blue-team", &[]),
+        row("org_members", &[("org_id", t("o1")), ("user_id", t("u1"))]),
+        row("repos", &[("id", t("r1")), ("org_id", t("o1"))]),
+        row("repos", &[("id", t("r2")), ("org_id", t("o2"))]),
+        row("settings", &[("id", t("s1")), ("org_id", t("o1"))]),
+    ]
+}
+
+/// The rows (table, id) a selection gives, resolving lookups from the parameter rows as the
+/// store would.
+fn rows_of(
+    rules: &SyncRules,
+    request: &RequestContext,
+    wanted: &StreamRequest,
+) -> Vec<BTreeSet<(String, String)>> {
+    let rows = data();
+    let entries: Vec<_> = rows
+        .iter()
+        .flat_map(|r| rules.evaluate_lookups(&r.r()))
+        .collect();
+    let selection = rules.select(request, wanted);
+    selection
+        .parts
+        .iter()
+        .map(|part| {
+            let mut buckets: BTreeSet<String> = part.buckets.iter().cloned().collect();
+            for key in &part.lookups {
+                for e in entries.iter().filter(|e| &e.key == key) {
+                    buckets.insert(walsync_types::bucket_id(&key.definition, &e.parameters));
+                }
+            }
+            rows.iter()
+                .flat_map(|r| rules.evaluate_row(&r.r()))
+                .filter(|o| buckets.contains(&o.bucket))
+                .map(|o| (o.object_type, o.object_id))
+                .collect()
+        })
+        .collect()
+}
+
+fn user(u: &str, claims: Json) -> RequestContext {
+    RequestContext {
+        user_id: u.into(),
+        claims,
+        ..Default::default()
+    }
+}
+
+fn sub(stream: &str, parameters: Json) -> Subscription {
+    Subscription {
+        stream: stream.into(),
+        parameters,
+        override_priority: Json::Null,
+    }
+}
+
+fn set(items: &[(&str, &str)]) -> BTreeSet<(String, String)> {
+    items
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+#[test]
+fn streams_route_rows_as_their_sql_means() {
+    let rules = SyncRules::from_yaml(RULES).expect("rules compile");
+    // `tagged` reads a subscription parameter with a token value in the other branch only.
+    assert_eq!(rules.warnings().len(), 1, "{:?}", rules.warnings());
+    assert!(rules.warnings()[0].contains("\"tagged\""));
+    let u1 = user("u1", json!({"team": "blue-team", "role": "admin"}));
+
+    // Defaults: the projects u1 is a member of (through a global CTE) and u1's own notes.
+    let parts = rows_of(&rules, &u1, &StreamRequest::default());
+    assert_eq!(
+        parts.len(),
+        3,
+        "bucket definitions, then two default streams by name"
+    );
+    assert_eq!(parts[1], set(&[("notes", "n1")]));
+    assert_eq!(parts[2], set(&[("projects", "1"), ("projects", "2")]));
+
+    let wanted = StreamRequest {
+        include_defaults: false,
+        subscriptions: vec![
+            sub("responses", json!({"project_id": 1})),
+            sub("responses", json!({"project_id": 3})),
+            sub("by_join", Json::Null),
+            sub("tagged", json!({"tag": "blue"})),
+            sub("admin_all", Json::Null),
+            sub("org_data", Json::Null),
+        ],
+    };
+    let parts = rows_of(&rules, &u1, &wanted);
+    assert_eq!(parts.len(), 7);
+    // Project 1's responses that are not deleted; project 3 is not u1's.
+    assert_eq!(parts[1], set(&[("responses", "0f8e-a")]));
+    assert!(parts[2].is_empty());
+    // Responses of projects where u1 is an owner.
+    assert_eq!(
+        parts[3],
+        set(&[("responses", "0f8e-a"), ("responses", "0f8e-b")])
+    );
+    // Notes tagged blue, or owned by the token's team.
+    assert_eq!(
+        parts[4],
+        set(&[("notes", "n1"), ("notes", "n2"), ("notes", "n3")])
+    );
+    // The token says admin: every note.
+    assert_eq!(parts[5].len(), 3);
+    // Both queries of one stream, through a stream-level CTE, short and long form.
+    assert_eq!(parts[6], set(&[("repos", "r1"), ("settings", "s1")]));
+
+    // Another user: no admin claim, a member of project 2 only.
+    let u2 = user("u2", json!({}));
+    let parts = rows_of(&rules, &u2, &wanted);
+    assert!(parts[1].is_empty(), "u2 is not in project 1");
+    assert!(parts[5].is_empty(), "not an admin");
+    assert_eq!(parts[4], set(&[("notes", "n1"), ("notes", "n2")]));
+
+    // A selected column renamed: the data carries the alias.
+    let note = data()
+        .into_iter()
+        .find(|r| r.table == "notes")
+        .expect("a note");
+    let out = rules.evaluate_row(&note.r());
+    let own = out
+        .iter()
+        .find(|o| o.bucket.starts_with("own_notes"))
+        .expect("in own_notes");
+    assert_eq!(own.data, r#"{"id":"n1","text":"héllo \"quoted\""}"#);
+}
+
+#[test]
+fn subscriptions_carry_reasons_priorities_and_their_own_errors() {
+    let rules = SyncRules::from_yaml(RULES).expect("rules compile");
+    let u1 = user("u1", json!({}));
+    let wanted = StreamRequest {
+        include_defaults: true,
+        subscriptions: vec![
+            sub("nope", Json::Null),
+            sub("responses", json!([1])),
+            Subscription {
+                override_priority: json!(7),
+                ..sub("responses", json!({"project_id": 1}))
+            },
+            Subscription {
+                override_priority: json!(0),
+                ..sub("responses", json!({"project_id": 1}))
+            },
+            sub("projects", Json::Null),
+        ],
+    };
+    let selection = rules.select(&u1, &wanted);
+    let names: Vec<&str> = selection.streams.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["own_notes", "projects", "nope", "responses"]);
+    assert!(selection.streams[1].is_default && !selection.streams[3].is_default);
+    assert_eq!(
+        selection.streams[2].errors,
+        [StreamError {
+            subscription: Some(0),
+            message: "there is no stream named \"nope\"".into()
+        }]
+    );
+    let errors: Vec<Option<u32>> = selection.streams[3]
+        .errors
+        .iter()
+        .map(|e| e.subscription)
+        .collect();
+    assert_eq!(
+        errors,
+        [Some(1), Some(2)],
+        "{:?}",
+        selection.streams[3].errors
+    );
+    let reasons: Vec<(Option<BucketReason>, Option<u8>)> = selection
+        .parts
+        .iter()
+        .map(|p| (p.reason, p.priority))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            (None, None),
+            (Some(BucketReason::Default { default: 0 }), None),
+            (Some(BucketReason::Default { default: 1 }), None),
+            (Some(BucketReason::Subscription { sub: 3 }), Some(0)),
+            (Some(BucketReason::Subscription { sub: 4 }), None),
+        ]
+    );
+    assert_eq!(
+        rules
+            .streams()
+            .iter()
+            .find(|s| s.name == "projects")
+            .map(|s| s.priority),
+        Some(1)
+    );
+}
+
+fn error(yaml: &str) -> String {
+    match SyncRules::from_yaml(yaml) {
+        Ok(_) => panic!("accepted: {yaml}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_streams_are_refused_naming_the_stream_the_query_and_the_part() {
+    let e = error(
+        "streams:\n  s:\n    query: SELECT * FROM a WHERE x IN (SELECT y FROM b WHERE z IN (SELECT w FROM c WHERE u = auth.user_id()))\n",
+    );
+    assert!(e.starts_with("stream \"s\", query 1 `SELECT"), "{e}");
+    assert!(e.contains("nested subqueries"), "{e}");
+
+    let e = error(
+        "streams:\n  s:\n    queries:\n      - SELECT * FROM a\n      - SELECT * FROM b WHERE b.x = auth.user_id() + 1\n",
+    );
+    assert!(e.contains("query 2"), "{e}");
+
+    let e = error(
+        "bucket_definitions:\n  s:\n    data: [SELECT * FROM a]\nstreams:\n  s:\n    query: SELECT * FROM a\n",
+    );
+    assert!(e.contains("has the name of a bucket definition"), "{e}");
+
+    let e = error(
+        "streams:\n  s:\n    query: SELECT * FROM a JOIN b ON a.x = b.y JOIN c ON a.z = c.w WHERE b.u = auth.user_id()\n",
+    );
+    assert!(e.contains("one JOIN"), "{e}");
+
+    let e = error(
+        "streams:\n  s:\n    query: SELECT a.*, b.secret FROM a JOIN b ON a.x = b.y WHERE b.u = auth.user_id()\n",
+    );
+    assert!(e.contains("b.secret") && e.contains("joined table"), "{e}");
+
+    let e = error(
+        "streams:\n  s:\n    with:\n      two: SELECT a, b FROM t WHERE u = auth.user_id()\n    query: SELECT * FROM x WHERE y IN two\n",
+    );
+    assert!(e.contains("several columns"), "{e}");
+
+    let e = error("streams:\n  s:\n    priority: 9\n    query: SELECT * FROM a\n");
+    assert!(e.contains("priority 9"), "{e}");
+
+    let e = error(
+        "streams:\n  s:\n    query: SELECT * FROM a WHERE x = auth.user_id() AND y IN (SELECT id FROM b WHERE o = auth.user_id())\n",
+    );
+    assert!(e.contains("beside a subquery"), "{e}");
+
+    let e =
+        error("streams:\n  s:\n    query: SELECT * FROM a WHERE x = subscription.parameter(1)\n");
+    assert!(e.contains("string literal"), "{e}");
+
+    assert!(matches!(
+        SyncRules::from_yaml("config:\n  edition: 3\n"),
+        Err(RulesError::Yaml(_))
+    ));
+}
+
+#[test]
+fn a_global_stream_is_one_bucket_and_changes_of_the_stream_change_the_fingerprint() {
+    let a = SyncRules::from_yaml(
+        "streams:\n  all:\n    auto_subscribe: true\n    query: SELECT * FROM categories\n",
+    )
+    .expect("compiles");
+    let (buckets, lookups) = a.resolve_request(&user("anyone", json!({})));
+    assert_eq!(buckets, ["all[]"]);
+    assert!(lookups.is_empty());
+    let b = SyncRules::from_yaml(
+        "streams:\n  all:\n    auto_subscribe: false\n    query: SELECT * FROM categories\n",
+    )
+    .expect("compiles");
+    assert_ne!(a.fingerprint(), b.fingerprint());
+    assert!(b.resolve_request(&user("anyone", json!({}))).0.is_empty());
+}
