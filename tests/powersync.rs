@@ -121,7 +121,19 @@ struct NodeClient {
 
 impl NodeClient {
     async fn start(dir: &Path, url: &str, token: &str, db: &Path) -> anyhow::Result<NodeClient> {
+        NodeClient::start_over(dir, url, token, db, "http").await
+    }
+
+    /// A client over `transport`: `http`, or `websocket` (RSocket, as React Native connects).
+    async fn start_over(
+        dir: &Path,
+        url: &str,
+        token: &str,
+        db: &Path,
+        transport: &str,
+    ) -> anyhow::Result<NodeClient> {
         let mut child = Command::new("node")
+            .env("WALSYNC_PS_TRANSPORT", transport)
             .arg("client.mjs")
             .arg(url)
             .arg(token)
@@ -599,5 +611,77 @@ async fn the_powersync_node_client_subscribes_to_streams_with_parameters() -> an
         .await?;
     client.send("exit").await?;
     let _ = client.child.wait().await;
+    Ok(())
+}
+
+/// The same client over `connectionMethod: WebSocket` (RSocket on a WebSocket, React Native's
+/// default): the initial sync, live changes, a reconnect with changes made meanwhile, and a
+/// server restart on the same port with changes made while it was down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_powersync_node_client_syncs_over_websocket() -> anyhow::Result<()> {
+    let Some((dir, s, service)) = prepare().await? else {
+        return Ok(());
+    };
+    walsync_client::install_crypto();
+    let url = service.url();
+    let db = s.dir.path().join("powersync-ws-u1.db");
+    let mut client =
+        NodeClient::start_over(&dir, &url, &service::token("u1"), &db, "websocket").await?;
+    client
+        .until(
+            &expected_tables(&s, "u1").await?,
+            "initial sync over websocket",
+        )
+        .await?;
+    let sent = |url: String| async move {
+        service::metric(
+            &url,
+            "walsync_sync_lines_sent_total{transport=\"websocket\"}",
+        )
+        .await
+    };
+    assert!(
+        sent(url.clone()).await? > 0.0,
+        "the lines went over the websocket"
+    );
+
+    s.sql
+        .batch_execute(
+            "UPDATE assessment_responses SET answer = 'over rsocket' WHERE project_id = 1;
+             INSERT INTO teams (project_id, name) VALUES (1, 'ws');",
+        )
+        .await?;
+    client
+        .until(&expected_tables(&s, "u1").await?, "live changes")
+        .await?;
+
+    client.send("disconnect").await?;
+    seed::workload(&s.sql, 5, 30).await?;
+    client.send("connect").await?;
+    client
+        .until(&expected_tables(&s, "u1").await?, "after a reconnect")
+        .await?;
+
+    // The server stops; PostgreSQL changes meanwhile; a new server on the same port.
+    let listen: std::net::SocketAddr = url.trim_start_matches("http://").parse()?;
+    service.stop().await;
+    s.sql
+        .batch_execute("UPDATE projects SET description = 'while walsync was down' WHERE id = 1")
+        .await?;
+    let mut config = service::config(&s, ServerConfig::default());
+    config.server.listen = listen;
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/walsync.toml");
+    config.writes = walsync::Config::load(&example)?.writes;
+    let service = Service::start(config).await?;
+    client
+        .until(&expected_tables(&s, "u1").await?, "after a server restart")
+        .await?;
+    assert!(
+        sent(service.url()).await? > 0.0,
+        "it came back over the websocket"
+    );
+    client.send("exit").await?;
+    let _ = client.child.wait().await;
+    service.stop().await;
     Ok(())
 }

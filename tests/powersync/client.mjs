@@ -4,11 +4,17 @@
 // stdin: "disconnect", "connect", "reconnect", "exec {sql, params}" (a local write, uploaded by
 // uploadData), "subscribe {stream, params, priority, ttl}" and "unsubscribe {stream, params}"
 // (Sync Streams), "streams" (the SDK's view of them), "internals" and "exit".
-import { PowerSyncDatabase, Schema, Table, column } from '@powersync/node';
+import { PowerSyncDatabase, Schema, SyncStreamConnectionMethod, Table, column } from '@powersync/node';
 import * as path from 'node:path';
 import * as readline from 'node:readline';
 
 const [endpoint, token, dbPath] = process.argv.slice(2);
+// WALSYNC_PS_TRANSPORT=websocket: RSocket over a WebSocket, as React Native connects; else HTTP.
+const connectOptions = {
+  connectionMethod: process.env.WALSYNC_PS_TRANSPORT === 'websocket'
+    ? SyncStreamConnectionMethod.WEB_SOCKET
+    : SyncStreamConnectionMethod.HTTP,
+};
 
 // The seed app's tables; columns beyond these are kept by the client but not compared.
 const TABLES = {
@@ -96,7 +102,7 @@ db.registerListener({
     if (s.dataFlowStatus?.downloadError) say({ error: String(s.dataFlowStatus.downloadError) });
   },
 });
-await db.connect(connector);
+await db.connect(connector, connectOptions);
 
 const subscriptions = new Map();
 let last = '';
@@ -108,11 +114,11 @@ rl.on('line', async (line) => {
       await db.disconnect();
       say({ disconnected: true });
     } else if (line === 'connect') {
-      await db.connect(connector);
+      await db.connect(connector, connectOptions);
       say({ connected: true });
     } else if (line === 'reconnect') {
       await db.disconnect();
-      await db.connect(connector);
+      await db.connect(connector, connectOptions);
       say({ reconnected: true });
     } else if (line.startsWith('subscribe ')) {
       // A Sync Streams subscription: {stream, params, priority, ttl}; kept until unsubscribed.

@@ -18,6 +18,7 @@ pub mod pb {
     tonic::include_proto!("walsync.v1");
 }
 
+pub mod rsocket;
 pub mod upload;
 
 /// The default priority of a bucket (PowerSync's).

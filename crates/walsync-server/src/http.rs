@@ -70,7 +70,10 @@ pub(crate) async fn method_not_allowed(
 
 pub(crate) fn router<S: BucketStore + 'static>(server: Arc<Server<S>>) -> Router {
     Router::new()
-        .route("/sync/stream", post(sync_stream::<S>))
+        .route(
+            "/sync/stream",
+            post(sync_stream::<S>).get(crate::websocket::upgrade::<S>),
+        )
         .route("/write-checkpoint2.json", get(write_checkpoint::<S>))
         .route("/write", post(upload::<S>))
         .route("/presence", post(crate::presence::post::<S>))

@@ -29,6 +29,7 @@ mod http;
 pub mod metrics;
 mod presence;
 mod upload;
+mod websocket;
 mod write_checkpoint;
 
 use std::sync::{Arc, OnceLock};
