@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::summary::Summary;
-use super::{memory, replicator, snapshot, sync, upload};
+use super::{memory, replicator, snapshot, streams, sync, upload};
 
 #[derive(Debug, Args)]
 pub(crate) struct AllArgs {
@@ -118,6 +118,8 @@ pub(crate) fn run(a: AllArgs) -> anyhow::Result<Summary> {
         "grpc,http",
     ])?)?);
     // Writes.
+    eprintln!("== sync streams");
+    out.extend(streams::run(args(&[])?)?);
     eprintln!("== upload");
     out.extend(upload::run(args(&[])?)?);
 

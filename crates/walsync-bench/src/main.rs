@@ -7,6 +7,7 @@
 
 mod all;
 mod apply;
+mod client;
 mod compaction;
 mod engines;
 mod memory;
@@ -14,6 +15,7 @@ mod presence;
 mod replicator;
 mod snapshot;
 mod source;
+mod streams;
 mod summary;
 mod sync;
 mod upload;
@@ -57,6 +59,12 @@ enum Which {
     /// Presence fan-out: users in rooms over gRPC, messages delivered per second and their
     /// latency.
     Presence(presence::PresenceArgs),
+    /// The real PowerSync Node.js client's initial download over NDJSON, BSON and RSocket,
+    /// beside walsync's Rust client on the same bucket.
+    Client(client::ClientArgs),
+    /// Sync Streams: one user's full checkpoint at 50,000 buckets, from a default stream, from
+    /// as many subscriptions, and from both.
+    Streams(streams::StreamsArgs),
     /// Uploads through `POST /write` beside the same changes written straight to PostgreSQL;
     /// the time from an upload's reply to the writer's own stream holding it.
     Upload(upload::UploadArgs),
@@ -81,6 +89,8 @@ fn main() -> anyhow::Result<()> {
         Which::Sync(a) => sync::run(a).map(drop),
         Which::Presence(a) => presence::run(a),
         Which::Upload(a) => upload::run(a).map(drop),
+        Which::Streams(a) => streams::run(a).map(drop),
+        Which::Client(a) => client::run(a).map(drop),
         Which::Serve(a) => walsync::serve::serve(a),
     }
 }

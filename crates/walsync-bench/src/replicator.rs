@@ -84,7 +84,7 @@ pub(super) async fn finish(r: Running) -> anyhow::Result<()> {
 }
 
 /// Waits until `rows` rows are durable; the storage commits that took.
-async fn wait_rows(r: &mut Running, rows: u64) -> anyhow::Result<u64> {
+pub(super) async fn wait_rows(r: &mut Running, rows: u64) -> anyhow::Result<u64> {
     while r.progress.borrow().rows < rows {
         tokio::time::timeout(Duration::from_secs(600), r.progress.changed()).await??;
     }
@@ -102,7 +102,7 @@ struct WorkloadResult {
     commits: u64,
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
+pub(super) fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
 }

@@ -126,7 +126,7 @@ pub(crate) async fn wait_ready(url: &str) -> anyhow::Result<()> {
 }
 
 /// Waits until the slot has confirmed everything written so far (the store committed it).
-async fn wait_replicated(sql: &tokio_postgres::Client) -> anyhow::Result<()> {
+pub(crate) async fn wait_replicated(sql: &tokio_postgres::Client) -> anyhow::Result<()> {
     let target: String = sql
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await?
@@ -477,7 +477,7 @@ async fn idle_streams(
     Ok((held, conns, before, after))
 }
 
-async fn download(url: &str, transport: &str) -> anyhow::Result<(usize, f64)> {
+pub(crate) async fn download(url: &str, transport: &str) -> anyhow::Result<(usize, f64)> {
     let t = match transport {
         "http" => walsync_client::Transport::Http,
         _ => walsync_client::Transport::Grpc,

@@ -387,6 +387,9 @@ impl SyncRules {
                 });
             }
         }
+        // One context for every subscription, its parameters swapped in (the token's claims
+        // are not copied per subscription).
+        let mut context = base.clone();
         for (i, sub) in wanted.subscriptions.iter().enumerate() {
             let Some(index) = self.streams().iter().position(|s| s.name == sub.stream) else {
                 let status = match selection.streams.iter().position(|s| s.name == sub.stream) {
@@ -443,10 +446,7 @@ impl SyncRules {
                     continue;
                 }
             };
-            let context = RequestContext {
-                subscription: sub.parameters.clone(),
-                ..base.clone()
-            };
+            context.subscription = sub.parameters.clone();
             let (buckets, lookups) = self.resolve_definitions(&context, definitions(Some(index)));
             selection.parts.push(SelectionPart {
                 reason: Some(BucketReason::Subscription { sub: i as u32 }),
