@@ -25,8 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use tokio::time::Instant;
 use walsync_protocol::rsocket::{Frame, code, decode};
@@ -41,8 +42,16 @@ const PATH: &str = "/sync/stream";
 
 pub(crate) async fn upgrade<S: BucketStore + 'static>(
     State(server): State<Arc<Server<S>>>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    // A plain GET is not a stream: the JSON error every other wrong method gets.
+    let Ok(ws) = ws else {
+        return ApiError::new(
+            ErrorCode::MethodNotAllowed,
+            "GET /sync/stream opens a WebSocket (RSocket) and needs the upgrade headers; POST opens the HTTP stream",
+        )
+        .into_response();
+    };
     let limit = server.config.max_request_bytes.max(1024);
     ws.max_message_size(limit)
         .max_frame_size(limit)
