@@ -40,6 +40,16 @@ CREATE TABLE responses (
     deleted boolean NOT NULL DEFAULT false,
     answered_at timestamptz
 );
+CREATE TABLE issues (
+    id uuid PRIMARY KEY,
+    project_id uuid NOT NULL,
+    open boolean NOT NULL
+);
+CREATE TABLE comments (
+    id uuid PRIMARY KEY,
+    issue_id uuid NOT NULL,
+    body text
+);
 CREATE PUBLICATION walsync FOR ALL TABLES;
 "#;
 
@@ -47,10 +57,14 @@ CREATE PUBLICATION walsync FOR ALL TABLES;
 const MY_PROJECTS: &str = "SELECT * FROM projects WHERE id IN (SELECT project_id FROM project_members WHERE user_id = auth.user_id()) AND NOT archived";
 const PROJECT_RESPONSES: &str = "SELECT * FROM responses WHERE project_id = subscription.parameter('project') AND project_id IN (SELECT project_id FROM project_members WHERE user_id = auth.user_id()) AND NOT deleted";
 const OWNED: &str = "SELECT r.* FROM responses r JOIN project_members m ON r.project_id = m.project_id WHERE m.user_id = auth.user_id() AND m.role = 'owner'";
+/// Two levels: comments of open issues of the user's projects (a chained lookup).
+const NESTED: &str = "SELECT * FROM comments WHERE issue_id IN (SELECT id FROM issues WHERE open AND project_id IN (SELECT project_id FROM project_members WHERE user_id = auth.user_id()))";
+/// The same two levels as joins, for owners only.
+const JOINED: &str = "SELECT c.* FROM comments c JOIN issues i ON c.issue_id = i.id JOIN project_members m ON i.project_id = m.project_id WHERE m.user_id = auth.user_id() AND m.role = 'owner'";
 
 fn rules() -> String {
     format!(
-        "config:\n  edition: 3\nstreams:\n  my_projects:\n    auto_subscribe: true\n    priority: 1\n    query: {MY_PROJECTS}\n  project_responses:\n    query: {PROJECT_RESPONSES}\n  owned:\n    query: {OWNED}\n"
+        "config:\n  edition: 3\nstreams:\n  my_projects:\n    auto_subscribe: true\n    priority: 1\n    query: {MY_PROJECTS}\n  project_responses:\n    query: {PROJECT_RESPONSES}\n  owned:\n    query: {OWNED}\n  nested:\n    query: {NESTED}\n  joined:\n    query: {JOINED}\n"
     )
 }
 
@@ -104,6 +118,8 @@ async fn expected(
                 want.extend(oracle(s, "responses", PROJECT_RESPONSES, user, &sub.parameters).await?)
             }
             "owned" => want.extend(oracle(s, "responses", OWNED, user, &sub.parameters).await?),
+            "nested" => want.extend(oracle(s, "comments", NESTED, user, &sub.parameters).await?),
+            "joined" => want.extend(oracle(s, "comments", JOINED, user, &sub.parameters).await?),
             "my_projects" => {
                 want.extend(oracle(s, "projects", MY_PROJECTS, user, &sub.parameters).await?)
             }
@@ -160,7 +176,13 @@ async fn data(s: &seed::Setup) -> anyhow::Result<()> {
                     (i * 1.000000000000000000001)::numeric,
                     i % 7 = 0,
                     CASE WHEN i % 2 = 0 THEN '1901-01-01 00:00:00+00'::timestamptz ELSE '9999-12-31 23:59:59+00'::timestamptz END
-             FROM generate_series(1, 240) i;"
+             FROM generate_series(1, 240) i;
+             INSERT INTO issues
+             SELECT md5('issue' || i)::uuid, (ARRAY['{p1}', '{p2}', '{p3}']::uuid[])[1 + i % 3], i % 4 <> 0
+             FROM generate_series(1, 30) i;
+             INSERT INTO comments
+             SELECT md5('comment' || i)::uuid, md5('issue' || (1 + i % 30))::uuid, 'c' || i
+             FROM generate_series(1, 150) i;"
         ))
         .await?;
     Ok(())
@@ -186,6 +208,7 @@ async fn subscribed_streams_hold_what_postgres_returns_for_their_queries() -> an
         subscriptions: vec![
             subscribe("project_responses", json!({"project": p1})),
             subscribe("owned", Json::Null),
+            subscribe("nested", Json::Null),
         ],
     };
     let u2_streams = StreamsRequest {
@@ -194,6 +217,7 @@ async fn subscribed_streams_hold_what_postgres_returns_for_their_queries() -> an
             subscribe("project_responses", json!({"project": p1})),
             subscribe("project_responses", json!({"project": p3})),
             subscribe("nope", Json::Null),
+            subscribe("joined", Json::Null),
         ],
     };
     let mut u1 = SyncClient::new(Connector::new(&url, Transport::Http, &token("u1"))?, "u1");
@@ -213,7 +237,11 @@ async fn subscribed_streams_hold_what_postgres_returns_for_their_queries() -> an
              UPDATE responses SET project_id = '{p2}' WHERE id IN (SELECT id FROM responses WHERE project_id = '{p1}' ORDER BY id LIMIT 5);
              UPDATE responses SET deleted = NOT deleted WHERE score::int % 5 = 0;
              UPDATE projects SET archived = true WHERE id = '{p2}';
-             UPDATE project_members SET role = 'owner' WHERE project_id = '{p2}' AND user_id = 'u1';"
+             UPDATE project_members SET role = 'owner' WHERE project_id = '{p2}' AND user_id = 'u1';
+             UPDATE issues SET project_id = '{p3}' WHERE id IN (SELECT id FROM issues WHERE project_id = '{p1}' ORDER BY id LIMIT 3);
+             UPDATE issues SET open = NOT open WHERE id IN (SELECT id FROM issues ORDER BY id DESC LIMIT 4);
+             UPDATE comments SET issue_id = md5('issue1')::uuid WHERE id IN (SELECT id FROM comments ORDER BY id LIMIT 10);
+             INSERT INTO project_members VALUES ('{p3}', 'u1', 'owner');"
         ))
         .await?;
     converge(&s, &mut u1, "u1", &u1_streams).await?;

@@ -58,6 +58,13 @@ pub(crate) fn ident(i: &Ident) -> String {
 }
 
 pub(crate) fn compile(sql: &str, role: Role) -> Result<Compiled, String> {
+    compile_with(sql, role, false)
+}
+
+/// [`compile`], where `chains` also accepts `chain.value(N)`: the values parameter query `N`
+/// of the same definition finds (what a stream's nested subquery or join compiles into; not
+/// for rules files).
+pub(crate) fn compile_with(sql: &str, role: Role, chains: bool) -> Result<Compiled, String> {
     let statements =
         Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|e| format!("cannot parse: {e}"))?;
     let [Statement::Query(query)] = statements.as_slice() else {
@@ -106,6 +113,7 @@ pub(crate) fn compile(sql: &str, role: Role) -> Result<Compiled, String> {
         role,
         untrusted: false,
         has_table: table.is_some(),
+        chains,
     };
     let mut items = Vec::new();
     for item in &select.projection {
@@ -171,6 +179,7 @@ struct Compiler {
     role: Role,
     untrusted: bool,
     has_table: bool,
+    chains: bool,
 }
 
 impl Compiler {
@@ -403,6 +412,9 @@ impl Compiler {
                     as_text,
                 }
             }
+            Expr::Function(f) if self.chains && chain_function(f).is_some() => {
+                Operand::Unknown(format!("chain:{}", chain_function(f).unwrap_or_default()))
+            }
             Expr::Function(f) if self.request_value(f)?.is_some() => {
                 Operand::Unknown(self.request_value(f)?.unwrap_or_default())
             }
@@ -489,6 +501,24 @@ impl Compiler {
             ));
         }
         Ok(())
+    }
+}
+
+/// `chain.value(N)`: N.
+fn chain_function(f: &sqlparser::ast::Function) -> Option<u32> {
+    let parts: Vec<String> = f.name.0.iter().map(|p| p.to_string()).collect();
+    if parts != ["chain", "value"] {
+        return None;
+    }
+    match &f.args {
+        FunctionArguments::List(l) => match l.args.as_slice() {
+            [FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v)))] => match &v.value {
+                SqlValue::Number(n, _) => n.parse().ok(),
+                _ => None,
+            },
+            _ => None,
+        },
+        _ => None,
     }
 }
 

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Deserialize;
 
 use crate::RulesError;
-use crate::compile::{Item, Role, TableMatch, compile};
+use crate::compile::{Item, Role, TableMatch, compile, compile_with};
 use crate::expr::{Cast, Filter, Operand};
 use crate::reads::{QueryRead, bound_columns};
 use crate::streams::{Stream, StreamYaml, compile_query};
@@ -59,6 +59,9 @@ pub struct BucketDefinition {
     pub(crate) parameter_types: Vec<Option<Cast>>,
     pub(crate) static_queries: Vec<StaticQuery>,
     pub(crate) table_queries: Vec<TableQuery>,
+    /// Queries whose values feed another query's `chain.value(N)` (a stream's nested subquery
+    /// or join): each has one output and its own lookup entries, and names no bucket.
+    pub(crate) chained_queries: Vec<TableQuery>,
     pub(crate) data_queries: Vec<DataQuery>,
     /// What its queries over tables read, for checks against a database.
     pub(crate) reads: Vec<QueryRead>,
@@ -125,6 +128,10 @@ struct DefinitionYaml {
     priority: Option<u8>,
     #[serde(default)]
     accept_potentially_dangerous_queries: bool,
+    /// Compiled from a stream: `chain.value(N)` is allowed, and these queries (numbered after
+    /// the parameter queries) feed it.
+    #[serde(skip)]
+    chained: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -166,7 +173,7 @@ impl SyncRules {
         }
         let mut tables = BTreeSet::new();
         for d in &definitions {
-            for q in &d.table_queries {
+            for q in d.table_queries.iter().chain(&d.chained_queries) {
                 tables.insert((q.table.schema.clone(), q.table.name.clone()));
             }
             for q in &d.data_queries {
@@ -252,10 +259,62 @@ fn definition(
         parameter_types: Vec::new(),
         static_queries: Vec::new(),
         table_queries: Vec::new(),
+        chained_queries: Vec::new(),
         data_queries: Vec::new(),
         reads: Vec::new(),
         stream: None,
     };
+    let first_chained = parameter_sql.len();
+    for (k, sql) in def.chained.iter().enumerate() {
+        let index = first_chained + k;
+        let err = |message: String| RulesError::Query {
+            definition: name.into(),
+            query: format!("parameter query {}", index + 1),
+            sql: sql.clone(),
+            message,
+        };
+        let c = compile_with(sql, Role::Parameter, true).map_err(err)?;
+        let Some((table, _)) = c.table else {
+            return Err(err("a subquery must read a table".into()));
+        };
+        let outputs: Vec<Operand> = c
+            .items
+            .into_iter()
+            .filter_map(|i| match i {
+                Item::Expr { operand, .. } => Some(operand),
+                Item::All => None,
+            })
+            .collect();
+        if outputs.len() != 1 || !outputs[0].is_known() {
+            return Err(err("a subquery must select one column of its table".into()));
+        }
+        let sets = c.filter.bound_sets();
+        let all: BTreeSet<String> = sets.iter().flatten().cloned().collect();
+        if all.is_empty() || sets.iter().any(|s| *s != all) {
+            return Err(err(
+                "a subquery must match its rows to the request (or to the subquery inside it) in every OR branch"
+                    .into(),
+            ));
+        }
+        if all.iter().filter(|u| u.starts_with("chain:")).count() > 1 {
+            return Err(err("one subquery inside a subquery at most".into()));
+        }
+        out.reads.push(QueryRead::of(
+            name,
+            format!("parameter query {}", index + 1),
+            sql,
+            &table,
+            outputs.iter(),
+            &c.filter,
+        ));
+        out.chained_queries.push(TableQuery {
+            index: index as u32,
+            table,
+            outputs,
+            filter: c.filter,
+            unknowns: all.into_iter().collect(),
+        });
+    }
     for (i, sql) in parameter_sql.iter().enumerate() {
         let err = |message: String| RulesError::Query {
             definition: name.into(),
@@ -263,7 +322,7 @@ fn definition(
             sql: sql.clone(),
             message,
         };
-        let c = compile(sql, Role::Parameter).map_err(err)?;
+        let c = compile_with(sql, Role::Parameter, !def.chained.is_empty()).map_err(err)?;
         if c.untrusted && !def.accept_potentially_dangerous_queries {
             warnings.push(format!(
                 "bucket definition {name:?}, parameter query {}: uses request.parameters(), which the client controls; \
@@ -501,6 +560,7 @@ fn stream(
             data: vec![v.data],
             priority: Some(priority),
             accept_potentially_dangerous_queries: true,
+            chained: v.chained,
         };
         let mut def = definition(&def_name, generated, &mut Vec::new()).map_err(|e| match e {
             RulesError::Query {

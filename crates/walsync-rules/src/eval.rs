@@ -6,7 +6,7 @@ use walsync_types::{
 };
 
 use crate::compile::Item;
-use crate::definition::{BucketDefinition, SyncRules};
+use crate::definition::{BucketDefinition, SyncRules, TableQuery};
 use crate::expr::{Binding, Cast, canonical, cast_value};
 use crate::row::RowRef;
 
@@ -54,6 +54,58 @@ pub struct SelectionPart {
     pub priority: Option<u8>,
     pub buckets: Vec<String>,
     pub lookups: Vec<LookupKey>,
+    /// Lookups whose keys wait for values other lookups find (a stream's nested subquery or
+    /// join); the store resolves them ([`ChainedLookup`]).
+    pub chains: Vec<ChainedLookup>,
+}
+
+/// A lookup whose key waits for values another lookup finds: `key` with `values[hole]` filled
+/// by each value `source` yields. The entries found under a filled key name buckets of
+/// `key.definition`; the entries found under `source` are one value each (the JSON array of a
+/// chained query's one output), made canonical ([`canonical`]) to fill the hole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainedLookup {
+    pub key: LookupKey,
+    pub hole: usize,
+    pub source: Box<Lookup>,
+}
+
+/// Where values come from: a key the request fills alone, or another chained lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    Key(LookupKey),
+    Chained(ChainedLookup),
+}
+
+/// The lookup parameter query `q` of `def` needs for `request`: a plain key, or a chain when
+/// `q` matches a column with another query's values (`chain.value(N)`). `None` when a request
+/// value it needs is missing (no buckets).
+fn chain_of(def: &BucketDefinition, q: &TableQuery, request: &RequestContext) -> Option<Lookup> {
+    let mut values = Vec::with_capacity(q.unknowns.len());
+    let mut hole = None;
+    for (i, u) in q.unknowns.iter().enumerate() {
+        match u.strip_prefix("chain:") {
+            Some(n) => {
+                hole = Some((i, n.parse::<u32>().ok()?));
+                values.push(String::new());
+            }
+            None => values.push(canonical(&request.resolve(u))?),
+        }
+    }
+    let key = LookupKey {
+        definition: def.name.clone(),
+        query: q.index,
+        values,
+    };
+    let Some((hole, feeder)) = hole else {
+        return Some(Lookup::Key(key));
+    };
+    let feeder = def.chained_queries.iter().find(|c| c.index == feeder)?;
+    Some(Lookup::Chained(ChainedLookup {
+        key,
+        hole,
+        source: Box::new(chain_of(def, feeder, request)?),
+    }))
 }
 
 /// What a request brings: the authenticated user, the token's claims, and the client's own
@@ -285,7 +337,12 @@ impl SyncRules {
     pub fn evaluate_lookups(&self, row: &RowRef<'_>) -> Vec<LookupEntry> {
         let mut out = Vec::new();
         for def in &self.definitions {
-            for q in def.table_queries.iter().filter(|q| q.table.matches(row)) {
+            let queries = def
+                .table_queries
+                .iter()
+                .map(|q| (q, true))
+                .chain(def.chained_queries.iter().map(|q| (q, false)));
+            for (q, names_buckets) in queries.filter(|(q, _)| q.table.matches(row)) {
                 for b in q.filter.bindings(Some(row), &Binding::new()) {
                     let Some(values) = q
                         .unknowns
@@ -295,12 +352,19 @@ impl SyncRules {
                     else {
                         continue;
                     };
+                    // A chained query's one value keeps its own type: it is matched against a
+                    // column of the query it feeds, not made a bucket parameter.
                     let parameters: Vec<serde_json::Value> = q
                         .outputs
                         .iter()
-                        .zip(&def.parameter_types)
-                        .map(|(o, ty)| {
-                            parameter_json(&typed(&o.eval(Some(row), &Binding::new()), *ty))
+                        .enumerate()
+                        .map(|(i, o)| {
+                            let ty = if names_buckets {
+                                def.parameter_types.get(i).copied().flatten()
+                            } else {
+                                None
+                            };
+                            parameter_json(&typed(&o.eval(Some(row), &Binding::new()), ty))
                         })
                         .collect();
                     if parameters.iter().any(serde_json::Value::is_null) {
@@ -349,12 +413,13 @@ impl SyncRules {
             subscription: serde_json::Value::Null,
             ..request.clone()
         };
-        let (buckets, lookups) = self.resolve_definitions(&base, definitions(None));
+        let (buckets, lookups, chains) = self.resolve_definitions(&base, definitions(None));
         selection.parts.push(SelectionPart {
             reason: None,
             priority: None,
             buckets,
             lookups,
+            chains,
         });
         let status_of = |selection: &mut Selection, index: usize| -> usize {
             let stream = &self.streams()[index];
@@ -376,7 +441,8 @@ impl SyncRules {
                     continue;
                 }
                 let status = status_of(&mut selection, index);
-                let (buckets, lookups) = self.resolve_definitions(&base, definitions(Some(index)));
+                let (buckets, lookups, chains) =
+                    self.resolve_definitions(&base, definitions(Some(index)));
                 selection.parts.push(SelectionPart {
                     reason: Some(BucketReason::Default {
                         default: status as u32,
@@ -384,6 +450,7 @@ impl SyncRules {
                     priority: None,
                     buckets,
                     lookups,
+                    chains,
                 });
             }
         }
@@ -447,25 +514,28 @@ impl SyncRules {
                 }
             };
             context.subscription = sub.parameters.clone();
-            let (buckets, lookups) = self.resolve_definitions(&context, definitions(Some(index)));
+            let (buckets, lookups, chains) =
+                self.resolve_definitions(&context, definitions(Some(index)));
             selection.parts.push(SelectionPart {
                 reason: Some(BucketReason::Subscription { sub: i as u32 }),
                 priority,
                 buckets,
                 lookups,
+                chains,
             });
         }
         selection
     }
 
-    /// The static buckets and lookup keys of `definitions` for one request.
+    /// The static buckets, lookup keys and chained lookups of `definitions` for one request.
     fn resolve_definitions<'d>(
         &self,
         request: &RequestContext,
         definitions: impl Iterator<Item = &'d BucketDefinition>,
-    ) -> (Vec<String>, Vec<LookupKey>) {
+    ) -> (Vec<String>, Vec<LookupKey>, Vec<ChainedLookup>) {
         let mut buckets = Vec::new();
         let mut lookups = Vec::new();
+        let mut chains = Vec::new();
         for def in definitions {
             if def.static_queries.is_empty() && def.table_queries.is_empty() {
                 buckets.push(bucket_id(&def.name, &[]));
@@ -492,23 +562,16 @@ impl SyncRules {
                 }
             }
             for q in &def.table_queries {
-                let values: Option<Vec<String>> = q
-                    .unknowns
-                    .iter()
-                    .map(|u| canonical(&request.resolve(u)))
-                    .collect();
-                if let Some(values) = values {
-                    lookups.push(LookupKey {
-                        definition: def.name.clone(),
-                        query: q.index,
-                        values,
-                    });
+                match chain_of(def, q, request) {
+                    Some(Lookup::Key(key)) => lookups.push(key),
+                    Some(Lookup::Chained(chain)) => chains.push(chain),
+                    None => {}
                 }
             }
         }
         buckets.sort();
         buckets.dedup();
-        (buckets, lookups)
+        (buckets, lookups, chains)
     }
 
     /// The definition a bucket id belongs to.

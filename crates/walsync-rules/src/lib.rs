@@ -21,7 +21,9 @@ mod row;
 mod streams;
 
 pub use definition::{BucketDefinition, SyncRules};
-pub use eval::{RequestContext, Selection, SelectionPart, StreamRequest, Subscription};
+pub use eval::{
+    ChainedLookup, Lookup, RequestContext, Selection, SelectionPart, StreamRequest, Subscription,
+};
 pub use expr::canonical;
 pub use reads::QueryRead;
 pub use row::RowRef;

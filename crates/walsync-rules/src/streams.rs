@@ -62,6 +62,8 @@ pub struct Stream {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Variant {
     pub parameters: Vec<String>,
+    /// The queries `chain.value(N)` reads (N counts from after `parameters`).
+    pub chained: Vec<String>,
     pub data: String,
     /// The variant uses client-supplied values (subscription or connection parameters)
     /// without any value of the token.
@@ -94,20 +96,8 @@ pub(crate) fn compile_query(
     let main = Scope {
         names: vec![alias.clone().unwrap_or_else(|| last_part(&table))],
     };
-    let join = match from.joins.as_slice() {
-        [] => None,
-        [j] => Some(join_subquery(j, &main, ctes)?),
-        _ => {
-            return Err(
-                "one JOIN per query is supported: reach further tables with IN (SELECT …) inside a CTE or the join's conditions"
-                    .into(),
-            );
-        }
-    };
-    let joined_names = join
-        .as_ref()
-        .map(|(_, names)| names.clone())
-        .unwrap_or_default();
+    let (levels, joined_names) = join_chain(&from.joins, &main, ctes)?;
+    let join = (!levels.is_empty()).then_some(());
     let mut items = Vec::new();
     for item in &select.projection {
         items.push(match item {
@@ -140,28 +130,32 @@ pub(crate) fn compile_query(
     };
     let mut variants = Vec::new();
     for conjuncts in branches {
-        let mut sub: Option<Sub> = None;
         let mut rows = Vec::new();
-        let mut join_conditions = Vec::new();
+        let mut levels = levels.clone();
         for c in conjuncts {
             let q = qualifiers(&c);
-            let on_joined = q.iter().any(|n| joined_names.contains(n));
+            let joined: Vec<usize> = joined_names
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| q.contains(n))
+                .map(|(i, _)| i)
+                .collect();
             let on_main = q.iter().any(|n| main.owns(n)) || has_bare_column(&c);
-            if on_joined && on_main {
-                return Err(format!(
-                    "`{c}` compares the joined table with the synced one: put that in the JOIN's ON"
-                ));
-            }
-            if on_joined {
-                join_conditions.push(c);
-            } else {
-                rows.push(c);
+            match (joined.as_slice(), on_main) {
+                ([], _) => rows.push(c),
+                ([level], false) => levels[*level].conditions.push(c),
+                _ => {
+                    return Err(format!(
+                        "`{c}` compares columns of two tables: put that in a JOIN's ON"
+                    ));
+                }
             }
         }
-        if let Some((template, _)) = &join {
-            let mut s = template.clone();
-            s.conditions.extend(join_conditions);
-            sub = Some(s);
+        // The joins, innermost first, as subqueries inside each other.
+        let mut sub: Option<Sub> = None;
+        for mut level in levels.into_iter().rev() {
+            level.inner = sub.map(Box::new);
+            sub = Some(level);
         }
         let mut row_conditions = Vec::new();
         let mut statics: Vec<(String, String, Param)> = Vec::new();
@@ -186,12 +180,7 @@ pub(crate) fn compile_query(
                 }
             }
         }
-        let uses_token = |text: &str| {
-            let t = text.to_lowercase();
-            t.contains("auth.") || t.contains("request.user_id") || t.contains("request.jwt")
-        };
-        let mut all_request_text: Vec<String> = request_only.clone();
-        all_request_text.extend(statics.iter().map(|(_, v, _)| v.clone()));
+        let mut chained = Vec::new();
         let (parameters, data_bindings) = match sub {
             Some(mut s) => {
                 // A request value on the subquery's column is a condition of the subquery.
@@ -210,25 +199,7 @@ pub(crate) fn compile_query(
                     ));
                 }
                 s.conditions_text.extend(request_only);
-                all_request_text.extend(s.conditions_text.iter().cloned());
-                all_request_text.extend(s.conditions.iter().map(ToString::to_string));
-                let mut conditions: Vec<String> =
-                    s.conditions.iter().map(|c| format!("({c})")).collect();
-                conditions.extend(s.conditions_text.iter().map(|c| format!("({c})")));
-                let parameter = format!(
-                    "SELECT {} AS p0 FROM {}{}{}",
-                    s.selected,
-                    s.table,
-                    s.alias
-                        .as_ref()
-                        .map(|a| format!(" AS {a}"))
-                        .unwrap_or_default(),
-                    if conditions.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" WHERE {}", conditions.join(" AND "))
-                    }
-                );
+                let parameter = sub_sql(&s, "p0", &mut chained);
                 (vec![parameter], vec![format!("{} = bucket.p0", s.column)])
             }
             None => {
@@ -275,15 +246,23 @@ pub(crate) fn compile_query(
                 format!(" WHERE {}", conditions.join(" AND "))
             }
         );
-        let client_values = all_request_text.iter().any(|t| {
-            let t = t.to_lowercase();
-            t.contains("subscription.")
-                || t.contains("connection.")
-                || t.contains("request.parameters")
-        });
-        let token_values = all_request_text.iter().any(|t| uses_token(t));
+        // What the parameter queries read of the request: client values with nothing of the
+        // token let anyone ask for anything.
+        let request_text = parameters
+            .iter()
+            .chain(&chained)
+            .map(|q| q.to_lowercase())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let client_values = request_text.contains("subscription.")
+            || request_text.contains("connection.")
+            || request_text.contains("request.parameters");
+        let token_values = request_text.contains("auth.")
+            || request_text.contains("request.user_id")
+            || request_text.contains("request.jwt");
         variants.push(Variant {
             parameters,
+            chained,
             data,
             unauthorized: client_values && !token_values,
         });
@@ -302,7 +281,8 @@ enum Param {
     InArray,
 }
 
-/// `column IN (SELECT selected FROM table AS alias WHERE conditions)`.
+/// `column IN (SELECT selected FROM table AS alias WHERE conditions)`; `inner` is a subquery
+/// (or the next join) inside it, on a column of `table`.
 #[derive(Debug, Clone)]
 struct Sub {
     column: String,
@@ -311,6 +291,35 @@ struct Sub {
     alias: Option<String>,
     conditions: Vec<Expr>,
     conditions_text: Vec<String>,
+    inner: Option<Box<Sub>>,
+}
+
+/// The parameter query of `s` selecting its value as `output`; each subquery inside it becomes
+/// one of `chained` (numbered after the definition's one parameter query), which it reads with
+/// `chain.value(N)`.
+fn sub_sql(s: &Sub, output: &str, chained: &mut Vec<String>) -> String {
+    let mut conditions: Vec<String> = s.conditions.iter().map(|c| format!("({c})")).collect();
+    conditions.extend(s.conditions_text.iter().map(|c| format!("({c})")));
+    if let Some(inner) = &s.inner {
+        let slot = chained.len();
+        chained.push(String::new());
+        chained[slot] = sub_sql(inner, "v", chained);
+        conditions.push(format!("{} = chain.value({})", inner.column, slot + 1));
+    }
+    format!(
+        "SELECT {} AS {output} FROM {}{}{}",
+        s.selected,
+        s.table,
+        s.alias
+            .as_ref()
+            .map(|a| format!(" AS {a}"))
+            .unwrap_or_default(),
+        if conditions.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conditions.join(" AND "))
+        }
+    )
 }
 
 enum Conjunct {
@@ -426,69 +435,92 @@ fn expand_in_cte(sql: &str, ctes: &BTreeMap<String, String>) -> Result<String, S
     Ok(out)
 }
 
-/// The subquery a `JOIN` stands for, and the names the joined table answers to.
-fn join_subquery(
-    j: &sqlparser::ast::Join,
+/// The `JOIN`s as subqueries, outermost first (each joined on a column of the table before
+/// it: the synced table, then the previous join), and the names each joined table answers to.
+fn join_chain(
+    joins: &[sqlparser::ast::Join],
     main: &Scope,
     ctes: &BTreeMap<String, String>,
-) -> Result<(Sub, Vec<String>), String> {
-    let (JoinOperator::Join(JoinConstraint::On(on)) | JoinOperator::Inner(JoinConstraint::On(on))) =
-        &j.join_operator
-    else {
-        return Err("only an inner JOIN … ON is supported".into());
-    };
-    let (table, alias) = table_factor(&j.relation)?;
-    let joined = alias.clone().unwrap_or_else(|| last_part(&table));
-    let Expr::BinaryOp {
-        left,
-        op: BinaryOperator::Eq,
-        right,
-    } = unnest(on)
-    else {
-        return Err(format!(
-            "JOIN … ON `{on}`: join on one equality of a column of each table"
-        ));
-    };
-    let side = |e: &Expr| match unnest(e) {
-        Expr::CompoundIdentifier(parts) if parts.len() == 2 => {
-            Some((ident(&parts[0]), ident(&parts[1])))
-        }
-        _ => None,
-    };
-    let (Some(l), Some(r)) = (side(left), side(right)) else {
-        return Err(format!(
-            "JOIN … ON `{on}`: name both columns with their table, e.g. `a.x = b.y`"
-        ));
-    };
-    let (mine, theirs) = if main.owns(&l.0) && r.0 == joined {
-        (l.1, r.1)
-    } else if main.owns(&r.0) && l.0 == joined {
-        (r.1, l.1)
-    } else {
-        return Err(format!(
-            "JOIN … ON `{on}`: compare a column of the synced table with one of `{joined}`"
-        ));
-    };
-    let sub = match ctes.get(&object_name_key(&table)) {
-        // A joined CTE: its one table and conditions, its column selected. Conditions of the
-        // outer query on the CTE's columns join them (a qualified column is read by its name).
-        Some(cte) => cte_sub(cte, &mine, Some(&theirs))?,
-        None => Sub {
-            column: mine,
-            selected: format!("{joined}.{theirs}"),
-            table: table.to_string(),
-            alias: Some(joined.clone()),
-            conditions: Vec::new(),
-            conditions_text: Vec::new(),
-        },
-    };
-    Ok((sub, vec![joined]))
+) -> Result<(Vec<Sub>, Vec<String>), String> {
+    let mut levels: Vec<Sub> = Vec::new();
+    let mut names: Vec<String> = Vec::new();
+    for j in joins {
+        let (JoinOperator::Join(JoinConstraint::On(on))
+        | JoinOperator::Inner(JoinConstraint::On(on))) = &j.join_operator
+        else {
+            return Err("only an inner JOIN … ON is supported".into());
+        };
+        let (table, alias) = table_factor(&j.relation)?;
+        let joined = alias.clone().unwrap_or_else(|| last_part(&table));
+        let Expr::BinaryOp {
+            left,
+            op: BinaryOperator::Eq,
+            right,
+        } = unnest(on)
+        else {
+            return Err(format!(
+                "JOIN … ON `{on}`: join on one equality of a column of each table"
+            ));
+        };
+        let side = |e: &Expr| match unnest(e) {
+            Expr::CompoundIdentifier(parts) if parts.len() == 2 => {
+                Some((ident(&parts[0]), ident(&parts[1])))
+            }
+            _ => None,
+        };
+        let (Some(l), Some(r)) = (side(left), side(right)) else {
+            return Err(format!(
+                "JOIN … ON `{on}`: name both columns with their table, e.g. `a.x = b.y`"
+            ));
+        };
+        // The table this one hangs on: the synced table for the first join, the previous join
+        // for the others (joins form a chain).
+        let previous = |name: &str| match names.last() {
+            None => main.owns(name),
+            Some(p) => p == name,
+        };
+        let (before, theirs) = if previous(&l.0) && r.0 == joined {
+            (l.1, r.1)
+        } else if previous(&r.0) && l.0 == joined {
+            (r.1, l.1)
+        } else {
+            return Err(format!(
+                "JOIN … ON `{on}`: compare a column of `{joined}` with one of {}: joins must form a chain from the synced table",
+                names
+                    .last()
+                    .map_or("the synced table".to_owned(), |p| format!("`{p}`"))
+            ));
+        };
+        levels.push(match ctes.get(&object_name_key(&table)) {
+            // A joined CTE: its one table and conditions, its column selected. Conditions of
+            // the outer query on the CTE's columns join them (a qualified column is read by its
+            // name).
+            Some(cte) => cte_sub(cte, &before, Some(&theirs), ctes, 0)?,
+            None => Sub {
+                column: before,
+                selected: format!("{joined}.{theirs}"),
+                table: table.to_string(),
+                alias: Some(joined.clone()),
+                conditions: Vec::new(),
+                conditions_text: Vec::new(),
+                inner: None,
+            },
+        });
+        names.push(joined);
+    }
+    Ok((levels, names))
 }
 
 /// A CTE used as `IN (SELECT [column|*] FROM cte)` or joined on `column`: the CTE's own
 /// subquery, its single output selected.
-fn cte_sub(cte: &str, column: &str, wanted: Option<&str>) -> Result<Sub, String> {
-    let select = parse_select(cte).map_err(|e| format!("in a CTE: {e}"))?;
+fn cte_sub(
+    cte: &str,
+    column: &str,
+    wanted: Option<&str>,
+    ctes: &BTreeMap<String, String>,
+    depth: usize,
+) -> Result<Sub, String> {
+    let select = parse_select(&expand_in_cte(cte, ctes)?).map_err(|e| format!("in a CTE: {e}"))?;
     let [output] = select.projection.as_slice() else {
         return Err(format!(
             "the CTE `{cte}` returns several columns: select one, e.g. IN (SELECT col FROM cte)"
@@ -518,7 +550,7 @@ fn cte_sub(cte: &str, column: &str, wanted: Option<&str>) -> Result<Sub, String>
         ));
     }
     let (table, alias) = table_factor(&from.relation)?;
-    let conditions = subquery_conditions(&select)?;
+    let (conditions, inner) = subquery_conditions(&select, ctes, depth)?;
     Ok(Sub {
         column: column.to_owned(),
         selected: expr.to_string(),
@@ -526,21 +558,56 @@ fn cte_sub(cte: &str, column: &str, wanted: Option<&str>) -> Result<Sub, String>
         alias,
         conditions,
         conditions_text: Vec::new(),
+        inner,
     })
 }
 
-/// The conjuncts of a subquery's (or CTE's) `WHERE`, which may not hold another subquery.
-fn subquery_conditions(select: &Select) -> Result<Vec<Expr>, String> {
-    let conditions = match &select.selection {
-        Some(w) => conjuncts(w),
-        None => Vec::new(),
-    };
-    if let Some(c) = conditions.iter().find(|c| has_subquery(c)) {
-        return Err(format!(
-            "`{c}`: nested subqueries are not supported yet; make one of them a JOIN of the stream query"
-        ));
+/// Subqueries inside subqueries (and CTEs using CTEs) at most this deep.
+const MAX_DEPTH: usize = 8;
+
+/// The conjuncts of a subquery's (or CTE's) `WHERE`, and the one subquery among them
+/// (`column IN (SELECT …)`), which becomes a chained lookup.
+fn subquery_conditions(
+    select: &Select,
+    ctes: &BTreeMap<String, String>,
+    depth: usize,
+) -> Result<(Vec<Expr>, Option<Box<Sub>>), String> {
+    let mut conditions = Vec::new();
+    let mut inner = None;
+    for c in select.selection.as_ref().map(conjuncts).unwrap_or_default() {
+        if !has_subquery(&c) {
+            conditions.push(c);
+            continue;
+        }
+        let Expr::In {
+            expr,
+            target: InTarget::Subquery(q),
+            negated: false,
+            ..
+        } = unnest(&c)
+        else {
+            return Err(format!(
+                "`{c}`: inside a subquery, only `column IN (SELECT …)` may hold another subquery"
+            ));
+        };
+        let Some(column) = column_of(expr) else {
+            return Err(format!(
+                "`{c}`: the left side of IN (SELECT …) must be a column"
+            ));
+        };
+        if inner.is_some() {
+            return Err(format!(
+                "`{c}`: one subquery inside a subquery is supported; combine the others in it"
+            ));
+        }
+        if depth >= MAX_DEPTH {
+            return Err(format!(
+                "`{c}`: subqueries nest deeper than {MAX_DEPTH} (a CTE that uses itself?)"
+            ));
+        }
+        inner = Some(Box::new(sub_of(&column, q, ctes, depth + 1)?));
     }
-    Ok(conditions)
+    Ok((conditions, inner))
 }
 
 fn classify(c: &Expr, ctes: &BTreeMap<String, String>) -> Result<Conjunct, String> {
@@ -561,7 +628,7 @@ fn classify(c: &Expr, ctes: &BTreeMap<String, String>) -> Result<Conjunct, Strin
                     "`{c}`: the left side of IN (SELECT …) must be a column"
                 ));
             };
-            return sub_of(&column, subquery, ctes).map(Conjunct::Sub);
+            return sub_of(&column, subquery, ctes, 0).map(Conjunct::Sub);
         }
         Expr::BinaryOp {
             left,
@@ -599,7 +666,12 @@ fn classify(c: &Expr, ctes: &BTreeMap<String, String>) -> Result<Conjunct, Strin
 }
 
 /// `column IN (subquery)`, where the subquery reads one table (or a CTE) and selects one column.
-fn sub_of(column: &str, query: &Query, ctes: &BTreeMap<String, String>) -> Result<Sub, String> {
+fn sub_of(
+    column: &str,
+    query: &Query,
+    ctes: &BTreeMap<String, String>,
+    depth: usize,
+) -> Result<Sub, String> {
     let select = select_of(query)?;
     let [from] = select.from.as_slice() else {
         return Err(format!("`{query}`: a subquery must read one table"));
@@ -615,19 +687,24 @@ fn sub_of(column: &str, query: &Query, ctes: &BTreeMap<String, String>) -> Resul
             "`{query}`: a subquery must select exactly one column"
         ));
     };
-    let conditions = subquery_conditions(&select)?;
+    let (conditions, inner) = subquery_conditions(&select, ctes, depth)?;
     if let Some(cte) = ctes.get(&object_name_key(&table)) {
         let wanted = match output {
             SelectItem::Wildcard(_) => "*".to_owned(),
             SelectItem::UnnamedExpr(e) => column_of(e).unwrap_or_default(),
             other => return Err(format!("`{other}`: select the CTE's column by its name")),
         };
-        if !conditions.is_empty() {
+        if !conditions.is_empty() || inner.is_some() {
             return Err(format!(
                 "`{query}`: conditions on a CTE's rows are not supported; put them in the CTE"
             ));
         }
-        return cte_sub(cte, column, Some(&wanted));
+        if depth >= MAX_DEPTH {
+            return Err(format!(
+                "`{query}`: subqueries nest deeper than {MAX_DEPTH} (a CTE that uses itself?)"
+            ));
+        }
+        return cte_sub(cte, column, Some(&wanted), ctes, depth + 1);
     }
     let selected = match output {
         SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => e.to_string(),
@@ -645,6 +722,7 @@ fn sub_of(column: &str, query: &Query, ctes: &BTreeMap<String, String>) -> Resul
         alias,
         conditions,
         conditions_text: Vec::new(),
+        inner,
     })
 }
 

@@ -35,6 +35,14 @@ streams:
     query: SELECT * FROM notes WHERE subscription.parameter('tag') = ANY(tags) OR owner = auth.parameter('team')
   admin_all:
     query: SELECT * FROM notes WHERE auth.parameter('role') = 'admin'
+  comments_nested:
+    query: SELECT * FROM comments WHERE issue_id IN (SELECT id FROM issues WHERE open AND project_id IN (SELECT project_id FROM project_members WHERE user_id = auth.user_id()))
+  comments_joined:
+    query: |
+      SELECT c.* FROM comments c
+        JOIN issues i ON c.issue_id = i.id
+        JOIN project_members m ON i.project_id = m.project_id
+      WHERE m.user_id = auth.user_id() AND m.role = 'owner'
   org_data:
     with:
       orgs: SELECT org_id FROM org_members WHERE user_id = auth.user_id()
@@ -121,6 +129,42 @@ fn data() -> Vec<Row> {
         row("repos", &[("id", t("r1")), ("org_id", t("o1"))]),
         row("repos", &[("id", t("r2")), ("org_id", t("o2"))]),
         row("settings", &[("id", t("s1")), ("org_id", t("o1"))]),
+        row(
+            "issues",
+            &[
+                ("id", t("i1")),
+                ("project_id", Value::Int(1)),
+                ("open", Value::Bool(true)),
+            ],
+        ),
+        row(
+            "issues",
+            &[
+                ("id", t("i2")),
+                ("project_id", Value::Int(2)),
+                ("open", Value::Bool(true)),
+            ],
+        ),
+        row(
+            "issues",
+            &[
+                ("id", t("i3")),
+                ("project_id", Value::Int(1)),
+                ("open", Value::Bool(false)),
+            ],
+        ),
+        row(
+            "issues",
+            &[
+                ("id", t("i4")),
+                ("project_id", Value::Int(9)),
+                ("open", Value::Bool(true)),
+            ],
+        ),
+        row("comments", &[("id", t("c1")), ("issue_id", t("i1"))]),
+        row("comments", &[("id", t("c2")), ("issue_id", t("i2"))]),
+        row("comments", &[("id", t("c3")), ("issue_id", t("i3"))]),
+        row("comments", &[("id", t("c4")), ("issue_id", t("i4"))]),
     ]
 }
 
@@ -142,9 +186,20 @@ fn rows_of(
         .iter()
         .map(|part| {
             let mut buckets: BTreeSet<String> = part.buckets.iter().cloned().collect();
-            for key in &part.lookups {
-                for e in entries.iter().filter(|e| &e.key == key) {
-                    buckets.insert(walsync_types::bucket_id(&key.definition, &e.parameters));
+            let found = |key: &walsync_types::LookupKey| {
+                entries
+                    .iter()
+                    .filter(|e| &e.key == key)
+                    .map(|e| e.parameters.clone())
+                    .collect::<Vec<_>>()
+            };
+            let mut keys = part.lookups.clone();
+            for chain in &part.chains {
+                keys.extend(filled(chain, &found));
+            }
+            for key in &keys {
+                for parameters in found(key) {
+                    buckets.insert(walsync_types::bucket_id(&key.definition, &parameters));
                 }
             }
             rows.iter()
@@ -152,6 +207,27 @@ fn rows_of(
                 .filter(|o| buckets.contains(&o.bucket))
                 .map(|o| (o.object_type, o.object_id))
                 .collect()
+        })
+        .collect()
+}
+
+/// A chain's keys filled with what its source finds, as the store resolves them.
+fn filled(
+    chain: &walsync_rules::ChainedLookup,
+    found: &dyn Fn(&walsync_types::LookupKey) -> Vec<Vec<Json>>,
+) -> Vec<walsync_types::LookupKey> {
+    let sources = match chain.source.as_ref() {
+        walsync_rules::Lookup::Key(k) => vec![k.clone()],
+        walsync_rules::Lookup::Chained(inner) => filled(inner, found),
+    };
+    sources
+        .iter()
+        .flat_map(found)
+        .filter_map(|p| walsync_rules::canonical(&Value::from_json(p.first()?)))
+        .map(|v| {
+            let mut key = chain.key.clone();
+            key.values[chain.hole] = v;
+            key
         })
         .collect()
 }
@@ -206,10 +282,16 @@ fn streams_route_rows_as_their_sql_means() {
             sub("tagged", json!({"tag": "blue"})),
             sub("admin_all", Json::Null),
             sub("org_data", Json::Null),
+            sub("comments_nested", Json::Null),
+            sub("comments_joined", Json::Null),
         ],
     };
     let parts = rows_of(&rules, &u1, &wanted);
-    assert_eq!(parts.len(), 7);
+    assert_eq!(parts.len(), 9);
+    // Comments of open issues of u1's projects (1 and 2), through two nested subqueries.
+    assert_eq!(parts[7], set(&[("comments", "c1"), ("comments", "c2")]));
+    // Comments of issues of projects u1 owns (1), through two joins.
+    assert_eq!(parts[8], set(&[("comments", "c1"), ("comments", "c3")]));
     // Project 1's responses that are not deleted; project 3 is not u1's.
     assert_eq!(parts[1], set(&[("responses", "0f8e-a")]));
     assert!(parts[2].is_empty());
@@ -325,10 +407,14 @@ fn error(yaml: &str) -> String {
 #[test]
 fn bad_streams_are_refused_naming_the_stream_the_query_and_the_part() {
     let e = error(
-        "streams:\n  s:\n    query: SELECT * FROM a WHERE x IN (SELECT y FROM b WHERE z IN (SELECT w FROM c WHERE u = auth.user_id()))\n",
+        "streams:\n  s:\n    query: SELECT * FROM a WHERE x IN (SELECT y FROM b WHERE z IN (SELECT w FROM c WHERE u = auth.user_id()) AND q IN (SELECT r FROM d WHERE u = auth.user_id()))\n",
     );
     assert!(e.starts_with("stream \"s\", query 1 `SELECT"), "{e}");
-    assert!(e.contains("nested subqueries"), "{e}");
+    assert!(e.contains("one subquery inside a subquery"), "{e}");
+    let e = error(
+        "streams:\n  s:\n    with:\n      loop: SELECT x FROM t WHERE y IN loop\n    query: SELECT * FROM a WHERE x IN loop\n",
+    );
+    assert!(e.contains("nest deeper"), "{e}");
 
     let e = error(
         "streams:\n  s:\n    queries:\n      - SELECT * FROM a\n      - SELECT * FROM b WHERE b.x = auth.user_id() + 1\n",
@@ -343,7 +429,7 @@ fn bad_streams_are_refused_naming_the_stream_the_query_and_the_part() {
     let e = error(
         "streams:\n  s:\n    query: SELECT * FROM a JOIN b ON a.x = b.y JOIN c ON a.z = c.w WHERE b.u = auth.user_id()\n",
     );
-    assert!(e.contains("one JOIN"), "{e}");
+    assert!(e.contains("joins must form a chain"), "{e}");
 
     let e = error(
         "streams:\n  s:\n    query: SELECT a.*, b.secret FROM a JOIN b ON a.x = b.y WHERE b.u = auth.user_id()\n",

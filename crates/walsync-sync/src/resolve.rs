@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use walsync_rules::{RequestContext, StreamRequest, SyncRules};
+use walsync_rules::{ChainedLookup, Lookup, RequestContext, StreamRequest, SyncRules};
 use walsync_storage::{Result, StoreRead};
 use walsync_types::{BucketReason, LookupKey, StreamDescription, bucket_id_of_text};
 
@@ -73,8 +73,58 @@ pub fn request_buckets<S: StoreRead + ?Sized>(
             }
         }
         resolved.lookups.extend(part.lookups);
+        for chain in &part.chains {
+            for key in filled(store, chain, at, &mut resolved.lookups)? {
+                for params in store.lookup_texts(&key, at)? {
+                    place(
+                        bucket_id_of_text(&key.definition, &params),
+                        part.priority,
+                        part.reason,
+                    );
+                }
+                resolved.lookups.push(key);
+            }
+        }
     }
     resolved.lookups.sort();
     resolved.lookups.dedup();
     Ok(resolved)
+}
+
+/// The keys of `chain` with its hole filled by each value its source finds at `at` (a stream's
+/// nested subquery or join); every key read on the way goes into `consulted`, so that a change
+/// to any of them re-resolves the stream.
+fn filled<S: StoreRead + ?Sized>(
+    store: &S,
+    chain: &ChainedLookup,
+    at: u64,
+    consulted: &mut Vec<LookupKey>,
+) -> Result<Vec<LookupKey>> {
+    let sources = match chain.source.as_ref() {
+        Lookup::Key(key) => vec![key.clone()],
+        Lookup::Chained(inner) => filled(store, inner, at, consulted)?,
+    };
+    let mut values = Vec::new();
+    for key in sources {
+        for text in store.lookup_texts(&key, at)? {
+            // A chained query's entry is the JSON array of its one value.
+            if let Ok(serde_json::Value::Array(v)) = serde_json::from_str(&text)
+                && let Some(value) = v.first().map(walsync_types::Value::from_json)
+                && let Some(canonical) = walsync_rules::canonical(&value)
+            {
+                values.push(canonical);
+            }
+        }
+        consulted.push(key);
+    }
+    values.sort();
+    values.dedup();
+    Ok(values
+        .into_iter()
+        .map(|v| {
+            let mut key = chain.key.clone();
+            key.values[chain.hole] = v;
+            key
+        })
+        .collect())
 }
