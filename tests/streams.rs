@@ -57,6 +57,8 @@ CREATE PUBLICATION walsync FOR ALL TABLES;
 const MY_PROJECTS: &str = "SELECT * FROM projects WHERE id IN (SELECT project_id FROM project_members WHERE user_id = auth.user_id()) AND NOT archived";
 const PROJECT_RESPONSES: &str = "SELECT * FROM responses WHERE project_id = subscription.parameter('project') AND project_id IN (SELECT project_id FROM project_members WHERE user_id = auth.user_id()) AND NOT deleted";
 const OWNED: &str = "SELECT r.* FROM responses r JOIN project_members m ON r.project_id = m.project_id WHERE m.user_id = auth.user_id() AND m.role = 'owner'";
+/// A subscription value on one column beside a membership subquery on another.
+const BY_STATE: &str = "SELECT * FROM responses WHERE deleted = subscription.parameter('deleted') AND project_id IN (SELECT project_id FROM project_members WHERE user_id = auth.user_id())";
 /// Two levels: comments of open issues of the user's projects (a chained lookup).
 const NESTED: &str = "SELECT * FROM comments WHERE issue_id IN (SELECT id FROM issues WHERE open AND project_id IN (SELECT project_id FROM project_members WHERE user_id = auth.user_id()))";
 /// The same two levels as joins, for owners only.
@@ -64,7 +66,7 @@ const JOINED: &str = "SELECT c.* FROM comments c JOIN issues i ON c.issue_id = i
 
 fn rules() -> String {
     format!(
-        "config:\n  edition: 3\nstreams:\n  my_projects:\n    auto_subscribe: true\n    priority: 1\n    query: {MY_PROJECTS}\n  project_responses:\n    query: {PROJECT_RESPONSES}\n  owned:\n    query: {OWNED}\n  nested:\n    query: {NESTED}\n  joined:\n    query: {JOINED}\n"
+        "config:\n  edition: 3\nstreams:\n  my_projects:\n    auto_subscribe: true\n    priority: 1\n    query: {MY_PROJECTS}\n  project_responses:\n    query: {PROJECT_RESPONSES}\n  owned:\n    query: {OWNED}\n  nested:\n    query: {NESTED}\n  by_state:\n    query: {BY_STATE}\n  joined:\n    query: {JOINED}\n"
     )
 }
 
@@ -84,6 +86,8 @@ async fn oracle(
 ) -> anyhow::Result<BTreeSet<(String, String)>> {
     let literal = |v: Option<&Json>| match v {
         Some(Json::String(t)) => format!("'{}'", t.replace('\'', "''")),
+        Some(Json::Bool(b)) => b.to_string(),
+        Some(Json::Number(n)) => n.to_string(),
         _ => "NULL".to_owned(),
     };
     let mut sql = query.replace("auth.user_id()", &literal(Some(&json!(user))));
@@ -119,6 +123,9 @@ async fn expected(
             }
             "owned" => want.extend(oracle(s, "responses", OWNED, user, &sub.parameters).await?),
             "nested" => want.extend(oracle(s, "comments", NESTED, user, &sub.parameters).await?),
+            "by_state" => {
+                want.extend(oracle(s, "responses", BY_STATE, user, &sub.parameters).await?)
+            }
             "joined" => want.extend(oracle(s, "comments", JOINED, user, &sub.parameters).await?),
             "my_projects" => {
                 want.extend(oracle(s, "projects", MY_PROJECTS, user, &sub.parameters).await?)
@@ -218,6 +225,7 @@ async fn subscribed_streams_hold_what_postgres_returns_for_their_queries() -> an
             subscribe("project_responses", json!({"project": p3})),
             subscribe("nope", Json::Null),
             subscribe("joined", Json::Null),
+            subscribe("by_state", json!({"deleted": true})),
         ],
     };
     let mut u1 = SyncClient::new(Connector::new(&url, Transport::Http, &token("u1"))?, "u1");

@@ -491,7 +491,9 @@ impl Compiler {
         if object != "jwt" {
             self.untrusted = true;
         }
-        Ok(Some(format!("{object}:{key}")))
+        // The parameter's JSON value as the plain value it is (a boolean stays a boolean, a
+        // number a number), so it compares with columns as row values do.
+        Ok(Some(format!("{object}=:{key}")))
     }
 
     fn data_role_refuses(&self, f: &sqlparser::ast::Function) -> Result<(), String> {

@@ -132,6 +132,11 @@ struct DefinitionYaml {
     /// the parameter queries) feed it.
     #[serde(skip)]
     chained: Vec<String>,
+    /// Compiled from a stream: a parameter query over a table may also output request values
+    /// (a stream's `column = subscription.parameter('x')` beside a subquery on another column),
+    /// which the request fills in after the lookup.
+    #[serde(skip)]
+    from_stream: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -393,9 +398,14 @@ fn definition(
                         "every OR branch must use the same request values".into()
                     ));
                 }
-                if outputs.iter().any(|o| !o.is_known()) {
+                if outputs.iter().any(|o| !o.is_known() && !def.from_stream) {
                     return Err(err(
                         "outputs of a parameter query over a table must come from the row".into(),
+                    ));
+                }
+                if outputs.iter().all(|o| !o.is_known()) {
+                    return Err(err(
+                        "a parameter query over a table must output a column of its rows".into(),
                     ));
                 }
                 let mut read = QueryRead::of(
@@ -561,6 +571,7 @@ fn stream(
             priority: Some(priority),
             accept_potentially_dangerous_queries: true,
             chained: v.chained,
+            from_stream: true,
         };
         let mut def = definition(&def_name, generated, &mut Vec::new()).map_err(|e| match e {
             RulesError::Query {

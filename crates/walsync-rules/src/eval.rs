@@ -57,6 +57,55 @@ pub struct SelectionPart {
     /// Lookups whose keys wait for values other lookups find (a stream's nested subquery or
     /// join); the store resolves them ([`ChainedLookup`]).
     pub chains: Vec<ChainedLookup>,
+    /// Request values that complete the bucket parameters the entries of a query hold.
+    pub completions: Vec<Completion>,
+}
+
+/// The bucket parameters a request adds to what the entries found under the keys of one
+/// parameter query hold: `(position, value)` pairs, inserted in order into each entry's array
+/// (a stream's `column = subscription.parameter('x')` beside a subquery on another column).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub definition: String,
+    pub query: u32,
+    pub values: Vec<(usize, serde_json::Value)>,
+}
+
+impl Completion {
+    /// The JSON text of an entry's parameters with the request's values put in.
+    pub fn complete(&self, stored: &str) -> Option<String> {
+        let serde_json::Value::Array(mut params) = serde_json::from_str(stored).ok()? else {
+            return None;
+        };
+        for (i, v) in &self.values {
+            if *i > params.len() {
+                return None;
+            }
+            params.insert(*i, v.clone());
+        }
+        serde_json::to_string(&params).ok()
+    }
+}
+
+/// One part's resolution, before it is given its reason.
+struct Resolution {
+    buckets: Vec<String>,
+    lookups: Vec<LookupKey>,
+    chains: Vec<ChainedLookup>,
+    completions: Vec<Completion>,
+}
+
+impl Resolution {
+    fn part(self, reason: Option<BucketReason>, priority: Option<u8>) -> SelectionPart {
+        SelectionPart {
+            reason,
+            priority,
+            buckets: self.buckets,
+            lookups: self.lookups,
+            chains: self.chains,
+            completions: self.completions,
+        }
+    }
 }
 
 /// A lookup whose key waits for values another lookup finds: `key` with `values[hole]` filled
@@ -120,6 +169,25 @@ pub struct RequestContext {
     pub subscription: serde_json::Value,
 }
 
+/// A JSON value of the request as the plain value it stands for (`auth.parameter()`,
+/// `subscription.parameter()`, `connection.parameter()`): scalars as text, integers, reals and
+/// booleans; objects and arrays as JSON.
+fn plain(j: Option<&serde_json::Value>) -> Value {
+    match j {
+        None | Some(serde_json::Value::Null) => Value::Null,
+        Some(serde_json::Value::Bool(b)) => Value::Bool(*b),
+        Some(serde_json::Value::String(s)) => Value::Text(s.clone()),
+        Some(serde_json::Value::Number(n)) => n.as_i64().map_or_else(
+            || {
+                n.as_f64()
+                    .map_or_else(|| Value::Text(n.to_string()), Value::Float)
+            },
+            Value::Int,
+        ),
+        Some(other) => Value::from_json(other),
+    }
+}
+
 impl RequestContext {
     fn resolve(&self, unknown: &str) -> Value {
         let json = |j: Option<&serde_json::Value>, as_text: bool| match j {
@@ -142,6 +210,9 @@ impl RequestContext {
             "param->" => json(self.parameters.get(key), false),
             "sub" => json(self.subscription.get(key), true),
             "sub->" => json(self.subscription.get(key), false),
+            "jwt=" => plain(self.claims.get(key)),
+            "param=" => plain(self.parameters.get(key)),
+            "sub=" => plain(self.subscription.get(key)),
             "token" => json(self.claims.get("parameters").and_then(|p| p.get(key)), true),
             _ => Value::Null,
         }
@@ -354,10 +425,13 @@ impl SyncRules {
                     };
                     // A chained query's one value keeps its own type: it is matched against a
                     // column of the query it feeds, not made a bucket parameter.
+                    // Outputs of the request (a stream's) are filled in at request time; the
+                    // entry keeps those of the row.
                     let parameters: Vec<serde_json::Value> = q
                         .outputs
                         .iter()
                         .enumerate()
+                        .filter(|(_, o)| o.is_known())
                         .map(|(i, o)| {
                             let ty = if names_buckets {
                                 def.parameter_types.get(i).copied().flatten()
@@ -386,7 +460,9 @@ impl SyncRules {
 
     /// A request's buckets that follow from the request alone, and the lookup keys whose stored
     /// entries name the rest: the bucket definitions and the streams a client gets without
-    /// subscribing ([`SyncRules::select`] with no subscriptions).
+    /// subscribing ([`SyncRules::select`] with no subscriptions). Complete for bucket
+    /// definitions; a stream's chained lookups and completions are only in
+    /// [`SyncRules::select`], which the sync core uses.
     pub fn resolve_request(&self, request: &RequestContext) -> (Vec<String>, Vec<LookupKey>) {
         let selection = self.select(request, &StreamRequest::default());
         let mut buckets = Vec::new();
@@ -413,14 +489,10 @@ impl SyncRules {
             subscription: serde_json::Value::Null,
             ..request.clone()
         };
-        let (buckets, lookups, chains) = self.resolve_definitions(&base, definitions(None));
-        selection.parts.push(SelectionPart {
-            reason: None,
-            priority: None,
-            buckets,
-            lookups,
-            chains,
-        });
+        selection.parts.push(
+            self.resolve_definitions(&base, definitions(None))
+                .part(None, None),
+        );
         let status_of = |selection: &mut Selection, index: usize| -> usize {
             let stream = &self.streams()[index];
             match selection.streams.iter().position(|s| s.name == stream.name) {
@@ -441,17 +513,13 @@ impl SyncRules {
                     continue;
                 }
                 let status = status_of(&mut selection, index);
-                let (buckets, lookups, chains) =
-                    self.resolve_definitions(&base, definitions(Some(index)));
-                selection.parts.push(SelectionPart {
-                    reason: Some(BucketReason::Default {
-                        default: status as u32,
-                    }),
-                    priority: None,
-                    buckets,
-                    lookups,
-                    chains,
-                });
+                let reason = BucketReason::Default {
+                    default: status as u32,
+                };
+                selection.parts.push(
+                    self.resolve_definitions(&base, definitions(Some(index)))
+                        .part(Some(reason), None),
+                );
             }
         }
         // One context for every subscription, its parameters swapped in (the token's claims
@@ -514,15 +582,10 @@ impl SyncRules {
                 }
             };
             context.subscription = sub.parameters.clone();
-            let (buckets, lookups, chains) =
-                self.resolve_definitions(&context, definitions(Some(index)));
-            selection.parts.push(SelectionPart {
-                reason: Some(BucketReason::Subscription { sub: i as u32 }),
-                priority,
-                buckets,
-                lookups,
-                chains,
-            });
+            selection.parts.push(
+                self.resolve_definitions(&context, definitions(Some(index)))
+                    .part(Some(BucketReason::Subscription { sub: i as u32 }), priority),
+            );
         }
         selection
     }
@@ -532,10 +595,11 @@ impl SyncRules {
         &self,
         request: &RequestContext,
         definitions: impl Iterator<Item = &'d BucketDefinition>,
-    ) -> (Vec<String>, Vec<LookupKey>, Vec<ChainedLookup>) {
+    ) -> Resolution {
         let mut buckets = Vec::new();
         let mut lookups = Vec::new();
         let mut chains = Vec::new();
+        let mut completions = Vec::new();
         for def in definitions {
             if def.static_queries.is_empty() && def.table_queries.is_empty() {
                 buckets.push(bucket_id(&def.name, &[]));
@@ -562,6 +626,29 @@ impl SyncRules {
                 }
             }
             for q in &def.table_queries {
+                // Request outputs of the query: values the request puts in the bucket id beside
+                // those its lookup entries hold. A missing one: no buckets.
+                let mut completion = Vec::new();
+                let mut missing = false;
+                for (i, (o, ty)) in q.outputs.iter().zip(&def.parameter_types).enumerate() {
+                    if o.is_known() {
+                        continue;
+                    }
+                    let given = request_binding(request, unknowns_of(o).into_iter());
+                    let v = parameter_json(&typed(&o.eval(None, &given), *ty));
+                    missing |= v.is_null();
+                    completion.push((i, v));
+                }
+                if missing {
+                    continue;
+                }
+                if !completion.is_empty() {
+                    completions.push(Completion {
+                        definition: def.name.clone(),
+                        query: q.index,
+                        values: completion,
+                    });
+                }
                 match chain_of(def, q, request) {
                     Some(Lookup::Key(key)) => lookups.push(key),
                     Some(Lookup::Chained(chain)) => chains.push(chain),
@@ -571,7 +658,12 @@ impl SyncRules {
         }
         buckets.sort();
         buckets.dedup();
-        (buckets, lookups, chains)
+        Resolution {
+            buckets,
+            lookups,
+            chains,
+            completions,
+        }
     }
 
     /// The definition a bucket id belongs to.

@@ -22,7 +22,8 @@ mod streams;
 
 pub use definition::{BucketDefinition, SyncRules};
 pub use eval::{
-    ChainedLookup, Lookup, RequestContext, Selection, SelectionPart, StreamRequest, Subscription,
+    ChainedLookup, Completion, Lookup, RequestContext, Selection, SelectionPart, StreamRequest,
+    Subscription,
 };
 pub use expr::canonical;
 pub use reads::QueryRead;

@@ -183,24 +183,26 @@ pub(crate) fn compile_query(
         let mut chained = Vec::new();
         let (parameters, data_bindings) = match sub {
             Some(mut s) => {
-                // A request value on the subquery's column is a condition of the subquery.
-                let mut rest = Vec::new();
+                // A request value on the subquery's column is a condition of the subquery; one
+                // on another column is a bucket parameter the request fills in beside the
+                // subquery's (the lookup's entries hold the subquery's values).
+                let mut extra = Vec::new();
+                let mut bindings = vec![format!("{} = bucket.p0", s.column)];
                 for (column, value, kind) in statics {
                     if column == s.column && kind == Param::Equals {
                         s.conditions_text.push(format!("{} = {value}", s.selected));
                     } else {
-                        rest.push(column);
+                        let p = extra.len() + 1;
+                        extra.push(format!("{value} AS p{p}"));
+                        bindings.push(match kind {
+                            Param::Equals => format!("{column} = bucket.p{p}"),
+                            Param::InArray => format!("bucket.p{p} = ANY({column})"),
+                        });
                     }
                 }
-                if let Some(column) = rest.first() {
-                    return Err(format!(
-                        "a request value compared with `{column}` beside a subquery on `{}`: compare it inside the subquery",
-                        s.column
-                    ));
-                }
                 s.conditions_text.extend(request_only);
-                let parameter = sub_sql(&s, "p0", &mut chained);
-                (vec![parameter], vec![format!("{} = bucket.p0", s.column)])
+                let parameter = sub_sql(&s, "p0", &extra, &mut chained);
+                (vec![parameter], bindings)
             }
             None => {
                 let mut outputs = Vec::new();
@@ -297,18 +299,19 @@ struct Sub {
 /// The parameter query of `s` selecting its value as `output`; each subquery inside it becomes
 /// one of `chained` (numbered after the definition's one parameter query), which it reads with
 /// `chain.value(N)`.
-fn sub_sql(s: &Sub, output: &str, chained: &mut Vec<String>) -> String {
+fn sub_sql(s: &Sub, output: &str, extra: &[String], chained: &mut Vec<String>) -> String {
     let mut conditions: Vec<String> = s.conditions.iter().map(|c| format!("({c})")).collect();
     conditions.extend(s.conditions_text.iter().map(|c| format!("({c})")));
     if let Some(inner) = &s.inner {
         let slot = chained.len();
         chained.push(String::new());
-        chained[slot] = sub_sql(inner, "v", chained);
+        chained[slot] = sub_sql(inner, "v", &[], chained);
         conditions.push(format!("{} = chain.value({})", inner.column, slot + 1));
     }
     format!(
-        "SELECT {} AS {output} FROM {}{}{}",
+        "SELECT {} AS {output}{} FROM {}{}{}",
         s.selected,
+        extra.iter().map(|e| format!(", {e}")).collect::<String>(),
         s.table,
         s.alias
             .as_ref()

@@ -63,27 +63,31 @@ pub fn request_buckets<S: StoreRead + ?Sized>(
         for bucket in part.buckets {
             place(bucket, part.priority, part.reason);
         }
-        for key in &part.lookups {
-            for params in store.lookup_texts(key, at)? {
+        let mut keys = part.lookups;
+        for chain in &part.chains {
+            keys.extend(filled(store, chain, at, &mut resolved.lookups)?);
+        }
+        for key in keys {
+            // Request values a stream adds to what the entries hold.
+            let completion = part
+                .completions
+                .iter()
+                .find(|c| c.definition == key.definition && c.query == key.query);
+            for params in store.lookup_texts(&key, at)? {
+                let params = match completion {
+                    None => params,
+                    Some(c) => match c.complete(&params) {
+                        Some(p) => p,
+                        None => continue,
+                    },
+                };
                 place(
                     bucket_id_of_text(&key.definition, &params),
                     part.priority,
                     part.reason,
                 );
             }
-        }
-        resolved.lookups.extend(part.lookups);
-        for chain in &part.chains {
-            for key in filled(store, chain, at, &mut resolved.lookups)? {
-                for params in store.lookup_texts(&key, at)? {
-                    place(
-                        bucket_id_of_text(&key.definition, &params),
-                        part.priority,
-                        part.reason,
-                    );
-                }
-                resolved.lookups.push(key);
-            }
+            resolved.lookups.push(key);
         }
     }
     resolved.lookups.sort();
