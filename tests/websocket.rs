@@ -359,3 +359,71 @@ async fn rsocket_refuses_bad_input_with_errors_and_admits_like_http() -> anyhow:
     service.stop().await;
     Ok(())
 }
+
+/// A client that grants no line for `sync.stall_timeout_seconds` is let go with `too_slow`, and
+/// its place is free again (it must not hold an admission slot by granting nothing while
+/// answering keepalives).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsocket_lets_go_of_a_client_that_grants_nothing() -> anyhow::Result<()> {
+    let s = seed::setup().await?;
+    let mut cfg = config(
+        &s,
+        ServerConfig {
+            max_streams_per_user: 1,
+            ..ServerConfig::default()
+        },
+    );
+    cfg.sync.stall_timeout_seconds = 1;
+    let service = Service::start(cfg).await?;
+    let url = service.url();
+    let mut ws = open(&url).await?;
+    send(&mut ws, &setup(Some(&token("u1")), "application/json")).await?;
+    send(&mut ws, &request_stream(1, json!({}))).await?;
+    line_of(
+        &next(&mut ws, Duration::from_secs(15))
+            .await?
+            .expect("the granted line"),
+    )?;
+    // Keepalives keep coming, lines are not asked for.
+    let started = std::time::Instant::now();
+    let ended = loop {
+        send(
+            &mut ws,
+            &Frame::Keepalive {
+                respond: true,
+                last_position: 0,
+                data: Vec::new(),
+            },
+        )
+        .await?;
+        match next(&mut ws, Duration::from_millis(500)).await? {
+            Some(Frame::Keepalive { .. }) => {}
+            other => break other,
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "the starved stream was never let go"
+        );
+    };
+    let Some(Frame::Error {
+        stream: 1,
+        code: c,
+        message,
+    }) = ended
+    else {
+        anyhow::bail!("expected an ERROR frame, got {ended:?}");
+    };
+    assert_eq!(c, code::APPLICATION_ERROR);
+    assert!(message.starts_with("too_slow:"), "{message}");
+    // The user's one place is free again.
+    let mut again = open(&url).await?;
+    send(&mut again, &setup(Some(&token("u1")), "application/json")).await?;
+    send(&mut again, &request_stream(1, json!({}))).await?;
+    line_of(
+        &next(&mut again, Duration::from_secs(15))
+            .await?
+            .expect("a line"),
+    )?;
+    service.stop().await;
+    Ok(())
+}

@@ -277,9 +277,23 @@ async fn serve<S: BucketStore + 'static>(server: &Server<S>, conn: &mut Conn) ->
     let open = crate::metrics::OpenStream::new("websocket");
     let mut lines = server.core.open(identity, request);
     let mut credit = u64::from(initial_n);
+    // A client that grants nothing for the stall timeout is let go, as a client that stops
+    // reading an HTTP body is (the core's own timeout cannot tell it while no line is asked).
+    let stall = server.core.config().stall_timeout;
+    let mut starved_since = Instant::now();
     let result = loop {
         let silent_until = conn.last_heard + conn.lifetime;
+        if credit > 0 {
+            starved_since = Instant::now();
+        }
         tokio::select! {
+            () = tokio::time::sleep_until(starved_since + stall), if credit == 0 => {
+                let e = ApiError::new(
+                    ErrorCode::TooSlow,
+                    format!("the client granted no line for {stall:?} (rsocket REQUEST_N)"),
+                );
+                break Err(conn.refuse(stream, code::APPLICATION_ERROR, said(&e)).await);
+            }
             line = lines.next(), if credit > 0 => match line {
                 Some(Ok(line)) => {
                     let data = Line::to_bson(&line);
