@@ -500,3 +500,47 @@ fn a_global_stream_is_one_bucket_and_changes_of_the_stream_change_the_fingerprin
     assert_ne!(a.fingerprint(), b.fingerprint());
     assert!(b.resolve_request(&user("anyone", json!({}))).0.is_empty());
 }
+
+/// PowerSync's role-based example: the token's organisation, and published articles, one's own,
+/// or every article for an admin (an `OR` of a row condition, a request value and a condition on
+/// the token alone, inside an `AND`).
+#[test]
+fn an_or_inside_an_and_splits_into_branches_that_each_hold() {
+    let rules = SyncRules::from_yaml(
+        "streams:\n  articles:\n    auto_subscribe: true\n    query: SELECT * FROM articles WHERE org_id = auth.parameter('org_id') AND (status = 'published' OR author_id = auth.user_id() OR auth.parameter('role') = 'admin')\n",
+    )
+    .expect("compiles");
+    let article = |id: &str, org: &str, status: &str, author: &str| {
+        row(
+            "articles",
+            &[
+                ("id", t(id)),
+                ("org_id", t(org)),
+                ("status", t(status)),
+                ("author_id", t(author)),
+            ],
+        )
+    };
+    let rows = [
+        article("a1", "o1", "published", "u9"),
+        article("a2", "o1", "draft", "u1"),
+        article("a3", "o1", "draft", "u9"),
+        article("a4", "o2", "published", "u9"),
+    ];
+    let sees = |u: &str, claims: Json| -> BTreeSet<String> {
+        let (buckets, _) = rules.resolve_request(&user(u, claims));
+        rows.iter()
+            .flat_map(|r| rules.evaluate_row(&r.r()))
+            .filter(|o| buckets.contains(&o.bucket))
+            .map(|o| o.object_id)
+            .collect()
+    };
+    let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+    assert_eq!(sees("u1", json!({"org_id": "o1"})), ids(&["a1", "a2"]));
+    assert_eq!(
+        sees("u1", json!({"org_id": "o1", "role": "admin"})),
+        ids(&["a1", "a2", "a3"])
+    );
+    assert_eq!(sees("u9", json!({"org_id": "o2"})), ids(&["a4"]));
+    assert!(sees("u1", json!({})).is_empty(), "no organisation, nothing");
+}

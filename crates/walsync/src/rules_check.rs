@@ -236,7 +236,7 @@ pub fn run(args: RulesArgs) -> anyhow::Result<()> {
     }
     let Some(url) = &args.postgres else {
         println!(
-            "{}: {} compile (give --postgres to check them against a database)",
+            "{}: {} (give --postgres to check them against a database)",
             args.file.display(),
             counted(&rules)
         );
@@ -278,14 +278,14 @@ pub fn run(args: RulesArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "{}: {} compile and fit the database",
+        "{}: {} and fit the database",
         args.file.display(),
         counted(&rules)
     );
     Ok(())
 }
 
-/// "2 bucket definitions", "3 streams", or both.
+/// "2 bucket definitions compile", "1 stream compiles", or both.
 fn counted(rules: &SyncRules) -> String {
     let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
     let streams = rules.streams().len();
@@ -294,7 +294,7 @@ fn counted(rules: &SyncRules) -> String {
         .iter()
         .filter(|d| d.stream().is_none())
         .count();
-    match (definitions, streams) {
+    let what = match (definitions, streams) {
         (d, 0) => plural(d, "bucket definition"),
         (0, s) => plural(s, "stream"),
         (d, s) => format!(
@@ -302,5 +302,7 @@ fn counted(rules: &SyncRules) -> String {
             plural(d, "bucket definition"),
             plural(s, "stream")
         ),
-    }
+    };
+    let one = definitions + streams == 1;
+    format!("{what} {}", if one { "compiles" } else { "compile" })
 }
