@@ -114,16 +114,21 @@ pub struct Identity {
 }
 
 /// A line in a connection's buffer, holding its share of the buffer's bytes until the transport
-/// takes it.
+/// takes it. The line and an error are boxed: a channel allocates its first block of 32 slots
+/// when it is made, so every idle stream pays for 32 slots of this size (24 bytes rather than
+/// the 96 of a `Line` beside its permit).
 pub(crate) struct Buffered {
-    pub(crate) line: Line,
+    pub(crate) line: Box<Line>,
     pub(crate) _bytes: Option<tokio::sync::OwnedSemaphorePermit>,
 }
+
+/// What a connection's channel carries.
+pub(crate) type Item = Result<Buffered, Box<SyncError>>;
 
 /// A connection's lines, in order; an error ends the stream. Taking a line gives its bytes back
 /// to the connection's buffer.
 pub struct Lines {
-    rx: mpsc::Receiver<Result<Buffered, SyncError>>,
+    rx: mpsc::Receiver<Item>,
 }
 
 impl std::fmt::Debug for Lines {
@@ -135,7 +140,10 @@ impl std::fmt::Debug for Lines {
 impl Lines {
     /// The next line; `None` once the stream ended.
     pub async fn recv(&mut self) -> Option<Result<Line, SyncError>> {
-        Some(self.rx.recv().await?.map(|b| b.line))
+        Some(match self.rx.recv().await? {
+            Ok(b) => Ok(*b.line),
+            Err(e) => Err(*e),
+        })
     }
 }
 
@@ -146,9 +154,12 @@ impl futures_util::Stream for Lines {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        self.rx
-            .poll_recv(cx)
-            .map(|item| item.map(|r| r.map(|b| b.line)))
+        self.rx.poll_recv(cx).map(|item| {
+            item.map(|r| match r {
+                Ok(b) => Ok(*b.line),
+                Err(e) => Err(*e),
+            })
+        })
     }
 }
 

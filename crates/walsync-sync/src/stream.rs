@@ -14,7 +14,7 @@ use walsync_rules::{RequestContext, StreamRequest, Subscription};
 use walsync_storage::{BucketStore, Op, StoreCheckpoint, StoreRead};
 use walsync_types::LookupKey;
 
-use crate::{Buffered, Identity, Resolved, SyncCore, SyncError, request_buckets};
+use crate::{Buffered, Identity, Item, Resolved, SyncCore, SyncError, request_buckets};
 
 /// Why a connection ends.
 enum Stop {
@@ -58,7 +58,7 @@ pub(crate) struct Connection<S: BucketStore> {
     /// The streams the client asked for (by default, the default ones).
     wanted: StreamRequest,
     requested: HashMap<String, u64>,
-    tx: mpsc::Sender<Result<Buffered, SyncError>>,
+    tx: mpsc::Sender<Item>,
     /// The bytes of the connection's buffer not taken by lines waiting in it.
     room: Arc<Semaphore>,
     /// The buffer's size in bytes (what `room` starts with).
@@ -128,7 +128,7 @@ impl<S: BucketStore + 'static> Connection<S> {
         core: Arc<SyncCore<S>>,
         identity: Identity,
         request: SyncRequest,
-        tx: mpsc::Sender<Result<Buffered, SyncError>>,
+        tx: mpsc::Sender<Item>,
     ) -> Connection<S> {
         let (id, notify) = core.hub.register(&identity.user_id);
         let context = RequestContext {
@@ -199,7 +199,7 @@ impl<S: BucketStore + 'static> Connection<S> {
                     SyncError::ShuttingDown => {}
                     SyncError::Storage(_) => tracing::error!(error = %e, "sync stream failed"),
                 }
-                let _ = self.tx.try_send(Err(e));
+                let _ = self.tx.try_send(Err(Box::new(e)));
             }
         }
     }
@@ -309,7 +309,7 @@ impl<S: BucketStore + 'static> Connection<S> {
             }
         };
         let item = Ok(Buffered {
-            line,
+            line: Box::new(line),
             _bytes: Some(bytes),
         });
         match self.tx.try_send(item) {
