@@ -204,13 +204,15 @@ impl<S: BucketStore + 'static> Connection<S> {
         }
     }
 
+    /// The checkpoints' work is boxed (`Box::pin`): a stream's task is as large as its largest
+    /// state, and an idle stream waits in the small one.
     async fn serve(&mut self) -> Flow {
         // Wait for a complete checkpoint (the initial snapshot may still be running).
         loop {
             let snap = self.core.store.snapshot()?;
             let cp = snap.checkpoint()?;
             if self.core.servable(&cp) {
-                self.full_checkpoint(&snap, &cp).await?;
+                Box::pin(self.full_checkpoint(&snap, &cp)).await?;
                 break;
             }
             drop(snap);
@@ -229,16 +231,16 @@ impl<S: BucketStore + 'static> Connection<S> {
                 // Rebuilt since the last full checkpoint (a lost slot): the change log started
                 // over, so the client is sent every bucket's checksum again. Its copies of
                 // buckets that changed fail their checksum and are downloaded anew.
-                self.full_checkpoint(&snap, &cp).await?;
+                Box::pin(self.full_checkpoint(&snap, &cp)).await?;
                 continue;
             }
             if self.last_cp < cp.changes_from {
                 // The history since this stream's last checkpoint was pruned (it slept through
                 // a compaction): a full checkpoint, whose data starts where each bucket left off.
-                self.full_checkpoint(&snap, &cp).await?;
+                Box::pin(self.full_checkpoint(&snap, &cp)).await?;
                 continue;
             }
-            self.diff(&snap, cp.op_id, cp.lsn.map(|l| l.0)).await?;
+            Box::pin(self.diff(&snap, cp.op_id, cp.lsn.map(|l| l.0))).await?;
         }
     }
 
