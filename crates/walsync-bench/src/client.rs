@@ -13,7 +13,7 @@ use clap::Args;
 use walsync_testkit::{Cluster, ClusterOptions};
 
 use super::summary::Summary;
-use super::sync::{download, start_server, token, wait_ready, wait_replicated};
+use super::sync::{TABLES, download, start_server, token, wait_ready, wait_replicated};
 
 #[derive(Debug, Args)]
 pub(crate) struct ClientArgs {
@@ -103,11 +103,9 @@ async fn bench(args: ClientArgs) -> anyhow::Result<Summary> {
     let cluster = Cluster::start(ClusterOptions::default())?;
     let db = cluster.fresh_database().await?;
     let sql = db.connect().await?;
+    sql.batch_execute(TABLES).await?;
     sql.batch_execute(&format!(
-        "CREATE TABLE projects (id BIGINT PRIMARY KEY, description TEXT);
-         CREATE TABLE members (user_id TEXT, project_id BIGINT, PRIMARY KEY (user_id, project_id));
-         CREATE TABLE items (id BIGSERIAL PRIMARY KEY, project_id BIGINT, body TEXT);
-         INSERT INTO projects VALUES (0, 'download');
+        "INSERT INTO projects VALUES (0, 'download');
          INSERT INTO members VALUES ('big', 0);
          INSERT INTO items (project_id, body) SELECT 0, repeat('x', 40) || i FROM generate_series(1, {}) i",
         args.rows

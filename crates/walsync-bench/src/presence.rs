@@ -15,7 +15,7 @@ use clap::Args;
 use walsync_protocol::pb;
 use walsync_testkit::{Cluster, ClusterOptions};
 
-use crate::sync::{channels, percentile, start_server, token, wait_ready};
+use crate::sync::{TABLES, channels, percentile, start_server, token, wait_ready};
 
 #[derive(Debug, Args)]
 pub(crate) struct PresenceArgs {
@@ -55,11 +55,9 @@ async fn bench(args: PresenceArgs) -> anyhow::Result<()> {
     let cluster = Cluster::start(ClusterOptions::default())?;
     let db = cluster.fresh_database().await?;
     let sql = db.connect().await?;
+    sql.batch_execute(TABLES).await?;
     sql.batch_execute(&format!(
-        "CREATE TABLE projects (id BIGINT PRIMARY KEY, description TEXT);
-         CREATE TABLE members (user_id TEXT, project_id BIGINT, PRIMARY KEY (user_id, project_id));
-         CREATE TABLE items (id BIGSERIAL PRIMARY KEY, project_id BIGINT, body TEXT);
-         INSERT INTO projects SELECT i, 'room' FROM generate_series(1, {r}) i;
+        "INSERT INTO projects SELECT i, 'room' FROM generate_series(1, {r}) i;
          INSERT INTO members SELECT 'c' || i, 1 + i % {r} FROM generate_series(0, {u} - 1) i;",
         r = args.rooms,
         u = args.users,

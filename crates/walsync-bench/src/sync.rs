@@ -52,6 +52,10 @@ pub(crate) struct SyncArgs {
 }
 
 const SECRET: &str = "bench-secret";
+/// The tables [`RULES`] read (the sync, presence and client benchmarks fill them).
+pub(crate) const TABLES: &str = "CREATE TABLE projects (id BIGINT PRIMARY KEY, description TEXT);
+     CREATE TABLE members (user_id TEXT, project_id BIGINT, PRIMARY KEY (user_id, project_id));
+     CREATE TABLE items (id BIGSERIAL PRIMARY KEY, project_id BIGINT, body TEXT);";
 const RULES: &str = "bucket_definitions:
   user_projects:
     parameters: SELECT project_id FROM members WHERE user_id = request.user_id()
@@ -206,11 +210,9 @@ async fn bench(args: SyncArgs) -> anyhow::Result<Summary> {
     let db = cluster.fresh_database().await?;
     let sql = db.connect().await?;
     let max_clients = args.clients.iter().copied().max().unwrap_or(0);
+    sql.batch_execute(TABLES).await?;
     sql.batch_execute(&format!(
-        "CREATE TABLE projects (id BIGINT PRIMARY KEY, description TEXT);
-         CREATE TABLE members (user_id TEXT, project_id BIGINT, PRIMARY KEY (user_id, project_id));
-         CREATE TABLE items (id BIGSERIAL PRIMARY KEY, project_id BIGINT, body TEXT);
-         INSERT INTO projects SELECT i, 'start' FROM generate_series(1, {p}) i;
+        "INSERT INTO projects SELECT i, 'start' FROM generate_series(1, {p}) i;
          INSERT INTO members SELECT 'c' || i, 1 + i % {p} FROM generate_series(0, {c} - 1) i;
          INSERT INTO members SELECT 's' || i, 1 + i % {p} FROM generate_series(0, {s} - 1) i;
          INSERT INTO projects VALUES (0, 'download');

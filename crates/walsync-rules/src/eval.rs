@@ -87,6 +87,21 @@ impl Completion {
     }
 }
 
+impl Selection {
+    /// The index of stream `name`'s description, added when the selection has none yet.
+    fn status(&mut self, name: &str, is_default: bool) -> usize {
+        if let Some(i) = self.streams.iter().position(|s| s.name == name) {
+            return i;
+        }
+        self.streams.push(StreamDescription {
+            name: name.to_owned(),
+            is_default,
+            errors: Vec::new(),
+        });
+        self.streams.len() - 1
+    }
+}
+
 /// One part's resolution, before it is given its reason.
 struct Resolution {
     buckets: Vec<String>,
@@ -495,17 +510,7 @@ impl SyncRules {
         );
         let status_of = |selection: &mut Selection, index: usize| -> usize {
             let stream = &self.streams()[index];
-            match selection.streams.iter().position(|s| s.name == stream.name) {
-                Some(i) => i,
-                None => {
-                    selection.streams.push(StreamDescription {
-                        name: stream.name.clone(),
-                        is_default: stream.auto_subscribe,
-                        errors: Vec::new(),
-                    });
-                    selection.streams.len() - 1
-                }
-            }
+            selection.status(&stream.name, stream.auto_subscribe)
         };
         if wanted.include_defaults {
             for (index, stream) in self.streams().iter().enumerate() {
@@ -527,17 +532,7 @@ impl SyncRules {
         let mut context = base.clone();
         for (i, sub) in wanted.subscriptions.iter().enumerate() {
             let Some(index) = self.streams().iter().position(|s| s.name == sub.stream) else {
-                let status = match selection.streams.iter().position(|s| s.name == sub.stream) {
-                    Some(p) => p,
-                    None => {
-                        selection.streams.push(StreamDescription {
-                            name: sub.stream.clone(),
-                            is_default: false,
-                            errors: Vec::new(),
-                        });
-                        selection.streams.len() - 1
-                    }
-                };
+                let status = selection.status(&sub.stream, false);
                 selection.streams[status].errors.push(StreamError {
                     subscription: Some(i as u32),
                     message: format!("there is no stream named {:?}", sub.stream),

@@ -97,11 +97,11 @@ pub(crate) fn compile_query(
         names: vec![alias.clone().unwrap_or_else(|| last_part(&table))],
     };
     let (levels, joined_names) = join_chain(&from.joins, &main, ctes)?;
-    let join = (!levels.is_empty()).then_some(());
+    let joined = !levels.is_empty();
     let mut items = Vec::new();
     for item in &select.projection {
         items.push(match item {
-            SelectItem::Wildcard(_) if join.is_none() => "*".to_owned(),
+            SelectItem::Wildcard(_) if !joined => "*".to_owned(),
             SelectItem::Wildcard(_) => {
                 return Err(format!(
                     "`*` with a JOIN: name the synced table's columns, e.g. `{}.*`",

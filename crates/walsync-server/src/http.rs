@@ -116,6 +116,15 @@ pub(crate) async fn authenticate<S: BucketStore + 'static>(
     let value = headers
         .get(header::AUTHORIZATION)
         .map(|v| v.to_str().unwrap_or(""));
+    authenticate_value(server, value).await
+}
+
+/// The identity an `Authorization` value (`Bearer …` or `Token …`) proves, wherever it came
+/// from (a header, a WebSocket's SETUP); a refusal is counted and logged here.
+pub(crate) async fn authenticate_value<S: BucketStore + 'static>(
+    server: &Server<S>,
+    value: Option<&str>,
+) -> Result<Identity, ApiError> {
     server.auth.authenticate_header(value).await.map_err(|e| {
         tracing::debug!(error = %e, "refused a token");
         crate::metrics::auth_failure(e.reason());

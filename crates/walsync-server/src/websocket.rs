@@ -208,13 +208,9 @@ async fn serve<S: BucketStore + 'static>(server: &Server<S>, conn: &mut Conn) ->
         .ok()
         .flatten()
         .and_then(|m| m.token);
-    let identity = match server.auth.authenticate_header(token.as_deref()).await {
+    let identity = match crate::http::authenticate_value(server, token.as_deref()).await {
         Ok(i) => i,
-        Err(e) => {
-            crate::metrics::auth_failure(e.reason());
-            let e = ApiError::unauthenticated(e);
-            return Err(conn.refuse(0, code::REJECTED_SETUP, said(&e)).await);
-        }
+        Err(e) => return Err(conn.refuse(0, code::REJECTED_SETUP, said(&e)).await),
     };
     let permit = match server.admission.admit(&identity.user_id) {
         Ok(p) => p,
