@@ -10,14 +10,14 @@ use seed::{config, setup};
 use tokio::sync::watch;
 use walsync_replicator::Progress;
 use walsync_storage::{
-    BucketState, BucketStore, Changes, CompactBatch, EmbeddedStore, Op, PruneStats,
-    StoreCheckpoint, StoreRead, StoredRow,
+    BucketState, BucketStore, Changes, CompactBatch, KvStore, Op, PruneStats, StoreCheckpoint,
+    StoreRead, StoredRow,
 };
 use walsync_types::{LookupKey, RowId};
 
 /// The embedded store with a gate in front of `sync`: while closed, nothing becomes durable.
 struct GatedStore {
-    inner: Arc<EmbeddedStore>,
+    inner: Arc<KvStore>,
     open: Mutex<bool>,
     changed: Condvar,
 }
@@ -60,8 +60,8 @@ impl StoreRead for GatedStore {
 }
 
 impl BucketStore for GatedStore {
-    type Writer<'a> = <EmbeddedStore as BucketStore>::Writer<'a>;
-    type Snapshot = <EmbeddedStore as BucketStore>::Snapshot;
+    type Writer<'a> = <KvStore as BucketStore>::Writer<'a>;
+    type Snapshot = <KvStore as BucketStore>::Snapshot;
 
     fn writer(&self) -> walsync_storage::Result<Self::Writer<'_>> {
         self.inner.writer()

@@ -176,7 +176,7 @@ async fn serve_token_and_tail_work_from_a_config_file() -> anyhow::Result<()> {
         printed.contains("compacted:") && printed.contains("store size:"),
         "{printed}"
     );
-    let served = walsync_storage::EmbeddedStore::open(&s.dir.path().join("served"))?;
+    let served = walsync_storage::KvStore::open(&s.dir.path().join("served"))?;
     let replay = seed::actual(&served);
     assert!(
         !replay.is_empty(),

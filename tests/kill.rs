@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use walsync_storage::{EmbeddedStore, StoreRead};
+use walsync_storage::{KvStore, StoreRead};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicator_killed_at_random_points_resumes_without_loss_or_repeat() -> anyhow::Result<()> {
@@ -57,7 +57,7 @@ async fn replicator_killed_at_random_points_resumes_without_loss_or_repeat() -> 
     assert!(kills >= 4, "the process was running when killed ({kills})");
 
     // Catch up in-process on the killed process's store and compare with PostgreSQL.
-    let store = Arc::new(EmbeddedStore::open(&data)?);
+    let store = Arc::new(KvStore::open(&data)?);
     assert!(
         store.checkpoint()?.op_id > 0,
         "the killed processes made progress"

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use support::seed::{self, Setup};
 use walsync_rules::SyncRules;
-use walsync_storage::{EmbeddedStore, StoreRead};
+use walsync_storage::{KvStore, StoreRead};
 use walsync_testkit::shared;
 
 const SCHEMA: &str = "CREATE TABLE docs (
@@ -52,7 +52,7 @@ async fn hostile_values_arrive(staged: bool) -> anyhow::Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let s = Setup {
-        store: Arc::new(EmbeddedStore::open(dir.path())?),
+        store: Arc::new(KvStore::open(dir.path())?),
         sql,
         url: db.url.clone(),
         slot: db.name.clone(),

@@ -12,7 +12,7 @@ use walsync_replicator::{Progress, ReplicatorConfig, ReplicatorError};
 use walsync_rules::{RequestContext, RowRef, SyncRules};
 use walsync_source::{PgConfig, SourceConfig};
 use walsync_storage::conformance::ClientBucket;
-use walsync_storage::{BucketStore, EmbeddedStore, StoreRead};
+use walsync_storage::{BucketStore, KvStore, StoreRead};
 use walsync_testkit::shared;
 use walsync_types::Value;
 
@@ -25,7 +25,7 @@ pub struct Setup {
     pub url: String,
     pub slot: String,
     pub rules: Arc<SyncRules>,
-    pub store: Arc<EmbeddedStore>,
+    pub store: Arc<KvStore>,
     pub dir: tempfile::TempDir,
 }
 
@@ -64,7 +64,7 @@ pub async fn setup_in(db: &walsync_testkit::TestDatabase) -> anyhow::Result<Setu
     // Some data before the slot exists, so the snapshot has work.
     sql.batch_execute(SAMPLE_DATA).await?;
     let dir = tempfile::tempdir()?;
-    let store = Arc::new(EmbeddedStore::open(dir.path())?);
+    let store = Arc::new(KvStore::open(dir.path())?);
     Ok(Setup {
         sql,
         url: db.url.clone(),
@@ -136,7 +136,7 @@ pub async fn expected_in(
 /// Replays every bucket in the store; checks each bucket's state checksum against its ops.
 /// Everything is read from one snapshot, so that a commit meanwhile (a rebuild's clear above all)
 /// cannot pair one checkpoint's states with another's ops.
-pub fn actual(store: &EmbeddedStore) -> BTreeMap<String, BTreeMap<(String, String), String>> {
+pub fn actual(store: &KvStore) -> BTreeMap<String, BTreeMap<(String, String), String>> {
     let mut out = BTreeMap::new();
     let snap = store.snapshot().expect("snapshot");
     let buckets = snap.buckets().expect("buckets");
@@ -272,7 +272,7 @@ pub async fn setup_with(schema: &str, rules: &str) -> anyhow::Result<Setup> {
     sql.batch_execute(schema).await?;
     let dir = tempfile::tempdir()?;
     Ok(Setup {
-        store: Arc::new(EmbeddedStore::open(dir.path())?),
+        store: Arc::new(KvStore::open(dir.path())?),
         sql,
         url: db.url.clone(),
         slot: db.name.clone(),

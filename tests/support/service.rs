@@ -109,7 +109,7 @@ pub async fn metric(url: &str, name: &str) -> anyhow::Result<f64> {
 /// it yet, as during a rebuild.)
 pub async fn ack_rule_held(s: &seed::Setup, data: &std::path::Path) -> anyhow::Result<()> {
     use walsync_storage::StoreRead;
-    let store = walsync_storage::EmbeddedStore::open(data)?;
+    let store = walsync_storage::KvStore::open(data)?;
     let slot = s
         .sql
         .query_opt(

@@ -12,7 +12,7 @@ use walsync_replicator::{Applier, DEFAULT_MAX_COMMIT_ROWS, DEFAULT_MAX_COMMIT_TX
 use walsync_rules::SyncRules;
 use walsync_source::codec::ReplicaIdentity;
 use walsync_source::{Change, Datum, Row, SourceEvent, Table, TableColumn};
-use walsync_storage::{BucketStore, EmbeddedStore, StoreWriter};
+use walsync_storage::{BucketStore, KvStore, StoreWriter};
 use walsync_types::{Lsn, Value};
 
 #[derive(Debug, Args)]
@@ -133,7 +133,7 @@ fn cpu_time() -> (Duration, Duration) {
 /// Applies `txns` transactions of `per_txn` rows starting at id `first`, committing like the
 /// replicator does: commits become visible at once and a second thread makes them durable.
 fn apply(
-    store: &EmbeddedStore,
+    store: &KvStore,
     applier: &mut Applier,
     table: &Arc<Table>,
     first: i64,
@@ -162,7 +162,7 @@ fn apply(
 
 #[allow(clippy::too_many_arguments)]
 fn apply_commits(
-    store: &EmbeddedStore,
+    store: &KvStore,
     applier: &mut Applier,
     table: &Arc<Table>,
     first: i64,
@@ -235,7 +235,7 @@ pub(crate) fn run(args: ApplyArgs) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("walsync-bench-")
         .tempdir()?;
-    let store = EmbeddedStore::open(dir.path())?;
+    let store = KvStore::open(dir.path())?;
     let mut applier = Applier::new(rules);
     let mut lsn = 0x1000;
     eprintln!("prefill: {} rows", args.prefill);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use walsync::maintenance::MaintenanceConfig;
 use walsync_rules::SyncRules;
-use walsync_storage::{BucketStore, EmbeddedStore, StoreRead};
+use walsync_storage::{BucketStore, KvStore, StoreRead};
 use walsync_testkit::{Cluster, ClusterOptions};
 
 use super::snapshot::RULES;
@@ -89,7 +89,7 @@ async fn one_run(
     let dir = tempfile::Builder::new()
         .prefix("walsync-bench-")
         .tempdir()?;
-    let store = Arc::new(EmbeddedStore::open(dir.path())?);
+    let store = Arc::new(KvStore::open(dir.path())?);
     let slot = format!("bench_compaction_{interval}");
     let r = super::replicator::start(&db.url, &slot, rules, &store)?;
     while !store.checkpoint()?.snapshot_complete {
@@ -138,7 +138,7 @@ async fn one_run(
     Ok(samples)
 }
 
-fn sample(store: &EmbeddedStore, at: u64, updated: u64) -> anyhow::Result<Sample> {
+fn sample(store: &KvStore, at: u64, updated: u64) -> anyhow::Result<Sample> {
     let snap = store.snapshot()?;
     let buckets = snap.buckets()?;
     let ops = snap

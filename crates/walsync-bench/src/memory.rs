@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use walsync_rules::SyncRules;
-use walsync_storage::{EmbeddedStore, StoreRead};
+use walsync_storage::{KvStore, StoreRead};
 use walsync_testkit::{Cluster, ClusterOptions};
 
 use super::snapshot::{RULES, process_memory as status};
@@ -77,7 +77,7 @@ pub(crate) fn run(args: MemoryArgs) -> anyhow::Result<Summary> {
         let dir = tempfile::Builder::new()
             .prefix("walsync-bench-")
             .tempdir()?;
-        let store = Arc::new(EmbeddedStore::open(dir.path())?);
+        let store = Arc::new(KvStore::open(dir.path())?);
         let start = || {
             super::replicator::start_with(&db.url, "bench_memory", &rules, &store, |c| {
                 c.memory_budget = budget;

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use walsync_replicator::{Progress, ReplicatorConfig};
 use walsync_rules::{RequestContext, SyncRules};
 use walsync_source::{PgConfig, SourceConfig};
-use walsync_storage::{BucketStore, EmbeddedStore, StoreRead};
+use walsync_storage::{BucketStore, KvStore, StoreRead};
 use walsync_sync::request_buckets;
 use walsync_testkit::{Cluster, ClusterOptions};
 
@@ -45,7 +45,7 @@ pub(super) fn start(
     url: &str,
     slot: &str,
     rules: &Arc<SyncRules>,
-    store: &Arc<EmbeddedStore>,
+    store: &Arc<KvStore>,
 ) -> anyhow::Result<Running> {
     start_with(url, slot, rules, store, |_| {})
 }
@@ -55,7 +55,7 @@ pub(super) fn start_with(
     url: &str,
     slot: &str,
     rules: &Arc<SyncRules>,
-    store: &Arc<EmbeddedStore>,
+    store: &Arc<KvStore>,
     set: impl FnOnce(&mut ReplicatorConfig),
 ) -> anyhow::Result<Running> {
     let pg: PgConfig = url.parse()?;
@@ -148,7 +148,7 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<Summary> {
             let dir = tempfile::Builder::new()
                 .prefix("walsync-bench-")
                 .tempdir()?;
-            let store = Arc::new(EmbeddedStore::open(dir.path())?);
+            let store = Arc::new(KvStore::open(dir.path())?);
             let r = start(&db.url, &format!("bench_rep_{w}_{run}"), &rules, &store)?;
             while !store.checkpoint()?.snapshot_complete {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -191,7 +191,7 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<Summary> {
             // Alternate which tool goes first, so neither always meets a warmer cache.
             let first = if run % 2 == 0 { Some(pgrl()?) } else { None };
             let slot = format!("bench_rep_{w}_{run}");
-            let store = Arc::new(EmbeddedStore::open(dir.path())?);
+            let store = Arc::new(KvStore::open(dir.path())?);
             let ops_before = store.checkpoint()?.op_id;
             let size_before = store.size_on_disk()?;
             let t = Instant::now();

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use walsync_rules::SyncRules;
-use walsync_storage::{BucketStore, EmbeddedStore, StoreRead};
+use walsync_storage::{BucketStore, KvStore, StoreRead};
 use walsync_testkit::{Cluster, ClusterOptions};
 
 use super::source::{Key, insert_rows, schema};
@@ -85,7 +85,7 @@ pub(crate) fn run(args: SnapshotArgs) -> anyhow::Result<Summary> {
             let dir = tempfile::Builder::new()
                 .prefix("walsync-bench-")
                 .tempdir()?;
-            let store = Arc::new(EmbeddedStore::open(dir.path())?);
+            let store = Arc::new(KvStore::open(dir.path())?);
             let t = Instant::now();
             let r = super::replicator::start(&db.url, "bench_snapshot", &rules, &store)?;
             while !store.checkpoint()?.snapshot_complete {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use walsync_protocol::{BucketChecksum, Checkpoint, Line};
 use walsync_rules::{RequestContext, StreamRequest, Subscription, SyncRules};
-use walsync_storage::{BucketStore, EmbeddedStore, StoreRead};
+use walsync_storage::{BucketStore, KvStore, StoreRead};
 use walsync_sync::request_buckets;
 use walsync_testkit::{Cluster, ClusterOptions};
 
@@ -59,7 +59,7 @@ async fn run_async(args: StreamsArgs) -> anyhow::Result<Summary> {
     let dir = tempfile::Builder::new()
         .prefix("walsync-bench-")
         .tempdir()?;
-    let store = Arc::new(EmbeddedStore::open(dir.path())?);
+    let store = Arc::new(KvStore::open(dir.path())?);
     let mut r = start(&db.url, "bench_streams", &rules, &store)?;
     sql.batch_execute(&format!(
         "INSERT INTO project_members (project_id, user_id) SELECT i, 'u' FROM generate_series(1, {n}) i;

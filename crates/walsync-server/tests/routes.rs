@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use walsync_protocol::pb;
 use walsync_server::{AuthConfig, Authenticator, Connect, Server, ServerConfig, WriteCheckpoints};
-use walsync_storage::EmbeddedStore;
+use walsync_storage::KvStore;
 use walsync_sync::{SyncConfig, SyncCore};
 
 const RULES: &str = "bucket_definitions:\n  me:\n    parameters: SELECT request.user_id() AS user_id\n    data: []\n";
 
 struct Running {
     url: String,
-    store: Arc<EmbeddedStore>,
+    store: Arc<KvStore>,
     _dir: tempfile::TempDir,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -30,7 +30,7 @@ async fn serve_with(config: ServerConfig) -> anyhow::Result<Running> {
 
 async fn serve_with_database(config: ServerConfig, connect: Connect) -> anyhow::Result<Running> {
     let dir = tempfile::tempdir()?;
-    let store = Arc::new(EmbeddedStore::open(dir.path())?);
+    let store = Arc::new(KvStore::open(dir.path())?);
     let rules = Arc::new(walsync_rules::SyncRules::from_yaml(RULES)?);
     let core = SyncCore::new(store.clone(), rules, SyncConfig::default());
     let auth = Arc::new(

@@ -17,12 +17,12 @@
 //! Storage generates the ops: the caller says what a row now is (or that it is gone) and which
 //! buckets its rules put it in; the store compares with its copy.
 
-mod embedded;
+mod kv;
 mod model;
 
 pub mod conformance;
 
-pub use embedded::{EmbeddedSnapshot, EmbeddedStore, EmbeddedWriter};
+pub use kv::{Connect, KvSnapshot, KvStore, KvWriter};
 pub use model::{
     BucketState, Changes, CompactBatch, CompactStats, Op, PruneStats, StoreCheckpoint, StoreCounts,
     StoredRow, TableName,

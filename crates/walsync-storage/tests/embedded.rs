@@ -1,12 +1,12 @@
 //! The embedded store against the conformance suite, plus what only a file-backed store can show.
 
 use walsync_storage::conformance::{self, ClientBucket};
-use walsync_storage::{BucketStore, EmbeddedStore, StoreRead, StoreWriter, StoredRow};
+use walsync_storage::{BucketStore, KvStore, StoreRead, StoreWriter, StoredRow};
 use walsync_types::{Lsn, RowId};
 
-fn fresh() -> EmbeddedStore {
+fn fresh() -> KvStore {
     let dir = tempfile::tempdir().expect("tempdir").keep();
-    EmbeddedStore::open(&dir).expect("open")
+    KvStore::open(&dir).expect("open")
 }
 
 #[test]
@@ -18,7 +18,7 @@ fn conformance_suite() {
 fn survives_reopening() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
-        let store = EmbeddedStore::open(dir.path()).expect("open");
+        let store = KvStore::open(dir.path()).expect("open");
         let mut w = store.writer().expect("writer");
         w.upsert_row(
             "public.t",
@@ -37,7 +37,7 @@ fn survives_reopening() {
         w.set_snapshot_complete();
         w.commit().expect("commit");
     }
-    let store = EmbeddedStore::open(dir.path()).expect("reopen");
+    let store = KvStore::open(dir.path()).expect("reopen");
     let cp = store.checkpoint().expect("checkpoint");
     assert_eq!(
         (cp.op_id, cp.lsn, cp.snapshot_complete),
@@ -126,7 +126,7 @@ mod row_key_bounds_property {
 
     use proptest::prelude::*;
     use walsync_storage::conformance::ClientBucket;
-    use walsync_storage::{BucketStore, EmbeddedStore, StoreWriter, StoredRow};
+    use walsync_storage::{BucketStore, KvStore, StoreWriter, StoredRow};
     use walsync_types::{RowId, RowOutput};
 
     #[derive(Debug, Clone)]
@@ -154,7 +154,7 @@ mod row_key_bounds_property {
         #[test]
         fn rows_leave_their_old_bucket_whatever_the_key_order(steps in proptest::collection::vec(step(), 1..60)) {
             let dir = tempfile::tempdir().expect("tempdir");
-            let mut store = EmbeddedStore::open(dir.path()).expect("open");
+            let mut store = KvStore::open(dir.path()).expect("open");
             // What the store holds once committed, and what the open commit has on top.
             let mut committed: BTreeMap<i64, u8> = BTreeMap::new();
             let mut open = committed.clone();
@@ -192,7 +192,7 @@ mod row_key_bounds_property {
                         w = None;
                         open = committed.clone();
                         drop(store);
-                        store = EmbeddedStore::open(dir.path()).expect("reopen");
+                        store = KvStore::open(dir.path()).expect("reopen");
                     }
                 }
             }
@@ -248,14 +248,14 @@ fn a_staged_transaction_that_never_commits_is_undone() {
     // Cut off: the steps are in the store's files when it opens again.
     let dir = tempfile::tempdir().expect("tempdir");
     {
-        let crashed = EmbeddedStore::open(dir.path()).expect("open");
+        let crashed = KvStore::open(dir.path()).expect("open");
         conformance::staged_base(&crashed);
         let mut w = crashed.staged_writer(4 << 10).expect("staged writer");
         conformance::staged_workload(&mut w, 7);
         drop(w);
         crashed.sync().expect("sync");
     }
-    let crashed = EmbeddedStore::open(dir.path()).expect("open");
+    let crashed = KvStore::open(dir.path()).expect("open");
     // An empty commit on the plain store too, so that both checkpoints match.
     plain.writer().expect("writer").commit().expect("commit");
     for store in [&dropped, &crashed] {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use walsync_protocol::{BucketRequest, Line, SyncRequest};
 use walsync_rules::SyncRules;
-use walsync_storage::{BucketStore, EmbeddedStore, StoreRead, StoreWriter, StoredRow};
+use walsync_storage::{BucketStore, KvStore, StoreRead, StoreWriter, StoredRow};
 use walsync_sync::{Identity, Lines, SyncConfig, SyncCore, SyncError};
 use walsync_types::{RowId, RowOutput};
 
@@ -23,14 +23,14 @@ bucket_definitions:
       - SELECT * FROM notes WHERE owner = bucket.user_id
 "#;
 
-fn store() -> (tempfile::TempDir, Arc<EmbeddedStore>) {
+fn store() -> (tempfile::TempDir, Arc<KvStore>) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Arc::new(EmbeddedStore::open(dir.path()).expect("open"));
+    let store = Arc::new(KvStore::open(dir.path()).expect("open"));
     (dir, store)
 }
 
 /// Writes `n` rows of `table` into `bucket`, one commit, snapshot complete.
-fn put(store: &EmbeddedStore, table: &str, bucket: &str, from: usize, n: usize) {
+fn put(store: &KvStore, table: &str, bucket: &str, from: usize, n: usize) {
     let mut w = store.writer().expect("writer");
     for i in from..from + n {
         let id = i.to_string();
@@ -60,7 +60,7 @@ fn identity(user: &str) -> Identity {
     }
 }
 
-fn core(store: Arc<EmbeddedStore>, config: SyncConfig) -> Arc<SyncCore<EmbeddedStore>> {
+fn core(store: Arc<KvStore>, config: SyncConfig) -> Arc<SyncCore<KvStore>> {
     let rules = Arc::new(SyncRules::from_yaml(RULES).expect("rules"));
     let core = SyncCore::new(store, rules, config);
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
@@ -402,7 +402,7 @@ async fn the_token_lifetime_is_said_again_before_it_ends() {
 }
 
 /// Writes one row of `notes` into `mine["u1"]` at source position `lsn`.
-fn put_at(store: &EmbeddedStore, id: usize, lsn: u64) {
+fn put_at(store: &KvStore, id: usize, lsn: u64) {
     let mut w = store.writer().expect("writer");
     let row = id.to_string();
     w.upsert_row(

@@ -133,13 +133,13 @@ pub async fn run<S: BucketStore + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use walsync_storage::{EmbeddedStore, StoreRead, StoreWriter, StoredRow};
+    use walsync_storage::{KvStore, StoreRead, StoreWriter, StoredRow};
     use walsync_types::{RowId, RowOutput};
 
     #[test]
     fn a_pass_compacts_every_bucket_and_prunes_before_the_mark() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = EmbeddedStore::open(dir.path()).expect("open");
+        let store = KvStore::open(dir.path()).expect("open");
         let mut marks = Vec::new();
         for v in 0..5 {
             let mut w = store.writer().expect("writer");

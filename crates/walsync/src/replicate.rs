@@ -10,7 +10,7 @@ use tracing::{Instrument, info_span};
 use walsync_replicator::{Progress, ReplicatorConfig};
 use walsync_rules::SyncRules;
 use walsync_source::{PgConfig, PublicationScope, SourceConfig};
-use walsync_storage::EmbeddedStore;
+use walsync_storage::KvStore;
 
 #[derive(Debug, Args)]
 pub(crate) struct ReplicateArgs {
@@ -45,7 +45,7 @@ pub(crate) fn run(args: ReplicateArgs) -> anyhow::Result<()> {
     if args.create_publication {
         source.create_publication = Some(PublicationScope::Tables(rules.qualified_tables()));
     }
-    let store = Arc::new(EmbeddedStore::open(&args.data_dir)?);
+    let store = Arc::new(KvStore::open(&args.data_dir)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

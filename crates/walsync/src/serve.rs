@@ -174,7 +174,7 @@ pub struct CompactArgs {
 pub fn compact(args: CompactArgs) -> anyhow::Result<()> {
     use walsync_storage::{BucketStore, StoreRead};
     let config = Config::load(&args.config)?;
-    let store = walsync_storage::EmbeddedStore::open(&config.storage.dir).with_context(|| {
+    let store = walsync_storage::KvStore::open(&config.storage.dir).with_context(|| {
         format!(
             "opening the store in {} (is walsync still running?)",
             config.storage.dir.display()

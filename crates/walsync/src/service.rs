@@ -10,7 +10,7 @@ use tracing::{Instrument, info_span};
 use walsync_replicator::{Progress, ReplicatorConfig};
 use walsync_rules::SyncRules;
 use walsync_source::{PgConfig, PublicationScope, SourceConfig};
-use walsync_storage::EmbeddedStore;
+use walsync_storage::KvStore;
 use walsync_sync::SyncCore;
 
 use walsync_server::{Authenticator, Connect, Server, WriteCheckpoints};
@@ -49,7 +49,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Service {
     pub addr: SocketAddr,
-    pub server: Arc<Server<EmbeddedStore>>,
+    pub server: Arc<Server<KvStore>>,
     pub progress: watch::Receiver<Progress>,
     stop: watch::Sender<bool>,
     replicator: JoinHandle<Result<(), walsync_replicator::ReplicatorError>>,
@@ -80,7 +80,7 @@ impl Service {
         if config.postgres.create_publication {
             source.create_publication = Some(PublicationScope::Tables(rules.qualified_tables()));
         }
-        let store = Arc::new(EmbeddedStore::open(&config.storage.dir)?);
+        let store = Arc::new(KvStore::open(&config.storage.dir)?);
         let auth = Arc::new(Authenticator::new(config.auth.clone()).await?);
         let core = SyncCore::new(
             store.clone(),

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use walsync_replicator::Progress;
 use walsync_source::PgConfig;
-use walsync_storage::{BucketStore, EmbeddedStore, StoreRead};
+use walsync_storage::{BucketStore, KvStore, StoreRead};
 use walsync_sync::SyncCore;
 
 pub const ROWS: &str = "walsync_replication_rows_total";
@@ -342,8 +342,8 @@ pub(crate) async fn monitor(
     reachable: Arc<std::sync::atomic::AtomicBool>,
     pg: PgConfig,
     slot: String,
-    store: Arc<EmbeddedStore>,
-    core: Arc<SyncCore<EmbeddedStore>>,
+    store: Arc<KvStore>,
+    core: Arc<SyncCore<KvStore>>,
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) {

@@ -1,12 +1,12 @@
 //! Op records and the chunks that hold them.
 
-use fjall::{Readable, SingleWriterWriteTx};
 use serde::{Deserialize, Serialize};
 use walsync_types::OpKind;
 
-use super::Spaces;
+use super::Space;
+use super::engine::{Bytes, Read, Tx};
 use super::keys::op_key;
-use super::record::{Reader, Writer, corrupt, decode, engine};
+use super::record::{Reader, Writer, corrupt, decode};
 use crate::Result;
 use crate::model::Op;
 
@@ -119,33 +119,21 @@ pub(super) fn push_op(
 }
 
 /// Stores `chunk`, whose last op is `last_id`, as `bucket`'s (see [`CHUNK_TAG`]).
-pub(super) fn put_chunk(
-    tx: &mut SingleWriterWriteTx<'_>,
-    s: &Spaces,
-    bucket: &str,
-    last_id: u64,
-    chunk: Vec<u8>,
-) {
-    tx.insert(&s.op_log, last_id.to_be_bytes(), chunk);
-    tx.insert(&s.op_index, op_key(bucket, last_id), []);
+pub(super) fn put_chunk(tx: &mut Tx<'_>, bucket: &str, last_id: u64, chunk: Vec<u8>) {
+    tx.insert(Space::OpLog, last_id.to_be_bytes(), chunk);
+    tx.insert(Space::OpIndex, op_key(bucket, last_id), []);
 }
 
 /// The chunk `op_index` lists under `last_id`.
-pub(super) fn get_chunk(r: &impl Readable, s: &Spaces, last_id: u64) -> Result<fjall::Slice> {
-    r.get(&s.op_log, last_id.to_be_bytes())
-        .map_err(engine)?
+pub(super) fn get_chunk(r: &impl Read, last_id: u64) -> Result<Bytes> {
+    r.get(Space::OpLog, &last_id.to_be_bytes())?
         .ok_or_else(|| corrupt("op chunk", "listed but missing"))
 }
 
 /// Removes the chunk of `bucket` whose last op is `last_id`, and its listing.
-pub(super) fn remove_chunk(
-    tx: &mut SingleWriterWriteTx<'_>,
-    s: &Spaces,
-    bucket: &str,
-    last_id: u64,
-) {
-    tx.remove(&s.op_log, last_id.to_be_bytes());
-    tx.remove(&s.op_index, op_key(bucket, last_id));
+pub(super) fn remove_chunk(tx: &mut Tx<'_>, bucket: &str, last_id: u64) {
+    tx.remove(Space::OpLog, last_id.to_be_bytes());
+    tx.remove(Space::OpIndex, op_key(bucket, last_id));
 }
 
 /// The ops of one chunk, as (op id, op record), in op id order.

@@ -14,8 +14,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use super::Space;
+use super::engine::{Db, Read};
 use fastbloom::AtomicBloomFilter;
-use fjall::{Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace};
 
 /// The false positive rate at the filter's capacity: about 10 bits a key.
 const FALSE_POSITIVES: f64 = 0.01;
@@ -42,22 +43,28 @@ impl std::fmt::Debug for RowFilter {
 impl RowFilter {
     /// A new filter for `rows`, filled from a snapshot by a thread of its own. Call it only
     /// while holding the write transaction, before writing.
-    pub(super) fn start(db: &SingleWriterTxDatabase, rows: &SingleWriterTxKeyspace) -> Arc<Self> {
-        let capacity = (rows.approximate_len() * 2).max(MIN_CAPACITY);
+    pub(super) fn start(db: &Db) -> Arc<Self> {
+        let capacity = (db.approximate_len(Space::Rows) * 2).max(MIN_CAPACITY);
         let filter = Arc::new(RowFilter {
             bloom: AtomicBloomFilter::with_false_pos(FALSE_POSITIVES).expected_items(capacity),
             capacity,
             added: AtomicUsize::new(0),
             ready: AtomicBool::new(false),
         });
-        let (db, rows, fill) = (db.clone(), rows.clone(), filter.clone());
+        let (db, fill) = (db.clone(), filter.clone());
         let spawned = std::thread::Builder::new()
             .name("walsync-row-filter".into())
             .spawn(move || {
-                let snapshot = db.read_tx();
-                for guard in snapshot.iter(&rows) {
-                    match guard.key() {
-                        Ok(key) => fill.add(&key),
+                let snapshot = match db.read_tx() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the row keys for the row filter");
+                        return;
+                    }
+                };
+                for entry in snapshot.iter(Space::Rows) {
+                    match entry {
+                        Ok((key, _)) => fill.add(&key),
                         Err(e) => {
                             // Never ready: every lookup goes to the engine, as without a filter.
                             tracing::warn!(error = %e, "cannot read the row keys for the row filter");

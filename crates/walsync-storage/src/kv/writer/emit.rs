@@ -1,17 +1,17 @@
 //! How a write transaction emits: ops into each bucket's open chunk (and its state), REMOVEs of
 //! objects a row left, and lookup entries.
 
-use fjall::Readable;
 use walsync_types::{LookupEntry, OpKind, add_checksums, remove_checksum};
 
-use super::EmbeddedWriter;
+use super::KvWriter;
 use crate::Result;
-use crate::embedded::Space;
-use crate::embedded::chunk::{CHUNK_BYTES, push_op};
-use crate::embedded::keys::lookup_key;
-use crate::embedded::record::{Writer, decode, encode, engine};
-use crate::embedded::row::Placement;
-use crate::embedded::stage::state_key;
+use crate::kv::Space;
+use crate::kv::chunk::{CHUNK_BYTES, push_op};
+use crate::kv::engine::Read;
+use crate::kv::keys::lookup_key;
+use crate::kv::record::{Writer, decode, encode};
+use crate::kv::row::Placement;
+use crate::kv::stage::state_key;
 use crate::model::BucketState;
 
 pub(super) fn object_hash(bucket: &str, object_type: &str, object_id: &str) -> u64 {
@@ -34,28 +34,19 @@ pub(super) struct Pending {
     pub(super) chunk: Writer,
 }
 
-impl EmbeddedWriter<'_> {
+impl KvWriter<'_> {
     /// The state of a bucket this commit has not written to yet (for a staged writer, as its
     /// last step left it).
     pub(super) fn stored_state(&self, bucket: &str) -> Result<BucketState> {
         if self.staging.as_ref().is_some_and(|s| s.steps > 0)
-            && let Some(v) = self
-                .tx
-                .get(&self.s.stage, state_key(bucket))
-                .map_err(engine)?
+            && let Some(v) = self.tx.get(Space::Stage, &state_key(bucket))?
         {
             return decode("bucket state", &v);
         }
-        Ok(
-            match self
-                .tx
-                .get(&self.s.buckets, bucket.as_bytes())
-                .map_err(engine)?
-            {
-                Some(v) => decode("bucket state", &v)?,
-                None => BucketState::default(),
-            },
-        )
+        Ok(match self.tx.get(Space::Buckets, bucket.as_bytes())? {
+            Some(v) => decode("bucket state", &v)?,
+            None => BucketState::default(),
+        })
     }
 
     pub(super) fn emit(

@@ -1,11 +1,12 @@
 //! Record formats, chunks, row keys and the migration of earlier layouts.
 
-use fjall::{KeyspaceCreateOptions, Readable};
+use fjall::KeyspaceCreateOptions;
 use walsync_types::{
     LookupEntry, LookupKey, OpKind, RowId, RowOutput, add_checksums, put_checksum,
 };
 
 use super::chunk::{OpValue, chunk_ops, push_op};
+use super::engine::{Durability, FjallDb};
 use super::keys::{ROW_KEYS, RowKeys, key2, op_key};
 use super::record::{Writer, encode};
 use super::row::{Placement, RowRecord};
@@ -137,15 +138,25 @@ fn chunks_round_trip_and_fail_cleanly_when_cut() {
     }
 }
 
+fn fjall(store: &KvStore) -> &FjallDb {
+    match &store.db {
+        Db::Fjall(f) => f,
+        Db::Postgres(_) => unreachable!("an embedded store"),
+    }
+}
+
 /// Stores written before ops were kept in chunks hold one op record per key.
 #[test]
 fn ops_of_earlier_versions_move_on_open_then_read_and_compact() {
     use std::collections::BTreeMap;
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = EmbeddedStore::open(dir.path()).expect("open");
-    assert!(!store.db.keyspace_exists("ops"), "a new store has no ops");
-    let old = |store: &EmbeddedStore| {
-        store
+    let store = KvStore::open(dir.path()).expect("open");
+    assert!(
+        !fjall(&store).db.keyspace_exists("ops"),
+        "a new store has no ops"
+    );
+    let old = |store: &KvStore| {
+        fjall(store)
             .db
             .keyspace("ops", KeyspaceCreateOptions::default)
             .expect("ops")
@@ -162,7 +173,8 @@ fn ops_of_earlier_versions_move_on_open_then_read_and_compact() {
         (2, put("1", "{\"v\":2}")),
         (3, put("2", "{}")),
     ];
-    let mut tx = store.db.write_tx();
+    let f = fjall(&store);
+    let mut tx = f.db.write_tx();
     let mut state = BucketState::default();
     // Ops 1 and 2 one per key, op 3 in a chunk, as earlier versions kept them.
     let ops = old(&store);
@@ -179,7 +191,7 @@ fn ops_of_earlier_versions_move_on_open_then_read_and_compact() {
         state.last_op_id = *id;
     }
     tx.insert(
-        &store.s.buckets,
+        f.keyspace(Space::Buckets),
         b"a".to_vec(),
         encode(&state).expect("state"),
     );
@@ -188,15 +200,15 @@ fn ops_of_earlier_versions_move_on_open_then_read_and_compact() {
         ..StoreCheckpoint::default()
     };
     tx.insert(
-        &store.s.meta,
+        f.keyspace(Space::Meta),
         b"checkpoint".to_vec(),
         encode(&checkpoint).expect("cp"),
     );
     tx.commit().expect("commit");
     drop((ops, store));
-    let store = EmbeddedStore::open(dir.path()).expect("reopen");
+    let store = KvStore::open(dir.path()).expect("reopen");
     assert!(
-        !store.db.keyspace_exists("ops"),
+        !fjall(&store).db.keyspace_exists("ops"),
         "moved, and the old keyspace deleted"
     );
     let mut w = store.writer().expect("writer");
@@ -319,18 +331,18 @@ fn stores_with_text_row_keys_keep_them() {
         copies: 1,
     };
     {
-        let store = EmbeddedStore::open(dir.path()).expect("open");
+        let store = KvStore::open(dir.path()).expect("open");
         assert_eq!(store.s.row_keys, RowKeys::Ordered, "a new store");
-        let mut tx = store.db.write_tx();
-        tx.remove(&store.s.meta, ROW_KEYS);
+        let mut tx = store.db.write_tx().expect("tx");
+        tx.remove(Space::Meta, ROW_KEYS);
         tx.insert(
-            &store.s.rows,
+            Space::Rows,
             key2("public.t", id.as_bytes()),
             rec.to_bytes().expect("rec"),
         );
-        tx.commit().expect("commit");
+        tx.commit(Durability::Sync).expect("commit");
     }
-    let store = EmbeddedStore::open(dir.path()).expect("reopen");
+    let store = KvStore::open(dir.path()).expect("reopen");
     assert_eq!(store.s.row_keys, RowKeys::Text);
     let mut w = store.writer().expect("writer");
     assert!(
@@ -345,11 +357,12 @@ fn stores_with_text_row_keys_keep_them() {
             .snapshot()
             .expect("snap")
             .snap
-            .first_key_value(&store.s.rows)
+            .iter(Space::Rows)
+            .next()
             .is_none()
     );
     drop(store);
-    let store = EmbeddedStore::open(dir.path()).expect("reopen");
+    let store = KvStore::open(dir.path()).expect("reopen");
     assert_eq!(
         store.s.row_keys,
         RowKeys::Ordered,
@@ -374,7 +387,7 @@ fn the_row_filter_never_hides_a_stored_row() {
         columns: vec!["v".to_owned()].into(),
         values: vec![walsync_types::Value::Int(v)],
     };
-    let put = |w: &mut EmbeddedWriter<'_>, i: u64, bucket: &str| {
+    let put = |w: &mut KvWriter<'_>, i: u64, bucket: &str| {
         w.upsert_row(
             "public.t",
             &key(i),
@@ -389,13 +402,13 @@ fn the_row_filter_never_hides_a_stored_row() {
         )
         .expect("upsert");
     };
-    let bucket_rows = |store: &EmbeddedStore, bucket: &str| {
+    let bucket_rows = |store: &KvStore, bucket: &str| {
         crate::conformance::ClientBucket::read(store, bucket)
             .rows
             .len()
     };
     {
-        let store = EmbeddedStore::open(dir.path()).expect("open");
+        let store = KvStore::open(dir.path()).expect("open");
         for chunk in 0..4 {
             let mut w = store.writer().expect("writer");
             for i in chunk * 500..(chunk + 1) * 500 {
@@ -404,7 +417,7 @@ fn the_row_filter_never_hides_a_stored_row() {
             w.commit().expect("commit");
         }
     }
-    let store = EmbeddedStore::open(dir.path()).expect("reopen");
+    let store = KvStore::open(dir.path()).expect("reopen");
     let mut w = store.writer().expect("writer");
     for i in 2_000..2_500 {
         put(&mut w, i, "a");
@@ -462,13 +475,13 @@ fn a_store_whose_first_making_was_interrupted_opens_anew() {
         if let Some(m) = marker {
             std::fs::write(engine.join("version"), m).expect("marker");
         }
-        let store = EmbeddedStore::open(dir.path()).expect("opens anew");
+        let store = KvStore::open(dir.path()).expect("opens anew");
         assert_eq!(store.checkpoint().expect("checkpoint").op_id, 0);
         let mut w = store.writer().expect("writer");
         w.set_rules("r");
         w.commit().expect("commit");
         drop(store);
-        let again = EmbeddedStore::open(dir.path()).expect("opens again");
+        let again = KvStore::open(dir.path()).expect("opens again");
         assert_eq!(
             again.checkpoint().expect("checkpoint").rules.as_deref(),
             Some("r"),

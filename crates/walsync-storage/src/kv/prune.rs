@@ -4,49 +4,43 @@
 
 use std::collections::HashMap;
 
-use fjall::{PersistMode, Readable, SingleWriterTxDatabase};
-
-use super::Spaces;
-use super::record::{encode, engine};
+use super::Space;
+use super::engine::{Bytes, Db, Durability, Read};
+use super::record::encode;
 use super::snapshot::read_checkpoint;
 use crate::Result;
 use crate::model::PruneStats;
 
-pub(super) fn prune_history(
-    db: &SingleWriterTxDatabase,
-    s: &Spaces,
-    before: u64,
-    max_keys: usize,
-) -> Result<PruneStats> {
-    let mut tx = db.write_tx().durability(Some(PersistMode::SyncAll));
+pub(super) fn prune_history(db: &Db, before: u64, max_keys: usize) -> Result<PruneStats> {
+    let mut tx = db.write_tx()?;
     let mut stats = PruneStats::default();
     // First the mark, in the same commit as any removal: no reader sees history gone without
     // being told.
-    let mut cp = read_checkpoint(&tx, &s.meta)?;
+    let mut cp = read_checkpoint(&tx)?;
     let before = before.min(cp.op_id);
     if cp.changes_from < before {
         cp.changes_from = before;
-        tx.insert(&s.meta, b"checkpoint".to_vec(), encode(&cp)?);
+        tx.insert(Space::Meta, b"checkpoint".to_vec(), encode(&cp)?);
     }
     let budget = max_keys.max(1);
-    let old: Vec<fjall::Slice> = tx
-        .range(&s.changes, ..=before.to_be_bytes())
+    let old: Vec<Bytes> = tx
+        .range(Space::Changes, ..=before.to_be_bytes())
         .take(budget)
-        .map(|g| g.key().map_err(engine))
+        .map(|g| g.map(|(k, _)| k))
         .collect::<Result<_>>()?;
     stats.changes = old.len() as u64;
     for k in old {
-        tx.remove(&s.changes, k);
+        tx.remove(Space::Changes, &*k);
     }
     // Lookup keys are `lookup 0x00 op_id(be) row`: per (lookup, row), every entry at or before
     // `before` except the last is superseded, and that last one too when it is a tombstone.
-    let mut latest: HashMap<(Vec<u8>, Vec<u8>), (fjall::Slice, bool)> = HashMap::new();
-    let mut doomed: Vec<fjall::Slice> = Vec::new();
-    for g in tx.iter(&s.lookups) {
+    let mut latest: HashMap<(Vec<u8>, Vec<u8>), (Bytes, bool)> = HashMap::new();
+    let mut doomed: Vec<Bytes> = Vec::new();
+    for g in tx.iter(Space::Lookups) {
         if doomed.len() >= budget {
             break;
         }
-        let (key, value) = g.into_inner().map_err(engine)?;
+        let (key, value) = g?;
         let Some(sep) = key.iter().position(|b| *b == 0) else {
             continue;
         };
@@ -75,9 +69,9 @@ pub(super) fn prune_history(
     }
     stats.lookups = doomed.len() as u64;
     for k in doomed {
-        tx.remove(&s.lookups, k);
+        tx.remove(Space::Lookups, &*k);
     }
     stats.done = stats.changes < budget as u64 && complete;
-    tx.commit().map_err(engine)?;
+    tx.commit(Durability::Sync)?;
     Ok(stats)
 }

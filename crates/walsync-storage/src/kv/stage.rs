@@ -26,10 +26,8 @@
 //! memory; so are the row keys a re-copy copied (`c`, the key of `rows`). What its commit
 //! holds grows with the buckets it touched, not with its rows.
 
-use fjall::{PersistMode, Readable};
-
-use super::record::engine;
-use super::{EmbeddedStore, Space};
+use super::engine::{Bytes, Durability, Read};
+use super::{KvStore, Space};
 use crate::Result;
 
 /// The `meta` key that says a staged transaction has steps in the store.
@@ -87,24 +85,17 @@ pub(super) fn owner_key(object: u64) -> [u8; 9] {
 /// itself again. The undo goes in bounded batches, each a commit of its own and idempotent, so
 /// a crash during it only means doing it again; the mark goes only after the last. Clearing
 /// the keyspace is one operation of the engine, however many records it holds.
-pub(super) fn recover(store: &EmbeddedStore) -> Result<()> {
+pub(super) fn recover(store: &KvStore) -> Result<()> {
     use std::ops::Bound;
-    let s = &store.s;
-    let staging = store
-        .db
-        .read_tx()
-        .get(&s.meta, STAGING)
-        .map_err(engine)?
-        .is_some();
+    let staging = store.db.read_tx()?.get(Space::Meta, STAGING)?.is_some();
     if staging {
         let mut undone = 0usize;
         let mut from = Bound::Included(b"u".to_vec());
         loop {
-            let mut tx = store.db.write_tx();
-            let batch: Vec<(fjall::Slice, fjall::Slice)> = tx
-                .range(&s.stage, (from.clone(), Bound::Excluded(b"v".to_vec())))
+            let mut tx = store.db.write_tx()?;
+            let batch: Vec<(Bytes, Bytes)> = tx
+                .range(Space::Stage, (from.clone(), Bound::Excluded(b"v".to_vec())))
                 .take(RECOVER_BATCH)
-                .map(|g| g.into_inner().map_err(engine))
                 .collect::<Result<_>>()?;
             let Some((last, _)) = batch.last() else {
                 break;
@@ -114,7 +105,6 @@ pub(super) fn recover(store: &EmbeddedStore) -> Result<()> {
                 if let [b'u', tag, key @ ..] = &*k
                     && let Some(space) = Space::from_tag(*tag)
                 {
-                    let space = s.get(space);
                     match &*v {
                         [1, before @ ..] => tx.insert(space, key, before),
                         _ => tx.remove(space, key),
@@ -122,22 +112,18 @@ pub(super) fn recover(store: &EmbeddedStore) -> Result<()> {
                     undone += 1;
                 }
             }
-            tx.durability(Some(PersistMode::Buffer))
-                .commit()
-                .map_err(engine)?;
+            tx.commit(Durability::Buffer)?;
         }
-        let mut tx = store.db.write_tx();
-        tx.remove(&s.meta, STAGING);
-        tx.durability(Some(PersistMode::SyncAll))
-            .commit()
-            .map_err(engine)?;
+        let mut tx = store.db.write_tx()?;
+        tx.remove(Space::Meta, STAGING);
+        tx.commit(Durability::Sync)?;
         tracing::warn!(
             keys = undone,
             "a staged write transaction that never committed was undone"
         );
     }
-    if store.db.read_tx().iter(&s.stage).next().is_some() {
-        s.stage.inner().clear().map_err(engine)?;
+    if store.db.read_tx()?.iter(Space::Stage).next().is_some() {
+        store.db.clear(Space::Stage)?;
     }
     Ok(())
 }

@@ -1,25 +1,25 @@
 //! Reads on a consistent snapshot.
 
-use fjall::{Readable, SingleWriterTxKeyspace};
 use walsync_types::{LookupKey, RowId};
 
-use super::Spaces;
 use super::chunk::{OpValue, chunk_ops, get_chunk, op_from};
+use super::engine::{Bytes, Read, Snap};
 use super::keys::{lookup_key, op_id_of, op_key};
-use super::record::{corrupt, decode, engine};
+use super::record::{corrupt, decode};
 use super::row::{RowRecord, names_in};
+use super::{Space, Spaces};
 use crate::model::{BucketState, Changes, Op, StoreCheckpoint, StoredRow};
 use crate::{Result, StoreRead};
 
 /// A read snapshot of the embedded store.
-pub struct EmbeddedSnapshot {
-    pub(super) snap: fjall::Snapshot,
+pub struct KvSnapshot {
+    pub(super) snap: Snap,
     s: Spaces,
 }
 
-impl EmbeddedSnapshot {
-    pub(super) fn new(snap: fjall::Snapshot, s: Spaces) -> EmbeddedSnapshot {
-        EmbeddedSnapshot { snap, s }
+impl KvSnapshot {
+    pub(super) fn new(snap: Snap, s: Spaces) -> KvSnapshot {
+        KvSnapshot { snap, s }
     }
 
     /// [`StoreRead::bucket_states`] by one range scan merged with the sorted names.
@@ -32,10 +32,10 @@ impl EmbeddedSnapshot {
         };
         let mut wanted = order.iter().peekable();
         for g in self.snap.range(
-            &self.s.buckets,
+            Space::Buckets,
             buckets[*first].as_bytes()..=buckets[*last].as_bytes(),
         ) {
-            let (key, v) = g.into_inner().map_err(engine)?;
+            let (key, v) = g?;
             while let Some(&&i) = wanted.peek() {
                 match buckets[i].as_bytes().cmp(&key[..]) {
                     std::cmp::Ordering::Less => {
@@ -56,22 +56,22 @@ impl EmbeddedSnapshot {
     }
 }
 
-impl std::fmt::Debug for EmbeddedSnapshot {
+impl std::fmt::Debug for KvSnapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmbeddedSnapshot").finish_non_exhaustive()
+        f.debug_struct("KvSnapshot").finish_non_exhaustive()
     }
 }
 
-impl StoreRead for EmbeddedSnapshot {
+impl StoreRead for KvSnapshot {
     fn checkpoint(&self) -> Result<StoreCheckpoint> {
-        read_checkpoint(&self.snap, &self.s.meta)
+        read_checkpoint(&self.snap)
     }
 
     fn buckets(&self) -> Result<Vec<String>> {
         let snap = &self.snap;
         let mut out = Vec::new();
-        for g in snap.iter(&self.s.buckets) {
-            out.push(String::from_utf8_lossy(&g.key().map_err(engine)?).into_owned());
+        for g in snap.iter(Space::Buckets) {
+            out.push(String::from_utf8_lossy(&g?.0).into_owned());
         }
         Ok(out)
     }
@@ -80,18 +80,22 @@ impl StoreRead for EmbeddedSnapshot {
         let snap = &self.snap;
         // Asked for a large part of all buckets (a user in thousands of projects): one pass
         // over the keyspace between the first and the last asked for costs less than a point
-        // read each.
-        if buckets.len() >= 1_000 && buckets.len() * 4 >= self.s.buckets.approximate_len() {
+        // read each, in the embedded engine (PostgreSQL reads them all in one query anyway).
+        if buckets.len() >= 1_000
+            && self
+                .snap
+                .local_len(Space::Buckets)
+                .is_some_and(|n| buckets.len() * 4 >= n)
+        {
             return self.bucket_states_scanned(buckets);
         }
-        buckets
-            .iter()
-            .map(
-                |b| match snap.get(&self.s.buckets, b.as_bytes()).map_err(engine)? {
-                    Some(v) => decode("bucket state", &v).map(Some),
-                    None => Ok(None),
-                },
-            )
+        let keys: Vec<&[u8]> = buckets.iter().map(|b| b.as_bytes()).collect();
+        snap.get_many(Space::Buckets, &keys)?
+            .into_iter()
+            .map(|v| match v {
+                Some(v) => decode("bucket state", &v).map(Some),
+                None => Ok(None),
+            })
             .collect()
     }
 
@@ -103,11 +107,11 @@ impl StoreRead for EmbeddedSnapshot {
         let mut out = Vec::new();
         // A chunk is listed by its last op, so the one holding `up_to` may lie past it.
         for g in snap.range(
-            &self.s.op_index,
+            Space::OpIndex,
             op_key(bucket, after + 1)..=op_key(bucket, u64::MAX),
         ) {
-            let last = op_id_of(&g.key().map_err(engine)?);
-            let v = get_chunk(snap, &self.s, last)?;
+            let last = op_id_of(&g?.0);
+            let v = get_chunk(snap, last)?;
             for (id, rec) in chunk_ops(&v)? {
                 if id > up_to || out.len() >= limit {
                     return Ok(out);
@@ -127,12 +131,12 @@ impl StoreRead for EmbeddedSnapshot {
         // Each row's latest entry as stored (JSON text, `null` once the row left): entries come
         // in op id order, so of a row's entries the last one counts. A stable sort by row keeps
         // that order within a row, with no key copied.
-        let mut entries: Vec<(fjall::Slice, fjall::Slice)> = Vec::new();
+        let mut entries: Vec<(Bytes, Bytes)> = Vec::new();
         for g in snap.range(
-            &self.s.lookups,
+            Space::Lookups,
             lookup_key(&k, 0, "")..lookup_key(&k, at.saturating_add(1), ""),
         ) {
-            entries.push(g.into_inner().map_err(engine)?);
+            entries.push(g?);
         }
         fn row_of(key: &[u8], prefix_len: usize) -> &[u8] {
             &key[prefix_len.min(key.len())..]
@@ -163,10 +167,10 @@ impl StoreRead for EmbeddedSnapshot {
         }
         let snap = &self.snap;
         for g in snap.range(
-            &self.s.changes,
+            Space::Changes,
             (after + 1).to_be_bytes()..=up_to.to_be_bytes(),
         ) {
-            let c: Changes = decode("changes", &g.value().map_err(engine)?)?;
+            let c: Changes = decode("changes", &g?.1)?;
             out.buckets.extend(c.buckets);
             out.lookups.extend(c.lookups);
         }
@@ -175,13 +179,10 @@ impl StoreRead for EmbeddedSnapshot {
 
     fn row(&self, table: &str, row_id: &RowId) -> Result<Option<StoredRow>> {
         let snap = &self.snap;
-        match snap
-            .get(&self.s.rows, self.s.row_keys.key(table, row_id))
-            .map_err(engine)?
-        {
+        match snap.get(Space::Rows, &self.s.row_keys.key(table, row_id))? {
             Some(v) => {
                 let rec = RowRecord::from_bytes(&v)?;
-                let columns = names_in(snap, &self.s.meta, rec.s)?;
+                let columns = names_in(snap, rec.s)?;
                 Ok(Some(StoredRow {
                     columns: columns.into(),
                     values: rec.v,
@@ -192,11 +193,8 @@ impl StoreRead for EmbeddedSnapshot {
     }
 }
 
-pub(super) fn read_checkpoint(
-    r: &impl Readable,
-    meta: &SingleWriterTxKeyspace,
-) -> Result<StoreCheckpoint> {
-    match r.get(meta, b"checkpoint").map_err(engine)? {
+pub(super) fn read_checkpoint(r: &impl Read) -> Result<StoreCheckpoint> {
+    match r.get(Space::Meta, b"checkpoint")? {
         Some(v) => decode("checkpoint", &v),
         None => Ok(StoreCheckpoint::default()),
     }

@@ -1,8 +1,10 @@
-//! The embedded backend: fjall (an LSM tree) in one directory, one writer at a time with its own
-//! reads, readers on consistent snapshots. Chosen over redb by measuring both on the store's
-//! write pattern (see `docs/benchmarks.md`).
+//! The bucket store over an ordered key-value engine ([`engine`]): **embedded** (fjall, an LSM
+//! tree in one directory; chosen over redb by measuring both on the store's write pattern, see
+//! `docs/benchmarks.md`) or **PostgreSQL** (a table per keyspace in a storage database that
+//! several walsync processes share). One writer at a time with its own reads, readers on
+//! consistent snapshots; the store's logic is the same over either.
 //!
-//! Its rooms: `keys` (the byte keys of each keyspace), `record` (the binary record codec),
+//! Its rooms: `engine` (the two engines), `keys` (the byte keys of each keyspace), `record` (the binary record codec),
 //! `chunk` (op records and the chunks that hold them), `row` (row copies), `snapshot` (reads),
 //! `writer` (one write transaction; `writer::emit`, its ops and lookup entries), `stage` (a
 //! write transaction larger than memory, in steps), `compact`, `prune` (history no reader
@@ -10,6 +12,7 @@
 
 mod chunk;
 mod compact;
+mod engine;
 mod filter;
 mod keys;
 mod migrate;
@@ -27,17 +30,18 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use fjall::{
-    KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace,
-};
+use fjall::{KeyspaceCreateOptions, SingleWriterTxDatabase};
 use walsync_types::{LookupKey, RowId};
 
+use engine::{Db, FjallDb, Read};
 use keys::RowKeys;
 use record::{decode, engine};
 use snapshot::read_checkpoint;
 
-pub use snapshot::EmbeddedSnapshot;
-pub use writer::EmbeddedWriter;
+pub use engine::postgres::Connect;
+
+pub use snapshot::KvSnapshot;
+pub use writer::KvWriter;
 
 use crate::model::{
     BucketState, Changes, CompactBatch, Op, PruneStats, StoreCheckpoint, StoreCounts, StoredRow,
@@ -49,23 +53,8 @@ use crate::{BucketStore, Result, StoreRead, StoreWriter};
 /// million-row transaction's peak past 512 MiB.
 const MEMTABLE_BYTES: u64 = 16 << 20;
 
-/// The keyspaces of the store.
-#[derive(Clone)]
-struct Spaces {
-    op_log: SingleWriterTxKeyspace,
-    op_index: SingleWriterTxKeyspace,
-    rows: SingleWriterTxKeyspace,
-    buckets: SingleWriterTxKeyspace,
-    lookups: SingleWriterTxKeyspace,
-    changes: SingleWriterTxKeyspace,
-    meta: SingleWriterTxKeyspace,
-    /// What a staged write transaction keeps to be undone (see [`stage`]).
-    stage: SingleWriterTxKeyspace,
-    row_keys: RowKeys,
-}
-
-/// The keyspaces a writer changes, by a tag that names each in `stage`'s records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The keyspaces of the store, each named by a tag in `stage`'s records (see [`stage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u8)]
 pub(super) enum Space {
     OpLog = 1,
@@ -75,9 +64,23 @@ pub(super) enum Space {
     Lookups = 5,
     Changes = 6,
     Meta = 7,
+    /// What a staged write transaction keeps to be undone (see [`stage`]).
+    Stage = 8,
 }
 
 impl Space {
+    pub(super) const ALL: [Space; 8] = [
+        Space::OpLog,
+        Space::OpIndex,
+        Space::Rows,
+        Space::Buckets,
+        Space::Lookups,
+        Space::Changes,
+        Space::Meta,
+        Space::Stage,
+    ];
+
+    /// A keyspace a writer changes, by its tag in `stage`'s records.
     fn from_tag(tag: u8) -> Option<Space> {
         Some(match tag {
             1 => Space::OpLog,
@@ -90,25 +93,36 @@ impl Space {
             _ => return None,
         })
     }
-}
 
-impl Spaces {
-    fn get(&self, space: Space) -> &SingleWriterTxKeyspace {
-        match space {
-            Space::OpLog => &self.op_log,
-            Space::OpIndex => &self.op_index,
-            Space::Rows => &self.rows,
-            Space::Buckets => &self.buckets,
-            Space::Lookups => &self.lookups,
-            Space::Changes => &self.changes,
-            Space::Meta => &self.meta,
+    pub(super) fn index(self) -> usize {
+        self as usize - 1
+    }
+
+    /// Its name in the engine.
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Space::OpLog => "op_log",
+            Space::OpIndex => "op_index",
+            Space::Rows => "rows",
+            Space::Buckets => "buckets",
+            Space::Lookups => "lookups",
+            Space::Changes => "changes",
+            Space::Meta => "meta",
+            Space::Stage => "stage",
         }
     }
 }
 
-/// The embedded store in one directory.
-pub struct EmbeddedStore {
-    db: SingleWriterTxDatabase,
+/// What every part of the store shares of its layout.
+#[derive(Debug, Clone)]
+struct Spaces {
+    row_keys: RowKeys,
+}
+
+/// The bucket store, embedded in one directory ([`KvStore::open`]) or in a PostgreSQL
+/// database ([`KvStore::open_postgres`]).
+pub struct KvStore {
+    db: Db,
     s: Spaces,
     known: Mutex<KnownKeys>,
     /// Held by a staged writer for its life, and by compaction and pruning for each step.
@@ -116,8 +130,9 @@ pub struct EmbeddedStore {
     /// `stage` may hold records: a staged transaction to undo, or the garbage of one that
     /// committed. The next writer recovers first.
     stage_dirty: AtomicBool,
-    /// The store's directory, whose filesystem's free space the writers watch.
-    dir: std::path::PathBuf,
+    /// The store's directory, whose filesystem's free space the writers watch (`None`: the
+    /// store keeps no files of its own).
+    dir: Option<std::path::PathBuf>,
 }
 
 /// What the writers know of the keys `rows` holds, beyond the engine: a bound per table and a
@@ -136,9 +151,9 @@ pub(super) struct KnownKeys {
 /// deleted or a commit is abandoned.
 type RowKeyBounds = HashMap<String, Option<Vec<u8>>>;
 
-impl std::fmt::Debug for EmbeddedStore {
+impl std::fmt::Debug for KvStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmbeddedStore").finish_non_exhaustive()
+        f.debug_struct("KvStore").finish_non_exhaustive()
     }
 }
 
@@ -162,9 +177,9 @@ fn discard_unfinished_creation(path: &Path) -> Result<()> {
     Ok(())
 }
 
-impl EmbeddedStore {
+impl KvStore {
     /// Opens (or creates) the store in `dir`.
-    pub fn open(dir: &Path) -> Result<EmbeddedStore> {
+    pub fn open(dir: &Path) -> Result<KvStore> {
         std::fs::create_dir_all(dir)?;
         // Four background workers whatever the core count. fjall's first worker hands every
         // compaction request back to the queue so that it stays free for flushes; while the
@@ -199,33 +214,39 @@ impl EmbeddedStore {
             })
             .map_err(engine)
         };
-        let s = Spaces {
-            op_log: ks("op_log")?,
-            op_index: ks("op_index")?,
-            rows: ks("rows")?,
-            buckets: ks("buckets")?,
-            lookups: ks("lookups")?,
-            changes: ks("changes")?,
-            meta: ks("meta")?,
-            stage: ks("stage")?,
-            row_keys: RowKeys::Text,
-        };
-        let row_keys = migrate::row_keys(&db, &s)?;
+        let spaces = Space::ALL
+            .iter()
+            .map(|space| ks(space.name()))
+            .collect::<Result<Vec<_>>>()?;
+        let fjall = FjallDb::new(db.clone(), spaces);
         // Stores of earlier versions keep ops in `ops`: moved over, then the keyspace goes.
         if db.keyspace_exists("ops") {
             let old = ks("ops")?;
-            migrate::migrate_ops(&db, &s, &old)?;
+            migrate::migrate_ops(&fjall, &old)?;
             db.inner()
                 .delete_keyspace(old.inner().clone())
                 .map_err(engine)?;
         }
-        let store = EmbeddedStore {
+        KvStore::on(Db::Fjall(fjall), Some(dir.to_owned()))
+    }
+
+    /// Opens (or creates) the store in the schema `schema` of a PostgreSQL database, reached
+    /// through `connect`, with at most `pool_size` connections for reads (and one for the
+    /// writer). Its tables are made, or brought up to date, first.
+    pub fn open_postgres(connect: Connect, schema: &str, pool_size: usize) -> Result<KvStore> {
+        let db = engine::postgres::PgDb::open(connect, schema, pool_size)?;
+        KvStore::on(Db::Postgres(db), None)
+    }
+
+    fn on(db: Db, dir: Option<std::path::PathBuf>) -> Result<KvStore> {
+        let row_keys = migrate::row_keys(&db)?;
+        let store = KvStore {
             db,
-            s: Spaces { row_keys, ..s },
+            s: Spaces { row_keys },
             known: Mutex::new(KnownKeys::default()),
             alone: Mutex::new(()),
             stage_dirty: AtomicBool::new(false),
-            dir: dir.to_owned(),
+            dir,
         };
         // A staged transaction a crash interrupted is undone before anyone reads.
         stage::recover(&store)?;
@@ -241,27 +262,21 @@ impl EmbeddedStore {
         Ok(())
     }
 
-    fn open_writer(&self) -> Result<EmbeddedWriter<'_>> {
-        let tx = self.db.write_tx();
-        let checkpoint = read_checkpoint(&tx, &self.s.meta)?;
+    fn open_writer(&self) -> Result<KvWriter<'_>> {
+        let tx = self.db.write_tx()?;
+        let checkpoint = read_checkpoint(&tx)?;
         // Taken after the write transaction, which admits one writer at a time. A writer that
         // panicked left only raised bounds behind, which are still bounds.
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
         if known.filter.as_ref().is_none_or(|f| f.full()) {
-            known.filter = Some(filter::RowFilter::start(&self.db, &self.s.rows));
+            known.filter = Some(filter::RowFilter::start(&self.db));
         }
         let home = writer::Home {
             db: &self.db,
             alone: &self.alone,
             dirty: &self.stage_dirty,
         };
-        Ok(EmbeddedWriter::new(
-            home,
-            tx,
-            self.s.clone(),
-            known,
-            checkpoint,
-        ))
+        Ok(KvWriter::new(home, tx, self.s.clone(), known, checkpoint))
     }
 
     fn alone(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -269,11 +284,11 @@ impl EmbeddedStore {
     }
 }
 
-impl BucketStore for EmbeddedStore {
-    type Writer<'a> = EmbeddedWriter<'a>;
-    type Snapshot = EmbeddedSnapshot;
+impl BucketStore for KvStore {
+    type Writer<'a> = KvWriter<'a>;
+    type Snapshot = KvSnapshot;
 
-    fn writer(&self) -> Result<EmbeddedWriter<'_>> {
+    fn writer(&self) -> Result<KvWriter<'_>> {
         if self.stage_dirty.load(Ordering::Acquire) {
             self.recover_if_dirty(&self.alone())?;
         }
@@ -281,11 +296,11 @@ impl BucketStore for EmbeddedStore {
     }
 
     fn free_bytes(&self) -> Option<u64> {
-        let fs = rustix::fs::statvfs(&self.dir).ok()?;
+        let fs = rustix::fs::statvfs(self.dir.as_deref()?).ok()?;
         Some(fs.f_bavail.saturating_mul(fs.f_frsize))
     }
 
-    fn staged_writer(&self, budget: usize) -> Result<EmbeddedWriter<'_>> {
+    fn staged_writer(&self, budget: usize) -> Result<KvWriter<'_>> {
         let alone = self.alone();
         self.recover_if_dirty(&alone)?;
         let mut w = self.open_writer()?;
@@ -299,32 +314,32 @@ impl BucketStore for EmbeddedStore {
         Ok(w)
     }
 
-    fn snapshot(&self) -> Result<EmbeddedSnapshot> {
-        Ok(EmbeddedSnapshot::new(self.db.read_tx(), self.s.clone()))
+    fn snapshot(&self) -> Result<KvSnapshot> {
+        Ok(KvSnapshot::new(self.db.read_tx()?, self.s.clone()))
     }
 
     fn compact_batch(&self, after: Option<&str>, max_ops: usize) -> Result<CompactBatch> {
         let _alone = self.alone();
-        compact::compact_batch(&self.db, &self.s, after, max_ops)
+        compact::compact_batch(&self.db, after, max_ops)
     }
 
     fn prune_history(&self, before: u64, max_keys: usize) -> Result<PruneStats> {
         let _alone = self.alone();
-        prune::prune_history(&self.db, &self.s, before, max_keys)
+        prune::prune_history(&self.db, before, max_keys)
     }
 
     fn size_on_disk(&self) -> Result<u64> {
-        self.db.disk_space().map_err(engine)
+        self.db.disk_space()
     }
 
     fn counts(&self) -> Result<StoreCounts> {
-        let snap = self.db.read_tx();
+        let snap = self.db.read_tx()?;
         let mut counts = StoreCounts {
-            rows: self.s.rows.approximate_len() as u64,
+            rows: self.db.approximate_len(Space::Rows) as u64,
             ..StoreCounts::default()
         };
-        for g in snap.iter(&self.s.buckets) {
-            let (_, v) = g.into_inner().map_err(engine)?;
+        for g in snap.iter(Space::Buckets) {
+            let (_, v) = g?;
             let state: BucketState = decode("bucket state", &v)?;
             counts.ops += state.count;
             counts.buckets += 1;
@@ -333,11 +348,11 @@ impl BucketStore for EmbeddedStore {
     }
 
     fn sync(&self) -> Result<()> {
-        self.db.persist(PersistMode::SyncAll).map_err(engine)
+        self.db.persist()
     }
 }
 
-impl StoreRead for EmbeddedStore {
+impl StoreRead for KvStore {
     fn checkpoint(&self) -> Result<StoreCheckpoint> {
         self.snapshot()?.checkpoint()
     }

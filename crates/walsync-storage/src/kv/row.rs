@@ -1,11 +1,12 @@
 //! Row copies: a source row's values, its placements in buckets and its lookups.
 
-use fjall::{Readable, SingleWriterTxKeyspace};
 use serde::{Deserialize, Serialize};
 use walsync_types::LookupEntry;
 
+use super::Space;
+use super::engine::Read;
 use super::keys::schema_key;
-use super::record::{Reader, Writer, corrupt, decode, engine, read_lookups, write_lookups};
+use super::record::{Reader, Writer, corrupt, decode, read_lookups, write_lookups};
 use crate::{Result, StorageError};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,12 +136,8 @@ impl RowRecord {
     }
 }
 
-pub(super) fn names_in(
-    r: &impl Readable,
-    meta: &SingleWriterTxKeyspace,
-    id: u64,
-) -> Result<Vec<String>> {
-    match r.get(meta, schema_key(id)).map_err(engine)? {
+pub(super) fn names_in(r: &impl Read, id: u64) -> Result<Vec<String>> {
+    match r.get(Space::Meta, &schema_key(id))? {
         Some(v) => decode("schema", &v),
         None => Err(StorageError::Corrupt {
             what: "row",

@@ -6,11 +6,11 @@ mod emit;
 use std::collections::HashMap;
 use std::sync::MutexGuard;
 
-use fjall::{PersistMode, Readable, SingleWriterTxDatabase, SingleWriterWriteTx};
 use walsync_types::{LookupEntry, Lsn, OpKind, RowId, RowOutput, put_digest};
 
+use super::engine::{Bytes, Db, Durability, Read, Tx, prefix_bounds};
 use super::keys::{RowKeys, key2, op_key, schema_id, schema_key};
-use super::record::{decode, encode, engine};
+use super::record::{decode, encode};
 use super::row::{Placement, RowRecord, names_in};
 use super::stage::{STAGING, copied_key, owner_key, state_key, undo_key, undo_value};
 use super::{KnownKeys, Space, Spaces};
@@ -29,10 +29,10 @@ const UNDO_BATCH_BYTES: usize = 1 << 20;
 
 /// The engine's write transaction, out of its place only while a staged writer commits a
 /// step and opens the next.
-struct Tx<'a>(Option<SingleWriterWriteTx<'a>>);
+struct Open<'a>(Option<Tx<'a>>);
 
-impl<'a> std::ops::Deref for Tx<'a> {
-    type Target = SingleWriterWriteTx<'a>;
+impl<'a> std::ops::Deref for Open<'a> {
+    type Target = Tx<'a>;
     fn deref(&self) -> &Self::Target {
         match &self.0 {
             Some(t) => t,
@@ -41,9 +41,9 @@ impl<'a> std::ops::Deref for Tx<'a> {
     }
 }
 
-impl<'a> Tx<'a> {
+impl<'a> Open<'a> {
     /// The transaction, to commit.
-    fn take(&mut self) -> SingleWriterWriteTx<'a> {
+    fn take(&mut self) -> Tx<'a> {
         match self.0.take() {
             Some(t) => t,
             None => unreachable!("the transaction is in its place between steps"),
@@ -51,7 +51,7 @@ impl<'a> Tx<'a> {
     }
 }
 
-impl std::ops::DerefMut for Tx<'_> {
+impl std::ops::DerefMut for Open<'_> {
     fn deref_mut(&mut self) -> &mut Self::Target {
         match &mut self.0 {
             Some(t) => t,
@@ -63,7 +63,7 @@ impl std::ops::DerefMut for Tx<'_> {
 /// Where a writer belongs: what it needs to become staged (see [`super::stage`]).
 #[derive(Clone, Copy)]
 pub(super) struct Home<'a> {
-    pub(super) db: &'a SingleWriterTxDatabase,
+    pub(super) db: &'a Db,
     pub(super) alone: &'a std::sync::Mutex<()>,
     /// Set once a writer is staged: the next writer recovers first.
     pub(super) dirty: &'a std::sync::atomic::AtomicBool,
@@ -77,8 +77,8 @@ pub(super) struct Staging<'a> {
 }
 
 /// A write transaction on the embedded store.
-pub struct EmbeddedWriter<'a> {
-    tx: Tx<'a>,
+pub struct KvWriter<'a> {
+    tx: Open<'a>,
     s: Spaces,
     known: MutexGuard<'a, KnownKeys>,
     checkpoint: StoreCheckpoint,
@@ -108,26 +108,26 @@ pub struct EmbeddedWriter<'a> {
     touched: Option<Vec<(Space, Vec<u8>)>>,
 }
 
-impl std::fmt::Debug for EmbeddedWriter<'_> {
+impl std::fmt::Debug for KvWriter<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmbeddedWriter")
+        f.debug_struct("KvWriter")
             .field("next_op_id", &self.next_op_id)
             .finish_non_exhaustive()
     }
 }
 
-impl<'a> EmbeddedWriter<'a> {
+impl<'a> KvWriter<'a> {
     pub(super) fn new(
         home: Home<'a>,
-        tx: SingleWriterWriteTx<'a>,
+        tx: Tx<'a>,
         s: Spaces,
         known: MutexGuard<'a, KnownKeys>,
         checkpoint: StoreCheckpoint,
-    ) -> EmbeddedWriter<'a> {
-        EmbeddedWriter {
+    ) -> KvWriter<'a> {
+        KvWriter {
             next_op_id: checkpoint.op_id + 1,
             checkpoint,
-            tx: Tx(Some(tx)),
+            tx: Open(Some(tx)),
             s,
             known,
             states: HashMap::new(),
@@ -149,12 +149,12 @@ impl<'a> EmbeddedWriter<'a> {
     }
 }
 
-impl EmbeddedWriter<'_> {
+impl KvWriter<'_> {
     /// Writes `value` under `key` of `space`; a staged writer first records the key's value
     /// before the transaction.
     pub(super) fn put(&mut self, space: Space, key: Vec<u8>, value: Vec<u8>) -> Result<()> {
         self.before_write(space, &key, value.len())?;
-        self.tx.insert(self.s.get(space), key, value);
+        self.tx.insert(space, key, value);
         Ok(())
     }
 
@@ -170,10 +170,10 @@ impl EmbeddedWriter<'_> {
         Ok(())
     }
 
-    /// Removes `key` of `space`, as [`EmbeddedWriter::put`].
+    /// Removes `key` of `space`, as [`KvWriter::put`].
     pub(super) fn del(&mut self, space: Space, key: Vec<u8>) -> Result<()> {
         self.before_write(space, &key, 0)?;
-        self.tx.remove(self.s.get(space), key);
+        self.tx.remove(space, key);
         Ok(())
     }
 
@@ -187,23 +187,24 @@ impl EmbeddedWriter<'_> {
             // Keys under op ids of this transaction (and schemas, written once, when missing)
             // were not there before it.
             Space::OpLog | Space::OpIndex | Space::Lookups | Space::Changes | Space::Meta => None,
-            // Written only by the commit, with the checkpoint.
-            Space::Buckets => return Ok(()),
+            // Written only by the commit, with the checkpoint; `stage` holds the undo records
+            // themselves, which go with the transaction.
+            Space::Buckets | Space::Stage => return Ok(()),
             // A row copy as it was before its first change in this transaction.
             Space::Rows => {
                 // A key the filter never saw was never in `rows`, nor touched since.
                 if self.never_held(key) {
                     None
-                } else if self.tx.get(&self.s.stage, &k).map_err(engine)?.is_some() {
+                } else if self.tx.get(Space::Stage, &k)?.is_some() {
                     return Ok(());
                 } else {
-                    self.tx.get(&self.s.rows, key).map_err(engine)?
+                    self.tx.get(Space::Rows, key)?
                 }
             }
         };
         let record = undo_value(before.as_deref());
         self.held += k.len() + record.len() + ENTRY_OVERHEAD;
-        self.tx.insert(&self.s.stage, k, record);
+        self.tx.insert(Space::Stage, k, record);
         Ok(())
     }
 
@@ -251,51 +252,43 @@ impl EmbeddedWriter<'_> {
             _alone: alone,
             steps: 0,
         });
-        let db = self.home.db.inner();
-        let stage = self.s.stage.inner();
-        let mut batch = db.batch();
-        batch.insert(self.s.meta.inner(), STAGING, b"1");
+        let db = self.home.db;
+        let mut batch = vec![(Space::Meta, STAGING.to_vec(), Some(b"1".to_vec()))];
         let mut bytes = 0usize;
-        let before = self.home.db.read_tx();
+        let before = db.read_tx()?;
         for (space, key) in touched {
             let value = match space {
-                Space::Rows | Space::Meta => before.get(self.s.get(space), &key).map_err(engine)?,
+                Space::Rows | Space::Meta => before.get(space, &key)?,
                 _ => None,
             };
             let record = undo_value(value.as_deref());
             bytes += key.len() + record.len();
-            batch.insert(stage, undo_key(space, &key), record);
+            batch.push((Space::Stage, undo_key(space, &key), Some(record)));
             if bytes >= UNDO_BATCH_BYTES {
-                batch.commit().map_err(engine)?;
-                batch = db.batch();
+                db.commit_batch(std::mem::take(&mut batch))?;
                 bytes = 0;
             }
         }
-        batch.commit().map_err(engine)?;
+        db.commit_batch(batch)?;
         Ok(true)
     }
 
     /// Commits what this staged writer holds as a step nobody reads, and opens the next.
     fn step(&mut self) -> Result<()> {
         for (b, state) in self.close_chunks()? {
-            self.tx
-                .insert(&self.s.stage, state_key(&b), encode(&state)?);
+            self.tx.insert(Space::Stage, state_key(&b), encode(&state)?);
         }
         self.write_changes()?;
         for (object, owner) in std::mem::take(&mut self.owners) {
             self.tx
-                .insert(&self.s.stage, owner_key(object), owner.to_be_bytes());
+                .insert(Space::Stage, owner_key(object), owner.to_be_bytes());
         }
-        self.tx.insert(&self.s.meta, STAGING, b"1");
-        self.tx
-            .take()
-            .durability(Some(PersistMode::Buffer))
-            .commit()
-            .map_err(engine)?;
+        self.tx.insert(Space::Meta, STAGING, b"1");
+        self.tx.take().commit(Durability::Buffer)?;
         if let Some(staging) = &mut self.staging {
             staging.steps += 1;
         }
-        self.tx.0 = Some(self.home.db.write_tx());
+        self.tx.0 = Some(self.home.db.write_tx()?);
         self.held = 0;
         Ok(())
     }
@@ -311,8 +304,7 @@ impl EmbeddedWriter<'_> {
         }
         Ok(self
             .tx
-            .get(&self.s.stage, owner_key(object))
-            .map_err(engine)?
+            .get(Space::Stage, &owner_key(object))?
             .and_then(|v| <[u8; 8]>::try_from(&*v).ok())
             .map(u64::from_be_bytes))
     }
@@ -321,11 +313,8 @@ impl EmbeddedWriter<'_> {
     /// kept.
     fn write_states(&mut self) -> Result<()> {
         if self.staging.as_ref().is_some_and(|s| s.steps > 0) {
-            let kept: Vec<(fjall::Slice, fjall::Slice)> = self
-                .tx
-                .prefix(&self.s.stage, b"s")
-                .map(|g| g.into_inner().map_err(engine))
-                .collect::<Result<_>>()?;
+            let kept: Vec<(Bytes, Bytes)> =
+                self.tx.prefix(Space::Stage, b"s").collect::<Result<_>>()?;
             for (k, v) in kept {
                 let bucket = String::from_utf8_lossy(&k[1..]).into_owned();
                 if !self.states.contains_key(&bucket) {
@@ -362,7 +351,7 @@ impl EmbeddedWriter<'_> {
         let mut changes = std::mem::take(&mut self.changes);
         let key = (self.next_op_id - 1).to_be_bytes().to_vec();
         if self.staging.as_ref().is_some_and(|s| s.steps > 0)
-            && let Some(v) = self.tx.get(&self.s.changes, &key).map_err(engine)?
+            && let Some(v) = self.tx.get(Space::Changes, &key)?
         {
             let earlier: Changes = decode("changes", &v)?;
             changes.buckets.extend(earlier.buckets);
@@ -386,12 +375,12 @@ impl EmbeddedWriter<'_> {
             .transpose()
     }
 
-    /// [`EmbeddedWriter::record`], as stored.
-    fn record_bytes(&mut self, table: &str, key: &[u8]) -> Result<Option<fjall::Slice>> {
+    /// [`KvWriter::record`], as stored.
+    fn record_bytes(&mut self, table: &str, key: &[u8]) -> Result<Option<Bytes>> {
         if self.above_bound(table, key) || self.never_held(key) {
             return Ok(None);
         }
-        self.tx.get(&self.s.rows, key).map_err(engine)
+        self.tx.get(Space::Rows, key)
     }
 
     /// Whether `key` is above every key `table` has in `rows` (so it has no record).
@@ -399,12 +388,11 @@ impl EmbeddedWriter<'_> {
         let bound = match self.known.bounds.get(table) {
             Some(b) => b,
             None => {
+                let (lo, hi) = prefix_bounds(&key2(table, b""));
                 let last = self
                     .tx
-                    .prefix(&self.s.rows, key2(table, b""))
-                    .next_back()
-                    .map(|g| g.key().map(|k| k.to_vec()))
-                    .transpose();
+                    .last_key(Space::Rows, lo, hi)
+                    .map(|k| k.map(|k| k.to_vec()));
                 // Without a bound the lookup decides.
                 let Ok(last) = last else { return false };
                 self.known.bounds.entry(table.to_owned()).or_insert(last)
@@ -430,8 +418,8 @@ impl EmbeddedWriter<'_> {
     fn remove_all(&mut self, space: Space) -> Result<()> {
         let keys: Vec<_> = self
             .tx
-            .iter(self.s.get(space))
-            .map(|g| g.key().map(|k| k.to_vec()).map_err(engine))
+            .iter(space)
+            .map(|g| g.map(|(k, _)| k.to_vec()))
             .collect::<Result<_>>()?;
         for k in keys {
             self.del(space, k)?;
@@ -440,7 +428,7 @@ impl EmbeddedWriter<'_> {
     }
 }
 
-impl StoreWriter for EmbeddedWriter<'_> {
+impl StoreWriter for KvWriter<'_> {
     fn row(&mut self, table: &str, row_id: &RowId) -> Result<Option<StoredRow>> {
         let key = self.s.row_keys.key(table, row_id);
         let Some(rec) = self.record(table, &key)? else {
@@ -448,7 +436,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
         };
         let columns = match self.schemas.get(&rec.s) {
             Some(c) => c.clone(),
-            None => names_in(&*self.tx, &self.s.meta, rec.s)?.into(),
+            None => names_in(&*self.tx, rec.s)?.into(),
         };
         Ok(Some(StoredRow {
             columns,
@@ -496,7 +484,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
     ) -> Result<()> {
         let key = self.s.row_keys.key(table, row_id);
         let mark = copied_key(&key);
-        if self.tx.get(&self.s.stage, &mark).map_err(engine)?.is_some() {
+        if self.tx.get(Space::Stage, &mark)?.is_some() {
             return self.insert_row(table, row_id, row, outputs, lookups);
         }
         // The marks are garbage after the commit (or a drop): the next writer deletes them.
@@ -504,7 +492,7 @@ impl StoreWriter for EmbeddedWriter<'_> {
             .dirty
             .store(true, std::sync::atomic::Ordering::Release);
         self.held += mark.len() + ENTRY_OVERHEAD;
-        self.tx.insert(&self.s.stage, mark, []);
+        self.tx.insert(Space::Stage, mark, []);
         self.place(table, row_id, row, outputs, lookups, Some(1))?;
         // The mark alone counts too: a re-copy of identical rows writes nothing else, and its
         // marks held in the transaction grew the process by ~300 bytes a row (1.2 GiB for
@@ -520,17 +508,17 @@ impl StoreWriter for EmbeddedWriter<'_> {
         loop {
             let keys: Vec<Vec<u8>> = self
                 .tx
-                .range::<Vec<u8>, _>(&self.s.rows, (from.clone(), Bound::Unbounded))
+                .range::<Vec<u8>, _>(Space::Rows, (from.clone(), Bound::Unbounded))
                 .take(TRUNCATE_BATCH)
-                .map(|g| g.key().map(|k| k.to_vec()).map_err(engine))
+                .map(|g| g.map(|(k, _)| k.to_vec()))
                 .collect::<Result<_>>()?;
             let (Some(first), Some(last)) = (keys.first(), keys.last()) else {
                 return Ok(());
             };
             let copied: std::collections::HashSet<Vec<u8>> = self
                 .tx
-                .range(&self.s.stage, copied_key(first)..=copied_key(last))
-                .map(|g| g.key().map(|k| k[1..].to_vec()).map_err(engine))
+                .range(Space::Stage, copied_key(first)..=copied_key(last))
+                .map(|g| g.map(|(k, _)| k[1..].to_vec()))
                 .collect::<Result<_>>()?;
             from = Bound::Excluded(last.clone());
             for key in keys {
@@ -565,9 +553,9 @@ impl StoreWriter for EmbeddedWriter<'_> {
         loop {
             let rows: Vec<(Vec<u8>, String)> = self
                 .tx
-                .range(&self.s.rows, (from.clone(), Bound::Unbounded))
+                .range(Space::Rows, (from.clone(), Bound::Unbounded))
                 .take(TRUNCATE_BATCH)
-                .map(|g| g.key().map(|k| k.to_vec()).map_err(engine))
+                .map(|g| g.map(|(k, _)| k.to_vec()))
                 .take_while(|k| k.as_ref().map_or(true, |k| k.starts_with(&prefix)))
                 .map(|k| {
                     k.map(|k| {
@@ -605,14 +593,11 @@ impl StoreWriter for EmbeddedWriter<'_> {
     }
 
     fn clear_all(&mut self) -> Result<()> {
-        for space in [
-            Space::OpLog,
-            Space::OpIndex,
-            Space::Rows,
-            Space::Buckets,
-            Space::Lookups,
-            Space::Changes,
-        ] {
+        // All but the checkpoint (`meta`) and the staging records.
+        for space in Space::ALL
+            .into_iter()
+            .filter(|s| !matches!(s, Space::Meta | Space::Stage))
+        {
             self.remove_all(space)?;
         }
         self.states.clear();
@@ -642,17 +627,17 @@ impl StoreWriter for EmbeddedWriter<'_> {
     }
 
     fn commit(self) -> Result<StoreCheckpoint> {
-        self.finish(PersistMode::SyncAll)
+        self.finish(Durability::Sync)
     }
 
     fn commit_deferred(self) -> Result<StoreCheckpoint> {
         // Written through to the operating system, so that only a machine crash (not a process
         // crash) can lose it before the sync.
-        self.finish(PersistMode::Buffer)
+        self.finish(Durability::Buffer)
     }
 }
 
-impl EmbeddedWriter<'_> {
+impl KvWriter<'_> {
     /// Writes the row: PUTs where its data or buckets changed, REMOVEs from buckets it left,
     /// its lookups, its copy. `copies`: how many identical rows the copy stands for (`None`:
     /// as stored, or one for a new row).
@@ -721,12 +706,7 @@ impl EmbeddedWriter<'_> {
             }
         };
         if !self.schemas.contains_key(&s) {
-            if self
-                .tx
-                .get(&self.s.meta, schema_key(s))
-                .map_err(engine)?
-                .is_none()
-            {
+            if self.tx.get(Space::Meta, &schema_key(s))?.is_none() {
                 self.put(Space::Meta, schema_key(s), encode(&&*row.columns)?)?;
             }
             self.schemas.insert(s, row.columns);
@@ -748,12 +728,12 @@ impl EmbeddedWriter<'_> {
         if new_key {
             self.note_key(table, &key);
         }
-        self.tx.insert(&self.s.rows, key, record);
+        self.tx.insert(Space::Rows, key, record);
         self.within_budget()
     }
 }
 
-impl EmbeddedWriter<'_> {
+impl KvWriter<'_> {
     /// Deletes the row of `table` under `key` (a key of `rows`) named `label` in its lookups:
     /// one copy of it, or with `every_copy` all of them.
     fn delete_at(
@@ -778,25 +758,21 @@ impl EmbeddedWriter<'_> {
         self.del(Space::Rows, key)
     }
 
-    fn finish(mut self, mode: PersistMode) -> Result<StoreCheckpoint> {
+    fn finish(mut self, mode: Durability) -> Result<StoreCheckpoint> {
         self.write_states()?;
         self.write_changes()?;
         self.checkpoint.op_id = self.next_op_id - 1;
         self.tx.insert(
-            &self.s.meta,
+            Space::Meta,
             b"checkpoint".to_vec(),
             encode(&self.checkpoint)?,
         );
         // A staged transaction is whole from this commit on: its mark goes with it (its
         // records are garbage the next writer deletes).
         if self.staging.is_some() {
-            self.tx.remove(&self.s.meta, STAGING);
+            self.tx.remove(Space::Meta, STAGING);
         }
-        self.tx
-            .take()
-            .durability(Some(mode))
-            .commit()
-            .map_err(engine)?;
+        self.tx.take().commit(mode)?;
         Ok(self.checkpoint)
     }
 }

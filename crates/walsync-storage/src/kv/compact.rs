@@ -5,15 +5,15 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
 
-use fjall::{PersistMode, Readable, SingleWriterTxDatabase};
 use walsync_types::add_checksums;
 
 use walsync_types::OpKind;
 
-use super::Spaces;
+use super::Space;
 use super::chunk::{OpValue, chunk_ops, get_chunk, push_op, put_chunk, remove_chunk};
+use super::engine::{Db, Durability, Read};
 use super::keys::{op_id_of, op_key};
-use super::record::{Writer, decode, encode, engine};
+use super::record::{Writer, decode, encode};
 use crate::Result;
 use crate::model::{BucketState, CompactBatch, CompactStats};
 
@@ -23,26 +23,17 @@ const BUCKETS_PER_LISTING: usize = 1024;
 /// bounds a step's memory (a bucket is read whole, however large).
 const STEP_BYTES: u64 = 16 << 20;
 
-pub(super) fn compact_batch(
-    db: &SingleWriterTxDatabase,
-    s: &Spaces,
-    after: Option<&str>,
-    max_ops: usize,
-) -> Result<CompactBatch> {
-    let mut tx = db.write_tx().durability(Some(PersistMode::SyncAll));
+pub(super) fn compact_batch(db: &Db, after: Option<&str>, max_ops: usize) -> Result<CompactBatch> {
+    let mut tx = db.write_tx()?;
     let mut stats = CompactStats::default();
     let start = match after {
         Some(a) => Bound::Excluded(a.as_bytes().to_vec()),
         None => Bound::Unbounded,
     };
     let buckets: Vec<String> = tx
-        .range(&s.buckets, (start, Bound::<Vec<u8>>::Unbounded))
+        .range(Space::Buckets, (start, Bound::<Vec<u8>>::Unbounded))
         .take(BUCKETS_PER_LISTING)
-        .map(|g| {
-            g.key()
-                .map(|k| String::from_utf8_lossy(&k).into_owned())
-                .map_err(engine)
-        })
+        .map(|g| g.map(|(k, _)| String::from_utf8_lossy(&k).into_owned()))
         .collect::<Result<_>>()?;
     let listed_all = buckets.len() < BUCKETS_PER_LISTING;
     let mut read = 0u64;
@@ -60,11 +51,14 @@ pub(super) fn compact_batch(
         // The size of each chunk as read, by its key.
         let mut sizes: HashMap<u64, usize> = HashMap::new();
         let listed: Vec<u64> = tx
-            .range(&s.op_index, op_key(&bucket, 0)..=op_key(&bucket, u64::MAX))
-            .map(|g| g.key().map(|k| op_id_of(&k)).map_err(engine))
+            .range(
+                Space::OpIndex,
+                op_key(&bucket, 0)..=op_key(&bucket, u64::MAX),
+            )
+            .map(|g| g.map(|(k, _)| op_id_of(&k)))
             .collect::<Result<_>>()?;
         for last in listed {
-            let v = get_chunk(&tx, s, last)?;
+            let v = get_chunk(&tx, last)?;
             read_bytes += v.len() as u64;
             sizes.insert(last, v.len());
             for (id, rec) in chunk_ops(&v)? {
@@ -135,20 +129,20 @@ pub(super) fn compact_batch(
             match chunks.remove(&h) {
                 Some(chunk) => {
                     stats.reclaimed_bytes += before.saturating_sub(chunk.0.len()) as u64;
-                    put_chunk(&mut tx, s, &bucket, h, chunk.0);
+                    put_chunk(&mut tx, &bucket, h, chunk.0);
                 }
                 None => {
                     stats.reclaimed_bytes += before as u64;
-                    remove_chunk(&mut tx, s, &bucket, h);
+                    remove_chunk(&mut tx, &bucket, h);
                 }
             }
         }
-        let mut state: BucketState = match tx.get(&s.buckets, bucket.as_bytes()).map_err(engine)? {
+        let mut state: BucketState = match tx.get(Space::Buckets, bucket.as_bytes())? {
             Some(v) => decode("bucket state", &v)?,
             None => BucketState::default(),
         };
         state.count = ops.len() as u64;
-        tx.insert(&s.buckets, bucket.clone().into_bytes(), encode(&state)?);
+        tx.insert(Space::Buckets, bucket.clone().into_bytes(), encode(&state)?);
         // The last bucket of everything: nothing comes after it.
         last_done = if n + 1 == total && listed_all {
             None
@@ -156,7 +150,7 @@ pub(super) fn compact_batch(
             Some(bucket)
         };
     }
-    tx.commit().map_err(engine)?;
+    tx.commit(Durability::Sync)?;
     Ok(CompactBatch {
         stats,
         ops: read,

@@ -1,27 +1,26 @@
 //! Stores of earlier versions: their row key format is kept, their ops are moved.
 
-use fjall::{PersistMode, Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace};
+use fjall::{PersistMode, Readable, SingleWriterTxKeyspace};
 
-use super::Spaces;
-use super::chunk::{CHUNK_TAG, OpValue, chunk_ops, push_op, put_chunk};
-use super::keys::{ORDERED_ROW_KEYS, ROW_KEYS, RowKeys, op_id_of};
+use super::Space;
+use super::chunk::{CHUNK_TAG, OpValue, chunk_ops, push_op};
+use super::engine::{Db, Durability, FjallDb, Read};
+use super::keys::{ORDERED_ROW_KEYS, ROW_KEYS, RowKeys, op_id_of, op_key};
 use super::record::{Writer, corrupt, engine};
 use crate::Result;
 
 /// The store's row key format (see [`RowKeys`]); a new store takes the ordered one.
-pub(super) fn row_keys(db: &SingleWriterTxDatabase, s: &Spaces) -> Result<RowKeys> {
-    let mut tx = db.write_tx();
-    Ok(match tx.get(&s.meta, ROW_KEYS).map_err(engine)? {
+pub(super) fn row_keys(db: &Db) -> Result<RowKeys> {
+    let mut tx = db.write_tx()?;
+    Ok(match tx.get(Space::Meta, ROW_KEYS)? {
         Some(v) if &*v == ORDERED_ROW_KEYS => RowKeys::Ordered,
         Some(v) => {
             let v = String::from_utf8_lossy(&v).into_owned();
             return Err(corrupt("row keys", &format!("unknown row key format {v}")));
         }
-        None if tx.first_key_value(&s.rows).is_none() => {
-            tx.insert(&s.meta, ROW_KEYS, ORDERED_ROW_KEYS);
-            tx.durability(Some(PersistMode::SyncAll))
-                .commit()
-                .map_err(engine)?;
+        None if tx.iter(Space::Rows).next().transpose()?.is_none() => {
+            tx.insert(Space::Meta, ROW_KEYS, ORDERED_ROW_KEYS);
+            tx.commit(Durability::Sync)?;
             RowKeys::Ordered
         }
         None => RowKeys::Text,
@@ -30,14 +29,10 @@ pub(super) fn row_keys(db: &SingleWriterTxDatabase, s: &Spaces) -> Result<RowKey
 
 /// Moves ops kept by `(bucket, op id)` in `ops` (earlier versions) into `op_log` and
 /// `op_index`, a batch per commit, each removing what it moved: an interrupted move resumes.
-pub(super) fn migrate_ops(
-    db: &SingleWriterTxDatabase,
-    s: &Spaces,
-    old: &SingleWriterTxKeyspace,
-) -> Result<()> {
+pub(super) fn migrate_ops(f: &FjallDb, old: &SingleWriterTxKeyspace) -> Result<()> {
     const BATCH: usize = 10_000;
     loop {
-        let mut tx = db.write_tx().durability(Some(PersistMode::SyncAll));
+        let mut tx = f.db.write_tx().durability(Some(PersistMode::SyncAll));
         let batch: Vec<(fjall::Slice, fjall::Slice)> = tx
             .iter(old)
             .take(BATCH)
@@ -64,7 +59,8 @@ pub(super) fn migrate_ops(
                 push_op(&mut chunk, id, op.k, &op.t, &op.i, op.d.as_deref(), op.c);
                 last = id;
             }
-            put_chunk(&mut tx, s, bucket, last, chunk.0);
+            tx.insert(f.keyspace(Space::OpLog), last.to_be_bytes(), chunk.0);
+            tx.insert(f.keyspace(Space::OpIndex), op_key(bucket, last), []);
             tx.remove(old, k.clone());
         }
         tx.commit().map_err(engine)?;
