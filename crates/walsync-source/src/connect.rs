@@ -4,7 +4,6 @@
 
 mod tls;
 
-use std::future::Future;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -228,12 +227,27 @@ impl PgConfig {
     /// replication with it, forever.
     pub async fn connect(&self) -> Result<Client> {
         let timeout = self.connect_timeout();
-        tokio::time::timeout(timeout, self.connect_inner())
+        tokio::time::timeout(timeout, self.connect_inner(None))
             .await
             .map_err(|_| SourceError::Timeout(timeout))?
     }
 
-    async fn connect_inner(&self) -> Result<Client> {
+    /// [`PgConfig::connect`], with the notifications the connection receives (after `LISTEN`)
+    /// sent to `notes`.
+    pub async fn connect_listening(
+        &self,
+        notes: tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>,
+    ) -> Result<Client> {
+        let timeout = self.connect_timeout();
+        tokio::time::timeout(timeout, self.connect_inner(Some(notes)))
+            .await
+            .map_err(|_| SourceError::Timeout(timeout))?
+    }
+
+    async fn connect_inner(
+        &self,
+        notes: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
+    ) -> Result<Client> {
         let mut pg = self.pg.clone();
         if pg.get_application_name().is_none() {
             pg.application_name("walsync");
@@ -251,7 +265,7 @@ impl PgConfig {
                     .await
                     .map_err(login_error)?;
                 tokio::spawn(tracing::Instrument::instrument(
-                    drive(conn),
+                    drive(conn, notes),
                     tracing::info_span!("walsync-sql-connection"),
                 ));
                 client
@@ -263,7 +277,7 @@ impl PgConfig {
                     .await
                     .map_err(|e| login_error(tls::explain(e)))?;
                 tokio::spawn(tracing::Instrument::instrument(
-                    drive(conn),
+                    drive(conn, notes),
                     tracing::info_span!("walsync-sql-connection"),
                 ));
                 client
@@ -283,9 +297,28 @@ fn login_error(e: impl Into<SourceError>) -> SourceError {
     }
 }
 
-async fn drive<F: Future<Output = std::result::Result<(), tokio_postgres::Error>>>(conn: F) {
-    if let Err(e) = conn.await {
-        tracing::debug!(error = %e, "sql connection closed");
+/// Runs the connection until it closes, passing on its notifications.
+async fn drive<S, T>(
+    mut conn: tokio_postgres::Connection<S, T>,
+    notes: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                if let Some(notes) = &notes {
+                    let _ = notes.send(n);
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "sql connection closed");
+                return;
+            }
+            None => return,
+        }
     }
 }
 

@@ -46,7 +46,7 @@ pub use writer::KvWriter;
 use crate::model::{
     BucketState, Changes, CompactBatch, Op, PruneStats, StoreCheckpoint, StoreCounts, StoredRow,
 };
-use crate::{BucketStore, Result, StoreRead, StoreWriter};
+use crate::{BucketStore, Result, StorageError, StoreRead, StoreWriter};
 
 /// The largest memtable of a keyspace, in bytes. Measured (`walsync-bench memory`,
 /// `replicator`): 8 MiB cost replication 10–20 % in flushes and compactions, 32 MiB took a
@@ -133,6 +133,8 @@ pub struct KvStore {
     /// The store's directory, whose filesystem's free space the writers watch (`None`: the
     /// store keeps no files of its own).
     dir: Option<std::path::PathBuf>,
+    /// The [`Db::lead`] number this process last wrote under.
+    led: Mutex<Option<u64>>,
 }
 
 /// What the writers know of the keys `rows` holds, beyond the engine: a bound per table and a
@@ -238,6 +240,41 @@ impl KvStore {
         KvStore::on(Db::Postgres(db), None)
     }
 
+    /// Takes the store's write lock unless another process holds it (`false` then). Only
+    /// the holder writes; it keeps the lock while its connection lives. An embedded store is
+    /// its process's alone (its directory is locked when opened): always `true`.
+    pub fn try_lead(&self) -> Result<bool> {
+        match self.lead() {
+            Ok(()) => Ok(true),
+            Err(StorageError::NotWriter) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes this process the store's writer ([`StorageError::NotWriter`] while another is).
+    /// Each time it becomes so anew, what it knew of the keys is forgotten and a staged
+    /// transaction left by the writer before is undone: another process may have written.
+    fn lead(&self) -> Result<()> {
+        let taken = self.db.lead()?;
+        let mut led = self.led.lock().unwrap_or_else(|e| e.into_inner());
+        if *led != Some(taken) {
+            let _alone = self.alone();
+            stage::recover(self)?;
+            *self.known.lock().unwrap_or_else(|e| e.into_inner()) = KnownKeys::default();
+            *led = Some(taken);
+        }
+        Ok(())
+    }
+
+    /// The PostgreSQL channel every commit notifies, for processes that read a shared store
+    /// to `LISTEN` on (`None`: an embedded store, which no other process reads).
+    pub fn notify_channel(&self) -> Option<String> {
+        match &self.db {
+            Db::Fjall(_) => None,
+            Db::Postgres(p) => Some(p.channel()),
+        }
+    }
+
     fn on(db: Db, dir: Option<std::path::PathBuf>) -> Result<KvStore> {
         let row_keys = migrate::row_keys(&db)?;
         let store = KvStore {
@@ -246,10 +283,15 @@ impl KvStore {
             known: Mutex::new(KnownKeys::default()),
             alone: Mutex::new(()),
             stage_dirty: AtomicBool::new(false),
+            led: Mutex::new(None),
             dir,
         };
-        // A staged transaction a crash interrupted is undone before anyone reads.
-        stage::recover(&store)?;
+        // An embedded store is its process's: a staged transaction a crash interrupted is
+        // undone before anyone reads. A shared one is recovered by its next writer, when it
+        // takes the lock (readers never read what a staged transaction wrote).
+        if let Db::Fjall(_) = store.db {
+            store.lead()?;
+        }
         Ok(store)
     }
 
@@ -289,6 +331,7 @@ impl BucketStore for KvStore {
     type Snapshot = KvSnapshot;
 
     fn writer(&self) -> Result<KvWriter<'_>> {
+        self.lead()?;
         if self.stage_dirty.load(Ordering::Acquire) {
             self.recover_if_dirty(&self.alone())?;
         }
@@ -301,6 +344,7 @@ impl BucketStore for KvStore {
     }
 
     fn staged_writer(&self, budget: usize) -> Result<KvWriter<'_>> {
+        self.lead()?;
         let alone = self.alone();
         self.recover_if_dirty(&alone)?;
         let mut w = self.open_writer()?;
@@ -319,11 +363,13 @@ impl BucketStore for KvStore {
     }
 
     fn compact_batch(&self, after: Option<&str>, max_ops: usize) -> Result<CompactBatch> {
+        self.lead()?;
         let _alone = self.alone();
         compact::compact_batch(&self.db, after, max_ops)
     }
 
     fn prune_history(&self, before: u64, max_keys: usize) -> Result<PruneStats> {
+        self.lead()?;
         let _alone = self.alone();
         prune::prune_history(&self.db, before, max_keys)
     }

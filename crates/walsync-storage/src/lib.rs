@@ -56,6 +56,10 @@ pub enum StorageError {
          the cause is fixed: nothing acknowledged is lost"
     )]
     Halted,
+    /// Another process holds the store's write lock (a store shared by several walsync
+    /// processes has one writer: the active replicator). Nothing was written.
+    #[error("another walsync process writes to this store (it holds the store's write lock)")]
+    NotWriter,
 }
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;

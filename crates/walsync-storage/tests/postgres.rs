@@ -131,3 +131,47 @@ fn a_snapshot_is_not_moved_by_a_commit_elsewhere() {
     );
     assert_eq!(b.checkpoint().expect("checkpoint").op_id, 2);
 }
+
+/// One process writes a shared store: a second is refused (and writes nothing) while the first
+/// holds the write lock, and takes it over once the first is gone.
+#[test]
+fn one_store_writes_at_a_time_and_the_lock_passes_on() {
+    let schema = fresh_schema();
+    let first = open(&schema);
+    let second = open(&schema);
+    assert!(first.try_lead().expect("lead"));
+    assert!(
+        !second.try_lead().expect("lead"),
+        "the first holds the lock"
+    );
+    match second.writer() {
+        Err(walsync_storage::StorageError::NotWriter) => {}
+        other => panic!("expected NotWriter, got {other:?}"),
+    }
+    let mut w = first.writer().expect("writer");
+    w.upsert_row(
+        "public.t",
+        &RowId::from_encoded("1"),
+        StoredRow::default(),
+        vec![out("a", "1", "{}")],
+        vec![],
+    )
+    .expect("upsert");
+    w.commit().expect("commit");
+    drop(first);
+    // The lock goes with the first store's connection.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !second.try_lead().expect("lead") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lock never passed on"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut w = second.writer().expect("writer");
+    w.delete_row("public.t", &RowId::from_encoded("1"))
+        .expect("delete");
+    let cp = w.commit().expect("commit");
+    assert_eq!(cp.op_id, 2, "op ids go on from the shared store");
+    assert!(ClientBucket::read(&second, "a").rows.is_empty());
+}

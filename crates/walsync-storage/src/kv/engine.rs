@@ -137,6 +137,16 @@ pub(super) enum Db {
 }
 
 impl Db {
+    /// Makes this process the store's writer, unless it is: how many times it became so (a
+    /// new number: another process may have written meanwhile). An embedded store is its
+    /// process's alone.
+    pub(super) fn lead(&self) -> Result<u64> {
+        match self {
+            Db::Fjall(_) => Ok(0),
+            Db::Postgres(p) => p.lead(),
+        }
+    }
+
     /// Starts the write transaction: waits while another one is open.
     pub(super) fn write_tx(&self) -> Result<Tx<'_>> {
         Ok(match self {

@@ -11,6 +11,12 @@ use crate::Result;
 
 /// The store's row key format (see [`RowKeys`]); a new store takes the ordered one.
 pub(super) fn row_keys(db: &Db) -> Result<RowKeys> {
+    // Read first: a store shared with a writer elsewhere says (its first migration wrote it).
+    if let Some(v) = db.read_tx()?.get(Space::Meta, ROW_KEYS)?
+        && &*v == ORDERED_ROW_KEYS
+    {
+        return Ok(RowKeys::Ordered);
+    }
     let mut tx = db.write_tx()?;
     Ok(match tx.get(Space::Meta, ROW_KEYS)? {
         Some(v) if &*v == ORDERED_ROW_KEYS => RowKeys::Ordered,

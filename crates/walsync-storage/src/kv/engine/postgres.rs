@@ -46,7 +46,8 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE {s}.lookups (key bytea PRIMARY KEY, value bytea NOT NULL);
      CREATE TABLE {s}.changes (key bytea PRIMARY KEY, value bytea NOT NULL);
      CREATE TABLE {s}.meta (key bytea PRIMARY KEY, value bytea NOT NULL);
-     CREATE TABLE {s}.stage (key bytea PRIMARY KEY, value bytea NOT NULL);",
+     CREATE TABLE {s}.stage (key bytea PRIMARY KEY, value bytea NOT NULL);
+     INSERT INTO {s}.meta VALUES (convert_to('row_keys', 'UTF8'), convert_to('ordered-int-1', 'UTF8'));",
 ];
 
 fn pg_error(e: tokio_postgres::Error) -> StorageError {
@@ -156,8 +157,12 @@ struct Inner {
     connect: Connect,
     sql: Sql,
     schema: String,
+    /// `NOTIFY` of the store's channel: sent with every commit of the writer.
+    notify: String,
     /// The write transaction's connection, held by it for its life (one at a time).
     writer: Mutex<Option<Arc<Client>>>,
+    /// How many times this process took the write lock.
+    taken: std::sync::atomic::AtomicU64,
     pool: Pool,
 }
 
@@ -215,7 +220,9 @@ impl PgDb {
                 connect,
                 sql: Sql::new(schema),
                 schema: schema.to_owned(),
+                notify: format!("NOTIFY {}", quote_ident(&format!("walsync_{schema}"))),
                 writer: Mutex::new(None),
+                taken: std::sync::atomic::AtomicU64::new(0),
                 pool,
             }),
         };
@@ -303,16 +310,59 @@ impl PgDb {
         })
     }
 
-    /// The write transaction, once the one before it has ended.
+    /// The writer's connection, which holds the store's write lock: an advisory lock of the
+    /// session, so that it is gone the moment the connection is (a writer that lost its
+    /// connection can commit nothing more, and finds the lock taken when another process took
+    /// over). [`StorageError::NotWriter`] while another process holds it.
+    fn writer_connection(&self, conn: &mut Option<Arc<Client>>) -> Result<Arc<Client>> {
+        if let Some(c) = conn.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        *conn = None;
+        let c = self.connect()?;
+        let (client, schema) = (c.clone(), self.inner.schema.clone());
+        let locked = self.run(async move {
+            let row = client
+                .query_one(
+                    "SELECT pg_try_advisory_lock(hashtext('walsync store ' || $1))",
+                    &[&schema],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok(row.get::<_, bool>(0))
+        })?;
+        if !locked {
+            return Err(StorageError::NotWriter);
+        }
+        self.inner
+            .taken
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        *conn = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Takes the store's write lock unless this process holds it already: how many times it
+    /// took it so far (a new number means that another process may have written meanwhile).
+    /// [`StorageError::NotWriter`] while another process holds it.
+    pub(crate) fn lead(&self) -> Result<u64> {
+        let mut conn = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
+        self.writer_connection(&mut conn)?;
+        Ok(self.inner.taken.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// The channel each commit notifies (`LISTEN` to it to learn of new checkpoints).
+    pub(crate) fn channel(&self) -> String {
+        format!("walsync_{}", self.inner.schema)
+    }
+
+    /// The write transaction, once the one before it has ended, on the connection that holds
+    /// the write lock ([`PgDb::lead`]): with none (never taken, or lost with its connection),
+    /// [`StorageError::NotWriter`], and only `lead` takes it again.
     pub(crate) fn write_tx(&self) -> Result<PgTx<'_>> {
         let mut conn = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let client = match conn.as_ref() {
-            Some(c) if !c.is_closed() => c.clone(),
-            _ => {
-                let c = self.connect()?;
-                *conn = Some(c.clone());
-                c
-            }
+        let Some(client) = conn.as_ref().filter(|c| !c.is_closed()).cloned() else {
+            *conn = None;
+            return Err(StorageError::NotWriter);
         };
         let c = client.clone();
         if let Err(e) = self.run(async move { c.batch_execute("BEGIN").await.map_err(pg_error) }) {
@@ -669,17 +719,20 @@ impl Session {
     fn end(&self, writes: Writes, commit: Option<Durability>) -> Result<()> {
         let (client, sql) = (self.client.clone(), self.db.statements());
         self.db.run(async move {
+            let notify = &sql.0.notify;
             let end = match commit {
-                None => "ROLLBACK",
-                Some(Durability::Sync) => "COMMIT",
-                Some(Durability::Buffer) => "SET LOCAL synchronous_commit = off; COMMIT",
+                None => "ROLLBACK".to_owned(),
+                Some(Durability::Sync) => format!("{notify}; COMMIT"),
+                Some(Durability::Buffer) => {
+                    format!("SET LOCAL synchronous_commit = off; {notify}; COMMIT")
+                }
             };
             let sent = send(&client, &sql, writes).await;
             if sent.is_err() {
                 let _ = client.batch_execute("ROLLBACK").await;
                 return sent;
             }
-            client.batch_execute(end).await.map_err(pg_error)
+            client.batch_execute(&end).await.map_err(pg_error)
         })
     }
 
