@@ -114,6 +114,7 @@ fn config(url: &str, dir: &std::path::Path) -> anyhow::Result<Config> {
         },
         wal_guard: Default::default(),
         writes: None,
+        role: walsync::config::Role::All,
     })
 }
 

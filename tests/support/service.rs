@@ -48,6 +48,7 @@ pub fn config(s: &seed::Setup, server: ServerConfig) -> Config {
         },
         wal_guard: Default::default(),
         writes: None,
+        role: walsync::config::Role::All,
     }
 }
 

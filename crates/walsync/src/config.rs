@@ -31,6 +31,32 @@ pub struct Config {
     /// Uploads (`POST /write`): off without this section.
     #[serde(default)]
     pub writes: Option<walsync_write::WriteConfig>,
+    /// What this process does (`walsync serve --role`): everything, or with the store in
+    /// PostgreSQL, only replication or only serving clients.
+    #[serde(default)]
+    pub role: Role,
+}
+
+/// What a `walsync serve` process does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Replication and clients, in one process.
+    #[default]
+    All,
+    /// Replication into a store in PostgreSQL (one process at a time: the others wait as
+    /// standbys), with its maintenance; it serves health and metrics.
+    Replicator,
+    /// Clients, from a store in PostgreSQL that a replicator elsewhere fills; never reads the
+    /// source's WAL.
+    Api,
+}
+
+impl Role {
+    /// Whether this role replicates (when it holds the store's write lock).
+    pub fn replicates(self) -> bool {
+        matches!(self, Role::All | Role::Replicator)
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -154,6 +180,51 @@ pub struct StorageConfig {
     /// a clear error (the engine stops for good when a write meets a full disk) and resume
     /// once space is freed.
     pub min_free_mib: u64,
+    /// Keep the store in PostgreSQL instead of `dir`: what several walsync processes share
+    /// (one replicator, any number of API nodes).
+    pub postgres: Option<StoragePostgres>,
+}
+
+/// A bucket store in PostgreSQL.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoragePostgres {
+    /// The storage database, as `postgres.url` (it may be the source database or another).
+    pub url: String,
+    /// The schema of the store's tables, made at the first start.
+    #[serde(default = "default_storage_schema")]
+    pub schema: String,
+    /// Connections for reads at most (the writer has one more).
+    #[serde(default = "default_storage_pool")]
+    pub pool_size: usize,
+    /// Milliseconds between reads of the store's checkpoint by a process that does not write
+    /// it, beside the notification of each commit (`LISTEN`): what bounds the delay when a
+    /// notification is lost.
+    #[serde(default = "default_storage_poll_ms")]
+    pub poll_ms: u64,
+}
+
+fn default_storage_schema() -> String {
+    "walsync_store".into()
+}
+
+fn default_storage_pool() -> usize {
+    16
+}
+
+fn default_storage_poll_ms() -> u64 {
+    1_000
+}
+
+impl std::fmt::Debug for StoragePostgres {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoragePostgres")
+            .field("url", &redact_url(&self.url))
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .field("poll_ms", &self.poll_ms)
+            .finish()
+    }
 }
 
 impl Default for StorageConfig {
@@ -166,11 +237,36 @@ impl Default for StorageConfig {
             compact_pause_ms: m.compact_pause_ms,
             memory_budget_mib: walsync_replicator::DEFAULT_MEMORY_BUDGET >> 20,
             min_free_mib: walsync_replicator::DEFAULT_MIN_FREE_BYTES >> 20,
+            postgres: None,
         }
     }
 }
 
 impl StorageConfig {
+    /// Opens the store: in `dir`, or in PostgreSQL (its tables made or migrated first).
+    pub async fn open(&self) -> Result<walsync_storage::KvStore, crate::service::StartError> {
+        let Some(pg) = &self.postgres else {
+            let dir = self.dir.clone();
+            return Ok(
+                tokio::task::spawn_blocking(move || walsync_storage::KvStore::open(&dir))
+                    .await
+                    .map_err(|e| walsync_storage::StorageError::Engine(e.to_string()))??,
+            );
+        };
+        let config: walsync_source::PgConfig = pg.url.parse()?;
+        let config = std::sync::Arc::new(config);
+        let connect: walsync_storage::Connect = std::sync::Arc::new(move || {
+            let config = config.clone();
+            Box::pin(async move { config.connect().await.map_err(Into::into) })
+        });
+        let (schema, pool) = (pg.schema.clone(), pg.pool_size.max(1));
+        Ok(tokio::task::spawn_blocking(move || {
+            walsync_storage::KvStore::open_postgres(connect, &schema, pool)
+        })
+        .await
+        .map_err(|e| walsync_storage::StorageError::Engine(e.to_string()))??)
+    }
+
     pub fn maintenance(&self) -> crate::maintenance::MaintenanceConfig {
         crate::maintenance::MaintenanceConfig {
             compact_interval_seconds: self.compact_interval_seconds,

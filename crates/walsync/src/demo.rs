@@ -114,6 +114,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         metrics: Default::default(),
         wal_guard: Default::default(),
         writes: Some(seed_writes()?),
+        role: crate::config::Role::All,
     };
     let mut service = Service::start(config).await?;
     let url = service.url();

@@ -10,6 +10,7 @@ mod replicate;
 pub mod rules_check;
 pub mod serve;
 mod service;
+pub mod shared;
 pub mod status;
 pub mod telemetry;
 pub mod wal_guard;

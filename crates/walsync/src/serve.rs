@@ -19,10 +19,18 @@ pub struct ServeArgs {
     /// The configuration file (every key can be overridden as WALSYNC__SECTION__KEY).
     #[arg(long, default_value = "walsync.toml")]
     config: PathBuf,
+    /// What this process does: everything (`all`), or, with the store in PostgreSQL
+    /// (`storage.postgres`), only replication (`replicator`: one at a time, the others stand
+    /// by) or only serving clients (`api`). Overrides the configuration's `role`.
+    #[arg(long, value_enum)]
+    role: Option<crate::config::Role>,
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = Config::load(&args.config)?;
+    let mut config = Config::load(&args.config)?;
+    if let Some(role) = args.role {
+        config.role = role;
+    }
     tracing::info!(config = ?config, "starting");
     runtime()?.block_on(async move {
         let mut service = Service::start(config).await?;
@@ -164,7 +172,7 @@ pub fn tail(args: TailArgs) -> anyhow::Result<()> {
 
 #[derive(Debug, Args)]
 pub struct CompactArgs {
-    /// The configuration file whose `storage.dir` holds the store.
+    /// The configuration file whose `storage` says where the store is.
     #[arg(long, default_value = "walsync.toml")]
     config: PathBuf,
 }
@@ -174,12 +182,15 @@ pub struct CompactArgs {
 pub fn compact(args: CompactArgs) -> anyhow::Result<()> {
     use walsync_storage::{BucketStore, StoreRead};
     let config = Config::load(&args.config)?;
-    let store = walsync_storage::KvStore::open(&config.storage.dir).with_context(|| {
-        format!(
-            "opening the store in {} (is walsync still running?)",
-            config.storage.dir.display()
-        )
-    })?;
+    let store = runtime()?
+        .block_on(config.storage.open())
+        .with_context(|| match &config.storage.postgres {
+            None => format!(
+                "opening the store in {} (is walsync still running?)",
+                config.storage.dir.display()
+            ),
+            Some(pg) => format!("opening the store in postgresql (schema {})", pg.schema),
+        })?;
     let before = store.size_on_disk()?;
     let mark = store.checkpoint()?.op_id;
     let maintenance = crate::maintenance::MaintenanceConfig {

@@ -38,6 +38,8 @@ pub enum StartError {
     Keys(#[from] walsync_server::auth::KeyLoadError),
     #[error(transparent)]
     Writes(#[from] walsync_write::WriteError),
+    #[error("{0}")]
+    Role(&'static str),
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -80,7 +82,14 @@ impl Service {
         if config.postgres.create_publication {
             source.create_publication = Some(PublicationScope::Tables(rules.qualified_tables()));
         }
-        let store = Arc::new(KvStore::open(&config.storage.dir)?);
+        let role = config.role;
+        if role != crate::config::Role::All && config.storage.postgres.is_none() {
+            return Err(StartError::Role(
+                "the replicator and api roles share a store in postgresql: set storage.postgres \
+                 (an embedded store is one process's, which runs the role all)",
+            ));
+        }
+        let store = Arc::new(config.storage.open().await?);
         let auth = Arc::new(Authenticator::new(config.auth.clone()).await?);
         let core = SyncCore::new(
             store.clone(),
@@ -116,8 +125,39 @@ impl Service {
             );
         }
         let reachable = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        tokio::spawn(
-            crate::telemetry::monitor(
+        // A store shared in PostgreSQL: every process learns of the replicator's commits from
+        // the store itself (the replicator's own progress reaches only its process).
+        let served = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if let (Some(shared), Some(channel)) = (&config.storage.postgres, store.notify_channel()) {
+            tokio::spawn(
+                crate::shared::follow(
+                    shared.url.parse()?,
+                    channel,
+                    store.clone(),
+                    core.clone(),
+                    served.clone(),
+                    Duration::from_millis(shared.poll_ms),
+                    stop_rx.clone(),
+                )
+                .instrument(info_span!("walsync-follow")),
+            );
+        }
+        // Set while this process replicates (an embedded store: from the start; a shared one:
+        // once it holds the store's write lock), and when its replicator ends (a definite
+        // error, or a stop): then the process is no longer ready, since nothing new reaches
+        // the store.
+        let leading = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let replication_ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let replicator = {
+            let ended = replication_ended.clone();
+            let leading = leading.clone();
+            let mut replicator = ReplicatorConfig::new(source);
+            replicator.memory_budget = config.storage.memory_budget_mib.max(1) << 20;
+            replicator.min_free_bytes = config.storage.min_free_mib << 20;
+            replicator.lagging_after = Duration::from_secs(config.metrics.lagging_seconds);
+            // What runs beside replication, in the process that replicates: the WAL guard and
+            // the slot's metrics, and the store's compaction.
+            let monitor = crate::telemetry::monitor(
                 config.wal_guard.clone(),
                 status.clone(),
                 rules.tables().iter().cloned().collect(),
@@ -129,26 +169,31 @@ impl Service {
                 Duration::from_secs(config.metrics.poll_seconds.max(1)),
                 stop_rx.clone(),
             )
-            .instrument(info_span!("walsync-monitor")),
-        );
-        tokio::spawn(
-            crate::maintenance::run(store.clone(), config.storage.maintenance(), stop_rx.clone())
-                .instrument(info_span!("walsync-maintenance")),
-        );
-        // Set when the replicator ends (a definite error, or a stop): the process is no longer
-        // ready, since nothing new reaches the store.
-        let replication_ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let replicator = {
-            let ended = replication_ended.clone();
-            let mut replicator = ReplicatorConfig::new(source);
-            replicator.memory_budget = config.storage.memory_budget_mib.max(1) << 20;
-            replicator.min_free_bytes = config.storage.min_free_mib << 20;
-            replicator.lagging_after = Duration::from_secs(config.metrics.lagging_seconds);
-            let run =
-                walsync_replicator::run(replicator, rules, store, stop_rx.clone(), progress_tx);
+            .instrument(info_span!("walsync-monitor"));
+            let maintenance = crate::maintenance::run(
+                store.clone(),
+                config.storage.maintenance(),
+                stop_rx.clone(),
+            )
+            .instrument(info_span!("walsync-maintenance"));
+            let stop = stop_rx.clone();
             tokio::spawn(
                 async move {
-                    let result = run.await;
+                    if !role.replicates() {
+                        let _ = stop.clone().wait_for(|s| *s).await;
+                        return Ok(());
+                    }
+                    let result = match crate::shared::lead(store.clone(), stop.clone()).await {
+                        Ok(true) => {
+                            leading.store(true, std::sync::atomic::Ordering::Relaxed);
+                            tokio::spawn(monitor);
+                            tokio::spawn(maintenance);
+                            walsync_replicator::run(replicator, rules, store, stop, progress_tx)
+                                .await
+                        }
+                        Ok(false) => Ok(()),
+                        Err(e) => Err(walsync_replicator::ReplicatorError::Storage(e)),
+                    };
                     ended.store(true, std::sync::atomic::Ordering::Relaxed);
                     result
                 }
@@ -204,6 +249,18 @@ impl Service {
             use walsync_replicator::State;
             if replication_ended.load(Relaxed) {
                 return Err("replication has stopped; the log says why".into());
+            }
+            // Serving a store another process replicates into (an API node, a standby).
+            if !leading.load(Relaxed) {
+                return if served.load(Relaxed) {
+                    Ok(())
+                } else {
+                    Err(
+                        "the store has no complete checkpoint yet (or cannot be read): \
+                         the replicator is copying the tables"
+                            .into(),
+                    )
+                };
             }
             if !reachable.load(Relaxed) {
                 return Err("postgres is not reachable; replication resumes when it is".into());

@@ -1,0 +1,152 @@
+//! Scale-out on PostgreSQL: two replicator candidates and three API nodes, each a `walsync
+//! serve` process on loopback, share one store in a storage database of its own, while the
+//! application writes a mixed workload and clients over both transports stream from the API
+//! nodes. The active replicator is SIGKILLed (the standby takes over), then an API node (its
+//! clients move to the others and resume with what they hold: op ids and checksums live in the
+//! shared store, so no duplicate and no gap). The clients check every checkpoint's checksums and
+//! that no op comes at or below what they hold; at the end every client holds exactly what the
+//! rules select from PostgreSQL for its user.
+//!
+//! `WALSYNC_SOAK_SECONDS=600 cargo test -p walsync-tests --test scale_out` for the long variant
+//! (API nodes keep taking checkpoints for that long before the kills).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::process::{Killed, free_port, serve, token, wait_ready};
+use support::{converge, seed};
+use walsync_client::{Connector, SyncClient, Transport};
+
+const BIN: &str = env!("CARGO_BIN_EXE_walsync-cli");
+
+struct Node {
+    port: u16,
+    process: Killed,
+}
+
+fn start(
+    s: &seed::Setup,
+    storage: &str,
+    role: &str,
+    dir: &std::path::Path,
+    log: &std::fs::File,
+) -> anyhow::Result<Node> {
+    let port = free_port()?;
+    let process = serve(
+        BIN,
+        s,
+        &dir.join(format!("unused-{port}")),
+        port,
+        log,
+        &[
+            ("WALSYNC__ROLE", role),
+            ("WALSYNC__STORAGE__POSTGRES__URL", storage),
+            ("WALSYNC__STORAGE__POSTGRES__POLL_MS", "200"),
+        ],
+    )?;
+    Ok(Node { port, process })
+}
+
+fn url(port: u16) -> String {
+    format!("http://127.0.0.1:{port}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicator_and_api_nodes_fail_over_without_loss_or_repeat() -> anyhow::Result<()> {
+    let soak: u64 = std::env::var("WALSYNC_SOAK_SECONDS")
+        .ok()
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(3);
+    let s = seed::setup().await?;
+    let storage = walsync_testkit::shared().fresh_database().await?;
+    let dir = tempfile::tempdir()?;
+    let log = std::fs::File::create(dir.path().join("nodes.log"))?;
+    let dump_log = |what: &str| {
+        eprintln!(
+            "{what}\n{}",
+            std::fs::read_to_string(dir.path().join("nodes.log")).unwrap_or_default()
+        );
+    };
+    walsync_client::install_crypto();
+
+    let first = start(&s, &storage.url, "replicator", dir.path(), &log)?;
+    if let Err(e) = wait_ready(first.port).await {
+        dump_log("the first replicator never became ready");
+        return Err(e);
+    }
+    let standby = start(&s, &storage.url, "replicator", dir.path(), &log)?;
+    let mut apis = Vec::new();
+    for _ in 0..3 {
+        apis.push(start(&s, &storage.url, "api", dir.path(), &log)?);
+    }
+    for api in &apis {
+        wait_ready(api.port).await?;
+    }
+
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let work = seed::application(s.url.clone(), done.clone());
+    // Clients spread over the API nodes, both transports.
+    let mut clients: Vec<(String, SyncClient)> = Vec::new();
+    for (i, user) in ["u1", "u2", "u3", "u4", "u1", "u2"].into_iter().enumerate() {
+        let transport = if i % 2 == 0 {
+            Transport::Http
+        } else {
+            Transport::Grpc
+        };
+        let port = apis[i % apis.len()].port;
+        let connector = Connector::new(&url(port), transport, &token(user)?)?;
+        clients.push((
+            user.to_owned(),
+            SyncClient::new(connector, &format!("c{i}")),
+        ));
+    }
+    let followers = converge::Followers::start(clients, Some(converge::APPLICATION));
+    tokio::time::sleep(Duration::from_secs(soak)).await;
+
+    // The active replicator dies: the standby takes the store's write lock and the slot.
+    let mut first = first;
+    first.process.0.kill()?;
+    first.process.0.wait()?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut clients = followers
+        .end()
+        .await
+        .inspect_err(|_| dump_log("after the replicator's death"))?;
+
+    // An API node dies: its clients move to the others, with what they hold.
+    let gone = apis.remove(1);
+    drop(gone);
+    for (i, (user, client)) in clients.iter_mut().enumerate() {
+        let transport = client.connector().transport();
+        let port = apis[i % apis.len()].port;
+        *client.connector_mut() = Connector::new(&url(port), transport, &token(user)?)?;
+    }
+    let followers = converge::Followers::start(clients, Some(converge::APPLICATION));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut clients = followers
+        .end()
+        .await
+        .inspect_err(|_| dump_log("after the api node's death"))?;
+
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    work.await??;
+    let converged = converge::converged(&s, &mut clients, Duration::from_secs(60)).await;
+    let text = std::fs::read_to_string(dir.path().join("nodes.log")).unwrap_or_default();
+    if converged.is_err() {
+        dump_log("never converged");
+    }
+    converged?;
+    assert!(
+        text.contains("standing by: another walsync process replicates into the store"),
+        "the second replicator stood by"
+    );
+    assert!(
+        text.contains("took over replication"),
+        "the standby took over"
+    );
+    if std::env::var_os("WALSYNC_SHOW_LOG").is_some() {
+        dump_log("the nodes' log");
+    }
+    drop(standby);
+    Ok(())
+}
