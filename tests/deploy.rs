@@ -121,6 +121,7 @@ fn the_compose_file_and_the_manifests_parse_and_say_what_walsync_needs() -> anyh
             .map(String::from)
             .into(),
     );
+    scaled_out(&compose)?;
     for path in [
         "prometheus/prometheus.yml",
         "grafana/provisioning/datasources/prometheus.yml",
@@ -132,6 +133,94 @@ fn the_compose_file_and_the_manifests_parse_and_say_what_walsync_needs() -> anyh
     let config = walsync::Config::load(&deploy().join("walsync.toml"))?;
     assert_eq!(config.server.listen.port(), 8080);
     assert!(config.wal_guard.budget_bytes.is_some());
+    Ok(())
+}
+
+/// The scaled-out kit: the compose profile and the Kubernetes overlay run replicator candidates
+/// and API nodes with the store in PostgreSQL, from keys the Secret has; the Service reaches
+/// the API nodes only.
+fn scaled_out(compose: &serde_yaml_ng::Value) -> anyhow::Result<()> {
+    let args = |v: &serde_yaml_ng::Value| -> Vec<String> {
+        v.as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str().map(String::from))
+            .collect()
+    };
+    for (service, role, replicas) in [
+        ("walsync-replicator", "replicator", 2),
+        ("walsync-api", "api", 3),
+    ] {
+        let s = &compose["services"][service];
+        assert_eq!(s["profiles"][0].as_str(), Some("scale-out"), "{service}");
+        let command = args(&s["command"]);
+        assert!(
+            command.ends_with(&["--role".into(), role.into()]),
+            "{service}: {command:?}"
+        );
+        assert_eq!(
+            s["deploy"]["replicas"].as_u64(),
+            Some(replicas),
+            "{service}"
+        );
+        assert!(
+            s["environment"]["WALSYNC__STORAGE__POSTGRES__URL"].is_string(),
+            "{service}: the store in postgres"
+        );
+    }
+    let secret = yaml("kubernetes/secret.yaml")?;
+    let kustomization = yaml("kubernetes/scale-out/kustomization.yaml")?;
+    let mut roles = BTreeSet::new();
+    for resource in kustomization["resources"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+    {
+        let file = format!(
+            "kubernetes/scale-out/{}",
+            resource.as_str().unwrap_or_default()
+        );
+        let doc = yaml(&file)?;
+        match doc["kind"].as_str() {
+            Some("Deployment") => {
+                let container = &doc["spec"]["template"]["spec"]["containers"][0];
+                let command = args(&container["args"]);
+                let role = command.last().cloned().unwrap_or_default();
+                assert_eq!(command[command.len() - 2], "--role", "{file}");
+                let replicas = doc["spec"]["replicas"].as_u64().unwrap_or_default();
+                match role.as_str() {
+                    "replicator" => assert_eq!(replicas, 2, "one active, one standby"),
+                    "api" => {
+                        assert!(replicas >= 2, "{file}");
+                        assert_eq!(
+                            container["readinessProbe"]["httpGet"]["path"].as_str(),
+                            Some("/health/ready")
+                        );
+                    }
+                    other => anyhow::bail!("{file}: role {other}"),
+                }
+                let mut has_storage = false;
+                for env in container["env"].as_sequence().into_iter().flatten() {
+                    has_storage |= env["name"] == "WALSYNC__STORAGE__POSTGRES__URL";
+                    if let Some(key) = env["valueFrom"]["secretKeyRef"]["key"].as_str() {
+                        assert!(
+                            secret["stringData"][key].is_string(),
+                            "{file} reads {key}, which the Secret lacks"
+                        );
+                    }
+                }
+                assert!(has_storage, "{file}: the store in postgres");
+                roles.insert(role);
+            }
+            Some("Service") => assert_eq!(
+                doc["spec"]["selector"]["app.kubernetes.io/component"].as_str(),
+                Some("api"),
+                "the Service reaches the API nodes only"
+            ),
+            _ => {}
+        }
+    }
+    assert_eq!(roles, ["api", "replicator"].map(String::from).into());
     Ok(())
 }
 

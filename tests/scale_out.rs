@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::process::{Killed, free_port, serve, token, wait_ready};
+use support::process::{Killed, free_port, serve_with, token, wait_ready};
 use support::{converge, seed};
 use walsync_client::{Connector, SyncClient, Transport};
 
@@ -32,17 +32,17 @@ fn start(
     log: &std::fs::File,
 ) -> anyhow::Result<Node> {
     let port = free_port()?;
-    let process = serve(
+    let process = serve_with(
         BIN,
         s,
         &dir.join(format!("unused-{port}")),
         port,
         log,
         &[
-            ("WALSYNC__ROLE", role),
             ("WALSYNC__STORAGE__POSTGRES__URL", storage),
             ("WALSYNC__STORAGE__POSTGRES__POLL_MS", "200"),
         ],
+        &["--role", role],
     )?;
     Ok(Node { port, process })
 }

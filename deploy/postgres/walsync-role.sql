@@ -9,3 +9,6 @@ GRANT SELECT ON ALL TABLES IN SCHEMA public TO walsync;
 ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO walsync;
 -- The publication, made here by the tables' owner so that walsync needs no ownership.
 CREATE PUBLICATION walsync FOR ALL TABLES WITH (publish_via_partition_root = true);
+-- The schema of a store kept in PostgreSQL (storage.postgres, a scaled-out walsync), made
+-- here so that walsync needs no CREATE on the database; walsync makes its tables in it.
+CREATE SCHEMA walsync_store AUTHORIZATION walsync;

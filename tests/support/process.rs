@@ -31,10 +31,24 @@ pub fn serve(
     log: &std::fs::File,
     env: &[(&str, &str)],
 ) -> anyhow::Result<Killed> {
+    serve_with(bin, s, data, port, log, env, &[])
+}
+
+/// [`serve`] with more arguments of `walsync serve`.
+pub fn serve_with(
+    bin: &str,
+    s: &seed::Setup,
+    data: &Path,
+    port: u16,
+    log: &std::fs::File,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> anyhow::Result<Killed> {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/walsync.toml");
     let child = Command::new(bin)
         .args(["serve", "--config"])
         .arg(&example)
+        .args(args)
         .env("WALSYNC__POSTGRES__URL", &s.url)
         .env("WALSYNC__POSTGRES__SLOT", &s.slot)
         .env("WALSYNC__POSTGRES__CREATE_PUBLICATION", "false")

@@ -24,6 +24,58 @@ pub(crate) struct ReplicatorArgs {
     /// after the other); the medians are reported, with the ratio of every run.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// The stores the replicator writes, each timed in every run beside `pg_recvlogical`:
+    /// `embedded` (fjall) and `postgres` (a storage database in the same cluster).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "embedded")]
+    stores: Vec<StoreKind>,
+    /// The users' bucket counts whose checkpoints are timed (on the last store listed).
+    #[arg(long, value_delimiter = ',', default_value = "10000,50000")]
+    checkpoint_buckets: Vec<i64>,
+}
+
+/// Where the replicator's store is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum StoreKind {
+    Embedded,
+    Postgres,
+}
+
+impl StoreKind {
+    fn label(self) -> &'static str {
+        match self {
+            StoreKind::Embedded => "embedded",
+            StoreKind::Postgres => "postgres",
+        }
+    }
+}
+
+/// A store of a run: a directory of its own, or a schema of its own in the storage database.
+enum StorePlace {
+    Dir(tempfile::TempDir),
+    Schema(String, String),
+}
+
+impl StorePlace {
+    fn new(kind: StoreKind, storage_url: &str, name: &str) -> anyhow::Result<StorePlace> {
+        Ok(match kind {
+            StoreKind::Embedded => StorePlace::Dir(
+                tempfile::Builder::new()
+                    .prefix("walsync-bench-")
+                    .tempdir()?,
+            ),
+            StoreKind::Postgres => StorePlace::Schema(storage_url.to_owned(), name.to_owned()),
+        })
+    }
+
+    fn open(&self) -> anyhow::Result<KvStore> {
+        Ok(match self {
+            StorePlace::Dir(dir) => KvStore::open(dir.path())?,
+            StorePlace::Schema(url, schema) => {
+                let connect = walsync_storage::connect_without_tls(url);
+                KvStore::open_postgres(connect, schema, 8)?
+            }
+        })
+    }
 }
 
 /// Each row in one project bucket (400 rows a project), as in the apply benchmark.
@@ -96,7 +148,13 @@ struct WorkloadResult {
     name: String,
     rows: u64,
     pgrl: Vec<Duration>,
-    ours: Vec<Duration>,
+    /// Per store kind, in the order of `--stores`.
+    ours: Vec<StoreResult>,
+}
+
+#[derive(Default)]
+struct StoreResult {
+    times: Vec<Duration>,
     ops: u64,
     bytes: u64,
     commits: u64,
@@ -119,6 +177,12 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<Summary> {
     let cluster = Cluster::start(ClusterOptions::default())?;
     let pg_recvlogical = Cluster::program("pg_recvlogical")?;
     let db = cluster.fresh_database().await?;
+    let storage = cluster.fresh_database().await?;
+    let stores = if args.stores.is_empty() {
+        vec![StoreKind::Embedded]
+    } else {
+        args.stores.clone()
+    };
     let sql = db.connect().await?;
     sql.batch_execute(&schema(args.workload.key, args.workload.mixed))
         .await?;
@@ -143,23 +207,25 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<Summary> {
     {
         // Every run's slots exist before the workload, so that all of them decode the same WAL;
         // the replicator's store has its snapshot done, like a running replicator.
-        let mut dirs = Vec::new();
+        let mut places: Vec<Vec<StorePlace>> = Vec::new();
         for run in 0..runs {
-            let dir = tempfile::Builder::new()
-                .prefix("walsync-bench-")
-                .tempdir()?;
-            let store = Arc::new(KvStore::open(dir.path())?);
-            let r = start(&db.url, &format!("bench_rep_{w}_{run}"), &rules, &store)?;
-            while !store.checkpoint()?.snapshot_complete {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            let mut of_run = Vec::new();
+            for (k, kind) in stores.iter().enumerate() {
+                let place = StorePlace::new(*kind, &storage.url, &format!("bench_{w}_{run}_{k}"))?;
+                let store = Arc::new(place.open()?);
+                let r = start(&db.url, &format!("bench_rep_{w}_{run}_{k}"), &rules, &store)?;
+                while !store.checkpoint()?.snapshot_complete {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                finish(r).await?;
+                of_run.push(place);
             }
-            finish(r).await?;
             sql.execute(
                 "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
                 &[&format!("bench_pgrl_{w}_{run}")],
             )
             .await?;
-            dirs.push(dir);
+            places.push(of_run);
         }
         eprintln!("workload {name}: writing {rows} rows");
         sql.batch_execute(workload).await?;
@@ -176,12 +242,9 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<Summary> {
             name: name.clone(),
             rows: *rows,
             pgrl: Vec::new(),
-            ours: Vec::new(),
-            ops: 0,
-            bytes: 0,
-            commits: 0,
+            ours: stores.iter().map(|_| StoreResult::default()).collect(),
         };
-        for (run, dir) in dirs.into_iter().enumerate() {
+        for (run, of_run) in places.into_iter().enumerate() {
             let pgrl_slot = format!("bench_pgrl_{w}_{run}");
             let pgrl = || {
                 tokio::task::block_in_place(|| {
@@ -190,18 +253,35 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<Summary> {
             };
             // Alternate which tool goes first, so neither always meets a warmer cache.
             let first = if run % 2 == 0 { Some(pgrl()?) } else { None };
-            let slot = format!("bench_rep_{w}_{run}");
-            let store = Arc::new(KvStore::open(dir.path())?);
-            let ops_before = store.checkpoint()?.op_id;
-            let size_before = store.size_on_disk()?;
-            let t = Instant::now();
-            let mut r = start(&db.url, &slot, &rules, &store)?;
-            let commits = wait_rows(&mut r, *rows).await?;
-            let ours = t.elapsed();
-            finish(r).await?;
-            result.ops = store.checkpoint()?.op_id - ops_before;
-            result.bytes = store.size_on_disk()? - size_before;
-            result.commits = commits;
+            let last_run = w + 1 == workloads.len() && run + 1 == runs;
+            let mut times = Vec::new();
+            for (k, place) in of_run.into_iter().enumerate() {
+                let slot = format!("bench_rep_{w}_{run}_{k}");
+                let store = Arc::new(place.open()?);
+                let ops_before = store.checkpoint()?.op_id;
+                let size_before = store.size_on_disk()?;
+                let t = Instant::now();
+                let mut r = start(&db.url, &slot, &rules, &store)?;
+                let commits = wait_rows(&mut r, *rows).await?;
+                let ours = t.elapsed();
+                finish(r).await?;
+                let out = &mut result.ours[k];
+                out.ops = store.checkpoint()?.op_id - ops_before;
+                out.bytes = store.size_on_disk()?.saturating_sub(size_before);
+                out.commits = commits;
+                out.times.push(ours);
+                times.push(format!("{} {:.2}s", stores[k].label(), ours.as_secs_f64()));
+                if last_run && k + 1 == stores.len() {
+                    last_store = Some((store, slot, place));
+                } else {
+                    drop(store);
+                    sql.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                        .await?;
+                }
+                // The run's store writes nothing more; what it left in the page cache goes to
+                // disk before the next one is timed.
+                super::source::flush_os_cache()?;
+            }
             let pgrl = match first {
                 Some(p) => p,
                 None => pgrl()?,
@@ -209,32 +289,22 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<Summary> {
             sql.execute("SELECT pg_drop_replication_slot($1)", &[&pgrl_slot])
                 .await?;
             eprintln!(
-                "  run {run}: pg_recvlogical {:.2}s, replicator {:.2}s",
+                "  run {run}: pg_recvlogical {:.2}s, {}",
                 pgrl.as_secs_f64(),
-                ours.as_secs_f64()
+                times.join(", ")
             );
             result.pgrl.push(pgrl);
-            result.ours.push(ours);
-            if w + 1 == workloads.len() && run + 1 == runs {
-                last_store = Some((store, slot, dir));
-            } else {
-                drop(store);
-                sql.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-                    .await?;
-            }
-            // The run's store writes nothing more; what it left in the page cache goes to disk
-            // before the next run is timed.
-            super::source::flush_os_cache()?;
         }
         throughput.push(result);
     }
 
-    // Checkpoints for users in 10,000 and 50,000 projects, on the store of workload b.
-    let (store, slot, _dir) = last_store.ok_or_else(|| anyhow::anyhow!("no store"))?;
+    // Checkpoints for users in thousands of projects, on the last store of workload b.
+    let (store, slot, _place) = last_store.ok_or_else(|| anyhow::anyhow!("no store"))?;
     let mut checkpoints = Vec::new();
     let mut r = start(&db.url, &slot, &rules, &store)?;
     let mut expected_rows = r.progress.borrow().rows;
-    for (n, base) in [(10_000i64, 100_000_000i64), (50_000, 200_000_000)] {
+    for (i, n) in args.checkpoint_buckets.iter().copied().enumerate() {
+        let base = 100_000_000i64 * (i as i64 + 1);
         let user = format!("user{n}");
         sql.batch_execute(&format!(
             "INSERT INTO project_members (project_id, user_id) SELECT {base} + i, '{user}' FROM generate_series(1, {n}) i;
@@ -312,43 +382,54 @@ async fn run_async(args: ReplicatorArgs) -> anyhow::Result<Summary> {
         "Replicator: WAL to durable buckets (medians of {runs} runs; each run compares the two tools run one after the other)\n"
     );
     println!(
-        "machine: {}; store: embedded (fjall), fsync on every commit\n",
+        "machine: {}; stores: embedded (fjall) and postgres (a storage database in the source's cluster), every commit durable\n",
         super::machine_facts()
     );
     println!(
-        "| workload | rows | pg_recvlogical rows/s | replicator rows/s | ratio | ratio of each run | ops/s | bytes on disk per million rows | storage commits |"
+        "| workload | store | rows | pg_recvlogical rows/s | replicator rows/s | ratio | ratio of each run | ops/s | bytes stored per million rows | storage commits |"
     );
-    println!("|---|---:|---:|---:|---:|---|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---|---:|---:|---:|");
     for t in throughput {
         let rate = |d: &Duration| t.rows as f64 / d.as_secs_f64();
-        let (p, o) = (rate(&median(t.pgrl.clone())), rate(&median(t.ours.clone())));
-        let ratios: Vec<f64> = t
-            .pgrl
-            .iter()
-            .zip(&t.ours)
-            .map(|(p, o)| rate(o) / rate(p))
-            .collect();
-        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
-        let mut sorted = ratios;
-        sorted.sort_by(f64::total_cmp);
-        let ratio = sorted[sorted.len() / 2];
-        summary.add(
-            format!("replication: {}", t.name),
-            super::summary::rate(o, "rows"),
-            format!("{} (pg_recvlogical)", super::summary::rate(p, "rows")),
-            Some(ratio),
-        );
-        println!(
-            "| {} | {} | {p:.0} | {o:.0} | {ratio:.2}× | {} | {:.0} | {:.0} MiB | {} |",
-            t.name,
-            t.rows,
-            each.join(", "),
-            t.ops as f64 * o / t.rows as f64,
-            t.bytes as f64 / 1048576.0 * 1e6 / t.rows as f64,
-            t.commits
-        );
+        let p = rate(&median(t.pgrl.clone()));
+        for (kind, ours) in stores.iter().zip(&t.ours) {
+            let o = rate(&median(ours.times.clone()));
+            let ratios: Vec<f64> = t
+                .pgrl
+                .iter()
+                .zip(&ours.times)
+                .map(|(p, o)| rate(o) / rate(p))
+                .collect();
+            let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+            let mut sorted = ratios;
+            sorted.sort_by(f64::total_cmp);
+            let ratio = sorted[sorted.len() / 2];
+            let label = match kind {
+                StoreKind::Embedded => t.name.clone(),
+                StoreKind::Postgres => format!("{} (postgres store)", t.name),
+            };
+            summary.add(
+                format!("replication: {label}"),
+                super::summary::rate(o, "rows"),
+                format!("{} (pg_recvlogical)", super::summary::rate(p, "rows")),
+                Some(ratio),
+            );
+            println!(
+                "| {} | {} | {} | {p:.0} | {o:.0} | {ratio:.2}× | {} | {:.0} | {:.0} MiB | {} |",
+                t.name,
+                kind.label(),
+                t.rows,
+                each.join(", "),
+                ours.ops as f64 * o / t.rows as f64,
+                ours.bytes as f64 / 1048576.0 * 1e6 / t.rows as f64,
+                ours.commits
+            );
+        }
     }
-    println!("\nCheckpoint for one user (median of 5)\n");
+    println!(
+        "\nCheckpoint for one user (median of 5), on the {} store\n",
+        stores.last().map_or("embedded", |k| k.label())
+    );
     println!(
         "| buckets of the user | full checkpoint (resolve buckets + read their states) | of which resolving | next checkpoint after one change |"
     );

@@ -38,7 +38,7 @@ use keys::RowKeys;
 use record::{decode, engine};
 use snapshot::read_checkpoint;
 
-pub use engine::postgres::Connect;
+pub use engine::postgres::{Connect, connect_without_tls};
 
 pub use snapshot::KvSnapshot;
 pub use writer::KvWriter;

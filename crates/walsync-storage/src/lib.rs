@@ -22,7 +22,7 @@ mod model;
 
 pub mod conformance;
 
-pub use kv::{Connect, KvSnapshot, KvStore, KvWriter};
+pub use kv::{Connect, KvSnapshot, KvStore, KvWriter, connect_without_tls};
 pub use model::{
     BucketState, Changes, CompactBatch, CompactStats, Op, PruneStats, StoreCheckpoint, StoreCounts,
     StoredRow, TableName,

@@ -1,11 +1,12 @@
 //! The store in PostgreSQL against the conformance suite, plus what only a shared database can
 //! show: several stores (processes) on one schema, its reads as index scans, its migrations.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use walsync_storage::conformance::{self, ClientBucket};
-use walsync_storage::{BucketStore, Connect, KvStore, StoreRead, StoreWriter, StoredRow};
+use walsync_storage::{
+    BucketStore, KvStore, StoreRead, StoreWriter, StoredRow, connect_without_tls,
+};
 use walsync_types::{Lsn, RowId, RowOutput};
 
 /// The storage database of this test binary, made once.
@@ -23,20 +24,6 @@ fn database() -> &'static str {
     })
 }
 
-fn connect(url: &str) -> Connect {
-    let url = url.to_owned();
-    Arc::new(move || {
-        let url = url.clone();
-        Box::pin(async move {
-            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            Ok(client)
-        })
-    })
-}
-
 /// A fresh, empty store: a schema of its own.
 fn fresh_schema() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
@@ -44,11 +31,35 @@ fn fresh_schema() -> String {
 }
 
 fn open(schema: &str) -> KvStore {
-    KvStore::open_postgres(connect(database()), schema, 4).expect("open")
+    KvStore::open_postgres(connect_without_tls(database()), schema, 4).expect("open")
 }
 
 fn fresh() -> KvStore {
     open(&fresh_schema())
+}
+
+/// Waits (at most 10 s) until `store` holds the write lock.
+fn takes_the_lock(store: &KvStore) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !store.try_lead().expect("lead") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lock never passed on"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Writes row `id` of `public.t` into bucket `a`.
+fn put_one<W: StoreWriter>(w: &mut W, id: &str) {
+    w.upsert_row(
+        "public.t",
+        &RowId::from_encoded(id),
+        StoredRow::default(),
+        vec![out("a", id, "{}")],
+        vec![],
+    )
+    .expect("upsert");
 }
 
 fn out(bucket: &str, id: &str, data: &str) -> RowOutput {
@@ -74,14 +85,7 @@ fn stores_on_one_schema_share_what_they_commit() {
     let reader = open(&schema);
     let mut w = writer.writer().expect("writer");
     for i in 0..3 {
-        w.upsert_row(
-            "public.t",
-            &RowId::from_encoded(i.to_string()),
-            StoredRow::default(),
-            vec![out("a", &i.to_string(), "{}")],
-            vec![],
-        )
-        .expect("upsert");
+        put_one(&mut w, &i.to_string());
     }
     w.set_position(Lsn(42));
     w.set_snapshot_complete();
@@ -108,14 +112,7 @@ fn a_snapshot_is_not_moved_by_a_commit_elsewhere() {
     let b = open(&schema);
     let put = |store: &KvStore, id: &str| {
         let mut w = store.writer().expect("writer");
-        w.upsert_row(
-            "public.t",
-            &RowId::from_encoded(id),
-            StoredRow::default(),
-            vec![out("a", id, "{}")],
-            vec![],
-        )
-        .expect("upsert");
+        put_one(&mut w, id);
         w.commit().expect("commit")
     };
     put(&a, "1");
@@ -149,29 +146,54 @@ fn one_store_writes_at_a_time_and_the_lock_passes_on() {
         other => panic!("expected NotWriter, got {other:?}"),
     }
     let mut w = first.writer().expect("writer");
-    w.upsert_row(
-        "public.t",
-        &RowId::from_encoded("1"),
-        StoredRow::default(),
-        vec![out("a", "1", "{}")],
-        vec![],
-    )
-    .expect("upsert");
+    put_one(&mut w, "1");
     w.commit().expect("commit");
     drop(first);
     // The lock goes with the first store's connection.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !second.try_lead().expect("lead") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the lock never passed on"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    takes_the_lock(&second);
     let mut w = second.writer().expect("writer");
     w.delete_row("public.t", &RowId::from_encoded("1"))
         .expect("delete");
     let cp = w.commit().expect("commit");
     assert_eq!(cp.op_id, 2, "op ids go on from the shared store");
+    assert!(ClientBucket::read(&second, "a").rows.is_empty());
+}
+
+/// Fencing: a writer whose connection the server ended (and with it the lock) commits nothing,
+/// and once another process took the lock it cannot write again.
+#[test]
+fn a_writer_that_lost_its_lock_writes_nothing_more() {
+    let schema = fresh_schema();
+    let first = open(&schema);
+    let second = open(&schema);
+    let mut w = first.writer().expect("writer");
+    put_one(&mut w, "1");
+    // The lock holder's session ends (an administrator, a network partition the server saw).
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let ended: i64 = rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(database(), tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        client
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_locks \
+                 WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+                 AND ((classid::bigint << 32) | objid::bigint) \
+                     = hashtext('walsync store ' || $1::text)::bigint",
+                &[&schema],
+            )
+            .await
+            .expect("terminate")
+            .get(0)
+    });
+    assert_eq!(ended, 1, "one session held the lock");
+    assert!(w.commit().is_err(), "nothing commits without the lock");
+    takes_the_lock(&second);
+    match first.writer() {
+        Err(walsync_storage::StorageError::NotWriter) => {}
+        other => panic!("expected NotWriter, got {other:?}"),
+    }
+    assert_eq!(second.checkpoint().expect("checkpoint").op_id, 0);
     assert!(ClientBucket::read(&second, "a").rows.is_empty());
 }

@@ -499,3 +499,40 @@ async fn write_checkpoints_go_only_to_the_client_that_asked() {
     let diff = until_complete(&mut again).await;
     assert_eq!(write_checkpoint_of(&diff[0]), None, "not passed yet");
 }
+
+/// A bucket that two parameter queries of a definition reach (one static, one from the
+/// request) is in the checkpoint once and its ops are sent once.
+#[tokio::test]
+async fn a_bucket_reached_twice_is_sent_once() {
+    const TWICE: &str = r#"
+bucket_definitions:
+  both:
+    parameters:
+      - SELECT 'u1' AS user_id
+      - SELECT request.user_id() AS user_id
+    data:
+      - SELECT * FROM notes WHERE owner = bucket.user_id
+"#;
+    let (_dir, store) = store();
+    put(&store, "notes", r#"both["u1"]"#, 0, 3);
+    let rules = Arc::new(SyncRules::from_yaml(TWICE).expect("rules"));
+    let core = SyncCore::new(store, rules, SyncConfig::default());
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(core.clone().run(stop_rx));
+    let mut lines = core.open(identity("u1"), SyncRequest::default());
+    let got = until_complete(&mut lines).await;
+    let Line::Checkpoint(c) = &got[0] else {
+        panic!("a checkpoint first: {got:?}")
+    };
+    let names: Vec<&str> = c.buckets.iter().map(|b| b.bucket.as_str()).collect();
+    assert_eq!(names, [r#"both["u1"]"#]);
+    let ops: usize = got
+        .iter()
+        .map(|l| match l {
+            Line::Data(d) => d.data.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(ops, 3, "each op once");
+    let _ = stop.send(true);
+}

@@ -33,6 +33,23 @@ pub type Connect = Arc<
         + Sync,
 >;
 
+/// A [`Connect`] to `url` without TLS: for a storage database on loopback or a network that
+/// needs none (tests, benchmarks). walsync itself connects with the source's settings (TLS
+/// included, `walsync_source::PgConfig`).
+pub fn connect_without_tls(url: &str) -> Connect {
+    let url = url.to_owned();
+    Arc::new(move || {
+        let url = url.clone();
+        Box::pin(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(client)
+        })
+    })
+}
+
 /// Rows read per round trip of a range.
 const PAGE: i64 = 1_000;
 /// The store's schema versions, applied in order at open (each once, recorded in
@@ -262,26 +279,40 @@ impl PgDb {
         })
     }
 
-    /// Applies the migrations not applied yet, each in a transaction of its own; concurrent
-    /// openers wait for each other on an advisory lock.
+    /// Makes the schema (unless it exists: a role without `CREATE` on the database can use
+    /// one made for it) and applies the migrations not applied yet, in one transaction;
+    /// processes opening the store at once wait for each other on an advisory lock. (The
+    /// connection is dropped on an error, which ends the transaction.)
     fn migrate(&self) -> Result<()> {
         let client = self.connect()?;
-        let schema = self.inner.sql.schema.clone();
+        let (schema, name) = (self.inner.sql.schema.clone(), self.inner.schema.clone());
         self.run(async move {
             client
+                .batch_execute(
+                    "BEGIN; SELECT pg_advisory_xact_lock(hashtext('walsync storage migrations'))",
+                )
+                .await
+                .map_err(pg_error)?;
+            let exists = client
+                .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&name])
+                .await
+                .map_err(pg_error)?
+                .is_some();
+            if !exists {
+                client
+                    .batch_execute(&format!("CREATE SCHEMA {schema}"))
+                    .await
+                    .map_err(pg_error)?;
+            }
+            client
                 .batch_execute(&format!(
-                    "CREATE SCHEMA IF NOT EXISTS {schema};
-                     CREATE TABLE IF NOT EXISTS {schema}.migrations (
+                    "CREATE TABLE IF NOT EXISTS {schema}.migrations (
                          version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
                 ))
                 .await
                 .map_err(pg_error)?;
             for (i, sql) in MIGRATIONS.iter().enumerate() {
                 let version = i as i32 + 1;
-                client
-                    .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(hashtext('walsync storage migrations'))")
-                    .await
-                    .map_err(pg_error)?;
                 let done = client
                     .query_opt(
                         &format!("SELECT 1 FROM {schema}.migrations WHERE version = $1"),
@@ -304,9 +335,8 @@ impl PgDb {
                         .map_err(pg_error)?;
                     tracing::info!(version, "storage database migrated");
                 }
-                client.batch_execute("COMMIT").await.map_err(pg_error)?;
             }
-            Ok(())
+            client.batch_execute("COMMIT").await.map_err(pg_error)
         })
     }
 
@@ -936,9 +966,8 @@ impl Drop for PgSnap {
 #[cfg(test)]
 mod tests {
     use std::ops::Bound;
-    use std::sync::Arc;
 
-    use super::{Connect, Sql};
+    use super::Sql;
     use crate::kv::Space;
     use crate::{BucketStore, KvStore, StoreWriter, StoredRow};
     use walsync_types::{LookupEntry, LookupKey, RowId, RowOutput};
@@ -956,20 +985,7 @@ mod tests {
                 .expect("database")
                 .url
         });
-        let connect: Connect = {
-            let url = url.clone();
-            Arc::new(move || {
-                let url = url.clone();
-                Box::pin(async move {
-                    let (client, conn) =
-                        tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    });
-                    Ok(client)
-                })
-            })
-        };
+        let connect = super::connect_without_tls(&url);
         let store = KvStore::open_postgres(connect, "plans", 2).expect("open");
         let mut w = store.writer().expect("writer");
         for i in 0..20_000 {
