@@ -1,7 +1,8 @@
 //! Scale-out on PostgreSQL: two replicator candidates and three API nodes, each a `walsync
 //! serve` process on loopback, share one store in a storage database of its own, while the
 //! application writes a mixed workload and clients over both transports stream from the API
-//! nodes. The active replicator is SIGKILLed (the standby takes over), then an API node (its
+//! nodes. The active replicator is SIGKILLed (the standby takes over), the new one's session
+//! with the storage database is ended (it waits and takes the lock again), then an API node (its
 //! clients move to the others and resume with what they hold: op ids and checksums live in the
 //! shared store, so no duplicate and no gap). The clients check every checkpoint's checksums and
 //! that no op comes at or below what they hold; at the end every client holds exactly what the
@@ -107,6 +108,25 @@ async fn replicator_and_api_nodes_fail_over_without_loss_or_repeat() -> anyhow::
     let mut first = first;
     first.process.0.kill()?;
     first.process.0.wait()?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The new replicator's session with the storage database ends (a restart of that server,
+    // an administrator): it waits, takes the lock again (nobody else wants it) and goes on.
+    let (storage_sql, conn) = tokio_postgres::connect(&storage.url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let ended: i64 = storage_sql
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks \
+             WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+             AND ((classid::bigint << 32) | objid::bigint) \
+                 = hashtext('walsync store walsync_store')::bigint",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(
+        ended, 1,
+        "the active replicator held the store's write lock"
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut clients = followers
         .end()

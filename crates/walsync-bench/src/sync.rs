@@ -49,6 +49,11 @@ pub(crate) struct SyncArgs {
     /// Rows of the bucket downloaded whole.
     #[arg(long, default_value_t = 1_000_000)]
     download_rows: usize,
+    /// Serve from this many API nodes (`walsync serve --role api`) beside one replicator
+    /// (`--role replicator`), the store in PostgreSQL; 0: one `walsync serve` with the embedded
+    /// store.
+    #[arg(long, default_value_t = 0)]
+    api_nodes: usize,
 }
 
 const SECRET: &str = "bench-secret";
@@ -91,19 +96,35 @@ impl ServerProcess {
 }
 
 pub(crate) fn start_server(dir: &Path, pg_url: &str) -> anyhow::Result<ServerProcess> {
+    start_node(dir, pg_url, None, "all")
+}
+
+/// A `walsync serve` child of `role`, its configuration in `dir` (its store there too, or in
+/// the PostgreSQL database `storage`).
+fn start_node(
+    dir: &Path,
+    pg_url: &str,
+    storage: Option<&str>,
+    role: &str,
+) -> anyhow::Result<ServerProcess> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
     std::fs::write(dir.join("rules.yaml"), RULES)?;
+    let store = match storage {
+        None => "[storage]\ndir = \"store\"\n".to_owned(),
+        Some(url) => format!("[storage.postgres]\nurl = \"{url}\"\npoll_ms = 1000\n"),
+    };
+    let config = dir.join(format!("walsync-{port}.toml"));
     std::fs::write(
-        dir.join("walsync.toml"),
+        &config,
         format!(
-            "rules = \"rules.yaml\"\n[postgres]\nurl = \"{pg_url}\"\nslot = \"bench\"\npublication = \"bench\"\ncreate_publication = true\n[storage]\ndir = \"store\"\n[server]\nlisten = \"127.0.0.1:{port}\"\nmax_connections = 1000000\nmax_streams_per_user = 1000000\n[auth]\nsecret = \"{SECRET}\"\n"
+            "rules = \"rules.yaml\"\n[postgres]\nurl = \"{pg_url}\"\nslot = \"bench\"\npublication = \"bench\"\ncreate_publication = true\n{store}[server]\nlisten = \"127.0.0.1:{port}\"\nmax_connections = 1000000\nmax_streams_per_user = 1000000\n[auth]\nsecret = \"{SECRET}\"\n"
         ),
     )?;
     let child = std::process::Command::new(std::env::current_exe()?)
-        .args(["serve", "--config"])
-        .arg(dir.join("walsync.toml"))
+        .args(["serve", "--role", role, "--config"])
+        .arg(&config)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -225,10 +246,33 @@ async fn bench(args: SyncArgs) -> anyhow::Result<Summary> {
     let dir = tempfile::Builder::new()
         .prefix("walsync-bench-sync-")
         .tempdir()?;
-    let server = start_server(dir.path(), &db.url)?;
-    wait_ready(&server.url).await?;
+    let (nodes, _replicator) = if args.api_nodes == 0 {
+        let server = start_server(dir.path(), &db.url)?;
+        wait_ready(&server.url).await?;
+        (vec![server], None)
+    } else {
+        let storage = cluster.fresh_database().await?;
+        let replicator = start_node(dir.path(), &db.url, Some(&storage.url), "replicator")?;
+        wait_ready(&replicator.url).await?;
+        let mut nodes = Vec::new();
+        for _ in 0..args.api_nodes {
+            nodes.push(start_node(dir.path(), &db.url, Some(&storage.url), "api")?);
+        }
+        for node in &nodes {
+            wait_ready(&node.url).await?;
+        }
+        (nodes, Some(replicator))
+    };
+    let servers = if args.api_nodes == 0 {
+        "one `walsync serve` child process, embedded store".to_owned()
+    } else {
+        format!(
+            "{} API nodes and a replicator, `walsync serve --role api|replicator` child processes, the store in PostgreSQL (a database of the source's cluster); clients spread over the API nodes",
+            args.api_nodes
+        )
+    };
     println!(
-        "walsync bench sync: {} (server: `walsync serve` child process, clients: gRPC streams in this process)\n",
+        "walsync bench sync: {} (servers: {servers}; clients in this process)\n",
         super::machine_facts()
     );
 
@@ -236,10 +280,16 @@ async fn bench(args: SyncArgs) -> anyhow::Result<Summary> {
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for transport in &args.transports {
         for &clients in &args.clients {
-            let (samples, p50, p99, max) =
-                latency(&server, &sql, &args, transport, clients).await?;
+            let (samples, p50, p99, max) = latency(&nodes, &sql, &args, transport, clients).await?;
             summary.add(
-                format!("commit to client, {transport}, {clients} clients (p50 / p99 / max)"),
+                if nodes.len() == 1 {
+                    format!("commit to client, {transport}, {clients} clients (p50 / p99 / max)")
+                } else {
+                    format!(
+                        "commit to client across {} API nodes, {transport}, {clients} clients (p50 / p99 / max)",
+                        nodes.len()
+                    )
+                },
                 format!("{p50:.1} / {p99:.1} / {max:.1} ms"),
                 "",
                 None,
@@ -253,9 +303,16 @@ async fn bench(args: SyncArgs) -> anyhow::Result<Summary> {
 
     println!("\n| idle streams held | connections | server RSS before | after | per stream |");
     println!("|---:|---:|---:|---:|---:|");
-    let (held, conns, before, after) = idle_streams(&server, &args).await?;
+    let (held, conns, before, after) = idle_streams(&nodes, &args).await?;
     summary.add(
-        format!("idle streams held by one process ({conns} connections)"),
+        if nodes.len() == 1 {
+            format!("idle streams held by one process ({conns} connections)")
+        } else {
+            format!(
+                "idle streams held by {} API nodes ({conns} connections)",
+                nodes.len()
+            )
+        },
         format!(
             "{held}, {:.1} KiB each",
             (after.saturating_sub(before)) as f64 / held.max(1) as f64
@@ -283,7 +340,7 @@ async fn bench(args: SyncArgs) -> anyhow::Result<Summary> {
     for transport in ["http", "grpc"] {
         let mut runs = Vec::new();
         for _ in 0..3 {
-            runs.push(download(&server.url, transport).await?);
+            runs.push(download(&nodes[0].url, transport).await?);
         }
         runs.sort_by(|a, b| a.1.total_cmp(&b.1));
         let (ops, secs) = runs[1];
@@ -315,18 +372,19 @@ fn until_error(s: impl futures_util::Stream<Item = Option<Line>> + Send + 'stati
     )
 }
 
-/// `clients` streams of users `c0`, `c1`, … over `transport`, as lines (a stream ends at its
+/// Streams of users `c{i}` for each of `ids` over `transport`, as lines (a stream ends at its
 /// first error).
 async fn open_many(
     url: &str,
     transport: &str,
-    clients: usize,
+    ids: &[usize],
     per_connection: usize,
 ) -> anyhow::Result<Vec<Lines>> {
+    let clients = ids.len();
     let mut out: Vec<Lines> = Vec::with_capacity(clients);
     if transport == "http" {
         let base = walsync_client::Connector::new(url, walsync_client::Transport::Http, "")?;
-        for i in 0..clients {
+        for &i in ids {
             // Clones share one HTTP client; each stream holds a socket of its own.
             let mut c = base.clone();
             c.set_token(&token(&format!("c{i}"))?);
@@ -336,8 +394,8 @@ async fn open_many(
         return Ok(out);
     }
     let chans = channels(url, clients.div_ceil(per_connection)).await?;
-    for i in 0..clients {
-        let stream = open(chans[i % chans.len()].clone(), &format!("c{i}")).await?;
+    for (k, &i) in ids.iter().enumerate() {
+        let stream = open(chans[k % chans.len()].clone(), &format!("c{i}")).await?;
         out.push(until_error(
             stream.map(|l| l.ok().and_then(|l| Line::try_from(l).ok())),
         ));
@@ -345,8 +403,9 @@ async fn open_many(
     Ok(out)
 }
 
+/// Commit-to-client latency of `clients` streams spread over `nodes`.
 async fn latency(
-    server: &ServerProcess,
+    nodes: &[ServerProcess],
     sql: &tokio_postgres::Client,
     args: &SyncArgs,
     transport: &str,
@@ -357,7 +416,11 @@ async fn latency(
         Arc::new((0..args.updates).map(|_| AtomicU64::new(0)).collect());
     let samples: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::new()));
     let ready = Arc::new(AtomicUsize::new(0));
-    let streams = open_many(&server.url, transport, clients, args.per_connection).await?;
+    let mut streams = Vec::with_capacity(clients);
+    for (k, node) in nodes.iter().enumerate() {
+        let ids: Vec<usize> = (0..clients).filter(|i| i % nodes.len() == k).collect();
+        streams.extend(open_many(&node.url, transport, &ids, args.per_connection).await?);
+    }
     let mut tasks = Vec::new();
     for mut stream in streams {
         let (sent, samples, ready) = (sent.clone(), samples.clone(), ready.clone());
@@ -439,18 +502,26 @@ async fn latency(
     ))
 }
 
+/// Idle streams held by `nodes` (spread over them), and the nodes' memory before and after.
 async fn idle_streams(
-    server: &ServerProcess,
+    nodes: &[ServerProcess],
     args: &SyncArgs,
 ) -> anyhow::Result<(usize, usize, u64, u64)> {
+    let rss = || nodes.iter().map(ServerProcess::rss_kib).sum::<u64>();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = server.rss_kib();
-    let conns = args.streams.div_ceil(args.per_connection);
-    let chans = channels(&server.url, conns).await?;
+    let before = rss();
+    let per_node = args.streams.div_ceil(nodes.len());
+    let mut chans = Vec::new();
+    for node in nodes {
+        chans.push(channels(&node.url, per_node.div_ceil(args.per_connection)).await?);
+    }
+    let conns = chans.iter().map(Vec::len).sum();
     let ready = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for i in 0..args.streams {
-        let mut stream = match open(chans[i % chans.len()].clone(), &format!("s{i}")).await {
+        let of_node = &chans[i % nodes.len()];
+        let channel = of_node[(i / nodes.len()) % of_node.len()].clone();
+        let mut stream = match open(channel, &format!("s{i}")).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("stream {i} refused: {e}");
@@ -471,7 +542,7 @@ async fn idle_streams(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = server.rss_kib();
+    let after = rss();
     let held = ready.load(Ordering::Relaxed);
     for t in tasks {
         t.abort();

@@ -370,6 +370,16 @@ fn run_blocking<S: BucketStore>(
                 );
                 rebuild = true;
             }
+            // A store in PostgreSQL that cannot be reached now is waited for; the next session
+            // takes the store's write lock again (or finds that another process took it, and
+            // ends with `NotWriter`: this one must not write any more).
+            Err(ReplicatorError::Storage(StorageError::Unavailable(e))) => {
+                set_state(progress, State::Reconnecting);
+                tracing::warn!(error = %e, "the storage database is unavailable: replication waits for it");
+                if wait_or_stop(&handle, &mut stop, STORAGE_RETRY) {
+                    return Ok(());
+                }
+            }
             // A nearly full disk is waited out; the next session reads the slot from the
             // stored position (a rebuild under way goes on, an interrupted copy is copied again).
             Err(ReplicatorError::Storage(StorageError::NoSpace { free, reserve })) => {
@@ -393,6 +403,9 @@ fn run_blocking<S: BucketStore>(
         }
     }
 }
+
+/// How long replication waits before it tries an unavailable storage database again.
+const STORAGE_RETRY: Duration = Duration::from_secs(1);
 
 enum Restart {
     Stop,

@@ -56,6 +56,10 @@ pub enum StorageError {
          the cause is fixed: nothing acknowledged is lost"
     )]
     Halted,
+    /// The storage database cannot be reached now (down, restarting, the connection lost):
+    /// nothing was written, and the same call may succeed later.
+    #[error("the storage database is unavailable: {0}")]
+    Unavailable(String),
     /// Another process holds the store's write lock (a store shared by several walsync
     /// processes has one writer: the active replicator). Nothing was written.
     #[error("another walsync process writes to this store (it holds the store's write lock)")]

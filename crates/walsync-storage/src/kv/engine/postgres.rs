@@ -67,8 +67,22 @@ const MIGRATIONS: &[&str] = &[
      INSERT INTO {s}.meta VALUES (convert_to('row_keys', 'UTF8'), convert_to('ordered-int-1', 'UTF8'));",
 ];
 
+/// An error of the storage database: [`StorageError::Unavailable`] when the connection failed
+/// or closed (the server is down, restarting, or ended the session), else the server's error,
+/// with its message and SQLSTATE.
 fn pg_error(e: tokio_postgres::Error) -> StorageError {
-    StorageError::Engine(format!("postgres: {e}"))
+    let Some(db) = e.as_db_error() else {
+        return StorageError::Unavailable(e.to_string());
+    };
+    let text = format!("{} (sqlstate {})", db.message(), db.code().code());
+    // Connection exceptions, too many connections, and an operator's intervention (the
+    // session terminated, the server shutting down or starting).
+    let code = db.code().code();
+    if e.is_closed() || code.starts_with("08") || code.starts_with("57") || code == "53300" {
+        StorageError::Unavailable(text)
+    } else {
+        StorageError::Engine(format!("postgres: {text}"))
+    }
 }
 
 /// Makes the read connections of the pool.
@@ -81,9 +95,10 @@ impl deadpool::managed::Manager for Manager {
     type Error = StorageError;
 
     async fn create(&self) -> Result<Arc<Client>> {
-        (self.connect)().await.map(Arc::new).map_err(|e| {
-            StorageError::Engine(format!("cannot connect to the storage database: {e}"))
-        })
+        (self.connect)()
+            .await
+            .map(Arc::new)
+            .map_err(|e| StorageError::Unavailable(format!("cannot connect: {e}")))
     }
 
     async fn recycle(
@@ -263,9 +278,10 @@ impl PgDb {
     fn connect(&self) -> Result<Arc<Client>> {
         let connect = self.inner.connect.clone();
         self.run(async move {
-            connect().await.map(Arc::new).map_err(|e| {
-                StorageError::Engine(format!("cannot connect to the storage database: {e}"))
-            })
+            connect()
+                .await
+                .map(Arc::new)
+                .map_err(|e| StorageError::Unavailable(format!("cannot connect: {e}")))
         })
     }
 
