@@ -4,7 +4,8 @@
 //! nodes. The active replicator is SIGKILLed (the standby takes over), the new one's session
 //! with the storage database is ended (it waits and takes the lock again), then an API node (its
 //! clients move to the others and resume with what they hold: op ids and checksums live in the
-//! shared store, so no duplicate and no gap). The clients check every checkpoint's checksums and
+//! shared store, so no duplicate and no gap), and a write checkpoint asked of one node reaches
+//! the client's stream on another. The clients check every checkpoint's checksums and
 //! that no op comes at or below what they hold; at the end every client holds exactly what the
 //! rules select from PostgreSQL for its user.
 //!
@@ -156,6 +157,20 @@ async fn replicator_and_api_nodes_fail_over_without_loss_or_repeat() -> anyhow::
         dump_log("never converged");
     }
     converged?;
+    // A write checkpoint asked of one node reaches the client's stream on another (a load
+    // balancer sends the request where it likes).
+    let (user, client) = &mut clients[0];
+    let asked = Connector::new(&url(apis[1].port), Transport::Http, &token(user)?)?
+        .write_checkpoint("c0")
+        .await?;
+    client
+        .until(Duration::from_secs(30), |st| {
+            st.write_checkpoint().is_some_and(|w| w >= asked)
+        })
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("the write checkpoint asked of another node never came: {e}")
+        })?;
     assert!(
         text.contains("standing by: another walsync process replicates into the store"),
         "the second replicator stood by"

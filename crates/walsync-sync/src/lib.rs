@@ -170,7 +170,25 @@ pub struct SyncCore<S: BucketStore> {
     pub(crate) config: SyncConfig,
     pub(crate) hub: hub::Hub,
     pub(crate) presence: presence::Presence,
+    /// Where this process tells the others serving the same store what they must know.
+    peers: std::sync::OnceLock<PeerSend>,
 }
+
+/// What a process tells the others that serve the same store (the API nodes of a store in
+/// PostgreSQL): a client may ask one node for a write checkpoint and stream from another,
+/// whose checkpoint lines must then carry it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PeerMessage {
+    WriteCheckpoint {
+        user: String,
+        client: String,
+        lsn: u64,
+    },
+}
+
+/// Sends a [`PeerMessage`] to the other processes (it must not block).
+pub type PeerSend = Arc<dyn Fn(PeerMessage) + Send + Sync>;
 
 impl<S: BucketStore> std::fmt::Debug for SyncCore<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -189,7 +207,24 @@ impl<S: BucketStore + 'static> SyncCore<S> {
             config,
             hub: hub::Hub::default(),
             presence: presence::Presence::default(),
+            peers: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Tells the other processes serving the store what they must know, through `send`
+    /// (set once; a process alone needs none).
+    pub fn set_peers(&self, send: PeerSend) {
+        let _ = self.peers.set(send);
+    }
+
+    /// A message from another process serving the store.
+    pub fn from_peer(&self, message: PeerMessage) {
+        match message {
+            PeerMessage::WriteCheckpoint { user, client, lsn } => {
+                self.hub.register_write_checkpoint(&user, &client, lsn);
+                self.hub.poke();
+            }
+        }
     }
 
     pub fn store(&self) -> &Arc<S> {
@@ -241,6 +276,13 @@ impl<S: BucketStore + 'static> SyncCore<S> {
     pub fn register_write_checkpoint(&self, user_id: &str, client_id: &str, lsn: u64) -> u64 {
         self.hub.register_write_checkpoint(user_id, client_id, lsn);
         self.hub.poke();
+        if let Some(peers) = self.peers.get() {
+            peers(PeerMessage::WriteCheckpoint {
+                user: user_id.to_owned(),
+                client: client_id.to_owned(),
+                lsn,
+            });
+        }
         lsn
     }
 
