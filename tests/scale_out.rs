@@ -53,6 +53,20 @@ fn url(port: u16) -> String {
     format!("http://127.0.0.1:{port}")
 }
 
+/// The op id of the first checkpoint a new stream of `u1` gets from the node on `port`.
+async fn first_checkpoint(port: u16) -> anyhow::Result<u64> {
+    let connector = Connector::new(&url(port), Transport::Http, &token("u1")?)?;
+    let mut lines = connector
+        .open(walsync_protocol::SyncRequest::default())
+        .await?;
+    while let Some(line) = futures_util::StreamExt::next(&mut lines).await {
+        if let walsync_protocol::Line::Checkpoint(c) = line? {
+            return Ok(c.last_op_id);
+        }
+    }
+    anyhow::bail!("the stream ended before its first checkpoint")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicator_and_api_nodes_fail_over_without_loss_or_repeat() -> anyhow::Result<()> {
     let soak: u64 = std::env::var("WALSYNC_SOAK_SECONDS")
@@ -103,7 +117,32 @@ async fn replicator_and_api_nodes_fail_over_without_loss_or_repeat() -> anyhow::
         ));
     }
     let followers = converge::Followers::start(clients, Some(converge::APPLICATION));
-    tokio::time::sleep(Duration::from_secs(soak)).await;
+    // Throughout, every API node takes each new checkpoint of the store: a stream opened on it
+    // starts at or after the checkpoint the store had a moment before.
+    let (storage_sql, conn) = tokio_postgres::connect(&storage.url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let soak_end = std::time::Instant::now() + Duration::from_secs(soak);
+    let mut looks = 0;
+    while std::time::Instant::now() < soak_end || looks == 0 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let stored: i64 = storage_sql
+            .query_one(
+                "SELECT (convert_from(value, 'UTF8')::json->>'op_id')::bigint \
+                 FROM walsync_store.meta WHERE key = convert_to('checkpoint', 'UTF8')",
+                &[],
+            )
+            .await?
+            .get(0);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for api in &apis {
+            let seen = first_checkpoint(api.port).await?;
+            anyhow::ensure!(
+                seen >= stored as u64,
+                "an API node served checkpoint {seen}, older than the store's {stored} of half a second before"
+            );
+        }
+        looks += 1;
+    }
 
     // The active replicator dies: the standby takes the store's write lock and the slot.
     let mut first = first;
@@ -112,8 +151,6 @@ async fn replicator_and_api_nodes_fail_over_without_loss_or_repeat() -> anyhow::
     tokio::time::sleep(Duration::from_secs(3)).await;
     // The new replicator's session with the storage database ends (a restart of that server,
     // an administrator): it waits, takes the lock again (nobody else wants it) and goes on.
-    let (storage_sql, conn) = tokio_postgres::connect(&storage.url, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
     let ended: i64 = storage_sql
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_locks \
