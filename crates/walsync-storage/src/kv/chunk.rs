@@ -124,10 +124,18 @@ pub(super) fn put_chunk(tx: &mut Tx<'_>, bucket: &str, last_id: u64, chunk: Vec<
     tx.insert(Space::OpIndex, op_key(bucket, last_id), []);
 }
 
-/// The chunk `op_index` lists under `last_id`.
-pub(super) fn get_chunk(r: &impl Read, last_id: u64) -> Result<Bytes> {
-    r.get(Space::OpLog, &last_id.to_be_bytes())?
-        .ok_or_else(|| corrupt("op chunk", "listed but missing"))
+/// The chunks `op_index` lists under `last_ids`, in their order, read a batch at a time (one
+/// query per batch in PostgreSQL).
+pub(super) fn get_chunks(r: &impl Read, last_ids: &[u64]) -> Result<Vec<Bytes>> {
+    let mut out = Vec::with_capacity(last_ids.len());
+    for batch in last_ids.chunks(64) {
+        let keys: Vec<[u8; 8]> = batch.iter().map(|id| id.to_be_bytes()).collect();
+        let keys: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
+        for v in r.get_many(Space::OpLog, &keys)? {
+            out.push(v.ok_or_else(|| corrupt("op chunk", "listed but missing"))?);
+        }
+    }
+    Ok(out)
 }
 
 /// Removes the chunk of `bucket` whose last op is `last_id`, and its listing.

@@ -10,7 +10,7 @@ use walsync_types::add_checksums;
 use walsync_types::OpKind;
 
 use super::Space;
-use super::chunk::{OpValue, chunk_ops, get_chunk, push_op, put_chunk, remove_chunk};
+use super::chunk::{OpValue, chunk_ops, get_chunks, push_op, put_chunk, remove_chunk};
 use super::engine::{Db, Durability, Read};
 use super::keys::{op_id_of, op_key};
 use super::record::{Writer, decode, encode};
@@ -57,8 +57,7 @@ pub(super) fn compact_batch(db: &Db, after: Option<&str>, max_ops: usize) -> Res
             )
             .map(|g| g.map(|(k, _)| op_id_of(&k)))
             .collect::<Result<_>>()?;
-        for last in listed {
-            let v = get_chunk(&tx, last)?;
+        for (last, v) in listed.iter().copied().zip(get_chunks(&tx, &listed)?) {
             read_bytes += v.len() as u64;
             sizes.insert(last, v.len());
             for (id, rec) in chunk_ops(&v)? {

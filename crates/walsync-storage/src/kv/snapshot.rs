@@ -2,7 +2,7 @@
 
 use walsync_types::{LookupKey, RowId};
 
-use super::chunk::{OpValue, chunk_ops, get_chunk, op_from};
+use super::chunk::{OpValue, chunk_ops, get_chunks, op_from};
 use super::engine::{Bytes, Read, Snap};
 use super::keys::{lookup_key, op_id_of, op_key};
 use super::record::{corrupt, decode};
@@ -11,7 +11,10 @@ use super::{Space, Spaces};
 use crate::model::{BucketState, Changes, Op, StoreCheckpoint, StoredRow};
 use crate::{Result, StoreRead};
 
-/// A read snapshot of the embedded store.
+/// Op chunks [`StoreRead::ops`] reads at once: at most 8 × 16 KiB past what a page needs.
+const CHUNKS_PER_READ: usize = 8;
+
+/// A read snapshot of the store.
 pub struct KvSnapshot {
     pub(super) snap: Snap,
     s: Spaces,
@@ -105,23 +108,32 @@ impl StoreRead for KvSnapshot {
         }
         let snap = &self.snap;
         let mut out = Vec::new();
-        // A chunk is listed by its last op, so the one holding `up_to` may lie past it.
-        for g in snap.range(
+        // A chunk is listed by its last op, so the one holding `up_to` may lie past it. The
+        // chunks are read a few at a time (one query each time in PostgreSQL).
+        let mut listed: Vec<u64> = Vec::with_capacity(CHUNKS_PER_READ);
+        let mut entries = snap.range(
             Space::OpIndex,
             op_key(bucket, after + 1)..=op_key(bucket, u64::MAX),
-        ) {
-            let last = op_id_of(&g?.0);
-            let v = get_chunk(snap, last)?;
-            for (id, rec) in chunk_ops(&v)? {
-                if id > up_to || out.len() >= limit {
-                    return Ok(out);
-                }
-                if id > after {
-                    out.push(op_from(id, OpValue::from_bytes(rec)?));
+        );
+        loop {
+            listed.clear();
+            for g in entries.by_ref().take(CHUNKS_PER_READ) {
+                listed.push(op_id_of(&g?.0));
+            }
+            if listed.is_empty() {
+                return Ok(out);
+            }
+            for v in get_chunks(snap, &listed)? {
+                for (id, rec) in chunk_ops(&v)? {
+                    if id > up_to || out.len() >= limit {
+                        return Ok(out);
+                    }
+                    if id > after {
+                        out.push(op_from(id, OpValue::from_bytes(rec)?));
+                    }
                 }
             }
         }
-        Ok(out)
     }
 
     fn lookup_texts(&self, key: &LookupKey, at: u64) -> Result<Vec<String>> {
