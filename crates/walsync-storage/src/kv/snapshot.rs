@@ -11,7 +11,7 @@ use super::{Space, Spaces};
 use crate::model::{BucketState, Changes, Op, StoreCheckpoint, StoredRow};
 use crate::{Result, StoreRead};
 
-/// Op chunks [`StoreRead::ops`] reads at once: at most 8 × 16 KiB past what a page needs.
+/// Op chunks [`StoreRead::ops`] reads at once, at most.
 const CHUNKS_PER_READ: usize = 8;
 
 /// A read snapshot of the store.
@@ -109,22 +109,33 @@ impl StoreRead for KvSnapshot {
         let snap = &self.snap;
         let mut out = Vec::new();
         // A chunk is listed by its last op, so the one holding `up_to` may lie past it. The
-        // chunks are read a few at a time (one query each time in PostgreSQL).
+        // chunks are read a few at a time (one query each time in PostgreSQL): as many as the
+        // ops still wanted fill at the size of the last chunk read, so that no more are read
+        // than a page needs.
         let mut listed: Vec<u64> = Vec::with_capacity(CHUNKS_PER_READ);
+        let mut per_chunk: Option<usize> = None;
         let mut entries = snap.range(
             Space::OpIndex,
             op_key(bucket, after + 1)..=op_key(bucket, u64::MAX),
         );
         loop {
             listed.clear();
-            for g in entries.by_ref().take(CHUNKS_PER_READ) {
+            let want = match per_chunk {
+                None => 1,
+                Some(n) => (limit - out.len())
+                    .div_ceil(n.max(1))
+                    .clamp(1, CHUNKS_PER_READ),
+            };
+            for g in entries.by_ref().take(want) {
                 listed.push(op_id_of(&g?.0));
             }
             if listed.is_empty() {
                 return Ok(out);
             }
             for v in get_chunks(snap, &listed)? {
-                for (id, rec) in chunk_ops(&v)? {
+                let ops = chunk_ops(&v)?;
+                per_chunk = Some(ops.len());
+                for (id, rec) in ops {
                     if id > up_to || out.len() >= limit {
                         return Ok(out);
                     }
