@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::process::{Killed, free_port, serve_with, token, wait_ready};
-use support::{converge, seed};
+use support::{converge, seed, service};
 use walsync_client::{Connector, SyncClient, Transport};
 
 const BIN: &str = env!("CARGO_BIN_EXE_walsync-cli");
@@ -144,10 +144,17 @@ async fn replicator_and_api_nodes_fail_over_without_loss_or_repeat() -> anyhow::
         looks += 1;
     }
 
-    // The active replicator dies: the standby takes the store's write lock and the slot.
+    // The active replicator dies: the standby takes the store's write lock and the slot. The
+    // slot never confirmed more than the shared store holds, before and after.
+    let shared = walsync_storage::KvStore::open_postgres(
+        walsync_storage::connect_without_tls(&storage.url),
+        "walsync_store",
+        1,
+    )?;
     let mut first = first;
     first.process.0.kill()?;
     first.process.0.wait()?;
+    service::ack_rule_held_in(&s, &shared).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     // The new replicator's session with the storage database ends (a restart of that server,
     // an administrator): it waits, takes the lock again (nobody else wants it) and goes on.
@@ -166,6 +173,7 @@ async fn replicator_and_api_nodes_fail_over_without_loss_or_repeat() -> anyhow::
         "the active replicator held the store's write lock"
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
+    service::ack_rule_held_in(&s, &shared).await?;
     let mut clients = followers
         .end()
         .await

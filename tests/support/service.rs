@@ -108,6 +108,32 @@ pub async fn metric(url: &str, name: &str) -> anyhow::Result<f64> {
 /// The ack rule, read after the fact: the slot never confirmed more than the store in `data`
 /// made durable. (Nothing to compare while the slot is gone or the store holds no position of
 /// it yet, as during a rebuild.)
+/// The ack rule on a store another process may be writing (one in PostgreSQL): the slot is read
+/// first, so a replicator running meanwhile can only move the store past it.
+pub async fn ack_rule_held_in(
+    s: &seed::Setup,
+    store: &walsync_storage::KvStore,
+) -> anyhow::Result<()> {
+    use walsync_storage::StoreRead;
+    let confirmed: Option<String> = s
+        .sql
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&s.slot],
+        )
+        .await?
+        .and_then(|r| r.get(0));
+    let durable = store.checkpoint()?.lsn;
+    if let (Some(confirmed), Some(durable)) = (confirmed, durable) {
+        let confirmed: walsync_types::Lsn = confirmed.parse()?;
+        anyhow::ensure!(
+            confirmed <= durable,
+            "the slot confirmed {confirmed} past the store's {durable}"
+        );
+    }
+    Ok(())
+}
+
 pub async fn ack_rule_held(s: &seed::Setup, data: &std::path::Path) -> anyhow::Result<()> {
     use walsync_storage::StoreRead;
     let store = walsync_storage::KvStore::open(data)?;
