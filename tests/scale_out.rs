@@ -98,6 +98,16 @@ async fn replicator_and_api_nodes_fail_over_without_loss_or_repeat() -> anyhow::
     for api in &apis {
         wait_ready(api.port).await?;
     }
+    // Who replicates says so; API nodes and the standby report no replication state (else
+    // they would say "connecting" forever, and alert).
+    const LEADING: &str = "walsync_replicator_leading";
+    const STATE: &str = "walsync_replication_state";
+    anyhow::ensure!(service::metric(&url(first.port), LEADING).await? == 1.0);
+    anyhow::ensure!(service::metric(&url(first.port), STATE).await? == 1.0);
+    for node in apis.iter().chain([&standby]) {
+        anyhow::ensure!(service::metric(&url(node.port), LEADING).await? == 0.0);
+        anyhow::ensure!(service::metric(&url(node.port), STATE).await? == 0.0);
+    }
 
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let work = seed::application(s.url.clone(), done.clone());
@@ -155,6 +165,14 @@ async fn replicator_and_api_nodes_fail_over_without_loss_or_repeat() -> anyhow::
     first.process.0.kill()?;
     first.process.0.wait()?;
     service::ack_rule_held_in(&s, &shared).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while service::metric(&url(standby.port), LEADING).await? != 1.0 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the standby never said it replicates"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     tokio::time::sleep(Duration::from_secs(3)).await;
     // The new replicator's session with the storage database ends (a restart of that server,
     // an administrator): it waits, takes the lock again (nobody else wants it) and goes on.

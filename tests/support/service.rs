@@ -105,9 +105,6 @@ pub async fn metric(url: &str, name: &str) -> anyhow::Result<f64> {
         .sum())
 }
 
-/// The ack rule, read after the fact: the slot never confirmed more than the store in `data`
-/// made durable. (Nothing to compare while the slot is gone or the store holds no position of
-/// it yet, as during a rebuild.)
 /// The ack rule on a store another process may be writing (one in PostgreSQL): the slot is read
 /// first, so a replicator running meanwhile can only move the store past it.
 pub async fn ack_rule_held_in(
@@ -134,6 +131,9 @@ pub async fn ack_rule_held_in(
     Ok(())
 }
 
+/// The ack rule, read after the fact: the slot never confirmed more than the store in `data`
+/// made durable. (Nothing to compare while the slot is gone or the store holds no position of
+/// it yet, as during a rebuild.)
 pub async fn ack_rule_held(s: &seed::Setup, data: &std::path::Path) -> anyhow::Result<()> {
     use walsync_storage::StoreRead;
     let store = walsync_storage::KvStore::open(data)?;

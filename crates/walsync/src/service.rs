@@ -106,24 +106,25 @@ impl Service {
         );
         let metrics = crate::telemetry::recorder();
         let status = crate::telemetry::SharedStatus::default();
-        {
+        crate::telemetry::record_leading(false);
+        // Replication's progress, reported by the process that replicates (started when it
+        // leads): the hub learns of each commit, the metrics and the status of the rest.
+        let report_progress = {
             let core = core.clone();
             let status = status.clone();
             let mut progress = progress.clone();
-            tokio::spawn(
-                async move {
-                    let mut before = Progress::default();
-                    crate::telemetry::record_state(before.state);
-                    while progress.changed().await.is_ok() {
-                        core.notify_checkpoint();
-                        let now = progress.borrow_and_update().clone();
-                        crate::telemetry::record_progress(&status, &before, &now);
-                        before = now;
-                    }
+            async move {
+                let mut before = Progress::default();
+                crate::telemetry::record_state(before.state);
+                while progress.changed().await.is_ok() {
+                    core.notify_checkpoint();
+                    let now = progress.borrow_and_update().clone();
+                    crate::telemetry::record_progress(&status, &before, &now);
+                    before = now;
                 }
-                .instrument(info_span!("walsync-progress")),
-            );
-        }
+            }
+            .instrument(info_span!("walsync-progress"))
+        };
         let reachable = Arc::new(std::sync::atomic::AtomicBool::new(true));
         // A store shared in PostgreSQL: every process learns of the replicator's commits from
         // the store itself (the replicator's own progress reaches only its process).
@@ -186,6 +187,8 @@ impl Service {
                     let result = match crate::shared::lead(store.clone(), stop.clone()).await {
                         Ok(true) => {
                             leading.store(true, std::sync::atomic::Ordering::Relaxed);
+                            crate::telemetry::record_leading(true);
+                            tokio::spawn(report_progress);
                             tokio::spawn(monitor);
                             tokio::spawn(maintenance);
                             walsync_replicator::run(replicator, rules, store, stop, progress_tx)

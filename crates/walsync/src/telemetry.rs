@@ -21,6 +21,7 @@ use walsync_sync::SyncCore;
 pub const ROWS: &str = "walsync_replication_rows_total";
 pub const BYTES: &str = "walsync_replication_bytes_total";
 pub const STATE: &str = "walsync_replication_state";
+pub const LEADING: &str = "walsync_replicator_leading";
 pub const CHECKPOINT_LATENCY: &str = "walsync_replication_checkpoint_latency_seconds";
 pub const SNAPSHOT_ESTIMATE: &str = "walsync_snapshot_rows_estimated";
 pub const STORE_OPS: &str = "walsync_store_ops";
@@ -245,6 +246,10 @@ fn describe() {
     );
     describe_gauge!(SLOT_ACTIVE, "1 while a walsender streams the slot");
     describe_gauge!(
+        LEADING,
+        "1 while this process replicates into the store (holds its write lock), 0 for an API node or a standby"
+    );
+    describe_gauge!(
         SOURCE_REACHABLE,
         "1 when the last health read reached PostgreSQL"
     );
@@ -311,6 +316,12 @@ pub(crate) fn record_progress(status: &SharedStatus, before: &Progress, now: &Pr
     counter!(STORAGE_COMMITS).increment(now.storage_commits.saturating_sub(before.storage_commits));
     counter!(SNAPSHOT_ROWS).absolute(now.snapshot_rows);
     gauge!(LAG_SECONDS).set(now.lag_micros as f64 / 1e6);
+}
+
+/// Whether this process replicates into the store. Only such a process reports replication's
+/// state: an API node or a standby would otherwise say "connecting" forever.
+pub(crate) fn record_leading(on: bool) {
+    gauge!(LEADING).set(if on { 1.0 } else { 0.0 });
 }
 
 /// Sets the state gauges (at start, and at each change).
