@@ -53,6 +53,14 @@ pub enum Role {
 }
 
 impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::All => "all",
+            Role::Replicator => "replicator",
+            Role::Api => "api",
+        }
+    }
+
     /// Whether this role replicates (when it holds the store's write lock).
     pub fn replicates(self) -> bool {
         matches!(self, Role::All | Role::Replicator)

@@ -107,6 +107,7 @@ impl Service {
         let metrics = crate::telemetry::recorder();
         let status = crate::telemetry::SharedStatus::default();
         crate::telemetry::record_leading(false);
+        status.write().unwrap_or_else(|p| p.into_inner()).role = role.as_str().to_owned();
         // Replication's progress, reported by the process that replicates (started when it
         // leads): the hub learns of each commit, the metrics and the status of the rest.
         let report_progress = {
@@ -178,6 +179,7 @@ impl Service {
             )
             .instrument(info_span!("walsync-maintenance"));
             let stop = stop_rx.clone();
+            let status_of_lead = status.clone();
             tokio::spawn(
                 async move {
                     if !role.replicates() {
@@ -188,6 +190,10 @@ impl Service {
                         Ok(true) => {
                             leading.store(true, std::sync::atomic::Ordering::Relaxed);
                             crate::telemetry::record_leading(true);
+                            status_of_lead
+                                .write()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .replicating = true;
                             tokio::spawn(report_progress);
                             tokio::spawn(monitor);
                             tokio::spawn(maintenance);

@@ -107,6 +107,19 @@ pub fn render(url: &str, s: &Status, now: u64) -> String {
         s.version,
         now.saturating_sub(s.checked_at)
     )];
+    // One process doing everything says nothing of roles, as before there were any.
+    let alone = s.role.is_empty() || (s.role == "all" && s.replicating);
+    if !alone {
+        out.push(format!(
+            "  role         {}{}",
+            s.role,
+            match (s.role.as_str(), s.replicating) {
+                (_, true) => ": replicates into the store",
+                ("api", false) => ": serves clients from the store another process replicates into",
+                (_, false) => ": standing by; another process replicates into the store",
+            }
+        ));
+    }
     out.push(format!(
         "  postgres     {}",
         if s.source_reachable {
@@ -143,18 +156,22 @@ pub fn render(url: &str, s: &Status, now: u64) -> String {
         ),
         None => "  slot         none (not created yet, or lost)".to_owned(),
     });
-    out.push(format!(
-        "  replication  {}: {} rows in {} transactions ({}); lag {:.3} s",
-        if s.replication.state.is_empty() {
-            "unknown"
-        } else {
-            s.replication.state.as_str()
-        },
-        s.replication.rows,
-        s.replication.transactions,
-        bytes(s.replication.bytes),
-        s.replication.lag_seconds
-    ));
+    if !s.replicating && !s.role.is_empty() {
+        out.push("  replication  not in this process".to_owned());
+    } else {
+        out.push(format!(
+            "  replication  {}: {} rows in {} transactions ({}); lag {:.3} s",
+            if s.replication.state.is_empty() {
+                "unknown"
+            } else {
+                s.replication.state.as_str()
+            },
+            s.replication.rows,
+            s.replication.transactions,
+            bytes(s.replication.bytes),
+            s.replication.lag_seconds
+        ));
+    }
     let copying = matches!(s.replication.state.as_str(), "snapshotting" | "rebuilding");
     out.push(if s.snapshot.complete && !copying {
         format!(
@@ -277,6 +294,8 @@ mod tests {
     fn a_status_reads_at_a_glance() {
         let s = Status {
             version: "0.1.0".into(),
+            role: "all".into(),
+            replicating: true,
             checked_at: 100,
             source_reachable: true,
             slot: Some(SlotStatus {
@@ -348,6 +367,34 @@ mod tests {
         assert!(
             text.contains("12 s ago warn: replication interrupted, reconnecting"),
             "{text}"
+        );
+    }
+
+    /// An API node says what it is and that replication is another process's.
+    #[test]
+    fn an_api_node_says_it_does_not_replicate() {
+        let s = Status {
+            version: "0.1.0".into(),
+            role: "api".into(),
+            replicating: false,
+            checked_at: 100,
+            ..Status::default()
+        };
+        let text = render("http://x", &s, 100);
+        assert!(
+            text.contains(
+                "role         api: serves clients from the store another process replicates into"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("replication  not in this process"), "{text}");
+        let standby = Status {
+            role: "replicator".into(),
+            ..s
+        };
+        assert!(
+            render("http://x", &standby, 100).contains("standing by"),
+            "{standby:?}"
         );
     }
 }

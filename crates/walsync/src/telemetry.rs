@@ -55,6 +55,13 @@ const WAL_STATUSES: &[&str] = &["reserved", "extended", "unreserved", "lost"];
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Status {
     pub version: String,
+    /// What this process does (`all`, `replicator`, `api`).
+    #[serde(default)]
+    pub role: String,
+    /// Whether this process replicates into the store now (an API node or a standby does not:
+    /// the slot, the replication and the snapshot below are then the replicator's business).
+    #[serde(default)]
+    pub replicating: bool,
     /// Unix seconds of the monitor's last reading (0: none yet).
     pub checked_at: u64,
     pub source_reachable: bool,
