@@ -5,7 +5,8 @@
 //! with the storage database is ended (it waits and takes the lock again), then an API node (its
 //! clients move to the others and resume with what they hold: op ids and checksums live in the
 //! shared store, so no duplicate and no gap), and a write checkpoint asked of one node reaches
-//! the client's stream on another. The clients check every checkpoint's checksums and
+//! the client's stream on another, and a member of a presence room on one node is seen by a
+//! watcher on another. The clients check every checkpoint's checksums and
 //! that no op comes at or below what they hold; at the end every client holds exactly what the
 //! rules select from PostgreSQL for its user.
 //!
@@ -43,6 +44,8 @@ fn start(
         &[
             ("WALSYNC__STORAGE__POSTGRES__URL", storage),
             ("WALSYNC__STORAGE__POSTGRES__POLL_MS", "200"),
+            // Members of presence rooms whose node died leave the others this soon.
+            ("WALSYNC__SYNC__PRESENCE__TIMEOUT_SECONDS", "2"),
         ],
         &["--role", role],
     )?;
@@ -234,6 +237,71 @@ async fn replicator_and_api_nodes_fail_over_without_loss_or_repeat() -> anyhow::
         .map_err(|e| {
             anyhow::anyhow!("the write checkpoint asked of another node never came: {e}")
         })?;
+
+    // Presence across nodes: u2 watches the room of a project of theirs on one node, u1 joins
+    // it, says something and leaves on another.
+    const ROOM: &str = "user_projects[900]";
+    s.sql
+        .batch_execute(
+            "INSERT INTO projects (id, name) VALUES (900, 'presence');
+             INSERT INTO project_members (project_id, user_id, role)
+               VALUES (900, 'u1', 'editor'), (900, 'u2', 'editor');",
+        )
+        .await?;
+    async fn next(
+        events: &mut walsync_client::PresenceEvents,
+    ) -> anyhow::Result<serde_json::Value> {
+        match tokio::time::timeout(Duration::from_secs(10), events.next()).await {
+            Ok(Some(e)) => Ok(e?),
+            Ok(None) => anyhow::bail!("the watch ended"),
+            Err(_) => anyhow::bail!("no presence event from another node"),
+        }
+    }
+    let watcher = Connector::new(&url(apis[1].port), Transport::Http, &token("u2")?)?;
+    // Once the membership reached the store.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut watch = loop {
+        match watcher.presence_watch(ROOM).await {
+            Ok(w) => break w,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    anyhow::ensure!(next(&mut watch).await?["type"] == "members");
+    let u1 = Connector::new(&url(apis[0].port), Transport::Http, &token("u1")?)?;
+    u1.presence_post(&serde_json::json!({"action": "join", "client_id": "laptop", "room": ROOM, "state": {"status": "typing"}}))
+        .await?;
+    let joined = next(&mut watch).await?;
+    anyhow::ensure!(
+        joined["type"] == "join" && joined["member"]["state"]["status"] == "typing",
+        "{joined}"
+    );
+    u1.presence_post(&serde_json::json!({"action": "message", "client_id": "laptop", "room": ROOM, "data": "hello"}))
+        .await?;
+    anyhow::ensure!(next(&mut watch).await?["data"] == "hello");
+    u1.presence_post(&serde_json::json!({"action": "leave", "client_id": "laptop", "room": ROOM}))
+        .await?;
+    let left = next(&mut watch).await?;
+    anyhow::ensure!(
+        left["type"] == "leave" && left["reason"] == "left",
+        "{left}"
+    );
+    // u1 joins again, and its node dies: the other nodes let it go after the timeout.
+    u1.presence_post(
+        &serde_json::json!({"action": "join", "client_id": "laptop", "room": ROOM, "state": {}}),
+    )
+    .await?;
+    anyhow::ensure!(next(&mut watch).await?["type"] == "join");
+    let dead = apis.remove(0);
+    drop(dead);
+    let gone = next(&mut watch).await?;
+    anyhow::ensure!(
+        gone["type"] == "leave" && gone["reason"] == "timeout" && gone["user_id"] == "u1",
+        "{gone}"
+    );
     assert!(
         text.contains("standing by: another walsync process replicates into the store"),
         "the second replicator stood by"

@@ -185,6 +185,30 @@ pub enum PeerMessage {
         client: String,
         lsn: u64,
     },
+    /// A member of a room on the sender joined it or changed its state.
+    PresencePut {
+        room: String,
+        user: String,
+        client: String,
+        state: serde_json::Value,
+    },
+    /// A member of a room on the sender left it (`reason` as in its `leave` event).
+    PresenceLeave {
+        room: String,
+        user: String,
+        client: String,
+        reason: String,
+    },
+    /// A member's ephemeral message to a room.
+    PresenceMessage {
+        room: String,
+        user: String,
+        client: String,
+        data: serde_json::Value,
+    },
+    /// A member on the sender is still there (its heartbeat): it stays in its rooms on the
+    /// other processes for another timeout.
+    PresenceAlive { user: String, client: String },
 }
 
 /// Sends a [`PeerMessage`] to the other processes (it must not block).
@@ -224,6 +248,14 @@ impl<S: BucketStore + 'static> SyncCore<S> {
                 self.hub.register_write_checkpoint(&user, &client, lsn);
                 self.hub.poke();
             }
+            presence => self.presence_from_peer(presence),
+        }
+    }
+
+    /// Tells the other processes serving the store (none: nothing to do).
+    pub(crate) fn tell_peers(&self, message: PeerMessage) {
+        if let Some(peers) = self.peers.get() {
+            peers(message);
         }
     }
 

@@ -19,7 +19,7 @@
 //! bounded broadcast channel; a watcher that falls a whole channel behind is ended (it would
 //! otherwise pin memory for a client that does not read), like a sync stream that stalls.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,7 @@ use walsync_rules::RequestContext;
 use walsync_storage::{BucketStore, StorageError};
 use walsync_types::LookupKey;
 
-use crate::{Identity, SyncCore, request_buckets};
+use crate::{Identity, PeerMessage, SyncCore, request_buckets};
 
 /// Limits of presence.
 #[derive(Debug, Clone)]
@@ -207,6 +207,15 @@ struct Client {
 struct Registry {
     rooms: HashMap<String, Room>,
     clients: HashMap<ClientKey, Client>,
+    /// Members of rooms on other processes serving the same store, as they told us: their
+    /// rooms here, and when they last spoke (they leave here after the timeout, as they would
+    /// there, should their process die).
+    remote: HashMap<ClientKey, Remote>,
+}
+
+struct Remote {
+    rooms: BTreeSet<String>,
+    last_seen: Instant,
 }
 
 /// The rooms of this process.
@@ -529,6 +538,12 @@ impl<S: BucketStore + 'static> SyncCore<S> {
         self.spend(client)?;
         client.rooms.insert(room.to_owned(), lookups);
         self.listen(client.hub_id, &client.notify, client.lookups(), at);
+        self.tell_peers(PeerMessage::PresencePut {
+            room: room.to_owned(),
+            user: key.0.clone(),
+            client: key.1.clone(),
+            state: state.clone(),
+        });
         reg.put_member(room, &key, state, self.config.presence.watcher_backlog);
         Ok(())
     }
@@ -553,6 +568,12 @@ impl<S: BucketStore + 'static> SyncCore<S> {
             return Err(PresenceError::NotJoined(room.to_owned()));
         };
         self.spend(client)?;
+        self.tell_peers(PeerMessage::PresencePut {
+            room: room.to_owned(),
+            user: key.0.clone(),
+            client: key.1.clone(),
+            state: state.clone(),
+        });
         reg.put_member(room, &key, state, self.config.presence.watcher_backlog);
         Ok(())
     }
@@ -577,7 +598,7 @@ impl<S: BucketStore + 'static> SyncCore<S> {
         let empty = client.rooms.is_empty();
         self.hub
             .subscribe(client.hub_id, Vec::new(), client.lookups());
-        reg.remove_member(room, &key, Reason::Left);
+        self.remove_local(reg, room, &key, Reason::Left);
         if empty {
             self.forget_client(reg, &key);
         }
@@ -602,6 +623,12 @@ impl<S: BucketStore + 'static> SyncCore<S> {
             return Err(PresenceError::NotJoined(room.to_owned()));
         }
         self.spend(client)?;
+        self.tell_peers(PeerMessage::PresenceMessage {
+            room: room.to_owned(),
+            user: key.0.clone(),
+            client: key.1.clone(),
+            data: data.clone(),
+        });
         reg.publish(
             room,
             &EventJson::Message {
@@ -624,6 +651,10 @@ impl<S: BucketStore + 'static> SyncCore<S> {
         match self.presence.lock().clients.get_mut(&key) {
             Some(c) => {
                 c.last_seen = Instant::now();
+                self.tell_peers(PeerMessage::PresenceAlive {
+                    user: key.0.clone(),
+                    client: key.1.clone(),
+                });
                 Ok(())
             }
             None => Err(PresenceError::Invalid(
@@ -639,13 +670,88 @@ impl<S: BucketStore + 'static> SyncCore<S> {
         self.leave_all(&mut reg, &key, Reason::Disconnected);
     }
 
+    /// A member of this process leaves `room`, here and on the other processes.
+    fn remove_local(&self, reg: &mut Registry, room: &str, key: &ClientKey, reason: Reason) {
+        self.tell_peers(PeerMessage::PresenceLeave {
+            room: room.to_owned(),
+            user: key.0.clone(),
+            client: key.1.clone(),
+            reason: reason.as_str().to_owned(),
+        });
+        reg.remove_member(room, key, reason);
+    }
+
+    /// What another process's members did: shown to this process's watchers as if here.
+    pub(crate) fn presence_from_peer(&self, message: PeerMessage) {
+        let mut reg = self.presence.lock();
+        let reg = &mut *reg;
+        match message {
+            PeerMessage::PresencePut {
+                room,
+                user,
+                client,
+                state,
+            } => {
+                let key: ClientKey = (user, client);
+                let remote = reg.remote.entry(key.clone()).or_insert_with(|| Remote {
+                    rooms: BTreeSet::new(),
+                    last_seen: Instant::now(),
+                });
+                remote.rooms.insert(room.clone());
+                remote.last_seen = Instant::now();
+                reg.put_member(&room, &key, state, self.config.presence.watcher_backlog);
+            }
+            PeerMessage::PresenceLeave {
+                room,
+                user,
+                client,
+                reason,
+            } => {
+                let key: ClientKey = (user, client);
+                if let Some(r) = reg.remote.get_mut(&key) {
+                    r.rooms.remove(&room);
+                    if r.rooms.is_empty() {
+                        reg.remote.remove(&key);
+                    }
+                }
+                let reason = match reason.as_str() {
+                    "timeout" => Reason::Timeout,
+                    "disconnected" => Reason::Disconnected,
+                    "membership" => Reason::Membership,
+                    _ => Reason::Left,
+                };
+                reg.remove_member(&room, &key, reason);
+            }
+            PeerMessage::PresenceMessage {
+                room,
+                user,
+                client,
+                data,
+            } => reg.publish(
+                &room,
+                &EventJson::Message {
+                    room: &room,
+                    user_id: &user,
+                    client_id: &client,
+                    data: &data,
+                },
+            ),
+            PeerMessage::PresenceAlive { user, client } => {
+                if let Some(r) = reg.remote.get_mut(&(user, client)) {
+                    r.last_seen = Instant::now();
+                }
+            }
+            PeerMessage::WriteCheckpoint { .. } => {}
+        }
+    }
+
     fn leave_all(&self, reg: &mut Registry, key: &ClientKey, reason: Reason) {
         let Some(client) = reg.clients.get_mut(key) else {
             return;
         };
         let rooms: Vec<String> = std::mem::take(&mut client.rooms).into_keys().collect();
         for room in rooms {
-            reg.remove_member(&room, key, reason);
+            self.remove_local(reg, &room, key, reason);
         }
         self.forget_client(reg, key);
     }
@@ -681,6 +787,20 @@ impl<S: BucketStore + 'static> SyncCore<S> {
             .collect();
         for key in silent {
             self.leave_all(&mut reg, &key, Reason::Timeout);
+        }
+        // Members on other processes that went silent (their process died, or lost the store).
+        let gone: Vec<ClientKey> = reg
+            .remote
+            .iter()
+            .filter(|(_, r)| r.last_seen.elapsed() > timeout)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in gone {
+            if let Some(r) = reg.remote.remove(&key) {
+                for room in r.rooms {
+                    reg.remove_member(&room, &key, Reason::Timeout);
+                }
+            }
         }
     }
 
@@ -728,7 +848,7 @@ impl<S: BucketStore + 'static> SyncCore<S> {
         let empty = client.rooms.is_empty();
         self.listen(client.hub_id, &client.notify, client.lookups(), at);
         for room in &lost {
-            reg.remove_member(room, key, Reason::Membership);
+            self.remove_local(reg, room, key, Reason::Membership);
         }
         if empty {
             self.forget_client(reg, key);

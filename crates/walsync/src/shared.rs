@@ -195,7 +195,7 @@ fn tell_peers(
                 None => Err("no connection".to_owned()),
             };
             if let Err(e) = sent {
-                tracing::warn!(error = %e, "cannot tell the other walsync processes of a write checkpoint");
+                tracing::warn!(error = %e, "cannot send a message to the other walsync processes");
                 client = None;
             }
         }
