@@ -295,6 +295,44 @@ async fn replicator_and_api_nodes_fail_over_without_loss_or_repeat() -> anyhow::
     )
     .await?;
     anyhow::ensure!(next(&mut watch).await?["type"] == "join");
+    // A node that starts now learns of u1 from the others (u1 heartbeats meanwhile, so that it
+    // stays within the short presence timeout).
+    let beating = {
+        let u1 = u1.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = u1
+                    .presence_post(
+                        &serde_json::json!({"action": "heartbeat", "client_id": "laptop"}),
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    let late = start(&s, &storage.url, "api", dir.path(), &log)?;
+    wait_ready(late.port).await?;
+    let late_watcher = Connector::new(&url(late.port), Transport::Http, &token("u2")?)?;
+    // At most eight watches, a second apart (a user may hold ten streams at once).
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    loop {
+        let mut w = late_watcher.presence_watch(ROOM).await?;
+        let members = next(&mut w).await?;
+        if members["members"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|m| m["user_id"] == "u1"))
+        {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "a node started later never learned of u1: {members}"
+        );
+        drop(w);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    beating.abort();
+    drop(late);
     let dead = apis.remove(0);
     drop(dead);
     let gone = next(&mut watch).await?;

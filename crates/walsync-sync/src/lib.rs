@@ -209,6 +209,9 @@ pub enum PeerMessage {
     /// A member on the sender is still there (its heartbeat): it stays in its rooms on the
     /// other processes for another timeout.
     PresenceAlive { user: String, client: String },
+    /// The sender (a node that just started, or listens again) asks for every member of the
+    /// others' rooms: each answers with a `PresencePut` per member and room.
+    PresenceHello,
 }
 
 /// Sends a [`PeerMessage`] to the other processes (it must not block).
@@ -250,6 +253,12 @@ impl<S: BucketStore + 'static> SyncCore<S> {
             }
             presence => self.presence_from_peer(presence),
         }
+    }
+
+    /// Asks the other processes for the members of their rooms (call when this process begins
+    /// to hear them: it missed what they said before).
+    pub fn presence_hello(&self) {
+        self.tell_peers(PeerMessage::PresenceHello);
     }
 
     /// Tells the other processes serving the store (none: nothing to do).

@@ -699,7 +699,15 @@ impl<S: BucketStore + 'static> SyncCore<S> {
                 });
                 remote.rooms.insert(room.clone());
                 remote.last_seen = Instant::now();
-                reg.put_member(&room, &key, state, self.config.presence.watcher_backlog);
+                // Told again what we know (an answer to a hello): nothing changed.
+                let known = reg
+                    .rooms
+                    .get(&room)
+                    .and_then(|r| r.members.get(&key))
+                    .is_some_and(|s| *s == state);
+                if !known {
+                    reg.put_member(&room, &key, state, self.config.presence.watcher_backlog);
+                }
             }
             PeerMessage::PresenceLeave {
                 room,
@@ -739,6 +747,20 @@ impl<S: BucketStore + 'static> SyncCore<S> {
             PeerMessage::PresenceAlive { user, client } => {
                 if let Some(r) = reg.remote.get_mut(&(user, client)) {
                     r.last_seen = Instant::now();
+                }
+            }
+            PeerMessage::PresenceHello => {
+                for (key, client) in &reg.clients {
+                    for room in client.rooms.keys() {
+                        if let Some(state) = reg.rooms.get(room).and_then(|r| r.members.get(key)) {
+                            self.tell_peers(PeerMessage::PresencePut {
+                                room: room.clone(),
+                                user: key.0.clone(),
+                                client: key.1.clone(),
+                                state: state.clone(),
+                            });
+                        }
+                    }
                 }
             }
             PeerMessage::WriteCheckpoint { .. } => {}

@@ -86,8 +86,12 @@ pub async fn follow(
                 None
             }
         };
-        // A new connection may have missed notifications: look now.
+        // A new connection may have missed notifications: look now, and ask the others who is
+        // in their rooms.
         core.notify_checkpoint();
+        if listening.is_some() {
+            core.presence_hello();
+        }
         loop {
             tokio::select! {
                 note = notes.recv(), if listening.is_some() => match note {
