@@ -304,6 +304,11 @@ impl<S: BucketStore + 'static> SyncCore<S> {
         Lines { rx }
     }
 
+    /// Whether the hub serves a complete checkpoint of the store (the initial snapshot is done).
+    pub fn serves(&self) -> bool {
+        self.hub.published().complete
+    }
+
     /// Tells the hub that the store may have a new checkpoint (the replicator calls this after
     /// each commit). Cheap; wakes the hub task only.
     pub fn notify_checkpoint(&self) {

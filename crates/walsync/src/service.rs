@@ -129,15 +129,12 @@ impl Service {
         let reachable = Arc::new(std::sync::atomic::AtomicBool::new(true));
         // A store shared in PostgreSQL: every process learns of the replicator's commits from
         // the store itself (the replicator's own progress reaches only its process).
-        let served = Arc::new(std::sync::atomic::AtomicBool::new(false));
         if let (Some(shared), Some(channel)) = (&config.storage.postgres, store.notify_channel()) {
             tokio::spawn(
                 crate::shared::follow(
                     shared.url.parse()?,
                     channel,
-                    store.clone(),
                     core.clone(),
-                    served.clone(),
                     Duration::from_millis(shared.poll_ms),
                     stop_rx.clone(),
                 )
@@ -213,6 +210,9 @@ impl Service {
             Some(writes) => Some(start_uploads(writes, &pg).await?),
             None => None,
         };
+        // Whether the hub serves a complete checkpoint: what a process that does not replicate
+        // is ready on.
+        let serving = core.clone();
         let server = Server::new(
             core,
             auth,
@@ -261,7 +261,7 @@ impl Service {
             }
             // Serving a store another process replicates into (an API node, a standby).
             if !leading.load(Relaxed) {
-                return if served.load(Relaxed) {
+                return if serving.serves() {
                     Ok(())
                 } else {
                     Err(

@@ -5,13 +5,13 @@
 //! the store's channel with `_peers` appended: the write checkpoints their clients ask for).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use walsync_source::PgConfig;
-use walsync_storage::{KvStore, StorageError, StoreRead};
+use walsync_storage::{KvStore, StorageError};
 use walsync_sync::{PeerMessage, SyncCore};
+use walsync_types::quote_ident;
 
 /// How often a standby asks for the write lock.
 const STANDBY_POLL: Duration = Duration::from_millis(500);
@@ -49,14 +49,11 @@ pub async fn lead(
     }
 }
 
-/// Pokes the sync core whenever the store may hold a new checkpoint, and keeps `served` true
-/// while it holds one clients may be given. Runs until `stop`.
+/// Pokes the sync core whenever the store may hold a new checkpoint. Runs until `stop`.
 pub async fn follow(
     pg: PgConfig,
     channel: String,
-    store: Arc<KvStore>,
     core: Arc<SyncCore<KvStore>>,
-    served: Arc<AtomicBool>,
     poll: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -70,8 +67,8 @@ pub async fn follow(
             Ok(client) => {
                 let sql = format!(
                     "LISTEN {}; LISTEN {}",
-                    quoted(&channel),
-                    quoted(&peers_channel(&channel))
+                    quote_ident(&channel),
+                    quote_ident(&peers_channel(&channel))
                 );
                 match client.batch_execute(&sql).await {
                     Ok(()) => Some(client),
@@ -102,10 +99,6 @@ pub async fn follow(
                 },
                 _ = ticks.tick() => {
                     core.notify_checkpoint();
-                    let s = store.clone();
-                    if let Ok(Ok(cp)) = tokio::task::spawn_blocking(move || s.checkpoint()).await {
-                        served.store(cp.snapshot_complete, Ordering::Relaxed);
-                    }
                     if listening.is_none() {
                         break;
                     }
@@ -119,11 +112,6 @@ pub async fn follow(
 /// Returns once `stop` is set (its guard not held across an await).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
-}
-
-/// `name` as a quoted SQL identifier.
-fn quoted(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// The channel of the messages between processes sharing the store.

@@ -21,6 +21,8 @@ use tokio_postgres::Client;
 use tokio_postgres::types::{ToSql, Type};
 
 use super::{Bytes, Durability, Entries};
+use walsync_types::quote_ident;
+
 use crate::kv::Space;
 use crate::{Result, StorageError};
 
@@ -169,11 +171,6 @@ impl Sql {
         });
         sql
     }
-}
-
-/// `name` as a quoted SQL identifier.
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 fn bound_value(b: &Bound<Vec<u8>>) -> Option<Vec<u8>> {
